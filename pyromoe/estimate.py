@@ -1,0 +1,271 @@
+"""The point-estimate container :class:`MoEEstimate` and parameter-error metrics.
+
+The same container holds true parameters (from :func:`pyromoe.simulate`), moment estimates and EM
+estimates, so one function (:func:`parameter_errors`) compares any two of them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+import torch
+
+from . import likelihood, sites
+from .links import Link, get_link
+
+__all__ = ["MoEEstimate", "parameter_errors", "best_permutation"]
+
+
+@dataclass(frozen=True, repr=False)
+class MoEEstimate:
+    """Parameters of a gated Gaussian mixture of experts, in the user's coordinates.
+
+    Attributes
+    ----------
+    experts_weight : Tensor (k, d)
+        Expert weights ``a_i``.
+    experts_bias : Tensor (k,)
+        Expert intercepts ``b_i`` (zeros for the bias-free paper model).
+    gate_weight : Tensor (k - 1, d)
+        Gate weights; expert 0 is the reference (logit 0). For k = 2,
+        ``P(expert 1 | x) = sigmoid(gate_weight[0] . x + gate_bias[0])``.
+    gate_bias : Tensor (k - 1,)
+        Gate offsets.
+    noise : Tensor ()
+        Noise standard deviation ``sigma``.
+    link : Link
+        The experts' link function.
+    method : str
+        What produced it: ``"truth"``, ``"tensor"``, ``"em"``, ...
+    diagnostics : mapping
+        Method-specific diagnostics (eigengap, EM trace, ...), shown by :meth:`summary`.
+    """
+
+    experts_weight: torch.Tensor
+    experts_bias: torch.Tensor
+    gate_weight: torch.Tensor
+    gate_bias: torch.Tensor
+    noise: torch.Tensor
+    link: Link
+    method: str = "truth"
+    diagnostics: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "link", get_link(self.link))
+        w = self.experts_weight
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[0] < 2:
+            raise ValueError(
+                "experts_weight must be a tensor of shape (k, d) with k >= 2; "
+                f"got {getattr(w, 'shape', type(w).__name__)}"
+            )
+        k, d = w.shape
+        expected = {
+            "experts_bias": (k,),
+            "gate_weight": (k - 1, d),
+            "gate_bias": (k - 1,),
+            "noise": (),
+        }
+        for name, shape in expected.items():
+            value = getattr(self, name)
+            value = torch.as_tensor(value, dtype=w.dtype, device=w.device)
+            if tuple(value.shape) != shape:
+                raise ValueError(
+                    f"{name} must have shape {shape} for {k} experts and {d} features; "
+                    f"got {tuple(value.shape)}"
+                )
+            object.__setattr__(self, name, value)
+
+    # ------------------------------------------------------------------ shapes and conversion
+    @property
+    def num_experts(self) -> int:
+        return self.experts_weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.experts_weight.shape[1]
+
+    def to(self, device=None, dtype=None) -> "MoEEstimate":
+        """A copy with every tensor moved to ``device`` / ``dtype``."""
+        moved = {
+            name: getattr(self, name).to(device=device, dtype=dtype)
+            for name in ("experts_weight", "experts_bias", "gate_weight", "gate_bias", "noise")
+        }
+        return replace(self, **moved)
+
+    def site_values(self, bias: bool = True) -> dict[str, torch.Tensor]:
+        """The estimate as ``{site name: value}`` for :class:`pyromoe.MixtureOfExperts`."""
+        values = {
+            sites.EXPERTS_WEIGHT: self.experts_weight,
+            sites.GATE_WEIGHT: self.gate_weight,
+            sites.NOISE: self.noise,
+        }
+        if bias:
+            values[sites.EXPERTS_BIAS] = self.experts_bias
+            values[sites.GATE_BIAS] = self.gate_bias
+        return values
+
+    def full_gate_logit_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate weights and offsets of all k experts, the reference's row (zeros) first."""
+        zw = torch.zeros_like(self.gate_weight[:1])
+        zb = torch.zeros_like(self.gate_bias[:1])
+        return torch.cat([zw, self.gate_weight]), torch.cat([zb, self.gate_bias])
+
+    def permute(self, permutation) -> "MoEEstimate":
+        """Relabel the experts: new expert ``j`` is old expert ``permutation[j]``.
+
+        The gate is re-referenced so that the new expert 0 has logit 0; the model is unchanged.
+        """
+        perm = torch.as_tensor(list(permutation), device=self.experts_weight.device)
+        if sorted(perm.tolist()) != list(range(self.num_experts)):
+            raise ValueError(
+                f"permutation must be a permutation of 0..{self.num_experts - 1}; "
+                f"got {list(permutation)}"
+            )
+        gw, gb = self.full_gate_logit_weights()
+        gw, gb = gw[perm], gb[perm]
+        return replace(
+            self,
+            experts_weight=self.experts_weight[perm],
+            experts_bias=self.experts_bias[perm],
+            gate_weight=(gw - gw[0])[1:],
+            gate_bias=(gb - gb[0])[1:],
+        )
+
+    # ------------------------------------------------------------------ likelihood
+    def _args(self, x: torch.Tensor):
+        est = self.to(device=x.device, dtype=x.dtype)
+        return (
+            est.experts_weight,
+            est.experts_bias,
+            est.gate_weight,
+            est.gate_bias,
+            est.noise,
+            self.link,
+        )
+
+    def log_likelihood(self, x, y) -> torch.Tensor:
+        """Per-observation log-likelihood ``log p(y_n | x_n)`` under this estimate, shape (n,)."""
+        from ._validation import as_tensors
+
+        x, y = as_tensors(x, y, in_features=self.in_features)
+        return likelihood.log_likelihood(x, y, *self._args(x))
+
+    def responsibilities(self, x, y) -> torch.Tensor:
+        """Posterior responsibilities ``p(expert | x_n, y_n)`` under this estimate, shape (n, k)."""
+        from ._validation import as_tensors
+
+        x, y = as_tensors(x, y, in_features=self.in_features)
+        return likelihood.responsibilities(x, y, *self._args(x))
+
+    def gate_probabilities(self, x) -> torch.Tensor:
+        """Gate probabilities ``gate_i(x_n)``, shape (n, k)."""
+        from ._validation import as_tensors
+
+        x, _ = as_tensors(x, in_features=self.in_features)
+        w, _, gw, gb, _, _ = self._args(x)
+        return torch.softmax(likelihood.gate_logits(x, gw, gb), dim=-1)
+
+    def predict(self, x) -> torch.Tensor:
+        """Mean prediction ``E[y | x] = sum_i gate_i(x) g(a_i . x + b_i)``, shape (n,)."""
+        from ._validation import as_tensors
+
+        x, _ = as_tensors(x, in_features=self.in_features)
+        w, b, gw, gb, _, link = self._args(x)
+        gate = torch.softmax(likelihood.gate_logits(x, gw, gb), dim=-1)
+        return (gate * likelihood.expert_means(x, w, b, link)).sum(-1)
+
+    # ------------------------------------------------------------------ display
+    def summary(self) -> str:
+        """A plain-text table of the parameters and the diagnostics."""
+        lines = [
+            f"MoEEstimate(method={self.method!r}, link={self.link!r}, "
+            f"num_experts={self.num_experts}, in_features={self.in_features}, "
+            f"noise={float(self.noise):.4g})"
+        ]
+        for i in range(self.num_experts):
+            weights = ", ".join(f"{v:+.3f}" for v in self.experts_weight[i].tolist())
+            lines.append(f"  expert {i}: weight [{weights}]  bias {float(self.experts_bias[i]):+.3f}")
+        for i in range(self.num_experts - 1):
+            weights = ", ".join(f"{v:+.3f}" for v in self.gate_weight[i].tolist())
+            lines.append(
+                f"  gate {i + 1} vs 0: weight [{weights}]  bias {float(self.gate_bias[i]):+.3f}"
+            )
+        for key, value in self.diagnostics.items():
+            lines.append(f"  {key}: {_format_value(value)}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+
+def _format_value(value) -> str:
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        if len(value) > 8:
+            head = ", ".join(_format_value(v) for v in value[:3])
+            tail = ", ".join(_format_value(v) for v in value[-3:])
+            return f"[{head}, ..., {tail}] ({len(value)} values)"
+        return "[" + ", ".join(_format_value(v) for v in value) + "]"
+    return str(value)
+
+
+def best_permutation(experts_weight: torch.Tensor, reference_weight: torch.Tensor) -> list[int]:
+    """The relabelling of ``experts_weight`` that best matches ``reference_weight``.
+
+    Returns ``perm`` minimising ``max_i ||experts_weight[perm[i]] - reference_weight[i]||``
+    (ties broken by the sum), by enumeration for k <= 7 and Hungarian matching on the sum beyond.
+    """
+    distances = torch.cdist(
+        reference_weight.to(torch.float64), experts_weight.to(reference_weight.device, torch.float64)
+    )
+    k = distances.shape[0]
+    if k <= 7:
+        best, best_key = None, None
+        for perm in itertools.permutations(range(k)):
+            d = distances[torch.arange(k), list(perm)]
+            key = (float(d.max()), float(d.sum()))
+            if best_key is None or key < best_key:
+                best, best_key = list(perm), key
+        return best
+    from scipy.optimize import linear_sum_assignment
+
+    _, cols = linear_sum_assignment(distances.cpu().numpy())
+    return [int(c) for c in cols]
+
+
+def parameter_errors(estimate: MoEEstimate, truth: MoEEstimate) -> dict[str, Any]:
+    """Errors of ``estimate`` against ``truth`` with experts matched by the best permutation.
+
+    Returns a dict with ``experts`` (max over experts of ``||a_hat_i - a_i||``), ``experts_bias``
+    (max abs), ``gate`` (max over gate rows of the weight error after re-referencing the gate to the
+    matched labels), ``noise`` (abs) and ``permutation``.
+
+    Examples
+    --------
+    >>> from pyromoe import simulate
+    >>> data = simulate(100, 3, seed=0)
+    >>> parameter_errors(data.truth.permute([1, 0]), data.truth)["experts"]
+    0.0
+    """
+    if (estimate.num_experts, estimate.in_features) != (truth.num_experts, truth.in_features):
+        raise ValueError(
+            "estimate and truth must have the same number of experts and features; got "
+            f"{(estimate.num_experts, estimate.in_features)} and "
+            f"{(truth.num_experts, truth.in_features)}"
+        )
+    est = estimate.to(device=truth.experts_weight.device, dtype=truth.experts_weight.dtype)
+    perm = best_permutation(est.experts_weight, truth.experts_weight)
+    est = est.permute(perm)
+    return {
+        "experts": float((est.experts_weight - truth.experts_weight).norm(dim=-1).max()),
+        "experts_bias": float((est.experts_bias - truth.experts_bias).abs().max()),
+        "gate": float((est.gate_weight - truth.gate_weight).norm(dim=-1).max()),
+        "gate_bias": float((est.gate_bias - truth.gate_bias).abs().max()),
+        "noise": float((est.noise - truth.noise).abs()),
+        "permutation": perm,
+    }

@@ -1,0 +1,119 @@
+"""The mixture-of-experts likelihood as pure torch functions of the parameters.
+
+One implementation shared by the Pyro model (:mod:`pyromoe.models`), EM (:mod:`pyromoe.gate`,
+:mod:`pyromoe.em`) and the ArviZ ``log_likelihood`` group. Parameters may carry leading batch dimensions
+(posterior draws, vectorised particles): ``experts_weight`` has shape ``(..., k, d)``, ``experts_bias``
+``(..., k)``, ``gate_weight`` ``(..., k - 1, d)``, ``gate_bias`` ``(..., k - 1)``, ``noise`` ``(...)``;
+results have shape ``(..., n)`` or ``(..., n, k)``.
+
+Gate convention (ALGORITHM.md section 1): expert 0 is the reference with logit 0 and expert ``i >= 1``
+has logit ``gate_weight[i - 1] . x + gate_bias[i - 1]``; for k = 2 this is
+``P(expert 1 | x) = sigmoid(w . x + c)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .links import Link, get_link
+
+__all__ = [
+    "expert_means",
+    "gate_logits",
+    "component_log_probs",
+    "log_likelihood",
+    "responsibilities",
+]
+
+
+def expert_means(
+    x: torch.Tensor,
+    experts_weight: torch.Tensor,
+    experts_bias: torch.Tensor | None,
+    link: str | Link,
+) -> torch.Tensor:
+    """Each expert's mean ``g(a_i . x + b_i)``: shape ``(..., n, k)``."""
+    z = torch.einsum("nd,...kd->...nk", x, experts_weight)
+    if experts_bias is not None:
+        z = z + experts_bias.unsqueeze(-2)
+    return get_link(link)(z)
+
+
+def gate_logits(
+    x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Gate logits with the reference expert's zero column first: shape ``(..., n, k)``."""
+    free = torch.einsum("nd,...kd->...nk", x, gate_weight)
+    if gate_bias is not None:
+        free = free + gate_bias.unsqueeze(-2)
+    return torch.cat([torch.zeros_like(free[..., :1]), free], dim=-1)
+
+
+def component_log_probs(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    experts_weight: torch.Tensor,
+    experts_bias: torch.Tensor | None,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    noise: torch.Tensor | float,
+    link: str | Link,
+) -> torch.Tensor:
+    """``log gate_i(x_n) + log Normal(y_n | g(a_i . x_n + b_i), noise^2)``: shape ``(..., n, k)``."""
+    log_gate = torch.log_softmax(gate_logits(x, gate_weight, gate_bias), dim=-1)
+    means = expert_means(x, experts_weight, experts_bias, link)
+    noise = torch.as_tensor(noise, dtype=x.dtype, device=x.device)[..., None, None]
+    log_normal = (
+        -0.5 * ((y.unsqueeze(-1) - means) / noise) ** 2
+        - torch.log(noise)
+        - 0.5 * math.log(2 * math.pi)
+    )
+    return log_gate + log_normal
+
+
+def log_likelihood(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    experts_weight: torch.Tensor,
+    experts_bias: torch.Tensor | None,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    noise: torch.Tensor | float,
+    link: str | Link,
+) -> torch.Tensor:
+    """Per-observation log-likelihood ``log p(y_n | x_n)``, assignments marginalised: shape ``(..., n)``.
+
+    Examples
+    --------
+    >>> x, y = torch.zeros(3, 1), torch.zeros(3)
+    >>> w, b = torch.ones(2, 1), torch.zeros(2)
+    >>> log_likelihood(x, y, w, b, torch.zeros(1, 1), torch.zeros(1), 1.0, "linear").shape
+    torch.Size([3])
+    """
+    return torch.logsumexp(
+        component_log_probs(
+            x, y, experts_weight, experts_bias, gate_weight, gate_bias, noise, link
+        ),
+        dim=-1,
+    )
+
+
+def responsibilities(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    experts_weight: torch.Tensor,
+    experts_bias: torch.Tensor | None,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    noise: torch.Tensor | float,
+    link: str | Link,
+) -> torch.Tensor:
+    """Posterior responsibilities ``p(expert i | x_n, y_n)``: shape ``(..., n, k)``, rows sum to 1."""
+    return torch.softmax(
+        component_log_probs(
+            x, y, experts_weight, experts_bias, gate_weight, gate_bias, noise, link
+        ),
+        dim=-1,
+    )

@@ -1,0 +1,229 @@
+"""Pyro model of the gated Gaussian mixture of experts, with the expert assignments marginalised."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Mapping
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+
+from . import likelihood, sites
+from ._validation import as_tensors, check_num_experts, check_positive
+from .links import Link, get_link
+
+__all__ = ["MixtureOfExperts", "DEFAULT_PRIOR_SCALES"]
+
+#: Scales of the default weakly informative priors (inputs and output on a standardised scale):
+#: Normal(0, scale) on weights and biases, HalfCauchy(scale) on the noise.
+DEFAULT_PRIOR_SCALES: dict[str, float] = {
+    sites.EXPERTS_WEIGHT: 2.0,
+    sites.EXPERTS_BIAS: 2.0,
+    sites.GATE_WEIGHT: 2.5,
+    sites.GATE_BIAS: 2.5,
+    sites.NOISE: 1.0,
+}
+
+
+def _drop_obs_dim(value: torch.Tensor, event_dim: int) -> torch.Tensor:
+    """Drop the singleton batch dimension that lines up with the observation plate (dim -1).
+
+    Sites sampled outside the ``obs`` plate but inside outer plates (vectorised particles, parallel
+    ``Predictive``) have batch shape ``(..., P, 1)``; the trailing 1 is the ``obs`` plate's slot.
+    """
+    if value.dim() > event_dim:
+        return value.squeeze(-event_dim - 1)
+    return value
+
+
+class MixtureOfExperts(PyroModule):
+    r"""Gated Gaussian mixture of experts as a Pyro model.
+
+    .. math::
+        p(y \mid x) = \sum_{i=0}^{k-1} \mathrm{gate}_i(x)\,
+        \mathcal{N}\!\left(y \mid g(a_i^\top x + b_i), \sigma^2\right)
+
+    with a softmax gate over ``k - 1`` free rows (expert 0 is the reference with logit 0), which for
+    ``k = 2`` is the sigmoid gate ``P(expert 1 | x) = sigmoid(w . x + c)``. The discrete assignments
+    are summed out (``logsumexp`` via ``MixtureSameFamily``), so NUTS and SVI work without enumeration.
+
+    Sample sites (also the ArviZ variable names, see :mod:`pyromoe.sites`): ``experts.weight``
+    (k, d), ``experts.bias`` (k,), ``gate.weight`` (k - 1, d), ``gate.bias`` (k - 1,), ``noise`` ()
+    and the observed ``y`` inside the plate ``obs`` (dim -1). Without ``bias`` the two bias sites are
+    absent (the paper's model).
+
+    Parameters
+    ----------
+    in_features : int
+        Input dimension ``d``.
+    num_experts : int
+        Number of experts ``k >= 2``.
+    link : str or Link
+        Expert link (see :mod:`pyromoe.links`).
+    bias : bool
+        Whether experts have intercepts and the gate offsets.
+    priors : mapping, optional
+        Replace a default prior, by site name: a float (the scale of the default family, see
+        :data:`DEFAULT_PRIOR_SCALES`) or a Pyro distribution whose shape is the site's shape
+        (batch or event; create it on the device of your data).
+
+    Examples
+    --------
+    >>> model = MixtureOfExperts(in_features=3, num_experts=2, link="tanh")
+    >>> from pyro.infer import Predictive
+    >>> draws = Predictive(model, num_samples=10)(torch.randn(50, 3))
+    >>> draws["y"].shape
+    torch.Size([10, 50])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int = 2,
+        link: str | Link = "linear",
+        bias: bool = True,
+        priors: Mapping[str, float | dist.Distribution] | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_positive(in_features, "in_features", integer=True)
+        self.num_experts = check_num_experts(num_experts)
+        self.link = get_link(link)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be True or False; got {type(bias).__name__}")
+        self.bias = bias
+        self.priors = self._check_priors(priors or {})
+
+    # ------------------------------------------------------------------ sites and priors
+    @property
+    def site_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of each latent sample site, by name."""
+        k, d = self.num_experts, self.in_features
+        shapes = {sites.EXPERTS_WEIGHT: (k, d), sites.GATE_WEIGHT: (k - 1, d), sites.NOISE: ()}
+        if self.bias:
+            shapes[sites.EXPERTS_BIAS] = (k,)
+            shapes[sites.GATE_BIAS] = (k - 1,)
+        return shapes
+
+    def _check_priors(self, priors: Mapping) -> dict:
+        if not isinstance(priors, Mapping):
+            raise TypeError(f"priors must be a dict of site name -> prior; got {type(priors).__name__}")
+        shapes = self.site_shapes
+        checked = {}
+        for name, prior in priors.items():
+            if name not in shapes:
+                raise ValueError(
+                    f"priors has an unknown site {name!r}; the model's sites are {sorted(shapes)}"
+                )
+            if isinstance(prior, numbers.Real) and not isinstance(prior, bool):
+                check_positive(prior, f"priors[{name!r}]")
+            elif isinstance(prior, dist.Distribution):
+                shape = tuple(prior.batch_shape + prior.event_shape)
+                if shape not in (shapes[name], ()):
+                    raise ValueError(
+                        f"priors[{name!r}] must have shape {shapes[name]} (or be scalar); "
+                        f"got a distribution of shape {shape}"
+                    )
+            else:
+                raise TypeError(
+                    f"priors[{name!r}] must be a positive float (a scale) or a "
+                    f"pyro.distributions.Distribution; got {type(prior).__name__}"
+                )
+            checked[name] = prior
+        return checked
+
+    def prior(self, name: str, like: torch.Tensor) -> dist.Distribution:
+        """The prior of site ``name`` with event shape equal to the site's shape, on ``like``'s device."""
+        shape = self.site_shapes[name]
+        prior = self.priors.get(name, DEFAULT_PRIOR_SCALES[name])
+        if isinstance(prior, dist.Distribution):
+            batch_dims = len(shape) - len(prior.event_shape)
+            prior = prior.expand(shape[:batch_dims])
+            return prior.to_event(batch_dims) if batch_dims else prior
+        scale = torch.as_tensor(float(prior), dtype=like.dtype, device=like.device)
+        if name == sites.NOISE:
+            return dist.HalfCauchy(scale)
+        return dist.Normal(torch.zeros((), dtype=like.dtype, device=like.device), scale).expand(
+            shape
+        ).to_event(len(shape))
+
+    # ------------------------------------------------------------------ the model
+    def forward(self, x, y=None, subsample_size: int | None = None):
+        """Run the model; ``y=None`` samples outputs (prior or posterior predictive).
+
+        Parameters
+        ----------
+        x : Tensor or ndarray (n, d)
+        y : Tensor or ndarray (n,), optional
+        subsample_size : int, optional
+            Mini-batch size for the ``obs`` plate; the likelihood is scaled by ``n / subsample_size``.
+        """
+        x, y = as_tensors(x, y, in_features=self.in_features)
+        n = x.shape[0]
+        if subsample_size is not None:
+            subsample_size = check_positive(subsample_size, "subsample_size", integer=True)
+            if subsample_size > n:
+                raise ValueError(
+                    f"subsample_size must be at most the number of rows n={n}; got {subsample_size}"
+                )
+        params = {name: pyro.sample(name, self.prior(name, x)) for name in self.site_shapes}
+        experts_weight = _drop_obs_dim(params[sites.EXPERTS_WEIGHT], 2)
+        gate_weight = _drop_obs_dim(params[sites.GATE_WEIGHT], 2)
+        experts_bias = gate_bias = None
+        if self.bias:
+            experts_bias = _drop_obs_dim(params[sites.EXPERTS_BIAS], 1)
+            gate_bias = _drop_obs_dim(params[sites.GATE_BIAS], 1)
+        noise = _drop_obs_dim(params[sites.NOISE], 0)
+
+        with pyro.plate(sites.OBS_PLATE, n, subsample_size=subsample_size, dim=-1) as index:
+            x_batch = x if subsample_size is None else x.index_select(0, index)
+            y_batch = None
+            if y is not None:
+                y_batch = y if subsample_size is None else y.index_select(0, index)
+            mixture = dist.MixtureSameFamily(
+                dist.Categorical(logits=likelihood.gate_logits(x_batch, gate_weight, gate_bias)),
+                dist.Normal(
+                    likelihood.expert_means(x_batch, experts_weight, experts_bias, self.link),
+                    noise[..., None, None],
+                ),
+            )
+            return pyro.sample(sites.OBS, mixture, obs=y_batch)
+
+    # ------------------------------------------------------------------ functions of the parameters
+    def _unpack(self, params: Mapping[str, torch.Tensor], like: torch.Tensor):
+        missing = [name for name in self.site_shapes if name not in params]
+        if missing:
+            raise ValueError(f"params is missing the sites {missing}; expected {sorted(self.site_shapes)}")
+
+        def get(name):
+            return torch.as_tensor(params[name], dtype=like.dtype, device=like.device)
+
+        return (
+            get(sites.EXPERTS_WEIGHT),
+            get(sites.EXPERTS_BIAS) if self.bias else None,
+            get(sites.GATE_WEIGHT),
+            get(sites.GATE_BIAS) if self.bias else None,
+            get(sites.NOISE),
+            self.link,
+        )
+
+    def log_likelihood(self, x, y, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Pointwise log-likelihood ``log p(y_n | x_n, params)``, shape ``(..., n)``.
+
+        ``params`` maps site names to values with optional leading batch dims (e.g. draws of shape
+        ``(chains, draws, k, d)``), as returned by ``MCMC.get_samples(group_by_chain=True)``.
+        """
+        x, y = as_tensors(x, y, in_features=self.in_features)
+        return likelihood.log_likelihood(x, y, *self._unpack(params, x))
+
+    def responsibilities(self, x, y, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Posterior responsibilities ``p(expert i | x_n, y_n, params)``, shape ``(..., n, k)``."""
+        x, y = as_tensors(x, y, in_features=self.in_features)
+        return likelihood.responsibilities(x, y, *self._unpack(params, x))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_experts={self.num_experts}, "
+            f"link={self.link!r}, bias={self.bias}"
+        )

@@ -1,0 +1,168 @@
+"""Simulate data from the gated Gaussian mixture of experts with known true parameters."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._validation import check_num_experts, check_positive
+from .estimate import MoEEstimate
+from .likelihood import expert_means, gate_logits
+from .links import Link, get_link
+
+__all__ = ["SimulatedData", "simulate"]
+
+
+@dataclass(frozen=True)
+class SimulatedData:
+    """Data drawn by :func:`simulate`.
+
+    Attributes
+    ----------
+    x : Tensor (n, d)
+        Inputs, i.i.d. standard Gaussian.
+    y : Tensor (n,)
+        Outputs.
+    labels : Tensor (n,), int64
+        The expert that generated each row.
+    truth : MoEEstimate
+        The true parameters (``method="truth"``), comparable with any estimate through
+        :func:`pyromoe.parameter_errors`.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    labels: torch.Tensor
+    truth: MoEEstimate
+
+
+def _unit_rows(t: torch.Tensor) -> torch.Tensor:
+    return t / t.norm(dim=-1, keepdim=True)
+
+
+def simulate(
+    n: int,
+    in_features: int,
+    num_experts: int = 2,
+    link: str | Link = "linear",
+    noise: float = 0.5,
+    gate: str = "random",
+    seed: int = 0,
+    *,
+    expert_cosine: float | None = None,
+    gate_norm: float = 1.0,
+    bias: bool = False,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> SimulatedData:
+    """Draw ``n`` rows from a mixture of experts with unit-norm experts and ``x ~ N(0, I)``.
+
+    Parameters
+    ----------
+    n : int
+        Number of rows.
+    in_features : int
+        Input dimension ``d``.
+    num_experts : int
+        Number of experts ``k >= 2``.
+    link : str or Link
+        Expert link (see :mod:`pyromoe.links`).
+    noise : float
+        Noise standard deviation ``sigma > 0``.
+    gate : {"random", "orthogonal"}
+        ``"random"``: each gate row is a uniformly random direction. ``"orthogonal"``: the paper's
+        setting, gate rows orthogonal to every expert (needs ``in_features > num_experts``, or
+        ``> num_experts + 1`` with ``expert_cosine``).
+    seed : int
+        Seed of a private ``torch.Generator``: same seed, same data, on any device.
+    expert_cosine : float in [0, 1), optional
+        Make every pair of experts have this cosine (similar experts, where random-start fits get
+        stuck: ALGORITHM.md section 4). Default: independent random directions.
+    gate_norm : float
+        Norm of each gate row (gate sharpness).
+    bias : bool
+        Draw expert intercepts and gate offsets from N(0, 0.5^2) (default: none, as in the paper).
+    device, dtype
+        Where the returned tensors live. Drawing happens on the CPU in float64.
+
+    Returns
+    -------
+    SimulatedData
+
+    Examples
+    --------
+    >>> data = simulate(1000, 5, num_experts=2, link="tanh", gate="orthogonal", seed=1)
+    >>> data.x.shape, data.truth.experts_weight.shape
+    (torch.Size([1000, 5]), torch.Size([2, 5]))
+    """
+    n = check_positive(n, "n", integer=True)
+    d = check_positive(in_features, "in_features", integer=True)
+    k = check_num_experts(num_experts)
+    link = get_link(link)
+    noise = check_positive(noise, "noise")
+    gate_norm = float(gate_norm)
+    if not (gate_norm >= 0 and math.isfinite(gate_norm)):
+        raise ValueError(f"gate_norm must be a finite number >= 0; got {gate_norm}")
+    if gate not in ("random", "orthogonal"):
+        raise ValueError(f"gate must be 'random' or 'orthogonal'; got {gate!r}")
+    if expert_cosine is not None and not 0.0 <= float(expert_cosine) < 1.0:
+        raise ValueError(f"expert_cosine must be in [0, 1); got {expert_cosine}")
+    directions = k + 1 if expert_cosine is not None else k
+    if expert_cosine is not None and directions > d:
+        raise ValueError(
+            f"expert_cosine needs in_features >= num_experts + 1 = {directions}; got in_features={d}"
+        )
+    if gate == "orthogonal" and d <= directions:
+        raise ValueError(
+            f"gate='orthogonal' needs in_features > {directions} (room for a gate orthogonal to the "
+            f"experts); got in_features={d}. Use gate='random' or more features."
+        )
+
+    generator = torch.Generator().manual_seed(int(seed))
+    cpu = dict(dtype=torch.float64)
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=generator, **cpu)
+
+    if expert_cosine is None:
+        experts_weight = _unit_rows(normal(k, d))
+    else:
+        basis, _ = torch.linalg.qr(normal(d, k + 1))  # orthonormal columns
+        c = float(expert_cosine)
+        experts_weight = math.sqrt(c) * basis[:, :1].T + math.sqrt(1 - c) * basis[:, 1:].T
+
+    raw_gate = normal(k - 1, d)
+    if gate == "orthogonal":
+        q, _ = torch.linalg.qr(experts_weight.T)  # basis of span(experts)
+        raw_gate = raw_gate - (raw_gate @ q) @ q.T
+    gate_weight = gate_norm * _unit_rows(raw_gate)
+
+    if bias:
+        experts_bias, gate_bias = 0.5 * normal(k), 0.5 * normal(k - 1)
+    else:
+        experts_bias, gate_bias = torch.zeros(k, **cpu), torch.zeros(k - 1, **cpu)
+
+    x = normal(n, d)
+    probs = torch.softmax(gate_logits(x, gate_weight, gate_bias), dim=-1)
+    uniform = torch.rand(n, 1, generator=generator, **cpu)
+    labels = (uniform > probs.cumsum(-1)[:, :-1]).sum(-1)
+    means = expert_means(x, experts_weight, experts_bias, link)
+    y = means.gather(-1, labels[:, None]).squeeze(-1) + noise * normal(n)
+
+    truth = MoEEstimate(
+        experts_weight=experts_weight,
+        experts_bias=experts_bias,
+        gate_weight=gate_weight,
+        gate_bias=gate_bias,
+        noise=torch.tensor(noise, **cpu),
+        link=link,
+        method="truth",
+    ).to(device=device, dtype=dtype)
+    return SimulatedData(
+        x=x.to(device=device, dtype=dtype),
+        y=y.to(device=device, dtype=dtype),
+        labels=labels.to(device=device),
+        truth=truth,
+    )

@@ -48,7 +48,9 @@ def as_tensor(
         return tensor.to(device=like.device, dtype=like.dtype)
     if not tensor.is_floating_point():
         # integer/bool numpy input becomes float64 (numpy's float); an integer tensor the torch default
-        tensor = tensor.to(torch.get_default_dtype() if isinstance(value, torch.Tensor) else torch.float64)
+        tensor = tensor.to(
+            torch.get_default_dtype() if isinstance(value, torch.Tensor) else torch.float64
+        )
     return tensor
 
 
@@ -97,9 +99,7 @@ def as_tensors(
     x = as_tensor(x, "x")
     if x.dim() != 2:
         hint = " (for a single input use x.reshape(-1, 1))" if x.dim() == 1 else ""
-        raise ValueError(
-            f"x must be a 2-D array of shape (n, d); got shape {tuple(x.shape)}{hint}"
-        )
+        raise ValueError(f"x must be a 2-D array of shape (n, d); got shape {tuple(x.shape)}{hint}")
     if in_features is not None and x.shape[1] != in_features:
         raise ValueError(
             f"x must have in_features={in_features} columns; got shape {tuple(x.shape)}. "

@@ -14,13 +14,15 @@ def _demo(args: argparse.Namespace) -> int:
     from pyro.infer import SVI, Trace_ELBO
     from pyro.infer.autoguide import AutoNormal
 
-    from .estimate import parameter_errors, MoEEstimate
+    from .estimate import MoEEstimate, parameter_errors
     from .models import MixtureOfExperts
     from .simulate import simulate
 
     n = 500 if args.quick else 2000
     steps = 100 if args.quick else 600
-    data = simulate(n, 5, num_experts=2, link="linear", noise=0.5, gate="orthogonal", seed=args.seed)
+    data = simulate(
+        n, 5, num_experts=2, link="linear", noise=0.5, gate="orthogonal", seed=args.seed
+    )
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
     model = MixtureOfExperts(in_features=5, num_experts=2, link="linear", bias=False)

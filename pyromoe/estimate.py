@@ -7,8 +7,9 @@ estimates, so one function (:func:`parameter_errors`) compares any two of them.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -86,7 +87,7 @@ class MoEEstimate:
     def in_features(self) -> int:
         return self.experts_weight.shape[1]
 
-    def to(self, device=None, dtype=None) -> "MoEEstimate":
+    def to(self, device=None, dtype=None) -> MoEEstimate:
         """A copy with every tensor moved to ``device`` / ``dtype``."""
         moved = {
             name: getattr(self, name).to(device=device, dtype=dtype)
@@ -112,7 +113,7 @@ class MoEEstimate:
         zb = torch.zeros_like(self.gate_bias[:1])
         return torch.cat([zw, self.gate_weight]), torch.cat([zb, self.gate_bias])
 
-    def permute(self, permutation) -> "MoEEstimate":
+    def permute(self, permutation) -> MoEEstimate:
         """Relabel the experts: new expert ``j`` is old expert ``permutation[j]``.
 
         The gate is re-referenced so that the new expert 0 has logit 0; the model is unchanged.
@@ -186,7 +187,9 @@ class MoEEstimate:
         ]
         for i in range(self.num_experts):
             weights = ", ".join(f"{v:+.3f}" for v in self.experts_weight[i].tolist())
-            lines.append(f"  expert {i}: weight [{weights}]  bias {float(self.experts_bias[i]):+.3f}")
+            lines.append(
+                f"  expert {i}: weight [{weights}]  bias {float(self.experts_bias[i]):+.3f}"
+            )
         for i in range(self.num_experts - 1):
             weights = ", ".join(f"{v:+.3f}" for v in self.gate_weight[i].tolist())
             lines.append(
@@ -221,7 +224,8 @@ def best_permutation(experts_weight: torch.Tensor, reference_weight: torch.Tenso
     (ties broken by the sum), by enumeration for k <= 7 and Hungarian matching on the sum beyond.
     """
     distances = torch.cdist(
-        reference_weight.to(torch.float64), experts_weight.to(reference_weight.device, torch.float64)
+        reference_weight.to(torch.float64),
+        experts_weight.to(reference_weight.device, torch.float64),
     )
     k = distances.shape[0]
     if k <= 7:

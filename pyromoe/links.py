@@ -11,9 +11,9 @@ version ``sigmoid - 1/2`` is odd).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Mapping
+from collections.abc import Mapping
 
 import pyro
 import pyro.distributions as dist
@@ -108,7 +108,9 @@ class MixtureOfExperts(PyroModule):
 
     def _check_priors(self, priors: Mapping) -> dict:
         if not isinstance(priors, Mapping):
-            raise TypeError(f"priors must be a dict of site name -> prior; got {type(priors).__name__}")
+            raise TypeError(
+                f"priors must be a dict of site name -> prior; got {type(priors).__name__}"
+            )
         shapes = self.site_shapes
         checked = {}
         for name, prior in priors.items():
@@ -144,9 +146,11 @@ class MixtureOfExperts(PyroModule):
         scale = torch.as_tensor(float(prior), dtype=like.dtype, device=like.device)
         if name == sites.NOISE:
             return dist.HalfCauchy(scale)
-        return dist.Normal(torch.zeros((), dtype=like.dtype, device=like.device), scale).expand(
-            shape
-        ).to_event(len(shape))
+        return (
+            dist.Normal(torch.zeros((), dtype=like.dtype, device=like.device), scale)
+            .expand(shape)
+            .to_event(len(shape))
+        )
 
     # ------------------------------------------------------------------ the model
     def forward(self, x, y=None, subsample_size: int | None = None):
@@ -194,7 +198,9 @@ class MixtureOfExperts(PyroModule):
     def _unpack(self, params: Mapping[str, torch.Tensor], like: torch.Tensor):
         missing = [name for name in self.site_shapes if name not in params]
         if missing:
-            raise ValueError(f"params is missing the sites {missing}; expected {sorted(self.site_shapes)}")
+            raise ValueError(
+                f"params is missing the sites {missing}; expected {sorted(self.site_shapes)}"
+            )
 
         def get(name):
             return torch.as_tensor(params[name], dtype=like.dtype, device=like.device)

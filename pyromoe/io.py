@@ -327,7 +327,11 @@ def _to_float_columns(
     source: str,
 ) -> np.ndarray:
     """Convert the chosen columns to float64, reporting the first bad cell in file order."""
-    cells = np.array([[row[p] for p in positions] for row in rows], dtype=str)
+    cells = np.array(rows, dtype=str)[:, positions]
+    with contextlib.suppress(ValueError):
+        values = cells.astype(np.float64)  # accepts surrounding spaces
+        if np.isfinite(values).all():
+            return values  # the common case: no cell-level diagnosis needed
     cells = np.char.strip(cells)
     missing = np.isin(np.char.lower(cells), list(MISSING_VALUE_MARKERS))
     filled = np.where(missing, "0", cells)

@@ -351,24 +351,29 @@ def _to_float_columns(
             raise ValueError(
                 f"{source}: missing value in {where}; drop or impute incomplete rows before fitting"
             )
+        text = str(cells[row, column])
+        problem = "is not finite" if _parses(text) else "is not a number"
         raise ValueError(
-            f"{source}: {where} holds '{cells[row, column]}', which is not a finite number; "
+            f"{source}: {where} holds '{text}', which {problem}; "
             "every input and target value must be numeric (encode categories as numbers or "
             "leave that column out of the features)"
         )
     return values
 
 
+def _parses(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _parse_cells(cells: np.ndarray) -> np.ndarray:
-    """float() of each cell, NaN where it fails (reported by the caller as not a finite number)."""
-
-    def parse(text: str) -> float:
-        try:
-            return float(text)
-        except ValueError:
-            return np.nan
-
-    return np.vectorize(parse, otypes=[np.float64])(cells)
+    """float() of each cell, NaN where it fails (reported by the caller as not a number)."""
+    return np.vectorize(lambda text: float(text) if _parses(text) else np.nan, otypes=[np.float64])(
+        cells
+    )
 
 
 def _first_true(mask: np.ndarray) -> tuple[int, int] | None:

@@ -167,14 +167,16 @@ def test_non_numeric_value_names_column_row_and_line(tmp_path):
     path = write(tmp_path, "x,y\n1,2\n\n3,4\n5,abc\n")
     with pytest.raises(
         ValueError,
-        match=r"column 'y', data row 3 \(file line 5\) holds 'abc', which is not a finite number",
+        match=r"column 'y', data row 3 \(file line 5\) holds 'abc', which is not a number",
     ):
         read_table(path, target="y")
 
 
 def test_infinite_value_is_refused(tmp_path):
     path = write(tmp_path, "x,y\ninf,2\n")
-    with pytest.raises(ValueError, match=r"column 'x', data row 1 \(file line 2\) holds 'inf'"):
+    with pytest.raises(
+        ValueError, match=r"column 'x', data row 1 \(file line 2\) holds 'inf', which is not finite"
+    ):
         read_table(path, target="y")
 
 

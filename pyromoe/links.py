@@ -11,13 +11,24 @@ version ``sigmoid - 1/2`` is odd).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-__all__ = ["Link", "LINKS", "get_link", "leaky_relu", "DEFAULT_LEAKY_SLOPE"]
+__all__ = [
+    "Link",
+    "LINKS",
+    "get_link",
+    "leaky_relu",
+    "DEFAULT_LEAKY_SLOPE",
+    "gauss_hermite",
+    "centred",
+    "gaussian_expectation",
+    "transform_constants",
+]
 
 #: Default negative slope of ``"leaky_relu"`` (the value used in ALGORITHM.md's figures).
 DEFAULT_LEAKY_SLOPE = 0.1
@@ -151,3 +162,149 @@ def get_link(link: str | Link) -> Link:
             f"link must be one of {sorted(LINKS)}; got {link!r}. "
             "For another leaky-ReLU slope use pyromoe.links.leaky_relu(slope)."
         ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaussian expectations of the links and the moment transform constants (ALGORITHM.md section 2).
+# The moment initializer reads these; they are the one place where link-specific maths lives.
+
+#: Number of Gauss-Hermite nodes for smooth links (tanh, sigmoid): exact to ~1e-15 for the
+#: polynomial-times-tanh integrands used here at scales up to ~10.
+GAUSS_HERMITE_NODES = 120
+
+
+def gauss_hermite(
+    num_nodes: int = GAUSS_HERMITE_NODES,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes and weights of Gauss-Hermite quadrature for a standard Gaussian (probabilists').
+
+    ``sum(weights * f(nodes))`` approximates ``E[f(t)]`` for ``t ~ N(0, 1)``; exact for polynomials
+    of degree ``< 2 num_nodes``. Computed by Golub-Welsch (eigen-decomposition of the Jacobi matrix)
+    in float64.
+
+    Examples
+    --------
+    >>> t, w = gauss_hermite(10)
+    >>> round(float((w * t**4).sum()), 10)
+    3.0
+    """
+    m = int(num_nodes)
+    off = torch.arange(1, m, dtype=torch.float64).sqrt()
+    jacobi = torch.diag(off, 1) + torch.diag(off, -1)
+    nodes, vectors = torch.linalg.eigh(jacobi)
+    weights = vectors[0] ** 2
+    return nodes.to(device=device, dtype=dtype), weights.to(device=device, dtype=dtype)
+
+
+def _hermite_coefficients(degree: int) -> list[float]:
+    """Coefficients (constant term first) of the probabilists' Hermite polynomial He_degree."""
+    prev, cur = [1.0], [0.0, 1.0]
+    if degree == 0:
+        return prev
+    for m in range(1, degree):
+        nxt = [0.0] + cur  # t * He_m
+        for i, c in enumerate(prev):
+            nxt[i] -= m * c  # - m He_{m-1}
+        prev, cur = cur, nxt
+    return cur
+
+
+def _half_gaussian_moment(j: int) -> float:
+    """E[t^j ; t > 0] for t ~ N(0, 1)."""
+    return 2.0 ** (j / 2 - 1) * math.gamma((j + 1) / 2) / math.sqrt(math.pi)
+
+
+def centred(link: str | Link, z: torch.Tensor) -> torch.Tensor:
+    """``g(z) - g(0)`` for odd links (e.g. ``sigmoid - 1/2``), ``g(z)`` otherwise.
+
+    The moment initializer works with the centred output ``y - g(0)`` so that odd links keep
+    their parity (ALGORITHM.md section 2: the plain sigmoid fails for T3).
+    """
+    link = get_link(link)
+    return link(z) - (link.odd_offset or 0.0)
+
+
+def gaussian_expectation(
+    link: str | Link,
+    scale,
+    power: int = 1,
+    hermite: int = 0,
+) -> torch.Tensor:
+    """``E[c(r t)^power He_hermite(t)]`` for ``t ~ N(0, 1)``, with ``c`` the centred link.
+
+    By Stein's lemma ``E[f(r t) He_m(t)] = r^m E[f^(m)(r t)]``, so these expectations give every
+    per-norm constant of the moment method (ALGORITHM.md section 2). ReLU and leaky ReLU are
+    computed exactly from half-Gaussian moments (quadrature converges slowly at their kink);
+    smooth links by Gauss-Hermite quadrature.
+
+    Parameters
+    ----------
+    link : str or Link
+    scale : float or Tensor
+        Expert norm(s) ``r >= 0`` (any shape).
+    power : int
+        Power ``p >= 0`` of the centred link.
+    hermite : int
+        Degree ``m >= 0`` of the Hermite polynomial.
+
+    Returns
+    -------
+    Tensor, float64, the shape of ``scale``.
+
+    Examples
+    --------
+    >>> float(gaussian_expectation("linear", 1.0, power=3, hermite=3))  # E[t^3 He3(t)] = 3!
+    6.0
+    """
+    link = get_link(link)
+    r = torch.as_tensor(scale, dtype=torch.float64)
+    coeffs = _hermite_coefficients(int(hermite))
+    if link.name in ("relu", "leaky_relu"):
+        s = link.negative_slope
+        # c(r t)^p He_m(t) = r^p t^p He_m(t) (t > 0), (s r)^p t^p He_m(t) (t < 0), r >= 0
+        total = 0.0
+        for i, c in enumerate(coeffs):
+            if c == 0.0:
+                continue
+            j = power + i
+            total += c * _half_gaussian_moment(j) * (1.0 + (s**power) * (-1.0) ** j)
+        return total * r**power
+    nodes, weights = gauss_hermite()
+    he = sum(c * nodes**i for i, c in enumerate(coeffs))
+    values = centred(link, r.unsqueeze(-1) * nodes) ** power * he
+    return (values * weights).sum(-1)
+
+
+def transform_constants(
+    link: str | Link, noise: float, scale: float = 1.0
+) -> tuple[float | None, float]:
+    """Transform constants ``(alpha, beta)`` of ``P3(y) = y^3 + alpha y``, ``P2(y) = y^2 + beta y``.
+
+    They cancel the first-order gate terms of the moments when the gate is orthogonal to the
+    experts and all experts have norm ``scale`` (ALGORITHM.md section 2):
+    ``beta = -E[(g^2)'(z)] / E[g'(z)]``, ``alpha = -E[(g^3)''(z) + 3 sigma^2 g''(z)] / E[g''(z)]``,
+    ``z ~ N(0, scale^2)``. For odd links (linear, tanh, centred sigmoid) ``beta = 0`` and
+    ``alpha`` is free (returned as ``None``): the pair's moments are gate-free for any alpha, and
+    the initializer picks it from the data.
+
+    Examples
+    --------
+    >>> alpha, beta = transform_constants("relu", noise=0.5)
+    >>> round(alpha, 4), round(beta, 4)
+    (-6.75, -1.5958)
+    """
+    link = get_link(link)
+    if link.is_odd:
+        return None, 0.0
+    r = float(scale)
+    sigma2 = float(noise) ** 2
+
+    def e(power, hermite):
+        return float(gaussian_expectation(link, r, power, hermite))
+
+    beta = -e(2, 1) / e(1, 1)
+    alpha = -(e(3, 2) + 3 * sigma2 * e(1, 2)) / e(1, 2)
+    return alpha, beta

@@ -1,0 +1,444 @@
+"""EM for the gate with the experts fixed (ALGORITHM.md section 4).
+
+With the experts known (from the tensor step, or the truth in a test), the gate of a mixture of experts
+is learnt by EM: the E-step computes responsibilities ``r_ni = p(expert i | x_n, y_n)`` with the one
+likelihood implementation (:func:`pyromoe.likelihood.component_log_probs`); the M-step is a weighted
+logistic (k = 2) or multinomial logistic (k > 2, expert 0 the reference) regression of ``r`` on ``x``,
+which is concave, solved by a few damped Newton (IRLS) steps; the noise has a closed-form update.
+
+:func:`gate_m_step` is the gate M-step shared with the joint EM of :mod:`pyromoe.em` (one
+implementation). Everything here is pure torch on ``x``'s device and dtype, full-batch.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ._validation import as_tensor, as_tensors, check_num_experts, check_positive
+from .likelihood import component_log_probs, expert_means
+from .links import Link, get_link
+
+__all__ = ["ConvergenceWarning", "GateFit", "fit_gate", "gate_m_step", "log_prior"]
+
+
+class ConvergenceWarning(UserWarning):
+    """An EM run stopped at ``max_iter`` before its objective changed by less than ``tol``."""
+
+
+@dataclass(frozen=True)
+class GateFit:
+    """Result of :func:`fit_gate`.
+
+    Attributes
+    ----------
+    gate_weight : Tensor (k - 1, d)
+        Gate weights (expert 0 is the reference, logit 0).
+    gate_bias : Tensor (k - 1,)
+        Gate offsets (the initial value, zeros by default, when ``fit_bias=False``).
+    noise : Tensor ()
+        Noise standard deviation.
+    log_likelihood_trace : list of float
+        The objective at the start and after every EM iteration: the mean per-row log-likelihood, or
+        for MAP (``prior_scale`` given) the log posterior divided by ``n``. Non-decreasing up to
+        rounding.
+    converged : bool
+        Whether the objective changed by less than ``tol`` before ``max_iter`` iterations.
+    n_iter : int
+        Number of EM iterations run.
+    """
+
+    gate_weight: torch.Tensor
+    gate_bias: torch.Tensor
+    noise: torch.Tensor
+    log_likelihood_trace: list[float]
+    converged: bool
+    n_iter: int
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _accept_slack(value: float, dtype: torch.dtype) -> float:
+    """How far an objective may drop from rounding alone (a few ulps of its magnitude)."""
+    return 8 * torch.finfo(dtype).eps * max(1.0, abs(value))
+
+
+def _normal_log_density_sum(value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Sum of ``log Normal(value | 0, scale^2)`` over all entries."""
+    return -0.5 * (value / scale).pow(2).sum() - value.numel() * (
+        math.log(scale) + 0.5 * math.log(2 * math.pi)
+    )
+
+
+def log_prior(prior_scale: float | None, *tensors: torch.Tensor | None) -> torch.Tensor | float:
+    """Log density of independent ``Normal(0, prior_scale^2)`` priors on every entry of ``tensors``.
+
+    ``prior_scale=None`` (maximum likelihood) gives 0; ``None`` tensors are skipped.
+
+    Examples
+    --------
+    >>> round(float(log_prior(1.0, torch.zeros(2))), 4)
+    -1.8379
+    """
+    if prior_scale is None:
+        return 0.0
+    return sum(_normal_log_density_sum(t, prior_scale) for t in tensors if t is not None)
+
+
+def _solve_spd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve ``matrix @ out = rhs`` for a (batch of) symmetric positive semi-definite ``matrix``.
+
+    A jitter relative to the diagonal keeps a singular system (an expert with no responsibility, a
+    saturated gate, a dead relu) solvable; the solution then moves nowhere along the null space.
+    """
+    size = matrix.shape[-1]
+    eye = torch.eye(size, dtype=matrix.dtype, device=matrix.device)
+    scale = matrix.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1.0)[..., None, None]
+    jitter = 1e3 * torch.finfo(matrix.dtype).eps
+    for _ in range(6):
+        factor, info = torch.linalg.cholesky_ex(matrix + jitter * scale * eye)
+        if not bool(info.any()):
+            return torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
+        jitter *= 100
+    return torch.linalg.lstsq(matrix + jitter * scale * eye, rhs.unsqueeze(-1)).solution.squeeze(-1)
+
+
+def _gate_log_probs(
+    x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor
+) -> torch.Tensor:
+    free = x @ gate_weight.T + gate_bias
+    return torch.log_softmax(torch.cat([torch.zeros_like(free[:, :1]), free], dim=-1), dim=-1)
+
+
+def gate_m_step(
+    x: torch.Tensor,
+    responsibilities: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor,
+    *,
+    fit_bias: bool = True,
+    prior_scale: float | None = None,
+    max_steps: int = 5,
+    tol: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate M-step: weighted (multinomial) logistic regression by damped Newton steps.
+
+    Maximises ``Q(w, c) = sum_n sum_i r_ni log gate_i(x_n) + log prior(w, c)`` over the gate weights
+    ``w`` (and offsets ``c`` when ``fit_bias``), expert 0 the reference. ``Q`` is concave; each Newton
+    step is halved until ``Q`` does not drop, so the step never lowers the EM objective (a generalised
+    M-step when ``max_steps`` is small). Stops early when the Newton decrement is negligible.
+
+    Parameters
+    ----------
+    x : Tensor (n, d)
+    responsibilities : Tensor (n, k)
+        Soft labels ``r_ni`` (rows sum to 1).
+    gate_weight : Tensor (k - 1, d)
+        Starting gate weights.
+    gate_bias : Tensor (k - 1,)
+        Starting gate offsets (kept fixed unless ``fit_bias``).
+    fit_bias : bool
+        Whether to update the offsets.
+    prior_scale : float, optional
+        Scale ``s`` of a ``Normal(0, s^2)`` prior on every gate weight and offset (MAP: a ridge term
+        ``1 / s^2`` in the Newton system). ``None``: maximum likelihood.
+    max_steps : int
+        Maximum number of Newton steps.
+    tol : float
+        Stop when a Newton step would raise ``Q / n`` by less than this (EM passes a fraction of its
+        own tolerance: solving the M-step more exactly than EM converges buys nothing).
+
+    Returns
+    -------
+    (gate_weight, gate_bias) : tuple of Tensor, shapes (k - 1, d) and (k - 1,)
+
+    Examples
+    --------
+    >>> x = torch.randn(200, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> r1 = torch.sigmoid(3 * x[:, 0])
+    >>> w, c = gate_m_step(x, torch.stack([1 - r1, r1], -1), torch.zeros(1, 2, dtype=torch.float64),
+    ...                    torch.zeros(1, dtype=torch.float64), max_steps=20)
+    >>> [round(v) for v in w[0].tolist()]
+    [3, 0]
+    """
+    n, d = x.shape
+    free = gate_weight.shape[0]
+    width = d + 1 if fit_bias else d
+    design = torch.cat([x, torch.ones_like(x[:, :1])], dim=-1) if fit_bias else x
+    theta = (
+        torch.cat([gate_weight, gate_bias[:, None]], dim=-1) if fit_bias else gate_weight.clone()
+    )
+    offset = None if fit_bias else gate_bias
+    ridge = 0.0 if prior_scale is None else 1.0 / prior_scale**2
+    target = responsibilities[:, 1:]
+
+    def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (t[:, :d], t[:, d]) if fit_bias else (t, offset)
+
+    def objective(t: torch.Tensor) -> tuple[float, torch.Tensor]:
+        log_gate = _gate_log_probs(x, *split(t))
+        value = (responsibilities * log_gate).sum() - 0.5 * ridge * t.pow(2).sum()
+        return float(value), log_gate
+
+    value, log_gate = objective(theta)
+    for _ in range(max_steps):
+        probs = log_gate[:, 1:].exp()
+        gradient = (target - probs).T @ design - ridge * theta  # (k-1, width)
+        # negative Hessian: blocks X^T diag(p_a (delta_ab - p_b)) X, a, b over the free experts
+        hessian = x.new_zeros(free, width, free, width)
+        for a in range(free):
+            for b in range(a, free):
+                weight = probs[:, a] * ((1.0 if a == b else 0.0) - probs[:, b])
+                block = (design * weight[:, None]).T @ design
+                hessian[a, :, b, :] = block
+                if a != b:
+                    hessian[b, :, a, :] = block.T
+        hessian = hessian.reshape(free * width, free * width)
+        hessian.diagonal().add_(ridge)
+        step = _solve_spd(hessian, gradient.reshape(-1))
+        decrement = float(gradient.reshape(-1) @ step)  # Newton decrement squared: ~2 x the gain
+        if decrement <= 2 * max(_accept_slack(value, x.dtype), tol * n):
+            break
+        step = step.reshape(free, width)
+        size, accepted = 1.0, False
+        for _ in range(40):
+            candidate = theta + size * step
+            new_value, new_log_gate = objective(candidate)
+            if new_value >= value:
+                theta, value, log_gate, accepted = candidate, new_value, new_log_gate, True
+                break
+            size *= 0.5
+        if not accepted:
+            break
+    return split(theta)
+
+
+def _check_matrix(value, name: str, shape: tuple[int, ...], like: torch.Tensor, meaning: str):
+    tensor = as_tensor(value, name, like=like)
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} ({meaning}); got {tuple(tensor.shape)}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return tensor
+
+
+def _check_flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {type(value).__name__}")
+    return value
+
+
+def _check_prior_scale(prior_scale) -> float | None:
+    return None if prior_scale is None else check_positive(prior_scale, "prior_scale")
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int; got {type(seed).__name__}")
+    return int(seed)
+
+
+def _feature_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-column standard deviation, 1 for constant columns (so random starts are scale-free)."""
+    scale = x.std(dim=0) if x.shape[0] > 1 else torch.ones_like(x[0])
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _noise_floor(y: torch.Tensor) -> float:
+    """Smallest noise EM may reach: keeps the likelihood finite when one expert fits rows exactly."""
+    return 1e-6 * max(float(y.abs().max()), 1.0)
+
+
+def fit_gate(
+    x,
+    y,
+    experts_weight,
+    experts_bias,
+    link: str | Link,
+    *,
+    noise=None,
+    init_gate_weight=None,
+    init_gate_bias=None,
+    fit_bias: bool = True,
+    fit_noise: bool = True,
+    prior_scale: float | None = None,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    seed: int = 0,
+    newton_steps: int = 3,
+) -> GateFit:
+    """Fit the gate (and the noise) by EM with the experts fixed (ALGORITHM.md section 4).
+
+    E-step: responsibilities from :func:`pyromoe.likelihood.component_log_probs`. M-step:
+    :func:`gate_m_step` (weighted logistic / multinomial logistic regression, damped Newton) and, if
+    ``fit_noise``, ``noise^2 = mean_n sum_i r_ni (y_n - g(a_i . x_n + b_i))^2``. The objective (mean
+    log-likelihood, or log posterior / n for MAP) never decreases. Works full-batch on ``x``'s
+    device and dtype (memory O(n k d)); no loops over rows.
+
+    Parameters
+    ----------
+    x : Tensor or ndarray (n, d)
+        Inputs.
+    y : Tensor or ndarray (n,)
+        Outputs.
+    experts_weight : Tensor or ndarray (k, d)
+        Fixed expert weights.
+    experts_bias : Tensor or ndarray (k,), or None
+        Fixed expert intercepts (``None``: zeros).
+    link : str or Link
+        Expert link.
+    noise : float or 0-d Tensor, optional
+        Starting noise standard deviation (the fixed one when ``fit_noise=False``). Default: the
+        root-mean-square residual of each row's best-fitting expert (biased low when experts overlap;
+        EM corrects it).
+    init_gate_weight : Tensor or ndarray (k - 1, d), optional
+        Starting gate weights. Default: random, ``N(0, 0.25 / d)`` per weight divided by the column's
+        standard deviation, from a ``torch.Generator`` seeded with ``seed``.
+    init_gate_bias : Tensor or ndarray (k - 1,), optional
+        Starting gate offsets (default zeros).
+    fit_bias : bool
+        Whether to fit the gate offsets (otherwise they stay at ``init_gate_bias``).
+    fit_noise : bool
+        Whether to update the noise.
+    prior_scale : float, optional
+        ``s`` of a ``Normal(0, s^2)`` prior on every gate weight and offset: MAP instead of ML, and
+        the trace holds the log posterior / n. ``None``: maximum likelihood.
+    tol : float
+        Stop when the objective (per row) changes by less than ``tol``.
+    max_iter : int
+        Maximum number of EM iterations.
+    seed : int
+        Seed of the random starting gate.
+    newton_steps : int
+        Maximum Newton steps per M-step.
+
+    Returns
+    -------
+    GateFit
+
+    Raises
+    ------
+    ValueError, TypeError
+        For malformed inputs (shapes, NaN, non-positive ``noise``/``tol``/``max_iter``...).
+
+    Warns
+    -----
+    ConvergenceWarning
+        When ``max_iter`` is reached before convergence.
+
+    Examples
+    --------
+    >>> from pyromoe import simulate
+    >>> data = simulate(5000, 3, seed=0)
+    >>> t = data.truth
+    >>> fit = fit_gate(data.x, data.y, t.experts_weight, t.experts_bias, "linear")
+    >>> fit.converged, fit.gate_weight.shape
+    (True, torch.Size([1, 3]))
+    """
+    x, y = as_tensors(x, y, min_rows=2)
+    n, d = x.shape
+    experts_weight = as_tensor(experts_weight, "experts_weight", like=x)
+    if experts_weight.dim() != 2 or experts_weight.shape[1] != d:
+        raise ValueError(
+            f"experts_weight must have shape (k, d) = (num_experts, {d}) to match x; "
+            f"got {tuple(experts_weight.shape)}"
+        )
+    k = experts_weight.shape[0]
+    if k < 2:
+        raise ValueError(f"experts_weight must have at least 2 rows (one per expert); got {k}")
+    check_num_experts(k)
+    if not bool(torch.isfinite(experts_weight).all()):
+        raise ValueError("experts_weight contains NaN or infinite values")
+    if experts_bias is None:
+        experts_bias = torch.zeros(k, dtype=x.dtype, device=x.device)
+    else:
+        experts_bias = _check_matrix(experts_bias, "experts_bias", (k,), x, "one per expert")
+    link = get_link(link)
+    fit_bias = _check_flag(fit_bias, "fit_bias")
+    fit_noise = _check_flag(fit_noise, "fit_noise")
+    prior_scale = _check_prior_scale(prior_scale)
+    tol = check_positive(tol, "tol")
+    max_iter = check_positive(max_iter, "max_iter", integer=True)
+    newton_steps = check_positive(newton_steps, "newton_steps", integer=True)
+    seed = _check_seed(seed)
+
+    if init_gate_weight is None:
+        generator = torch.Generator().manual_seed(seed)
+        raw = torch.randn(k - 1, d, generator=generator, dtype=torch.float64)
+        gate_weight = raw.to(x) * (0.5 / math.sqrt(d)) / _feature_scale(x)
+    else:
+        gate_weight = _check_matrix(
+            init_gate_weight, "init_gate_weight", (k - 1, d), x, "num_experts - 1 rows, d columns"
+        )
+    if init_gate_bias is None:
+        gate_bias = torch.zeros(k - 1, dtype=x.dtype, device=x.device)
+    else:
+        gate_bias = _check_matrix(
+            init_gate_bias, "init_gate_bias", (k - 1,), x, "one per non-reference expert"
+        )
+
+    floor = _noise_floor(y)
+    if noise is None:
+        means = expert_means(x, experts_weight, experts_bias, link)
+        best_residual = (y[:, None] - means).pow(2).min(dim=-1).values.mean().sqrt()
+        noise = best_residual.clamp_min(floor)
+    else:
+        if isinstance(noise, torch.Tensor):
+            if noise.numel() != 1:
+                raise ValueError(f"noise must be a positive scalar; got shape {tuple(noise.shape)}")
+            noise = noise.item()
+        noise = torch.tensor(check_positive(noise, "noise"), dtype=x.dtype, device=x.device)
+
+    def objective(log_probs: torch.Tensor, gate_weight, gate_bias) -> float:
+        value = torch.logsumexp(log_probs, dim=-1).sum() + log_prior(
+            prior_scale, gate_weight, gate_bias
+        )
+        return float(value) / n
+
+    def e_step(gate_weight, gate_bias, noise):
+        return component_log_probs(
+            x, y, experts_weight, experts_bias, gate_weight, gate_bias, noise, link
+        )
+
+    log_probs = e_step(gate_weight, gate_bias, noise)
+    trace = [objective(log_probs, gate_weight, gate_bias)]
+    means = expert_means(x, experts_weight, experts_bias, link) if fit_noise else None
+    converged, n_iter = False, 0
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 (n_iter is returned)
+        resp = torch.softmax(log_probs, dim=-1)
+        gate_weight, gate_bias = gate_m_step(
+            x,
+            resp,
+            gate_weight,
+            gate_bias,
+            fit_bias=fit_bias,
+            prior_scale=prior_scale,
+            max_steps=newton_steps,
+            tol=0.1 * tol,
+        )
+        if fit_noise:
+            variance = (resp * (y[:, None] - means).pow(2)).sum() / n
+            noise = variance.sqrt().clamp_min(floor)
+        log_probs = e_step(gate_weight, gate_bias, noise)
+        trace.append(objective(log_probs, gate_weight, gate_bias))
+        if abs(trace[-1] - trace[-2]) < tol:
+            converged = True
+            break
+    if not converged:
+        warnings.warn(
+            f"gate EM did not converge in max_iter={max_iter} iterations (last change of the "
+            f"objective {trace[-1] - trace[-2]:.3g} >= tol={tol:g}); increase max_iter or tol",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return GateFit(
+        gate_weight=gate_weight,
+        gate_bias=gate_bias,
+        noise=noise.reshape(()),
+        log_likelihood_trace=trace,
+        converged=converged,
+        n_iter=n_iter,
+    )

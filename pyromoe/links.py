@@ -168,8 +168,7 @@ def get_link(link: str | Link) -> Link:
 # Gaussian expectations of the links and the moment transform constants (ALGORITHM.md section 2).
 # The moment initializer reads these; they are the one place where link-specific maths lives.
 
-#: Number of Gauss-Hermite nodes for smooth links (tanh, sigmoid): exact to ~1e-15 for the
-#: polynomial-times-tanh integrands used here at scales up to ~10.
+#: Default number of Gauss-Hermite nodes (exact for polynomials of degree < 240).
 GAUSS_HERMITE_NODES = 120
 
 
@@ -197,6 +196,17 @@ def gauss_hermite(
     nodes, vectors = torch.linalg.eigh(jacobi)
     weights = vectors[0] ** 2
     return nodes.to(device=device, dtype=dtype), weights.to(device=device, dtype=dtype)
+
+
+def _trapezoid_nodes() -> tuple[torch.Tensor, torch.Tensor]:
+    """Trapezoid rule on [-12, 12] against the Gaussian density.
+
+    For integrands analytic in a strip (tanh(r t) has poles at distance pi / (2 r)) it converges
+    exponentially in 1/h, faster than Gauss-Hermite, whose 120-node error for tanh(2 t) is ~1e-5.
+    """
+    t = torch.linspace(-12.0, 12.0, 1201, dtype=torch.float64)
+    w = torch.exp(-0.5 * t * t) * (t[1] - t[0]) / math.sqrt(2 * math.pi)
+    return t, w
 
 
 def _hermite_coefficients(degree: int) -> list[float]:
@@ -238,7 +248,8 @@ def gaussian_expectation(
     By Stein's lemma ``E[f(r t) He_m(t)] = r^m E[f^(m)(r t)]``, so these expectations give every
     per-norm constant of the moment method (ALGORITHM.md section 2). ReLU and leaky ReLU are
     computed exactly from half-Gaussian moments (quadrature converges slowly at their kink);
-    smooth links by Gauss-Hermite quadrature.
+    smooth links by the trapezoid rule on a fine grid (exponentially accurate for them, and more
+    accurate than :func:`gauss_hermite` for tanh at large scales).
 
     Parameters
     ----------
@@ -272,7 +283,7 @@ def gaussian_expectation(
             j = power + i
             total += c * _half_gaussian_moment(j) * (1.0 + (s**power) * (-1.0) ** j)
         return total * r**power
-    nodes, weights = gauss_hermite()
+    nodes, weights = _trapezoid_nodes()
     he = sum(c * nodes**i for i, c in enumerate(coeffs))
     values = centred(link, r.unsqueeze(-1) * nodes) ** power * he
     return (values * weights).sum(-1)

@@ -1,0 +1,344 @@
+"""``tensor_init``: experts from tensor moments, then the gate by EM (ALGORITHM.md sections 2-4).
+
+Where the estimate is consistent (the moment step is exact in the population):
+
+- odd links (linear, tanh, sigmoid after centring ``y - 1/2``) with k = 2, any gate, no biases;
+- relu / leaky_relu with k = 2 only when the gate is orthogonal to the experts AND the experts have
+  equal norms (otherwise the estimate is biased; a ``UserWarning`` says when the fit looks far from
+  that);
+- linear with k > 2 only when the gate is orthogonal to the experts and the norms are equal.
+
+Everywhere else, and whenever ``x`` is far from Gaussian (the score functions are those of a
+Gaussian; standardising ``x`` fixes its mean and covariance only), the estimate is a starting point
+for the likelihood (``refine=True``), not an answer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import replace
+
+import torch
+
+from . import em as _em
+from . import gate as _gate
+from ._validation import as_tensors, check_num_experts, check_positive
+from .estimate import MoEEstimate
+from .links import Link, gaussian_expectation, get_link, transform_constants
+from .moments import (
+    choose_alpha,
+    second_moment_tensor,
+    second_moments,
+    standardize,
+    whitened_third_moment,
+)
+from .tensor import expert_scales, tensor_power_method, unwhiten, whiten
+
+__all__ = ["tensor_init", "minimum_rows"]
+
+#: Cosine (in the metric of x's covariance) between a gate row and an expert above which the
+#: assumptions of relu/leaky and k > 2 look violated.
+COSINE_WARNING = 0.3
+#: Ratio of the largest to the smallest expert norm above which relu/leaky look unequal.
+NORM_RATIO_WARNING = 1.25
+
+
+def minimum_rows(in_features: int) -> int:
+    """Rows :func:`tensor_init` needs: ``max(100, 2 d^2)`` (T2 has d(d+1)/2 entries to estimate)."""
+    return max(100, 2 * int(in_features) ** 2)
+
+
+def _check_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    return value
+
+
+def _metric_cosines(gate_weight, experts_weight, covariance) -> float:
+    """Largest |cos| between gate rows and experts in the inner product of x's covariance."""
+    g = gate_weight.to(covariance.dtype) @ covariance
+    inner = g @ experts_weight.to(covariance.dtype).T
+    gn = (g * gate_weight.to(covariance.dtype)).sum(-1).clamp_min(1e-300).sqrt()
+    en = ((experts_weight.to(covariance.dtype) @ covariance) * experts_weight).sum(-1)
+    en = en.clamp_min(1e-300).sqrt()
+    return float((inner / gn[:, None] / en[None, :]).abs().max())
+
+
+def _moment_experts(x, y, k, link: Link, noise, chunk_size, seed):
+    """The moment step: expert weights and biases in user coordinates, noise, diagnostics."""
+    n, d = x.shape
+    y64 = y.to(torch.float64)
+    y_mean = float(y64.mean())
+    if link.name == "linear":
+        yc = y64 - y_mean  # removes a common intercept exactly
+    else:
+        yc = y64 - (link.odd_offset or 0.0)
+    second_y = float((yc * yc).mean())
+
+    alpha = beta = None
+    noise_moment = None
+    if not link.is_odd:
+        # equal norms r and an orthogonal gate (the case where relu is exact): E[y] = r E[g(t)]
+        mean_g = float(gaussian_expectation(link, 1.0, 1, 0))
+        mean_g2 = float(gaussian_expectation(link, 1.0, 2, 0))
+        r0 = float(yc.mean()) / mean_g
+        if not r0 > 0:
+            r0 = math.sqrt(second_y / mean_g2)
+        noise_moment = math.sqrt(max(second_y - r0**2 * mean_g2, 1e-3 * second_y))
+        sigma = noise if noise is not None else noise_moment
+        alpha, beta = transform_constants(link, sigma, r0)
+    else:
+        beta = 0.0
+    p2 = yc * yc + beta * yc
+
+    moments = second_moments(x, yc, p2, chunk_size=chunk_size)
+    standardizer = standardize(moments)
+    t2 = second_moment_tensor(moments, standardizer)
+    # the top eigenvalue pure sampling noise would give T2 (semicircle edge, entry sd ~ sqrt(E[P2^2]/n))
+    noise_floor = 1.5 * 2.0 * math.sqrt(d * float((p2 * p2).mean()) / n)
+    whitening = whiten(t2, k, noise_floor=noise_floor)
+    projection = standardizer.whitening @ whitening.projection
+    third = whitened_third_moment(
+        x, yc, moments.mean, projection, whitening.gram, chunk_size=chunk_size
+    )
+    ratio = None
+    if link.is_odd and not (link.name == "linear" and k > 2):
+        alpha, ratio = choose_alpha(third, second_y)
+    elif link.name == "linear":
+        alpha = -3.0 * second_y  # exact for k > 2 with an orthogonal gate and equal norms
+        ratio = third.variance(alpha) / float(third.tensor(alpha).pow(2).sum())
+    else:
+        ratio = third.variance(alpha) / float(third.tensor(alpha).pow(2).sum())
+    t3 = third.tensor(alpha)
+    generator = torch.Generator().manual_seed(int(seed))
+    decomposition = tensor_power_method(t3, generator=generator)
+    directions = unwhiten(whitening, decomposition.eigenvectors)
+    first = standardizer.whitening.T @ moments.first  # E[yc z]
+    weight_std = expert_scales(
+        link, directions, decomposition.eigenvalues, beta=beta, first_moment=first
+    )
+    norms = weight_std.norm(dim=-1)
+    if link.is_odd:
+        mean_g2 = torch.stack([gaussian_expectation(link, float(r), 2, 0) for r in norms])
+        noise_moment = math.sqrt(max(second_y - float(mean_g2.mean()), 1e-3 * second_y))
+    bias_std = torch.full((k,), y_mean if link.name == "linear" else 0.0, dtype=torch.float64)
+    weight, bias = standardizer.to_user(weight_std, bias_std.to(weight_std.device))
+    diagnostics = {
+        "t2_eigenvalues": whitening.eigenvalues[: k + 1].tolist(),
+        "t2_eigengap": whitening.eigengap,
+        "t2_noise_floor": whitening.noise_floor,
+        "whitening_condition_number": whitening.condition_number,
+        "x_condition_number": standardizer.condition_number,
+        "tensor_eigenvalues": decomposition.eigenvalues.tolist(),
+        "decomposition_residual": decomposition.residual,
+        "alpha": float(alpha),
+        "beta": float(beta),
+        "t3_noise_to_signal": float(ratio),
+        "noise_from_moments": noise_moment,
+        "expert_norms_standardised": norms.tolist(),
+        "num_chunks": moments.num_chunks,
+        "passes_over_data": 2,
+    }
+    return weight, bias, noise_moment, standardizer, diagnostics
+
+
+def tensor_init(
+    x,
+    y,
+    num_experts: int = 2,
+    link: str | Link = "linear",
+    *,
+    noise: float | None = None,
+    refine: bool = False,
+    random_starts: int = 2,
+    chunk_size: int = 65536,
+    seed: int = 0,
+) -> MoEEstimate:
+    """Moment (tensor) estimate of the experts, then the gate by EM with the experts fixed.
+
+    Steps (ALGORITHM.md): standardise ``x`` (centre, whiten by its covariance); centre ``y``
+    (its mean for the linear link, ``g(0)`` for the other odd links); two streaming passes give
+    ``T2 = E[P2(y) S2(z)]`` and the whitened ``T3``; the tensor power method gives the expert
+    directions, scales and signs; :func:`pyromoe.gate.fit_gate` then fits the gate (and noise)
+    by EM with the experts fixed. The result is mapped back to the user's coordinates.
+
+    Biases, honestly: the moment step targets the bias-free model on standardised inputs. Expert
+    biases are set to the mean of ``y`` (linear) or to ``-a . mean(x)`` (other links) and kept
+    fixed while the gate (with its bias) is fitted; only ``refine=True`` fits the expert biases.
+    The estimate is consistent only where ALGORITHM.md says the moments are exact (see the
+    module docstring); elsewhere it is a start for the likelihood.
+
+    Parameters
+    ----------
+    x : Tensor or array (n, d)
+        Inputs; results follow its device and dtype.
+    y : Tensor or array (n,)
+        Outputs.
+    num_experts : int
+        ``k``, with ``2 <= k <= d`` (the moments cannot separate more experts than features).
+    link : str or Link
+        The experts' link.
+    noise : float, optional
+        Noise standard deviation if known: then used for the transform constants and kept fixed
+        in the gate fit. Default: estimated from ``E[y^2] - E[g(a.z)^2]`` and refined by gate EM.
+    refine : bool
+        Run joint EM over all parameters (biases included) from this estimate
+        (:func:`pyromoe.em.fit_em`), plus ``random_starts`` random-start EM runs; the best
+        log-likelihood wins and ``diagnostics["refine_winner"]`` says which.
+    random_starts : int
+        Random starts tried alongside the refinement (0 for the fastest refinement).
+    chunk_size : int
+        Rows per chunk of the moment passes: bounds extra memory to O(chunk_size d).
+    seed : int
+        Seeds the tensor power method's restarts, the gate EM's start and the refinement.
+
+    Returns
+    -------
+    MoEEstimate
+        ``method="tensor"`` (or ``"tensor+em"`` / ``"em"`` after refinement) with diagnostics: T2
+        eigenvalues, eigengap and noise floor, whitening condition number, tensor eigenvalues,
+        decomposition residual, alpha and beta used, T3 noise-to-signal, gate EM trace and
+        convergence flag, chunk count, timings.
+
+    Raises
+    ------
+    ValueError
+        ``num_experts > in_features``; fewer rows than :func:`minimum_rows`; constant ``y``;
+        NaN/inf; constant or collinear columns of ``x``; T2 with fewer than k clearly non-zero
+        eigenvalues ("the data look like fewer than k experts").
+
+    Warns
+    -----
+    UserWarning
+        When the fitted gate is far from orthogonal to the experts (relu/leaky or k > 2) or the
+        relu/leaky experts have unequal norms: the moment estimate is then biased.
+
+    Examples
+    --------
+    >>> from pyromoe import simulate
+    >>> data = simulate(20000, 5, seed=0)
+    >>> est = tensor_init(data.x, data.y)
+    >>> est.experts_weight.shape, est.method
+    (torch.Size([2, 5]), 'tensor')
+    """
+    k = check_num_experts(num_experts)
+    link = get_link(link)
+    x, y = as_tensors(x, y)
+    n, d = x.shape
+    if k > d:
+        raise ValueError(
+            f"num_experts={k} exceeds in_features={d}: the moment method needs num_experts <= "
+            "in_features (T2 has rank at most d). Use pyromoe.em.fit_em with several random starts."
+        )
+    need = minimum_rows(d)
+    if n < need:
+        raise ValueError(
+            f"x has {n} rows; tensor_init needs at least {need} rows for {d} features "
+            f"(max(100, 2 d^2)) to estimate the moments. Use pyromoe.em.fit_em for small data."
+        )
+    if noise is not None:
+        noise = check_positive(noise, "noise")
+    if not isinstance(refine, bool):
+        raise TypeError(f"refine must be True or False; got {type(refine).__name__}")
+    random_starts = _check_int(random_starts, "random_starts")
+    if random_starts < 0:
+        raise ValueError(f"random_starts must be an int >= 0; got {random_starts}")
+    chunk_size = check_positive(_check_int(chunk_size, "chunk_size"), "chunk_size", integer=True)
+    seed = _check_int(seed, "seed")
+    spread = float(y.to(torch.float64).std())
+    if not spread > 1e-12 * (1.0 + float(y.to(torch.float64).abs().max())):
+        raise ValueError(
+            f"y is constant (every value is {float(y[0]):.6g}): there is nothing for the experts "
+            "to explain. Check that y is the response column."
+        )
+
+    start = time.perf_counter()
+    weight, bias, noise_moment, standardizer, diagnostics = _moment_experts(
+        x, y, k, link, noise, chunk_size, seed
+    )
+    moment_seconds = time.perf_counter() - start
+    weight = weight.to(x.dtype)
+    bias = bias.to(x.dtype)
+    sigma = noise if noise is not None else noise_moment
+
+    start = time.perf_counter()
+    fit = _gate.fit_gate(x, y, weight, bias, link, noise=sigma, fit_noise=noise is None, seed=seed)
+    gate_seconds = time.perf_counter() - start
+    diagnostics.update(
+        {
+            "gate_log_likelihood_trace": list(fit.log_likelihood_trace),
+            "gate_converged": bool(fit.converged),
+            "gate_n_iter": int(fit.n_iter),
+            "moment_seconds": moment_seconds,
+            "gate_seconds": gate_seconds,
+        }
+    )
+    estimate = MoEEstimate(
+        experts_weight=weight,
+        experts_bias=bias,
+        gate_weight=fit.gate_weight.to(x.dtype),
+        gate_bias=fit.gate_bias.to(x.dtype),
+        noise=torch.as_tensor(fit.noise, dtype=x.dtype, device=x.device),
+        link=link,
+        method="tensor",
+        diagnostics=diagnostics,
+    )
+    cosine = _metric_cosines(estimate.gate_weight, weight, standardizer.covariance)
+    diagnostics["max_gate_expert_cosine"] = cosine
+    if (not link.is_odd or k > 2) and cosine > COSINE_WARNING:
+        warnings.warn(
+            f"the fitted gate is far from orthogonal to the experts (|cos| = {cosine:.2f} > "
+            f"{COSINE_WARNING}): the moment estimate for link={link.name!r}, k={k} assumes an "
+            "orthogonal gate and is biased here; use refine=True.",
+            UserWarning,
+            stacklevel=2,
+        )
+    if not link.is_odd:
+        norms = diagnostics["expert_norms_standardised"]
+        if max(norms) > NORM_RATIO_WARNING * max(min(norms), 1e-12):
+            warnings.warn(
+                f"the {link.name} experts have unequal norms ({[round(v, 3) for v in norms]} on "
+                "standardised inputs): the moment transform assumes equal norms and is biased "
+                "here; use refine=True.",
+                UserWarning,
+                stacklevel=2,
+            )
+    if refine:
+        estimate = _refine(x, y, k, link, estimate, random_starts, seed)
+    return estimate
+
+
+def _refine(x, y, k, link, estimate: MoEEstimate, random_starts: int, seed: int) -> MoEEstimate:
+    """Joint EM from the moment estimate, against ``random_starts`` random starts; best wins."""
+    start = time.perf_counter()
+    from_tensor = _em.fit_em(x, y, k, link, init=estimate, n_init=1, seed=seed)
+    refine_seconds = time.perf_counter() - start
+    candidates = {"tensor": from_tensor}
+    random_seconds = 0.0
+    if random_starts > 0:
+        start = time.perf_counter()
+        candidates["random"] = _em.fit_em(x, y, k, link, n_init=random_starts, seed=seed + 1)
+        random_seconds = time.perf_counter() - start
+    scores = {name: float(est.log_likelihood(x, y).mean()) for name, est in candidates.items()}
+    # ties go to the tensor start (it is listed first and max keeps the first maximum)
+    winner = max(scores, key=scores.get)
+    best = candidates[winner]
+    diagnostics = dict(estimate.diagnostics)
+    em_diag = dict(from_tensor.diagnostics)
+    diagnostics.update(
+        {
+            "refined": True,
+            "refine_winner": winner,
+            "refine_log_likelihoods": scores,
+            "refine_converged": em_diag.get("converged"),
+            "refine_n_iter": em_diag.get("n_iter"),
+            "refine_seconds": refine_seconds,
+            "random_starts_seconds": random_seconds,
+            "moment_estimate_experts_weight": estimate.experts_weight.tolist(),
+        }
+    )
+    return replace(
+        best, method="tensor+em" if winner == "tensor" else "em", diagnostics=diagnostics
+    )

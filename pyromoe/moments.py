@@ -1,0 +1,422 @@
+"""Streaming score-function moments of the data (ALGORITHM.md sections 2-3), as pure torch functions.
+
+Two passes over the rows of ``x``, each in chunks of ``chunk_size`` rows, on ``x``'s device:
+
+1. :func:`second_moments` accumulates, in ONE pass, the mean and covariance of ``x`` and
+   ``E[P2(y) (x - mean)(x - mean)^T]``, ``E[y (x - mean)]``; :func:`standardize` and
+   :func:`second_moment_tensor` turn them into the standardiser ``z = (x - mean) W`` and
+   ``T2 = E[P2(y) S2(z)]`` with ``S2(z) = z z^T - I``.
+2. :func:`whitened_third_moment` accumulates, in ONE pass and never forming a d x d x d tensor,
+   the whitened third moment ``T3(M, M, M)`` with ``u = M^T z``, ``G = M^T M``::
+
+       T3(M, M, M) = mean_n P3(y_n) [u_n (x) u_n (x) u_n - sym(u_n (x) G)]
+
+   split as ``A + alpha B`` (``A`` from ``y^3``, ``B`` from ``y``: ``P3(y) = y^3 + alpha y``),
+   together with the second moments that estimate its sampling variance, so that
+   :func:`choose_alpha` can pick ``alpha`` from the data.
+
+Precision: each chunk's products run in ``x``'s dtype (float32 stays float32 on a GPU), after
+subtracting a fixed pilot mean of the first rows so that the centring done in float64 afterwards
+does not cancel digits; every accumulator across chunks, the powers of ``y`` (``y^6`` enters the
+variance) and everything after the passes (centring, whitening, eigen-decompositions) are float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "SecondMoments",
+    "Standardizer",
+    "ThirdMoment",
+    "second_moments",
+    "standardize",
+    "second_moment_tensor",
+    "whitened_third_moment",
+    "choose_alpha",
+]
+
+_PILOT_ROWS = 1024
+_F64 = torch.float64
+
+
+def _check_chunk_size(chunk_size) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(
+            f"chunk_size must be an int >= 1 (rows per pass chunk); got {chunk_size!r}"
+        )
+    return chunk_size
+
+
+@dataclass(frozen=True)
+class SecondMoments:
+    """Sums of one pass over the data (float64, on ``x``'s device), already centred.
+
+    Attributes
+    ----------
+    num_rows : int
+    num_chunks : int
+    mean : Tensor (d,)
+        Mean of ``x``.
+    covariance : Tensor (d, d)
+        ``E[(x - mean)(x - mean)^T]`` (divided by n).
+    weighted : Tensor (d, d)
+        ``E[P2(y) (x - mean)(x - mean)^T]``.
+    weight_mean : Tensor ()
+        ``E[P2(y)]``.
+    first : Tensor (d,)
+        ``E[y (x - mean)]`` with the transformed ``y`` passed in (the first-order moment).
+    """
+
+    num_rows: int
+    num_chunks: int
+    mean: torch.Tensor
+    covariance: torch.Tensor
+    weighted: torch.Tensor
+    weight_mean: torch.Tensor
+    first: torch.Tensor
+
+
+def second_moments(
+    x: torch.Tensor, y: torch.Tensor, p2: torch.Tensor, *, chunk_size: int = 65536
+) -> SecondMoments:
+    """One streaming pass: mean and covariance of ``x``, ``E[p2 xc xc^T]`` and ``E[y xc]``.
+
+    Parameters
+    ----------
+    x : Tensor (n, d)
+    y : Tensor (n,)
+        Output (already centred as the caller wants) for the first-order moment.
+    p2 : Tensor (n,)
+        Row weights ``P2(y_n)``.
+    chunk_size : int
+        Rows per chunk: bounds the extra memory to O(chunk_size * d) and is a speed knob.
+
+    Returns
+    -------
+    SecondMoments
+
+    Examples
+    --------
+    >>> x = torch.randn(100, 3, dtype=torch.float64)
+    >>> m = second_moments(x, x[:, 0], x[:, 0] ** 2, chunk_size=32)
+    >>> torch.allclose(m.mean, x.mean(0)), m.num_chunks
+    (True, 4)
+    """
+    chunk_size = _check_chunk_size(chunk_size)
+    n, d = x.shape
+    dtype, device = x.dtype, x.device
+    # fixed pilot shift (independent of chunk_size, so that chunked == one-chunk up to rounding)
+    shift = x[:_PILOT_ROWS].to(_F64).mean(0)
+    shift_c = shift.to(dtype)
+    y64, p64 = y.to(device=device, dtype=_F64), p2.to(device=device, dtype=_F64)
+    sum_x = torch.zeros(d, dtype=_F64, device=device)
+    sum_px = torch.zeros(d, dtype=_F64, device=device)
+    sum_yx = torch.zeros(d, dtype=_F64, device=device)
+    sum_xx = torch.zeros(d, d, dtype=_F64, device=device)
+    sum_pxx = torch.zeros(d, d, dtype=_F64, device=device)
+    num_chunks = 0
+    for start in range(0, n, chunk_size):
+        xs = x[start : start + chunk_size] - shift_c
+        p = p64[start : start + chunk_size]
+        weights = torch.stack([p, y64[start : start + chunk_size]], 1).to(dtype)
+        # one GEMM for both d x d products: [xs, p * xs]^T xs
+        stacked = torch.cat([xs, xs * weights[:, :1]], 1)
+        products = (stacked.T @ xs).to(_F64)
+        sum_xx += products[:d]
+        sum_pxx += products[d:]
+        sum_x += xs.sum(0).to(_F64)
+        both = (weights.T @ xs).to(_F64)
+        sum_px += both[0]
+        sum_yx += both[1]
+        num_chunks += 1
+    mean_s = sum_x / n  # mean of x - shift
+    covariance = sum_xx / n - torch.outer(mean_s, mean_s)
+    weight_mean = p64.sum() / n
+    mean_px = sum_px / n
+    weighted = (
+        sum_pxx / n
+        - torch.outer(mean_px, mean_s)
+        - torch.outer(mean_s, mean_px)
+        + weight_mean * torch.outer(mean_s, mean_s)
+    )
+    first = sum_yx / n - (y64.sum() / n) * mean_s
+    return SecondMoments(
+        num_rows=n,
+        num_chunks=num_chunks,
+        mean=shift + mean_s,
+        covariance=(covariance + covariance.T) / 2,
+        weighted=(weighted + weighted.T) / 2,
+        weight_mean=weight_mean,
+        first=first,
+    )
+
+
+@dataclass(frozen=True)
+class Standardizer:
+    """The map ``z = (x - mean) @ whitening`` to standardised inputs (mean 0, identity covariance).
+
+    A weight ``a_std`` acting on ``z`` is ``a_user = whitening @ a_std`` on ``x``, with the bias
+    shifted by ``- a_user . mean`` (:meth:`to_user`).
+
+    Attributes
+    ----------
+    mean : Tensor (d,)
+    whitening : Tensor (d, d)
+        ``Sigma^{-1/2}`` (symmetric).
+    covariance : Tensor (d, d)
+    condition_number : float
+        Condition number of the covariance of ``x``.
+    """
+
+    mean: torch.Tensor
+    whitening: torch.Tensor
+    covariance: torch.Tensor
+    condition_number: float
+
+    def to_user(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map rows of weights (..., d) and biases (...) on ``z`` to the user's ``x``."""
+        user = weight @ self.whitening.T
+        if bias is None:
+            bias = torch.zeros(weight.shape[:-1], dtype=weight.dtype, device=weight.device)
+        return user, bias - user @ self.mean
+
+    def to_standard(self, weight: torch.Tensor) -> torch.Tensor:
+        """Rows of user-coordinate weights (..., d) as weights on ``z``: ``Sigma^{1/2} a``."""
+        return (
+            weight
+            @ torch.linalg.solve(
+                self.whitening,
+                torch.eye(
+                    self.whitening.shape[0],
+                    dtype=self.whitening.dtype,
+                    device=self.whitening.device,
+                ),
+            ).T
+        )
+
+
+def standardize(moments: SecondMoments) -> Standardizer:
+    """The standardiser of the inputs from their mean and covariance.
+
+    Raises
+    ------
+    ValueError
+        If a column of ``x`` is constant or the columns are linearly dependent.
+    """
+    cov = moments.covariance
+    evals, evecs = torch.linalg.eigh(cov)
+    top = float(evals[-1])
+    if top <= 0 or float(evals[0]) <= 1e-12 * top:
+        variances = torch.diagonal(cov)
+        constant = torch.nonzero(variances <= 1e-12 * max(top, 1e-300)).flatten().tolist()
+        what = (
+            f"column(s) {constant} of x are constant"
+            if constant
+            else "the columns of x are linearly dependent (covariance is singular)"
+        )
+        raise ValueError(
+            f"x must have linearly independent, non-constant columns; {what}. "
+            "Drop or combine those columns before fitting."
+        )
+    whitening = (evecs * evals.rsqrt()) @ evecs.T
+    return Standardizer(
+        mean=moments.mean,
+        whitening=(whitening + whitening.T) / 2,
+        covariance=cov,
+        condition_number=top / float(evals[0]),
+    )
+
+
+def second_moment_tensor(moments: SecondMoments, standardizer: Standardizer) -> torch.Tensor:
+    """``T2 = E[P2(y) S2(z)] = W^T E[P2 xc xc^T] W - E[P2] I`` on the standardised inputs, (d, d)."""
+    w = standardizer.whitening
+    t2 = w.T @ moments.weighted @ w
+    t2 = t2 - moments.weight_mean * torch.eye(t2.shape[0], dtype=t2.dtype, device=t2.device)
+    return (t2 + t2.T) / 2
+
+
+@dataclass(frozen=True)
+class ThirdMoment:
+    """The whitened third moment ``T3(alpha) = A + alpha B`` and what estimates its variance.
+
+    Attributes
+    ----------
+    cubic : Tensor (k, k, k)
+        ``A = mean_n y_n^3 phi(u_n)``.
+    linear : Tensor (k, k, k)
+        ``B = mean_n y_n phi(u_n)``.
+    second_moments : Tensor (3,)
+        ``mean |y^3 phi|^2``, ``mean <y^3 phi, y phi>``, ``mean |y phi|^2`` (Frobenius over the
+        k^3 entries): with ``A``, ``B`` they give the summed variance of the entries of
+        ``T3(alpha)`` as a quadratic in alpha.
+    num_rows, num_chunks : int
+    """
+
+    cubic: torch.Tensor
+    linear: torch.Tensor
+    second_moments: torch.Tensor
+    num_rows: int
+    num_chunks: int
+
+    def tensor(self, alpha: float) -> torch.Tensor:
+        """``T3(M, M, M)`` for ``P3(y) = y^3 + alpha y``."""
+        return self.cubic + alpha * self.linear
+
+    def variance(self, alpha: float) -> float:
+        """Estimated summed variance of the entries of :meth:`tensor` (over the sample mean)."""
+        saa, sab, sbb = self._centred()
+        return float(saa + 2 * alpha * sab + alpha**2 * sbb) / self.num_rows
+
+    def _centred(self) -> tuple[float, float, float]:
+        a, b = self.cubic, self.linear
+        m = self.second_moments
+        saa = float(m[0] - (a * a).sum())
+        sab = float(m[1] - (a * b).sum())
+        sbb = float(m[2] - (b * b).sum())
+        return saa, sab, sbb
+
+
+def _symmetrised_outer(vector: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``sym(v (x) G)_abc = v_a G_bc + v_b G_ac + v_c G_ab``."""
+    return (
+        vector[:, None, None] * gram[None, :, :]
+        + vector[None, :, None] * gram[:, None, :]
+        + vector[None, None, :] * gram[:, :, None]
+    )
+
+
+def whitened_third_moment(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mean: torch.Tensor,
+    projection: torch.Tensor,
+    gram: torch.Tensor,
+    *,
+    chunk_size: int = 65536,
+) -> ThirdMoment:
+    """One streaming pass for ``T3(M, M, M)`` split as ``A + alpha B`` (never forms d^3).
+
+    Parameters
+    ----------
+    x : Tensor (n, d)
+        Inputs in the user's coordinates.
+    y : Tensor (n,)
+        Centred outputs.
+    mean : Tensor (d,)
+        Mean of ``x``.
+    projection : Tensor (d, k)
+        ``W M``: maps centred ``x`` to ``u = M^T z`` in one product.
+    gram : Tensor (k, k)
+        ``G = M^T M``.
+    chunk_size : int
+
+    Returns
+    -------
+    ThirdMoment
+
+    Examples
+    --------
+    >>> x = torch.randn(50, 3, dtype=torch.float64)
+    >>> eye = torch.eye(3, 2, dtype=torch.float64)
+    >>> whitened_third_moment(x, x[:, 0], torch.zeros(3), eye, eye.T @ eye).cubic.shape
+    torch.Size([2, 2, 2])
+    """
+    chunk_size = _check_chunk_size(chunk_size)
+    n = x.shape[0]
+    k = projection.shape[1]
+    device = x.device
+    proj_c = projection.to(x.dtype)
+    offset = (mean.to(_F64) @ projection.to(_F64)).to(device)
+    gram = gram.to(device=device, dtype=_F64)
+    gram_sq = gram @ gram
+    gram_norm2 = float((gram * gram).sum())
+    y64 = y.to(device=device, dtype=_F64)
+    sum_uuu = torch.zeros(2 * k, k * k, dtype=_F64, device=device)
+    sum_u = torch.zeros(2, k, dtype=_F64, device=device)
+    sum_sq = torch.zeros(3, dtype=_F64, device=device)
+    num_chunks = 0
+    for start in range(0, n, chunk_size):
+        # u is only n x k: float64 from here on costs nothing next to the x @ projection product
+        u = (x[start : start + chunk_size] @ proj_c).to(_F64) - offset
+        yc = y64[start : start + chunk_size]
+        y2 = yc * yc
+        coef = torch.stack([y2 * yc, yc], 1)  # (m, 2): y^3 and y
+        uu = (u[:, :, None] * u[:, None, :]).reshape(-1, k * k)
+        weighted_u = (coef[:, :, None] * u[:, None, :]).reshape(-1, 2 * k)
+        sum_uuu += weighted_u.T @ uu
+        sum_u += coef.T @ u
+        # |phi(u)|^2 = |u|^6 - 6|u|^2 u'Gu + 3|u|^2 |G|_F^2 + 6 u'G^2u  (phi = u(x)u(x)u - sym(u(x)G))
+        q = (u * u).sum(1)
+        ugu = ((u @ gram) * u).sum(1)
+        ug2u = ((u @ gram_sq) * u).sum(1)
+        phi2 = q**3 - 6 * q * ugu + 3 * q * gram_norm2 + 6 * ug2u
+        sum_sq += torch.stack([y2**3, y2 * y2, y2], 1).T @ phi2
+        num_chunks += 1
+    sum_uuu = sum_uuu / n
+    mean_u = sum_u / n
+    cubic = sum_uuu[:k].reshape(k, k, k) - _symmetrised_outer(mean_u[0], gram)
+    linear = sum_uuu[k:].reshape(k, k, k) - _symmetrised_outer(mean_u[1], gram)
+    return ThirdMoment(
+        cubic=cubic,
+        linear=linear,
+        second_moments=sum_sq / n,
+        num_rows=n,
+        num_chunks=num_chunks,
+    )
+
+
+def choose_alpha(third: ThirdMoment, scale: float) -> tuple[float, float]:
+    """The alpha minimising the estimated noise-to-signal ratio of ``T3(alpha) = A + alpha B``.
+
+    The ratio ``R(alpha) = Var(alpha) / |A + alpha B|^2`` (Frobenius norms; ``Var`` the summed
+    sampling variance of the entries) is a ratio of two quadratics in alpha, so its stationary
+    points solve a quadratic equation; the minimum over those and over ``|alpha| = 1000 scale``
+    (the limit ``P3(y) ~ y``) is returned. For the linear link ``B`` has mean zero and this is the
+    control-variate choice; for tanh it trades the signal carried by ``B`` against its noise.
+
+    Parameters
+    ----------
+    third : ThirdMoment
+    scale : float
+        ``E[y^2]``, the natural unit of alpha.
+
+    Returns
+    -------
+    (alpha, ratio) : floats
+
+    Examples
+    --------
+    >>> a = torch.zeros(2, 2, 2); a[0, 0, 0] = 1.0
+    >>> t = ThirdMoment(a, torch.zeros(2, 2, 2), torch.tensor([2.0, 0.5, 1.0]), 100, 1)
+    >>> round(choose_alpha(t, 1.0)[0], 6)  # control variate: -Cov(A, B) / Var(B)
+    -0.5
+    """
+    saa, sab, sbb = third._centred()
+    a, b = third.cubic, third.linear
+    p0, p1, p2 = saa, 2 * sab, sbb
+    q0, q1, q2 = float((a * a).sum()), 2 * float((a * b).sum()), float((b * b).sum())
+
+    def ratio(alpha: float) -> float:
+        signal = q0 + q1 * alpha + q2 * alpha**2
+        noise = p0 + p1 * alpha + p2 * alpha**2
+        return noise / signal if signal > 0 else math.inf
+
+    big = 1000.0 * max(scale, 1e-12)
+    candidates = [0.0, big, -big]
+    c2, c1, c0 = p2 * q1 - p1 * q2, 2 * (p2 * q0 - p0 * q2), p1 * q0 - p0 * q1
+    if abs(c2) > 1e-300:
+        disc = c1 * c1 - 4 * c2 * c0
+        if disc >= 0:
+            root = math.sqrt(disc)
+            candidates += [(-c1 + root) / (2 * c2), (-c1 - root) / (2 * c2)]
+    elif abs(c1) > 1e-300:
+        candidates.append(-c0 / c1)
+    candidates = [c for c in candidates if math.isfinite(c) and abs(c) <= big]
+    best = min(candidates, key=ratio)
+    return float(best), ratio(best) / third.num_rows

@@ -10,8 +10,11 @@ One EM iteration (scikit-learn conventions: ``tol``, ``max_iter``, ``converged``
 * E-step: responsibilities from :func:`pyromoe.likelihood.component_log_probs` (shared with
   :mod:`pyromoe.gate`).
 * M-step, experts: weighted least squares per expert with weights ``r_ni`` (closed form, linear link;
-  an intercept column when ``bias``), or a few Gauss-Newton steps with step halving for a nonlinear
-  link (using ``Link.derivative``) so that each expert's weighted squared error never rises.
+  an intercept column when ``bias``), or Gauss-Newton steps with step halving for a nonlinear link
+  (using ``Link.derivative``) so that each expert's weighted squared error never rises.
+  By default one Gauss-Newton step and one gate Newton step per EM iteration (a generalised EM
+  step): measured at d = 10, n = 2e4, three steps of each took the same number of EM iterations
+  (to within a few) and 20-50% more time.
 * M-step, gate: :func:`pyromoe.gate.gate_m_step` (damped Newton on the weighted (multinomial)
   logistic regression; one implementation with gate EM).
 * M-step, noise: ``noise^2 = mean_n sum_i r_ni (y_n - g(a_i . x_n + b_i))^2``.
@@ -149,7 +152,7 @@ def _experts_m_step_gauss_newton(
     ridge: float,
     steps: int,
 ) -> torch.Tensor:
-    """A few Gauss-Newton steps per expert on ``sum_n r_ni (y_n - g(z_ni))^2 + ridge ||theta_i||^2``.
+    """Gauss-Newton steps per expert on ``sum_n r_ni (y_n - g(z_ni))^2 + ridge ||theta_i||^2``.
 
     Each step is halved until that weighted error does not rise (a generalised M-step).
     """
@@ -297,8 +300,8 @@ def fit_em(
     max_iter: int = 200,
     prior_scale: float | None = None,
     seed: int = 0,
-    newton_steps: int = 3,
-    gauss_newton_steps: int = 3,
+    newton_steps: int = 1,
+    gauss_newton_steps: int = 1,
 ) -> MoEEstimate:
     """Joint EM over all parameters (experts, offsets, gate, noise), best of several starts.
 
@@ -334,7 +337,8 @@ def fit_em(
     newton_steps : int
         Maximum Newton steps of each gate M-step.
     gauss_newton_steps : int
-        Maximum Gauss-Newton steps per expert in each M-step (nonlinear links).
+        Maximum Gauss-Newton steps per expert in each M-step (nonlinear links; linear experts are
+        solved exactly).
 
     Returns
     -------

@@ -359,6 +359,13 @@ def fit_em(
     ConvergenceWarning
         When a start reached ``max_iter`` before converging (the message says which).
 
+    Notes
+    -----
+    Full-batch: every iteration works on all of ``x`` at once (memory O(n k d) on ``x``'s device),
+    which is fine up to a few million rows; there is no chunked variant yet. Starts run one after
+    another. The chosen start is the one with the highest final objective; starts that ended lower
+    (a local optimum, ALGORITHM.md section 4) show in ``log_likelihood_per_start``.
+
     Examples
     --------
     >>> from pyromoe import simulate

@@ -403,10 +403,11 @@ def fit_gate(
         best_residual = (y[:, None] - means).pow(2).min(dim=-1).values.mean().sqrt()
         noise = best_residual.clamp_min(floor)
     else:
-        if isinstance(noise, torch.Tensor):
-            if noise.numel() != 1:
-                raise ValueError(f"noise must be a positive scalar; got shape {tuple(noise.shape)}")
-            noise = noise.item()
+        if isinstance(noise, torch.Tensor) or hasattr(noise, "__array__"):
+            shape = tuple(getattr(noise, "shape", ()))
+            if math.prod(shape) != 1:
+                raise ValueError(f"noise must be a positive scalar; got shape {shape}")
+            noise = noise.item() if hasattr(noise, "item") else float(noise)
         noise = torch.tensor(check_positive(noise, "noise"), dtype=x.dtype, device=x.device)
 
     def objective(log_probs: torch.Tensor, gate_weight, gate_bias) -> float:

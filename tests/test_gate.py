@@ -108,8 +108,9 @@ def test_gate_em_without_bias_keeps_the_offset_fixed(small):
     assert _gate_error(fit, small.truth) < 0.15
 
 
-def test_gate_em_with_fixed_noise_keeps_it(small):
-    fit = _fit_true_experts(small, noise=0.7, fit_noise=False)
+@pytest.mark.parametrize("noise", [0.7, torch.tensor(0.7), np.float64(0.7), np.array([0.7])])
+def test_gate_em_with_fixed_noise_keeps_it(small, noise):
+    fit = _fit_true_experts(small, noise=noise, fit_noise=False)
     assert float(fit.noise) == pytest.approx(0.7)
 
 

@@ -1,0 +1,433 @@
+"""ArviZ conversion and label alignment for mixture-of-experts posteriors.
+
+:func:`to_inference_data` turns posterior draws (NUTS, SVI or MAP) into an ArviZ ``InferenceData``
+with the groups ``posterior``, ``sample_stats`` (when given), ``log_likelihood`` (pointwise, variable
+``y``, for LOO), ``posterior_predictive`` (``y``), ``observed_data`` (``y``) and ``constant_data``
+(``x``). Dimensions:
+
+=====================  ==========================  ================================================
+variable               dims                        coords
+=====================  ==========================  ================================================
+``experts.weight``     chain, draw, expert, feature  expert = 0..k-1, feature = 0..d-1 (or names)
+``experts.bias``       chain, draw, expert
+``gate.weight``        chain, draw, gate, feature    gate = 1..k-1: the expert whose logit the row
+                                                     gives (expert 0 is the reference, logit 0)
+``gate.bias``          chain, draw, gate
+``noise``              chain, draw
+``y``                  (chain, draw,) obs            obs = 0..n-1
+``x``                  obs, feature
+=====================  ==========================  ================================================
+
+Label switching (ALGORITHM.md section 5): :func:`align_labels` relabels the experts of every draw to
+match a reference estimate (optimal assignment on the expert weights), re-referencing the gate as
+:meth:`pyromoe.MoEEstimate.permute` does, so that r_hat and per-expert summaries mean something.
+
+ArviZ versions: tested with arviz 0.23.x (``from_dict(posterior=..., ...)`` returns
+``InferenceData``). arviz >= 1.0 (``from_dict({group: {...}})`` returns a ``DataTree``) is handled by
+the one adapter :func:`_from_dict`, written against arviz-base's documented signature but not tested
+here (it needs Python >= 3.12).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+import arviz as az
+import numpy as np
+import torch
+
+from . import likelihood, sites
+from ._validation import as_tensors
+from .estimate import MoEEstimate
+
+__all__ = ["to_inference_data", "align_labels", "permute_draws", "chain_log_likelihood"]
+
+#: dims of the model's sites after (chain, draw)
+SITE_DIMS: dict[str, list[str]] = {
+    sites.EXPERTS_WEIGHT: ["expert", "feature"],
+    sites.EXPERTS_BIAS: ["expert"],
+    sites.GATE_WEIGHT: ["gate", "feature"],
+    sites.GATE_BIAS: ["gate"],
+    sites.NOISE: [],
+}
+
+#: Largest k for which the optimal relabelling is found by vectorised enumeration of all k!
+#: permutations (identical to Hungarian matching); beyond it scipy's linear_sum_assignment per draw.
+_MAX_ENUMERATED_EXPERTS = 6
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _arviz_major() -> int:
+    return int(az.__version__.split(".")[0])
+
+
+def _from_dict(groups: dict[str, dict], *, coords: dict, dims: dict, attrs: dict):
+    """ArviZ's own builder for both APIs: 0.x keyword groups, 1.x one dict of groups."""
+    groups = {name: data for name, data in groups.items() if data}
+    if _arviz_major() >= 1:  # pragma: no cover - needs arviz >= 1 (Python >= 3.12)
+        return az.from_dict(groups, coords=coords, dims=dims, attrs={"/": attrs})
+    return az.from_dict(**groups, coords=coords, dims=dims, attrs=attrs)
+
+
+def _to_tensor(value, name: str, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=like.device, dtype=like.dtype)
+    try:
+        return torch.as_tensor(np.asarray(value), device=like.device, dtype=like.dtype)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"samples[{name!r}] must be a tensor or array of shape (chain, draw, ...); "
+            f"got {type(value).__name__}"
+        ) from error
+
+
+def _check_samples(samples, like: torch.Tensor, site_shapes: Mapping | None):
+    if not isinstance(samples, Mapping) or not samples:
+        raise TypeError(
+            "samples must be a non-empty dict of site name -> array of shape (chain, draw, ...); "
+            f"got {type(samples).__name__}"
+        )
+    out, lead = {}, None
+    for name, value in samples.items():
+        value = _to_tensor(value, name, like)
+        if value.dim() < 2:
+            raise ValueError(
+                f"samples[{name!r}] must have shape (chain, draw, ...); got {tuple(value.shape)}"
+            )
+        if lead is None:
+            lead = tuple(value.shape[:2])
+        elif tuple(value.shape[:2]) != lead:
+            raise ValueError(
+                f"every site in samples must have the same (chain, draw) = {lead}; "
+                f"samples[{name!r}] has {tuple(value.shape[:2])}"
+            )
+        if site_shapes is not None and name in site_shapes:
+            if tuple(value.shape[2:]) != tuple(site_shapes[name]):
+                raise ValueError(
+                    f"samples[{name!r}] must have shape (chain, draw, *{tuple(site_shapes[name])}) "
+                    f"for this model; got {tuple(value.shape)}"
+                )
+        out[name] = value
+    if site_shapes is not None:
+        missing = [name for name in site_shapes if name not in out]
+        if missing:
+            raise ValueError(f"samples lacks the model's sites {missing}")
+    return out
+
+
+def _numpy(value: torch.Tensor) -> np.ndarray:
+    return value.detach().cpu().numpy()
+
+
+def _param_args(model, params: Mapping[str, torch.Tensor]):
+    """Parameters in the order of :mod:`pyromoe.likelihood`'s functions (biases may be absent)."""
+    return (
+        params[sites.EXPERTS_WEIGHT],
+        params.get(sites.EXPERTS_BIAS),
+        params[sites.GATE_WEIGHT],
+        params.get(sites.GATE_BIAS),
+        params[sites.NOISE],
+        model.link,
+    )
+
+
+def _chunks(total: int, size: int):
+    for start in range(0, total, size):
+        yield slice(start, min(start + size, total))
+
+
+# ------------------------------------------------------------------------------------ alignment
+def permute_draws(params: Mapping[str, torch.Tensor], permutation: torch.Tensor) -> dict:
+    """Relabel the experts of a batch of draws: new expert ``j`` is old expert ``permutation[..., j]``.
+
+    The batched form of :meth:`pyromoe.MoEEstimate.permute`: expert weights and biases are gathered,
+    and the gate is re-referenced so that the new expert 0 has logit 0 (the model is unchanged).
+
+    Parameters
+    ----------
+    params : dict of site -> Tensor
+        ``experts.weight`` (..., k, d), ``gate.weight`` (..., k-1, d), optionally ``experts.bias``
+        (..., k) and ``gate.bias`` (..., k-1); other sites are passed through.
+    permutation : LongTensor (..., k)
+        One permutation per draw (same leading dims as the draws).
+
+    Returns
+    -------
+    dict of site -> Tensor, same shapes.
+    """
+    out = dict(params)
+    perm = permutation.to(params[sites.EXPERTS_WEIGHT].device).long()
+    weight = params[sites.EXPERTS_WEIGHT]
+    out[sites.EXPERTS_WEIGHT] = torch.take_along_dim(weight, perm[..., None], dim=-2)
+    if sites.EXPERTS_BIAS in params:
+        out[sites.EXPERTS_BIAS] = torch.take_along_dim(params[sites.EXPERTS_BIAS], perm, dim=-1)
+    gate_weight = params[sites.GATE_WEIGHT]
+    full = torch.cat([torch.zeros_like(gate_weight[..., :1, :]), gate_weight], dim=-2)
+    full = torch.take_along_dim(full, perm[..., None], dim=-2)
+    out[sites.GATE_WEIGHT] = (full - full[..., :1, :])[..., 1:, :]
+    if sites.GATE_BIAS in params:
+        gate_bias = params[sites.GATE_BIAS]
+        full = torch.cat([torch.zeros_like(gate_bias[..., :1]), gate_bias], dim=-1)
+        full = torch.take_along_dim(full, perm, dim=-1)
+        out[sites.GATE_BIAS] = (full - full[..., :1])[..., 1:]
+    return out
+
+
+def _best_permutations(weights: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per draw, the permutation minimising ``sum_i ||weights[perm[i]] - reference[i]||^2``."""
+    k = reference.shape[0]
+    # cost[..., i, j]: reference expert i matched to the draw's expert j
+    cost = ((reference[:, None, :] - weights[..., None, :, :]) ** 2).sum(-1)
+    if k <= _MAX_ENUMERATED_EXPERTS:
+        perms = torch.tensor(list(itertools.permutations(range(k))), device=weights.device)
+        rows = torch.arange(k, device=weights.device)
+        totals = cost[..., rows, perms].sum(-1)  # (..., k!)
+        return perms[totals.argmin(-1)]  # ties: the first, i.e. the identity where it ties
+    from scipy.optimize import linear_sum_assignment
+
+    flat = cost.reshape(-1, k, k).cpu().numpy()
+    # k > 6 only: one assignment problem per draw
+    cols = np.stack([linear_sum_assignment(c)[1] for c in flat])
+    return torch.as_tensor(cols, device=weights.device).reshape(cost.shape[:-1])
+
+
+def align_labels(
+    samples: Mapping[str, Any], estimate: MoEEstimate
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Relabel the experts of every draw to match ``estimate`` (undo label switching).
+
+    For each draw the permutation of experts minimising the summed squared distance of expert
+    weights to the estimate's is found (the optimal assignment, i.e. Hungarian matching: exact
+    vectorised enumeration for k <= 6, :func:`scipy.optimize.linear_sum_assignment` beyond), and the
+    draw is relabelled with :func:`permute_draws` (gate re-referenced).
+
+    Parameters
+    ----------
+    samples : dict of site -> array (chain, draw, ...)
+        Posterior draws with at least ``experts.weight`` and ``gate.weight``.
+    estimate : MoEEstimate
+        The reference labelling.
+
+    Returns
+    -------
+    aligned : dict of site -> Tensor
+        The relabelled draws (same shapes, on ``experts.weight``'s device and dtype).
+    info : dict
+        ``num_draws_relabelled`` (int), ``num_draws_relabelled_per_chain`` (list of int),
+        ``permutations`` (LongTensor (chain, draw, k)).
+
+    Raises
+    ------
+    ValueError
+        If the sites are missing or their shapes do not match the estimate's.
+
+    Examples
+    --------
+    >>> from pyromoe import simulate
+    >>> truth = simulate(10, 3, seed=0).truth
+    >>> draws = {name: value.expand(2, 5, *value.shape) for name, value in
+    ...          truth.permute([1, 0]).site_values().items()}
+    >>> aligned, info = align_labels(draws, truth)
+    >>> info["num_draws_relabelled"]
+    10
+    """
+    if not isinstance(estimate, MoEEstimate):
+        raise TypeError(f"estimate must be a pyromoe.MoEEstimate; got {type(estimate).__name__}")
+    for name in (sites.EXPERTS_WEIGHT, sites.GATE_WEIGHT):
+        if not isinstance(samples, Mapping) or name not in samples:
+            raise ValueError(f"samples must contain the site {name!r} to align labels")
+    weight = samples[sites.EXPERTS_WEIGHT]
+    like = weight if isinstance(weight, torch.Tensor) else torch.as_tensor(np.asarray(weight))
+    if not like.is_floating_point():
+        like = like.double()
+    shapes = {
+        name: tuple(value.shape)
+        for name, value in estimate.site_values(bias=True).items()
+        if name in samples
+    }
+    tensors = _check_samples(samples, like, shapes)
+    reference = estimate.experts_weight.to(device=like.device, dtype=like.dtype)
+    perms = _best_permutations(tensors[sites.EXPERTS_WEIGHT], reference)
+    identity = torch.arange(estimate.num_experts, device=perms.device)
+    changed = (perms != identity).any(-1)  # (chain, draw)
+    aligned = permute_draws(tensors, perms)
+    info = {
+        "num_draws_relabelled": int(changed.sum()),
+        "num_draws_relabelled_per_chain": changed.sum(-1).tolist(),
+        "permutations": perms,
+    }
+    return aligned, info
+
+
+# ------------------------------------------------------------------------------------ conversion
+def chain_log_likelihood(idata) -> np.ndarray:
+    """Per-chain mean total log-likelihood ``mean_draws sum_obs log p(y_n | x_n, theta)``.
+
+    A chain stuck in a wrong mode sits tens to hundreds of nats below the best chain
+    (ALGORITHM.md section 5); this is the quickest way to see it.
+    """
+    return np.asarray(idata.attrs["chain_mean_log_likelihood"], dtype=float)
+
+
+def to_inference_data(
+    model,
+    x,
+    y,
+    samples: Mapping[str, Any],
+    *,
+    sample_stats: Mapping[str, Any] | None = None,
+    log_likelihood: bool = True,
+    posterior_predictive: bool = True,
+    align: MoEEstimate | None = None,
+    seed: int = 0,
+    attrs: Mapping[str, Any] | None = None,
+    feature_names: list[str] | None = None,
+    chunk_size: int = 256,
+):
+    """Posterior draws of :class:`pyromoe.MixtureOfExperts` as ArviZ ``InferenceData``.
+
+    Parameters
+    ----------
+    model : MixtureOfExperts
+        The model the draws come from (its ``link`` and ``log_likelihood`` are used).
+    x : Tensor or ndarray (n, d)
+    y : Tensor or ndarray (n,)
+    samples : dict of site -> array (chain, draw, ...)
+        E.g. ``MCMC.get_samples(group_by_chain=True)``.
+    sample_stats : dict of name -> array (chain, draw), optional
+        Sampler statistics (``diverging``, ``step_size``, ``tree_depth``, ``n_steps``, ...).
+    log_likelihood : bool
+        Add the pointwise ``log_likelihood`` group (variable ``y``, dims chain, draw, obs).
+    posterior_predictive : bool
+        Add ``posterior_predictive`` (``y`` drawn once per posterior draw).
+    align : MoEEstimate, optional
+        Relabel the draws to this estimate first (:func:`align_labels`); recorded in ``attrs``
+        (``labels_aligned``, ``num_draws_relabelled``).
+    seed : int
+        Seed of the private generator for the posterior predictive draws.
+    attrs : dict, optional
+        Extra attributes (numbers, strings or lists of them).
+    feature_names : list of str, optional
+        Coordinates of the ``feature`` dim (default 0..d-1).
+    chunk_size : int
+        Draws per chunk when computing the log-likelihood and predictions (memory ~ chunk * n * k).
+
+    Returns
+    -------
+    arviz.InferenceData
+        Its ``attrs`` hold ``chain_mean_log_likelihood`` (per chain) and, with ``align``, the
+        relabelling record; ``sample_stats`` gains ``log_likelihood_total`` (chain, draw).
+
+    Raises
+    ------
+    TypeError
+        If ``model`` lacks ``log_likelihood``/``link`` or ``samples`` is not a dict of arrays.
+    ValueError
+        If the draws' shapes do not match the model's sites.
+
+    Examples
+    --------
+    >>> from pyromoe import MixtureOfExperts, simulate
+    >>> data = simulate(50, 2, seed=0)
+    >>> model = MixtureOfExperts(2, 2, bias=False)
+    >>> draws = {k: v.expand(1, 4, *v.shape) for k, v in data.truth.site_values(bias=False).items()}
+    >>> idata = to_inference_data(model, data.x, data.y, draws)
+    >>> idata.posterior["experts.weight"].dims
+    ('chain', 'draw', 'expert', 'feature')
+    """
+    if not callable(getattr(model, "log_likelihood", None)) or not hasattr(model, "link"):
+        raise TypeError(
+            "model must be a pyromoe.MixtureOfExperts (with .log_likelihood(x, y, params) and .link); "
+            f"got {type(model).__name__}"
+        )
+    x, y = as_tensors(x, y, in_features=getattr(model, "in_features", None))
+    if y is None:
+        raise ValueError("y must be given (the observed outputs)")
+    site_shapes = getattr(model, "site_shapes", None)
+    draws = _check_samples(samples, x, site_shapes)
+    n, d = x.shape
+    num_chains, num_draws = draws[next(iter(draws))].shape[:2]
+    record: dict[str, Any] = {"labels_aligned": 0}
+    if align is not None:
+        draws, info = align_labels(draws, align)
+        record = {
+            "labels_aligned": 1,
+            "label_alignment": "optimal assignment of experts.weight to the reference estimate",
+            "label_reference": align.method,
+            "num_draws_relabelled": info["num_draws_relabelled"],
+            "num_draws_relabelled_per_chain": info["num_draws_relabelled_per_chain"],
+        }
+
+    # pointwise log-likelihood and predictions, chunk by chunk over the flattened draws
+    flat = {name: value.reshape(-1, *value.shape[2:]) for name, value in draws.items()}
+    total = num_chains * num_draws
+    generator = torch.Generator(device=x.device).manual_seed(int(seed))
+    pointwise, predicted = [], []
+    for part in _chunks(total, max(1, int(chunk_size))):
+        params = {name: value[part] for name, value in flat.items()}
+        pointwise.append(model.log_likelihood(x, y, params))
+        if posterior_predictive:
+            predicted.append(_predict(model, x, params, generator))
+    pointwise = torch.cat(pointwise).reshape(num_chains, num_draws, n)
+    total_log_likelihood = pointwise.sum(-1)
+
+    k = int(draws[sites.EXPERTS_WEIGHT].shape[-2]) if sites.EXPERTS_WEIGHT in draws else None
+    coords: dict[str, Any] = {
+        "obs": np.arange(n),
+        "feature": np.asarray(feature_names) if feature_names is not None else np.arange(d),
+    }
+    if feature_names is not None and len(feature_names) != d:
+        raise ValueError(f"feature_names must have d={d} entries; got {len(feature_names)}")
+    if k is not None:
+        coords["expert"] = np.arange(k)
+        coords["gate"] = np.arange(1, k)
+    dims = {name: SITE_DIMS[name] for name in draws if name in SITE_DIMS}
+    dims.update({sites.OBS: ["obs"], "x": ["obs", "feature"]})
+
+    stats = {
+        name: np.asarray(_numpy(torch.as_tensor(v)) if isinstance(v, torch.Tensor) else v)
+        for name, v in (sample_stats or {}).items()
+    }
+    for name, value in stats.items():
+        if value.shape[:2] != (num_chains, num_draws):
+            raise ValueError(
+                f"sample_stats[{name!r}] must have shape (chain, draw) = {(num_chains, num_draws)}; "
+                f"got {value.shape}"
+            )
+    stats["log_likelihood_total"] = _numpy(total_log_likelihood)
+    chain_means = total_log_likelihood.mean(-1)
+    all_attrs = {
+        "chain_mean_log_likelihood": chain_means.tolist(),
+        "chain_log_likelihood_gap": (chain_means.max() - chain_means).tolist(),
+        **record,
+        **dict(attrs or {}),
+    }
+    groups = {
+        "posterior": {name: _numpy(value) for name, value in draws.items()},
+        "sample_stats": stats,
+        "log_likelihood": {sites.OBS: _numpy(pointwise)} if log_likelihood else None,
+        "posterior_predictive": (
+            {sites.OBS: _numpy(torch.cat(predicted).reshape(num_chains, num_draws, n))}
+            if posterior_predictive
+            else None
+        ),
+        "observed_data": {sites.OBS: _numpy(y)},
+        "constant_data": {"x": _numpy(x)},
+    }
+    return _from_dict(groups, coords=coords, dims=dims, attrs=all_attrs)
+
+
+def _predict(model, x, params, generator: torch.Generator) -> torch.Tensor:
+    """One draw of ``y`` per parameter draw: pick an expert from the gate, add Gaussian noise."""
+    experts_weight, experts_bias, gate_weight, gate_bias, noise, link = _param_args(model, params)
+    gate = torch.softmax(likelihood.gate_logits(x, gate_weight, gate_bias), dim=-1)  # (S, n, k)
+    means = likelihood.expert_means(x, experts_weight, experts_bias, link)
+    uniform = torch.rand(
+        gate.shape[:-1] + (1,), generator=generator, device=x.device, dtype=x.dtype
+    )
+    labels = (uniform > gate.cumsum(-1)[..., :-1]).sum(-1, keepdim=True)
+    mean = means.gather(-1, labels).squeeze(-1)
+    eps = torch.randn(mean.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return mean + noise[..., None] * eps

@@ -1,0 +1,366 @@
+"""The point estimate as a Pyro init strategy, and the Laplace scale used to jitter chain starts.
+
+:func:`init_to_moments` is a sibling of :func:`pyro.infer.autoguide.initialization.init_to_value`:
+a callable ``site -> value`` that maps the sample sites of :class:`pyromoe.MixtureOfExperts` (named
+in :mod:`pyromoe.sites`) to the values of an :class:`pyromoe.MoEEstimate` and defers every other
+site to a fallback strategy. It works wherever Pyro takes an init strategy::
+
+    NUTS(model, init_strategy=init_to_moments(estimate=est))
+    AutoNormal(model, init_loc_fn=init_to_moments(estimate=est))
+    AutoLowRankMultivariateNormal(model, init_loc_fn=init_to_moments(estimate=est))
+    AutoDelta(model, init_loc_fn=init_to_moments(estimate=est))
+
+Dispersed starts (ALGORITHM.md section 5): with ``jitter`` each model execution (each MCMC chain, each
+autoguide set-up) gets its own draw around the estimate, in the site's unconstrained space, like
+:func:`~pyro.infer.autoguide.initialization.init_to_generated`. :func:`laplace_scales` gives the
+natural scale for that jitter: the marginal posterior standard deviations of the Laplace
+approximation at the estimate.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from collections.abc import Callable, Mapping
+
+import torch
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_generated, init_to_median
+from torch.distributions import biject_to
+
+from . import sites
+from ._validation import as_tensors, check_positive
+from .estimate import MoEEstimate
+
+__all__ = [
+    "init_to_moments",
+    "laplace_scales",
+    "laplace_approximation",
+    "check_estimate_fits_model",
+]
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _check_estimate(estimate) -> MoEEstimate:
+    if not isinstance(estimate, MoEEstimate):
+        raise TypeError(
+            "estimate must be a pyromoe.MoEEstimate (from tensor_init, fit_em or simulate(...).truth); "
+            f"got {type(estimate).__name__}"
+        )
+    return estimate
+
+
+def _site_prototype(site: dict) -> torch.Tensor:
+    """A tensor with the site's shape, dtype and device, without consuming random numbers if possible."""
+    fn = site["fn"]
+    try:
+        prototype = fn.mean
+    except (NotImplementedError, AttributeError):
+        prototype = fn.sample()
+    shape = fn.batch_shape + fn.event_shape
+    return prototype.detach().expand(shape)
+
+
+def _match_site(site: dict, value: torch.Tensor) -> torch.Tensor:
+    """``value`` on the site's device/dtype, broadcast over extra leading batch dims, support-checked."""
+    name = site["name"]
+    prototype = _site_prototype(site)
+    value = value.detach().to(device=prototype.device, dtype=prototype.dtype)
+    shape = tuple(prototype.shape)
+    # Vectorised particles or plates add leading batch dims; the estimate fills its trailing dims.
+    if shape[len(shape) - value.dim() :] != tuple(value.shape) or len(shape) < value.dim():
+        raise ValueError(
+            f"init_to_moments: the estimate's value for site {name!r} has shape "
+            f"{tuple(value.shape)} but the model's site has shape {shape}. Build the model with the "
+            "estimate's num_experts and in_features (and bias=True/False as it was fitted)."
+        )
+    value = value.expand(shape).clone()
+    support = site["fn"].support
+    if not bool(support.check(value).all()):
+        raise ValueError(
+            f"init_to_moments: the estimate's value for site {name!r} is outside the site's "
+            f"support {support} (got {value.flatten()[:4].tolist()}); e.g. a noise of 0. Refit or "
+            "replace the estimate's value."
+        )
+    return value
+
+
+def _check_jitter(jitter, names) -> dict | float | None:
+    """None for no jitter; a float (one scale for every element) or a dict of site -> scale."""
+    if jitter is None or jitter is False:
+        return None
+    if isinstance(jitter, Mapping):
+        unknown = sorted(set(jitter) - set(names))
+        if unknown:
+            raise ValueError(
+                f"jitter has scales for unknown sites {unknown}; the estimate's sites are {sorted(names)}"
+            )
+        scales = {}
+        for name, scale in jitter.items():
+            scale = torch.as_tensor(scale, dtype=torch.float64).detach()
+            if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+                raise ValueError(f"jitter[{name!r}] must hold finite scales >= 0; got {scale}")
+            scales[name] = scale
+        return scales
+    if isinstance(jitter, bool) or not isinstance(jitter, numbers.Real):
+        raise TypeError(
+            "jitter must be a float >= 0 (a scale in unconstrained space) or a dict of site name -> "
+            f"scale (e.g. from laplace_scales); got {type(jitter).__name__}"
+        )
+    if not (jitter >= 0 and float(jitter) < float("inf")):
+        raise ValueError(f"jitter must be a finite number >= 0; got {jitter}")
+    return float(jitter) if jitter > 0 else None
+
+
+def _jittered(site: dict, value: torch.Tensor, scale, generator: torch.Generator) -> torch.Tensor:
+    """``value`` moved by ``scale * N(0, 1)`` in the site's unconstrained space."""
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(device=value.device, dtype=value.dtype)
+        if scale.dim() and tuple(value.shape[value.dim() - scale.dim() :]) != tuple(scale.shape):
+            raise ValueError(
+                f"jitter scale for site {site['name']!r} has shape {tuple(scale.shape)}; expected "
+                f"a scalar or the site's shape {tuple(value.shape)}"
+            )
+    transform = biject_to(site["fn"].support)
+    unconstrained = transform.inv(value)
+    noise = torch.randn(unconstrained.shape, generator=generator, dtype=torch.float64)
+    noise = noise.to(device=value.device, dtype=value.dtype)
+    return transform(unconstrained + scale * noise)
+
+
+class _JitteredStrategy:
+    """One model execution's strategy: fresh jitter draws from a shared generator."""
+
+    def __init__(self, values, scales, generator, fallback):
+        self.values, self.scales, self.generator, self.fallback = (
+            values,
+            scales,
+            generator,
+            fallback,
+        )
+
+    def __call__(self, site):
+        name = site["name"]
+        if name not in self.values:
+            return _fallback(site, self.fallback)
+        value = _match_site(site, self.values[name])
+        scale = self.scales if not isinstance(self.scales, dict) else self.scales.get(name)
+        if scale is None:
+            return value
+        return _jittered(site, value, scale, self.generator)
+
+
+class _Generate:
+    """Picklable ``generate`` for :func:`init_to_generated`: one :class:`_JitteredStrategy` per call."""
+
+    def __init__(self, values, scales, seed, fallback):
+        self.values, self.scales, self.fallback = values, scales, fallback
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def __call__(self):
+        return _JitteredStrategy(self.values, self.scales, self.generator, self.fallback)
+
+
+def _fallback(site, fallback):
+    if fallback is not None:
+        return fallback(site)
+    raise ValueError(
+        f"init_to_moments: no value for site {site['name']!r} in the estimate and fallback=None; "
+        f"the estimate provides {list(sites.PARAMETER_SITES)}"
+    )
+
+
+# ---------------------------------------------------------------------------------------- public
+def init_to_moments(
+    site: dict | None = None,
+    estimate: MoEEstimate | None = None,
+    *,
+    fallback: Callable | None = init_to_median,
+    jitter: float | Mapping[str, torch.Tensor | float] | None = 0.0,
+    seed: int | None = None,
+):
+    """Initialize the model's parameter sites to a point estimate (a Pyro init strategy).
+
+    Sites named as in :mod:`pyromoe.sites` (``experts.weight``, ``experts.bias``, ``gate.weight``,
+    ``gate.bias``, ``noise``) take the estimate's values (:meth:`MoEEstimate.site_values`), moved to the
+    site's device and dtype; every other site is passed to ``fallback``. Called without ``site`` it
+    returns the strategy (a partial of itself, or with ``jitter`` a
+    :func:`~pyro.infer.autoguide.initialization.init_to_generated` strategy).
+
+    Parameters
+    ----------
+    site : dict, optional
+        A Pyro sample-site message (Pyro passes it; users leave it out).
+    estimate : MoEEstimate
+        The point estimate (tensor moments, EM, or the truth of simulated data).
+    fallback : callable or None
+        Strategy for sites the estimate does not know (default
+        :func:`~pyro.infer.autoguide.initialization.init_to_median`); ``None`` makes such a site an error.
+    jitter : float or dict of site name -> scale, optional
+        ``0`` / ``None`` (default): start exactly at the estimate. A float ``s``: each model execution
+        moves every element by ``s * N(0, 1)`` in the site's unconstrained space (log scale for the
+        noise). A dict gives per-site scales (scalars or tensors of the site's shape), e.g.
+        :func:`laplace_scales`. Each execution of the model (each MCMC chain set-up, each autoguide)
+        draws afresh, so chains started from one strategy are dispersed.
+    seed : int, optional
+        Seed of the private generator used for the jitter. ``None``: drawn once from torch's global
+        generator when the strategy is created (so :func:`pyro.set_rng_seed` controls it).
+
+    Returns
+    -------
+    callable or Tensor
+        The strategy (without ``site``) or the site's initial value (with ``site``).
+
+    Raises
+    ------
+    TypeError
+        If ``estimate`` is not an :class:`MoEEstimate` or ``jitter`` has the wrong type.
+    ValueError
+        If a value's shape does not fit the model's site (the message names the site), a value lies
+        outside the site's support (e.g. ``noise <= 0``), or a site is unknown with ``fallback=None``.
+
+    Examples
+    --------
+    >>> from pyromoe import MixtureOfExperts, simulate
+    >>> from pyro.infer.autoguide import AutoNormal
+    >>> data = simulate(200, 3, seed=0)
+    >>> model = MixtureOfExperts(3, 2, bias=False)
+    >>> guide = AutoNormal(model, init_loc_fn=init_to_moments(estimate=data.truth))
+    >>> _ = guide(data.x, data.y)  # the first call sets the guide up at the estimate
+    >>> bool(torch.allclose(guide.median()["noise"], data.truth.noise))
+    True
+    """
+    if site is None:
+        estimate = _check_estimate(estimate)
+        values = estimate.site_values(bias=True)
+        scales = _check_jitter(jitter, values)
+        if scales is None:
+            return functools.partial(init_to_moments, estimate=estimate, fallback=fallback)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        return init_to_generated(generate=_Generate(values, scales, seed, fallback))
+
+    estimate = _check_estimate(estimate)
+    values = estimate.site_values(bias=True)
+    scales = _check_jitter(jitter, values)
+    if scales is None:
+        if site["name"] not in values:
+            return _fallback(site, fallback)
+        return _match_site(site, values[site["name"]])
+    seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
+    return _Generate(values, scales, seed, fallback)()(site)
+
+
+def check_estimate_fits_model(model, x, y, estimate: MoEEstimate) -> dict[str, tuple[int, ...]]:
+    """Check that ``model`` has the estimate's parameter sites with matching shapes.
+
+    Runs the model once (its latent sites at the estimate) and returns ``{site: shape}`` of its latent
+    sample sites.
+
+    Raises
+    ------
+    ValueError
+        If the model has none of the sites of :mod:`pyromoe.sites`, lacks ``experts.weight`` /
+        ``gate.weight`` / ``noise``, or a shape differs (the message names the site).
+    """
+    from pyro import poutine
+
+    _check_estimate(estimate)
+    strategy = init_to_moments(estimate=estimate)
+    with poutine.block():
+        trace = poutine.trace(InitMessenger(strategy)(model)).get_trace(x, y)
+    latent = {
+        name: tuple(site["value"].shape)
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and type(site["fn"]).__name__ != "_Subsample"
+    }
+    required = (sites.EXPERTS_WEIGHT, sites.GATE_WEIGHT, sites.NOISE)
+    missing = [name for name in required if name not in latent]
+    if missing:
+        raise ValueError(
+            f"model must have the sample sites {list(required)} (see pyromoe.sites); it lacks "
+            f"{missing} and has {sorted(latent)}. Use pyromoe.MixtureOfExperts or name the sites alike."
+        )
+    return latent
+
+
+def laplace_approximation(model, x, y, estimate: MoEEstimate, *, min_curvature: float = 0.1):
+    """Gaussian (Laplace) approximation of the posterior at ``estimate``, in unconstrained space.
+
+    The Hessian of Pyro's potential energy (negative log joint density including priors and the
+    log-Jacobian of the noise's transform) is taken by ``torch.autograd`` at the estimate. Eigenvalues
+    below ``min_curvature`` (an estimate that is not exactly a mode, flat directions) are raised to it,
+    so no marginal standard deviation exceeds ``min_curvature ** -0.5``.
+
+    Parameters
+    ----------
+    model : MixtureOfExperts
+    x : Tensor (n, d)
+    y : Tensor (n,)
+    estimate : MoEEstimate
+    min_curvature : float
+        Floor on the Hessian's eigenvalues.
+
+    Returns
+    -------
+    dict with ``names`` (site order), ``shapes`` (site shapes), ``loc`` (flat unconstrained estimate,
+    shape (p,)), ``covariance`` ((p, p)) and ``transforms`` (site -> unconstrained-to-site transform).
+    """
+    from pyro.infer.mcmc.util import initialize_model
+
+    estimate = _check_estimate(estimate)
+    min_curvature = check_positive(min_curvature, "min_curvature")
+    x, y = as_tensors(x, y)
+    check_estimate_fits_model(model, x, y, estimate)
+    init_params, potential_fn, transforms, _ = initialize_model(
+        model, model_args=(x, y), init_strategy=init_to_moments(estimate=estimate)
+    )
+    names = sorted(init_params)
+    shapes = {name: tuple(init_params[name].shape) for name in names}
+    loc = torch.cat([init_params[name].detach().reshape(-1) for name in names])
+
+    def unflatten(theta):
+        out, start = {}, 0
+        for name in names:
+            size = int(torch.Size(shapes[name]).numel())
+            out[name] = theta[start : start + size].reshape(shapes[name])
+            start += size
+        return out
+
+    hessian = torch.autograd.functional.hessian(lambda theta: potential_fn(unflatten(theta)), loc)
+    hessian = 0.5 * (hessian + hessian.T)
+    eigenvalues, eigenvectors = torch.linalg.eigh(hessian)
+    eigenvalues = eigenvalues.clamp(min=min_curvature)
+    covariance = (eigenvectors / eigenvalues) @ eigenvectors.T
+    return {
+        "names": names,
+        "shapes": shapes,
+        "loc": loc,
+        "covariance": 0.5 * (covariance + covariance.T),
+        "transforms": transforms,
+        "unflatten": unflatten,
+    }
+
+
+def laplace_scales(model, x, y, estimate: MoEEstimate, *, min_curvature: float = 0.1):
+    """Marginal posterior standard deviations at ``estimate`` (Laplace), per site, unconstrained space.
+
+    The natural ``jitter`` for :func:`init_to_moments`: ``init_to_moments(estimate=est,
+    jitter=laplace_scales(model, x, y, est))``. See :func:`laplace_approximation`.
+
+    Returns
+    -------
+    dict of site name -> Tensor of the site's shape
+
+    Examples
+    --------
+    >>> from pyromoe import MixtureOfExperts, simulate
+    >>> data = simulate(500, 3, seed=0)
+    >>> scales = laplace_scales(MixtureOfExperts(3, 2, bias=False), data.x, data.y, data.truth)
+    >>> scales["experts.weight"].shape
+    torch.Size([2, 3])
+    """
+    approx = laplace_approximation(model, x, y, estimate, min_curvature=min_curvature)
+    sd = approx["covariance"].diagonal().sqrt()
+    return approx["unflatten"](sd)

@@ -75,7 +75,9 @@ def _match_site(site: dict, value: torch.Tensor) -> torch.Tensor:
         )
     value = value.expand(shape).clone()
     support = site["fn"].support
-    if not bool(support.check(value).all()):
+    # the check on the unconstrained value also refuses the boundary (noise == 0 -> log 0 = -inf)
+    inside = support.check(value).all() and torch.isfinite(biject_to(support).inv(value)).all()
+    if not bool(inside):
         raise ValueError(
             f"init_to_moments: the estimate's value for site {name!r} is outside the site's "
             f"support {support} (got {value.flatten()[:4].tolist()}); e.g. a noise of 0. Refit or "

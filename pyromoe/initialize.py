@@ -43,6 +43,8 @@ __all__ = ["tensor_init", "minimum_rows"]
 COSINE_WARNING = 0.3
 #: Ratio of the largest to the smallest expert norm above which relu/leaky look unequal.
 NORM_RATIO_WARNING = 1.25
+#: Mean log-likelihood per row by which random-start EM must beat the refined tensor start to win.
+RANDOM_MARGIN = 1e-4
 
 
 def minimum_rows(in_features: int) -> int:
@@ -322,8 +324,11 @@ def _refine(x, y, k, link, estimate: MoEEstimate, random_starts: int, seed: int)
         candidates["random"] = _em.fit_em(x, y, k, link, n_init=random_starts, seed=seed + 1)
         random_seconds = time.perf_counter() - start
     scores = {name: float(est.log_likelihood(x, y).mean()) for name, est in candidates.items()}
-    # ties go to the tensor start (it is listed first and max keeps the first maximum)
-    winner = max(scores, key=scores.get)
+    # random starts must beat the tensor start by a real margin (RANDOM_MARGIN nats per row): two
+    # runs converging to the same optimum differ in the last digits and that is not a "win"
+    winner = "tensor"
+    if "random" in scores and scores["random"] > scores["tensor"] + RANDOM_MARGIN:
+        winner = "random"
     best = candidates[winner]
     diagnostics = dict(estimate.diagnostics)
     em_diag = dict(from_tensor.diagnostics)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ._validation import as_tensor, as_tensors, check_num_experts, check_positive
-from .likelihood import component_log_probs, expert_means
+from .likelihood import component_log_probs, expert_means, gate_logits
 from .links import Link, get_link
 
 __all__ = ["ConvergenceWarning", "GateFit", "fit_gate", "gate_m_step", "log_prior"]
@@ -109,10 +109,9 @@ def _solve_spd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 
 def _gate_log_probs(
-    x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor
+    x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor | None
 ) -> torch.Tensor:
-    free = x @ gate_weight.T + gate_bias
-    return torch.log_softmax(torch.cat([torch.zeros_like(free[:, :1]), free], dim=-1), dim=-1)
+    return torch.log_softmax(gate_logits(x, gate_weight, gate_bias), dim=-1)
 
 
 def _negative_hessian(design: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

@@ -68,15 +68,32 @@ def _metric_cosines(gate_weight, experts_weight, covariance) -> float:
     return float((inner / gn[:, None] / en[None, :]).abs().max())
 
 
-def _moment_experts(x, y, k, link: Link, noise, chunk_size, seed):
+def _centre_of_y(y64: torch.Tensor, link: Link, center_y: bool | None) -> tuple[float, bool]:
+    """The value subtracted from y before the moments, and whether it is y's mean.
+
+    Bias-free two-expert odd-link model: E[y] = E[h(x) (a_1 - a_0).x] with |h| <= 1/2, so
+    E[y]^2 <= |a_1 - a_0|^2 / (2 pi) <= (2 / pi) E[y^2]. A larger mean can only come from an
+    intercept; ``center_y=None`` centres exactly then. Centring a bias-free sample by its mean is
+    NOT harmless: with a non-orthogonal gate E[y] != 0 and E[(y - c)^2 S2] picks up
+    -2 c E[y S2] != 0, a bias that does not shrink with n.
+    """
+    offset = float(link.odd_offset or 0.0)
+    if not link.is_odd:
+        return 0.0, False  # relu/leaky: E[y] carries the expert norm, never centred
+    mean = float(y64.mean())
+    if center_y is None:
+        centred = (mean - offset) ** 2 > (2 / math.pi) * float(((y64 - offset) ** 2).mean())
+    else:
+        centred = bool(center_y)
+    return (mean, True) if centred else (offset, False)
+
+
+def _moment_experts(x, y, k, link: Link, noise, chunk_size, seed, center_y=None):
     """The moment step: expert weights and biases in user coordinates, noise, diagnostics."""
     n, d = x.shape
     y64 = y.to(torch.float64)
-    y_mean = float(y64.mean())
-    if link.name == "linear":
-        yc = y64 - y_mean  # removes a common intercept exactly
-    else:
-        yc = y64 - (link.odd_offset or 0.0)
+    centre, centred = _centre_of_y(y64, link, center_y)
+    yc = y64 - centre
     second_y = float((yc * yc).mean())
 
     alpha = beta = None
@@ -125,7 +142,9 @@ def _moment_experts(x, y, k, link: Link, noise, chunk_size, seed):
     if link.is_odd:
         mean_g2 = torch.stack([gaussian_expectation(link, float(r), 2, 0) for r in norms])
         noise_moment = math.sqrt(max(second_y - float(mean_g2.mean()), 1e-3 * second_y))
-    bias_std = torch.full((k,), y_mean if link.name == "linear" else 0.0, dtype=torch.float64)
+    # an output offset is an intercept for the linear link only (tanh cannot represent it)
+    intercept = centre if (centred and link.name == "linear") else 0.0
+    bias_std = torch.full((k,), intercept, dtype=torch.float64)
     weight, bias = standardizer.to_user(weight_std, bias_std.to(weight_std.device))
     diagnostics = {
         "t2_eigenvalues": whitening.eigenvalues[: k + 1].tolist(),
@@ -140,6 +159,8 @@ def _moment_experts(x, y, k, link: Link, noise, chunk_size, seed):
         "t3_noise_to_signal": float(ratio),
         "noise_from_moments": noise_moment,
         "expert_norms_standardised": norms.tolist(),
+        "y_centre": centre,
+        "y_centred_by_mean": centred,
         "num_chunks": moments.num_chunks,
         "passes_over_data": 2,
     }
@@ -155,20 +176,23 @@ def tensor_init(
     noise: float | None = None,
     refine: bool = False,
     random_starts: int = 2,
+    center_y: bool | None = None,
     chunk_size: int = 65536,
     seed: int = 0,
 ) -> MoEEstimate:
     """Moment (tensor) estimate of the experts, then the gate by EM with the experts fixed.
 
     Steps (ALGORITHM.md): standardise ``x`` (centre, whiten by its covariance); centre ``y``
-    (its mean for the linear link, ``g(0)`` for the other odd links); two streaming passes give
+    (see ``center_y``); two streaming passes give
     ``T2 = E[P2(y) S2(z)]`` and the whitened ``T3``; the tensor power method gives the expert
     directions, scales and signs; :func:`pyromoe.gate.fit_gate` then fits the gate (and noise)
     by EM with the experts fixed. The result is mapped back to the user's coordinates.
 
-    Biases, honestly: the moment step targets the bias-free model on standardised inputs. Expert
-    biases are set to the mean of ``y`` (linear) or to ``-a . mean(x)`` (other links) and kept
-    fixed while the gate (with its bias) is fitted; only ``refine=True`` fits the expert biases.
+    Biases, honestly: the moment step targets the bias-free model on standardised inputs (an
+    offset in ``x`` is removed exactly by standardising). A common intercept in ``y`` cannot be
+    told apart from the gate's effect on ``E[y]`` by moments: ``center_y`` decides. Expert biases
+    are then set from the centring (linear) or to ``-a . mean(x)`` (other links) and kept fixed
+    while the gate (with its bias) is fitted; only ``refine=True`` fits the expert biases.
     The estimate is consistent only where ALGORITHM.md says the moments are exact (see the
     module docstring); elsewhere it is a start for the likelihood.
 
@@ -191,6 +215,15 @@ def tensor_init(
         log-likelihood wins and ``diagnostics["refine_winner"]`` says which.
     random_starts : int
         Random starts tried alongside the refinement (0 for the fastest refinement).
+    center_y : bool, optional
+        Subtract the mean of ``y`` before the moments (odd links only; relu/leaky never centre,
+        their ``E[y]`` carries the experts' norm). ``False``: subtract ``g(0)`` only (0, or 1/2 for
+        sigmoid): consistent for the bias-free model, biased by an intercept. ``True``: removes a
+        common intercept but biases the bias-free model whenever the gate makes ``E[y] != 0``
+        (the error then stops shrinking with n). ``None`` (default): centre only when the mean of
+        ``y`` is larger than any bias-free two-expert model can produce
+        (``mean(y)^2 > (2/pi) mean(y^2)``), i.e. when an intercept is certain;
+        ``diagnostics["y_centred_by_mean"]`` says which was done.
     chunk_size : int
         Rows per chunk of the moment passes: bounds extra memory to O(chunk_size d).
     seed : int
@@ -242,6 +275,8 @@ def tensor_init(
         )
     if noise is not None:
         noise = check_positive(noise, "noise")
+    if center_y is not None and not isinstance(center_y, bool):
+        raise TypeError(f"center_y must be True, False or None; got {type(center_y).__name__}")
     if not isinstance(refine, bool):
         raise TypeError(f"refine must be True or False; got {type(refine).__name__}")
     random_starts = _check_int(random_starts, "random_starts")
@@ -258,7 +293,7 @@ def tensor_init(
 
     start = time.perf_counter()
     weight, bias, noise_moment, standardizer, diagnostics = _moment_experts(
-        x, y, k, link, noise, chunk_size, seed
+        x, y, k, link, noise, chunk_size, seed, center_y
     )
     moment_seconds = time.perf_counter() - start
     weight = weight.to(x.dtype)

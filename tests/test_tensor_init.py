@@ -65,17 +65,37 @@ def test_estimate_follows_float32_input_and_matches_float64():
 
 
 def test_experts_are_affine_equivariant_in_the_users_coordinates():
-    """x -> x S + c, y -> y + 1.5: the moment experts map back exactly (x is standardised first)."""
+    """x -> x S + c, y -> y + 1.5: the moment experts map back exactly (x is standardised first,
+    y centred by its mean)."""
     data = simulate(50_000, 5, 2, "linear", 0.5, seed=2)
     scale = torch.tensor([0.5, 1.0, 2.0, 4.0, 0.25], dtype=torch.float64)
     shift = torch.tensor([3.0, -1.0, 0.0, 10.0, 2.0], dtype=torch.float64)
-    plain = tensor_init(data.x, data.y)
-    moved = tensor_init(data.x * scale + shift, data.y + 1.5)
+    plain = tensor_init(data.x, data.y, center_y=True)
+    moved = tensor_init(data.x * scale + shift, data.y + 1.5, center_y=True)
     torch.testing.assert_close(
         moved.experts_weight * scale, plain.experts_weight, atol=1e-8, rtol=0
     )
     expected_bias = plain.experts_bias + 1.5 - (plain.experts_weight / scale) @ shift
     torch.testing.assert_close(moved.experts_bias, expected_bias, atol=1e-8, rtol=0)
+
+
+def test_center_y_default_is_paper_model_unless_an_intercept_is_certain():
+    data = simulate(20_000, 5, 2, "linear", 0.5, seed=3)
+    assert tensor_init(data.x, data.y).diagnostics["y_centred_by_mean"] is False
+    # an intercept of 3 makes mean(y)^2 > (2/pi) mean(y^2), impossible without one
+    shifted = tensor_init(data.x, data.y + 3.0)
+    assert shifted.diagnostics["y_centred_by_mean"] is True
+    assert float(shifted.experts_bias.mean()) == pytest.approx(3.0, abs=0.2)
+    with pytest.raises(TypeError, match="center_y must be True, False or None"):
+        tensor_init(data.x, data.y, center_y="yes")
+
+
+def test_centring_a_bias_free_sample_by_its_mean_biases_the_linear_experts():
+    """Why center_y defaults to the bias-free model: a random gate makes E[y] != 0."""
+    data = simulate(200_000, 10, 2, "linear", 0.5, seed=0)
+    exact = parameter_errors(tensor_init(data.x, data.y, center_y=False), data.truth)["experts"]
+    centred = parameter_errors(tensor_init(data.x, data.y, center_y=True), data.truth)["experts"]
+    assert exact < centred
 
 
 def test_diagnostics_are_kept_and_shown_in_summary():

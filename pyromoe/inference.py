@@ -92,16 +92,17 @@ def _torch_threads(num_threads: int | None):
         torch.set_num_threads(before)
 
 
-def _latent_names(model, x, y) -> list[str]:
+def _latent_shapes(model, x, y) -> dict[str, tuple[int, ...]]:
+    """Shapes of the model's latent sample sites (one prior run of the model)."""
     with poutine.block():
         trace = poutine.trace(model).get_trace(x, y)
-    return [
-        name
+    return {
+        name: tuple(site["value"].shape)
         for name, site in trace.nodes.items()
         if site["type"] == "sample"
         and not site["is_observed"]
         and type(site["fn"]).__name__ != "_Subsample"
-    ]
+    }
 
 
 def _run_svi(model, guide, x, y, num_steps, lr, subsample_size, progress, desc):
@@ -112,6 +113,21 @@ def _run_svi(model, guide, x, y, num_steps, lr, subsample_size, progress, desc):
     for _ in _progress(range(num_steps), progress, desc):
         losses.append(svi.step(x, y, **kwargs))
     return losses
+
+
+def _guide_draws(guide, latent: dict, num_samples: int, x, y) -> dict:
+    """``num_samples`` draws of the latent sites from a fitted guide, vectorised where it can be."""
+    with torch.no_grad():
+        try:
+            draws = Predictive(
+                guide, num_samples=num_samples, parallel=True, return_sites=list(latent)
+            )(x, y)
+            if all(tuple(draws[name].shape) == (num_samples, *latent[name]) for name in latent):
+                return draws
+        except (RuntimeError, ValueError, NotImplementedError):
+            pass
+        # a guide that does not vectorise over an outer plate: one guide call per draw
+        return Predictive(guide, num_samples=num_samples, return_sites=list(latent))(x, y)
 
 
 def _final_elbo(losses: list[float], n: int) -> float:
@@ -313,13 +329,12 @@ def fit_svi(
         raise ValueError(
             f"guide must be 'normal', 'lowrank' or a pyro AutoGuide instance; got {guide!r}"
         )
-    latent = _latent_names(model, x, y)
+    latent = _latent_shapes(model, x, y)
     with pyro.get_param_store().scope(), _torch_threads(num_threads):
         start = time.perf_counter()
         losses = _run_svi(model, guide, x, y, num_steps, lr, subsample_size, progress, "SVI")
         seconds = time.perf_counter() - start
-        with torch.no_grad():
-            draws = Predictive(guide, num_samples=num_samples, return_sites=latent)(x, y)
+        draws = _guide_draws(guide, latent, num_samples, x, y)
     samples = {name: draws[name].detach()[None] for name in latent}
     attrs = {
         "inference": f"svi_{type(guide).__name__}",

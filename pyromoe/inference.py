@@ -548,6 +548,8 @@ def run_nuts(
     with warnings.catch_warnings(), _torch_threads(num_threads):
         # Pyro warns when it falls back to sequential chains (fewer CPUs than chains): documented.
         warnings.filterwarnings("ignore", message=".*Chains will be drawn sequentially.*")
+        # Pyro's jit_compile uses torch.jit.trace, deprecated in recent torch; nothing to act on
+        warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated.*")
         mcmc.run(x, y)
     seconds = time.perf_counter() - start
     samples = mcmc.get_samples(group_by_chain=True)

@@ -36,7 +36,7 @@ from .moments import (
 )
 from .tensor import expert_scales, tensor_power_method, unwhiten, whiten
 
-__all__ = ["tensor_init", "minimum_rows"]
+__all__ = ["tensor_init", "initialize", "minimum_rows"]
 
 #: Cosine (in the metric of x's covariance) between a gate row and an expert above which the
 #: assumptions of relu/leaky and k > 2 look violated.
@@ -382,3 +382,160 @@ def _refine(x, y, k, link, estimate: MoEEstimate, random_starts: int, seed: int)
     return replace(
         best, method="tensor+em" if winner == "tensor" else "em", diagnostics=diagnostics
     )
+
+
+#: Largest gate-weight norm (per unit standard deviation of x) that `initialize` accepts as a sane
+#: seed: beyond it the gate is a near step function fitted to noise (a reference saw 12.5 on a bad
+#: start) and NUTS seeded there stalls in warm-up (ALGORITHM.md section 5).
+MAX_SANE_GATE_NORM = 20.0
+
+#: Random-start EM fits that method="auto" runs beside the tensor start (cheap next to NUTS).
+AUTO_RANDOM_STARTS = 3
+
+
+def _sanity_problem(estimate: MoEEstimate, x: torch.Tensor) -> str | None:
+    """Why ``estimate`` is not a sane seed, or None."""
+    values = [
+        estimate.experts_weight,
+        estimate.experts_bias,
+        estimate.gate_weight,
+        estimate.gate_bias,
+        estimate.noise,
+    ]
+    if not all(bool(torch.isfinite(v).all()) for v in values):
+        return "it has non-finite parameters"
+    scale = x.std(0).clamp_min(1e-12)
+    gate_norm = float((estimate.gate_weight * scale).norm(dim=-1).max())
+    if gate_norm > MAX_SANE_GATE_NORM:
+        return (
+            f"its gate weights are huge (norm {gate_norm:.3g} per sd of x, over "
+            f"{MAX_SANE_GATE_NORM:g}): a step-function gate fitted to noise"
+        )
+    if not float(estimate.noise) > 0:
+        return "its noise is not positive"
+    return None
+
+
+def initialize(
+    x,
+    y,
+    num_experts: int = 2,
+    link: str | Link = "linear",
+    method: str = "auto",
+    *,
+    n_init: int = 5,
+    noise: float | None = None,
+    chunk_size: int = 65536,
+    seed: int = 0,
+) -> MoEEstimate:
+    """A point estimate for any data: the tensor start where it applies, multi-start EM elsewhere.
+
+    Parameters
+    ----------
+    x : Tensor or array (n, d)
+    y : Tensor or array (n,)
+    num_experts : int
+        ``k >= 2``.
+    link : str or Link
+    method : {"auto", "tensor", "em"}
+        ``"tensor"``: :func:`tensor_init` followed by joint EM (``refine=True``, no random starts);
+        errors where the moments cannot apply (``k > d``, too few rows, T2 rank below k).
+        ``"em"``: joint EM from ``n_init`` random starts, best log-likelihood wins.
+        ``"auto"``: the tensor start followed by EM when ``k <= d`` and the moment step succeeds,
+        guarded by :data:`AUTO_RANDOM_STARTS` random-start EM fits (the best log-likelihood wins: a
+        seed in the wrong place is worse than none) and a sanity check (finite parameters, gate
+        weights below :data:`MAX_SANE_GATE_NORM` per sd of x); otherwise multi-start EM with
+        ``n_init`` starts.
+    n_init : int
+        Random starts of the EM fallback (``method="em"``, or ``"auto"`` when it falls back).
+    noise : float, optional
+        Known noise standard deviation for the moment step.
+    chunk_size : int
+        Rows per chunk of the moment passes.
+    seed : int
+
+    Returns
+    -------
+    MoEEstimate
+        With ``diagnostics["initializer"]`` (``"tensor"``: the moment start ran, with EM after it;
+        ``"em"``: multi-start EM only), ``diagnostics["initializer_reason"]`` (why, and for
+        ``"auto"`` which start won: ``diagnostics["refine_winner"]``), and the diagnostics of
+        the method that ran (shown by ``summary()``).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``method``; for ``method="tensor"`` the errors of :func:`tensor_init`.
+
+    Examples
+    --------
+    >>> from pyromoe import simulate
+    >>> data = simulate(500, 1, num_experts=2, seed=0)
+    >>> initialize(data.x, data.y, 2).diagnostics["initializer"]
+    'em'
+    """
+    if method not in ("auto", "tensor", "em"):
+        raise ValueError(f"method must be 'auto', 'tensor' or 'em'; got {method!r}")
+    x, y = as_tensors(x, y)
+    k = check_num_experts(num_experts)
+    n_init = check_positive(n_init, "n_init", integer=True)
+    d = x.shape[1]
+
+    def labelled(estimate: MoEEstimate, initializer: str, reason: str) -> MoEEstimate:
+        diagnostics = {"initializer": initializer, "initializer_reason": reason}
+        diagnostics.update(estimate.diagnostics)
+        return replace(estimate, diagnostics=diagnostics)
+
+    def multistart(reason: str) -> MoEEstimate:
+        fit = _em.fit_em(x, y, k, link, n_init=n_init, seed=seed)
+        return labelled(
+            fit,
+            "em",
+            f"{reason}; multi-start EM with n_init={n_init}, best "
+            f"log-likelihood of start {fit.diagnostics.get('best_start')} kept",
+        )
+
+    if method == "em":
+        return multistart("method='em' was asked for")
+    if method == "tensor":
+        estimate = tensor_init(
+            x,
+            y,
+            k,
+            link,
+            noise=noise,
+            refine=True,
+            random_starts=0,
+            chunk_size=chunk_size,
+            seed=seed,
+        )
+        return labelled(estimate, "tensor", "method='tensor' was asked for")
+    if k > d:
+        return multistart(
+            f"the moment start needs num_experts <= in_features, got {k} experts and {d} "
+            "input(s) (T2 has rank at most d)"
+        )
+    try:
+        estimate = tensor_init(
+            x,
+            y,
+            k,
+            link,
+            noise=noise,
+            refine=True,
+            random_starts=AUTO_RANDOM_STARTS,
+            chunk_size=chunk_size,
+            seed=seed,
+        )
+    except ValueError as error:
+        return multistart(f"the moment start could not apply ({error})")
+    problem = _sanity_problem(estimate, x)
+    if problem is not None:
+        return multistart(f"the tensor start -> EM estimate is not a sane seed: {problem}")
+    winner = estimate.diagnostics.get("refine_winner", "tensor")
+    reason = (
+        f"k <= d and the moment step succeeded; tensor start -> EM checked against "
+        f"{AUTO_RANDOM_STARTS} random-start EM fits: the {winner} start had the best "
+        "log-likelihood and was kept"
+    )
+    return labelled(estimate, "tensor", reason)

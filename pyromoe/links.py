@@ -267,7 +267,7 @@ def gaussian_expectation(
 
     Examples
     --------
-    >>> float(gaussian_expectation("linear", 1.0, power=3, hermite=3))  # E[t^3 He3(t)] = 3!
+    >>> round(float(gaussian_expectation("linear", 1.0, power=3, hermite=3)), 10)  # 3! = 6
     6.0
     """
     link = get_link(link)

@@ -28,6 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+import torch  # noqa: E402
+
 from benchmarks._common import machine_info, machine_markdown, write_results  # noqa: E402
 from pyromoe import parameter_errors, simulate  # noqa: E402
 from pyromoe.em import fit_em  # noqa: E402
@@ -161,7 +163,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="n <= 1e4, k = 2, 3 (about a minute)")
     parser.add_argument("--full", action="store_true", help="n up to 1e6 and 3 seeds (long)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.quick:
         ns, ks, seeds = [1_000, 10_000], [2, 3], [0]
     elif args.full:

@@ -116,6 +116,7 @@ def nuts_row(model, data, init, num_warmup, num_samples, seed) -> dict:
         "draws_relabelled_to_truth": info["num_draws_relabelled"],
         "expert_error_of_posterior_mean": error,
         "mean_tree_depth": float(idata.sample_stats["tree_depth"].mean()),
+        "gradient_evaluations": int(sum(idata.attrs["num_gradient_evaluations"])),
     }
 
 
@@ -206,9 +207,10 @@ def markdown(result: dict, info: dict) -> str:
         f"log-likelihood more than {result['wrong_mode_nats']:.0f} nats below the best chain. "
         "r_hat: max over scalar parameters, raw and after relabelling every draw to the truth.",
         "",
-        "| setting | seed | init | warmup+draws | NUTS s (+seed s) | r_hat raw | r_hat aligned | converged "
+        "| setting | seed | init | warmup+draws | NUTS s (+seed s) | gradients | r_hat raw "
+        "| r_hat aligned | converged "
         "| min ess | div | wrong chains | expert err | SVI s | final ELBO | SVI expert err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         for label in ("seeded", "default"):
@@ -217,6 +219,7 @@ def markdown(result: dict, info: dict) -> str:
             lines.append(
                 f"| {row['setting']} | {row['seed']} | {label} | "
                 f"{row['num_warmup']}+{row['num_samples']} | {nuts['seconds']:.0f}{seed_s} | "
+                f"{nuts.get('gradient_evaluations', float('nan')):.0f} | "
                 f"{nuts['max_rhat_raw']:.3f} | {nuts['max_rhat_aligned']:.3f} | "
                 f"{'yes' if nuts['converged'] else 'no'} | {nuts['min_ess_bulk']:.0f} | "
                 f"{nuts['divergences']} | {nuts['chains_in_wrong_mode']} | "
@@ -233,7 +236,11 @@ def markdown(result: dict, info: dict) -> str:
         f"/{4 * len(seeded)}, default {sum(r['chains_in_wrong_mode'] for r in default)}"
         f"/{4 * len(default)}. NUTS wall time, total: seeded "
         f"{sum(r['total_seconds'] for r in seeded):.0f} s (seed included), default "
-        f"{sum(r['total_seconds'] for r in default):.0f} s.",
+        f"{sum(r['total_seconds'] for r in default):.0f} s. Gradient evaluations (all chains, "
+        f"warmup included; independent of machine load): seeded "
+        f"{sum(r.get('gradient_evaluations', 0) for r in seeded)}, default "
+        f"{sum(r.get('gradient_evaluations', 0) for r in default)}. Wall times on a shared "
+        "machine vary with its load (see the load average below); compare gradient counts.",
         "",
         "Seed methods: "
         + "; ".join(
@@ -259,7 +266,7 @@ def figure(result: dict):
     rows = result["rows"]
     labels = [f"{r['setting']}\nseed {r['seed']}" for r in rows]
     x = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
     for offset, label, colour in ((-0.2, "seeded", "tab:blue"), (0.2, "default", "tab:orange")):
         nuts = [r[f"nuts_{label}"] for r in rows]
         axes[0].bar(x + offset, [r["total_seconds"] for r in nuts], 0.4, label=label, color=colour)
@@ -269,11 +276,19 @@ def figure(result: dict):
         axes[2].bar(
             x + offset, [r["chains_in_wrong_mode"] for r in nuts], 0.4, label=label, color=colour
         )
+        axes[3].bar(
+            x + offset,
+            [r.get("gradient_evaluations", 0) for r in nuts],
+            0.4,
+            label=label,
+            color=colour,
+        )
     axes[0].set_ylabel("NUTS wall time incl. seed (s)")
     axes[1].set_ylabel("max r_hat - 1 (aligned to truth)")
     axes[1].set_yscale("log")
     axes[1].axhline(0.01, color="k", linestyle="--", linewidth=1)
     axes[2].set_ylabel("chains in a wrong mode (of 4)")
+    axes[3].set_ylabel("gradient evaluations, 4 chains incl. warmup")
     for axis in axes:
         axis.set_xticks(x)
         axis.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)

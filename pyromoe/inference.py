@@ -401,6 +401,7 @@ class _RecordingNUTS(NUTS):
     def diagnostics(self):
         out = super().diagnostics()
         out["draw_stats"] = self._draw_stats
+        out["num_gradients"] = self._num_gradients  # warmup included: the load-free cost
         return out
 
 
@@ -489,7 +490,9 @@ def run_nuts(
     arviz.InferenceData
         ``sample_stats``: ``diverging``, ``step_size``, ``n_steps``, ``tree_depth``,
         ``acceptance_rate``, ``lp``, ``log_likelihood_total``; ``attrs``: ``num_divergences``,
-        ``chain_mean_log_likelihood``, ``seconds``, the relabelling record.
+        ``num_gradient_evaluations`` (per chain, warmup included: a cost measure that does not
+        depend on machine load), ``chain_mean_log_likelihood``, ``seconds``, the relabelling
+        record.
 
     Raises
     ------
@@ -569,6 +572,7 @@ def run_nuts(
         "init": "pyro_default" if init is None else getattr(init, "method", "strategy"),
         "jitter": str(jitter) if isinstance(init, MoEEstimate) else "none",
         "num_divergences": int(diverging.sum()),
+        "num_gradient_evaluations": [diagnostics["num_gradients"][key] for key in chains],
         "seconds": seconds,
         "num_chains": num_chains,
         "num_warmup": num_warmup,

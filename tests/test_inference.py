@@ -73,6 +73,9 @@ def test_run_nuts_returns_draws_sample_stats_and_every_group(nuts_idata):
     # NUTS takes 2^depth - 1 leapfrog steps for full trees, fewer when it stops inside a subtree
     assert (n_steps >= 1).all() and (n_steps <= 2 ** stats["tree_depth"].values - 1).all()
     assert nuts_idata.attrs["labels_aligned"] == 1
+    # every kept draw's leapfrog steps are counted in the chain's total (warmup adds more)
+    totals = np.asarray(nuts_idata.attrs["num_gradient_evaluations"])
+    assert (totals > n_steps.sum(-1)).all()
 
 
 def test_run_nuts_from_the_truth_stays_near_the_truth(nuts_idata, data):

@@ -82,7 +82,8 @@ def _centre_of_y(y64: torch.Tensor, link: Link, center_y: bool | None) -> tuple[
         return 0.0, False  # relu/leaky: E[y] carries the expert norm, never centred
     mean = float(y64.mean())
     if center_y is None:
-        centred = (mean - offset) ** 2 > (2 / math.pi) * float(((y64 - offset) ** 2).mean())
+        second = float(torch.dot(y64, y64)) / y64.shape[0] - 2 * offset * mean + offset**2
+        centred = (mean - offset) ** 2 > (2 / math.pi) * second
     else:
         centred = bool(center_y)
     return (mean, True) if centred else (offset, False)
@@ -91,10 +92,10 @@ def _centre_of_y(y64: torch.Tensor, link: Link, center_y: bool | None) -> tuple[
 def _moment_experts(x, y, k, link: Link, noise, chunk_size, seed, center_y=None):
     """The moment step: expert weights and biases in user coordinates, noise, diagnostics."""
     n, d = x.shape
-    y64 = y.to(torch.float64)
+    y64 = y.to(torch.float64)  # no copy for float64 input; only O(n) reductions below
     centre, centred = _centre_of_y(y64, link, center_y)
-    yc = y64 - centre
-    second_y = float((yc * yc).mean())
+    mean_y = float(y64.mean())
+    second_y = float(torch.dot(y64, y64)) / n - 2 * centre * mean_y + centre**2  # E[(y - c)^2]
 
     alpha = beta = None
     noise_moment = None
@@ -102,7 +103,7 @@ def _moment_experts(x, y, k, link: Link, noise, chunk_size, seed, center_y=None)
         # equal norms r and an orthogonal gate (the case where relu is exact): E[y] = r E[g(t)]
         mean_g = float(gaussian_expectation(link, 1.0, 1, 0))
         mean_g2 = float(gaussian_expectation(link, 1.0, 2, 0))
-        r0 = float(yc.mean()) / mean_g
+        r0 = (mean_y - centre) / mean_g
         if not r0 > 0:
             r0 = math.sqrt(second_y / mean_g2)
         noise_moment = math.sqrt(max(second_y - r0**2 * mean_g2, 1e-3 * second_y))
@@ -110,17 +111,15 @@ def _moment_experts(x, y, k, link: Link, noise, chunk_size, seed, center_y=None)
         alpha, beta = transform_constants(link, sigma, r0)
     else:
         beta = 0.0
-    p2 = yc * yc + beta * yc
-
-    moments = second_moments(x, yc, p2, chunk_size=chunk_size)
+    moments = second_moments(x, y, centre=centre, beta=beta, chunk_size=chunk_size)
     standardizer = standardize(moments)
     t2 = second_moment_tensor(moments, standardizer)
     # the top eigenvalue pure sampling noise would give T2 (semicircle edge, entry sd ~ sqrt(E[P2^2]/n))
-    noise_floor = 1.5 * 2.0 * math.sqrt(d * float((p2 * p2).mean()) / n)
+    noise_floor = 1.5 * 2.0 * math.sqrt(d * float(moments.weight_square_mean) / n)
     whitening = whiten(t2, k, noise_floor=noise_floor)
     projection = standardizer.whitening @ whitening.projection
     third = whitened_third_moment(
-        x, yc, moments.mean, projection, whitening.gram, chunk_size=chunk_size
+        x, y, moments.mean, projection, whitening.gram, centre=centre, chunk_size=chunk_size
     )
     ratio = None
     if link.is_odd and not (link.name == "linear" and k > 2):

@@ -67,8 +67,10 @@ class SecondMoments:
         ``E[P2(y) (x - mean)(x - mean)^T]``.
     weight_mean : Tensor ()
         ``E[P2(y)]``.
+    weight_square_mean : Tensor ()
+        ``E[P2(y)^2]`` (sets the sampling-noise floor of T2).
     first : Tensor (d,)
-        ``E[y (x - mean)]`` with the transformed ``y`` passed in (the first-order moment).
+        ``E[(y - centre) (x - mean)]`` (the first-order moment).
     """
 
     num_rows: int
@@ -77,21 +79,31 @@ class SecondMoments:
     covariance: torch.Tensor
     weighted: torch.Tensor
     weight_mean: torch.Tensor
+    weight_square_mean: torch.Tensor
     first: torch.Tensor
 
 
 def second_moments(
-    x: torch.Tensor, y: torch.Tensor, p2: torch.Tensor, *, chunk_size: int = 65536
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    centre: float = 0.0,
+    beta: float = 0.0,
+    chunk_size: int = 65536,
 ) -> SecondMoments:
-    """One streaming pass: mean and covariance of ``x``, ``E[p2 xc xc^T]`` and ``E[y xc]``.
+    """One streaming pass: mean and covariance of ``x``, ``E[P2 xc xc^T]`` and ``E[yc xc]``.
+
+    ``yc = y - centre`` and ``P2 = yc^2 + beta yc`` are formed chunk by chunk (float64), so the
+    extra memory stays O(chunk_size * d) whatever n.
 
     Parameters
     ----------
     x : Tensor (n, d)
     y : Tensor (n,)
-        Output (already centred as the caller wants) for the first-order moment.
-    p2 : Tensor (n,)
-        Row weights ``P2(y_n)``.
+    centre : float
+        Subtracted from ``y`` first.
+    beta : float
+        Of ``P2(y) = y^2 + beta y``.
     chunk_size : int
         Rows per chunk: bounds the extra memory to O(chunk_size * d) and is a speed knob.
 
@@ -102,7 +114,7 @@ def second_moments(
     Examples
     --------
     >>> x = torch.randn(100, 3, dtype=torch.float64)
-    >>> m = second_moments(x, x[:, 0], x[:, 0] ** 2, chunk_size=32)
+    >>> m = second_moments(x, x[:, 0], chunk_size=32)
     >>> torch.allclose(m.mean, x.mean(0)), m.num_chunks
     (True, 4)
     """
@@ -118,16 +130,18 @@ def second_moments(
         shift = torch.zeros_like(shift)
     use_shift = bool(shift.abs().max() > 0)
     shift_c = shift.to(dtype)
-    y64, p64 = y.to(device=device, dtype=_F64), p2.to(device=device, dtype=_F64)
-    ones = torch.ones_like(p64)
     sum_xx = torch.zeros(d, d, dtype=_F64, device=device)
     sum_pxx = torch.zeros(d, d, dtype=_F64, device=device)
     sums = torch.zeros(3, d, dtype=_F64, device=device)
+    sum_p = torch.zeros(2, dtype=_F64, device=device)
     num_chunks = 0
     for start in range(0, n, chunk_size):
         rows = slice(start, start + chunk_size)
         xs = x[rows] - shift_c if use_shift else x[rows]
-        weights = torch.stack([p64[rows], y64[rows], ones[rows]], 1).to(dtype)
+        yc = y[rows].to(_F64) - centre
+        p = yc * (yc + beta)
+        sum_p += torch.stack([p.sum(), torch.dot(p, p)])
+        weights = torch.stack([p, yc, torch.ones_like(p)], 1).to(dtype)
         # two GEMMs (a concatenated one costs an extra 2d-wide copy) and one (3 x d) product
         sum_xx += (xs.T @ xs).to(_F64)
         sum_pxx += ((xs * weights[:, :1]).T @ xs).to(_F64)
@@ -136,7 +150,7 @@ def second_moments(
     sum_px, sum_yx, sum_x = sums
     mean_s = sum_x / n  # mean of x - shift
     covariance = sum_xx / n - torch.outer(mean_s, mean_s)
-    weight_mean = p64.sum() / n
+    weight_mean = sum_p[0] / n
     mean_px = sum_px / n
     weighted = (
         sum_pxx / n
@@ -144,7 +158,7 @@ def second_moments(
         - torch.outer(mean_s, mean_px)
         + weight_mean * torch.outer(mean_s, mean_s)
     )
-    first = sum_yx / n - (y64.sum() / n) * mean_s
+    first = sum_yx / n - (y.to(_F64).sum() - n * centre) / n * mean_s
     return SecondMoments(
         num_rows=n,
         num_chunks=num_chunks,
@@ -152,6 +166,7 @@ def second_moments(
         covariance=(covariance + covariance.T) / 2,
         weighted=(weighted + weighted.T) / 2,
         weight_mean=weight_mean,
+        weight_square_mean=sum_p[1] / n,
         first=first,
     )
 
@@ -299,6 +314,7 @@ def whitened_third_moment(
     projection: torch.Tensor,
     gram: torch.Tensor,
     *,
+    centre: float = 0.0,
     chunk_size: int = 65536,
 ) -> ThirdMoment:
     """One streaming pass for ``T3(M, M, M)`` split as ``A + alpha B`` (never forms d^3).
@@ -308,13 +324,15 @@ def whitened_third_moment(
     x : Tensor (n, d)
         Inputs in the user's coordinates.
     y : Tensor (n,)
-        Centred outputs.
+        Outputs; ``y - centre`` enters ``P3``.
     mean : Tensor (d,)
         Mean of ``x``.
     projection : Tensor (d, k)
         ``W M``: maps centred ``x`` to ``u = M^T z`` in one product.
     gram : Tensor (k, k)
         ``G = M^T M``.
+    centre : float
+        Subtracted from ``y`` (chunk by chunk).
     chunk_size : int
 
     Returns
@@ -337,7 +355,6 @@ def whitened_third_moment(
     gram = gram.to(device=device, dtype=_F64)
     gram_sq = gram @ gram
     gram_norm2 = float((gram * gram).sum())
-    y64 = y.to(device=device, dtype=_F64)
     sum_uuu = torch.zeros(2 * k, k * k, dtype=_F64, device=device)
     sum_u = torch.zeros(2, k, dtype=_F64, device=device)
     sum_sq = torch.zeros(3, dtype=_F64, device=device)
@@ -349,7 +366,8 @@ def whitened_third_moment(
     for start in range(0, n, chunk_size):
         # u is only n x k: float64 from here on costs nothing next to the x @ projection product
         u = (x[start : start + chunk_size] @ proj_c).to(_F64) - offset
-        powers = y64[start : start + chunk_size, None] ** exponents  # y^3, y, y^6, y^4, y^2
+        yc = y[start : start + chunk_size].to(_F64) - centre
+        powers = yc[:, None] ** exponents  # y^3, y, y^6, y^4, y^2
         uu = (u[:, :, None] * u[:, None, :]).reshape(-1, k * k)
         weighted_u = (powers[:, :2, None] * u[:, None, :]).reshape(-1, 2 * k)
         sum_uuu += weighted_u.T @ uu

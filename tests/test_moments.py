@@ -41,27 +41,28 @@ def _dense_s3(z):
 
 def test_streaming_second_moments_equal_one_chunk_to_1e10():
     x, y = _data()
-    yc = y - y.mean()
-    one = second_moments(x, yc, yc * yc + 0.3 * yc, chunk_size=x.shape[0])
-    many = second_moments(x, yc, yc * yc + 0.3 * yc, chunk_size=257)
+    c = float(y.mean())
+    one = second_moments(x, y, centre=c, beta=0.3, chunk_size=x.shape[0])
+    many = second_moments(x, y, centre=c, beta=0.3, chunk_size=257)
     assert one.num_chunks == 1 and many.num_chunks == math.ceil(3000 / 257)
-    for name in ("mean", "covariance", "weighted", "weight_mean", "first"):
+    for name in ("mean", "covariance", "weighted", "weight_mean", "weight_square_mean", "first"):
         torch.testing.assert_close(getattr(many, name), getattr(one, name), atol=1e-10, rtol=0)
 
 
 def test_second_moments_match_direct_centred_formulas():
     x, y = _data()
-    p2 = y * y
-    m = second_moments(x, y, p2, chunk_size=500)
+    p2 = y * y - 0.5 * y
+    m = second_moments(x, y, beta=-0.5, chunk_size=500)
     xc = x - x.mean(0)
     torch.testing.assert_close(m.covariance, xc.T @ xc / len(x), atol=1e-10, rtol=0)
     torch.testing.assert_close(m.weighted, (xc * p2[:, None]).T @ xc / len(x), atol=1e-10, rtol=0)
     torch.testing.assert_close(m.first, (xc * y[:, None]).mean(0), atol=1e-10, rtol=0)
+    assert float(m.weight_square_mean) == pytest.approx(float((p2 * p2).mean()), rel=1e-12)
 
 
 def test_standardized_inputs_have_identity_covariance_and_t2_matches_dense():
     x, y = _data()
-    m = second_moments(x, y, y * y, chunk_size=700)
+    m = second_moments(x, y, chunk_size=700)
     st = standardize(m)
     z = (x - st.mean) @ st.whitening
     torch.testing.assert_close(z.T @ z / len(z), torch.eye(4, dtype=F64), atol=1e-10, rtol=0)
@@ -74,7 +75,7 @@ def test_standardized_inputs_have_identity_covariance_and_t2_matches_dense():
 def test_whitened_third_moment_equals_dense_d3_formula_and_streams():
     x, y = _data(n=2000, d=4)
     yc = y - y.mean()
-    m = second_moments(x, yc, yc * yc, chunk_size=2000)
+    m = second_moments(x, y, centre=float(y.mean()), chunk_size=2000)
     st = standardize(m)
     z = (x - st.mean) @ st.whitening
     gen = torch.Generator().manual_seed(3)
@@ -84,7 +85,9 @@ def test_whitened_third_moment_equals_dense_d3_formula_and_streams():
     dense = torch.einsum("n,nabc->abc", yc**3 + alpha * yc, _dense_s3(z)) / len(z)
     dense_w = torch.einsum("abc,ai,bj,ck->ijk", dense, projection, projection, projection)
     one = whitened_third_moment(x, yc, st.mean, st.whitening @ projection, gram, chunk_size=2000)
-    many = whitened_third_moment(x, yc, st.mean, st.whitening @ projection, gram, chunk_size=123)
+    many = whitened_third_moment(
+        x, y, st.mean, st.whitening @ projection, gram, centre=float(y.mean()), chunk_size=123
+    )
     torch.testing.assert_close(one.tensor(alpha), dense_w, atol=1e-10, rtol=0)
     torch.testing.assert_close(many.tensor(alpha), one.tensor(alpha), atol=1e-10, rtol=0)
     torch.testing.assert_close(many.second_moments, one.second_moments, atol=1e-10, rtol=1e-12)
@@ -99,8 +102,8 @@ def test_whitened_third_moment_equals_dense_d3_formula_and_streams():
 
 def test_float32_input_accumulates_close_to_float64():
     x, y = _data(n=20000, d=5)
-    m64 = second_moments(x, y, y * y, chunk_size=4096)
-    m32 = second_moments(x.float(), y.float(), (y * y).float(), chunk_size=4096)
+    m64 = second_moments(x, y, chunk_size=4096)
+    m32 = second_moments(x.float(), y.float(), chunk_size=4096)
     assert m32.weighted.dtype == F64  # accumulators stay float64
     rel = (m32.weighted - m64.weighted).norm() / m64.weighted.norm()
     assert float(rel) < 1e-5  # float32 rounding per chunk only, no cancellation from x's mean 5
@@ -109,7 +112,7 @@ def test_float32_input_accumulates_close_to_float64():
 def test_choose_alpha_minimises_the_noise_to_signal_ratio_on_a_grid():
     data = simulate(20000, 6, 2, "tanh", 0.5, seed=2)
     x, y = data.x, data.y
-    m = second_moments(x, y, y * y)
+    m = second_moments(x, y)
     st = standardize(m)
     evals, evecs = torch.linalg.eigh(second_moment_tensor(m, st))
     projection = evecs[:, -2:] * evals[-2:].rsqrt()
@@ -173,7 +176,7 @@ def test_transform_constants_match_closed_forms():
 def test_standardize_rejects_a_constant_column():
     x = torch.randn(200, 3, dtype=F64)
     x[:, 1] = 2.0
-    m = second_moments(x, x[:, 0], x[:, 0] ** 2)
+    m = second_moments(x, x[:, 0])
     with pytest.raises(ValueError, match=r"column\(s\) \[1\] of x are constant"):
         standardize(m)
 
@@ -181,7 +184,7 @@ def test_standardize_rejects_a_constant_column():
 def test_standardize_rejects_collinear_columns():
     x = torch.randn(200, 3, dtype=F64)
     x[:, 2] = x[:, 0] - x[:, 1]
-    m = second_moments(x, x[:, 0], x[:, 0] ** 2)
+    m = second_moments(x, x[:, 0])
     with pytest.raises(ValueError, match="linearly dependent"):
         standardize(m)
 
@@ -189,4 +192,4 @@ def test_standardize_rejects_collinear_columns():
 def test_second_moments_rejects_bad_chunk_size():
     x = torch.randn(10, 2, dtype=F64)
     with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
-        second_moments(x, x[:, 0], x[:, 0], chunk_size=0)
+        second_moments(x, x[:, 0], chunk_size=0)

@@ -203,8 +203,10 @@ def parameter_table(
 
     names = [n for n in sites.PARAMETER_SITES if n in idata.posterior.data_vars]
     hdi = az.hdi(idata, var_names=names, hdi_prob=hdi_prob)
-    rhat = az.rhat(idata, var_names=names)
-    ess = az.ess(idata, var_names=names)
+    # r_hat and ESS need several chains (SVI/MAP draws come as one chain): then they are left out
+    several = idata.posterior.sizes["chain"] > 1
+    rhat = az.rhat(idata, var_names=names) if several else None
+    ess = az.ess(idata, var_names=names) if several else None
     rows = []
     for name in names:
         mean = np.asarray(idata.posterior[name].mean(("chain", "draw")).values)
@@ -223,10 +225,11 @@ def parameter_table(
                     "posterior mean": float(mean.reshape(-1)[i]),
                     f"{int(hdi_prob * 100)}% low": float(interval[i, 0]),
                     f"{int(hdi_prob * 100)}% high": float(interval[i, 1]),
-                    "r_hat": float(np.asarray(rhat[name].values).reshape(-1)[i]),
-                    "ess_bulk": float(np.asarray(ess[name].values).reshape(-1)[i]),
                 }
             )
+            if several:
+                row["r_hat"] = float(np.asarray(rhat[name].values).reshape(-1)[i])
+                row["ess_bulk"] = float(np.asarray(ess[name].values).reshape(-1)[i])
             rows.append(row)
     return rows
 

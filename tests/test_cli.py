@@ -1,17 +1,132 @@
+"""The command line: `pyromoe demo` and `pyromoe fit` produce every output, and fail cleanly."""
+
+import struct
 import subprocess
 import sys
 
+import arviz as az
+import pytest
+
+from pyromoe import datasets
 from pyromoe.cli import main
+
+GROUPS = {"posterior", "sample_stats", "log_likelihood", "posterior_predictive", "observed_data"}
+SMALL_NUTS = ["--chains", "2", "--warmup", "60", "--samples", "60", "--no-progress"]
+
+
+def _png_size(path):
+    """Width and height from a PNG header (fails on anything that is not a PNG)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def _check_results(folder, figures):
+    idata = az.from_netcdf(folder / "inference_data.nc")
+    assert GROUPS <= set(idata.groups())
+    assert idata.posterior["experts.weight"].dims[:3] == ("chain", "draw", "expert")
+    for name in figures:
+        width, height = _png_size(folder / f"{name}.png")
+        assert width > 100 and height > 100
+    return (folder / "summary.md").read_text()
 
 
 def test_help_lists_the_commands():
     result = subprocess.run(
         [sys.executable, "-m", "pyromoe.cli", "--help"], capture_output=True, text=True, check=True
     )
-    assert "demo" in result.stdout
+    assert "demo" in result.stdout and "fit" in result.stdout
 
 
-def test_demo_quick_runs_and_prints_a_parameter_table(capsys):
-    assert main(["demo", "--quick"]) == 0
-    out = capsys.readouterr().out
-    assert "expert 0: weight" in out and "expert 1: weight" in out
+@pytest.mark.slow
+def test_demo_quick_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    summary = _check_results(
+        out,
+        [
+            "trace",
+            "posterior_vs_truth",
+            "random_starts",
+            "responsibilities",
+            "posterior_predictive",
+        ],
+    )
+    assert "| start | log-likelihood | expert error |" in summary
+    assert "| NUTS init | max r_hat (as sampled) | max r_hat (relabelled) |" in summary
+    assert "| parameter | truth | start | posterior mean | 94% low | 94% high |" in summary
+    assert "| step | seconds |" in summary
+    assert "results written to" in capsys.readouterr().out
+
+
+def test_fit_one_input_data_set_uses_the_em_fallback(tmp_path):
+    out = tmp_path / "faithful"
+    path = datasets.dataset_path("old_faithful")
+    assert main(["fit", str(path), "--target", "waiting", "--out", str(out), *SMALL_NUTS]) == 0
+    summary = _check_results(
+        out, ["trace", "posterior", "responsibilities", "posterior_predictive"]
+    )
+    assert "ran **em**: the moment start needs num_experts <= in_features" in summary
+    assert "Inputs and target were standardised" in summary
+
+
+def test_fit_multi_feature_data_set_uses_the_tensor_start(tmp_path):
+    out = tmp_path / "concrete"
+    path = datasets.dataset_path("concrete")
+    args = ["fit", str(path), "--target", "compressive_strength", "--method", "svi"]
+    assert main([*args, "--steps", "300", "--out", str(out), "--no-progress"]) == 0
+    summary = _check_results(
+        out, ["trace", "posterior", "responsibilities", "posterior_predictive"]
+    )
+    assert "ran **tensor**" in summary
+
+
+def test_fit_mcycle_with_three_experts(tmp_path):
+    out = tmp_path / "mcycle"
+    path = datasets.dataset_path("mcycle")
+    args = ["fit", str(path), "--target", "accel", "--experts", "3", "--link", "tanh"]
+    assert main([*args, "--method", "svi", "--steps", "200", "--out", str(out)]) == 0
+    assert "ran **em**" in (out / "summary.md").read_text()
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "data.csv"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda p: [str(p / "missing.csv"), "--target", "y"], "missing.csv"),
+        (lambda p: [str(_write(p, "a,y\n1,2\n")), "--target", "z"], "'z'"),
+        (lambda p: [str(_write(p, "a,y\n1,2\n")), "--target", "y", "--features", "b"], "'b'"),
+        (lambda p: [str(_write(p, "a,y\n1,2\nx,3\n")), "--target", "y"], "column 'a', data row 2"),
+        (lambda p: [str(_write(p, "a,y\n1,2\n3,\n")), "--target", "y"], "column 'y', data row 2"),
+        (
+            lambda p: [str(_write(p, "a,y\n" + "1,2\n2,3\n" * 5)), "--target", "y"],
+            "has 10 data rows; at least 21 are needed",
+        ),
+    ],
+)
+def test_fit_bad_input_has_a_clear_message_and_no_output(tmp_path, capsys, make_args, message):
+    out = tmp_path / "results"
+    assert main(["fit", *make_args(tmp_path), "--out", str(out), *SMALL_NUTS]) == 2
+    error = capsys.readouterr().err
+    assert "pyromoe fit: error:" in error and message in error
+    assert not out.exists()
+
+
+def test_fit_that_fails_midway_leaves_no_partial_output(tmp_path, monkeypatch):
+    import pyromoe.inference
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("sampler crashed")
+
+    monkeypatch.setattr(pyromoe.inference, "run_nuts", broken)
+    out = tmp_path / "results"
+    path = datasets.dataset_path("old_faithful")
+    with pytest.raises(RuntimeError, match="sampler crashed"):
+        main(["fit", str(path), "--target", "waiting", "--out", str(out), *SMALL_NUTS])
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []

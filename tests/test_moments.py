@@ -12,6 +12,7 @@ from pyromoe.moments import (
     second_moment_tensor,
     second_moments,
     standardize,
+    t2_noise_floor,
     whitened_third_moment,
 )
 from pyromoe.simulate import simulate
@@ -193,3 +194,12 @@ def test_second_moments_rejects_bad_chunk_size():
     x = torch.randn(10, 2, dtype=F64)
     with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
         second_moments(x, x[:, 0], chunk_size=0)
+
+
+def test_t2_noise_floor_is_the_null_block_edge_from_var_p2():
+    x, y = _data(n=4000, d=6)
+    m = second_moments(x, y, beta=0.2)
+    p2 = y * y + 0.2 * y
+    edge = 2 * math.sqrt((6 - 2 + 1) * float(p2.var(correction=0)) / 4000)
+    assert t2_noise_floor(m, 2, factor=1.0) == pytest.approx(edge, rel=1e-9)
+    assert t2_noise_floor(m, 2) == pytest.approx(1.25 * edge, rel=1e-9)

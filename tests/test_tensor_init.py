@@ -207,6 +207,17 @@ def test_identical_experts_look_like_fewer_experts():
         tensor_init(data.x, y)
 
 
+@pytest.mark.parametrize(
+    "n, d, cosine", [(1000, 10, None), (2000, 5, 0.8)], ids=["d10-n1e3", "cos0.8-d5-n2e3"]
+)
+def test_small_but_genuine_pairs_are_not_refused(n, d, cosine):
+    """The noise floor sits at the null eigenvalue, below genuine second eigenvalues (1.4-2.5x)."""
+    data = simulate(n, d, 2, "linear", 0.5, seed=0, expert_cosine=cosine)
+    est = tensor_init(data.x, data.y)
+    second = abs(est.diagnostics["t2_eigenvalues"][1])
+    assert second > est.diagnostics["t2_noise_floor"]
+
+
 def test_bad_chunk_size_and_noise_are_refused():
     data = simulate(1000, 4, 2, seed=0)
     with pytest.raises(ValueError, match="chunk_size must be > 0"):

@@ -12,7 +12,8 @@ links with k = 2 (where the moments are exact for any gate), orthogonal to the e
 (the paper's setting, where relu/leaky and k > 2 are exact).
 
 Run: ``python benchmarks/recovery.py`` (a few minutes on 2 cores), ``--quick`` (about a minute),
-``--full`` (n up to 1e6 and 3 seeds: long). Writes benchmarks/results/recovery.{json,md,png}.
+``--full`` (n up to 1e6 and 3 seeds: long). Writes benchmarks/results/recovery.{json,md,png}
+(``recovery_quick.*`` / ``recovery_full.*`` for the other runs).
 """
 
 from __future__ import annotations
@@ -196,7 +197,8 @@ def main(argv=None) -> None:
         "rows": rows,
         "summary": table,
     }
-    paths = write_results("recovery", payload, markdown(table, info, args), plot(table, ks))
+    name = "recovery_quick" if args.quick else ("recovery_full" if args.full else "recovery")
+    paths = write_results(name, payload, markdown(table, info, args), plot(table, ks))
     print("wrote", *paths)
 
 

@@ -82,10 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, out):
+    def common(p, out, seed=0):
         p.add_argument("--experts", type=int, default=2, help="number of experts (default 2)")
         p.add_argument("--link", default="linear", choices=sorted(LINKS), help="expert link")
-        p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        p.add_argument("--seed", type=int, default=seed, help=f"random seed (default {seed})")
         p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
         p.add_argument("--out", default=out, help=f"results folder (default {out}/)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         "random-start EM fits with the tensor start -> EM, run NUTS seeded from the estimate "
         "and from Pyro's default init, and write a results folder.",
     )
-    common(demo, "pyromoe-demo")
+    # seed 3: over seeds 0-7 of this setting 9 of 160 random starts (6%) ended in a wrong basin, on
+    # 6 of 8 data sets; seed 3 is one of those (README), and the tensor start applies there.
+    common(demo, "pyromoe-demo", seed=3)
     demo.add_argument("--quick", action="store_true", help="a small, fast run (used by CI)")
     demo.set_defaults(handler=_demo)
 

@@ -267,7 +267,7 @@ def machine_info() -> str:
 DEMO_DATA = dict(
     n=2000, in_features=5, noise=0.5, expert_cosine=0.8, gate="orthogonal", gate_norm=2.0
 )
-DEMO_QUICK = dict(n=400, num_random=4, num_chains=2, num_warmup=60, num_samples=60)
+DEMO_QUICK = dict(n=1000, num_random=4, num_chains=2, num_warmup=60, num_samples=60)
 DEMO_FULL = dict(num_random=20, num_chains=4, num_warmup=300, num_samples=300)
 
 

@@ -267,3 +267,20 @@ def test_refined_tensor_start_matches_best_of_five_random_em_and_is_never_stuck(
         assert ours <= 1.1 * theirs + 1e-3, (errors, baseline)
     median = sorted(errors)[1]
     assert max(errors) <= 3 * median, errors
+
+
+def test_gate_warm_start_on_a_subsample_reaches_the_same_gate(monkeypatch):
+    """Large n: gate EM starts on a random subsample, then finishes on all rows (same fixed point)."""
+    import sys
+
+    module = sys.modules["pyromoe.initialize"]
+    data = simulate(30_000, 5, 2, "linear", 0.5, seed=7)
+    cold = tensor_init(data.x, data.y)
+    monkeypatch.setattr(module, "GATE_WARM_START_ROWS", 5000)
+    warm = tensor_init(data.x, data.y)
+    assert cold.diagnostics["gate_warm_start_n_iter"] == 0
+    assert warm.diagnostics["gate_warm_start_n_iter"] > 0
+    assert warm.diagnostics["gate_warm_start_rows"] == 5000
+    # both stop within tol = 1e-6 of the same maximum: far inside the gate's sampling error (~0.03)
+    gap = (warm.gate_weight - cold.gate_weight).norm()
+    assert float(gap) < 0.01

@@ -92,7 +92,7 @@ def test_center_y_default_is_paper_model_unless_an_intercept_is_certain():
 
 def test_centring_a_bias_free_sample_by_its_mean_biases_the_linear_experts():
     """Why center_y defaults to the bias-free model: a random gate makes E[y] != 0."""
-    data = simulate(200_000, 10, 2, "linear", 0.5, seed=0)
+    data = simulate(100_000, 10, 2, "linear", 0.5, seed=0)
     exact = parameter_errors(tensor_init(data.x, data.y, center_y=False), data.truth)["experts"]
     centred = parameter_errors(tensor_init(data.x, data.y, center_y=True), data.truth)["experts"]
     assert exact < centred
@@ -257,7 +257,7 @@ def test_refined_tensor_start_matches_best_of_five_random_em_and_is_never_stuck(
     errors, baseline = [], []
     for seed in range(3):
         data = simulate(
-            20_000, 10, 3, "linear", 0.5, gate="orthogonal", seed=seed, expert_cosine=0.5
+            10_000, 10, 3, "linear", 0.5, gate="orthogonal", seed=seed, expert_cosine=0.5
         )
         est = tensor_init(data.x, data.y, 3, "linear", refine=True, random_starts=0, seed=seed)
         errors.append(parameter_errors(est, data.truth)["experts"])

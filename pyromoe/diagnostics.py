@@ -40,7 +40,7 @@ import torch
 
 from . import likelihood, sites
 from ._validation import as_tensors
-from .estimate import MoEEstimate
+from .estimate import MoEEstimate, permute_draws
 
 __all__ = ["to_inference_data", "align_labels", "permute_draws", "chain_log_likelihood"]
 
@@ -139,42 +139,6 @@ def _chunks(total: int, size: int):
 
 
 # ------------------------------------------------------------------------------------ alignment
-def permute_draws(params: Mapping[str, torch.Tensor], permutation: torch.Tensor) -> dict:
-    """Relabel the experts of a batch of draws: new expert ``j`` is old expert ``permutation[..., j]``.
-
-    The batched form of :meth:`pyromoe.MoEEstimate.permute`: expert weights and biases are gathered,
-    and the gate is re-referenced so that the new expert 0 has logit 0 (the model is unchanged).
-
-    Parameters
-    ----------
-    params : dict of site -> Tensor
-        ``experts.weight`` (..., k, d), ``gate.weight`` (..., k-1, d), optionally ``experts.bias``
-        (..., k) and ``gate.bias`` (..., k-1); other sites are passed through.
-    permutation : LongTensor (..., k)
-        One permutation per draw (same leading dims as the draws).
-
-    Returns
-    -------
-    dict of site -> Tensor, same shapes.
-    """
-    out = dict(params)
-    perm = permutation.to(params[sites.EXPERTS_WEIGHT].device).long()
-    weight = params[sites.EXPERTS_WEIGHT]
-    out[sites.EXPERTS_WEIGHT] = torch.take_along_dim(weight, perm[..., None], dim=-2)
-    if sites.EXPERTS_BIAS in params:
-        out[sites.EXPERTS_BIAS] = torch.take_along_dim(params[sites.EXPERTS_BIAS], perm, dim=-1)
-    gate_weight = params[sites.GATE_WEIGHT]
-    full = torch.cat([torch.zeros_like(gate_weight[..., :1, :]), gate_weight], dim=-2)
-    full = torch.take_along_dim(full, perm[..., None], dim=-2)
-    out[sites.GATE_WEIGHT] = (full - full[..., :1, :])[..., 1:, :]
-    if sites.GATE_BIAS in params:
-        gate_bias = params[sites.GATE_BIAS]
-        full = torch.cat([torch.zeros_like(gate_bias[..., :1]), gate_bias], dim=-1)
-        full = torch.take_along_dim(full, perm, dim=-1)
-        out[sites.GATE_BIAS] = (full - full[..., :1])[..., 1:]
-    return out
-
-
 def _best_permutations(weights: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Per draw, the permutation minimising ``sum_i ||weights[perm[i]] - reference[i]||^2``."""
     k = reference.shape[0]

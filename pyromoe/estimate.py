@@ -16,7 +16,7 @@ import torch
 from . import likelihood, sites
 from .links import Link, get_link
 
-__all__ = ["MoEEstimate", "parameter_errors", "best_permutation"]
+__all__ = ["MoEEstimate", "parameter_errors", "best_permutation", "permute_draws"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -107,12 +107,6 @@ class MoEEstimate:
             values[sites.GATE_BIAS] = self.gate_bias
         return values
 
-    def full_gate_logit_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gate weights and offsets of all k experts, the reference's row (zeros) first."""
-        zw = torch.zeros_like(self.gate_weight[:1])
-        zb = torch.zeros_like(self.gate_bias[:1])
-        return torch.cat([zw, self.gate_weight]), torch.cat([zb, self.gate_bias])
-
     def permute(self, permutation) -> MoEEstimate:
         """Relabel the experts: new expert ``j`` is old expert ``permutation[j]``.
 
@@ -124,14 +118,13 @@ class MoEEstimate:
                 f"permutation must be a permutation of 0..{self.num_experts - 1}; "
                 f"got {list(permutation)}"
             )
-        gw, gb = self.full_gate_logit_weights()
-        gw, gb = gw[perm], gb[perm]
+        moved = permute_draws(self.site_values(bias=True), perm)
         return replace(
             self,
-            experts_weight=self.experts_weight[perm],
-            experts_bias=self.experts_bias[perm],
-            gate_weight=(gw - gw[0])[1:],
-            gate_bias=(gb - gb[0])[1:],
+            experts_weight=moved[sites.EXPERTS_WEIGHT],
+            experts_bias=moved[sites.EXPERTS_BIAS],
+            gate_weight=moved[sites.GATE_WEIGHT],
+            gate_bias=moved[sites.GATE_BIAS],
         )
 
     # ------------------------------------------------------------------ likelihood
@@ -201,6 +194,42 @@ class MoEEstimate:
 
     def __repr__(self) -> str:
         return self.summary()
+
+
+def permute_draws(params: Mapping[str, torch.Tensor], permutation: torch.Tensor) -> dict:
+    """Relabel the experts of a batch of draws: new expert ``j`` is old expert ``permutation[..., j]``.
+
+    The batched form of :meth:`pyromoe.MoEEstimate.permute`: expert weights and biases are gathered,
+    and the gate is re-referenced so that the new expert 0 has logit 0 (the model is unchanged).
+
+    Parameters
+    ----------
+    params : dict of site -> Tensor
+        ``experts.weight`` (..., k, d), ``gate.weight`` (..., k-1, d), optionally ``experts.bias``
+        (..., k) and ``gate.bias`` (..., k-1); other sites are passed through.
+    permutation : LongTensor (..., k)
+        One permutation per draw (same leading dims as the draws).
+
+    Returns
+    -------
+    dict of site -> Tensor, same shapes.
+    """
+    out = dict(params)
+    perm = permutation.to(params[sites.EXPERTS_WEIGHT].device).long()
+    weight = params[sites.EXPERTS_WEIGHT]
+    out[sites.EXPERTS_WEIGHT] = torch.take_along_dim(weight, perm[..., None], dim=-2)
+    if sites.EXPERTS_BIAS in params:
+        out[sites.EXPERTS_BIAS] = torch.take_along_dim(params[sites.EXPERTS_BIAS], perm, dim=-1)
+    gate_weight = params[sites.GATE_WEIGHT]
+    full = torch.cat([torch.zeros_like(gate_weight[..., :1, :]), gate_weight], dim=-2)
+    full = torch.take_along_dim(full, perm[..., None], dim=-2)
+    out[sites.GATE_WEIGHT] = (full - full[..., :1, :])[..., 1:, :]
+    if sites.GATE_BIAS in params:
+        gate_bias = params[sites.GATE_BIAS]
+        full = torch.cat([torch.zeros_like(gate_bias[..., :1]), gate_bias], dim=-1)
+        full = torch.take_along_dim(full, perm, dim=-1)
+        out[sites.GATE_BIAS] = (full - full[..., :1])[..., 1:]
+    return out
 
 
 def _format_value(value) -> str:

@@ -180,7 +180,7 @@ def tensor_init(
     refine: bool = False,
     random_starts: int = 2,
     center_y: bool | None = None,
-    chunk_size: int = 65536,
+    chunk_size: int = 4096,
     seed: int = 0,
 ) -> MoEEstimate:
     """Moment (tensor) estimate of the experts, then the gate by EM with the experts fixed.
@@ -472,7 +472,7 @@ def initialize(
     *,
     n_init: int = 5,
     noise: float | None = None,
-    chunk_size: int = 65536,
+    chunk_size: int = 4096,
     seed: int = 0,
 ) -> MoEEstimate:
     """A point estimate for any data: the tensor start where it applies, multi-start EM elsewhere.

@@ -90,7 +90,7 @@ def second_moments(
     *,
     centre: float = 0.0,
     beta: float = 0.0,
-    chunk_size: int = 65536,
+    chunk_size: int = 4096,
 ) -> SecondMoments:
     """One streaming pass: mean and covariance of ``x``, ``E[P2 xc xc^T]`` and ``E[yc xc]``.
 
@@ -335,7 +335,7 @@ def whitened_third_moment(
     gram: torch.Tensor,
     *,
     centre: float = 0.0,
-    chunk_size: int = 65536,
+    chunk_size: int = 4096,
 ) -> ThirdMoment:
     """One streaming pass for ``T3(M, M, M)`` split as ``A + alpha B`` (never forms d^3).
 

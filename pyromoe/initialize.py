@@ -436,6 +436,10 @@ def _refine(x, y, k, link, estimate: MoEEstimate, random_starts: int, seed: int)
 #: start) and NUTS seeded there stalls in warm-up (ALGORITHM.md section 5).
 MAX_SANE_GATE_NORM = 20.0
 
+#: Prior scale of the MAP refit when plain EM drives the gate to a step function: the default
+#: prior scale of the model's gate weights (pyromoe.models.DEFAULT_PRIOR_SCALES["gate.weight"]).
+MAP_PRIOR_SCALE = 2.5
+
 #: Random-start EM fits that method="auto" runs beside the tensor start (cheap next to NUTS).
 AUTO_RANDOM_STARTS = 3
 
@@ -456,7 +460,7 @@ def _sanity_problem(estimate: MoEEstimate, x: torch.Tensor) -> str | None:
     if gate_norm > MAX_SANE_GATE_NORM:
         return (
             f"its gate weights are huge (norm {gate_norm:.3g} per sd of x, over "
-            f"{MAX_SANE_GATE_NORM:g}): a step-function gate fitted to noise"
+            f"{MAX_SANE_GATE_NORM:g}): a near step-function gate"
         )
     if not float(estimate.noise) > 0:
         return "its noise is not positive"
@@ -578,7 +582,24 @@ def initialize(
         return multistart(f"the moment start could not apply ({error})")
     problem = _sanity_problem(estimate, x)
     if problem is not None:
-        return multistart(f"the tensor start -> EM estimate is not a sane seed: {problem}")
+        # Typically the likelihood pushes the gate to a step function (a split that separates the
+        # data). Refit from the moment estimate as MAP with the model's default gate prior scale,
+        # which keeps the gate moderate, as the Bayesian model will.
+        moment = tensor_init(x, y, k, link, noise=noise, chunk_size=chunk_size, seed=seed)
+        estimate = _em.fit_em(x, y, k, link, init=moment, prior_scale=MAP_PRIOR_SCALE, seed=seed)
+        second = _sanity_problem(estimate, x)
+        if second is not None:
+            return multistart(f"the tensor start -> EM estimate is not a sane seed: {problem}")
+        diagnostics = dict(moment.diagnostics)
+        diagnostics.update(estimate.diagnostics)
+        estimate = replace(estimate, method="tensor+map", diagnostics=diagnostics)
+        return labelled(
+            estimate,
+            "tensor",
+            f"k <= d and the moment step succeeded, but plain EM from it was not a sane seed "
+            f"({problem}); refitted from the moment estimate as MAP EM with a Normal(0, "
+            f"{MAP_PRIOR_SCALE:g}^2) prior on weights and biases (the model's default gate prior)",
+        )
     winner = estimate.diagnostics.get("refine_winner", "tensor")
     reason = (
         f"k <= d and the moment step succeeded; tensor start -> EM checked against "

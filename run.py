@@ -51,7 +51,17 @@ def main(argv: list[str]) -> int:
     env = dict(os.environ, MPLBACKEND="Agg")
     if command == "demo":
         return subprocess.run([str(BIN / "pyromoe"), "demo", *rest], cwd=ROOT, env=env).returncode
-    tests = [str(PYTHON), "-m", "pytest", "--nbmake", "tests", "tutorials", *rest]
+    # a notebook cell may run NUTS for a few minutes on a slow 2-core machine: 600 s per cell
+    tests = [
+        str(PYTHON),
+        "-m",
+        "pytest",
+        "--nbmake",
+        "--nbmake-timeout=600",
+        "tests",
+        "tutorials",
+        *rest,
+    ]
     return subprocess.run(tests, cwd=ROOT, env=env).returncode
 
 

@@ -135,6 +135,30 @@ def _final_elbo(losses: list[float], n: int) -> float:
     return -float(sum(tail) / len(tail))
 
 
+def _optimised_idata(
+    model, x, y, samples, kind, init, losses, seconds, seed, align, posterior_predictive=True
+):
+    """InferenceData for an optimisation-based fit (MAP or SVI), with its ELBO trace in attrs."""
+    attrs = {
+        "inference": kind,
+        "init": "pyro_default" if init is None else getattr(init, "method", "strategy"),
+        "final_elbo": _final_elbo(losses, x.shape[0]),
+        "elbo": [-loss for loss in losses],
+        "seconds": seconds,
+        "seed": seed,
+    }
+    return to_inference_data(
+        model,
+        x,
+        y,
+        samples,
+        align=init if (align and isinstance(init, MoEEstimate)) else None,
+        posterior_predictive=posterior_predictive,
+        seed=seed,
+        attrs=attrs,
+    )
+
+
 # ------------------------------------------------------------------------------------ MAP
 def fit_map(
     model,
@@ -227,23 +251,8 @@ def fit_map(
             point = {name: value.detach() for name, value in guide.median(x, y).items()}
     point.update(fixed)
     samples = {name: value[None, None] for name, value in point.items()}
-    attrs = {
-        "inference": "map_gate_only" if gate_only else "map",
-        "init": "pyro_default" if init is None else getattr(init, "method", "strategy"),
-        "final_elbo": _final_elbo(losses, x.shape[0]),
-        "elbo": [-loss for loss in losses],
-        "seconds": seconds,
-        "seed": seed,
-    }
-    return to_inference_data(
-        model,
-        x,
-        y,
-        samples,
-        align=init if (align and isinstance(init, MoEEstimate)) else None,
-        seed=seed,
-        attrs=attrs,
-    )
+    kind = "map_gate_only" if gate_only else "map"
+    return _optimised_idata(model, x, y, samples, kind, init, losses, seconds, seed, align)
 
 
 # ------------------------------------------------------------------------------------ SVI
@@ -336,23 +345,9 @@ def fit_svi(
         seconds = time.perf_counter() - start
         draws = _guide_draws(guide, latent, num_samples, x, y)
     samples = {name: draws[name].detach()[None] for name in latent}
-    attrs = {
-        "inference": f"svi_{type(guide).__name__}",
-        "init": "pyro_default" if init is None else getattr(init, "method", "strategy"),
-        "final_elbo": _final_elbo(losses, x.shape[0]),
-        "elbo": [-loss for loss in losses],
-        "seconds": seconds,
-        "seed": seed,
-    }
-    return to_inference_data(
-        model,
-        x,
-        y,
-        samples,
-        align=init if (align and isinstance(init, MoEEstimate)) else None,
-        posterior_predictive=posterior_predictive,
-        seed=seed,
-        attrs=attrs,
+    kind = f"svi_{type(guide).__name__}"
+    return _optimised_idata(
+        model, x, y, samples, kind, init, losses, seconds, seed, align, posterior_predictive
     )
 
 

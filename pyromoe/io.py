@@ -19,14 +19,20 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
+import re
 import secrets
 import shutil
-from collections.abc import Iterator, Sequence
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple, TextIO
 
 import numpy as np
+import pandas as pd
 
 __all__ = [
     "Table",
@@ -38,6 +44,8 @@ __all__ = [
     "atomic_path",
     "write_text_atomic",
     "save_figure_atomic",
+    "write_netcdf_atomic",
+    "Interrupted",
 ]
 
 #: Cell contents (after stripping spaces, compared case-insensitively) read as a missing value.
@@ -46,7 +54,8 @@ MISSING_VALUE_MARKERS: frozenset[str] = frozenset(
 )
 
 #: Name of the empty file :func:`results_directory` leaves in every folder it creates; a folder that
-#: holds it is a previous pyromoe result and may be replaced without ``overwrite=True``.
+#: holds it is a previous pyromoe result; it lists every file pyromoe wrote there (JSON), and only a
+#: folder holding nothing else may be replaced, with ``overwrite=True``.
 RESULTS_MARKER = ".pyromoe-results"
 
 _DELIMITER_CANDIDATES = (",", "\t", ";")
@@ -91,7 +100,9 @@ def read_table(
     ----------
     path : str or os.PathLike
         A text file, UTF-8 (a byte-order mark is accepted), whose first non-blank line names the
-        columns. Blank lines are skipped; spaces around names and values are ignored.
+        columns. Blank lines are skipped; spaces around names and values are ignored. pandas
+        splits the fields (quoting as in Python's ``csv`` module); each value is then read as
+        ``float`` reads it, correctly rounded.
     target : str
         Name of the column to predict.
     features : sequence of str, optional
@@ -117,7 +128,8 @@ def read_table(
         If ``path`` does not exist.
     ValueError
         If the path is a folder, the file is empty or not UTF-8 text, has no data rows, repeats a
-        column name, a row has the wrong number of fields, ``target`` or a feature is not a column
+        column name, a quoted value is not closed (or text follows its closing quote, as in
+        ``"1" ,2``), a row has the wrong number of fields, ``target`` or a feature is not a column
         (the message lists the columns), ``target`` is also a feature, a feature is listed twice,
         a used cell is missing (empty, ``NA``, ``NaN``, ...) or not a finite number (the message
         names the column, the data row and the file line), or there are fewer than ``min_rows``
@@ -189,19 +201,19 @@ def parse_table(
     if isinstance(stream, str):
         stream = io.StringIO(stream)
 
-    header, rows, lines = _read_records(stream, source, delimiter)
+    header, cells, lines = _read_records(stream, source, delimiter)
     columns = _column_index(header, source)
     feature_names = _select_features(columns, target, features, source)
 
-    if len(rows) < min_rows:
+    if len(cells) < min_rows:
         why = f" ({min_rows_reason})" if min_rows_reason else ""
         raise ValueError(
-            f"{source} has {len(rows)} data row{'s' if len(rows) != 1 else ''}; at least "
+            f"{source} has {len(cells)} data row{'s' if len(cells) != 1 else ''}; at least "
             f"{min_rows} are needed{why}. Use more data or a smaller model"
         )
 
     used = [*feature_names, target]
-    values = _to_float_columns(rows, lines, [columns[name] for name in used], used, source)
+    values = _to_float_columns(cells[[columns[name] for name in used]], lines, used, source)
     x = np.ascontiguousarray(values[:, :-1])
     y = np.ascontiguousarray(values[:, -1])
     return Table(x=x, y=y, feature_names=tuple(feature_names), target_name=target)
@@ -214,52 +226,153 @@ def _check_min_rows_argument(min_rows: int) -> None:
 
 def _read_records(
     stream: TextIO, source: str, delimiter: str | None
-) -> tuple[list[str], list[list[str]], list[int]]:
-    """Return the header fields, the data records and each record's file line."""
+) -> tuple[list[str], pd.DataFrame, np.ndarray]:
+    """Return the header names, the data cells and the file line of each data row.
+
+    The cells are stripped strings in a frame whose columns ``0 .. len(header) - 1`` follow the
+    header, one row per data row; blank lines are left out but count in the file lines.
+    """
     text = stream.read()
     if not text.strip():
-        raise ValueError(
-            f"{source} is empty; expected a header line naming the columns, then one line per "
-            "observation, e.g. 'x1,x2,y'"
-        )
+        raise _empty(source)
+    # One line ending for pandas' python engine; a lone "\r" (old Mac files) still ends a line.
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     if delimiter is None:
-        first_line = next(line for line in text.splitlines() if line.strip())
+        first_line = text.lstrip().split("\n", 1)[0]
         counts = [first_line.count(candidate) for candidate in _DELIMITER_CANDIDATES]
         delimiter = _DELIMITER_CANDIDATES[int(np.argmax(counts))] if max(counts) > 0 else ","
     elif not isinstance(delimiter, str) or len(delimiter) != 1:
         raise ValueError(f"delimiter must be a single character such as ','; got {delimiter!r}")
 
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True)
-    header: list[str] | None = None
-    rows: list[list[str]] = []
-    lines: list[int] = []
-    try:
-        for record in reader:
-            if not record or all(not field.strip() for field in record):
-                continue  # blank line
-            if header is None:
-                header = [field.strip() for field in record]
-                continue
-            if len(record) != len(header):
-                raise ValueError(
-                    f"{source}: data row {len(rows) + 1} (file line {reader.line_num}) has "
-                    f"{len(record)} field{'s' if len(record) != 1 else ''} but the header has "
-                    f"{len(header)} ({', '.join(header)}); check for a missing or extra "
-                    f"'{delimiter}' or an unquoted '{delimiter}' inside a value"
-                )
-            rows.append(record)
-            lines.append(reader.line_num)
-    except csv.Error as error:
-        raise ValueError(
-            f"{source}: malformed CSV at file line {reader.line_num}: {error}"
-        ) from None
-    assert header is not None  # the text is not blank, so some record is non-blank
-    if not rows:
+    width = _header_width(text, delimiter, source)
+    cells, fields, line_ends = _split_records(text, delimiter, width, source)
+    records = np.flatnonzero(fields)
+    if records.size == 0:  # only lines such as ',,'
+        raise _empty(source)
+    header = [str(name) for name in cells.iloc[records[0], : fields[records[0]]]]
+    rows, lines = records[1:], line_ends[records[1:]]
+    if rows.size == 0:
         raise ValueError(
             f"{source} has a header line ({', '.join(header)}) but no data rows; add one line per "
             "observation"
         )
-    return header, rows, lines
+    wrong = np.flatnonzero(fields[rows] != len(header))
+    if wrong.size:
+        row = int(wrong[0])
+        count = int(fields[rows[row]])
+        raise ValueError(
+            f"{source}: data row {row + 1} (file line {lines[row]}) has "
+            f"{count} field{'s' if count != 1 else ''} but the header has "
+            f"{len(header)} ({', '.join(header)}); check for a missing or extra "
+            f"'{delimiter}' or an unquoted '{delimiter}' inside a value"
+        )
+    return header, cells.iloc[rows, : len(header)], lines
+
+
+def _empty(source: str) -> ValueError:
+    return ValueError(
+        f"{source} is empty; expected a header line naming the columns, then one line per "
+        "observation, e.g. 'x1,x2,y'"
+    )
+
+
+def _header_width(text: str, delimiter: str, source: str) -> int:
+    """The most fields in a record up to the header (the first non-blank one), read as pandas will.
+
+    A frame this wide holds the header, and pandas never takes a first record wider than the frame
+    for an index column.
+    """
+    width = 1
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, skipinitialspace=True, strict=True)
+    try:
+        for record in reader:
+            width = max(width, len(record))
+            if "".join(record).strip():
+                break
+    except csv.Error:
+        raise _malformed(text, delimiter, source) from None
+    return width
+
+
+#: Stands in for the fields of a record wider than the frame (see :func:`_split_records`).
+_TOO_WIDE = "\0pyromoe: more fields than the frame has columns\0"
+
+
+def _split_records(
+    text: str, delimiter: str, width: int, source: str
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Split ``text`` (lines ending in ``"\\n"``) into records with pandas, in ``width`` columns.
+
+    Returns
+    -------
+    cells : pandas.DataFrame
+        One row per record, blank lines included: the fields as stripped strings, ``None`` past
+        the end of a short record. A record with more than ``width`` fields holds a marker.
+    fields : numpy.ndarray of int
+        Each record's number of fields; 0 for a blank line (every field empty or spaces).
+    line_ends : numpy.ndarray of int
+        The 1-based file line on which each record ends (a quoted field may hold line breaks).
+    """
+    wide: list[tuple[int, int, bool]] = []  # (fields, line breaks, blank) of each wider record
+
+    def too_wide(record: list[str]) -> list[str]:
+        breaks = sum(field.count("\n") for field in record)
+        wide.append((len(record), breaks, not "".join(record).strip()))
+        return [_TOO_WIDE] * width
+
+    # The python engine pads a short record with None (the C engine pads with "", which hides a
+    # missing field) and hands a long one to on_bad_lines. na_filter=False: every cell a string.
+    try:
+        frame = pd.read_csv(
+            io.StringIO(text),
+            sep=delimiter,
+            header=None,
+            names=range(width),
+            dtype=object,
+            na_filter=False,
+            skipinitialspace=True,
+            skip_blank_lines=False,
+            engine="python",
+            on_bad_lines=too_wide,
+        )
+    except pd.errors.ParserError:
+        raise _malformed(text, delimiter, source) from None
+    cells = frame.apply(lambda column: column.str.strip())
+    present = cells.notna()
+    fields = present.sum(axis=1).to_numpy(copy=True)
+    fields[(~present | cells.eq("")).all(axis=1).to_numpy()] = 0
+    is_wide = cells[0].eq(_TOO_WIDE).to_numpy()
+    if wide:
+        counts, _, blank = zip(*wide)
+        fields[is_wide] = np.where(blank, 0, counts)
+
+    # Each record takes one line plus the line breaks inside its quoted fields. pandas skips, with
+    # no word, a line the csv module refuses (strict quoting): then the lines do not add up.
+    n_lines = text.count("\n") + (not text.endswith("\n"))
+    breaks = np.zeros(len(frame), dtype=np.int64)
+    if len(frame) != n_lines:
+        breaks = frame.apply(lambda column: column.str.count("\n")).fillna(0).sum(axis=1)
+        breaks = breaks.to_numpy(dtype=np.int64, copy=True)
+        breaks[is_wide] = [count for _, count, _ in wide]
+        if len(frame) + breaks.sum() != n_lines:
+            raise _malformed(text, delimiter, source)
+    line_ends = np.arange(1, len(frame) + 1) + np.cumsum(breaks)
+    return cells, fields, line_ends
+
+
+def _malformed(text: str, delimiter: str, source: str) -> ValueError:
+    """The error for a quoting mistake: pandas reads CSV as Python's ``csv`` module does (strict)."""
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, skipinitialspace=True, strict=True)
+    try:
+        for _ in reader:
+            pass
+    except csv.Error as error:
+        return ValueError(
+            f"{source}: malformed CSV at file line {reader.line_num}: {error}; a quoted value must "
+            "be closed by '\"' right before the next delimiter or the end of the line (write a "
+            "'\"' inside a quoted value as '\"\"')"
+        )
+    return ValueError(f"{source}: malformed CSV; check the quotes ('\"') in the file")
 
 
 def _column_index(header: list[str], source: str) -> dict[str, int]:
@@ -320,69 +433,44 @@ def _select_features(
 
 
 def _to_float_columns(
-    rows: list[list[str]],
-    lines: list[int],
-    positions: list[int],
-    names: list[str],
-    source: str,
+    cells: pd.DataFrame, lines: np.ndarray, names: list[str], source: str
 ) -> np.ndarray:
-    """Convert the chosen columns to float64, reporting the first bad cell in file order."""
-    cells = np.array(rows, dtype=str)[:, positions]
+    """Convert the chosen columns to float64, reporting the first bad cell in file order.
+
+    Numbers are read as Python's ``float`` reads them (correctly rounded, so ``0.1`` in the file is
+    ``float("0.1")``); pandas only finds the bad cells, one vectorised pass per column.
+    """
+    texts = cells.to_numpy(dtype=object)
     with contextlib.suppress(ValueError):
-        values = cells.astype(np.float64)  # accepts surrounding spaces
+        values = texts.astype(np.float64)
         if np.isfinite(values).all():
             return values  # the common case: no cell-level diagnosis needed
-    cells = np.char.strip(cells)
-    missing = np.isin(np.char.lower(cells), list(MISSING_VALUE_MARKERS))
-    filled = np.where(missing, "0", cells)
-    try:
-        values = filled.astype(np.float64)
-    except ValueError:
-        # Only on this error path do we visit cells one by one, to find the one that is wrong.
-        values = _parse_cells(filled)
-    first_missing = _first_true(missing)
-    first_bad = _first_true(~np.isfinite(values))
-
-    candidates = [cell for cell in (first_missing, first_bad) if cell is not None]
-    if candidates:
-        row, column = min(candidates)
+    missing = cells.apply(lambda column: column.str.lower().isin(MISSING_VALUE_MARKERS))
+    numbers = cells.mask(missing, "0").apply(pd.to_numeric, errors="coerce")
+    missing = missing.to_numpy()
+    suspects = missing | ~np.isfinite(numbers.to_numpy(dtype=np.float64))
+    for flat in np.flatnonzero(suspects):  # row-major: file order
+        row, column = divmod(int(flat), texts.shape[1])
         where = f"column '{names[column]}', data row {row + 1} (file line {lines[row]})"
-        if (row, column) == first_missing:
+        if missing[row, column]:
             raise ValueError(
                 f"{source}: missing value in {where}; drop or impute incomplete rows before fitting"
             )
-        text = str(cells[row, column])
-        problem = "is not finite" if _parses(text) else "is not a number"
+        text = texts[row, column]
+        try:
+            value = float(text)
+        except ValueError:
+            problem = "is not a number"
+        else:
+            if np.isfinite(value):
+                continue  # pandas refused what float() reads, such as '1_000': a number after all
+            problem = "is not finite"
         raise ValueError(
             f"{source}: {where} holds '{text}', which {problem}; "
             "every input and target value must be numeric (encode categories as numbers or "
             "leave that column out of the features)"
         )
-    return values
-
-
-def _parses(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _parse_cells(cells: np.ndarray) -> np.ndarray:
-    """float() of each cell, NaN where it fails (reported by the caller as not a number)."""
-    return np.vectorize(lambda text: float(text) if _parses(text) else np.nan, otypes=[np.float64])(
-        cells
-    )
-
-
-def _first_true(mask: np.ndarray) -> tuple[int, int] | None:
-    """(row, column) of the first True in row-major order, or None."""
-    flat = np.flatnonzero(mask)
-    if flat.size == 0:
-        return None
-    row, column = np.unravel_index(flat[0], mask.shape)
-    return int(row), int(column)
+    return texts.astype(np.float64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -579,28 +667,232 @@ def save_figure_atomic(figure, path: str | os.PathLike, **savefig_kwargs) -> Pat
     return path
 
 
+class Interrupted(KeyboardInterrupt):
+    """Raised in the main thread when SIGTERM or SIGHUP arrives while pyromoe writes results.
+
+    It subclasses ``KeyboardInterrupt`` so that a termination request takes the same clean-up path
+    as Ctrl-C: staging folders and temporary files are removed and nothing partial is left.
+
+    Attributes
+    ----------
+    signum : int
+        The signal received.
+    """
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
 @contextlib.contextmanager
-def results_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def _termination_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP (and Python's SIGINT) into one :class:`Interrupted`/KeyboardInterrupt.
+
+    Only the first signal raises; later ones arrive while the clean-up runs and are ignored until
+    the block exits, so a second Ctrl-C or a repeated ``kill`` cannot cut the clean-up short.
+    Outside the main thread (where Python cannot install handlers) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = False
+
+    def handler(signum, frame):
+        nonlocal fired
+        if fired:
+            return
+        fired = True
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Interrupted(signum)
+
+    names = ["SIGTERM", "SIGHUP"]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        names.append("SIGINT")  # leave a custom SIGINT handler (e.g. a notebook's) alone
+    previous = {}
+    for name in names:
+        number = getattr(signal, name, None)
+        if number is not None:
+            previous[number] = signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+_ERRNO_IN_TEXT = re.compile(r"errno\s*=\s*(\d+)")
+
+
+def _write_isolated(write: Callable[[Path], object], path: Path, name: Path) -> None:
+    """Run ``write(path)`` in a forked child where fork is safe (Linux), else in this process.
+
+    HDF5 (behind NetCDF) can leave its objects in a state that crashes the interpreter when they
+    are freed after a failed write (a full disk, a file-size limit): h5py raises, and the process
+    then segfaults at exit. In a child the crash cannot reach the caller; the child reports the
+    error through a pipe and leaves with ``os._exit`` (no finalisers). The caller gets an
+    ``OSError`` naming ``name`` (the final path), with the errno when one can be read.
+    """
+    if not sys.platform.startswith("linux"):
+        write(path)
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: write, report, leave without running any finaliser
+        code = 0
+        try:
+            os.close(read_end)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)  # HDF5's own tracebacks: the error goes through the pipe
+            write(path)
+        except BaseException as error:  # noqa: BLE001 - everything is reported to the parent
+            code = 1
+            number = getattr(error, "errno", None)
+            if not isinstance(number, int):
+                found = _ERRNO_IN_TEXT.search(str(error))
+                number = int(found.group(1)) if found else 0
+            text = f"{number}\n{type(error).__name__}: {error}".encode(errors="replace")
+            with contextlib.suppress(OSError):
+                os.write(write_end, text[:8000])
+        os._exit(code)
+    os.close(write_end)
+    try:
+        chunks = []
+        while chunk := os.read(read_end, 8192):
+            chunks.append(chunk)
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(read_end)
+    if os.waitstatus_to_exitcode(status) == 0:
+        return
+    report = b"".join(chunks).decode(errors="replace")
+    number_text, _, message = report.partition("\n")
+    number = int(number_text) if number_text.isdigit() else 0
+    if not message:
+        message = f"the writer process ended with status {os.waitstatus_to_exitcode(status)}"
+    if number:
+        raise OSError(number, f"could not write '{name}': {os.strerror(number)}")
+    raise OSError(f"could not write '{name}': {message}")
+
+
+def write_netcdf_atomic(idata, path: str | os.PathLike) -> Path:
+    """Write ArviZ ``InferenceData`` to ``path`` as NetCDF, atomically.
+
+    The file is written and closed under a temporary name (in a child process on Linux, see
+    below), then renamed onto ``path``. A failed write (full disk, file-size limit, no permission)
+    raises ``OSError`` and leaves neither a partial file nor a temporary one; the HDF5 library's
+    state after such a failure cannot crash this process.
+
+    Parameters
+    ----------
+    idata : arviz.InferenceData
+    path : str or os.PathLike
+        Destination, e.g. ``"inference_data.nc"``.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    TypeError
+        If ``idata`` has no ``to_netcdf`` method.
+    OSError
+        If the file cannot be written.
+    """
+    if not callable(getattr(idata, "to_netcdf", None)):
+        raise TypeError(f"idata must be an arviz.InferenceData; got {type(idata).__name__}")
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        _write_isolated(lambda target: idata.to_netcdf(str(target)), temporary, path)
+    return path
+
+
+#: Files pyromoe 0.1 wrote into a results folder, when its marker was still an empty file: a folder
+#: with that old marker may be replaced only if it holds nothing else.
+_LEGACY_OUTPUTS = frozenset(
+    {
+        RESULTS_MARKER,
+        "inference_data.nc",
+        "summary.md",
+        "trace.png",
+        "posterior.png",
+        "posterior_vs_truth.png",
+        "random_starts.png",
+        "responsibilities.png",
+        "posterior_predictive.png",
+    }
+)
+
+
+def _entries(folder: Path) -> set[str]:
+    """Every file and folder below ``folder``, as POSIX paths relative to it."""
+    return {entry.relative_to(folder).as_posix() for entry in folder.rglob("*")}
+
+
+def _write_marker(folder: Path) -> None:
+    """The marker: proof that pyromoe wrote ``folder``, listing everything it wrote there."""
+    from . import __version__
+
+    listed = sorted(_entries(folder) | {RESULTS_MARKER})
+    text = json.dumps({"pyromoe": __version__, "files": listed}, indent=1) + "\n"
+    (folder / RESULTS_MARKER).write_text(text, encoding="utf-8")
+
+
+def _written_by_pyromoe(folder: Path) -> set[str] | None:
+    """What the marker of ``folder`` says pyromoe wrote there; None without a marker."""
+    marker = folder / RESULTS_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        text = marker.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return set()
+    if not text.strip():
+        return set(_LEGACY_OUTPUTS)
+    try:
+        files = json.loads(text)["files"]
+    except (ValueError, KeyError, TypeError):
+        return set()
+    return {str(name) for name in files} if isinstance(files, list) else set()
+
+
+@contextlib.contextmanager
+def results_directory(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
+) -> Iterator[Path]:
     """Build a results folder under a temporary name; put it at ``path`` only if the block succeeds.
 
     Write every output into the yielded folder. On success it is renamed to ``path``; on any
     exception (``KeyboardInterrupt`` included) it is deleted and ``path`` is left exactly as it was,
-    so a failed or interrupted run leaves no partial output.
+    so a failed or interrupted run leaves no partial output. While the block runs, SIGTERM and
+    SIGHUP (``kill``, ``timeout``, job schedulers, a closed terminal) raise :class:`Interrupted`, a
+    ``KeyboardInterrupt``, so they take the same clean-up path as Ctrl-C. Only SIGKILL (or a power
+    cut) can leave the hidden staging folder ``.<name>.partial-<random>`` next to ``path``; it is
+    never a partial folder at ``path`` itself, and it can be deleted.
 
-    What happens to an existing ``path`` (checked on entry, before any work is done):
+    The rule for an existing ``path`` (checked on entry, before any work is done, and again just
+    before the final rename): **pyromoe never deletes what it did not write.**
 
     * missing, or an empty folder: the new folder takes its place;
-    * a folder made by an earlier call (it holds the marker file :data:`RESULTS_MARKER`): replaced
-      at the end;
-    * any other non-empty folder: ``FileExistsError`` unless ``overwrite=True`` (so a mistyped
-      ``--out`` never wipes a user's own folder);
-    * a file: ``FileExistsError``.
+    * a folder pyromoe wrote (it holds the marker file :data:`RESULTS_MARKER`, which lists every
+      file pyromoe put there): replaced at the end, only with ``overwrite=True``, and only if it
+      holds nothing but what the marker lists;
+    * any other folder, a file, the current working folder or one above it, a folder holding one
+      of ``inputs`` or one above such a folder: refused.
 
     Replacing is as atomic as a portable rename allows: the old folder is first renamed to a hidden
     sibling ``.<name>.old-<random>``, the new one renamed into place, then the old one deleted. If
-    the second rename fails the old folder is put back; if the process is killed between the two
-    renames, the old results survive under the hidden name. A killed process (SIGKILL, power loss)
-    can leave a hidden ``.<name>.partial-<random>`` sibling, never a partial folder at ``path``.
+    the second rename fails the old folder is put back.
 
     Parameters
     ----------
@@ -608,7 +900,9 @@ def results_directory(path: str | os.PathLike, *, overwrite: bool = False) -> It
         The results folder to create. Missing parent folders are created (and removed again if the
         block fails).
     overwrite : bool, default False
-        Allow replacing an existing non-empty folder that pyromoe did not create.
+        Allow replacing earlier pyromoe results at ``path``.
+    inputs : sequence of path-like, optional
+        The run's input files: ``path`` may not be the folder holding one of them, nor above it.
 
     Yields
     ------
@@ -618,7 +912,13 @@ def results_directory(path: str | os.PathLike, *, overwrite: bool = False) -> It
     Raises
     ------
     FileExistsError
-        If ``path`` is a file, or a non-empty folder not made by pyromoe and ``overwrite`` is False.
+        If ``path`` is a file, a folder pyromoe did not write, or earlier results without
+        ``overwrite=True``.
+    ValueError
+        If ``path`` is the working folder, holds an input file, or lies above either; or a parent of
+        ``path`` is a file.
+    OSError
+        If the staging folder cannot be created (e.g. ``PermissionError`` in a read-only folder).
 
     Examples
     --------
@@ -629,45 +929,108 @@ def results_directory(path: str | os.PathLike, *, overwrite: bool = False) -> It
     >>> sorted(p.name for p in out.iterdir())
     ['.pyromoe-results', 'summary.md']
     """
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False; got {overwrite!r}")
     path = _named(path)
-    _check_replaceable(path, overwrite)
+    inputs = [Path(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
+    _check_replaceable(path, overwrite, inputs)
 
-    created = _make_parents(path.parent)
-    staging = _sibling(path, "partial")
-    try:
-        staging.mkdir()  # mode 0o777 minus the umask, like any folder the user makes
-        (staging / RESULTS_MARKER).touch()
-        yield staging
-        _swap_into_place(staging, path, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        _remove_empty(created)
-        raise
+    with _termination_as_interrupt():
+        created = _make_parents(path.parent)
+        staging = _sibling(path, "partial")
+        try:
+            staging.mkdir()  # mode 0o777 minus the umask, like any folder the user makes
+            (staging / RESULTS_MARKER).touch()
+            yield staging
+            _write_marker(staging)
+            _swap_into_place(staging, path, overwrite, inputs)
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            _remove_empty(created)
+            text = str(error)
+            if str(staging) not in text:
+                raise
+            # name the folder the user asked for, not the hidden staging folder that is gone now
+            number = error.errno if isinstance(error.errno, int) else None
+            text = text.replace(str(staging), str(path))
+            if number is not None:
+                text = text.replace(f"[Errno {number}] ", "", 1)
+                raise OSError(number, text) from error
+            raise OSError(text) from error
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            _remove_empty(created)
+            raise
     _fsync_directory(path.parent)
 
 
 def _named(path: str | os.PathLike) -> Path:
     """``path`` as a Path with a real last component ('.' and '..' have none to rename)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike; got {type(path).__name__}")
     path = Path(path)
+    if not str(path).strip():
+        raise ValueError("path must name a folder; got an empty string")
     return Path(os.path.abspath(path)) if path.name in ("", ".", "..") else path
 
 
-def _check_replaceable(path: Path, overwrite: bool) -> None:
+def _is_same_or_above(folder: Path, other: Path) -> bool:
+    """Whether ``folder`` is ``other`` or one of its ancestors (after resolving links)."""
+    folder, other = folder.resolve(), other.resolve()
+    return folder == other or folder in other.parents
+
+
+def _check_replaceable(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
+    for parent in path.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(
+                f"cannot create results folder '{path}': '{parent}' is a file, not a folder; "
+                "choose another output path"
+            )
     if path.exists() and not path.is_dir():
         raise FileExistsError(
             f"cannot create results folder '{path}': a file of that name exists; choose another "
             "output path or remove the file"
         )
-    if path.is_dir() and any(path.iterdir()) and not (path / RESULTS_MARKER).exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"results folder '{path}' already exists and holds files pyromoe did not write; "
-                "choose another output path, empty it, or pass overwrite=True to replace it"
+    if _is_same_or_above(path, Path.cwd()):
+        raise ValueError(
+            f"results folder '{path}' is the current working folder or contains it; replacing it "
+            "would delete your files. Choose a new folder, e.g. --out results"
+        )
+    for source in inputs:
+        if _is_same_or_above(path, source.absolute().parent):
+            raise ValueError(
+                f"results folder '{path}' holds the input file '{source}' (or a folder above it); "
+                "replacing it would delete your data. Choose a new folder, e.g. --out results"
             )
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    written = _written_by_pyromoe(path)
+    if written is None:
+        raise FileExistsError(
+            f"results folder '{path}' already exists and holds files pyromoe did not write; "
+            "pyromoe never deletes those. Choose another output path, or move the files away "
+            "yourself"
+        )
+    if not overwrite:
+        raise FileExistsError(
+            f"results folder '{path}' holds the results of an earlier pyromoe run; pass "
+            "overwrite=True (--overwrite on the command line) to replace them, or choose another "
+            "output path"
+        )
+    foreign = sorted(_entries(path) - written)
+    if foreign:
+        more = ", ..." if len(foreign) > 5 else ""
+        listed = ", ".join(f"'{name}'" for name in foreign[:5]) + more
+        raise FileExistsError(
+            f"results folder '{path}' holds earlier pyromoe results but also files pyromoe did not "
+            f"write ({listed}); pyromoe never deletes those. Move them away or choose another "
+            "output path"
+        )
 
 
-def _swap_into_place(staging: Path, path: Path, overwrite: bool) -> None:
-    _check_replaceable(path, overwrite)  # again: the folder may have been filled meanwhile
+def _swap_into_place(staging: Path, path: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
+    _check_replaceable(path, overwrite, inputs)  # again: the folder may have changed meanwhile
     if not path.exists():
         os.replace(staging, path)
         return

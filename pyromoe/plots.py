@@ -188,9 +188,16 @@ def plot_responsibilities(x, y, estimate: MoEEstimate, feature_names: Sequence[s
 
 
 def plot_posterior_predictive(idata, num_pp_samples: int = 50):
-    """ArviZ posterior predictive check of ``y`` (observed density against replicated ones)."""
+    """ArviZ posterior predictive check of ``y`` (observed density against replicated ones).
+
+    Shows ``num_pp_samples`` replicated data sets, or every draw when there are fewer (a short run
+    of 1 chain x 20 draws still gets its plot).
+    """
     import arviz as az
 
+    predictive = idata.posterior_predictive
+    draws = int(predictive.sizes["chain"] * predictive.sizes["draw"])
+    num_pp_samples = max(1, min(int(num_pp_samples), draws))
     ax = az.plot_ppc(idata, var_names=[sites.OBS], num_pp_samples=num_pp_samples)
     ax = np.asarray(ax).ravel()[0]
     ax.set_title("Posterior predictive check")

@@ -251,6 +251,102 @@ def test_large_table_round_trips_exactly(tmp_path):
     np.testing.assert_array_equal(y, values[:, 3])
 
 
+def test_cells_are_read_exactly_as_python_float_reads_them(tmp_path):
+    texts = [
+        "0.1",
+        "0.30000000000000004",
+        "1.700000000000000177635684",  # a parser that is not correctly rounded gives 1.7
+        "2.2250738585072011e-308",
+        "4.9e-324",
+        "1.7976931348623157e308",
+        "9007199254740993",
+        "123456789012345678901234567890",
+        "-0",
+        "1E22",
+    ]
+    lines = [f'{text},"{text}", {text} ' for text in texts]
+    path = write(tmp_path, "a,b,y\n" + "\n".join(lines) + "\n")
+    x, y, _, _ = read_table(path, target="y")
+    expected = np.array([float(text) for text in texts])
+    assert x[:, 0].tobytes() == expected.tobytes() and x[:, 1].tobytes() == expected.tobytes()
+    assert y.tobytes() == expected.tobytes()
+    assert x[0, 0] == float("0.1") and np.signbit(y[8])
+
+
+def test_large_file_with_quotes_line_breaks_and_blank_lines_is_read_exactly(tmp_path):
+    n = 200_000
+    values = np.random.default_rng(1).normal(size=(n, 3))
+    records = [f"{i},{a!r},{b!r},{c!r}" for i, (a, b, c) in enumerate(values.tolist())]
+    for i in range(0, n, 1000):  # a text column, quoted, with a delimiter and a line break
+        records[i] = f'"row {i},\nsee notes"' + records[i][len(str(i)) :]
+    for i in range(n - 5000, 0, -5000):
+        records.insert(i, "")
+    text = "id,a,b,y\n" + "\n".join(records) + "\n"
+    path = write(tmp_path, text)
+    x, y, names, _ = read_table(path, target="y", features=["a", "b"])
+    assert names == ("a", "b")
+    np.testing.assert_array_equal(x, values[:, :2])
+    np.testing.assert_array_equal(y, values[:, 2])
+
+    last_line = text.count("\n")  # the last data row ends on the file's last line
+    broken = write(tmp_path, text[: text.rindex(",") + 1] + "oops\n", name="broken.csv")
+    with pytest.raises(
+        ValueError, match=rf"data row {n} \(file line {last_line}\) holds 'oops', which is not"
+    ):
+        read_table(broken, target="y", features=["a", "b"])
+
+
+def test_row_with_too_few_fields_is_named(tmp_path):
+    path = write(tmp_path, "x,y\n1,2\n\n3\n")
+    with pytest.raises(
+        ValueError, match=r"data row 2 \(file line 4\) has 1 field but the header has 2 \(x, y\)"
+    ):
+        read_table(path, target="y")
+
+
+def test_file_line_counts_line_breaks_inside_quoted_values(tmp_path):
+    path = write(tmp_path, 'id,x,y\n"a\nb",1,2\n"c",3,oops\n"d\ne",4,5\n')
+    with pytest.raises(ValueError, match=r"column 'y', data row 2 \(file line 4\) holds 'oops'"):
+        read_table(path, target="y", features=["x"])
+    path = write(tmp_path, 'id,x,y\n"a\nb",1,2\n"c\nd",3,4,5\n', name="wide.csv")
+    with pytest.raises(ValueError, match=r"data row 2 \(file line 5\) has 4 fields"):
+        read_table(path, target="y", features=["x"])
+
+
+def test_unclosed_quote_is_named_with_its_line(tmp_path):
+    path = write(tmp_path, 'x,y\n1,2\n3,"4\n5,6\n')
+    with pytest.raises(ValueError, match=r"malformed CSV at file line 4: .*closed by '\"'"):
+        read_table(path, target="y")
+
+
+def test_lines_of_only_delimiters_or_spaces_are_blank(tmp_path):
+    path = write(tmp_path, ",,\nx,y\n , \n1,2\n,,,,\n\t\n3,4\n")
+    x, y, _, _ = read_table(path, target="y")
+    assert x.ravel().tolist() == [1.0, 3.0] and y.tolist() == [2.0, 4.0]
+    path = write(tmp_path, ",,\n,\n", name="blank.csv")
+    with pytest.raises(ValueError, match="blank.csv is empty"):
+        read_table(path, target="y")
+
+
+def test_old_mac_line_endings_count_as_lines(tmp_path):
+    path = tmp_path / "mac.csv"
+    path.write_bytes(b"x,y\r1,2\r\r3,abc\r")
+    with pytest.raises(ValueError, match=r"data row 2 \(file line 4\) holds 'abc'"):
+        read_table(path, target="y")
+
+
+def test_names_pandas_would_mangle_are_kept(tmp_path):
+    path = write(tmp_path, "a,a.1,y\n1,2,3\n")
+    assert read_table(path, target="y").feature_names == ("a", "a.1")
+
+
+def test_first_cell_python_float_refuses_is_reported(tmp_path):
+    # '1_000' is a number to float() (and was before pandas read the file), not to pandas
+    path = write(tmp_path, "x,y\n1_000,2\n3,abc\n")
+    with pytest.raises(ValueError, match=r"data row 2 \(file line 3\) holds 'abc'"):
+        read_table(path, target="y")
+
+
 # --------------------------------------------------------------------------------------------------
 # Atomic writing
 # --------------------------------------------------------------------------------------------------
@@ -289,7 +385,7 @@ def test_results_directory_failure_keeps_previous_results_intact(tmp_path):
     with results_directory(out) as folder:
         (folder / "summary.md").write_text("first run")
     with pytest.raises(RuntimeError):
-        with results_directory(out) as folder:
+        with results_directory(out, overwrite=True) as folder:
             (folder / "summary.md").write_text("second run, half written")
             raise RuntimeError("second run failed")
     assert (out / "summary.md").read_text() == "first run"
@@ -300,7 +396,10 @@ def test_results_directory_replaces_its_own_previous_results_at_the_end(tmp_path
     out = tmp_path / "results"
     with results_directory(out) as folder:
         (folder / "old.md").write_text("first run")
-    with results_directory(out) as folder:
+    with pytest.raises(FileExistsError, match="earlier pyromoe run; pass overwrite=True"):
+        with results_directory(out):
+            raise AssertionError("must not run")
+    with results_directory(out, overwrite=True) as folder:
         assert (out / "old.md").exists()  # old results stay until the new run succeeds
         (folder / "new.md").write_text("second run")
     assert listing(out) == [RESULTS_MARKER, "new.md"]
@@ -312,26 +411,23 @@ def test_results_directory_refuses_a_user_folder_before_any_work(tmp_path):
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
     ran = False
-    with pytest.raises(FileExistsError, match="holds files pyromoe did not write.*overwrite=True"):
-        with results_directory(out):
-            ran = True
+    for overwrite in (False, True):  # not even with overwrite=True
+        with pytest.raises(FileExistsError, match="holds files pyromoe did not write"):
+            with results_directory(out, overwrite=overwrite):
+                ran = True
     assert not ran
     assert listing(out) == ["thesis.tex"] and listing(tmp_path) == ["mine"]
 
 
-def test_results_directory_overwrite_replaces_a_user_folder_only_on_success(tmp_path):
-    out = tmp_path / "mine"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    with pytest.raises(RuntimeError):
-        with results_directory(out, overwrite=True) as folder:
-            (folder / "new.txt").write_text("new")
-            raise RuntimeError("failed")
-    assert listing(out) == ["old.txt"]
-    with results_directory(out, overwrite=True) as folder:
-        (folder / "new.txt").write_text("new")
-    assert listing(out) == [RESULTS_MARKER, "new.txt"]
-    assert listing(tmp_path) == ["mine"]
+def test_results_directory_overwrite_never_deletes_a_file_added_to_old_results(tmp_path):
+    out = tmp_path / "results"
+    with results_directory(out) as folder:
+        (folder / "summary.md").write_text("first run")
+    (out / "my_notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match=r"files pyromoe did not\s+write \('my_notes.txt'\)"):
+        with results_directory(out, overwrite=True):
+            raise AssertionError("must not run")
+    assert listing(out) == [RESULTS_MARKER, "my_notes.txt", "summary.md"]
 
 
 def test_results_directory_uses_an_existing_empty_folder(tmp_path):

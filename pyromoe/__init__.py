@@ -8,7 +8,7 @@ from .datasets import DATASETS, Dataset, load_concrete, load_dataset, load_mcycl
 from .diagnostics import align_labels, to_inference_data
 from .em import fit_em
 from .estimate import MoEEstimate, parameter_errors
-from .gate import ConvergenceWarning, fit_gate
+from .gate import CollapseWarning, ConvergenceWarning, fit_gate
 from .inference import fit_map, fit_svi, run_nuts
 from .init import init_to_moments
 from .initialize import initialize, tensor_init
@@ -19,6 +19,7 @@ from .simulate import SimulatedData, simulate
 __version__ = "0.1.0"
 
 __all__ = [
+    "CollapseWarning",
     "ConvergenceWarning",
     "DATASETS",
     "Dataset",

@@ -1,18 +1,134 @@
 """Validation at the public boundary: arrays in, checked tensors out, with errors that say how to fix them.
 
-Rules: torch tensors keep their device and (floating) dtype; numpy arrays (or anything with
-``__array__``, e.g. a pandas frame) become tensors of their own float dtype (float64 for float64/int
-input); ``y`` follows ``x``'s device and dtype.
+Every public function checks its arguments here, once, before any work (and before any fallback);
+errors are ``TypeError`` / ``ValueError`` naming the argument, the value received and the fix.
+
+Rules for arrays: torch tensors keep their device and (floating) dtype, detached from any autograd
+graph; numpy arrays (or anything with ``__array__``, e.g. a pandas frame) become tensors of their
+own float dtype (float64 for float64/int input); half precision (float16, bfloat16) is upcast with a
+``UserWarning`` (float32 for tensors, float64 for numpy); ``y`` follows ``x``'s device and dtype.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
+import secrets
+import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
 
-__all__ = ["as_tensors", "as_tensor", "check_num_experts", "check_positive"]
+__all__ = [
+    "ROWS_PER_PARAMETER_WARN",
+    "SmallDataWarning",
+    "as_tensors",
+    "as_tensor",
+    "check_count",
+    "check_device",
+    "check_enough_rows",
+    "check_flag",
+    "check_model",
+    "check_num_experts",
+    "check_positive",
+    "check_probability",
+    "check_seed",
+    "exact_scales",
+    "num_parameters",
+    "rescale_estimate",
+]
+
+#: Rule of thumb for point estimates (:func:`check_enough_rows`): below this many rows per free
+#: parameter a ``UserWarning`` says the estimate will be noisy. Ten observations per parameter is
+#: the usual regression heuristic; EM of a mixture needs at least that, since each expert sees only
+#: its share of the rows. Fewer than ``parameters + 1`` rows (or more experts than rows) is refused.
+ROWS_PER_PARAMETER_WARN = 10
+
+
+class SmallDataWarning(UserWarning):
+    """Fewer than :data:`ROWS_PER_PARAMETER_WARN` rows per free parameter of a point estimate."""
+
+
+#: Seeds are ints in ``[0, SEED_BOUND)`` (what ``torch.Generator.manual_seed`` takes as a signed
+#: 64-bit value).
+SEED_BOUND = 2**63
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _is_pandas(value) -> bool:
+    return type(value).__module__.split(".")[0] == "pandas" and hasattr(value, "to_numpy")
+
+
+def _from_pandas(value):
+    """A pandas object as a numeric numpy array (nullable columns: pd.NA -> NaN), and its labels."""
+    columns = list(value.columns) if hasattr(value, "columns") else [getattr(value, "name", None)]
+    array = np.asarray(value)
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        try:  # nullable Int64 / Float64 / boolean columns holding pd.NA
+            array = value.to_numpy(dtype="float64", na_value=np.nan)
+        except (TypeError, ValueError):
+            pass  # refused below with the dtype
+    return array, columns
+
+
+def _to_tensor(value, name: str, like: torch.Tensor | None = None):
+    """``as_tensor`` and the column labels of a pandas input (None otherwise)."""
+    columns = None
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+        if tensor.dtype in _HALF and like is None:
+            warnings.warn(
+                f"{name} has dtype {str(tensor.dtype).replace('torch.', '')}; computing in float32 "
+                f"(half precision is too coarse for the moments and Cholesky factors). Pass "
+                f"{name}.float() to silence this.",
+                UserWarning,
+                stacklevel=5,
+            )
+            tensor = tensor.float()
+    elif hasattr(value, "__array__") and not isinstance(value, (str, bytes)):
+        if _is_pandas(value):
+            array, columns = _from_pandas(value)
+        else:
+            array = np.asarray(value)
+        if array.dtype == object or not (
+            np.issubdtype(array.dtype, np.number) or array.dtype == bool
+        ):
+            raise TypeError(
+                f"{name} must hold numbers; got an array of dtype {array.dtype}. "
+                "Convert it with .astype(float) first."
+            )
+        if any(stride < 0 for stride in array.strides):
+            array = np.ascontiguousarray(array)  # e.g. x[::-1]: torch refuses negative strides
+        if array.dtype == np.float16 and like is None:
+            warnings.warn(
+                f"{name} has dtype float16; computing in float64 (half precision is too coarse "
+                f"for the moments and Cholesky factors). Pass {name}.astype('float64') to "
+                "silence this.",
+                UserWarning,
+                stacklevel=5,
+            )
+            array = array.astype(np.float64)
+        with warnings.catch_warnings():
+            # a read-only array (a pandas frame's view, a memory map) is shared, never written to
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensor = torch.as_tensor(array)
+    else:
+        raise TypeError(
+            f"{name} must be a torch.Tensor or a numpy array; got {type(value).__name__}. "
+            f"Wrap it with numpy.asarray({name}) first."
+        )
+    if tensor.is_complex():
+        raise TypeError(f"{name} must be real-valued; got dtype {tensor.dtype}")
+    if like is not None:
+        return tensor.to(device=like.device, dtype=like.dtype), columns
+    if not tensor.is_floating_point():
+        # integer/bool numpy input becomes float64 (numpy's float); an integer tensor the torch default
+        tensor = tensor.to(
+            torch.get_default_dtype() if isinstance(value, torch.Tensor) else torch.float64
+        )
+    return tensor, columns
 
 
 def as_tensor(
@@ -23,41 +139,30 @@ def as_tensor(
 ) -> torch.Tensor:
     """Convert ``value`` (torch tensor or array-like with ``__array__``) to a floating tensor.
 
-    With ``like`` given, the result is moved to ``like``'s device and dtype.
+    With ``like`` given, the result is moved to ``like``'s device and dtype. Tensors are detached
+    (an estimate must not hold autograd graphs); negatively strided numpy arrays are copied; pandas
+    objects are converted with ``.to_numpy(dtype="float64", na_value=np.nan)`` when they hold
+    nullable columns; float16/bfloat16 is upcast with a ``UserWarning``.
     """
-    if isinstance(value, torch.Tensor):
-        tensor = value
-    elif hasattr(value, "__array__") and not isinstance(value, (str, bytes)):
-        array = np.asarray(value)
-        if array.dtype == object or not (
-            np.issubdtype(array.dtype, np.number) or array.dtype == bool
-        ):
-            raise TypeError(
-                f"{name} must hold numbers; got an array of dtype {array.dtype}. "
-                "Convert it with .astype(float) first."
-            )
-        tensor = torch.as_tensor(array)
-    else:
-        raise TypeError(
-            f"{name} must be a torch.Tensor or a numpy array; got {type(value).__name__}. "
-            f"Wrap it with numpy.asarray({name}) first."
-        )
-    if tensor.is_complex():
-        raise TypeError(f"{name} must be real-valued; got dtype {tensor.dtype}")
-    if like is not None:
-        return tensor.to(device=like.device, dtype=like.dtype)
-    if not tensor.is_floating_point():
-        # integer/bool numpy input becomes float64 (numpy's float); an integer tensor the torch default
-        tensor = tensor.to(
-            torch.get_default_dtype() if isinstance(value, torch.Tensor) else torch.float64
-        )
+    tensor, columns = _to_tensor(value, name, like)
+    if columns is not None:
+        _check_finite(tensor, name, columns)  # name the pandas column while we know it
     return tensor
 
 
-def _check_finite(tensor: torch.Tensor, name: str) -> None:
+def _check_finite(tensor: torch.Tensor, name: str, columns: list | None = None) -> None:
     bad = ~torch.isfinite(tensor)
     if bool(bad.any()):
         index = torch.nonzero(bad)[0].tolist()
+        if columns is not None and bool(torch.isnan(tensor[tuple(index)])):
+            j = index[1] if len(index) > 1 else 0
+            label = columns[j] if j < len(columns) else None
+            column = f"column {label!r} (column {j})" if label is not None else f"column {j}"
+            raise ValueError(
+                f"{name} contains NaN or infinite values: a missing value (NaN or pd.NA) in "
+                f"{column}, row {index[0]}; drop or impute those rows (e.g. frame.dropna()) "
+                "before fitting"
+            )
         where = f"row {index[0]}" + (f", column {index[1]}" if len(index) > 1 else "")
         raise ValueError(
             f"{name} contains NaN or infinite values (first at {where}); "
@@ -94,12 +199,18 @@ def as_tensors(
     TypeError
         For non-array input.
     ValueError
-        For wrong shapes, mismatched lengths, too few rows, NaN or infinite values.
+        For wrong shapes (including ``d = 0``), mismatched lengths, too few rows, NaN or infinite
+        values (for a pandas input the message names the column and row of a missing value).
     """
     x = as_tensor(x, "x")
     if x.dim() != 2:
         hint = " (for a single input use x.reshape(-1, 1))" if x.dim() == 1 else ""
         raise ValueError(f"x must be a 2-D array of shape (n, d); got shape {tuple(x.shape)}{hint}")
+    if x.shape[1] == 0:
+        raise ValueError(
+            f"x has no columns (shape {tuple(x.shape)}): a mixture of experts needs at least one "
+            "input; pass x of shape (n, d) with d >= 1"
+        )
     if in_features is not None and x.shape[1] != in_features:
         raise ValueError(
             f"x must have in_features={in_features} columns; got shape {tuple(x.shape)}. "
@@ -136,11 +247,289 @@ def check_num_experts(num_experts) -> int:
 
 
 def check_positive(value, name: str, *, integer: bool = False):
-    """Check that ``value`` is a finite number > 0 (an int if ``integer``) and return it."""
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind):
-        expected = "an int" if integer else "a number"
-        raise TypeError(f"{name} must be {expected} > 0; got {type(value).__name__}")
+    """Check that ``value`` is a finite number > 0 (a rate, scale or tolerance) and return it.
+
+    With ``integer`` it is a count >= 1: :func:`check_count` with ``minimum=1``.
+    """
+    if integer:
+        return check_count(value, name, minimum=1)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number > 0; got {type(value).__name__} {value!r}")
     if not (value > 0 and np.isfinite(float(value))):
-        raise ValueError(f"{name} must be > 0 and finite; got {value}")
-    return int(value) if integer else float(value)
+        raise ValueError(f"{name} must be > 0 and finite; got {value}. Pass a positive number.")
+    return float(value)
+
+
+def check_count(value, name: str, minimum: int = 0) -> int:
+    """Check that ``value`` is an int (or numpy integer, not bool) >= ``minimum`` and return it.
+
+    The one check for counts: ``num_samples``, ``num_warmup``, ``num_chains``, ``num_steps``,
+    ``n_init``, ``max_iter``, ``random_starts``, ``chunk_size``, ``max_tree_depth``...
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{name} must be an int >= {minimum}; got {type(value).__name__} {value!r}. "
+            f"Pass a whole number, e.g. {name}={max(minimum, 1)}."
+        )
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}. Pass {name} >= {minimum}.")
+    return int(value)
+
+
+def check_probability(value, name: str) -> float:
+    """Check that ``value`` is a number strictly between 0 and 1 and return it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in (0, 1); got {type(value).__name__} {value!r}")
+    if not 0 < value < 1:
+        raise ValueError(
+            f"{name} must be strictly between 0 and 1; got {value}. Pass e.g. {name}=0.8."
+        )
+    return float(value)
+
+
+def check_flag(value, name: str) -> bool:
+    """Check that ``value`` is True or False (numpy bools accepted) and return it."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """Check a seed and return it as an int; ``None`` draws a fresh one.
+
+    Accepts an int or numpy integer (not a bool) in ``[0, 2**63)``. ``None`` means fresh entropy:
+    a seed is drawn with :func:`secrets.randbits` (63 bits) and returned, so the caller can record
+    it (``diagnostics["seed"]`` of an estimate, ``idata.attrs["seed"]``) and the run can be
+    reproduced by passing it back.
+    """
+    if seed is None:
+        return secrets.randbits(63)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(
+            f"{name} must be an int in [0, 2**63) or None (a fresh random seed); got "
+            f"{type(seed).__name__} {seed!r}. Pass e.g. {name}=0."
+        )
+    seed = int(seed)
+    if not 0 <= seed < SEED_BOUND:
+        raise ValueError(
+            f"{name} must be in [0, 2**63); got {seed}. Pass a seed in that range, e.g. "
+            f"{name}={abs(seed) % SEED_BOUND}."
+        )
+    return seed
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """Check that ``device`` names a torch device that exists on this machine; return it.
+
+    Raises
+    ------
+    TypeError
+        For anything but a str or ``torch.device``.
+    ValueError
+        For a string torch cannot parse (``"gpu0"``), CUDA when ``torch.cuda.is_available()`` is
+        False or the index is beyond the devices present, MPS when it is not available.
+    """
+    if isinstance(device, torch.device):
+        parsed = device
+    elif isinstance(device, str):
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ValueError(
+                f"device {device!r} is not a torch device string; use 'cpu', 'cuda' or 'cuda:0'"
+            ) from None
+    else:
+        raise TypeError(
+            "device must be a str or torch.device (e.g. 'cpu', 'cuda', 'cuda:0'); got "
+            f"{type(device).__name__} {device!r}"
+        )
+    shown = str(device)
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {shown!r} asked for but CUDA is not available on this machine "
+                "(torch.cuda.is_available() is False); use device='cpu'"
+            )
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(
+                f"device {shown!r} asked for but this machine has {count} CUDA device(s) "
+                f"(cuda:0 to cuda:{count - 1}); use device='cuda:0'"
+            )
+    elif parsed.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(
+                f"device {shown!r} asked for but MPS is not available on this machine "
+                "(torch.backends.mps.is_available() is False); use device='cpu'"
+            )
+    elif parsed.type != "cpu":
+        backend = getattr(torch, parsed.type, None)
+        available = getattr(backend, "is_available", None)
+        if callable(available) and not available():
+            raise ValueError(
+                f"device {shown!r} asked for but {parsed.type} is not available on this machine; "
+                "use device='cpu'"
+            )
+    return parsed
+
+
+def check_model(model) -> None:
+    """Check that ``model`` is a model instance (a :class:`pyromoe.MixtureOfExperts`, or alike)."""
+    if isinstance(model, type):
+        raise TypeError(
+            f"model must be an instance, e.g. {model.__name__}(in_features=..., "
+            f"num_experts=...); got the class {model.__name__}"
+        )
+    if not callable(model) or not callable(getattr(model, "log_likelihood", None)):
+        raise TypeError(
+            "model must be a pyromoe.MixtureOfExperts (a Pyro model with .log_likelihood(x, y, "
+            f"params) and .link); got {type(model).__name__}"
+        )
+
+
+# ------------------------------------------------------------------------ how much data
+def num_parameters(in_features: int, num_experts: int, bias: bool = True) -> int:
+    """Number of free scalar parameters of :class:`pyromoe.MixtureOfExperts`.
+
+    ``k d`` expert weights, ``(k - 1) d`` gate weights, the noise, and with ``bias`` ``k`` expert
+    intercepts and ``k - 1`` gate offsets.
+    """
+    k, d = num_experts, in_features
+    return k * d + (k - 1) * d + 1 + ((2 * k - 1) if bias else 0)
+
+
+def check_enough_rows(
+    n: int, parameters: int, num_experts: int, *, model: str, stacklevel: int = 3
+) -> None:
+    """Refuse a point estimate that can only interpolate; warn when the data are thin.
+
+    ``model`` describes what is fitted (e.g. ``"2 experts on 3 inputs"``) for the messages.
+
+    Raises
+    ------
+    ValueError
+        ``num_experts > n``, or ``n < parameters + 1`` (the fit would interpolate the data and
+        drive the noise to 0).
+
+    Warns
+    -----
+    SmallDataWarning
+        (a ``UserWarning``) when ``n < ROWS_PER_PARAMETER_WARN * parameters``.
+    """
+    fix = "use more rows, fewer experts or fewer inputs"
+    if num_experts > n:
+        raise ValueError(
+            f"num_experts={num_experts} exceeds the number of rows n={n} (x has {n} rows): some "
+            f"experts would have no data; {fix}"
+        )
+    if n < parameters + 1:
+        raise ValueError(
+            f"x has n={n} rows but {model} has {parameters} free parameters: a point estimate "
+            f"needs n >= {parameters + 1} rows (with fewer it interpolates the data and the "
+            f"noise collapses to 0); {fix}"
+        )
+    if n < ROWS_PER_PARAMETER_WARN * parameters:
+        warnings.warn(
+            f"x has n={n} rows for the {parameters} free parameters of {model} "
+            f"({n / parameters:.1f} rows per parameter, under the rule of thumb of "
+            f"{ROWS_PER_PARAMETER_WARN}): the estimate will be noisy; {fix}",
+            SmallDataWarning,
+            stacklevel=stacklevel,
+        )
+
+
+# ------------------------------------------------------------------------ extreme scales
+#: Links with ``g(s z) = s g(z)`` for ``s > 0``: ``y`` may be rescaled for them.
+_HOMOGENEOUS_LINKS = ("linear", "relu", "leaky_relu")
+
+
+def _extreme_bounds(dtype: torch.dtype) -> tuple[float, float]:
+    """Magnitudes beyond which products of four values over- or underflow ``dtype``."""
+    info = torch.finfo(dtype)
+    return info.max**0.25, info.tiny**0.25
+
+
+def exact_scales(x: torch.Tensor, y: torch.Tensor, link) -> tuple[torch.Tensor | None, float]:
+    """Powers of two that bring extreme columns of ``x`` (and ``y``) to magnitude ~1.
+
+    A column (or ``y``) is extreme when its largest magnitude is above ``finfo.max ** 0.25`` or
+    below ``finfo.tiny ** 0.25`` (1.2e77 and 1.2e-77 in float64): the moments and Gram matrices
+    take products of up to four values and would overflow (``linalg.eigh failed to converge``)
+    or underflow. Dividing by a power of two is exact, so ordinary data are never touched
+    (``(None, 1.0)``: nothing to do) and rescaled data map back exactly
+    (:func:`rescale_estimate`).
+
+    Returns
+    -------
+    (x_scale, y_scale) : Tensor (d,) or None, float
+
+    Raises
+    ------
+    ValueError
+        When ``y`` is extreme and the link is not positively homogeneous (tanh, sigmoid): ``y`` on
+        that scale cannot come from the model; standardise it.
+    """
+    high, low = _extreme_bounds(x.dtype)
+    peak = x.abs().amax(dim=0)
+    extreme = (peak > high) | ((peak > 0) & (peak < low))
+    x_scale = None
+    if bool(extreme.any()):
+        exponents = torch.where(extreme, torch.round(torch.log2(peak)), torch.zeros_like(peak))
+        x_scale = torch.ldexp(torch.ones_like(peak), exponents.to(torch.int32))
+    y_scale = 1.0
+    y_peak = float(y.abs().max())
+    if y_peak > high or 0 < y_peak < low:
+        if link.name not in _HOMOGENEOUS_LINKS:
+            raise ValueError(
+                f"y reaches {y_peak:.3g}, an extreme scale the {link.name} link cannot produce "
+                f"(its outputs are bounded); standardise y (y - y.mean()) / y.std() or use "
+                "link='linear'"
+            )
+        y_scale = math.ldexp(1.0, round(math.log2(y_peak)))
+    return x_scale, y_scale
+
+
+def rescale_estimate(estimate, x_scale: torch.Tensor | None, y_scale: float, *, to_user: bool):
+    """Map an estimate between the user's data and data rescaled by :func:`exact_scales`.
+
+    On ``x' = x / x_scale``, ``y' = y / y_scale`` the model ``y = g(a.x + b)`` with gate
+    ``w.x + c`` has ``a' = a x_scale / y_scale``, ``b' = b / y_scale``, ``w' = w x_scale``,
+    ``c' = c`` and ``noise' = noise / y_scale`` (``y_scale != 1`` only for homogeneous links).
+    ``to_user=True`` maps a fit on the rescaled data back; ``False`` maps a start forward.
+    """
+    w = estimate.experts_weight
+    xs = torch.ones_like(w[0]) if x_scale is None else x_scale.to(device=w.device, dtype=w.dtype)
+    if to_user:
+        values = dict(
+            experts_weight=estimate.experts_weight * y_scale / xs,
+            experts_bias=estimate.experts_bias * y_scale,
+            gate_weight=estimate.gate_weight / xs,
+            noise=estimate.noise * y_scale,
+        )
+    else:
+        values = dict(
+            experts_weight=estimate.experts_weight * xs / y_scale,
+            experts_bias=estimate.experts_bias / y_scale,
+            gate_weight=estimate.gate_weight * xs,
+            noise=estimate.noise / y_scale,
+        )
+    if to_user:
+        diagnostics = dict(estimate.diagnostics)
+        diagnostics["input_scaling"] = {
+            "x_scale": xs.tolist(),
+            "y_scale": y_scale,
+            "note": "x and y were divided by these powers of two (exact) before fitting; "
+            "the other diagnostics refer to the rescaled data",
+        }
+        values["diagnostics"] = diagnostics
+        if not all(
+            bool(torch.isfinite(values[name]).all()) for name in values if name != "diagnostics"
+        ):
+            raise ValueError(
+                "the estimate does not fit in "
+                f"{str(w.dtype).replace('torch.', '')} in the units of x and y (x and y differ "
+                "in scale by a factor near the largest float): standardise x and y, e.g. "
+                "(x - x.mean(0)) / x.std(0), and fit again"
+            )
+    return replace(estimate, **values)

@@ -1,11 +1,22 @@
 """The `pyromoe` command line: argument parsing and error reporting only.
 
 The analyses themselves are :func:`pyromoe.workflow.run_demo` and :func:`pyromoe.workflow.run_fit`.
+
+Every error a user can cause ends in one line on standard error, never a traceback:
+
+* exit code 2: bad usage (an option's value, the data file, the output folder), found before any
+  work;
+* exit code 1: a run that failed (a write error such as a full disk, or a failure inside the fit);
+  ``PYROMOE_DEBUG=1`` shows the traceback of an unexpected failure;
+* exit code 128 + N: interrupted by signal N (130 for Ctrl-C, 143 for SIGTERM); partial results
+  are removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -28,6 +39,7 @@ def _demo(args: argparse.Namespace) -> int:
         num_experts=args.experts,
         link=args.link,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     nuts = numbers["nuts"]
     error = numbers["tensor_start_expert_error"]
@@ -67,10 +79,48 @@ def _fit(args: argparse.Namespace) -> int:
         num_steps=args.steps,
         device=args.device,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     print(f"initializer: {numbers['initializer']} ({numbers['initializer_reason']})")
     print(f"results written to {args.out}/ (summary.md, inference_data.nc, figures)")
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pyromoe")
+    except PackageNotFoundError:  # a source tree that was not installed
+        from . import __version__
+
+        return __version__
+
+
+def _count(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,15 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyromoe",
         description="Gated Gaussian mixtures of experts in Pyro, started in the right basin.",
+        epilog="Exit codes: 0 success, 2 bad usage, 1 failed run, 128+N interrupted by signal N.",
     )
+    parser.add_argument("--version", action="version", version=f"pyromoe {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p, out, seed=0):
-        p.add_argument("--experts", type=int, default=2, help="number of experts (default 2)")
+        p.add_argument("--experts", type=_count(2), default=2, help="number of experts (default 2)")
         p.add_argument("--link", default="linear", choices=sorted(LINKS), help="expert link")
-        p.add_argument("--seed", type=int, default=seed, help=f"random seed (default {seed})")
+        p.add_argument("--seed", type=_seed, default=seed, help=f"random seed (default {seed})")
         p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
         p.add_argument("--out", default=out, help=f"results folder (default {out}/)")
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace the results of an earlier pyromoe run at --out (a folder holding "
+            "anything else is never replaced)",
+        )
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     demo = sub.add_parser(
@@ -118,23 +176,52 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["nuts", "svi"],
         help="posterior inference: nuts (default) or svi (large n)",
     )
-    fit.add_argument("--chains", type=int, default=4, help="NUTS chains (default 4)")
-    fit.add_argument("--warmup", type=int, default=500, help="NUTS warm-up steps (default 500)")
-    fit.add_argument("--samples", type=int, default=500, help="NUTS draws per chain (default 500)")
-    fit.add_argument("--steps", type=int, default=3000, help="SVI steps (default 3000)")
+    fit.add_argument("--chains", type=_count(1), default=4, help="NUTS chains (default 4)")
+    fit.add_argument(
+        "--warmup", type=_count(0), default=500, help="NUTS warm-up steps (default 500)"
+    )
+    fit.add_argument(
+        "--samples", type=_count(4), default=500, help="NUTS draws per chain, >= 4 (default 500)"
+    )
+    fit.add_argument("--steps", type=_count(1), default=3000, help="SVI steps (default 3000)")
     fit.set_defaults(handler=_fit)
     return parser
 
 
+#: Errors of usage (exit 2): a bad option value, data file or output folder, found before any work.
+_USAGE_ERRORS = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    _use_agg()
+    args = parser.parse_args(argv)  # bad usage: argparse prints the usage line and exits 2
+    command = f"pyromoe {args.command}"
     try:
+        _use_agg()
         return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError) as error:
-        print(f"pyromoe {args.command}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt as error:  # Ctrl-C, and SIGTERM/SIGHUP during a run (io.Interrupted)
+        signum = getattr(error, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        print(f"{command}: interrupted by {name}; partial results were removed", file=sys.stderr)
+        return 128 + int(signum)
+    except _USAGE_ERRORS as error:
+        print(f"{command}: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # a failed run: a write error (OSError) or a failure inside the fit
+        if os.environ.get("PYROMOE_DEBUG"):
+            raise
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        kind = "" if isinstance(error, OSError) else f"{type(error).__name__}: "
+        hint = "" if isinstance(error, OSError) else " (PYROMOE_DEBUG=1 shows the traceback)"
+        print(f"{command}: failed: {kind}{text}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from . import likelihood, sites
-from ._validation import as_tensors
+from ._validation import as_tensors, check_count, check_flag, check_model, check_seed
 from .estimate import MoEEstimate, permute_draws
 
 __all__ = ["to_inference_data", "align_labels", "permute_draws", "chain_log_likelihood"]
@@ -269,8 +269,9 @@ def to_inference_data(
     align : MoEEstimate, optional
         Relabel the draws to this estimate first (:func:`align_labels`); recorded in ``attrs``
         (``labels_aligned``, ``num_draws_relabelled``).
-    seed : int
-        Seed of the private generator for the posterior predictive draws.
+    seed : int or None
+        Seed of the private generator for the posterior predictive draws (``None``: a fresh one);
+        recorded in ``attrs["posterior_predictive_seed"]`` when those draws are made.
     attrs : dict, optional
         Extra attributes (numbers, strings or lists of them).
     feature_names : list of str, optional
@@ -301,11 +302,17 @@ def to_inference_data(
     >>> idata.posterior["experts.weight"].dims
     ('chain', 'draw', 'expert', 'feature')
     """
+    if isinstance(model, type):
+        check_model(model)  # the class, not an instance: say so
     if not callable(getattr(model, "log_likelihood", None)) or not hasattr(model, "link"):
         raise TypeError(
             "model must be a pyromoe.MixtureOfExperts (with .log_likelihood(x, y, params) and .link); "
             f"got {type(model).__name__}"
         )
+    seed = check_seed(seed)
+    chunk_size = check_count(chunk_size, "chunk_size", minimum=1)
+    log_likelihood = check_flag(log_likelihood, "log_likelihood")
+    posterior_predictive = check_flag(posterior_predictive, "posterior_predictive")
     x, y = as_tensors(x, y, in_features=getattr(model, "in_features", None))
     if y is None:
         raise ValueError("y must be given (the observed outputs)")
@@ -329,7 +336,7 @@ def to_inference_data(
     total = num_chains * num_draws
     generator = torch.Generator(device=x.device).manual_seed(int(seed))
     pointwise, predicted = [], []
-    for part in _chunks(total, max(1, int(chunk_size))):
+    for part in _chunks(total, chunk_size):
         params = {name: value[part] for name, value in flat.items()}
         pointwise.append(model.log_likelihood(x, y, params))
         if posterior_predictive:
@@ -366,6 +373,7 @@ def to_inference_data(
         "chain_mean_log_likelihood": chain_means.tolist(),
         "chain_log_likelihood_gap": (chain_means.max() - chain_means).tolist(),
         **record,
+        **({"posterior_predictive_seed": seed} if posterior_predictive else {}),
         **dict(attrs or {}),
     }
     groups = {

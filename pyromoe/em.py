@@ -31,16 +31,27 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import as_tensor, as_tensors, check_num_experts, check_positive
+from ._validation import (
+    as_tensor,
+    as_tensors,
+    check_enough_rows,
+    check_flag,
+    check_num_experts,
+    check_positive,
+    check_seed,
+    exact_scales,
+    num_parameters,
+    rescale_estimate,
+)
 from .estimate import MoEEstimate
 from .gate import (
     ConvergenceWarning,
-    _check_flag,
     _check_prior_scale,
-    _check_seed,
+    _collapse,
     _feature_scale,
     _noise_floor,
     _solve_spd,
+    _warn_collapse,
     gate_m_step,
     log_prior,
 )
@@ -202,8 +213,12 @@ def _run_em(
     max_iter: int,
     newton_steps: int,
     gauss_newton_steps: int,
-) -> tuple[_Parameters, list[float], bool, int]:
-    """EM from one start. Returns the parameters, the objective trace, converged, n_iter."""
+) -> tuple[_Parameters, list[float], bool, int, tuple[list[float], list[int]]]:
+    """EM from one start.
+
+    Returns the parameters, the objective trace, converged, n_iter, and (effective rows per
+    expert, collapsing experts) at the end (:func:`pyromoe.gate._collapse`).
+    """
     n, d = x.shape
     floor = _noise_floor(y)
     p = _Parameters(**vars(start))
@@ -260,7 +275,8 @@ def _run_em(
         if abs(trace[-1] - trace[-2]) < tol:
             converged = True
             break
-    return p, trace, converged, n_iter
+    collapse = _collapse(torch.softmax(log_probs, dim=-1), p.noise, floor, d)
+    return p, trace, converged, n_iter, collapse
 
 
 def _check_init(init, k: int, d: int, link: Link, x: torch.Tensor) -> MoEEstimate:
@@ -332,8 +348,11 @@ def fit_em(
     prior_scale : float, optional
         ``s`` of ``Normal(0, s^2)`` priors on every expert and gate weight and offset: MAP EM (ridge
         terms in each M-step; the noise stays maximum likelihood). ``None``: maximum likelihood.
-    seed : int
-        Seed of the random starts.
+        (On data of extreme magnitude, rescaled as in the Notes, the priors apply to the
+        rescaled problem.)
+    seed : int or None
+        Seed of the random starts; ``None`` draws a fresh one. Recorded in
+        ``diagnostics["seed"]``.
     newton_steps : int
         Maximum Newton steps of each gate M-step.
     gauss_newton_steps : int
@@ -346,21 +365,34 @@ def fit_em(
         ``method="em"``; ``diagnostics`` holds ``n_init``, ``start_kinds`` (``"given"`` /
         ``"random"``), ``log_likelihood_per_start`` (final objective of each start),
         ``best_start``, ``converged`` and ``n_iter`` of the best start, ``log_likelihood_trace`` of
-        the best start, ``converged_per_start``, ``n_iter_per_start``, ``seconds_per_start`` and
-        ``objective`` (``"mean log-likelihood"`` or ``"log posterior / n"``).
+        the best start, ``converged_per_start``, ``n_iter_per_start``, ``seconds_per_start``,
+        ``objective`` (``"mean log-likelihood"`` or ``"log posterior / n"``), ``seed``,
+        ``effective_rows`` (per expert, best start) and ``collapsed_experts``.
 
     Raises
     ------
     ValueError, TypeError
-        For malformed inputs or an ``init`` that does not match ``num_experts``, ``x`` or ``link``.
+        For malformed inputs or an ``init`` that does not match ``num_experts``, ``x`` or ``link``;
+        for fewer rows than free parameters + 1 (:func:`pyromoe._validation.num_parameters`) or
+        more experts than rows.
 
     Warns
     -----
     ConvergenceWarning
         When a start reached ``max_iter`` before converging (the message says which).
+    CollapseWarning
+        When the best start ends with an expert holding fewer than ``d + 1`` effective rows or the
+        noise at its floor (``1e-3 sd(y)``).
+    UserWarning
+        Under :data:`pyromoe._validation.ROWS_PER_PARAMETER_WARN` rows per free parameter.
 
     Notes
     -----
+    Columns of ``x`` (and ``y`` for the linear, relu and leaky links) of extreme magnitude (beyond
+    ``1e77`` or under ``1e-77`` in float64, where the Gram matrices overflow) are divided by
+    exact powers of two before fitting and the estimate is mapped back
+    (``diagnostics["input_scaling"]``); ordinary data are not touched.
+
     Full-batch: every iteration works on all of ``x`` at once (memory O(n k d) on ``x``'s device),
     which is fine up to a few million rows; there is no chunked variant yet. Starts run one after
     another. The chosen start is the one with the highest final objective; starts that ended lower
@@ -378,24 +410,51 @@ def fit_em(
     n, d = x.shape
     k = check_num_experts(num_experts)
     link = get_link(link)
-    bias = _check_flag(bias, "bias")
+    bias = check_flag(bias, "bias")
     tol = check_positive(tol, "tol")
     max_iter = check_positive(max_iter, "max_iter", integer=True)
     prior_scale = _check_prior_scale(prior_scale)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     newton_steps = check_positive(newton_steps, "newton_steps", integer=True)
     gauss_newton_steps = check_positive(gauss_newton_steps, "gauss_newton_steps", integer=True)
     if n_init is None:
         n_init = 1 if init is not None else 5
     n_init = check_positive(n_init, "n_init", integer=True)
+    if init is not None:
+        init = _check_init(init, k, d, link, x)
     if float(y.std()) == 0.0:
         raise ValueError(
             f"y is constant (every value is {float(y[0]):g}); a mixture of experts needs varying y"
         )
+    x_scale, y_scale = exact_scales(x, y, link)
+    if x_scale is not None or y_scale != 1.0:
+        # extreme magnitudes: fit on data divided by exact powers of two, map the estimate back
+        xs = torch.ones_like(x[0]) if x_scale is None else x_scale
+        fit = fit_em(
+            x / xs,
+            y / y_scale,
+            k,
+            link,
+            init=None if init is None else rescale_estimate(init, x_scale, y_scale, to_user=False),
+            n_init=n_init,
+            bias=bias,
+            tol=tol,
+            max_iter=max_iter,
+            prior_scale=prior_scale,
+            seed=seed,
+            newton_steps=newton_steps,
+            gauss_newton_steps=gauss_newton_steps,
+        )
+        return rescale_estimate(fit, x_scale, y_scale, to_user=True)
+    check_enough_rows(
+        n,
+        num_parameters(d, k, bias),
+        k,
+        model=f"a mixture of {k} experts on {d} input(s){' with biases' if bias else ''}",
+    )
 
     starts, kinds = [], []
     if init is not None:
-        init = _check_init(init, k, d, link, x)
         starts.append(init)
         kinds.append("given")
     generator = torch.Generator().manual_seed(seed)
@@ -433,7 +492,7 @@ def fit_em(
             )
         )
 
-    finals = [trace[-1] for _, trace, _, _, _ in results]
+    finals = [trace[-1] for _, trace, _, _, _, _ in results]
     best = max(range(len(results)), key=lambda i: finals[i])
     not_converged = [i for i, r in enumerate(results) if not r[2]]
     if not_converged:
@@ -443,7 +502,8 @@ def fit_em(
             ConvergenceWarning,
             stacklevel=2,
         )
-    params, trace, converged, n_iter, _ = results[best]
+    params, trace, converged, n_iter, (effective_rows, collapsed), _ = results[best]
+    _warn_collapse(collapsed, effective_rows, d)
     diagnostics = {
         "n_init": len(results),
         "start_kinds": kinds,
@@ -454,8 +514,11 @@ def fit_em(
         "log_likelihood_trace": trace,
         "converged_per_start": [r[2] for r in results],
         "n_iter_per_start": [r[3] for r in results],
-        "seconds_per_start": [r[4] for r in results],
+        "seconds_per_start": [r[5] for r in results],
         "objective": "mean log-likelihood" if prior_scale is None else "log posterior / n",
+        "seed": seed,
+        "effective_rows": effective_rows,
+        "collapsed_experts": collapsed,
     }
     return MoEEstimate(
         experts_weight=params.experts_weight,

@@ -88,7 +88,16 @@ class MoEEstimate:
         return self.experts_weight.shape[1]
 
     def to(self, device=None, dtype=None) -> MoEEstimate:
-        """A copy with every tensor moved to ``device`` / ``dtype``."""
+        """A copy with every tensor moved to ``device`` / ``dtype``.
+
+        A device other than the current one is checked first
+        (:func:`pyromoe._validation.check_device`: a clear error for a bogus string or a missing
+        CUDA/MPS).
+        """
+        if device is not None and (isinstance(device, str) or device != self.experts_weight.device):
+            from ._validation import check_device
+
+            device = check_device(device)
         moved = {
             name: getattr(self, name).to(device=device, dtype=dtype)
             for name in ("experts_weight", "experts_bias", "gate_weight", "gate_bias", "noise")

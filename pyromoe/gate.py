@@ -15,21 +15,41 @@ implementation). Everything here is pure torch on ``x``'s device and dtype, full
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from ._validation import as_tensor, as_tensors, check_num_experts, check_positive
+from ._validation import (
+    as_tensor,
+    as_tensors,
+    check_enough_rows,
+    check_flag,
+    check_num_experts,
+    check_positive,
+    check_seed,
+    exact_scales,
+)
 from .likelihood import component_log_probs, expert_means, gate_logits
 from .links import Link, get_link
 
-__all__ = ["ConvergenceWarning", "GateFit", "fit_gate", "gate_m_step", "log_prior"]
+__all__ = [
+    "CollapseWarning",
+    "ConvergenceWarning",
+    "GateFit",
+    "fit_gate",
+    "gate_m_step",
+    "log_prior",
+]
 
 
 class ConvergenceWarning(UserWarning):
     """An EM run stopped at ``max_iter`` before its objective changed by less than ``tol``."""
+
+
+class CollapseWarning(UserWarning):
+    """An EM fit ended with an expert holding fewer than ``d + 1`` effective rows, or with the
+    noise at its floor: the expert is collapsing onto a few points (too many experts)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,13 @@ class GateFit:
         Whether the objective changed by less than ``tol`` before ``max_iter`` iterations.
     n_iter : int
         Number of EM iterations run.
+    seed : int or None
+        The seed used (drawn afresh when ``fit_gate`` got ``seed=None``).
+    effective_rows : list of float
+        Sum of each expert's responsibilities at the end.
+    collapsed_experts : list of int
+        Experts with fewer than ``d + 1`` effective rows (or, with the noise at its floor, the
+        one with the fewest); a :class:`CollapseWarning` named them.
     """
 
     gate_weight: torch.Tensor
@@ -60,6 +87,9 @@ class GateFit:
     log_likelihood_trace: list[float]
     converged: bool
     n_iter: int
+    seed: int | None = None
+    effective_rows: list[float] = field(default_factory=list)
+    collapsed_experts: list[int] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -240,20 +270,8 @@ def _check_matrix(value, name: str, shape: tuple[int, ...], like: torch.Tensor, 
     return tensor
 
 
-def _check_flag(value, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False; got {type(value).__name__}")
-    return value
-
-
 def _check_prior_scale(prior_scale) -> float | None:
     return None if prior_scale is None else check_positive(prior_scale, "prior_scale")
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an int; got {type(seed).__name__}")
-    return int(seed)
 
 
 def _feature_scale(x: torch.Tensor) -> torch.Tensor:
@@ -262,9 +280,49 @@ def _feature_scale(x: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
+#: The noise floor of EM, relative to the spread of y (:func:`_noise_floor`).
+NOISE_FLOOR = 1e-3
+
+
 def _noise_floor(y: torch.Tensor) -> float:
-    """Smallest noise EM may reach: keeps the likelihood finite when one expert fits rows exactly."""
-    return 1e-6 * max(float(y.abs().max()), 1.0)
+    """Smallest noise EM may reach: ``NOISE_FLOOR * sd(y)``, relative to y's scale.
+
+    Keeps the likelihood finite (and the fit away from a spike) when one expert fits a few rows
+    exactly; a fit that reaches it is reported as collapsing (:class:`CollapseWarning`).
+    """
+    spread = float(y.std()) if y.shape[0] > 1 else 0.0
+    if not spread > 0:
+        spread = max(float(y.abs().max()), torch.finfo(y.dtype).tiny)
+    return NOISE_FLOOR * spread
+
+
+def _collapse(resp: torch.Tensor, noise, floor: float, d: int) -> tuple[list[float], list[int]]:
+    """Effective rows per expert and the experts collapsing onto a few points (see GateFit)."""
+    effective = resp.sum(dim=0).tolist()
+    collapsed = [i for i, rows in enumerate(effective) if rows < d + 1]
+    if not collapsed and float(noise) <= floor * (1 + 1e-9):
+        collapsed = [min(range(len(effective)), key=effective.__getitem__)]
+    return effective, collapsed
+
+
+def _warn_collapse(collapsed, effective_rows, d: int, stacklevel: int = 3) -> None:
+    """One :class:`CollapseWarning` naming the collapsing experts (nothing when there are none)."""
+    if not collapsed:
+        return
+    parts = []
+    for i in collapsed:
+        rows = effective_rows[i]
+        shown = f"{rows:.1f}" if float(f"{rows:.1f}") < d + 1 else f"{rows:.3f}"
+        if rows < d + 1:
+            parts.append(f"expert {i} holds {shown} effective rows (< d + 1 = {d + 1})")
+        else:
+            parts.append(f"expert {i} holds {shown} effective rows and the noise hit its floor")
+    subject = "it is" if len(parts) == 1 else "they are"
+    warnings.warn(
+        f"{'; '.join(parts)}: {subject} collapsing onto a few points; use fewer experts",
+        CollapseWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def fit_gate(
@@ -325,8 +383,8 @@ def fit_gate(
         Stop when the objective (per row) changes by less than ``tol``.
     max_iter : int
         Maximum number of EM iterations.
-    seed : int
-        Seed of the random starting gate.
+    seed : int or None
+        Seed of the random starting gate (``None``: a fresh one, recorded in ``GateFit.seed``).
     newton_steps : int
         Maximum Newton steps per M-step (default 1: each EM iteration takes one damped Newton step,
         which still never lowers the objective; more steps rarely save an EM iteration).
@@ -338,12 +396,24 @@ def fit_gate(
     Raises
     ------
     ValueError, TypeError
-        For malformed inputs (shapes, NaN, non-positive ``noise``/``tol``/``max_iter``...).
+        For malformed inputs (shapes, NaN, non-positive ``noise``/``tol``/``max_iter``...), and for
+        fewer rows than the gate's free parameters + 1 (``(k - 1)(d + 1)`` and the noise) or
+        ``k > n``.
 
     Warns
     -----
     ConvergenceWarning
         When ``max_iter`` is reached before convergence.
+    CollapseWarning
+        When an expert ends with fewer than ``d + 1`` effective rows or the noise at its floor
+        (``1e-3 sd(y)``).
+    UserWarning
+        Under :data:`pyromoe._validation.ROWS_PER_PARAMETER_WARN` rows per free parameter.
+
+    Notes
+    -----
+    Columns of ``x`` (and ``y``) of extreme magnitude (beyond ``1e77`` or under ``1e-77`` in
+    float64) are divided by exact powers of two before fitting and the fit is mapped back.
 
     Examples
     --------
@@ -373,13 +443,13 @@ def fit_gate(
     else:
         experts_bias = _check_matrix(experts_bias, "experts_bias", (k,), x, "one per expert")
     link = get_link(link)
-    fit_bias = _check_flag(fit_bias, "fit_bias")
-    fit_noise = _check_flag(fit_noise, "fit_noise")
+    fit_bias = check_flag(fit_bias, "fit_bias")
+    fit_noise = check_flag(fit_noise, "fit_noise")
     prior_scale = _check_prior_scale(prior_scale)
     tol = check_positive(tol, "tol")
     max_iter = check_positive(max_iter, "max_iter", integer=True)
     newton_steps = check_positive(newton_steps, "newton_steps", integer=True)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
 
     if init_gate_weight is None:
         generator = torch.Generator().manual_seed(seed)
@@ -396,18 +466,44 @@ def fit_gate(
             init_gate_bias, "init_gate_bias", (k - 1,), x, "one per non-reference expert"
         )
 
-    floor = _noise_floor(y)
-    if noise is None:
-        means = expert_means(x, experts_weight, experts_bias, link)
-        best_residual = (y[:, None] - means).pow(2).min(dim=-1).values.mean().sqrt()
-        noise = best_residual.clamp_min(floor)
-    else:
+    if noise is not None:
         if isinstance(noise, torch.Tensor) or hasattr(noise, "__array__"):
             shape = tuple(getattr(noise, "shape", ()))
             if math.prod(shape) != 1:
                 raise ValueError(f"noise must be a positive scalar; got shape {shape}")
             noise = noise.item() if hasattr(noise, "item") else float(noise)
         noise = torch.tensor(check_positive(noise, "noise"), dtype=x.dtype, device=x.device)
+
+    x_scale, y_scale = exact_scales(x, y, link)
+    if x_scale is not None or y_scale != 1.0:
+        # extreme magnitudes: fit on data divided by exact powers of two, map the gate back
+        xs = torch.ones_like(x[0]) if x_scale is None else x_scale
+        fit = fit_gate(
+            x / xs,
+            y / y_scale,
+            experts_weight * xs / y_scale,
+            experts_bias / y_scale,
+            link,
+            noise=None if noise is None else noise / y_scale,
+            init_gate_weight=None if init_gate_weight is None else gate_weight * xs,
+            init_gate_bias=None if init_gate_bias is None else gate_bias,
+            fit_bias=fit_bias,
+            fit_noise=fit_noise,
+            prior_scale=prior_scale,
+            tol=tol,
+            max_iter=max_iter,
+            seed=seed,
+            newton_steps=newton_steps,
+        )
+        return replace(fit, gate_weight=fit.gate_weight / xs, noise=fit.noise * y_scale)
+    parameters = (k - 1) * (d + 1 if fit_bias else d) + (1 if fit_noise else 0)
+    check_enough_rows(n, parameters, k, model=f"the gate of {k} experts on {d} input(s)")
+
+    floor = _noise_floor(y)
+    if noise is None:
+        means = expert_means(x, experts_weight, experts_bias, link)
+        best_residual = (y[:, None] - means).pow(2).min(dim=-1).values.mean().sqrt()
+        noise = best_residual.clamp_min(floor)
 
     def objective(log_probs: torch.Tensor, gate_weight, gate_bias) -> float:
         value = torch.logsumexp(log_probs, dim=-1).sum() + log_prior(
@@ -451,6 +547,8 @@ def fit_gate(
             ConvergenceWarning,
             stacklevel=2,
         )
+    effective_rows, collapsed = _collapse(torch.softmax(log_probs, dim=-1), noise, floor, d)
+    _warn_collapse(collapsed, effective_rows, d)
     return GateFit(
         gate_weight=gate_weight,
         gate_bias=gate_bias,
@@ -458,4 +556,7 @@ def fit_gate(
         log_likelihood_trace=trace,
         converged=converged,
         n_iter=n_iter,
+        seed=seed,
+        effective_rows=effective_rows,
+        collapsed_experts=collapsed,
     )

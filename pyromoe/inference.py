@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
+import random
 import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pyro
 import torch
 from pyro import poutine
@@ -29,7 +31,15 @@ from pyro.infer.autoguide import (
 )
 
 from . import sites
-from ._validation import as_tensors, check_positive
+from ._validation import (
+    as_tensors,
+    check_count,
+    check_flag,
+    check_model,
+    check_positive,
+    check_probability,
+    check_seed,
+)
 from .diagnostics import to_inference_data
 from .estimate import MoEEstimate
 from .init import check_estimate_fits_model, init_to_moments, laplace_approximation
@@ -38,20 +48,33 @@ __all__ = ["fit_map", "fit_svi", "run_nuts"]
 
 
 # ------------------------------------------------------------------------------------ checks
-def _check_model(model) -> None:
-    if not callable(model) or not callable(getattr(model, "log_likelihood", None)):
-        raise TypeError(
-            "model must be a pyromoe.MixtureOfExperts (a Pyro model with .log_likelihood(x, y, "
-            f"params) and .link); got {type(model).__name__}"
-        )
+def _check_common(model, x, y, *, seed, subsample_size=None, num_threads=None, **flags):
+    """The arguments every wrapper shares, checked before any work: (x, y, seed, threads)."""
+    check_model(model)
+    x, y = as_tensors(x, y, in_features=getattr(model, "in_features", None))
+    seed = check_seed(seed)
+    for name, value in flags.items():
+        check_flag(value, name)
+    if subsample_size is not None:
+        subsample_size = check_count(subsample_size, "subsample_size", minimum=1)
+        if subsample_size > x.shape[0]:
+            raise ValueError(
+                f"subsample_size must be at most the number of rows n={x.shape[0]}; got "
+                f"{subsample_size}. Pass subsample_size=None for full-batch steps."
+            )
+    if num_threads is not None:
+        num_threads = check_count(num_threads, "num_threads", minimum=1)
+    return x, y, seed, num_threads
 
 
-def _check_count(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}; got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    return value
+def _set_rng_seed(seed: int) -> None:
+    """``pyro.set_rng_seed`` for any seed in [0, 2**63): numpy's global seed takes 32 bits.
+
+    Identical to ``pyro.set_rng_seed(seed)`` for seeds below 2**32.
+    """
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def _init_strategy(init, model, x, y) -> tuple[Callable | None, dict | None]:
@@ -83,7 +106,6 @@ def _torch_threads(num_threads: int | None):
     if num_threads is None:
         yield
         return
-    num_threads = _check_count(num_threads, "num_threads", 1)
     before = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
@@ -105,13 +127,30 @@ def _latent_shapes(model, x, y) -> dict[str, tuple[int, ...]]:
     }
 
 
+def _diverged(desc: str, step: int, loss, lr: float) -> ValueError:
+    return ValueError(
+        f"{desc} diverged at step {step} (loss is {loss}); lower lr (got {lr:g}), e.g. "
+        f"lr={lr / 10:g}"
+    )
+
+
 def _run_svi(model, guide, x, y, num_steps, lr, subsample_size, progress, desc):
+    """Adam steps; a non-finite loss, or Pyro refusing the parameters a step produced (e.g. a noise
+    that underflowed to 0), is reported as divergence with the ``lr`` to lower."""
     optimizer = pyro.optim.Adam({"lr": lr})
     svi = SVI(model, guide, optimizer, loss=Trace_ELBO(max_plate_nesting=1))
     kwargs = {} if subsample_size is None else {"subsample_size": subsample_size}
     losses = []
-    for _ in _progress(range(num_steps), progress, desc):
-        losses.append(svi.step(x, y, **kwargs))
+    for step in _progress(range(num_steps), progress, desc):
+        try:
+            loss = svi.step(x, y, **kwargs)
+        except ValueError as error:
+            if step > 0 and "invalid values" in str(error):  # the start was fine: a step broke it
+                raise _diverged(desc, step, "nan/inf", lr) from error
+            raise
+        if not math.isfinite(loss):
+            raise _diverged(desc, step, loss, lr)
+        losses.append(loss)
     return losses
 
 
@@ -193,8 +232,9 @@ def fit_map(
         Adam learning rate.
     subsample_size : int, optional
         Mini-batch size (the likelihood is rescaled by the model).
-    seed : int
-        ``pyro.set_rng_seed(seed)`` before anything else.
+    seed : int or None
+        ``pyro.set_rng_seed(seed)`` before anything else (``None``: a fresh seed); recorded in
+        ``attrs["seed"]``.
     progress : bool
         Show a tqdm progress bar.
     align : bool
@@ -210,7 +250,10 @@ def fit_map(
     Raises
     ------
     ValueError
-        If ``gate_only`` without an estimate, or the estimate does not fit the model.
+        If ``gate_only`` without an estimate, or the estimate does not fit the model; invalid
+        arguments (checked before any work); a fit that diverges (non-finite loss: lower ``lr``).
+    TypeError
+        If ``model`` is not a model instance (e.g. the class itself), or arguments of the wrong type.
 
     Examples
     --------
@@ -221,11 +264,20 @@ def fit_map(
     >>> idata.posterior["noise"].shape
     (1, 1)
     """
-    _check_model(model)
-    x, y = as_tensors(x, y, in_features=getattr(model, "in_features", None))
-    num_steps = _check_count(num_steps, "num_steps", 1)
+    x, y, seed, num_threads = _check_common(
+        model,
+        x,
+        y,
+        seed=seed,
+        subsample_size=subsample_size,
+        num_threads=num_threads,
+        gate_only=gate_only,
+        progress=progress,
+        align=align,
+    )
+    num_steps = check_count(num_steps, "num_steps", minimum=1)
     lr = check_positive(lr, "lr")
-    pyro.set_rng_seed(seed)
+    _set_rng_seed(seed)
     strategy, shapes = _init_strategy(init, model, x, y)
     fixed: dict[str, torch.Tensor] = {}
     if gate_only:
@@ -293,8 +345,8 @@ def fit_svi(
         Mini-batch size for large n.
     num_samples : int
         Posterior draws taken from the fitted guide.
-    seed : int
-        ``pyro.set_rng_seed(seed)`` first.
+    seed : int or None
+        ``pyro.set_rng_seed(seed)`` first (``None``: a fresh seed); recorded in ``attrs["seed"]``.
     progress : bool
         tqdm progress bar over the steps.
     align : bool
@@ -320,12 +372,25 @@ def fit_svi(
     >>> idata.posterior["experts.weight"].shape
     (1, 10, 2, 2)
     """
-    _check_model(model)
-    x, y = as_tensors(x, y, in_features=getattr(model, "in_features", None))
-    num_steps = _check_count(num_steps, "num_steps", 1)
-    num_samples = _check_count(num_samples, "num_samples", 1)
+    x, y, seed, num_threads = _check_common(
+        model,
+        x,
+        y,
+        seed=seed,
+        subsample_size=subsample_size,
+        num_threads=num_threads,
+        progress=progress,
+        align=align,
+        posterior_predictive=posterior_predictive,
+    )
+    num_steps = check_count(num_steps, "num_steps", minimum=1)
+    num_samples = check_count(num_samples, "num_samples", minimum=1)
     lr = check_positive(lr, "lr")
-    pyro.set_rng_seed(seed)
+    if not (isinstance(guide, AutoGuide) or guide in ("normal", "lowrank")):
+        raise ValueError(
+            f"guide must be 'normal', 'lowrank' or a pyro AutoGuide instance; got {guide!r}"
+        )
+    _set_rng_seed(seed)
     strategy, _ = _init_strategy(init, model, x, y)
     guide_kwargs = {} if strategy is None else {"init_loc_fn": strategy}
     if isinstance(guide, AutoGuide):
@@ -454,9 +519,11 @@ def run_nuts(
     num_chains : int
         Chains (>= 1).
     num_warmup, num_samples : int
-        Warm-up iterations and kept draws per chain.
-    seed : int
+        Warm-up iterations (>= 0) and kept draws per chain (>= 4: Pyro's split r_hat, computed
+        with the sampler's statistics, needs 4 draws per chain).
+    seed : int or None
         ``pyro.set_rng_seed(seed)`` first; the jitter uses its own generator seeded from it.
+        ``None``: a fresh seed, recorded (like any seed) in ``attrs["seed"]``.
     jitter : bool or float
         Dispersed starts, needed for a meaningful r_hat (only with an estimate). ``True``: each
         chain starts at a draw from the Laplace approximation at the estimate
@@ -468,7 +535,7 @@ def run_nuts(
     jit_compile : bool
         Pyro's ``jit_compile`` for the potential energy.
     target_accept_prob, max_tree_depth
-        NUTS settings.
+        NUTS settings: a probability strictly in (0, 1) and an int >= 1.
     align : bool
         Relabel every draw to the estimate (when ``init`` is one).
     posterior_predictive : bool
@@ -492,8 +559,11 @@ def run_nuts(
     Raises
     ------
     ValueError
-        ``num_chains < 1``, an estimate that does not fit the model (names the site), a model
-        without the expected sites.
+        ``num_chains < 1``, ``target_accept_prob`` outside (0, 1), ``max_tree_depth < 1`` and
+        other invalid arguments (all checked before any work), an estimate that does not fit the
+        model (names the site), a model without the expected sites.
+    TypeError
+        If ``model`` is not a model instance (e.g. the class itself), or arguments of the wrong type.
 
     Examples
     --------
@@ -505,16 +575,30 @@ def run_nuts(
     >>> idata.posterior["experts.weight"].dims
     ('chain', 'draw', 'expert', 'feature')
     """
-    _check_model(model)
-    x, y = as_tensors(x, y, in_features=getattr(model, "in_features", None))
-    num_chains = _check_count(num_chains, "num_chains", 1)
-    num_warmup = _check_count(num_warmup, "num_warmup", 0)
-    num_samples = _check_count(num_samples, "num_samples", 1)
+    x, y, seed, num_threads = _check_common(
+        model,
+        x,
+        y,
+        seed=seed,
+        num_threads=num_threads,
+        progress=progress,
+        jit_compile=jit_compile,
+        align=align,
+        posterior_predictive=posterior_predictive,
+    )
+    num_chains = check_count(num_chains, "num_chains", minimum=1)
+    num_warmup = check_count(num_warmup, "num_warmup", minimum=0)
+    num_samples = check_count(num_samples, "num_samples", minimum=4)
+    target_accept_prob = check_probability(target_accept_prob, "target_accept_prob")
+    max_tree_depth = check_count(max_tree_depth, "max_tree_depth", minimum=1)
     if isinstance(jitter, bool):
         pass
     elif not isinstance(jitter, (int, float)) or not (jitter >= 0 and math.isfinite(jitter)):
         raise ValueError(f"jitter must be True, False or a finite float >= 0; got {jitter!r}")
-    pyro.set_rng_seed(seed)
+    methods = multiprocessing.get_all_start_methods()
+    if mp_context is not None and mp_context not in methods:
+        raise ValueError(f"mp_context must be None or one of {methods}; got {mp_context!r}")
+    _set_rng_seed(seed)
     strategy, _ = _init_strategy(init, model, x, y)
     initial_params = None
     if isinstance(init, MoEEstimate):

@@ -28,7 +28,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_generated
 from torch.distributions import biject_to
 
 from . import sites
-from ._validation import as_tensors, check_positive
+from ._validation import as_tensors, check_positive, check_seed
 from .estimate import MoEEstimate
 
 __all__ = [
@@ -204,8 +204,9 @@ def init_to_moments(
         :func:`laplace_scales`. Each execution of the model (each MCMC chain set-up, each autoguide)
         draws afresh, so chains started from one strategy are dispersed.
     seed : int, optional
-        Seed of the private generator used for the jitter. ``None``: drawn once from torch's global
-        generator when the strategy is created (so :func:`pyro.set_rng_seed` controls it).
+        Seed of the private generator used for the jitter, an int in ``[0, 2**63)``. ``None``:
+        drawn once from torch's global generator when the strategy is created (so
+        :func:`pyro.set_rng_seed` controls it).
 
     Returns
     -------
@@ -231,6 +232,13 @@ def init_to_moments(
     >>> bool(torch.allclose(guide.median()["noise"], data.truth.noise))
     True
     """
+    if seed is not None:
+        seed = check_seed(seed)
+    if fallback is not None and not callable(fallback):
+        raise TypeError(
+            "fallback must be a Pyro init strategy (a callable, e.g. init_to_median) or None; "
+            f"got {type(fallback).__name__}"
+        )
     if site is None:
         estimate = _check_estimate(estimate)
         values = estimate.site_values(bias=True)

@@ -24,7 +24,19 @@ import torch
 
 from . import em as _em
 from . import gate as _gate
-from ._validation import as_tensors, check_num_experts, check_positive
+from ._validation import (
+    SmallDataWarning,
+    as_tensors,
+    check_count,
+    check_enough_rows,
+    check_flag,
+    check_num_experts,
+    check_positive,
+    check_seed,
+    exact_scales,
+    num_parameters,
+    rescale_estimate,
+)
 from .estimate import MoEEstimate
 from .links import Link, gaussian_expectation, get_link, transform_constants
 from .moments import (
@@ -37,7 +49,7 @@ from .moments import (
 )
 from .tensor import expert_scales, tensor_power_method, unwhiten, whiten
 
-__all__ = ["tensor_init", "initialize", "minimum_rows"]
+__all__ = ["MomentsNotApplicableError", "tensor_init", "initialize", "minimum_rows"]
 
 #: Cosine (in the metric of x's covariance) between a gate row and an expert above which the
 #: assumptions of relu/leaky and k > 2 look violated.
@@ -48,15 +60,22 @@ NORM_RATIO_WARNING = 1.25
 RANDOM_MARGIN = 1e-4
 
 
-def minimum_rows(in_features: int) -> int:
-    """Rows :func:`tensor_init` needs: ``max(100, 2 d^2)`` (T2 has d(d+1)/2 entries to estimate)."""
-    return max(100, 2 * int(in_features) ** 2)
+class MomentsNotApplicableError(ValueError):
+    """The moment (tensor) start cannot apply to these data (``k > d``, too few rows for the
+    moments, T2 of rank below k, constant or collinear inputs); ``initialize(method="auto")``
+    falls back to multi-start EM on this error, and on no other."""
 
 
-def _check_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
-    return value
+def minimum_rows(in_features: int, num_experts: int | None = None) -> int:
+    """Rows :func:`tensor_init` needs: ``max(100, 2 d^2)`` (T2 has d(d+1)/2 entries to estimate).
+
+    With ``num_experts``, also at least the model's free parameters + 1
+    (:func:`pyromoe._validation.num_parameters`), which every point estimate needs.
+    """
+    need = max(100, 2 * int(in_features) ** 2)
+    if num_experts is not None:
+        need = max(need, num_parameters(int(in_features), int(num_experts)) + 1)
+    return need
 
 
 def _metric_cosines(gate_weight, experts_weight, covariance) -> float:
@@ -231,8 +250,9 @@ def tensor_init(
         ``diagnostics["y_centred_by_mean"]`` says which was done.
     chunk_size : int
         Rows per chunk of the moment passes: bounds extra memory to O(chunk_size d).
-    seed : int
+    seed : int or None
         Seeds the tensor power method's restarts, the gate EM's start and the refinement.
+        ``None`` draws a fresh seed; the one used is ``diagnostics["seed"]``.
 
     Returns
     -------
@@ -244,16 +264,28 @@ def tensor_init(
 
     Raises
     ------
-    ValueError
-        ``num_experts > in_features``; fewer rows than :func:`minimum_rows`; constant ``y``;
-        NaN/inf; constant or collinear columns of ``x``; T2 with fewer than k clearly non-zero
+    MomentsNotApplicableError
+        (a ``ValueError``) ``num_experts > in_features``; fewer rows than :func:`minimum_rows`;
+        constant or collinear columns of ``x``; T2 with fewer than k clearly non-zero
         eigenvalues ("the data look like fewer than k experts").
+    ValueError
+        Constant ``y``; NaN/inf; fewer rows than free parameters + 1; invalid arguments.
 
     Warns
     -----
     UserWarning
         When the fitted gate is far from orthogonal to the experts (relu/leaky or k > 2) or the
-        relu/leaky experts have unequal norms: the moment estimate is then biased.
+        relu/leaky experts have unequal norms: the moment estimate is then biased. Under
+        :data:`pyromoe._validation.ROWS_PER_PARAMETER_WARN` rows per free parameter.
+    CollapseWarning
+        When the (gate or refined) fit ends with an expert holding fewer than ``d + 1``
+        effective rows (``diagnostics["collapsed_experts"]``).
+
+    Notes
+    -----
+    Columns of ``x`` (and ``y``, linear/relu/leaky links) of extreme magnitude (beyond ``1e77``
+    or under ``1e-77`` in float64, where the moments overflow) are divided by exact powers of two
+    before the work and the estimate is mapped back (``diagnostics["input_scaling"]``).
 
     Examples
     --------
@@ -267,28 +299,46 @@ def tensor_init(
     link = get_link(link)
     x, y = as_tensors(x, y)
     n, d = x.shape
-    if k > d:
-        raise ValueError(
-            f"num_experts={k} exceeds in_features={d}: the moment method needs num_experts <= "
-            "in_features (T2 has rank at most d). Use pyromoe.em.fit_em with several random starts."
-        )
-    need = minimum_rows(d)
-    if n < need:
-        raise ValueError(
-            f"x has {n} rows; tensor_init needs at least {need} rows for {d} features "
-            f"(max(100, 2 d^2)) to estimate the moments. Use pyromoe.em.fit_em for small data."
-        )
     if noise is not None:
         noise = check_positive(noise, "noise")
     if center_y is not None and not isinstance(center_y, bool):
         raise TypeError(f"center_y must be True, False or None; got {type(center_y).__name__}")
-    if not isinstance(refine, bool):
-        raise TypeError(f"refine must be True or False; got {type(refine).__name__}")
-    random_starts = _check_int(random_starts, "random_starts")
-    if random_starts < 0:
-        raise ValueError(f"random_starts must be an int >= 0; got {random_starts}")
-    chunk_size = check_positive(_check_int(chunk_size, "chunk_size"), "chunk_size", integer=True)
-    seed = _check_int(seed, "seed")
+    refine = check_flag(refine, "refine")
+    random_starts = check_count(random_starts, "random_starts", minimum=0)
+    chunk_size = check_count(chunk_size, "chunk_size", minimum=1)
+    seed = check_seed(seed)
+    x_scale, y_scale = exact_scales(x, y, link)
+    if x_scale is not None or y_scale != 1.0:
+        # extreme magnitudes: the moments would overflow; fit on data divided by exact powers of
+        # two and map the estimate back
+        xs = torch.ones_like(x[0]) if x_scale is None else x_scale
+        estimate = tensor_init(
+            x / xs,
+            y / y_scale,
+            k,
+            link,
+            noise=None if noise is None else noise / y_scale,
+            refine=refine,
+            random_starts=random_starts,
+            center_y=center_y,
+            chunk_size=chunk_size,
+            seed=seed,
+        )
+        return rescale_estimate(estimate, x_scale, y_scale, to_user=True)
+    if k > d:
+        raise MomentsNotApplicableError(
+            f"num_experts={k} exceeds in_features={d}: the moment method needs num_experts <= "
+            "in_features (T2 has rank at most d). Use pyromoe.em.fit_em with several random starts."
+        )
+    parameters, need = num_parameters(d, k), minimum_rows(d, k)
+    if parameters < n < need:  # enough rows for a point estimate, too few for the moments
+        raise MomentsNotApplicableError(
+            f"x has {n} rows; tensor_init needs at least {need} rows for {d} features "
+            f"(max(100, 2 d^2)) to estimate the moments. Use pyromoe.em.fit_em for small data."
+        )
+    check_enough_rows(
+        n, parameters, k, model=f"a mixture of {k} experts on {d} input(s) with biases"
+    )
     spread = float(y.to(torch.float64).std())
     if not spread > 1e-12 * (1.0 + float(y.to(torch.float64).abs().max())):
         raise ValueError(
@@ -297,17 +347,25 @@ def tensor_init(
         )
 
     start = time.perf_counter()
-    weight, bias, noise_moment, standardizer, diagnostics = _moment_experts(
-        x, y, k, link, noise, chunk_size, seed, center_y
-    )
+    try:
+        weight, bias, noise_moment, standardizer, diagnostics = _moment_experts(
+            x, y, k, link, noise, chunk_size, seed, center_y
+        )
+    except ValueError as error:  # arguments are checked above: these are the data's
+        raise MomentsNotApplicableError(str(error)) from error
     moment_seconds = time.perf_counter() - start
     weight = weight.to(x.dtype)
     bias = bias.to(x.dtype)
     sigma = noise if noise is not None else noise_moment
 
     start = time.perf_counter()
-    fit, warm_iter = _fit_gate_staged(x, y, weight, bias, link, sigma, noise is None, seed)
+    with warnings.catch_warnings():
+        # reported below for the returned fit only (refine=True fits again)
+        warnings.simplefilter("ignore", _gate.CollapseWarning)
+        fit, warm_iter = _fit_gate_staged(x, y, weight, bias, link, sigma, noise is None, seed)
     gate_seconds = time.perf_counter() - start
+    if not refine:
+        _gate._warn_collapse(fit.collapsed_experts, fit.effective_rows, d)
     diagnostics.update(
         {
             "gate_log_likelihood_trace": list(fit.log_likelihood_trace),
@@ -317,6 +375,9 @@ def tensor_init(
             "gate_warm_start_n_iter": warm_iter,
             "moment_seconds": moment_seconds,
             "gate_seconds": gate_seconds,
+            "seed": seed,
+            "effective_rows": list(fit.effective_rows),
+            "collapsed_experts": list(fit.collapsed_experts),
         }
     )
     estimate = MoEEstimate(
@@ -371,8 +432,9 @@ def _fit_gate_staged(x, y, weight, bias, link, sigma, fit_noise: bool, seed: int
         generator = torch.Generator().manual_seed(int(seed))
         rows = torch.randperm(n, generator=generator)[:GATE_WARM_START_ROWS].to(x.device)
         with warnings.catch_warnings():
-            # a warm start that stops early is finished on all rows below
+            # a warm start that stops early (or looks collapsed) is finished on all rows below
             warnings.simplefilter("ignore", _gate.ConvergenceWarning)
+            warnings.simplefilter("ignore", _gate.CollapseWarning)
             warm = _gate.fit_gate(
                 x[rows], y[rows], weight, bias, link, noise=sigma, fit_noise=fit_noise, seed=seed
             )
@@ -397,14 +459,18 @@ def _fit_gate_staged(x, y, weight, bias, link, sigma, fit_noise: bool, seed: int
 def _refine(x, y, k, link, estimate: MoEEstimate, random_starts: int, seed: int) -> MoEEstimate:
     """Joint EM from the moment estimate, against ``random_starts`` random starts; best wins."""
     start = time.perf_counter()
-    from_tensor = _em.fit_em(x, y, k, link, init=estimate, n_init=1, seed=seed)
-    refine_seconds = time.perf_counter() - start
-    candidates = {"tensor": from_tensor}
-    random_seconds = 0.0
-    if random_starts > 0:
-        start = time.perf_counter()
-        candidates["random"] = _em.fit_em(x, y, k, link, n_init=random_starts, seed=seed + 1)
-        random_seconds = time.perf_counter() - start
+    with warnings.catch_warnings():
+        # only the winner's collapse is worth a warning (below); rows were checked by the caller
+        warnings.simplefilter("ignore", _gate.CollapseWarning)
+        warnings.simplefilter("ignore", SmallDataWarning)
+        from_tensor = _em.fit_em(x, y, k, link, init=estimate, n_init=1, seed=seed)
+        refine_seconds = time.perf_counter() - start
+        candidates = {"tensor": from_tensor}
+        random_seconds = 0.0
+        if random_starts > 0:
+            start = time.perf_counter()
+            candidates["random"] = _em.fit_em(x, y, k, link, n_init=random_starts, seed=seed + 1)
+            random_seconds = time.perf_counter() - start
     scores = {name: float(est.log_likelihood(x, y).mean()) for name, est in candidates.items()}
     # random starts must beat the tensor start by a real margin (RANDOM_MARGIN nats per row): two
     # runs converging to the same optimum differ in the last digits and that is not a "win"
@@ -424,7 +490,12 @@ def _refine(x, y, k, link, estimate: MoEEstimate, random_starts: int, seed: int)
             "refine_seconds": refine_seconds,
             "random_starts_seconds": random_seconds,
             "moment_estimate_experts_weight": estimate.experts_weight.tolist(),
+            "effective_rows": best.diagnostics["effective_rows"],
+            "collapsed_experts": best.diagnostics["collapsed_experts"],
         }
+    )
+    _gate._warn_collapse(
+        diagnostics["collapsed_experts"], diagnostics["effective_rows"], x.shape[1]
     )
     return replace(
         best, method="tensor+em" if winner == "tensor" else "em", diagnostics=diagnostics
@@ -503,7 +574,8 @@ def initialize(
         Known noise standard deviation for the moment step.
     chunk_size : int
         Rows per chunk of the moment passes.
-    seed : int
+    seed : int or None
+        ``None`` draws a fresh seed; the one used is ``diagnostics["seed"]``.
 
     Returns
     -------
@@ -515,8 +587,18 @@ def initialize(
 
     Raises
     ------
-    ValueError
-        Unknown ``method``; for ``method="tensor"`` the errors of :func:`tensor_init`.
+    ValueError, TypeError
+        Any invalid argument, checked before any work (``method="auto"`` falls back to EM only
+        on :class:`MomentsNotApplicableError`, never on a bad argument); fewer rows than the
+        model's free parameters + 1, or ``k > n``; for ``method="tensor"`` the errors of
+        :func:`tensor_init`.
+
+    Warns
+    -----
+    UserWarning
+        Under :data:`pyromoe._validation.ROWS_PER_PARAMETER_WARN` rows per free parameter.
+    CollapseWarning
+        When the returned fit has an expert holding fewer than ``d + 1`` effective rows.
 
     Examples
     --------
@@ -529,11 +611,51 @@ def initialize(
         raise ValueError(f"method must be 'auto', 'tensor' or 'em'; got {method!r}")
     x, y = as_tensors(x, y)
     k = check_num_experts(num_experts)
+    link = get_link(link)
     n_init = check_positive(n_init, "n_init", integer=True)
+    if noise is not None:
+        noise = check_positive(noise, "noise")
+    chunk_size = check_count(chunk_size, "chunk_size", minimum=1)
+    seed = check_seed(seed)
+    n, d = x.shape
+    x_scale, y_scale = exact_scales(x, y, link)
+    if x_scale is not None or y_scale != 1.0:
+        # extreme magnitudes: work on data divided by exact powers of two, map the result back
+        xs = torch.ones_like(x[0]) if x_scale is None else x_scale
+        estimate = initialize(
+            x / xs,
+            y / y_scale,
+            k,
+            link,
+            method,
+            n_init=n_init,
+            noise=None if noise is None else noise / y_scale,
+            chunk_size=chunk_size,
+            seed=seed,
+        )
+        return rescale_estimate(estimate, x_scale, y_scale, to_user=True)
+    check_enough_rows(
+        n, num_parameters(d, k), k, model=f"a mixture of {k} experts on {d} input(s) with biases"
+    )
+    with warnings.catch_warnings():
+        # the rows were checked (and warned about) once, here; collapse is reported for the
+        # returned fit only
+        warnings.simplefilter("ignore", SmallDataWarning)
+        warnings.simplefilter("ignore", _gate.CollapseWarning)
+        estimate = _initialize(x, y, k, link, method, n_init, noise, chunk_size, seed)
+    diagnostics = estimate.diagnostics
+    _gate._warn_collapse(
+        diagnostics.get("collapsed_experts", []), diagnostics.get("effective_rows", []), d
+    )
+    return estimate
+
+
+def _initialize(x, y, k, link, method, n_init, noise, chunk_size, seed) -> MoEEstimate:
+    """:func:`initialize` on checked arguments."""
     d = x.shape[1]
 
     def labelled(estimate: MoEEstimate, initializer: str, reason: str) -> MoEEstimate:
-        diagnostics = {"initializer": initializer, "initializer_reason": reason}
+        diagnostics = {"initializer": initializer, "initializer_reason": reason, "seed": seed}
         diagnostics.update(estimate.diagnostics)
         return replace(estimate, diagnostics=diagnostics)
 
@@ -578,7 +700,7 @@ def initialize(
             chunk_size=chunk_size,
             seed=seed,
         )
-    except ValueError as error:
+    except MomentsNotApplicableError as error:
         return multistart(f"the moment start could not apply ({error})")
     problem = _sanity_problem(estimate, x)
     if problem is not None:

@@ -18,6 +18,8 @@ from functools import partial
 
 import torch
 
+from ._validation import check_device
+
 __all__ = [
     "Link",
     "LINKS",
@@ -190,6 +192,8 @@ def gauss_hermite(
     >>> round(float((w * t**4).sum()), 10)
     3.0
     """
+    if isinstance(device, str):
+        device = check_device(device)
     m = int(num_nodes)
     off = torch.arange(1, m, dtype=torch.float64).sqrt()
     jacobi = torch.diag(off, 1) + torch.diag(off, -1)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
-from ._validation import check_num_experts, check_positive
+from ._validation import check_device, check_flag, check_num_experts, check_positive, check_seed
 from .estimate import MoEEstimate
 from .likelihood import expert_means, gate_logits
 from .links import Link, get_link
@@ -30,12 +31,15 @@ class SimulatedData:
     truth : MoEEstimate
         The true parameters (``method="truth"``), comparable with any estimate through
         :func:`pyromoe.parameter_errors`.
+    seed : int or None
+        The seed used (drawn afresh when :func:`simulate` got ``seed=None``).
     """
 
     x: torch.Tensor
     y: torch.Tensor
     labels: torch.Tensor
     truth: MoEEstimate
+    seed: int | None = None
 
 
 def _unit_rows(t: torch.Tensor) -> torch.Tensor:
@@ -75,8 +79,9 @@ def simulate(
         ``"random"``: each gate row is a uniformly random direction. ``"orthogonal"``: the paper's
         setting, gate rows orthogonal to every expert (needs ``in_features > num_experts``, or
         ``> num_experts + 1`` with ``expert_cosine``).
-    seed : int
-        Seed of a private ``torch.Generator``: same seed, same data, on any device.
+    seed : int or None
+        Seed of a private ``torch.Generator``: same seed, same data, on any device. ``None``: a
+        fresh seed, recorded in ``SimulatedData.seed``.
     expert_cosine : float in [0, 1), optional
         Make every pair of experts have this cosine (similar experts, where random-start fits get
         stuck: ALGORITHM.md section 4). Default: independent random directions.
@@ -85,7 +90,9 @@ def simulate(
     bias : bool
         Draw expert intercepts and gate offsets from N(0, 0.5^2) (default: none, as in the paper).
     device, dtype
-        Where the returned tensors live. Drawing happens on the CPU in float64.
+        Where the returned tensors live (``device`` checked by
+        :func:`pyromoe._validation.check_device`: a clear error for a bogus string or a missing
+        CUDA/MPS); ``dtype`` a floating torch dtype. Drawing happens on the CPU in float64.
 
     Returns
     -------
@@ -102,6 +109,17 @@ def simulate(
     k = check_num_experts(num_experts)
     link = get_link(link)
     noise = check_positive(noise, "noise")
+    seed = check_seed(seed)
+    bias = check_flag(bias, "bias")
+    if device is not None:
+        device = check_device(device)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"dtype must be a floating torch dtype (e.g. torch.float64 or torch.float32); got "
+            f"{dtype!r}"
+        )
+    if isinstance(gate_norm, bool) or not isinstance(gate_norm, numbers.Real):
+        raise TypeError(f"gate_norm must be a number >= 0; got {type(gate_norm).__name__}")
     gate_norm = float(gate_norm)
     if not (gate_norm >= 0 and math.isfinite(gate_norm)):
         raise ValueError(f"gate_norm must be a finite number >= 0; got {gate_norm}")
@@ -165,4 +183,5 @@ def simulate(
         y=y.to(device=device, dtype=dtype),
         labels=labels.to(device=device),
         truth=truth,
+        seed=seed,
     )

@@ -21,10 +21,18 @@ import numpy as np
 import torch
 
 from . import sites
+from ._validation import check_count, check_device, check_num_experts, check_seed, num_parameters
 from .em import fit_em
 from .estimate import MoEEstimate, parameter_errors
 from .initialize import initialize
-from .io import atomic_path, read_table, results_directory, save_figure_atomic, write_text_atomic
+from .io import (
+    read_table,
+    results_directory,
+    save_figure_atomic,
+    write_netcdf_atomic,
+    write_text_atomic,
+)
+from .links import get_link
 from .models import MixtureOfExperts
 
 __all__ = ["StartRecord", "compare_starts", "run_demo", "run_fit", "nuts_report"]
@@ -321,8 +329,7 @@ def _nuts_rows(reports: dict[str, dict]) -> list[dict[str, Any]]:
 def _write_outputs(folder: Path, idata, figures: dict[str, Any], summary: str) -> None:
     import matplotlib.pyplot as plt
 
-    with atomic_path(folder / "inference_data.nc") as tmp:
-        idata.to_netcdf(str(tmp))
+    write_netcdf_atomic(idata, folder / "inference_data.nc")
     for name, figure in figures.items():
         save_figure_atomic(figure, folder / f"{name}.png", dpi=90)
         plt.close(figure)
@@ -338,23 +345,29 @@ def run_demo(
     num_experts: int = 2,
     link: str = "linear",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Simulate similar experts; compare random-start EM with the tensor start; run NUTS seeded from
     the estimate and from Pyro's default init; write the results folder ``out``.
 
-    Returns the numbers of the summary (also written to ``out/summary.md``).
+    ``out`` may replace only the results of an earlier run, and only with ``overwrite=True``
+    (:func:`pyromoe.io.results_directory`). Returns the numbers of the summary (also written to
+    ``out/summary.md``).
     """
+    _check_run_arguments(
+        num_experts=num_experts, link=link, seed=seed, device=device, overwrite=overwrite
+    )
     # One torch thread: the demo's tensors are small, and a thread pool fighting other processes
     # for 2 cores made each EM iteration ~50x slower (0.3 s instead of 5 ms, measured here).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run_demo(out, seed, quick, device, num_experts, link, progress)
+        return _run_demo(out, seed, quick, device, num_experts, link, progress, overwrite)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_demo(out, seed, quick, device, num_experts, link, progress) -> dict[str, Any]:
+def _run_demo(out, seed, quick, device, num_experts, link, progress, overwrite) -> dict[str, Any]:
     from . import plots
     from .inference import run_nuts
     from .simulate import simulate
@@ -364,7 +377,7 @@ def _run_demo(out, seed, quick, device, num_experts, link, progress) -> dict[str
     if num_experts + 1 > data_args["in_features"]:
         data_args["in_features"] = num_experts + 2
     timer = _Timer()
-    with results_directory(out, overwrite=True) as folder:
+    with results_directory(out, overwrite=overwrite) as folder:
         with timer("simulate"):
             data = simulate(
                 num_experts=num_experts, link=link, seed=seed, device=device, **data_args
@@ -502,24 +515,35 @@ def _initializer_text(estimate: MoEEstimate) -> str:
     )
 
 
+def _check_run_arguments(*, num_experts, link, seed, device, overwrite) -> None:
+    """The checks shared by :func:`run_demo` and :func:`run_fit`, before any work."""
+    check_num_experts(num_experts)
+    get_link(link)
+    check_seed(seed)
+    check_device(device)
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False; got {overwrite!r}")
+
+
 # ----------------------------------------------------------------------------------- fit
 #: Rows needed per model parameter by `pyromoe fit`.
 ROWS_PER_PARAMETER = 3
 
 
-def num_parameters(in_features: int, num_experts: int, bias: bool = True) -> int:
-    """Number of scalar parameters of :class:`MixtureOfExperts`."""
-    k, d = num_experts, in_features
-    return k * d + (k - 1) * d + 1 + ((2 * k - 1) if bias else 0)
-
-
-def _standardize_columns(values: np.ndarray, names: Sequence[str]):
+def _standardize_columns(values: np.ndarray, names: Sequence[str], *, target: bool = False):
     mean, scale = values.mean(0), values.std(0)
     constant = [name for name, s in zip(names, scale) if not s > 0]
-    if constant:
+    if constant and target:
         raise ValueError(
-            f"column(s) {constant} are constant; a constant column carries no information: "
-            "drop it (--features) and try again"
+            f"the target column '{constant[0]}' is constant (every value is "
+            f"{float(values[0, 0]):g}): there is nothing to model; choose another --target"
+        )
+    if constant:
+        listed = ", ".join(f"'{name}'" for name in constant)
+        raise ValueError(
+            f"input column(s) {listed} are constant; a constant input carries no information "
+            "(the experts' intercepts already model a constant): leave it out by listing the "
+            "other inputs with --features"
         )
     return (values - mean) / scale, mean, scale
 
@@ -540,18 +564,30 @@ def run_fit(
     num_steps: int = 3000,
     device: str = "cpu",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Fit a mixture of experts to a CSV file: standardise, initialize (``method="auto"``), then
     seeded NUTS (``method="nuts"``) or SVI (``method="svi"``, for large n); write ``out``.
 
     Inputs and target are standardised to zero mean and unit variance (the priors are on that
     scale); every expert has an intercept and the gate an offset.
+
+    ``out`` follows the rule of :func:`pyromoe.io.results_directory`: it may replace only earlier
+    pyromoe results, only with ``overwrite=True``, and never the folder holding ``path`` (or one
+    above it) nor the working folder. Every argument is checked before any work.
     """
     from . import plots
     from .inference import fit_svi, run_nuts
 
     if method not in ("nuts", "svi"):
         raise ValueError(f"method must be 'nuts' or 'svi'; got {method!r}")
+    _check_run_arguments(
+        num_experts=num_experts, link=link, seed=seed, device=device, overwrite=overwrite
+    )
+    num_chains = check_count(num_chains, "num_chains", minimum=1)
+    num_warmup = check_count(num_warmup, "num_warmup", minimum=0)
+    num_samples = check_count(num_samples, "num_samples", minimum=4 if method == "nuts" else 1)
+    num_steps = check_count(num_steps, "num_steps", minimum=1)
     table = read_table(path, target, features, min_rows=2)
     d = table.x.shape[1]
     needed = ROWS_PER_PARAMETER * num_parameters(d, num_experts)
@@ -562,11 +598,13 @@ def run_fit(
             f"{num_parameters(d, num_experts)} parameters). Use fewer experts or features."
         )
     x_std, x_mean, x_scale = _standardize_columns(table.x, table.feature_names)
-    y_std, y_mean, y_scale = _standardize_columns(table.y[:, None], [table.target_name])
+    y_std, y_mean, y_scale = _standardize_columns(
+        table.y[:, None], [table.target_name], target=True
+    )
     x = torch.as_tensor(x_std, device=device)
     y = torch.as_tensor(y_std[:, 0], device=device)
     timer = _Timer()
-    with results_directory(out, overwrite=True) as folder:
+    with results_directory(out, overwrite=overwrite, inputs=[path]) as folder:
         with timer("initialize (auto)"):
             estimate = initialize(x, y, num_experts, link, method="auto", seed=seed)
         model = MixtureOfExperts(d, num_experts, link=link, bias=True)

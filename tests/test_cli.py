@@ -126,7 +126,6 @@ def test_fit_that_fails_midway_leaves_no_partial_output(tmp_path, monkeypatch):
     monkeypatch.setattr(pyromoe.inference, "run_nuts", broken)
     out = tmp_path / "results"
     path = datasets.dataset_path("old_faithful")
-    with pytest.raises(RuntimeError, match="sampler crashed"):
-        main(["fit", str(path), "--target", "waiting", "--out", str(out), *SMALL_NUTS])
+    assert main(["fit", str(path), "--target", "waiting", "--out", str(out), *SMALL_NUTS]) == 1
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []

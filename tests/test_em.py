@@ -188,9 +188,9 @@ def tiny():
     [
         (dict(num_experts=1), ValueError, "num_experts must be >= 2"),
         (dict(num_experts=2.0), TypeError, "num_experts must be an int"),
-        (dict(n_init=0), ValueError, "n_init must be > 0"),
+        (dict(n_init=0), ValueError, "n_init must be >= 1; got 0"),
         (dict(tol=0.0), ValueError, "tol must be > 0"),
-        (dict(max_iter=-3), ValueError, "max_iter must be > 0"),
+        (dict(max_iter=-3), ValueError, "max_iter must be >= 1; got -3"),
         (dict(prior_scale=-1.0), ValueError, "prior_scale must be > 0"),
         (dict(bias=None), TypeError, "bias must be True or False"),
         (dict(seed="0"), TypeError, "seed must be an int"),

@@ -259,7 +259,7 @@ def _call(tiny, **overrides):
         (dict(noise=0.0), ValueError, "noise must be > 0"),
         (dict(noise=torch.ones(2)), ValueError, "noise must be a positive scalar"),
         (dict(tol=-1.0), ValueError, "tol must be > 0"),
-        (dict(max_iter=0), ValueError, "max_iter must be > 0"),
+        (dict(max_iter=0), ValueError, "max_iter must be >= 1; got 0"),
         (dict(max_iter=2.5), TypeError, "max_iter must be an int"),
         (dict(prior_scale=0.0), ValueError, "prior_scale must be > 0"),
         (dict(fit_bias="yes"), TypeError, "fit_bias must be True or False"),

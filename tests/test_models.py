@@ -301,7 +301,7 @@ def test_model_bad_input(call, error, message):
     "kwargs, error, message",
     [
         (dict(num_experts=1), ValueError, "num_experts must be >= 2"),
-        (dict(in_features=0), ValueError, "in_features must be > 0"),
+        (dict(in_features=0), ValueError, "in_features must be >= 1; got 0"),
         (dict(link="quadratic"), ValueError, "link must be one of"),
         (
             dict(priors={"experts.scale": 1.0}),

@@ -79,7 +79,7 @@ def test_truth_is_the_estimators_container():
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(n=0), ValueError, "n must be > 0"),
+        (dict(n=0), ValueError, "n must be >= 1; got 0"),
         (dict(in_features=2.5), TypeError, "in_features must be an int"),
         (dict(num_experts=1), ValueError, "num_experts must be >= 2"),
         (dict(noise=0.0), ValueError, "noise must be > 0"),

@@ -220,7 +220,7 @@ def test_small_but_genuine_pairs_are_not_refused(n, d, cosine):
 
 def test_bad_chunk_size_and_noise_are_refused():
     data = simulate(1000, 4, 2, seed=0)
-    with pytest.raises(ValueError, match="chunk_size must be > 0"):
+    with pytest.raises(ValueError, match="chunk_size must be >= 1; got 0"):
         tensor_init(data.x, data.y, chunk_size=0)
     with pytest.raises(TypeError, match="chunk_size must be an int"):
         tensor_init(data.x, data.y, chunk_size=10.5)

@@ -1,6 +1,6 @@
 """Recovery benchmark: expert error vs n for the tensor start and random-start EM (the paper's figure).
 
-Methods, on data from ``pyromoe.simulate`` (d = 10, sigma = 0.5, unit-norm experts):
+Methods, on data from ``pyromoe.estimators.simulate`` (d = 10, sigma = 0.5, unit-norm experts):
 
 - ``tensor``: ``tensor_init`` (moments + gate EM with the experts fixed), no refinement;
 - ``tensor+em``: ``tensor_init(refine=True, random_starts=0)``: joint EM from the tensor start;
@@ -33,8 +33,8 @@ import torch  # noqa: E402
 
 from benchmarks._common import machine_info, machine_markdown, write_results  # noqa: E402
 from pyromoe import parameter_errors, simulate  # noqa: E402
-from pyromoe.em import fit_em  # noqa: E402
-from pyromoe.initialize import tensor_init  # noqa: E402
+from pyromoe.core.em import fit_em  # noqa: E402
+from pyromoe.estimators.initialize import tensor_init  # noqa: E402
 
 LINKS = ["linear", "tanh", "relu", "leaky_relu"]
 METHODS = ["tensor", "tensor+em", "em x1", "em x5"]

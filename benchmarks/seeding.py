@@ -1,7 +1,7 @@
 """Seeding benchmark: NUTS and SVI started at the moment estimate vs Pyro's default initialisation.
 
 For each setting (k = 2, 3; linear and tanh experts; and similar experts, pairwise cosine 0.8,
-where default starts go astray: ALGORITHM.md section 5) on ``simulate(n=2000, d=5, sigma=0.5)``:
+where default starts go astray: docs/algorithm.md section 5) on ``simulate(n=2000, d=5, sigma=0.5)``:
 
 - ``seeded``: ``tensor_init(refine=True)`` (moments -> gate EM -> joint EM, best of it and two random
   EM starts by likelihood; when ``tensor_init`` refuses the data it falls back to
@@ -37,11 +37,11 @@ import torch  # noqa: E402
 
 from benchmarks._common import machine_info, machine_markdown, write_results  # noqa: E402
 from pyromoe import MixtureOfExperts, parameter_errors, simulate, sites  # noqa: E402
-from pyromoe.diagnostics import align_labels  # noqa: E402
-from pyromoe.em import fit_em  # noqa: E402
-from pyromoe.estimate import MoEEstimate  # noqa: E402
-from pyromoe.inference import fit_svi, run_nuts  # noqa: E402
-from pyromoe.initialize import tensor_init  # noqa: E402
+from pyromoe.bayes.fit import fit_svi, run_nuts  # noqa: E402
+from pyromoe.bayes.to_arviz import align_labels  # noqa: E402
+from pyromoe.core.em import fit_em  # noqa: E402
+from pyromoe.core.estimate import MoEEstimate  # noqa: E402
+from pyromoe.estimators.initialize import tensor_init  # noqa: E402
 
 N, D, NOISE = 2000, 5, 0.5
 WRONG_MODE_NATS = 10.0

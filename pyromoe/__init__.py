@@ -1,22 +1,61 @@
 """pyromoe: gated Gaussian mixtures of experts in Pyro, started in the right basin.
 
-The public API is re-exported here; nothing is defined in this module.
+The public API is re-exported here lazily (PEP 562 module ``__getattr__``): ``import pyromoe`` loads
+nothing heavy, and each name imports its module on first use, so ``pyromoe --help`` needs no torch
+and the estimators run without Pyro, ArviZ or matplotlib installed. The layers, in the order data
+flows through them (a layer imports only those before it; ``docs/architecture.md``):
+
+* :mod:`pyromoe.core`: torch only: links, parameters, likelihood, moments, tensor, EM, labels;
+* :mod:`pyromoe.estimators`: arrays to a point estimate: ``tensor_init``, ``initialize``,
+  ``simulate``;
+* :mod:`pyromoe.bayes`: Pyro and ArviZ: the model, the init strategy, MAP/SVI/NUTS, InferenceData;
+* :mod:`pyromoe.app`: the command line, the demo and fit workflows, plots, files;
+* :mod:`pyromoe.datasets`: the data sets that ship with the package.
 """
 
-from . import datasets, io, links, sites
-from .datasets import DATASETS, Dataset, load_concrete, load_dataset, load_mcycle, load_old_faithful
-from .diagnostics import align_labels, to_inference_data
-from .em import fit_em
-from .estimate import MoEEstimate, parameter_errors
-from .gate import CollapseWarning, ConvergenceWarning, fit_gate
-from .inference import fit_map, fit_svi, run_nuts
-from .init import init_to_moments
-from .initialize import initialize, tensor_init
-from .links import Link, get_link
-from .models import MixtureOfExperts
-from .simulate import SimulatedData, simulate
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+#: public name -> module that defines it (relative to this package)
+_EXPORTS: dict[str, str] = {
+    "CollapseWarning": ".core.gate",
+    "ConvergenceWarning": ".core.gate",
+    "Link": ".core.links",
+    "get_link": ".core.links",
+    "MoEEstimate": ".core.estimate",
+    "parameter_errors": ".core.estimate",
+    "fit_em": ".core.em",
+    "fit_gate": ".core.gate",
+    "initialize": ".estimators.initialize",
+    "tensor_init": ".estimators.initialize",
+    "SimulatedData": ".estimators.simulate",
+    "simulate": ".estimators.simulate",
+    "MixtureOfExperts": ".bayes.model",
+    "init_to_moments": ".bayes.init_strategy",
+    "fit_map": ".bayes.fit",
+    "fit_svi": ".bayes.fit",
+    "run_nuts": ".bayes.fit",
+    "align_labels": ".bayes.to_arviz",
+    "to_inference_data": ".bayes.to_arviz",
+    "DATASETS": ".datasets",
+    "Dataset": ".datasets",
+    "load_concrete": ".datasets",
+    "load_dataset": ".datasets",
+    "load_mcycle": ".datasets",
+    "load_old_faithful": ".datasets",
+}
+
+#: public submodules, by their short names
+_MODULES: dict[str, str] = {
+    "datasets": ".datasets",
+    "io": ".app.io",
+    "links": ".core.links",
+    "sites": ".core.sites",
+}
 
 __all__ = [
     "CollapseWarning",
@@ -49,3 +88,42 @@ __all__ = [
     "tensor_init",
     "to_inference_data",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif name in _MODULES:
+        value = importlib.import_module(_MODULES[name], __name__)
+    else:
+        raise AttributeError(f"module 'pyromoe' has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from . import datasets, sites
+    from .app import io
+    from .bayes.fit import fit_map, fit_svi, run_nuts
+    from .bayes.init_strategy import init_to_moments
+    from .bayes.model import MixtureOfExperts
+    from .bayes.to_arviz import align_labels, to_inference_data
+    from .core import links
+    from .core.em import fit_em
+    from .core.estimate import MoEEstimate, parameter_errors
+    from .core.gate import CollapseWarning, ConvergenceWarning, fit_gate
+    from .core.links import Link, get_link
+    from .datasets import (
+        DATASETS,
+        Dataset,
+        load_concrete,
+        load_dataset,
+        load_mcycle,
+        load_old_faithful,
+    )
+    from .estimators.initialize import initialize, tensor_init
+    from .estimators.simulate import SimulatedData, simulate

@@ -8,7 +8,7 @@ import arviz as az
 import pytest
 
 from pyromoe import datasets
-from pyromoe.cli import main
+from pyromoe.app.cli import main
 
 GROUPS = {"posterior", "sample_stats", "log_likelihood", "posterior_predictive", "observed_data"}
 SMALL_NUTS = ["--chains", "2", "--warmup", "60", "--samples", "60", "--no-progress"]
@@ -33,7 +33,10 @@ def _check_results(folder, figures):
 
 def test_help_lists_the_commands():
     result = subprocess.run(
-        [sys.executable, "-m", "pyromoe.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "pyromoe.app.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "demo" in result.stdout and "fit" in result.stdout
 
@@ -118,12 +121,12 @@ def test_fit_bad_input_has_a_clear_message_and_no_output(tmp_path, capsys, make_
 
 
 def test_fit_that_fails_midway_leaves_no_partial_output(tmp_path, monkeypatch):
-    import pyromoe.inference
+    import pyromoe.bayes.fit
 
     def broken(*args, **kwargs):
         raise RuntimeError("sampler crashed")
 
-    monkeypatch.setattr(pyromoe.inference, "run_nuts", broken)
+    monkeypatch.setattr(pyromoe.bayes.fit, "run_nuts", broken)
     out = tmp_path / "results"
     path = datasets.dataset_path("old_faithful")
     assert main(["fit", str(path), "--target", "waiting", "--out", str(out), *SMALL_NUTS]) == 1

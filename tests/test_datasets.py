@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from pyromoe.app.io import read_table
 from pyromoe.datasets import (
     DATASETS,
     Dataset,
@@ -16,7 +17,6 @@ from pyromoe.datasets import (
     load_mcycle,
     load_old_faithful,
 )
-from pyromoe.io import read_table
 
 # (name, loader, n, d, first row of x, first y, last row of x, last y) from the R packages' data
 EXPECTED = [

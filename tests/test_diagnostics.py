@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pyromoe import MixtureOfExperts, simulate, sites
-from pyromoe.diagnostics import align_labels, permute_draws, to_inference_data
+from pyromoe.bayes.to_arviz import align_labels, permute_draws, to_inference_data
 
 matplotlib.use("Agg")
 
@@ -104,7 +104,7 @@ def test_posterior_predictive_has_the_models_mean_and_variance(data, model):
     idata = to_inference_data(model, data.x, data.y, draws, log_likelihood=False, seed=3)
     predicted = torch.as_tensor(idata.posterior_predictive["y"].values).reshape(400, -1)
     gate = data.truth.gate_probabilities(data.x)
-    from pyromoe.likelihood import expert_means
+    from pyromoe.core.likelihood import expert_means
 
     means = expert_means(
         data.x, data.truth.experts_weight, data.truth.experts_bias, data.truth.link

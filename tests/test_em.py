@@ -1,4 +1,4 @@
-"""Joint EM from random starts or a given start (pyromoe.em)."""
+"""Joint EM from random starts or a given start (pyromoe.core.em)."""
 
 import warnings
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pyromoe import MoEEstimate, parameter_errors, simulate
-from pyromoe.em import fit_em, random_start
-from pyromoe.gate import ConvergenceWarning
+from pyromoe.core.em import fit_em, random_start
+from pyromoe.core.gate import ConvergenceWarning
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,7 +36,7 @@ def _mean_ll(estimate, data):
 
 # ------------------------------------------------------------------------------------- recovery
 def test_fit_em_best_of_5_recovers_linear_experts(linear_k2, linear_k2_fit):
-    # Reference (ALGORITHM.md section 4): 0.008 at n = 1e5, so about 0.008 * sqrt(5) = 0.018 at 2e4.
+    # Reference (docs/algorithm.md section 4): 0.008 at n = 1e5, so about 0.008 * sqrt(5) = 0.018 at 2e4.
     errors = parameter_errors(linear_k2_fit, linear_k2.truth)
     assert errors["experts"] < 0.05  # measured 0.020
     assert errors["gate"] < 0.15  # measured 0.081
@@ -104,7 +104,7 @@ def test_fit_em_with_init_and_extra_random_starts_reports_kinds(linear_k2):
 
 
 def test_fit_em_similar_experts_best_start_is_best_and_accurate():
-    # k = 3 experts with pairwise cosine 0.8 (ALGORITHM.md section 4): random starts can get stuck
+    # k = 3 experts with pairwise cosine 0.8 (docs/algorithm.md section 4): random starts can get stuck
     # (here start 2 ends 0.03 nats/row below the others); the best start must not be.
     data = simulate(
         20_000, 10, num_experts=3, expert_cosine=0.8, gate="orthogonal", gate_norm=2.0, seed=0
@@ -139,7 +139,7 @@ def test_fit_em_without_bias_keeps_offsets_at_zero(linear_k2):
     assert parameter_errors(fit, linear_k2.truth)["experts"] < 0.05
 
 
-@pytest.mark.filterwarnings("ignore::pyromoe.gate.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::pyromoe.core.gate.ConvergenceWarning")
 def test_fit_em_same_seed_same_fit(linear_k2):
     a = fit_em(linear_k2.x, linear_k2.y, 2, n_init=1, seed=7, max_iter=5)
     b = fit_em(linear_k2.x, linear_k2.y, 2, n_init=1, seed=7, max_iter=5)

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from pyromoe import datasets
-from pyromoe.cli import main
-from pyromoe.io import RESULTS_MARKER, results_directory
+from pyromoe.app.cli import main
+from pyromoe.app.io import RESULTS_MARKER, results_directory
 
 FAST_SVI = ["--method", "svi", "--steps", "20", "--no-progress"]
 
@@ -185,12 +185,12 @@ def test_version(capsys):
 
 
 def test_failure_inside_the_fit_is_one_line_and_exit_1(workdir, capsys, monkeypatch):
-    import pyromoe.inference
+    import pyromoe.bayes.fit
 
     def broken(*args, **kwargs):
         raise RuntimeError("sampler crashed")
 
-    monkeypatch.setattr(pyromoe.inference, "fit_svi", broken)
+    monkeypatch.setattr(pyromoe.bayes.fit, "fit_svi", broken)
     assert _fit("--out", "results", *FAST_SVI) == 1
     error = capsys.readouterr().err
     assert error == (
@@ -217,7 +217,7 @@ def test_library_rule_is_the_same(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ faults in a real process
 def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pyromoe.cli", *args]
+    return [sys.executable, "-m", "pyromoe.app.cli", *args]
 
 
 def _env() -> dict[str, str]:

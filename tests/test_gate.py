@@ -1,4 +1,4 @@
-"""Gate EM with the experts fixed (pyromoe.gate)."""
+"""Gate EM with the experts fixed (pyromoe.core.gate)."""
 
 import math
 import warnings
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pyromoe import simulate
-from pyromoe.gate import ConvergenceWarning, GateFit, fit_gate, gate_m_step, log_prior
-from pyromoe.likelihood import log_likelihood
+from pyromoe.core.gate import ConvergenceWarning, GateFit, fit_gate, gate_m_step, log_prior
+from pyromoe.core.likelihood import log_likelihood
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -47,7 +47,7 @@ def _gate_error(fit, truth):
 
 # ------------------------------------------------------------------------------------- recovery
 def test_gate_em_recovers_k2_gate_and_noise_from_random_start(data_k2):
-    # Reference: gate error 0.02-0.05 at n = 1e5 (ALGORITHM.md section 4); the noise estimate's
+    # Reference: gate error 0.02-0.05 at n = 1e5 (docs/algorithm.md section 4); the noise estimate's
     # standard error is about 0.5 / sqrt(2 n) = 0.001.
     fit = _fit_true_experts(data_k2, seed=3)
     assert isinstance(fit, GateFit)

@@ -13,10 +13,10 @@ import torch
 from pyro.infer.autoguide import AutoNormal
 
 from pyromoe import MixtureOfExperts, simulate, sites
-from pyromoe.em import ConvergenceWarning, fit_em
-from pyromoe.estimate import best_permutation
-from pyromoe.inference import _chain_starts, fit_map, fit_svi, run_nuts
-from pyromoe.init import init_to_moments, laplace_approximation
+from pyromoe.bayes.fit import _chain_starts, fit_map, fit_svi, run_nuts
+from pyromoe.bayes.init_strategy import init_to_moments, laplace_approximation
+from pyromoe.core.em import ConvergenceWarning, fit_em
+from pyromoe.core.estimate import best_permutation
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +286,7 @@ def test_run_nuts_and_fit_svi_on_cuda(data, model):
 @pytest.mark.slow
 def test_seeded_nuts_converges_on_the_issue_setting():
     """simulate(n=2000, d=5, k=2, linear, noise=0.5, seed=0), 4 chains x 500 + 500 (issue 5)."""
-    from pyromoe.initialize import initialize
+    from pyromoe.estimators.initialize import initialize
 
     data = simulate(n=2000, in_features=5, num_experts=2, link="linear", noise=0.5, seed=0)
     # the tensor start (tensor_init -> joint EM) guarded by random EM starts; on this data set

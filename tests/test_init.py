@@ -19,7 +19,7 @@ from pyro.infer.autoguide import (
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_mean
 
 from pyromoe import MixtureOfExperts, simulate, sites
-from pyromoe.init import init_to_moments, laplace_approximation, laplace_scales
+from pyromoe.bayes.init_strategy import init_to_moments, laplace_approximation, laplace_scales
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""pyromoe.io: reading a user's CSV with clear errors, and atomic writing of results."""
+"""pyromoe.app.io: reading a user's CSV with clear errors, and atomic writing of results."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import matplotlib
 import numpy as np
 import pytest
 
-from pyromoe.io import (
+from pyromoe.app.io import (
     RESULTS_MARKER,
     Table,
     atomic_path,

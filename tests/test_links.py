@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyromoe.links import DEFAULT_LEAKY_SLOPE, LINKS, get_link, leaky_relu
+from pyromoe.core.links import DEFAULT_LEAKY_SLOPE, LINKS, get_link, leaky_relu
 
 Z = torch.linspace(-3, 3, 61, dtype=torch.float64)
 

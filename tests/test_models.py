@@ -12,7 +12,7 @@ from scipy.special import expit, logsumexp
 from scipy.stats import norm
 
 from pyromoe import MixtureOfExperts, parameter_errors, simulate, sites
-from pyromoe.links import DEFAULT_LEAKY_SLOPE, LINKS
+from pyromoe.core.links import DEFAULT_LEAKY_SLOPE, LINKS
 
 NUMPY_LINKS = {
     "linear": lambda z: z,

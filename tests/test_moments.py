@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from pyromoe.links import gauss_hermite, gaussian_expectation, transform_constants
-from pyromoe.moments import (
+from pyromoe.core.links import gauss_hermite, gaussian_expectation, transform_constants
+from pyromoe.core.moments import (
     ThirdMoment,
     choose_alpha,
     second_moment_tensor,
@@ -15,7 +15,7 @@ from pyromoe.moments import (
     t2_noise_floor,
     whitened_third_moment,
 )
-from pyromoe.simulate import simulate
+from pyromoe.estimators.simulate import simulate
 
 F64 = torch.float64
 
@@ -128,7 +128,9 @@ def test_choose_alpha_minimises_the_noise_to_signal_ratio_on_a_grid():
     assert ratio == pytest.approx(r(alpha), rel=1e-9)
     grid = torch.linspace(-30, 30, 601).tolist()
     assert all(r(alpha) <= r(a) * (1 + 1e-9) for a in grid)
-    assert r(alpha) < 0.5 * r(0.0)  # tanh with alpha = 0 is much noisier (ALGORITHM.md section 2)
+    assert r(alpha) < 0.5 * r(
+        0.0
+    )  # tanh with alpha = 0 is much noisier (docs/algorithm.md section 2)
 
 
 def test_choose_alpha_is_the_control_variate_when_b_has_no_signal():
@@ -149,7 +151,7 @@ def test_gauss_hermite_integrates_gaussian_moments_exactly():
 def test_gaussian_expectation_matches_fine_riemann_sum(link):
     t = torch.linspace(-12, 12, 400_001, dtype=F64)
     density = torch.exp(-t * t / 2) / math.sqrt(2 * math.pi) * (t[1] - t[0])
-    from pyromoe.links import centred
+    from pyromoe.core.links import centred
 
     he3 = t**3 - 3 * t
     for scale, power in [(0.7, 1), (1.3, 2), (2.0, 3)]:
@@ -159,7 +161,7 @@ def test_gaussian_expectation_matches_fine_riemann_sum(link):
 
 
 def test_transform_constants_match_closed_forms():
-    # ALGORITHM.md section 2: relu beta = -2 sqrt(2/pi), alpha = -3 sigma^2 - 6; leaky(0.1)
+    # docs/algorithm.md section 2: relu beta = -2 sqrt(2/pi), alpha = -3 sigma^2 - 6; leaky(0.1)
     alpha, beta = transform_constants("relu", 0.5)
     assert beta == pytest.approx(-2 * math.sqrt(2 / math.pi), abs=1e-12)
     assert alpha == pytest.approx(-3 * 0.25 - 6, abs=1e-12)

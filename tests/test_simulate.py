@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pyromoe import parameter_errors, simulate
-from pyromoe.likelihood import gate_logits
+from pyromoe.core.likelihood import gate_logits
 
 
 def test_same_seed_same_data_and_other_seed_other_data():

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from pyromoe.links import gaussian_expectation
-from pyromoe.tensor import expert_scales, tensor_power_method, unwhiten, whiten
+from pyromoe.core.links import gaussian_expectation
+from pyromoe.core.tensor import expert_scales, tensor_power_method, unwhiten, whiten
 
 F64 = torch.float64
 

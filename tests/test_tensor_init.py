@@ -1,6 +1,6 @@
 """tensor_init: recovery at the issue's settings, diagnostics, warnings and bad input.
 
-Bounds are the issue's (ALGORITHM.md section 3 measured medians 0.042 / 0.074 / 0.075 / 0.065 at
+Bounds are the issue's (docs/algorithm.md section 3 measured medians 0.042 / 0.074 / 0.075 / 0.065 at
 n = 1e5 for linear / tanh / relu / leaky, errors shrinking like 1/sqrt(n)); seeds are fixed at 0.
 """
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pyromoe import parameter_errors, simulate
-from pyromoe.initialize import _moment_experts, minimum_rows, tensor_init
-from pyromoe.likelihood import gate_logits
-from pyromoe.links import get_link
+from pyromoe.core.likelihood import gate_logits
+from pyromoe.core.links import get_link
+from pyromoe.estimators.initialize import _moment_experts, minimum_rows, tensor_init
 
 
 def _fit(link, gate, k=2, d=10, n=100_000, seed=0, **kwargs):
@@ -252,7 +252,7 @@ def test_linear_moment_estimate_is_consistent_error_shrinks_with_n():
 
 @pytest.mark.slow
 def test_refined_tensor_start_matches_best_of_five_random_em_and_is_never_stuck():
-    from pyromoe.em import fit_em
+    from pyromoe.core.em import fit_em
 
     errors, baseline = [], []
     for seed in range(3):
@@ -273,7 +273,7 @@ def test_gate_warm_start_on_a_subsample_reaches_the_same_gate(monkeypatch):
     """Large n: gate EM starts on a random subsample, then finishes on all rows (same fixed point)."""
     import sys
 
-    module = sys.modules["pyromoe.initialize"]
+    module = sys.modules["pyromoe.estimators.initialize"]
     data = simulate(30_000, 5, 2, "linear", 0.5, seed=7)
     cold = tensor_init(data.x, data.y)
     monkeypatch.setattr(module, "GATE_WARM_START_ROWS", 5000)

@@ -25,7 +25,6 @@ from pyromoe import (
     simulate,
     tensor_init,
     to_inference_data,
-    workflow,
 )
 from pyromoe._validation import (
     ROWS_PER_PARAMETER_WARN,
@@ -37,8 +36,9 @@ from pyromoe._validation import (
     check_seed,
     num_parameters,
 )
-from pyromoe.gate import _noise_floor
-from pyromoe.initialize import MomentsNotApplicableError, minimum_rows
+from pyromoe.app import workflow
+from pyromoe.core.gate import _noise_floor
+from pyromoe.estimators.initialize import MomentsNotApplicableError, minimum_rows
 
 PARAMETERS = ("experts_weight", "experts_bias", "gate_weight", "gate_bias", "noise")
 

@@ -1,21 +1,21 @@
 """Joint EM over all parameters of a mixture of experts: the baseline that random starts feed.
 
-This is what mixtools / flexmix users run today (ALGORITHM.md section 4): EM from random starts,
+This is what mixtools / flexmix users run today (docs/algorithm.md section 4): EM from random starts,
 keeping the start with the best final log-likelihood. It can get stuck in a local optimum (similar
-experts, ALGORITHM.md section 4), which is what the tensor start of :mod:`pyromoe.initialize` avoids;
+experts, docs/algorithm.md section 4), which is what the tensor start of :mod:`pyromoe.estimators.initialize` avoids;
 started from that estimate (``init=``), it is the refinement step.
 
 One EM iteration (scikit-learn conventions: ``tol``, ``max_iter``, ``converged``, ``n_iter``):
 
-* E-step: responsibilities from :func:`pyromoe.likelihood.component_log_probs` (shared with
-  :mod:`pyromoe.gate`).
+* E-step: responsibilities from :func:`pyromoe.core.likelihood.component_log_probs` (shared with
+  :mod:`pyromoe.core.gate`).
 * M-step, experts: weighted least squares per expert with weights ``r_ni`` (closed form, linear link;
   an intercept column when ``bias``), or Gauss-Newton steps with step halving for a nonlinear link
   (using ``Link.derivative``) so that each expert's weighted squared error never rises.
   By default one Gauss-Newton step and one gate Newton step per EM iteration (a generalised EM
   step): measured at d = 10, n = 2e4, three steps of each took the same number of EM iterations
   (to within a few) and 20-50% more time.
-* M-step, gate: :func:`pyromoe.gate.gate_m_step` (damped Newton on the weighted (multinomial)
+* M-step, gate: :func:`pyromoe.core.gate.gate_m_step` (damped Newton on the weighted (multinomial)
   logistic regression; one implementation with gate EM).
 * M-step, noise: ``noise^2 = mean_n sum_i r_ni (y_n - g(a_i . x_n + b_i))^2``.
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import (
+from .._validation import (
     as_tensor,
     as_tensors,
     check_enough_rows,
@@ -217,7 +217,7 @@ def _run_em(
     """EM from one start.
 
     Returns the parameters, the objective trace, converged, n_iter, and (effective rows per
-    expert, collapsing experts) at the end (:func:`pyromoe.gate._collapse`).
+    expert, collapsing experts) at the end (:func:`pyromoe.core.gate._collapse`).
     """
     n, d = x.shape
     floor = _noise_floor(y)
@@ -396,7 +396,7 @@ def fit_em(
     Full-batch: every iteration works on all of ``x`` at once (memory O(n k d) on ``x``'s device),
     which is fine up to a few million rows; there is no chunked variant yet. Starts run one after
     another. The chosen start is the one with the highest final objective; starts that ended lower
-    (a local optimum, ALGORITHM.md section 4) show in ``log_likelihood_per_start``.
+    (a local optimum, docs/algorithm.md section 4) show in ``log_likelihood_per_start``.
 
     Examples
     --------

@@ -1,6 +1,6 @@
 """The point-estimate container :class:`MoEEstimate` and parameter-error metrics.
 
-The same container holds true parameters (from :func:`pyromoe.simulate`), moment estimates and EM
+The same container holds true parameters (from :func:`pyromoe.estimators.simulate`), moment estimates and EM
 estimates, so one function (:func:`parameter_errors`) compares any two of them.
 """
 
@@ -95,7 +95,7 @@ class MoEEstimate:
         CUDA/MPS).
         """
         if device is not None and (isinstance(device, str) or device != self.experts_weight.device):
-            from ._validation import check_device
+            from .._validation import check_device
 
             device = check_device(device)
         moved = {
@@ -150,21 +150,21 @@ class MoEEstimate:
 
     def log_likelihood(self, x, y) -> torch.Tensor:
         """Per-observation log-likelihood ``log p(y_n | x_n)`` under this estimate, shape (n,)."""
-        from ._validation import as_tensors
+        from .._validation import as_tensors
 
         x, y = as_tensors(x, y, in_features=self.in_features)
         return likelihood.log_likelihood(x, y, *self._args(x))
 
     def responsibilities(self, x, y) -> torch.Tensor:
         """Posterior responsibilities ``p(expert | x_n, y_n)`` under this estimate, shape (n, k)."""
-        from ._validation import as_tensors
+        from .._validation import as_tensors
 
         x, y = as_tensors(x, y, in_features=self.in_features)
         return likelihood.responsibilities(x, y, *self._args(x))
 
     def gate_probabilities(self, x) -> torch.Tensor:
         """Gate probabilities ``gate_i(x_n)``, shape (n, k)."""
-        from ._validation import as_tensors
+        from .._validation import as_tensors
 
         x, _ = as_tensors(x, in_features=self.in_features)
         w, _, gw, gb, _, _ = self._args(x)
@@ -172,7 +172,7 @@ class MoEEstimate:
 
     def predict(self, x) -> torch.Tensor:
         """Mean prediction ``E[y | x] = sum_i gate_i(x) g(a_i . x + b_i)``, shape (n,)."""
-        from ._validation import as_tensors
+        from .._validation import as_tensors
 
         x, _ = as_tensors(x, in_features=self.in_features)
         w, b, gw, gb, _, link = self._args(x)

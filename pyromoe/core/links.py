@@ -2,7 +2,7 @@
 
 Each link is a :class:`Link`: a torch function ``g``, its derivative, and the facts the moment
 initializer needs (whether ``g - g(0)`` is odd, which makes the pair's moments gate-free; see
-ALGORITHM.md section 2).
+docs/algorithm.md section 2).
 
 Available names: ``"linear"``, ``"tanh"``, ``"relu"``, ``"leaky_relu"`` (negative slope 0.1 by default;
 use :func:`leaky_relu` for another slope) and ``"sigmoid"`` (the plain logistic function, whose centred
@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from ._validation import check_device
+from .._validation import check_device
 
 __all__ = [
     "Link",
@@ -32,7 +32,7 @@ __all__ = [
     "transform_constants",
 ]
 
-#: Default negative slope of ``"leaky_relu"`` (the value used in ALGORITHM.md's figures).
+#: Default negative slope of ``"leaky_relu"`` (the value used in docs/algorithm.md's figures).
 DEFAULT_LEAKY_SLOPE = 0.1
 
 
@@ -154,7 +154,7 @@ def get_link(link: str | Link) -> Link:
         return link
     if not isinstance(link, str):
         raise TypeError(
-            f"link must be a link name (one of {sorted(LINKS)}) or a pyromoe.links.Link; "
+            f"link must be a link name (one of {sorted(LINKS)}) or a pyromoe.core.links.Link; "
             f"got {type(link).__name__}"
         )
     try:
@@ -162,12 +162,12 @@ def get_link(link: str | Link) -> Link:
     except KeyError:
         raise ValueError(
             f"link must be one of {sorted(LINKS)}; got {link!r}. "
-            "For another leaky-ReLU slope use pyromoe.links.leaky_relu(slope)."
+            "For another leaky-ReLU slope use pyromoe.core.links.leaky_relu(slope)."
         ) from None
 
 
 # ---------------------------------------------------------------------------------------------
-# Gaussian expectations of the links and the moment transform constants (ALGORITHM.md section 2).
+# Gaussian expectations of the links and the moment transform constants (docs/algorithm.md section 2).
 # The moment initializer reads these; they are the one place where link-specific maths lives.
 
 #: Default number of Gauss-Hermite nodes (exact for polynomials of degree < 240).
@@ -235,7 +235,7 @@ def centred(link: str | Link, z: torch.Tensor) -> torch.Tensor:
     """``g(z) - g(0)`` for odd links (e.g. ``sigmoid - 1/2``), ``g(z)`` otherwise.
 
     The moment initializer works with the centred output ``y - g(0)`` so that odd links keep
-    their parity (ALGORITHM.md section 2: the plain sigmoid fails for T3).
+    their parity (docs/algorithm.md section 2: the plain sigmoid fails for T3).
     """
     link = get_link(link)
     return link(z) - (link.odd_offset or 0.0)
@@ -250,7 +250,7 @@ def gaussian_expectation(
     """``E[c(r t)^power He_hermite(t)]`` for ``t ~ N(0, 1)``, with ``c`` the centred link.
 
     By Stein's lemma ``E[f(r t) He_m(t)] = r^m E[f^(m)(r t)]``, so these expectations give every
-    per-norm constant of the moment method (ALGORITHM.md section 2). ReLU and leaky ReLU are
+    per-norm constant of the moment method (docs/algorithm.md section 2). ReLU and leaky ReLU are
     computed exactly from half-Gaussian moments (quadrature converges slowly at their kink);
     smooth links by the trapezoid rule on a fine grid (exponentially accurate for them, and more
     accurate than :func:`gauss_hermite` for tanh at large scales).
@@ -299,7 +299,7 @@ def transform_constants(
     """Transform constants ``(alpha, beta)`` of ``P3(y) = y^3 + alpha y``, ``P2(y) = y^2 + beta y``.
 
     They cancel the first-order gate terms of the moments when the gate is orthogonal to the
-    experts and all experts have norm ``scale`` (ALGORITHM.md section 2):
+    experts and all experts have norm ``scale`` (docs/algorithm.md section 2):
     ``beta = -E[(g^2)'(z)] / E[g'(z)]``, ``alpha = -E[(g^3)''(z) + 3 sigma^2 g''(z)] / E[g''(z)]``,
     ``z ~ N(0, scale^2)``. For odd links (linear, tanh, centred sigmoid) ``beta = 0`` and
     ``alpha`` is free (returned as ``None``): the pair's moments are gate-free for any alpha, and

@@ -30,8 +30,7 @@ from pyro.infer.autoguide import (
     AutoNormal,
 )
 
-from . import sites
-from ._validation import (
+from .._validation import (
     as_tensors,
     check_count,
     check_flag,
@@ -40,9 +39,10 @@ from ._validation import (
     check_probability,
     check_seed,
 )
-from .diagnostics import to_inference_data
-from .estimate import MoEEstimate
-from .init import check_estimate_fits_model, init_to_moments, laplace_approximation
+from ..core import sites
+from ..core.estimate import MoEEstimate
+from .init_strategy import check_estimate_fits_model, init_to_moments, laplace_approximation
+from .to_arviz import to_inference_data
 
 __all__ = ["fit_map", "fit_svi", "run_nuts"]
 
@@ -527,7 +527,7 @@ def run_nuts(
     jitter : bool or float
         Dispersed starts, needed for a meaningful r_hat (only with an estimate). ``True``: each
         chain starts at a draw from the Laplace approximation at the estimate
-        (:func:`pyromoe.init.laplace_approximation`, in unconstrained space). A float ``s``: the
+        (:func:`pyromoe.bayes.init_strategy.laplace_approximation`, in unconstrained space). A float ``s``: the
         estimate plus ``s * N(0, 1)`` per unconstrained coordinate. ``False`` / ``0``: every chain
         starts exactly at the estimate.
     progress : bool

@@ -1,9 +1,9 @@
 """The user's path: the `pyromoe demo` and `pyromoe fit` analyses, as functions.
 
-Each run writes a results folder atomically (:func:`pyromoe.io.results_directory`): the
+Each run writes a results folder atomically (:func:`pyromoe.app.io.results_directory`): the
 InferenceData as NetCDF, ``summary.md`` and PNG figures. Nothing here does maths of its own: it calls
-the initializers (:func:`pyromoe.initialize`, :func:`pyromoe.em.fit_em`), the seeded inference
-wrappers (:mod:`pyromoe.inference`) and the plots (:mod:`pyromoe.plots`).
+the initializers (:func:`pyromoe.estimators.initialize`, :func:`pyromoe.core.em.fit_em`), the seeded inference
+wrappers (:mod:`pyromoe.bayes.fit`) and the plots (:mod:`pyromoe.app.plots`).
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import sites
-from ._validation import check_count, check_device, check_num_experts, check_seed, num_parameters
-from .em import fit_em
-from .estimate import MoEEstimate, parameter_errors
-from .initialize import initialize
+from .._validation import check_count, check_device, check_num_experts, check_seed, num_parameters
+from ..bayes.model import MixtureOfExperts
+from ..core import sites
+from ..core.em import fit_em
+from ..core.estimate import MoEEstimate, parameter_errors
+from ..core.links import get_link
+from ..estimators.initialize import initialize
 from .io import (
     read_table,
     results_directory,
@@ -32,13 +34,11 @@ from .io import (
     write_netcdf_atomic,
     write_text_atomic,
 )
-from .links import get_link
-from .models import MixtureOfExperts
 
 __all__ = ["StartRecord", "compare_starts", "run_demo", "run_fit", "nuts_report"]
 
 #: A start (or chain) whose total log-likelihood is this many nats below the best is in a wrong
-#: basin. Chains/starts in wrong modes sit 26-840 nats lower (ALGORITHM.md section 5); two starts in
+#: basin. Chains/starts in wrong modes sit 26-840 nats lower (docs/algorithm.md section 5); two starts in
 #: the same basin differ by far less than 1 nat after EM converges.
 WRONG_BASIN_NATS = 5.0
 
@@ -132,7 +132,7 @@ def relabel(idata, estimate: MoEEstimate):
 
     Only the posterior changes: the log-likelihood and the predictions do not depend on labels.
     """
-    from .diagnostics import align_labels
+    from ..bayes.to_arviz import align_labels
 
     names = [n for n in sites.PARAMETER_SITES if n in idata.posterior.data_vars]
     draws = {n: torch.as_tensor(idata.posterior[n].values) for n in names}
@@ -271,7 +271,7 @@ def machine_info() -> str:
 
 # ----------------------------------------------------------------------------------- demo
 #: The demo's data: a pair of similar experts (pairwise cosine 0.8), where random-start EM and
-#: default-init NUTS land in wrong basins now and then (ALGORITHM.md sections 4-5; README).
+#: default-init NUTS land in wrong basins now and then (docs/algorithm.md sections 4-5; README).
 DEMO_DATA = dict(
     n=2000, in_features=5, noise=0.5, expert_cosine=0.8, gate="orthogonal", gate_norm=2.0
 )
@@ -351,7 +351,7 @@ def run_demo(
     the estimate and from Pyro's default init; write the results folder ``out``.
 
     ``out`` may replace only the results of an earlier run, and only with ``overwrite=True``
-    (:func:`pyromoe.io.results_directory`). Returns the numbers of the summary (also written to
+    (:func:`pyromoe.app.io.results_directory`). Returns the numbers of the summary (also written to
     ``out/summary.md``).
     """
     _check_run_arguments(
@@ -368,9 +368,9 @@ def run_demo(
 
 
 def _run_demo(out, seed, quick, device, num_experts, link, progress, overwrite) -> dict[str, Any]:
+    from ..bayes.fit import run_nuts
+    from ..estimators.simulate import simulate
     from . import plots
-    from .inference import run_nuts
-    from .simulate import simulate
 
     sizes = {**DEMO_FULL, **(DEMO_QUICK if quick else {})}
     data_args = {**DEMO_DATA, "n": sizes.get("n", DEMO_DATA["n"])}
@@ -572,12 +572,12 @@ def run_fit(
     Inputs and target are standardised to zero mean and unit variance (the priors are on that
     scale); every expert has an intercept and the gate an offset.
 
-    ``out`` follows the rule of :func:`pyromoe.io.results_directory`: it may replace only earlier
+    ``out`` follows the rule of :func:`pyromoe.app.io.results_directory`: it may replace only earlier
     pyromoe results, only with ``overwrite=True``, and never the folder holding ``path`` (or one
     above it) nor the working folder. Every argument is checked before any work.
     """
+    from ..bayes.fit import fit_svi, run_nuts
     from . import plots
-    from .inference import fit_svi, run_nuts
 
     if method not in ("nuts", "svi"):
         raise ValueError(f"method must be 'nuts' or 'svi'; got {method!r}")

@@ -18,7 +18,7 @@ variable               dims                        coords
 ``x``                  obs, feature
 =====================  ==========================  ================================================
 
-Label switching (ALGORITHM.md section 5): :func:`align_labels` relabels the experts of every draw to
+Label switching (docs/algorithm.md section 5): :func:`align_labels` relabels the experts of every draw to
 match a reference estimate (optimal assignment on the expert weights), re-referencing the gate as
 :meth:`pyromoe.MoEEstimate.permute` does, so that r_hat and per-expert summaries mean something.
 
@@ -38,9 +38,9 @@ import arviz as az
 import numpy as np
 import torch
 
-from . import likelihood, sites
-from ._validation import as_tensors, check_count, check_flag, check_model, check_seed
-from .estimate import MoEEstimate, permute_draws
+from .._validation import as_tensors, check_count, check_flag, check_model, check_seed
+from ..core import likelihood, sites
+from ..core.estimate import MoEEstimate, permute_draws
 
 __all__ = ["to_inference_data", "align_labels", "permute_draws", "chain_log_likelihood"]
 
@@ -122,7 +122,7 @@ def _numpy(value: torch.Tensor) -> np.ndarray:
 
 
 def _param_args(model, params: Mapping[str, torch.Tensor]):
-    """Parameters in the order of :mod:`pyromoe.likelihood`'s functions (biases may be absent)."""
+    """Parameters in the order of :mod:`pyromoe.core.likelihood`'s functions (biases may be absent)."""
     return (
         params[sites.EXPERTS_WEIGHT],
         params.get(sites.EXPERTS_BIAS),
@@ -230,7 +230,7 @@ def chain_log_likelihood(idata) -> np.ndarray:
     """Per-chain mean total log-likelihood ``mean_draws sum_obs log p(y_n | x_n, theta)``.
 
     A chain stuck in a wrong mode sits tens to hundreds of nats below the best chain
-    (ALGORITHM.md section 5); this is the quickest way to see it.
+    (docs/algorithm.md section 5); this is the quickest way to see it.
     """
     return np.asarray(idata.attrs["chain_mean_log_likelihood"], dtype=float)
 

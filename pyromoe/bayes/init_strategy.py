@@ -2,7 +2,7 @@
 
 :func:`init_to_moments` is a sibling of :func:`pyro.infer.autoguide.initialization.init_to_value`:
 a callable ``site -> value`` that maps the sample sites of :class:`pyromoe.MixtureOfExperts` (named
-in :mod:`pyromoe.sites`) to the values of an :class:`pyromoe.MoEEstimate` and defers every other
+in :mod:`pyromoe.core.sites`) to the values of an :class:`pyromoe.MoEEstimate` and defers every other
 site to a fallback strategy. It works wherever Pyro takes an init strategy::
 
     NUTS(model, init_strategy=init_to_moments(estimate=est))
@@ -10,7 +10,7 @@ site to a fallback strategy. It works wherever Pyro takes an init strategy::
     AutoLowRankMultivariateNormal(model, init_loc_fn=init_to_moments(estimate=est))
     AutoDelta(model, init_loc_fn=init_to_moments(estimate=est))
 
-Dispersed starts (ALGORITHM.md section 5): with ``jitter`` each model execution (each MCMC chain, each
+Dispersed starts (docs/algorithm.md section 5): with ``jitter`` each model execution (each MCMC chain, each
 autoguide set-up) gets its own draw around the estimate, in the site's unconstrained space, like
 :func:`~pyro.infer.autoguide.initialization.init_to_generated`. :func:`laplace_scales` gives the
 natural scale for that jitter: the marginal posterior standard deviations of the Laplace
@@ -27,9 +27,9 @@ import torch
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_generated, init_to_median
 from torch.distributions import biject_to
 
-from . import sites
-from ._validation import as_tensors, check_positive, check_seed
-from .estimate import MoEEstimate
+from .._validation import as_tensors, check_positive, check_seed
+from ..core import sites
+from ..core.estimate import MoEEstimate
 
 __all__ = [
     "init_to_moments",
@@ -182,7 +182,7 @@ def init_to_moments(
 ):
     """Initialize the model's parameter sites to a point estimate (a Pyro init strategy).
 
-    Sites named as in :mod:`pyromoe.sites` (``experts.weight``, ``experts.bias``, ``gate.weight``,
+    Sites named as in :mod:`pyromoe.core.sites` (``experts.weight``, ``experts.bias``, ``gate.weight``,
     ``gate.bias``, ``noise``) take the estimate's values (:meth:`MoEEstimate.site_values`), moved to the
     site's device and dtype; every other site is passed to ``fallback``. Called without ``site`` it
     returns the strategy (a partial of itself, or with ``jitter`` a
@@ -269,7 +269,7 @@ def check_estimate_fits_model(model, x, y, estimate: MoEEstimate) -> dict[str, t
     Raises
     ------
     ValueError
-        If the model has none of the sites of :mod:`pyromoe.sites`, lacks ``experts.weight`` /
+        If the model has none of the sites of :mod:`pyromoe.core.sites`, lacks ``experts.weight`` /
         ``gate.weight`` / ``noise``, or a shape differs (the message names the site).
     """
     from pyro import poutine
@@ -289,7 +289,7 @@ def check_estimate_fits_model(model, x, y, estimate: MoEEstimate) -> dict[str, t
     missing = [name for name in required if name not in latent]
     if missing:
         raise ValueError(
-            f"model must have the sample sites {list(required)} (see pyromoe.sites); it lacks "
+            f"model must have the sample sites {list(required)} (see pyromoe.core.sites); it lacks "
             f"{missing} and has {sorted(latent)}. Use pyromoe.MixtureOfExperts or name the sites alike."
         )
     return latent

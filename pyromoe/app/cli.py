@@ -1,6 +1,6 @@
 """The `pyromoe` command line: argument parsing and error reporting only.
 
-The analyses themselves are :func:`pyromoe.workflow.run_demo` and :func:`pyromoe.workflow.run_fit`.
+The analyses themselves are :func:`pyromoe.app.workflow.run_demo` and :func:`pyromoe.app.workflow.run_fit`.
 
 Every error a user can cause ends in one line on standard error, never a traceback:
 
@@ -92,7 +92,7 @@ def _version() -> str:
     try:
         return version("pyromoe")
     except PackageNotFoundError:  # a source tree that was not installed
-        from . import __version__
+        from .. import __version__
 
         return __version__
 
@@ -124,7 +124,7 @@ def _seed(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .links import LINKS
+    from ..core.sites import LINK_NAMES
 
     parser = argparse.ArgumentParser(
         prog="pyromoe",
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p, out, seed=0):
         p.add_argument("--experts", type=_count(2), default=2, help="number of experts (default 2)")
-        p.add_argument("--link", default="linear", choices=sorted(LINKS), help="expert link")
+        p.add_argument("--link", default="linear", choices=sorted(LINK_NAMES), help="expert link")
         p.add_argument("--seed", type=_seed, default=seed, help=f"random seed (default {seed})")
         p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
         p.add_argument("--out", default=out, help=f"results folder (default {out}/)")

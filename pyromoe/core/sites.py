@@ -21,3 +21,8 @@ OBS = "y"
 OBS_PLATE = "obs"
 
 PARAMETER_SITES = (EXPERTS_WEIGHT, EXPERTS_BIAS, GATE_WEIGHT, GATE_BIAS, NOISE)
+
+#: The expert links by name, in the order of :data:`pyromoe.core.links.LINKS` (which maps each name to
+#: its :class:`~pyromoe.core.links.Link`). Kept here, free of torch, so that the command line can
+#: list them without importing torch.
+LINK_NAMES = ("linear", "tanh", "relu", "leaky_relu", "sigmoid")

@@ -1,4 +1,4 @@
-"""``tensor_init``: experts from tensor moments, then the gate by EM (ALGORITHM.md sections 2-4).
+"""``tensor_init``: experts from tensor moments, then the gate by EM (docs/algorithm.md sections 2-4).
 
 Where the estimate is consistent (the moment step is exact in the population):
 
@@ -22,9 +22,7 @@ from dataclasses import replace
 
 import torch
 
-from . import em as _em
-from . import gate as _gate
-from ._validation import (
+from .._validation import (
     SmallDataWarning,
     as_tensors,
     check_count,
@@ -37,9 +35,11 @@ from ._validation import (
     num_parameters,
     rescale_estimate,
 )
-from .estimate import MoEEstimate
-from .links import Link, gaussian_expectation, get_link, transform_constants
-from .moments import (
+from ..core import em as _em
+from ..core import gate as _gate
+from ..core.estimate import MoEEstimate
+from ..core.links import Link, gaussian_expectation, get_link, transform_constants
+from ..core.moments import (
     choose_alpha,
     second_moment_tensor,
     second_moments,
@@ -47,7 +47,7 @@ from .moments import (
     t2_noise_floor,
     whitened_third_moment,
 )
-from .tensor import expert_scales, tensor_power_method, unwhiten, whiten
+from ..core.tensor import expert_scales, tensor_power_method, unwhiten, whiten
 
 __all__ = ["MomentsNotApplicableError", "tensor_init", "initialize", "minimum_rows"]
 
@@ -204,10 +204,10 @@ def tensor_init(
 ) -> MoEEstimate:
     """Moment (tensor) estimate of the experts, then the gate by EM with the experts fixed.
 
-    Steps (ALGORITHM.md): standardise ``x`` (centre, whiten by its covariance); centre ``y``
+    Steps (docs/algorithm.md): standardise ``x`` (centre, whiten by its covariance); centre ``y``
     (see ``center_y``); two streaming passes give
     ``T2 = E[P2(y) S2(z)]`` and the whitened ``T3``; the tensor power method gives the expert
-    directions, scales and signs; :func:`pyromoe.gate.fit_gate` then fits the gate (and noise)
+    directions, scales and signs; :func:`pyromoe.core.gate.fit_gate` then fits the gate (and noise)
     by EM with the experts fixed (for n > 200,000 it first runs on 50,000 random rows and finishes
     on all rows from there: the same fixed point in fewer full passes). The result is mapped back
     to the user's coordinates.
@@ -217,7 +217,7 @@ def tensor_init(
     told apart from the gate's effect on ``E[y]`` by moments: ``center_y`` decides. Expert biases
     are then set from the centring (linear) or to ``-a . mean(x)`` (other links) and kept fixed
     while the gate (with its bias) is fitted; only ``refine=True`` fits the expert biases.
-    The estimate is consistent only where ALGORITHM.md says the moments are exact (see the
+    The estimate is consistent only where docs/algorithm.md says the moments are exact (see the
     module docstring); elsewhere it is a start for the likelihood.
 
     Parameters
@@ -235,7 +235,7 @@ def tensor_init(
         in the gate fit. Default: estimated from ``E[y^2] - E[g(a.z)^2]`` and refined by gate EM.
     refine : bool
         Run joint EM over all parameters (biases included) from this estimate
-        (:func:`pyromoe.em.fit_em`), plus ``random_starts`` random-start EM runs; the best
+        (:func:`pyromoe.core.em.fit_em`), plus ``random_starts`` random-start EM runs; the best
         log-likelihood wins and ``diagnostics["refine_winner"]`` says which.
     random_starts : int
         Random starts tried alongside the refinement (0 for the fastest refinement).
@@ -328,13 +328,13 @@ def tensor_init(
     if k > d:
         raise MomentsNotApplicableError(
             f"num_experts={k} exceeds in_features={d}: the moment method needs num_experts <= "
-            "in_features (T2 has rank at most d). Use pyromoe.em.fit_em with several random starts."
+            "in_features (T2 has rank at most d). Use pyromoe.core.em.fit_em with several random starts."
         )
     parameters, need = num_parameters(d, k), minimum_rows(d, k)
     if parameters < n < need:  # enough rows for a point estimate, too few for the moments
         raise MomentsNotApplicableError(
             f"x has {n} rows; tensor_init needs at least {need} rows for {d} features "
-            f"(max(100, 2 d^2)) to estimate the moments. Use pyromoe.em.fit_em for small data."
+            f"(max(100, 2 d^2)) to estimate the moments. Use pyromoe.core.em.fit_em for small data."
         )
     check_enough_rows(
         n, parameters, k, model=f"a mixture of {k} experts on {d} input(s) with biases"
@@ -504,11 +504,11 @@ def _refine(x, y, k, link, estimate: MoEEstimate, random_starts: int, seed: int)
 
 #: Largest gate-weight norm (per unit standard deviation of x) that `initialize` accepts as a sane
 #: seed: beyond it the gate is a near step function fitted to noise (a reference saw 12.5 on a bad
-#: start) and NUTS seeded there stalls in warm-up (ALGORITHM.md section 5).
+#: start) and NUTS seeded there stalls in warm-up (docs/algorithm.md section 5).
 MAX_SANE_GATE_NORM = 20.0
 
 #: Prior scale of the MAP refit when plain EM drives the gate to a step function: the default
-#: prior scale of the model's gate weights (pyromoe.models.DEFAULT_PRIOR_SCALES["gate.weight"]).
+#: prior scale of the model's gate weights (pyromoe.bayes.model.DEFAULT_PRIOR_SCALES["gate.weight"]).
 MAP_PRIOR_SCALE = 2.5
 
 #: Random-start EM fits that method="auto" runs beside the tensor start (cheap next to NUTS).

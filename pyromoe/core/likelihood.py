@@ -1,12 +1,12 @@
 """The mixture-of-experts likelihood as pure torch functions of the parameters.
 
-One implementation shared by the Pyro model (:mod:`pyromoe.models`), EM (:mod:`pyromoe.gate`,
-:mod:`pyromoe.em`) and the ArviZ ``log_likelihood`` group. Parameters may carry leading batch dimensions
+One implementation shared by the Pyro model (:mod:`pyromoe.bayes.model`), EM (:mod:`pyromoe.core.gate`,
+:mod:`pyromoe.core.em`) and the ArviZ ``log_likelihood`` group. Parameters may carry leading batch dimensions
 (posterior draws, vectorised particles): ``experts_weight`` has shape ``(..., k, d)``, ``experts_bias``
 ``(..., k)``, ``gate_weight`` ``(..., k - 1, d)``, ``gate_bias`` ``(..., k - 1)``, ``noise`` ``(...)``;
 results have shape ``(..., n)`` or ``(..., n, k)``.
 
-Gate convention (ALGORITHM.md section 1): expert 0 is the reference with logit 0 and expert ``i >= 1``
+Gate convention (docs/algorithm.md section 1): expert 0 is the reference with logit 0 and expert ``i >= 1``
 has logit ``gate_weight[i - 1] . x + gate_bias[i - 1]``; for k = 2 this is
 ``P(expert 1 | x) = sigmoid(w . x + c)``.
 """

@@ -1,6 +1,6 @@
 """Figures for a fitted mixture of experts: each function returns a matplotlib Figure (no file I/O).
 
-They read ArviZ data as written by :func:`pyromoe.diagnostics.to_inference_data` (variables named by the
+They read ArviZ data as written by :func:`pyromoe.bayes.to_arviz.to_inference_data` (variables named by the
 model's sites, dims ``chain``, ``draw``, ``expert``, ``feature``, ``obs``).
 """
 
@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from . import likelihood, sites
-from .estimate import MoEEstimate
+from ..core import likelihood, sites
+from ..core.estimate import MoEEstimate
 
 __all__ = [
     "plot_trace",
@@ -62,7 +62,7 @@ def plot_posterior_vs_truth(
 ):
     """Posterior mean and ``hdi_prob`` interval of every scalar parameter, with the truth and the
     point estimate marked (either may be omitted). Experts must already be aligned to the truth's
-    labels (see :func:`pyromoe.diagnostics.align_labels`)."""
+    labels (see :func:`pyromoe.bayes.to_arviz.align_labels`)."""
     import arviz as az
 
     plt = _pyplot()

@@ -1,4 +1,4 @@
-"""Streaming score-function moments of the data (ALGORITHM.md sections 2-3), as pure torch functions.
+"""Streaming score-function moments of the data (docs/algorithm.md sections 2-3), as pure torch functions.
 
 Two passes over the rows of ``x``, each in chunks of ``chunk_size`` rows, on ``x``'s device:
 

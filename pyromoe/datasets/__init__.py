@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import parse_table
+from ..app.io import parse_table
 
 __all__ = [
     "Dataset",
@@ -118,7 +118,7 @@ _ENTRIES: dict[str, _Entry] = {
             "(under 3 min: 97 of them, mean 2.0 min) are followed by short waits (mean 54.5 "
             "min), long ones (mean 4.3 min) by long waits (mean 80.0 min): two regimes, one input, so a two-expert mixture must "
             "be started by EM (the moment start needs at least as many inputs as experts). To "
-            "model duration from waiting time instead, read the CSV with pyromoe.io.read_table "
+            "model duration from waiting time instead, read the CSV with pyromoe.app.io.read_table "
             "and target='eruptions'."
         ),
         source=(
@@ -222,7 +222,7 @@ def dataset_path(name: str) -> Path:
     'mcycle.csv'
     """
     entry = _entry(name)
-    return Path(str(resources.files("pyromoe").joinpath("data", entry.file)))
+    return Path(str(resources.files("pyromoe.datasets").joinpath("data", entry.file)))
 
 
 def _entry(name: str) -> _Entry:
@@ -235,7 +235,7 @@ def _entry(name: str) -> _Entry:
 
 def _load(name: str) -> Dataset:
     entry = _entry(name)
-    resource = resources.files("pyromoe").joinpath("data", entry.file)
+    resource = resources.files("pyromoe.datasets").joinpath("data", entry.file)
     with resource.open("r", encoding="utf-8", newline="") as stream:
         table = parse_table(stream, entry.target, list(entry.features), source=entry.file)
     return Dataset(

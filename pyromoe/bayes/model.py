@@ -10,9 +10,9 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from . import likelihood, sites
-from ._validation import as_tensors, check_num_experts, check_positive
-from .links import Link, get_link
+from .._validation import as_tensors, check_num_experts, check_positive
+from ..core import likelihood, sites
+from ..core.links import Link, get_link
 
 __all__ = ["MixtureOfExperts", "DEFAULT_PRIOR_SCALES"]
 
@@ -49,7 +49,7 @@ class MixtureOfExperts(PyroModule):
     ``k = 2`` is the sigmoid gate ``P(expert 1 | x) = sigmoid(w . x + c)``. The discrete assignments
     are summed out (``logsumexp`` via ``MixtureSameFamily``), so NUTS and SVI work without enumeration.
 
-    Sample sites (also the ArviZ variable names, see :mod:`pyromoe.sites`): ``experts.weight``
+    Sample sites (also the ArviZ variable names, see :mod:`pyromoe.core.sites`): ``experts.weight``
     (k, d), ``experts.bias`` (k,), ``gate.weight`` (k - 1, d), ``gate.bias`` (k - 1,), ``noise`` ()
     and the observed ``y`` inside the plate ``obs`` (dim -1). Without ``bias`` the two bias sites are
     absent (the paper's model).
@@ -61,7 +61,7 @@ class MixtureOfExperts(PyroModule):
     num_experts : int
         Number of experts ``k >= 2``.
     link : str or Link
-        Expert link (see :mod:`pyromoe.links`).
+        Expert link (see :mod:`pyromoe.core.links`).
     bias : bool
         Whether experts have intercepts and the gate offsets.
     priors : mapping, optional

@@ -1,14 +1,14 @@
-"""EM for the gate with the experts fixed (ALGORITHM.md section 4).
+"""EM for the gate with the experts fixed (docs/algorithm.md section 4).
 
 With the experts known (from the tensor step, or the truth in a test), the gate of a mixture of experts
 is learnt by EM: the E-step computes responsibilities ``r_ni = p(expert i | x_n, y_n)`` with the one
-likelihood implementation (:func:`pyromoe.likelihood.component_log_probs`); the M-step is a weighted
+likelihood implementation (:func:`pyromoe.core.likelihood.component_log_probs`); the M-step is a weighted
 logistic (k = 2) or multinomial logistic (k > 2, expert 0 the reference) regression of ``r`` on ``x``,
 which is concave, solved by damped Newton (IRLS) steps (one per EM iteration by default: a
 generalised EM step; measured to need the same number of EM iterations as three steps, at
 25-40% less time); the noise has a closed-form update.
 
-:func:`gate_m_step` is the gate M-step shared with the joint EM of :mod:`pyromoe.em` (one
+:func:`gate_m_step` is the gate M-step shared with the joint EM of :mod:`pyromoe.core.em` (one
 implementation). Everything here is pure torch on ``x``'s device and dtype, full-batch.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ._validation import (
+from .._validation import (
     as_tensor,
     as_tensors,
     check_enough_rows,
@@ -343,9 +343,9 @@ def fit_gate(
     seed: int = 0,
     newton_steps: int = 1,
 ) -> GateFit:
-    """Fit the gate (and the noise) by EM with the experts fixed (ALGORITHM.md section 4).
+    """Fit the gate (and the noise) by EM with the experts fixed (docs/algorithm.md section 4).
 
-    E-step: responsibilities from :func:`pyromoe.likelihood.component_log_probs`. M-step:
+    E-step: responsibilities from :func:`pyromoe.core.likelihood.component_log_probs`. M-step:
     :func:`gate_m_step` (weighted logistic / multinomial logistic regression, damped Newton) and, if
     ``fit_noise``, ``noise^2 = mean_n sum_i r_ni (y_n - g(a_i . x_n + b_i))^2``. The objective (mean
     log-likelihood, or log posterior / n for MAP) never decreases. Works full-batch on ``x``'s

@@ -838,7 +838,7 @@ def _entries(folder: Path) -> set[str]:
 
 def _write_marker(folder: Path) -> None:
     """The marker: proof that pyromoe wrote ``folder``, listing everything it wrote there."""
-    from . import __version__
+    from .. import __version__
 
     listed = sorted(_entries(folder) | {RESULTS_MARKER})
     text = json.dumps({"pyromoe": __version__, "files": listed}, indent=1) + "\n"

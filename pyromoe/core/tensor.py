@@ -1,4 +1,4 @@
-"""Whitening, the robust symmetric tensor power method and un-whitening (ALGORITHM.md section 3).
+"""Whitening, the robust symmetric tensor power method and un-whitening (docs/algorithm.md section 3).
 
 Pure torch functions on small tensors (d x d, k x k x k); no Pyro, no data passes here.
 """
@@ -116,7 +116,7 @@ def whiten(t2: torch.Tensor, num_components: int, *, noise_floor: float = 0.0) -
             f"the data look like fewer than {k} experts: T2 has only {clear} clearly non-zero "
             f"eigenvalue(s) (|eigenvalues| {[round(v, 4) for v in evals[: k + 1].tolist()]} "
             f"against a sampling-noise floor of {threshold:.3g}). Use fewer experts, more rows, "
-            "or a likelihood fit (pyromoe.em.fit_em) instead."
+            "or a likelihood fit (pyromoe.core.em.fit_em) instead."
         )
     projection = evecs[:, :k] * kept.abs().rsqrt()
     return Whitening(
@@ -237,7 +237,7 @@ def unwhiten(whitening: Whitening, vectors: torch.Tensor) -> torch.Tensor:
     """Map whitened vectors (columns of ``vectors``, (k, m)) back: ``pinv(M^T) v``, rows (m, d).
 
     With ``M = U diag(|l|)^{-1/2}``, ``pinv(M^T) = U diag(|l|)^{1/2}``; for the linear link with
-    k = 2 this returns the experts exactly (ALGORITHM.md section 3).
+    k = 2 this returns the experts exactly (docs/algorithm.md section 3).
     """
     return (torch.linalg.pinv(whitening.projection.T) @ vectors).T
 
@@ -269,7 +269,7 @@ def expert_scales(
     """Expert weights on the standardised inputs from the un-whitened tensor components.
 
     With ``T2 = sum_i kappa2(a_i) u_i u_i^T`` and ``T3 = sum_i kappa3(a_i) u_i^(x)3`` (unit
-    ``u_i``, per-norm constants from :func:`pyromoe.links.gaussian_expectation`, mixing weight
+    ``u_i``, per-norm constants from :func:`pyromoe.core.links.gaussian_expectation`, mixing weight
     ``1/k``), the un-whitened component is ``d_i = sign(kappa3) sqrt(|kappa2|) u_i``:
 
     - linear: ``a_i = d_i`` for k = 2 (``kappa2 = |a|^2``: exact) and ``a_i = d_i lambda_i / 3``

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import check_device, check_flag, check_num_experts, check_positive, check_seed
-from .estimate import MoEEstimate
-from .likelihood import expert_means, gate_logits
-from .links import Link, get_link
+from .._validation import check_device, check_flag, check_num_experts, check_positive, check_seed
+from ..core.estimate import MoEEstimate
+from ..core.likelihood import expert_means, gate_logits
+from ..core.links import Link, get_link
 
 __all__ = ["SimulatedData", "simulate"]
 
@@ -72,7 +72,7 @@ def simulate(
     num_experts : int
         Number of experts ``k >= 2``.
     link : str or Link
-        Expert link (see :mod:`pyromoe.links`).
+        Expert link (see :mod:`pyromoe.core.links`).
     noise : float
         Noise standard deviation ``sigma > 0``.
     gate : {"random", "orthogonal"}
@@ -84,7 +84,7 @@ def simulate(
         fresh seed, recorded in ``SimulatedData.seed``.
     expert_cosine : float in [0, 1), optional
         Make every pair of experts have this cosine (similar experts, where random-start fits get
-        stuck: ALGORITHM.md section 4). Default: independent random directions.
+        stuck: docs/algorithm.md section 4). Default: independent random directions.
     gate_norm : float
         Norm of each gate row (gate sharpness).
     bias : bool

@@ -80,11 +80,9 @@ def test_gate_em_trace_is_the_mean_log_likelihood(small):
     ll = log_likelihood(
         small.x,
         small.y,
-        truth.experts_weight,
-        truth.experts_bias,
-        fit.gate_weight,
-        fit.gate_bias,
-        fit.noise,
+        truth.params._replace(
+            gate_weight=fit.gate_weight, gate_bias=fit.gate_bias, noise=fit.noise
+        ),
         truth.link,
     )
     assert fit.log_likelihood_trace[-1] == pytest.approx(float(ll.mean()), abs=1e-12)
@@ -162,11 +160,9 @@ def test_gate_map_trace_is_the_log_posterior_per_row(small):
     ll = log_likelihood(
         small.x,
         small.y,
-        truth.experts_weight,
-        truth.experts_bias,
-        fit.gate_weight,
-        fit.gate_bias,
-        fit.noise,
+        truth.params._replace(
+            gate_weight=fit.gate_weight, gate_bias=fit.gate_bias, noise=fit.noise
+        ),
         truth.link,
     ).sum()
     params = torch.cat([fit.gate_weight.reshape(-1), fit.gate_bias])

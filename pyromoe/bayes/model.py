@@ -13,6 +13,7 @@ from pyro.nn import PyroModule
 from .._validation import as_tensors, check_num_experts, check_positive
 from ..core import likelihood, sites
 from ..core.links import Link, get_link
+from ..core.params import Params
 
 __all__ = ["MixtureOfExperts", "DEFAULT_PRIOR_SCALES"]
 
@@ -195,24 +196,10 @@ class MixtureOfExperts(PyroModule):
             return pyro.sample(sites.OBS, mixture, obs=y_batch)
 
     # ------------------------------------------------------------------ functions of the parameters
-    def _unpack(self, params: Mapping[str, torch.Tensor], like: torch.Tensor):
-        missing = [name for name in self.site_shapes if name not in params]
-        if missing:
-            raise ValueError(
-                f"params is missing the sites {missing}; expected {sorted(self.site_shapes)}"
-            )
-
-        def get(name):
-            return torch.as_tensor(params[name], dtype=like.dtype, device=like.device)
-
-        return (
-            get(sites.EXPERTS_WEIGHT),
-            get(sites.EXPERTS_BIAS) if self.bias else None,
-            get(sites.GATE_WEIGHT),
-            get(sites.GATE_BIAS) if self.bias else None,
-            get(sites.NOISE),
-            self.link,
-        )
+    def params(self, values: Mapping[str, torch.Tensor], like: torch.Tensor) -> Params:
+        """Site values (samples, an init dict) as :class:`~pyromoe.core.params.Params` on ``like``'s
+        device and dtype."""
+        return Params.from_sites(values, bias=self.bias).like(like)
 
     def log_likelihood(self, x, y, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Pointwise log-likelihood ``log p(y_n | x_n, params)``, shape ``(..., n)``.
@@ -221,12 +208,12 @@ class MixtureOfExperts(PyroModule):
         ``(chains, draws, k, d)``), as returned by ``MCMC.get_samples(group_by_chain=True)``.
         """
         x, y = as_tensors(x, y, in_features=self.in_features)
-        return likelihood.log_likelihood(x, y, *self._unpack(params, x))
+        return likelihood.log_likelihood(x, y, self.params(params, x), self.link)
 
     def responsibilities(self, x, y, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Posterior responsibilities ``p(expert i | x_n, y_n, params)``, shape ``(..., n, k)``."""
         x, y = as_tensors(x, y, in_features=self.in_features)
-        return likelihood.responsibilities(x, y, *self._unpack(params, x))
+        return likelihood.responsibilities(x, y, self.params(params, x), self.link)
 
     def extra_repr(self) -> str:
         return (

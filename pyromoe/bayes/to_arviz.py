@@ -121,18 +121,6 @@ def _numpy(value: torch.Tensor) -> np.ndarray:
     return value.detach().cpu().numpy()
 
 
-def _param_args(model, params: Mapping[str, torch.Tensor]):
-    """Parameters in the order of :mod:`pyromoe.core.likelihood`'s functions (biases may be absent)."""
-    return (
-        params[sites.EXPERTS_WEIGHT],
-        params.get(sites.EXPERTS_BIAS),
-        params[sites.GATE_WEIGHT],
-        params.get(sites.GATE_BIAS),
-        params[sites.NOISE],
-        model.link,
-    )
-
-
 def _chunks(total: int, size: int):
     for start in range(0, total, size):
         yield slice(start, min(start + size, total))
@@ -393,13 +381,13 @@ def to_inference_data(
 
 def _predict(model, x, params, generator: torch.Generator) -> torch.Tensor:
     """One draw of ``y`` per parameter draw: pick an expert from the gate, add Gaussian noise."""
-    experts_weight, experts_bias, gate_weight, gate_bias, noise, link = _param_args(model, params)
-    gate = torch.softmax(likelihood.gate_logits(x, gate_weight, gate_bias), dim=-1)  # (S, n, k)
-    means = likelihood.expert_means(x, experts_weight, experts_bias, link)
+    p = model.params(params, x)
+    gate = torch.softmax(likelihood.gate_logits(x, p.gate_weight, p.gate_bias), dim=-1)  # (S, n, k)
+    means = likelihood.expert_means(x, p.experts_weight, p.experts_bias, model.link)
     uniform = torch.rand(
         gate.shape[:-1] + (1,), generator=generator, device=x.device, dtype=x.dtype
     )
     labels = (uniform > gate.cumsum(-1)[..., :-1]).sum(-1, keepdim=True)
     mean = means.gather(-1, labels).squeeze(-1)
     eps = torch.randn(mean.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return mean + noise[..., None] * eps
+    return mean + p.noise[..., None] * eps

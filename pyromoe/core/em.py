@@ -57,6 +57,7 @@ from .gate import (
 )
 from .likelihood import component_log_probs, expert_means
 from .links import Link, get_link
+from .params import Params
 
 __all__ = ["fit_em", "random_start"]
 
@@ -225,7 +226,10 @@ def _run_em(
 
     def e_step(p: _Parameters) -> tuple[torch.Tensor, float]:
         log_probs = component_log_probs(
-            x, y, p.experts_weight, p.experts_bias, p.gate_weight, p.gate_bias, p.noise, link
+            x,
+            y,
+            Params(p.experts_weight, p.experts_bias, p.gate_weight, p.gate_bias, p.noise),
+            link,
         )
         prior = log_prior(
             prior_scale,

@@ -15,6 +15,7 @@ import torch
 
 from . import likelihood, sites
 from .links import Link, get_link
+from .params import Params
 
 __all__ = ["MoEEstimate", "parameter_errors", "best_permutation", "permute_draws"]
 
@@ -106,15 +107,10 @@ class MoEEstimate:
 
     def site_values(self, bias: bool = True) -> dict[str, torch.Tensor]:
         """The estimate as ``{site name: value}`` for :class:`pyromoe.MixtureOfExperts`."""
-        values = {
-            sites.EXPERTS_WEIGHT: self.experts_weight,
-            sites.GATE_WEIGHT: self.gate_weight,
-            sites.NOISE: self.noise,
-        }
-        if bias:
-            values[sites.EXPERTS_BIAS] = self.experts_bias
-            values[sites.GATE_BIAS] = self.gate_bias
-        return values
+        params = self.params
+        if not bias:
+            params = params._replace(experts_bias=None, gate_bias=None)
+        return params.to_sites()
 
     def permute(self, permutation) -> MoEEstimate:
         """Relabel the experts: new expert ``j`` is old expert ``permutation[j]``.
@@ -137,15 +133,33 @@ class MoEEstimate:
         )
 
     # ------------------------------------------------------------------ likelihood
-    def _args(self, x: torch.Tensor):
-        est = self.to(device=x.device, dtype=x.dtype)
-        return (
-            est.experts_weight,
-            est.experts_bias,
-            est.gate_weight,
-            est.gate_bias,
-            est.noise,
-            self.link,
+    @property
+    def params(self) -> Params:
+        """The parameters as :class:`~pyromoe.core.params.Params` (what the likelihood takes)."""
+        return Params(
+            self.experts_weight, self.experts_bias, self.gate_weight, self.gate_bias, self.noise
+        )
+
+    @classmethod
+    def from_params(
+        cls,
+        params: Params,
+        link: str | Link,
+        method: str = "truth",
+        diagnostics: Mapping[str, Any] | None = None,
+    ) -> MoEEstimate:
+        """An estimate from :class:`~pyromoe.core.params.Params` (absent biases become zeros)."""
+        w = params.experts_weight
+        k = w.shape[-2]
+        return cls(
+            experts_weight=w,
+            experts_bias=w.new_zeros(k) if params.experts_bias is None else params.experts_bias,
+            gate_weight=params.gate_weight,
+            gate_bias=w.new_zeros(k - 1) if params.gate_bias is None else params.gate_bias,
+            noise=params.noise,
+            link=link,
+            method=method,
+            diagnostics={} if diagnostics is None else diagnostics,
         )
 
     def log_likelihood(self, x, y) -> torch.Tensor:
@@ -153,31 +167,33 @@ class MoEEstimate:
         from .._validation import as_tensors
 
         x, y = as_tensors(x, y, in_features=self.in_features)
-        return likelihood.log_likelihood(x, y, *self._args(x))
+        return likelihood.log_likelihood(x, y, self.params.like(x), self.link)
 
     def responsibilities(self, x, y) -> torch.Tensor:
         """Posterior responsibilities ``p(expert | x_n, y_n)`` under this estimate, shape (n, k)."""
         from .._validation import as_tensors
 
         x, y = as_tensors(x, y, in_features=self.in_features)
-        return likelihood.responsibilities(x, y, *self._args(x))
+        return likelihood.responsibilities(x, y, self.params.like(x), self.link)
 
     def gate_probabilities(self, x) -> torch.Tensor:
         """Gate probabilities ``gate_i(x_n)``, shape (n, k)."""
         from .._validation import as_tensors
 
         x, _ = as_tensors(x, in_features=self.in_features)
-        w, _, gw, gb, _, _ = self._args(x)
-        return torch.softmax(likelihood.gate_logits(x, gw, gb), dim=-1)
+        p = self.params.like(x)
+        return torch.softmax(likelihood.gate_logits(x, p.gate_weight, p.gate_bias), dim=-1)
 
     def predict(self, x) -> torch.Tensor:
         """Mean prediction ``E[y | x] = sum_i gate_i(x) g(a_i . x + b_i)``, shape (n,)."""
         from .._validation import as_tensors
 
         x, _ = as_tensors(x, in_features=self.in_features)
-        w, b, gw, gb, _, link = self._args(x)
-        gate = torch.softmax(likelihood.gate_logits(x, gw, gb), dim=-1)
-        return (gate * likelihood.expert_means(x, w, b, link)).sum(-1)
+        p = self.params.like(x)
+        gate = torch.softmax(likelihood.gate_logits(x, p.gate_weight, p.gate_bias), dim=-1)
+        return (gate * likelihood.expert_means(x, p.experts_weight, p.experts_bias, self.link)).sum(
+            -1
+        )
 
     # ------------------------------------------------------------------ display
     def summary(self) -> str:

@@ -32,6 +32,7 @@ from .._validation import (
 )
 from .likelihood import component_log_probs, expert_means, gate_logits
 from .links import Link, get_link
+from .params import Params
 
 __all__ = [
     "CollapseWarning",
@@ -513,7 +514,7 @@ def fit_gate(
 
     def e_step(gate_weight, gate_bias, noise):
         return component_log_probs(
-            x, y, experts_weight, experts_bias, gate_weight, gate_bias, noise, link
+            x, y, Params(experts_weight, experts_bias, gate_weight, gate_bias, noise), link
         )
 
     log_probs = e_step(gate_weight, gate_bias, noise)

@@ -2,9 +2,8 @@
 
 One implementation shared by the Pyro model (:mod:`pyromoe.bayes.model`), EM (:mod:`pyromoe.core.gate`,
 :mod:`pyromoe.core.em`) and the ArviZ ``log_likelihood`` group. Parameters may carry leading batch dimensions
-(posterior draws, vectorised particles): ``experts_weight`` has shape ``(..., k, d)``, ``experts_bias``
-``(..., k)``, ``gate_weight`` ``(..., k - 1, d)``, ``gate_bias`` ``(..., k - 1)``, ``noise`` ``(...)``;
-results have shape ``(..., n)`` or ``(..., n, k)``.
+(posterior draws, vectorised particles), as in :class:`pyromoe.core.params.Params`, which the
+mixture functions take; results have shape ``(..., n)`` or ``(..., n, k)``.
 
 Gate convention (docs/algorithm.md section 1): expert 0 is the reference with logit 0 and expert ``i >= 1``
 has logit ``gate_weight[i - 1] . x + gate_bias[i - 1]``; for k = 2 this is
@@ -18,6 +17,7 @@ import math
 import torch
 
 from .links import Link, get_link
+from .params import Params
 
 __all__ = [
     "expert_means",
@@ -52,19 +52,12 @@ def gate_logits(
 
 
 def component_log_probs(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    experts_weight: torch.Tensor,
-    experts_bias: torch.Tensor | None,
-    gate_weight: torch.Tensor,
-    gate_bias: torch.Tensor | None,
-    noise: torch.Tensor | float,
-    link: str | Link,
+    x: torch.Tensor, y: torch.Tensor, params: Params, link: str | Link
 ) -> torch.Tensor:
     """``log gate_i(x_n) + log Normal(y_n | g(a_i . x_n + b_i), noise^2)``: shape ``(..., n, k)``."""
-    log_gate = torch.log_softmax(gate_logits(x, gate_weight, gate_bias), dim=-1)
-    means = expert_means(x, experts_weight, experts_bias, link)
-    noise = torch.as_tensor(noise, dtype=x.dtype, device=x.device)[..., None, None]
+    log_gate = torch.log_softmax(gate_logits(x, params.gate_weight, params.gate_bias), dim=-1)
+    means = expert_means(x, params.experts_weight, params.experts_bias, link)
+    noise = torch.as_tensor(params.noise, dtype=x.dtype, device=x.device)[..., None, None]
     log_normal = (
         -0.5 * ((y.unsqueeze(-1) - means) / noise) ** 2
         - torch.log(noise)
@@ -74,46 +67,22 @@ def component_log_probs(
 
 
 def log_likelihood(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    experts_weight: torch.Tensor,
-    experts_bias: torch.Tensor | None,
-    gate_weight: torch.Tensor,
-    gate_bias: torch.Tensor | None,
-    noise: torch.Tensor | float,
-    link: str | Link,
+    x: torch.Tensor, y: torch.Tensor, params: Params, link: str | Link
 ) -> torch.Tensor:
     """Per-observation log-likelihood ``log p(y_n | x_n)``, assignments marginalised: shape ``(..., n)``.
 
     Examples
     --------
     >>> x, y = torch.zeros(3, 1), torch.zeros(3)
-    >>> w, b = torch.ones(2, 1), torch.zeros(2)
-    >>> log_likelihood(x, y, w, b, torch.zeros(1, 1), torch.zeros(1), 1.0, "linear").shape
+    >>> params = Params(torch.ones(2, 1), None, torch.zeros(1, 1), None, torch.tensor(1.0))
+    >>> log_likelihood(x, y, params, "linear").shape
     torch.Size([3])
     """
-    return torch.logsumexp(
-        component_log_probs(
-            x, y, experts_weight, experts_bias, gate_weight, gate_bias, noise, link
-        ),
-        dim=-1,
-    )
+    return torch.logsumexp(component_log_probs(x, y, params, link), dim=-1)
 
 
 def responsibilities(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    experts_weight: torch.Tensor,
-    experts_bias: torch.Tensor | None,
-    gate_weight: torch.Tensor,
-    gate_bias: torch.Tensor | None,
-    noise: torch.Tensor | float,
-    link: str | Link,
+    x: torch.Tensor, y: torch.Tensor, params: Params, link: str | Link
 ) -> torch.Tensor:
     """Posterior responsibilities ``p(expert i | x_n, y_n)``: shape ``(..., n, k)``, rows sum to 1."""
-    return torch.softmax(
-        component_log_probs(
-            x, y, experts_weight, experts_bias, gate_weight, gate_bias, noise, link
-        ),
-        dim=-1,
-    )
+    return torch.softmax(component_log_probs(x, y, params, link), dim=-1)

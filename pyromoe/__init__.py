@@ -39,7 +39,7 @@ _EXPORTS: dict[str, str] = {
     "fit_map": ".bayes.fit",
     "fit_svi": ".bayes.fit",
     "run_nuts": ".bayes.fit",
-    "align_labels": ".bayes.to_arviz",
+    "align_labels": ".core.labels",
     "to_inference_data": ".bayes.to_arviz",
     "DATASETS": ".datasets",
     "Dataset": ".datasets",
@@ -111,11 +111,12 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .bayes.fit import fit_map, fit_svi, run_nuts
     from .bayes.init_strategy import init_to_moments
     from .bayes.model import MixtureOfExperts
-    from .bayes.to_arviz import align_labels, to_inference_data
+    from .bayes.to_arviz import to_inference_data
     from .core import links
     from .core.em import fit_em
     from .core.estimate import MoEEstimate, parameter_errors
     from .core.gate import CollapseWarning, ConvergenceWarning, fit_gate
+    from .core.labels import align_labels
     from .core.links import Link, get_link
     from .datasets import (
         DATASETS,

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from pyromoe import MixtureOfExperts, simulate, sites
-from pyromoe.bayes.to_arviz import align_labels, permute_draws, to_inference_data
+from pyromoe.bayes.to_arviz import to_inference_data
+from pyromoe.core.labels import align_labels, permute_draws
 
 matplotlib.use("Agg")
 

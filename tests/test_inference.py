@@ -16,7 +16,7 @@ from pyromoe import MixtureOfExperts, simulate, sites
 from pyromoe.bayes.fit import _chain_starts, fit_map, fit_svi, run_nuts
 from pyromoe.bayes.init_strategy import init_to_moments, laplace_approximation
 from pyromoe.core.em import ConvergenceWarning, fit_em
-from pyromoe.core.estimate import best_permutation
+from pyromoe.core.labels import best_permutation
 
 
 @pytest.fixture(scope="module")

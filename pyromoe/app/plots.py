@@ -62,7 +62,7 @@ def plot_posterior_vs_truth(
 ):
     """Posterior mean and ``hdi_prob`` interval of every scalar parameter, with the truth and the
     point estimate marked (either may be omitted). Experts must already be aligned to the truth's
-    labels (see :func:`pyromoe.bayes.to_arviz.align_labels`)."""
+    labels (see :func:`pyromoe.core.labels.align_labels`)."""
     import arviz as az
 
     plt = _pyplot()

@@ -132,7 +132,7 @@ def relabel(idata, estimate: MoEEstimate):
 
     Only the posterior changes: the log-likelihood and the predictions do not depend on labels.
     """
-    from ..bayes.to_arviz import align_labels
+    from ..core.labels import align_labels
 
     names = [n for n in sites.PARAMETER_SITES if n in idata.posterior.data_vars]
     draws = {n: torch.as_tensor(idata.posterior[n].values) for n in names}

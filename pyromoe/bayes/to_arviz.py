@@ -30,7 +30,6 @@ here (it needs Python >= 3.12).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,9 +39,10 @@ import torch
 
 from .._validation import as_tensors, check_count, check_flag, check_model, check_seed
 from ..core import likelihood, sites
-from ..core.estimate import MoEEstimate, permute_draws
+from ..core.estimate import MoEEstimate
+from ..core.labels import align_labels, check_samples
 
-__all__ = ["to_inference_data", "align_labels", "permute_draws", "chain_log_likelihood"]
+__all__ = ["to_inference_data", "chain_log_likelihood"]
 
 #: dims of the model's sites after (chain, draw)
 SITE_DIMS: dict[str, list[str]] = {
@@ -52,10 +52,6 @@ SITE_DIMS: dict[str, list[str]] = {
     sites.GATE_BIAS: ["gate"],
     sites.NOISE: [],
 }
-
-#: Largest k for which the optimal relabelling is found by vectorised enumeration of all k!
-#: permutations (identical to Hungarian matching); beyond it scipy's linear_sum_assignment per draw.
-_MAX_ENUMERATED_EXPERTS = 6
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -71,52 +67,6 @@ def _from_dict(groups: dict[str, dict], *, coords: dict, dims: dict, attrs: dict
     return az.from_dict(**groups, coords=coords, dims=dims, attrs=attrs)
 
 
-def _to_tensor(value, name: str, like: torch.Tensor) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(device=like.device, dtype=like.dtype)
-    try:
-        return torch.as_tensor(np.asarray(value), device=like.device, dtype=like.dtype)
-    except (TypeError, ValueError) as error:
-        raise TypeError(
-            f"samples[{name!r}] must be a tensor or array of shape (chain, draw, ...); "
-            f"got {type(value).__name__}"
-        ) from error
-
-
-def _check_samples(samples, like: torch.Tensor, site_shapes: Mapping | None):
-    if not isinstance(samples, Mapping) or not samples:
-        raise TypeError(
-            "samples must be a non-empty dict of site name -> array of shape (chain, draw, ...); "
-            f"got {type(samples).__name__}"
-        )
-    out, lead = {}, None
-    for name, value in samples.items():
-        value = _to_tensor(value, name, like)
-        if value.dim() < 2:
-            raise ValueError(
-                f"samples[{name!r}] must have shape (chain, draw, ...); got {tuple(value.shape)}"
-            )
-        if lead is None:
-            lead = tuple(value.shape[:2])
-        elif tuple(value.shape[:2]) != lead:
-            raise ValueError(
-                f"every site in samples must have the same (chain, draw) = {lead}; "
-                f"samples[{name!r}] has {tuple(value.shape[:2])}"
-            )
-        if site_shapes is not None and name in site_shapes:
-            if tuple(value.shape[2:]) != tuple(site_shapes[name]):
-                raise ValueError(
-                    f"samples[{name!r}] must have shape (chain, draw, *{tuple(site_shapes[name])}) "
-                    f"for this model; got {tuple(value.shape)}"
-                )
-        out[name] = value
-    if site_shapes is not None:
-        missing = [name for name in site_shapes if name not in out]
-        if missing:
-            raise ValueError(f"samples lacks the model's sites {missing}")
-    return out
-
-
 def _numpy(value: torch.Tensor) -> np.ndarray:
     return value.detach().cpu().numpy()
 
@@ -124,93 +74,6 @@ def _numpy(value: torch.Tensor) -> np.ndarray:
 def _chunks(total: int, size: int):
     for start in range(0, total, size):
         yield slice(start, min(start + size, total))
-
-
-# ------------------------------------------------------------------------------------ alignment
-def _best_permutations(weights: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per draw, the permutation minimising ``sum_i ||weights[perm[i]] - reference[i]||^2``."""
-    k = reference.shape[0]
-    # cost[..., i, j]: reference expert i matched to the draw's expert j
-    cost = ((reference[:, None, :] - weights[..., None, :, :]) ** 2).sum(-1)
-    if k <= _MAX_ENUMERATED_EXPERTS:
-        perms = torch.tensor(list(itertools.permutations(range(k))), device=weights.device)
-        rows = torch.arange(k, device=weights.device)
-        totals = cost[..., rows, perms].sum(-1)  # (..., k!)
-        return perms[totals.argmin(-1)]  # ties: the first, i.e. the identity where it ties
-    from scipy.optimize import linear_sum_assignment
-
-    flat = cost.reshape(-1, k, k).cpu().numpy()
-    # k > 6 only: one assignment problem per draw
-    cols = np.stack([linear_sum_assignment(c)[1] for c in flat])
-    return torch.as_tensor(cols, device=weights.device).reshape(cost.shape[:-1])
-
-
-def align_labels(
-    samples: Mapping[str, Any], estimate: MoEEstimate
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Relabel the experts of every draw to match ``estimate`` (undo label switching).
-
-    For each draw the permutation of experts minimising the summed squared distance of expert
-    weights to the estimate's is found (the optimal assignment, i.e. Hungarian matching: exact
-    vectorised enumeration for k <= 6, :func:`scipy.optimize.linear_sum_assignment` beyond), and the
-    draw is relabelled with :func:`permute_draws` (gate re-referenced).
-
-    Parameters
-    ----------
-    samples : dict of site -> array (chain, draw, ...)
-        Posterior draws with at least ``experts.weight`` and ``gate.weight``.
-    estimate : MoEEstimate
-        The reference labelling.
-
-    Returns
-    -------
-    aligned : dict of site -> Tensor
-        The relabelled draws (same shapes, on ``experts.weight``'s device and dtype).
-    info : dict
-        ``num_draws_relabelled`` (int), ``num_draws_relabelled_per_chain`` (list of int),
-        ``permutations`` (LongTensor (chain, draw, k)).
-
-    Raises
-    ------
-    ValueError
-        If the sites are missing or their shapes do not match the estimate's.
-
-    Examples
-    --------
-    >>> from pyromoe import simulate
-    >>> truth = simulate(10, 3, seed=0).truth
-    >>> draws = {name: value.expand(2, 5, *value.shape) for name, value in
-    ...          truth.permute([1, 0]).site_values().items()}
-    >>> aligned, info = align_labels(draws, truth)
-    >>> info["num_draws_relabelled"]
-    10
-    """
-    if not isinstance(estimate, MoEEstimate):
-        raise TypeError(f"estimate must be a pyromoe.MoEEstimate; got {type(estimate).__name__}")
-    for name in (sites.EXPERTS_WEIGHT, sites.GATE_WEIGHT):
-        if not isinstance(samples, Mapping) or name not in samples:
-            raise ValueError(f"samples must contain the site {name!r} to align labels")
-    weight = samples[sites.EXPERTS_WEIGHT]
-    like = weight if isinstance(weight, torch.Tensor) else torch.as_tensor(np.asarray(weight))
-    if not like.is_floating_point():
-        like = like.double()
-    shapes = {
-        name: tuple(value.shape)
-        for name, value in estimate.site_values(bias=True).items()
-        if name in samples
-    }
-    tensors = _check_samples(samples, like, shapes)
-    reference = estimate.experts_weight.to(device=like.device, dtype=like.dtype)
-    perms = _best_permutations(tensors[sites.EXPERTS_WEIGHT], reference)
-    identity = torch.arange(estimate.num_experts, device=perms.device)
-    changed = (perms != identity).any(-1)  # (chain, draw)
-    aligned = permute_draws(tensors, perms)
-    info = {
-        "num_draws_relabelled": int(changed.sum()),
-        "num_draws_relabelled_per_chain": changed.sum(-1).tolist(),
-        "permutations": perms,
-    }
-    return aligned, info
 
 
 # ------------------------------------------------------------------------------------ conversion
@@ -305,7 +168,7 @@ def to_inference_data(
     if y is None:
         raise ValueError("y must be given (the observed outputs)")
     site_shapes = getattr(model, "site_shapes", None)
-    draws = _check_samples(samples, x, site_shapes)
+    draws = check_samples(samples, x, site_shapes)
     n, d = x.shape
     num_chains, num_draws = draws[next(iter(draws))].shape[:2]
     record: dict[str, Any] = {"labels_aligned": 0}

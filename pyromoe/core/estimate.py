@@ -6,7 +6,6 @@ estimates, so one function (:func:`parameter_errors`) compares any two of them.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -14,10 +13,11 @@ from typing import Any
 import torch
 
 from . import likelihood, sites
+from .labels import best_permutation, permute_draws
 from .links import Link, get_link
 from .params import Params
 
-__all__ = ["MoEEstimate", "parameter_errors", "best_permutation", "permute_draws"]
+__all__ = ["MoEEstimate", "parameter_errors"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -221,42 +221,6 @@ class MoEEstimate:
         return self.summary()
 
 
-def permute_draws(params: Mapping[str, torch.Tensor], permutation: torch.Tensor) -> dict:
-    """Relabel the experts of a batch of draws: new expert ``j`` is old expert ``permutation[..., j]``.
-
-    The batched form of :meth:`pyromoe.MoEEstimate.permute`: expert weights and biases are gathered,
-    and the gate is re-referenced so that the new expert 0 has logit 0 (the model is unchanged).
-
-    Parameters
-    ----------
-    params : dict of site -> Tensor
-        ``experts.weight`` (..., k, d), ``gate.weight`` (..., k-1, d), optionally ``experts.bias``
-        (..., k) and ``gate.bias`` (..., k-1); other sites are passed through.
-    permutation : LongTensor (..., k)
-        One permutation per draw (same leading dims as the draws).
-
-    Returns
-    -------
-    dict of site -> Tensor, same shapes.
-    """
-    out = dict(params)
-    perm = permutation.to(params[sites.EXPERTS_WEIGHT].device).long()
-    weight = params[sites.EXPERTS_WEIGHT]
-    out[sites.EXPERTS_WEIGHT] = torch.take_along_dim(weight, perm[..., None], dim=-2)
-    if sites.EXPERTS_BIAS in params:
-        out[sites.EXPERTS_BIAS] = torch.take_along_dim(params[sites.EXPERTS_BIAS], perm, dim=-1)
-    gate_weight = params[sites.GATE_WEIGHT]
-    full = torch.cat([torch.zeros_like(gate_weight[..., :1, :]), gate_weight], dim=-2)
-    full = torch.take_along_dim(full, perm[..., None], dim=-2)
-    out[sites.GATE_WEIGHT] = (full - full[..., :1, :])[..., 1:, :]
-    if sites.GATE_BIAS in params:
-        gate_bias = params[sites.GATE_BIAS]
-        full = torch.cat([torch.zeros_like(gate_bias[..., :1]), gate_bias], dim=-1)
-        full = torch.take_along_dim(full, perm, dim=-1)
-        out[sites.GATE_BIAS] = (full - full[..., :1])[..., 1:]
-    return out
-
-
 def _format_value(value) -> str:
     if isinstance(value, torch.Tensor):
         value = value.tolist()
@@ -269,31 +233,6 @@ def _format_value(value) -> str:
             return f"[{head}, ..., {tail}] ({len(value)} values)"
         return "[" + ", ".join(_format_value(v) for v in value) + "]"
     return str(value)
-
-
-def best_permutation(experts_weight: torch.Tensor, reference_weight: torch.Tensor) -> list[int]:
-    """The relabelling of ``experts_weight`` that best matches ``reference_weight``.
-
-    Returns ``perm`` minimising ``max_i ||experts_weight[perm[i]] - reference_weight[i]||``
-    (ties broken by the sum), by enumeration for k <= 7 and Hungarian matching on the sum beyond.
-    """
-    distances = torch.cdist(
-        reference_weight.to(torch.float64),
-        experts_weight.to(reference_weight.device, torch.float64),
-    )
-    k = distances.shape[0]
-    if k <= 7:
-        best, best_key = None, None
-        for perm in itertools.permutations(range(k)):
-            d = distances[torch.arange(k), list(perm)]
-            key = (float(d.max()), float(d.sum()))
-            if best_key is None or key < best_key:
-                best, best_key = list(perm), key
-        return best
-    from scipy.optimize import linear_sum_assignment
-
-    _, cols = linear_sum_assignment(distances.cpu().numpy())
-    return [int(c) for c in cols]
 
 
 def parameter_errors(estimate: MoEEstimate, truth: MoEEstimate) -> dict[str, Any]:

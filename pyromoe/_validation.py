@@ -24,6 +24,7 @@ __all__ = [
     "ROWS_PER_PARAMETER_WARN",
     "SmallDataWarning",
     "as_tensors",
+    "check_link",
     "as_tensor",
     "check_count",
     "check_device",
@@ -233,6 +234,23 @@ def as_tensors(
         )
     _check_finite(y, "y")
     return x, y
+
+
+def check_link(link):
+    """The :class:`~pyromoe.core.links.Link` for ``link`` (a registry name or a Link).
+
+    The one place where a link name becomes a Link: public entry points call it once and pass the
+    Link inward, so nothing below them resolves names again.
+
+    Raises
+    ------
+    ValueError, TypeError
+        For an unknown name or a value that is neither a name nor a Link (the message lists the
+        links).
+    """
+    from .core.links import get_link
+
+    return get_link(link)
 
 
 def check_num_experts(num_experts) -> int:

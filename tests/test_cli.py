@@ -57,7 +57,7 @@ def test_demo_quick_writes_every_output(tmp_path, capsys):
     )
     assert "| start | log-likelihood | expert error |" in summary
     assert "| NUTS init | max r_hat (as sampled) | max r_hat (relabelled) |" in summary
-    assert "| parameter | truth | start | posterior mean | 94% low | 94% high |" in summary
+    assert "| parameter | truth | start | posterior mean | sd | 94% low | 94% high |" in summary
     assert "| step | seconds |" in summary
     assert "results written to" in capsys.readouterr().out
 

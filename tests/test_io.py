@@ -97,16 +97,123 @@ def test_folder_instead_of_file_is_refused(tmp_path):
         read_table(tmp_path, target="y")
 
 
-def test_empty_file_is_refused(tmp_path):
-    path = write(tmp_path, "\n  \n")
-    with pytest.raises(ValueError, match="data.csv is empty; expected a header line"):
-        read_table(path, target="y")
+#: (behaviour, file text, read_table keywords besides target="y", what the message says)
+BAD_TABLES = [
+    ("empty_file", "\n  \n", {}, "data.csv is empty; expected a header line"),
+    ("header_without_rows", "x,y\n", {}, r"has a header line \(x, y\) but no data rows"),
+    (
+        "unknown_target_lists_available_columns",
+        "a,b\n1,2\n",
+        {},
+        r"target column 'y' not found .* columns: 'a', 'b'",
+    ),
+    (
+        "unknown_features_are_all_named_with_available_columns",
+        "a,b,y\n1,2,3\n",
+        {"features": ["a", "c", "d"]},
+        r"feature columns 'c', 'd' not found .* columns: 'a', 'b', 'y'",
+    ),
+    (
+        "target_among_features",
+        "a,y\n1,2\n",
+        {"features": ["a", "y"]},
+        "target column 'y' is also listed among the features",
+    ),
+    (
+        "feature_listed_twice",
+        "a,y\n1,2\n",
+        {"features": ["a", "a"]},
+        "feature column 'a' is listed more than once",
+    ),
+    (
+        "empty_feature_list",
+        "a,y\n1,2\n",
+        {"features": []},
+        "features must name at least one input column",
+    ),
+    ("only_a_target_column", "y\n1\n", {}, "has only the target column 'y'"),
+    (
+        # blank line 3 makes file line and data row differ: data row 3 is file line 5
+        "non_numeric_value_names_column_row_and_line",
+        "x,y\n1,2\n\n3,4\n5,abc\n",
+        {},
+        r"column 'y', data row 3 \(file line 5\) holds 'abc', which is not a number",
+    ),
+    (
+        "infinite_value",
+        "x,y\ninf,2\n",
+        {},
+        r"column 'x', data row 1 \(file line 2\) holds 'inf', which is not finite",
+    ),
+    *[
+        (
+            f"missing_value_{marker.strip() or 'empty'}_names_column_and_row",
+            f"x,y\n1,2\n3,{marker}\n",
+            {},
+            r"missing value in column 'y', data row 2 \(file line 3\); drop or impute",
+        )
+        for marker in ["", "NA", "NaN", " null "]
+    ],
+    (
+        "first_problem_in_file_order_is_reported",
+        "x,y\n1,2\n3,oops\n,4\n",
+        {},
+        r"column 'y', data row 2 .* holds 'oops'",
+    ),
+    (
+        "row_with_too_many_fields",
+        "x,y\n1,2\n3,4,5\n",
+        {},
+        r"data row 2 \(file line 3\) has 3 fields but the header has 2",
+    ),
+    (
+        "row_with_too_few_fields",
+        "x,y\n1,2\n\n3\n",
+        {},
+        r"data row 2 \(file line 4\) has 1 field but the header has 2 \(x, y\)",
+    ),
+    (
+        "duplicate_column_name",
+        "x,x,y\n1,2,3\n",
+        {},
+        r"column name 'x' appears twice .*columns 1 and 2",
+    ),
+    ("unnamed_column", "x,,y\n1,2,3\n", {}, "column 2 of the header has no name"),
+    (
+        "too_few_rows_says_how_many_and_why",
+        "x,y\n1,2\n3,4\n5,6\n",
+        {"min_rows": 12, "min_rows_reason": "2 experts need 11 parameters"},
+        r"has 3 data rows; at least 12 are needed \(2 experts need 11 parameters\)",
+    ),
+    (
+        "min_rows_must_be_positive",
+        "x,y\n1,2\n",
+        {"min_rows": 0},
+        "min_rows must be a positive integer; got 0",
+    ),
+    (
+        "delimiter_must_be_one_character",
+        "x,y\n1,2\n",
+        {"delimiter": ",,"},
+        "delimiter must be a single character",
+    ),
+    (
+        "unclosed_quote_is_named_with_its_line",
+        'x,y\n1,2\n3,"4\n5,6\n',
+        {},
+        r"malformed CSV at file line 4: .*closed by '\"'",
+    ),
+]
 
 
-def test_header_without_rows_is_refused(tmp_path):
-    path = write(tmp_path, "x,y\n")
-    with pytest.raises(ValueError, match=r"has a header line \(x, y\) but no data rows"):
-        read_table(path, target="y")
+@pytest.mark.parametrize(
+    "text, keywords, message",
+    [pytest.param(*case[1:], id=case[0]) for case in BAD_TABLES],
+)
+def test_bad_table_is_refused_with_a_message_naming_the_problem(tmp_path, text, keywords, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ValueError, match=message):
+        read_table(path, target="y", **keywords)
 
 
 def test_non_utf8_file_is_refused(tmp_path):
@@ -116,124 +223,12 @@ def test_non_utf8_file_is_refused(tmp_path):
         read_table(path, target="y")
 
 
-def test_unknown_target_lists_available_columns(tmp_path):
-    path = write(tmp_path, "a,b\n1,2\n")
-    with pytest.raises(ValueError, match=r"target column 'y' not found .* columns: 'a', 'b'"):
-        read_table(path, target="y")
-
-
-def test_unknown_features_are_all_named_with_available_columns(tmp_path):
-    path = write(tmp_path, "a,b,y\n1,2,3\n")
-    with pytest.raises(
-        ValueError, match=r"feature columns 'c', 'd' not found .* columns: 'a', 'b', 'y'"
-    ):
-        read_table(path, target="y", features=["a", "c", "d"])
-
-
-def test_target_among_features_is_refused(tmp_path):
-    path = write(tmp_path, "a,y\n1,2\n")
-    with pytest.raises(ValueError, match="target column 'y' is also listed among the features"):
-        read_table(path, target="y", features=["a", "y"])
-
-
-def test_feature_listed_twice_is_refused(tmp_path):
-    path = write(tmp_path, "a,y\n1,2\n")
-    with pytest.raises(ValueError, match="feature column 'a' is listed more than once"):
-        read_table(path, target="y", features=["a", "a"])
-
-
-def test_empty_feature_list_is_refused(tmp_path):
-    path = write(tmp_path, "a,y\n1,2\n")
-    with pytest.raises(ValueError, match="features must name at least one input column"):
-        read_table(path, target="y", features=[])
-
-
 def test_features_given_as_one_string_is_refused(tmp_path):
     path = write(tmp_path, "a,y\n1,2\n")
     with pytest.raises(
         TypeError, match=r"features must be a sequence of column names, e.g. \['a'\]"
     ):
         read_table(path, target="y", features="a")
-
-
-def test_only_a_target_column_is_refused(tmp_path):
-    path = write(tmp_path, "y\n1\n")
-    with pytest.raises(ValueError, match="has only the target column 'y'"):
-        read_table(path, target="y")
-
-
-def test_non_numeric_value_names_column_row_and_line(tmp_path):
-    # blank line 3 makes file line and data row differ: data row 3 is file line 5
-    path = write(tmp_path, "x,y\n1,2\n\n3,4\n5,abc\n")
-    with pytest.raises(
-        ValueError,
-        match=r"column 'y', data row 3 \(file line 5\) holds 'abc', which is not a number",
-    ):
-        read_table(path, target="y")
-
-
-def test_infinite_value_is_refused(tmp_path):
-    path = write(tmp_path, "x,y\ninf,2\n")
-    with pytest.raises(
-        ValueError, match=r"column 'x', data row 1 \(file line 2\) holds 'inf', which is not finite"
-    ):
-        read_table(path, target="y")
-
-
-@pytest.mark.parametrize("marker", ["", "NA", "NaN", " null "])
-def test_missing_value_names_column_and_row(tmp_path, marker):
-    path = write(tmp_path, f"x,y\n1,2\n3,{marker}\n")
-    with pytest.raises(
-        ValueError, match=r"missing value in column 'y', data row 2 \(file line 3\); drop or impute"
-    ):
-        read_table(path, target="y")
-
-
-def test_first_problem_in_file_order_is_reported(tmp_path):
-    path = write(tmp_path, "x,y\n1,2\n3,oops\n,4\n")
-    with pytest.raises(ValueError, match=r"column 'y', data row 2 .* holds 'oops'"):
-        read_table(path, target="y")
-
-
-def test_row_with_wrong_number_of_fields_is_named(tmp_path):
-    path = write(tmp_path, "x,y\n1,2\n3,4,5\n")
-    with pytest.raises(
-        ValueError, match=r"data row 2 \(file line 3\) has 3 fields but the header has 2"
-    ):
-        read_table(path, target="y")
-
-
-def test_duplicate_column_name_is_refused(tmp_path):
-    path = write(tmp_path, "x,x,y\n1,2,3\n")
-    with pytest.raises(ValueError, match=r"column name 'x' appears twice .*columns 1 and 2"):
-        read_table(path, target="y")
-
-
-def test_unnamed_column_is_refused(tmp_path):
-    path = write(tmp_path, "x,,y\n1,2,3\n")
-    with pytest.raises(ValueError, match="column 2 of the header has no name"):
-        read_table(path, target="y")
-
-
-def test_too_few_rows_says_how_many_and_why(tmp_path):
-    path = write(tmp_path, "x,y\n1,2\n3,4\n5,6\n")
-    with pytest.raises(
-        ValueError,
-        match=r"has 3 data rows; at least 12 are needed \(2 experts need 11 parameters\)",
-    ):
-        read_table(path, target="y", min_rows=12, min_rows_reason="2 experts need 11 parameters")
-
-
-def test_min_rows_must_be_positive(tmp_path):
-    path = write(tmp_path, "x,y\n1,2\n")
-    with pytest.raises(ValueError, match="min_rows must be a positive integer; got 0"):
-        read_table(path, target="y", min_rows=0)
-
-
-def test_delimiter_must_be_one_character(tmp_path):
-    path = write(tmp_path, "x,y\n1,2\n")
-    with pytest.raises(ValueError, match="delimiter must be a single character"):
-        read_table(path, target="y", delimiter=",,")
 
 
 def test_exactly_min_rows_is_accepted(tmp_path):
@@ -296,14 +291,6 @@ def test_large_file_with_quotes_line_breaks_and_blank_lines_is_read_exactly(tmp_
         read_table(broken, target="y", features=["a", "b"])
 
 
-def test_row_with_too_few_fields_is_named(tmp_path):
-    path = write(tmp_path, "x,y\n1,2\n\n3\n")
-    with pytest.raises(
-        ValueError, match=r"data row 2 \(file line 4\) has 1 field but the header has 2 \(x, y\)"
-    ):
-        read_table(path, target="y")
-
-
 def test_file_line_counts_line_breaks_inside_quoted_values(tmp_path):
     path = write(tmp_path, 'id,x,y\n"a\nb",1,2\n"c",3,oops\n"d\ne",4,5\n')
     with pytest.raises(ValueError, match=r"column 'y', data row 2 \(file line 4\) holds 'oops'"):
@@ -311,12 +298,6 @@ def test_file_line_counts_line_breaks_inside_quoted_values(tmp_path):
     path = write(tmp_path, 'id,x,y\n"a\nb",1,2\n"c\nd",3,4,5\n', name="wide.csv")
     with pytest.raises(ValueError, match=r"data row 2 \(file line 5\) has 4 fields"):
         read_table(path, target="y", features=["x"])
-
-
-def test_unclosed_quote_is_named_with_its_line(tmp_path):
-    path = write(tmp_path, 'x,y\n1,2\n3,"4\n5,6\n')
-    with pytest.raises(ValueError, match=r"malformed CSV at file line 4: .*closed by '\"'"):
-        read_table(path, target="y")
 
 
 def test_lines_of_only_delimiters_or_spaces_are_blank(tmp_path):

@@ -1,9 +1,12 @@
-"""The layers: `import pyromoe` is light, and the estimators need neither Pyro, ArviZ nor matplotlib."""
+"""The layers: `import pyromoe` is light, the estimators need neither Pyro, ArviZ nor matplotlib, and
+no module imports a later layer (docs/architecture.md)."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +63,113 @@ def test_public_names_resolve_lazily_and_completely():
         assert getattr(pyromoe, name) is not None
     with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
         pyromoe.nothing_here  # noqa: B018
+
+
+# ------------------------------------------------------------------------------ the import rule
+PACKAGE = Path(pyromoe.__file__).parent
+
+#: each layer -> the layers its modules may import (their own included); the package root
+#: (``__init__``, ``__main__``: the public API above them all) may import anything and is not checked
+MAY_IMPORT = {
+    "_validation": {"_validation"},
+    "core": {"_validation", "core"},
+    "estimators": {"_validation", "core", "estimators"},
+    "bayes": {"_validation", "core", "estimators", "bayes"},
+    "app": {"_validation", "core", "estimators", "bayes", "app", "datasets", "pyromoe"},
+    "datasets": {"datasets"},
+}
+#: the one exception: _validation checks a link name with core.links, imported inside the function
+MAY_IMPORT_INSIDE_FUNCTIONS = {"_validation": {"core"}}
+#: names of the package root that are no layer (every import loads the root package anyway)
+ROOT_CONSTANTS = {"__version__"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _layer(module: str) -> str:
+    """``pyromoe.core.em`` -> ``core``; ``pyromoe`` and ``pyromoe.__main__`` -> ``pyromoe``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] != "__main__" else "pyromoe"
+
+
+def _imported(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) -> list[str]:
+    """The pyromoe modules an import statement names, relative imports resolved."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names if alias.name.split(".")[0] == "pyromoe"]
+    if node.level:
+        base = module.split(".")
+        base = base if is_package else base[:-1]
+        base = base[: len(base) - node.level + 1]
+        target = ".".join([*base, node.module] if node.module else base)
+    else:
+        target = node.module or ""
+    if target.split(".")[0] != "pyromoe":
+        return []
+    if target != "pyromoe":
+        return [target]
+    # `from .. import x` in a subpackage: x is a subpackage, or a name of the package root
+    return [f"pyromoe.{alias.name}" for alias in node.names if alias.name not in ROOT_CONSTANTS]
+
+
+def _layer_violations(module: str, source: str, is_package: bool = False) -> list[str]:
+    layer = _layer(module)
+    if layer == "pyromoe":
+        return []
+    tree = ast.parse(source)
+    inside_functions = {
+        id(node)
+        for function in ast.walk(tree)
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        for node in ast.walk(function)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        allowed = MAY_IMPORT[layer]
+        if id(node) in inside_functions:
+            allowed = allowed | MAY_IMPORT_INSIDE_FUNCTIONS.get(layer, set())
+        for target in _imported(node, module, is_package):
+            if _layer(target) not in allowed:
+                found.append(f"{module} (line {node.lineno}, layer {layer}) imports {target}")
+    return found
+
+
+def test_no_module_imports_a_later_layer():
+    modules = sorted(PACKAGE.rglob("*.py"))
+    assert len(modules) > 20  # the walk found the package
+    violations = [
+        violation
+        for path in modules
+        for violation in _layer_violations(
+            _module_name(path), path.read_text(encoding="utf-8"), path.name == "__init__.py"
+        )
+    ]
+    assert violations == []
+
+
+@pytest.mark.parametrize(
+    "module, source, allowed",
+    [
+        ("pyromoe.core.em", "from ..bayes import model", False),
+        ("pyromoe.core.em", "def f():\n    from ..estimators.initialize import initialize", False),
+        ("pyromoe.core.em", "from .. import app", False),
+        ("pyromoe.core.em", "import pyromoe.bayes.fit", False),
+        ("pyromoe.estimators.initialize", "from ..core.em import fit_em", True),
+        ("pyromoe.bayes.fit", "from ..datasets import load_mcycle", False),
+        ("pyromoe.datasets", "from ..app.io import parse_table", False),
+        ("pyromoe.datasets", "import pandas as pd", True),
+        ("pyromoe._validation", "from .core.links import get_link", False),
+        ("pyromoe._validation", "def f():\n    from .core.links import get_link", True),
+        ("pyromoe.app.io", "def f():\n    from .. import __version__", True),
+        ("pyromoe.app.cli", "from .workflow import run_fit", True),
+        ("pyromoe", "from .bayes.fit import run_nuts", True),
+        ("pyromoe.core.links", "from .. import sites", False),
+    ],
+)
+def test_layer_rule_checker_tells_upward_imports_apart(module, source, allowed):
+    is_package = module in ("pyromoe", "pyromoe.datasets")
+    assert (_layer_violations(module, source, is_package) == []) is allowed

@@ -1,20 +1,27 @@
 """Figures for a fitted mixture of experts: each function returns a matplotlib Figure (no file I/O).
 
-They read ArviZ data as written by :func:`pyromoe.bayes.to_arviz.to_inference_data` (variables named by the
-model's sites, dims ``chain``, ``draw``, ``expert``, ``feature``, ``obs``).
+They read ArviZ data as written by :func:`pyromoe.bayes.to_arviz.to_inference_data` (variables named
+by the model's sites, dims ``chain``, ``draw``, ``expert``, ``feature``, ``obs``).
+:func:`parameter_summary` is the one table of every scalar parameter (``az.summary`` with the point
+values ArviZ cannot know) that both :func:`plot_posterior_vs_truth` and the results' Markdown
+(:func:`pyromoe.app.workflow.parameter_table`) show.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..core import likelihood, sites
 from ..core.estimate import MoEEstimate
 
 __all__ = [
+    "parameter_sites",
+    "parameter_summary",
+    "interval_columns",
     "plot_trace",
     "plot_posterior_vs_truth",
     "plot_random_starts",
@@ -30,31 +37,103 @@ def _pyplot():
     return plt
 
 
-def _parameter_vars(idata) -> list[str]:
+def parameter_sites(idata) -> list[str]:
+    """The model's parameter sites present in ``idata.posterior``, in the model's order."""
     return [name for name in sites.PARAMETER_SITES if name in idata.posterior.data_vars]
+
+
+def _position_text(dim: str, position: int) -> str:
+    # gate row j gives the logit of expert j (expert 0 is the reference): rows are numbered from 1
+    return str(position + 1 if dim == "gate" else position)
+
+
+def _scalar_label(name: str, dims: Sequence[str], index: tuple[int, ...]) -> str:
+    """``experts.weight[0, 1]``: written as ArviZ writes its labels (see :func:`_labeller`)."""
+    if not index:
+        return name
+    return f"{name}[{', '.join(_position_text(d, i) for d, i in zip(dims, index))}]"
+
+
+def _labeller():
+    from arviz.labels import BaseLabeller
+
+    class PositionLabeller(BaseLabeller):
+        """Label by position, not coordinate value (feature names would make long rows)."""
+
+        def dim_coord_to_str(self, dim, coord_val, coord_idx):
+            return _position_text(dim, int(coord_idx))
+
+    return PositionLabeller()
+
+
+def interval_columns(hdi_prob: float = 0.94) -> tuple[str, str]:
+    """Names of the interval columns of :func:`parameter_summary`, e.g. ``("94% low", "94% high")``."""
+    percent = f"{hdi_prob * 100:g}%"
+    return f"{percent} low", f"{percent} high"
+
+
+def parameter_summary(
+    idata, points: Mapping[str, MoEEstimate] | None = None, hdi_prob: float = 0.94
+) -> pd.DataFrame:
+    """``az.summary`` of every scalar parameter, with point values (e.g. truth, start) beside it.
+
+    Parameters
+    ----------
+    idata : arviz.InferenceData
+        With a ``posterior`` group whose variables are the model's sites.
+    points : mapping of str to MoEEstimate, optional
+        Column name -> point estimate, e.g. ``{"truth": truth, "start": estimate}``; its experts
+        must be labelled as in ``idata``.
+    hdi_prob : float, default 0.94
+        Probability mass of the highest-density interval.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by ``parameter`` (``experts.weight[0, 1]``, ``gate.bias[1]``, ``noise``: experts
+        and features by position from 0, gate rows from 1, the expert whose logit they give). The
+        columns: one per point estimate, then ``posterior mean``, ``sd`` and the interval
+        (:func:`interval_columns`); with several chains also ArviZ's ``ess_bulk``, ``ess_tail``
+        and ``r_hat`` (SVI and MAP draws come as one chain, for which they mean nothing).
+    """
+    import arviz as az
+
+    names = parameter_sites(idata)
+    several = idata.posterior.sizes["chain"] > 1
+    summary = az.summary(
+        idata,
+        var_names=names,
+        kind="all" if several else "stats",
+        hdi_prob=hdi_prob,
+        round_to="none",
+        labeller=_labeller(),
+    )
+    hdi_low, hdi_high = (column for column in summary.columns if column.startswith("hdi_"))
+    low, high = interval_columns(hdi_prob)
+    diagnostics = ["ess_bulk", "ess_tail", "r_hat"] if several else []
+    table = summary.rename(columns={"mean": "posterior mean", hdi_low: low, hdi_high: high})
+    table = table[["posterior mean", "sd", low, high, *diagnostics]]
+    values = {column: {} for column in points or {}}
+    for column, estimate in (points or {}).items():
+        site_values = estimate.site_values()
+        for name in names:
+            dims = idata.posterior[name].dims[2:]
+            value = site_values[name].detach().cpu().numpy()
+            for index in np.ndindex(*value.shape):
+                values[column][_scalar_label(name, dims, index)] = float(value[index])
+    table = pd.concat([pd.DataFrame(values, index=table.index, dtype=float), table], axis=1)
+    table.index.name = "parameter"
+    return table
 
 
 def plot_trace(idata):
     """ArviZ trace plot of every parameter site (one row per site, all chains)."""
     import arviz as az
 
-    axes = az.plot_trace(idata, var_names=_parameter_vars(idata), compact=True)
+    axes = az.plot_trace(idata, var_names=parameter_sites(idata), compact=True)
     figure = np.asarray(axes).ravel()[0].figure
     figure.tight_layout()
     return figure
-
-
-def _flatten(estimate: MoEEstimate, names: Sequence[str]) -> dict[str, float]:
-    values = {}
-    for name, tensor in estimate.site_values().items():
-        if name not in names:
-            continue
-        flat = tensor.detach().cpu().reshape(-1).tolist()
-        shape = tuple(tensor.shape)
-        for index, value in zip(np.ndindex(*shape) if shape else [()], flat):
-            label = name + (f"[{','.join(map(str, index))}]" if index else "")
-            values[label] = value
-    return values
 
 
 def plot_posterior_vs_truth(
@@ -63,39 +142,30 @@ def plot_posterior_vs_truth(
     """Posterior mean and ``hdi_prob`` interval of every scalar parameter, with the truth and the
     point estimate marked (either may be omitted). Experts must already be aligned to the truth's
     labels (see :func:`pyromoe.core.labels.align_labels`)."""
-    import arviz as az
-
     plt = _pyplot()
-    names = _parameter_vars(idata)
-    hdi = az.hdi(idata.posterior[names], hdi_prob=hdi_prob)
-    mean = idata.posterior[names].mean(("chain", "draw"))
-    labels, lows, highs, means = [], [], [], []
-    for name in names:
-        m = np.atleast_1d(mean[name].values).reshape(-1)
-        h = hdi[name].values.reshape(-1, 2)
-        shape = mean[name].shape
-        for i, index in enumerate(np.ndindex(*shape) if shape else [()]):
-            labels.append(name + (f"[{','.join(map(str, index))}]" if index else ""))
-            means.append(m[i])
-            lows.append(h[i, 0])
-            highs.append(h[i, 1])
-    positions = np.arange(len(labels))[::-1]
-    figure, ax = plt.subplots(figsize=(7, 0.3 * len(labels) + 1.2))
-    ax.hlines(positions, lows, highs, color="C0", lw=2, label=f"{int(hdi_prob * 100)}% HDI")
-    ax.plot(means, positions, "o", color="C0", label="posterior mean")
-    for other, marker, colour, text in ((truth, "x", "k", "truth"), (estimate, "D", "C3", "start")):
-        if other is not None:
-            flat = _flatten(other, names)
+    points = {"truth": truth, "start": estimate}
+    table = parameter_summary(
+        idata, {column: value for column, value in points.items() if value is not None}, hdi_prob
+    )
+    low, high = interval_columns(hdi_prob)
+    positions = np.arange(len(table))[::-1]
+    figure, ax = plt.subplots(figsize=(7, 0.3 * len(table) + 1.2))
+    ax.hlines(
+        positions, table[low], table[high], color="C0", lw=2, label=f"{hdi_prob * 100:g}% HDI"
+    )
+    ax.plot(table["posterior mean"], positions, "o", color="C0", label="posterior mean")
+    for column, marker, colour in (("truth", "x", "k"), ("start", "D", "C3")):
+        if column in table:
             ax.plot(
-                [flat.get(lbl, np.nan) for lbl in labels],
+                table[column],
                 positions,
                 marker,
                 color=colour,
                 ms=6,
                 mfc="none" if marker == "D" else None,
-                label=text,
+                label=column,
             )
-    ax.set_yticks(positions, labels)
+    ax.set_yticks(positions, list(table.index))
     ax.axvline(0, color="0.8", lw=0.8, zorder=0)
     ax.legend(loc="best", fontsize=8)
     ax.set_title("Posterior vs truth")

@@ -34,6 +34,7 @@ from .io import (
     write_netcdf_atomic,
     write_text_atomic,
 )
+from .plots import parameter_sites, parameter_summary
 
 __all__ = ["StartRecord", "compare_starts", "run_demo", "run_fit", "nuts_report"]
 
@@ -134,7 +135,7 @@ def relabel(idata, estimate: MoEEstimate):
     """
     from ..core.labels import align_labels
 
-    names = [n for n in sites.PARAMETER_SITES if n in idata.posterior.data_vars]
+    names = parameter_sites(idata)
     draws = {n: torch.as_tensor(idata.posterior[n].values) for n in names}
     aligned, info = align_labels(draws, estimate)
     out = idata.copy()
@@ -157,7 +158,7 @@ def nuts_report(idata, reference: MoEEstimate, best_log_likelihood: float | None
     ``best_log_likelihood`` when given, e.g. the best chain of another run on the same data)."""
     import arviz as az
 
-    names = [n for n in sites.PARAMETER_SITES if n in idata.posterior.data_vars]
+    names = parameter_sites(idata)
     aligned = relabel(idata, reference)
     chain_ll = np.asarray(idata.attrs["chain_mean_log_likelihood"], dtype=float)
     best = (
@@ -193,53 +194,22 @@ def posterior_mean_estimate(idata, link, method: str = "posterior mean") -> MoEE
     )
 
 
-def _scalar_labels(name: str, shape: tuple[int, ...], offsets: tuple[int, ...]) -> list[str]:
-    if not shape:
-        return [name]
-    return [
-        f"{name}[{', '.join(str(i + o) for i, o in zip(index, offsets))}]"
-        for index in np.ndindex(*shape)
-    ]
-
-
 def parameter_table(
     idata, columns: dict[str, MoEEstimate], hdi_prob: float = 0.94
 ) -> list[dict[str, Any]]:
-    """One row per scalar parameter: the given point values (e.g. truth, start), the posterior mean,
-    the ``hdi_prob`` interval, r_hat and bulk ESS."""
-    import arviz as az
+    """One row per scalar parameter: the given point values (e.g. truth, start), then ArviZ's
+    posterior mean, sd, ``hdi_prob`` interval and, with several chains, ess and r_hat.
 
-    names = [n for n in sites.PARAMETER_SITES if n in idata.posterior.data_vars]
-    hdi = az.hdi(idata, var_names=names, hdi_prob=hdi_prob)
-    # r_hat and ESS need several chains (SVI/MAP draws come as one chain): then they are left out
-    several = idata.posterior.sizes["chain"] > 1
-    rhat = az.rhat(idata, var_names=names) if several else None
-    ess = az.ess(idata, var_names=names) if several else None
-    rows = []
-    for name in names:
-        mean = np.asarray(idata.posterior[name].mean(("chain", "draw")).values)
-        offsets = (1, 0) if name.startswith("gate.") else (0, 0)
-        labels = _scalar_labels(name, mean.shape, offsets)
-        point = {
-            column: np.asarray(est.site_values()[name].detach().cpu()).reshape(-1)
-            for column, est in columns.items()
-        }
-        interval = np.asarray(hdi[name].values).reshape(-1, 2)
-        for i, label in enumerate(labels):
-            row = {"parameter": label}
-            row.update({column: float(values[i]) for column, values in point.items()})
-            row.update(
-                {
-                    "posterior mean": float(mean.reshape(-1)[i]),
-                    f"{int(hdi_prob * 100)}% low": float(interval[i, 0]),
-                    f"{int(hdi_prob * 100)}% high": float(interval[i, 1]),
-                }
-            )
-            if several:
-                row["r_hat"] = float(np.asarray(rhat[name].values).reshape(-1)[i])
-                row["ess_bulk"] = float(np.asarray(ess[name].values).reshape(-1)[i])
-            rows.append(row)
-    return rows
+    The rows of :func:`pyromoe.app.plots.parameter_summary` (its index as the ``parameter`` key),
+    as :func:`markdown_table` writes them.
+    """
+    return parameter_summary(idata, columns, hdi_prob).reset_index().to_dict("records")
+
+
+_PARAMETER_COLUMNS = (
+    "The posterior columns are ArviZ's `az.summary` (mean, sd, 94% HDI; with several chains "
+    "ess_bulk, ess_tail and r_hat); gate rows are numbered from 1 (row j gives expert j's logit)."
+)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], digits: int = 3) -> str:
@@ -486,6 +456,8 @@ matching every draw's experts to the estimate (label switching undone).
 {markdown_table(_nuts_rows(reports))}
 ## Parameters: truth, start, posterior (seeded NUTS, relabelled to the truth's labels)
 
+{_PARAMETER_COLUMNS}
+
 {markdown_table(rows)}
 ## Time of each step
 
@@ -695,6 +667,8 @@ below are on that scale:
 ## Posterior ({method.upper()}, experts labelled as in the start)
 
 {extra}
+{_PARAMETER_COLUMNS}
+
 {markdown_table(rows)}
 ## Time of each step
 

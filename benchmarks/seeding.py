@@ -41,7 +41,7 @@ from pyromoe.bayes.fit import fit_svi, run_nuts  # noqa: E402
 from pyromoe.core.em import fit_em  # noqa: E402
 from pyromoe.core.estimate import MoEEstimate  # noqa: E402
 from pyromoe.core.labels import align_labels  # noqa: E402
-from pyromoe.estimators.initialize import tensor_init  # noqa: E402
+from pyromoe.estimators.tensor_init import tensor_init  # noqa: E402
 
 N, D, NOISE = 2000, 5, 0.5
 WRONG_MODE_NATS = 10.0

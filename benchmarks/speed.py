@@ -34,12 +34,12 @@ from benchmarks._common import machine_info, machine_markdown, write_results  # 
 from pyromoe import parameter_errors, simulate  # noqa: E402
 from pyromoe.core.em import fit_em  # noqa: E402
 from pyromoe.core.links import get_link  # noqa: E402
-from pyromoe.estimators.initialize import _moment_experts, tensor_init  # noqa: E402
+from pyromoe.estimators.tensor_init import _moment_experts, tensor_init  # noqa: E402
 
 _MEMORY_CHILD = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
-from pyromoe.estimators.initialize import _moment_experts
+from pyromoe.estimators.tensor_init import _moment_experts
 from pyromoe.core.links import get_link
 n, d = {n}, {d}
 g = torch.Generator().manual_seed(0)

@@ -22,8 +22,8 @@ __version__ = "0.1.0"
 
 #: public name -> module that defines it (relative to this package)
 _EXPORTS: dict[str, str] = {
-    "CollapseWarning": ".core.gate",
-    "ConvergenceWarning": ".core.gate",
+    "CollapseWarning": ".core.em",
+    "ConvergenceWarning": ".core.em",
     "Link": ".core.links",
     "get_link": ".core.links",
     "MoEEstimate": ".core.estimate",
@@ -31,7 +31,7 @@ _EXPORTS: dict[str, str] = {
     "fit_em": ".core.em",
     "fit_gate": ".core.gate",
     "initialize": ".estimators.initialize",
-    "tensor_init": ".estimators.initialize",
+    "tensor_init": ".estimators.tensor_init",
     "SimulatedData": ".estimators.simulate",
     "simulate": ".estimators.simulate",
     "MixtureOfExperts": ".bayes.model",
@@ -113,9 +113,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .bayes.model import MixtureOfExperts
     from .bayes.to_arviz import to_inference_data
     from .core import links
-    from .core.em import fit_em
+    from .core.em import CollapseWarning, ConvergenceWarning, fit_em
     from .core.estimate import MoEEstimate, parameter_errors
-    from .core.gate import CollapseWarning, ConvergenceWarning, fit_gate
+    from .core.gate import fit_gate
     from .core.labels import align_labels
     from .core.links import Link, get_link
     from .datasets import (
@@ -126,5 +126,6 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         load_mcycle,
         load_old_faithful,
     )
-    from .estimators.initialize import initialize, tensor_init
+    from .estimators.initialize import initialize
     from .estimators.simulate import SimulatedData, simulate
+    from .estimators.tensor_init import tensor_init

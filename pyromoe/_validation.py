@@ -11,10 +11,13 @@ own float dtype (float64 for float64/int input); half precision (float16, bfloat
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
 import secrets
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import numpy as np
@@ -37,6 +40,7 @@ __all__ = [
     "check_seed",
     "exact_scales",
     "num_parameters",
+    "on_exact_scale",
     "rescale_estimate",
 ]
 
@@ -458,10 +462,6 @@ def check_enough_rows(
 
 
 # ------------------------------------------------------------------------ extreme scales
-#: Links with ``g(s z) = s g(z)`` for ``s > 0``: ``y`` may be rescaled for them.
-_HOMOGENEOUS_LINKS = ("linear", "relu", "leaky_relu")
-
-
 def _extreme_bounds(dtype: torch.dtype) -> tuple[float, float]:
     """Magnitudes beyond which products of four values over- or underflow ``dtype``."""
     info = torch.finfo(dtype)
@@ -485,8 +485,9 @@ def exact_scales(x: torch.Tensor, y: torch.Tensor, link) -> tuple[torch.Tensor |
     Raises
     ------
     ValueError
-        When ``y`` is extreme and the link is not positively homogeneous (tanh, sigmoid): ``y`` on
-        that scale cannot come from the model; standardise it.
+        When ``y`` is extreme and the link is not positively homogeneous
+        (``Link.positively_homogeneous``: tanh, sigmoid): ``y`` on that scale cannot come from the
+        model; standardise it.
     """
     high, low = _extreme_bounds(x.dtype)
     peak = x.abs().amax(dim=0)
@@ -498,7 +499,7 @@ def exact_scales(x: torch.Tensor, y: torch.Tensor, link) -> tuple[torch.Tensor |
     y_scale = 1.0
     y_peak = float(y.abs().max())
     if y_peak > high or 0 < y_peak < low:
-        if link.name not in _HOMOGENEOUS_LINKS:
+        if not link.positively_homogeneous:
             raise ValueError(
                 f"y reaches {y_peak:.3g}, an extreme scale the {link.name} link cannot produce "
                 f"(its outputs are bounded); standardise y (y - y.mean()) / y.std() or use "
@@ -506,6 +507,15 @@ def exact_scales(x: torch.Tensor, y: torch.Tensor, link) -> tuple[torch.Tensor |
             )
         y_scale = math.ldexp(1.0, round(math.log2(y_peak)))
     return x_scale, y_scale
+
+
+#: How each parameter of an estimate scales (:func:`_rescale`); the gate offsets do not.
+_ESTIMATE_UNITS = {
+    "experts_weight": "experts_weight",
+    "experts_bias": "y",
+    "gate_weight": "gate_weight",
+    "noise": "y",
+}
 
 
 def rescale_estimate(estimate, x_scale: torch.Tensor | None, y_scale: float, *, to_user: bool):
@@ -516,23 +526,13 @@ def rescale_estimate(estimate, x_scale: torch.Tensor | None, y_scale: float, *, 
     ``c' = c`` and ``noise' = noise / y_scale`` (``y_scale != 1`` only for homogeneous links).
     ``to_user=True`` maps a fit on the rescaled data back; ``False`` maps a start forward.
     """
-    w = estimate.experts_weight
-    xs = torch.ones_like(w[0]) if x_scale is None else x_scale.to(device=w.device, dtype=w.dtype)
+    values = {
+        name: _rescale(getattr(estimate, name), unit, x_scale, y_scale, to_user=to_user)
+        for name, unit in _ESTIMATE_UNITS.items()
+    }
     if to_user:
-        values = dict(
-            experts_weight=estimate.experts_weight * y_scale / xs,
-            experts_bias=estimate.experts_bias * y_scale,
-            gate_weight=estimate.gate_weight / xs,
-            noise=estimate.noise * y_scale,
-        )
-    else:
-        values = dict(
-            experts_weight=estimate.experts_weight * xs / y_scale,
-            experts_bias=estimate.experts_bias / y_scale,
-            gate_weight=estimate.gate_weight * xs,
-            noise=estimate.noise / y_scale,
-        )
-    if to_user:
+        w = estimate.experts_weight
+        xs = torch.ones_like(w[0]) if x_scale is None else x_scale.to(w)
         diagnostics = dict(estimate.diagnostics)
         diagnostics["input_scaling"] = {
             "x_scale": xs.tolist(),
@@ -540,14 +540,92 @@ def rescale_estimate(estimate, x_scale: torch.Tensor | None, y_scale: float, *, 
             "note": "x and y were divided by these powers of two (exact) before fitting; "
             "the other diagnostics refer to the rescaled data",
         }
-        values["diagnostics"] = diagnostics
-        if not all(
-            bool(torch.isfinite(values[name]).all()) for name in values if name != "diagnostics"
-        ):
+        if not all(bool(torch.isfinite(value).all()) for value in values.values()):
             raise ValueError(
                 "the estimate does not fit in "
                 f"{str(w.dtype).replace('torch.', '')} in the units of x and y (x and y differ "
                 "in scale by a factor near the largest float): standardise x and y, e.g. "
                 "(x - x.mean(0)) / x.std(0), and fit again"
             )
+        values["diagnostics"] = diagnostics
     return replace(estimate, **values)
+
+
+def _rescale(value, unit: str, x_scale: torch.Tensor | None, y_scale: float, *, to_user: bool):
+    """``value`` in ``unit`` mapped between the user's data and data rescaled by :func:`exact_scales`.
+
+    Units (on ``x' = x / x_scale``, ``y' = y / y_scale``): ``"y"`` (``y``, the noise, expert
+    intercepts) scales as ``1 / y_scale``; ``"experts_weight"`` as ``x_scale / y_scale``;
+    ``"gate_weight"`` as ``x_scale``; ``"estimate"`` is a whole estimate (:func:`rescale_estimate`)
+    and ``"params"`` a :class:`~pyromoe.core.params.Params` (absent entries stay absent). ``None``
+    stays ``None``.
+    """
+    if value is None:
+        return None
+    if unit == "estimate":
+        return rescale_estimate(value, x_scale, y_scale, to_user=to_user)
+    if unit == "params":
+        return value._replace(
+            **{
+                name: _rescale(getattr(value, name), part, x_scale, y_scale, to_user=to_user)
+                for name, part in _ESTIMATE_UNITS.items()
+            }
+        )
+    # one exact power-of-two operation at a time: a combined factor could underflow
+    if unit == "y":
+        return value * y_scale if to_user else value / y_scale
+    xs = torch.ones_like(value) if x_scale is None else x_scale.to(value)
+    if unit == "experts_weight":
+        return value * y_scale / xs if to_user else value * xs / y_scale
+    if unit == "gate_weight":
+        return value / xs if to_user else value * xs
+    raise ValueError(f"unknown unit {unit!r}; expected 'y', 'experts_weight', 'gate_weight'")
+
+
+def on_exact_scale(result: str | Mapping[str, str], **units: str) -> Callable:
+    """Decorate a fit so that data of extreme magnitude are fitted rescaled, and mapped back.
+
+    The decorated function takes checked tensors ``x``, ``y`` and a ``link`` (by those names).
+    When :func:`exact_scales` finds nothing extreme it is called as it is. Otherwise it runs on
+    ``x / x_scale`` and ``y / y_scale`` (exact powers of two), with each argument named in
+    ``units`` mapped to that scale (``noise="y"``, ``init="estimate"``, ...; see :func:`_rescale`),
+    and its result is mapped back: ``result="estimate"`` for an estimate
+    (:func:`rescale_estimate`, which records ``diagnostics["input_scaling"]``), or
+    ``{field: unit}`` for a dataclass whose named fields are mapped (``dataclasses.replace``).
+
+    Raises
+    ------
+    ValueError
+        As :func:`exact_scales` (extreme ``y`` for a bounded link) and :func:`rescale_estimate`.
+    """
+
+    def decorate(fit: Callable) -> Callable:
+        signature = inspect.signature(fit)
+
+        @functools.wraps(fit)
+        def wrapper(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            arguments = bound.arguments
+            x, y = arguments["x"], arguments["y"]
+            x_scale, y_scale = exact_scales(x, y, arguments["link"])
+            if x_scale is None and y_scale == 1.0:
+                return fit(*args, **kwargs)
+            arguments["x"] = x / (torch.ones_like(x[0]) if x_scale is None else x_scale)
+            arguments["y"] = y / y_scale
+            for name, unit in units.items():
+                if name in arguments:
+                    arguments[name] = _rescale(
+                        arguments[name], unit, x_scale, y_scale, to_user=False
+                    )
+            out = fit(*bound.args, **bound.kwargs)
+            if isinstance(result, str):
+                return _rescale(out, result, x_scale, y_scale, to_user=True)
+            mapped = {
+                name: _rescale(getattr(out, name), unit, x_scale, y_scale, to_user=True)
+                for name, unit in result.items()
+            }
+            return replace(out, **mapped)
+
+        return wrapper
+
+    return decorate

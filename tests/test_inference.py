@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import math
+import random
 
 import arviz as az
 import numpy as np
 import pyro
 import pyro.distributions as dist
+import pyro.infer.mcmc.api
 import pytest
 import torch
 from pyro.infer.autoguide import AutoNormal
 
 from pyromoe import MixtureOfExperts, simulate, sites
 from pyromoe.bayes.fit import _chain_starts, fit_map, fit_svi, run_nuts
-from pyromoe.bayes.init_strategy import init_to_moments, laplace_approximation
+from pyromoe.bayes.init_strategy import init_to_moments
+from pyromoe.bayes.laplace import laplace_approximation
+from pyromoe.bayes.to_arviz import GROUPS, to_inference_data
 from pyromoe.core.em import ConvergenceWarning, fit_em
 from pyromoe.core.labels import best_permutation
 
@@ -29,53 +33,77 @@ def model():
     return MixtureOfExperts(2, 2, bias=False)
 
 
-@pytest.fixture(scope="module")
-def nuts_idata(data, model):
+#: a short single-chain NUTS run
+SHORT_RUN = dict(num_chains=1, num_warmup=10, num_samples=5, posterior_predictive=False)
+
+
+def _nuts(data, model, **kwargs):
+    """run_nuts on ``data`` from its truth, seed 0, quietly; ``kwargs`` add to or override these."""
     return run_nuts(
-        model,
-        data.x,
-        data.y,
-        init=data.truth,
-        num_chains=2,
-        num_warmup=60,
-        num_samples=40,
-        seed=0,
-        progress=False,
+        model, data.x, data.y, **{"init": data.truth, "seed": 0, "progress": False, **kwargs}
     )
 
 
+@pytest.fixture(scope="module")
+def nuts_idata(data, model):
+    return _nuts(data, model, num_chains=2, num_warmup=60, num_samples=40)
+
+
 # ---------------------------------------------------------------------------------- NUTS
-def test_run_nuts_returns_draws_sample_stats_and_every_group(nuts_idata):
-    assert nuts_idata.posterior.sizes["chain"] == 2 and nuts_idata.posterior.sizes["draw"] == 40
-    for group in (
-        "posterior",
-        "sample_stats",
-        "log_likelihood",
-        "posterior_predictive",
-        "observed_data",
-        "constant_data",
-    ):
-        assert group in nuts_idata.groups()
-    stats = nuts_idata.sample_stats
-    for name in (
-        "diverging",
-        "step_size",
-        "tree_depth",
-        "n_steps",
-        "acceptance_rate",
-        "lp",
-        "log_likelihood_total",
-    ):
-        assert stats[name].shape == (2, 40), name
+NUTS_STATS = ("diverging", "step_size", "tree_depth", "n_steps", "lp", "log_likelihood_total")
+
+
+def _check_nuts_statistics(idata, num_chains: int, num_draws: int) -> None:
+    stats = idata.sample_stats
+    for name in NUTS_STATS:
+        assert stats[name].shape == (num_chains, num_draws), name
     assert stats["diverging"].dtype == bool
-    assert nuts_idata.attrs["num_divergences"] == int(stats["diverging"].values.sum())
+    assert idata.attrs["num_divergences"] == int(stats["diverging"].values.sum())
     n_steps = stats["n_steps"].values
     # NUTS takes 2^depth - 1 leapfrog steps for full trees, fewer when it stops inside a subtree
     assert (n_steps >= 1).all() and (n_steps <= 2 ** stats["tree_depth"].values - 1).all()
-    assert nuts_idata.attrs["labels_aligned"] == 1
+    # the step size is adapted in warmup only: one value per chain
+    step_size = stats["step_size"].values
+    assert (step_size > 0).all() and (step_size == step_size[:, :1]).all()
     # every kept draw's leapfrog steps are counted in the chain's total (warmup adds more)
-    totals = np.asarray(nuts_idata.attrs["num_gradient_evaluations"])
-    assert (totals > n_steps.sum(-1)).all()
+    totals = np.asarray(idata.attrs["num_gradient_evaluations"])
+    assert totals.shape == (num_chains,) and (totals > n_steps.sum(-1)).all()
+    acceptance = np.asarray(idata.attrs["acceptance_rate"])
+    assert acceptance.shape == (num_chains,) and ((0 <= acceptance) & (acceptance <= 1)).all()
+
+
+def test_run_nuts_returns_draws_sample_stats_and_every_group(nuts_idata):
+    assert nuts_idata.posterior.sizes["chain"] == 2 and nuts_idata.posterior.sizes["draw"] == 40
+    assert set(nuts_idata.groups()) == set(GROUPS)
+    _check_nuts_statistics(nuts_idata, 2, 40)
+    assert nuts_idata.attrs["labels_aligned"] == 1
+
+
+def test_run_nuts_lp_is_the_log_joint_density_in_unconstrained_space(nuts_idata, model):
+    # lp = log-likelihood + log priors + log |d noise / d log noise| (= log noise), per draw
+    posterior = nuts_idata.posterior
+    lp = nuts_idata.sample_stats["log_likelihood_total"].values.copy()
+    like = torch.zeros((), dtype=torch.float64)
+    for name in model.site_shapes:
+        lp += model.prior(name, like).log_prob(torch.as_tensor(posterior[name].values)).numpy()
+    lp += np.log(posterior[sites.NOISE].values)
+    np.testing.assert_allclose(nuts_idata.sample_stats["lp"].values, lp, rtol=1e-10)
+
+
+@pytest.mark.parametrize("mp_context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
+def test_run_nuts_statistics_come_back_from_worker_processes(data, model, monkeypatch, mp_context):
+    # Pyro runs chains in worker processes when it sees a spare CPU per chain: pretend it does
+    monkeypatch.setattr(pyro.infer.mcmc.api.mp, "cpu_count", lambda: 8)
+    idata = _nuts(
+        data,
+        model,
+        num_chains=2,
+        num_warmup=20,
+        num_samples=10,
+        posterior_predictive=False,
+        mp_context=mp_context,
+    )
+    _check_nuts_statistics(idata, 2, 10)
 
 
 def test_run_nuts_from_the_truth_stays_near_the_truth(nuts_idata, data):
@@ -101,33 +129,13 @@ def test_chain_starts_without_jitter_are_all_the_estimate(data, model):
 
 
 def test_run_nuts_with_pyro_default_init_records_it(data, model):
-    idata = run_nuts(
-        model,
-        data.x,
-        data.y,
-        init=None,
-        num_chains=1,
-        num_warmup=10,
-        num_samples=5,
-        seed=1,
-        progress=False,
-        posterior_predictive=False,
-    )
+    idata = _nuts(data, model, init=None, seed=1, **SHORT_RUN)
     assert idata.attrs["init"] == "pyro_default" and idata.attrs["labels_aligned"] == 0
 
 
 def test_run_nuts_is_reproducible_from_the_seed(data, model):
-    kwargs = dict(
-        init=data.truth,
-        num_chains=1,
-        num_warmup=10,
-        num_samples=5,
-        seed=3,
-        progress=False,
-        posterior_predictive=False,
-    )
-    first = run_nuts(model, data.x, data.y, **kwargs)
-    second = run_nuts(model, data.x, data.y, **kwargs)
+    first = _nuts(data, model, seed=3, **SHORT_RUN)
+    second = _nuts(data, model, seed=3, **SHORT_RUN)
     np.testing.assert_array_equal(
         first.posterior["experts.weight"].values, second.posterior["experts.weight"].values
     )
@@ -157,18 +165,14 @@ def test_fit_map_gate_only_keeps_the_experts_at_the_estimate(data, model):
     assert idata.attrs["inference"] == "map_gate_only"
 
 
+def _fit_svi_from_the_truth(data, model, **kwargs):
+    return fit_svi(model, data.x, data.y, init=data.truth, progress=False, **kwargs)
+
+
 @pytest.mark.parametrize("guide", ["normal", "lowrank"])
 def test_fit_svi_draws_from_the_guide_near_the_truth(data, model, guide):
-    idata = fit_svi(
-        model,
-        data.x,
-        data.y,
-        init=data.truth,
-        guide=guide,
-        num_steps=300,
-        lr=0.01,
-        num_samples=200,
-        progress=False,
+    idata = _fit_svi_from_the_truth(
+        data, model, guide=guide, num_steps=300, lr=0.01, num_samples=200
     )
     assert idata.posterior["experts.weight"].shape == (1, 200, 2, 2)
     assert np.isfinite(idata.attrs["final_elbo"]) and len(idata.attrs["elbo"]) == 300
@@ -178,16 +182,13 @@ def test_fit_svi_draws_from_the_guide_near_the_truth(data, model, guide):
 
 def test_fit_svi_with_minibatches_and_a_guide_instance(data, model):
     guide = AutoNormal(model, init_loc_fn=init_to_moments(estimate=data.truth))
-    idata = fit_svi(
+    idata = _fit_svi_from_the_truth(
+        data,
         model,
-        data.x,
-        data.y,
-        init=data.truth,
         guide=guide,
         num_steps=30,
         subsample_size=50,
         num_samples=20,
-        progress=False,
         posterior_predictive=False,
     )
     assert idata.attrs["inference"] == "svi_AutoNormal"
@@ -213,6 +214,49 @@ def test_az_compare_ranks_the_true_number_of_experts_first():
         )
     comparison = az.compare(fits)
     assert comparison.index[0] == "k=2"
+
+
+# ---------------------------------------------------------------------------------- randomness
+def _global_draws() -> tuple:
+    return float(torch.rand(())), random.random(), float(np.random.random())
+
+
+@pytest.mark.parametrize(
+    "fit",
+    [
+        lambda data, model: fit_map(model, data.x, data.y, init=data.truth, num_steps=5),
+        lambda data, model: _fit_svi_from_the_truth(
+            data, model, num_steps=5, num_samples=5, subsample_size=50
+        ),
+        lambda data, model: _nuts(data, model, num_chains=2, num_warmup=5, num_samples=4),
+        lambda data, model: _nuts(
+            data, model, init=None, num_chains=1, num_warmup=5, num_samples=4, seed=None
+        ),
+        lambda data, model: to_inference_data(
+            model,
+            data.x,
+            data.y,
+            {k: v.expand(1, 3, *v.shape) for k, v in data.truth.site_values(bias=False).items()},
+        ),
+    ],
+    ids=["fit_map", "fit_svi", "run_nuts", "run_nuts_default_init", "to_inference_data"],
+)
+def test_the_wrappers_leave_the_global_random_state_as_it_was(data, model, fit):
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    expected = _global_draws()
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    fit(data, model)
+    assert _global_draws() == expected
+
+
+def test_fit_svi_is_reproducible_from_the_seed_whatever_the_global_state(data, model):
+    kwargs = dict(num_steps=20, num_samples=10, subsample_size=50, seed=5)
+    torch.manual_seed(1)
+    first = _fit_svi_from_the_truth(data, model, **kwargs)
+    torch.manual_seed(2)
+    second = _fit_svi_from_the_truth(data, model, **kwargs)
+    np.testing.assert_array_equal(first.posterior["noise"].values, second.posterior["noise"].values)
+    np.testing.assert_array_equal(first.attrs["elbo"], second.attrs["elbo"])
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -294,16 +338,13 @@ def test_seeded_nuts_converges_on_the_issue_setting():
     # back to multi-start EM, recording it in start.method
     start = initialize(data.x, data.y, 2, "linear", method="auto", seed=0)
     model = MixtureOfExperts(5, 2, "linear", bias=True)
-    idata = run_nuts(
+    idata = _nuts(
+        data,
         model,
-        data.x,
-        data.y,
         init=start,
         num_chains=4,
         num_warmup=500,
         num_samples=500,
-        seed=0,
-        progress=False,
         posterior_predictive=False,
     )
     summary = az.summary(idata, hdi_prob=0.94)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import replace
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -17,9 +19,12 @@ from pyro.infer.autoguide import (
     AutoNormal,
 )
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_mean
+from pyro.infer.mcmc.util import initialize_model
+from pyro.poutine.util import site_is_subsample
 
 from pyromoe import MixtureOfExperts, simulate, sites
-from pyromoe.bayes.init_strategy import init_to_moments, laplace_approximation, laplace_scales
+from pyromoe.bayes.init_strategy import init_to_moments
+from pyromoe.bayes.laplace import laplace_approximation, laplace_scales
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +42,7 @@ def _traced_values(model, strategy, x, y):
     return {
         name: site["value"]
         for name, site in trace.nodes.items()
-        if site["type"] == "sample"
-        and not site["is_observed"]
-        and type(site["fn"]).__name__ != "_Subsample"  # the plate's own site
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
     }
 
 
@@ -131,6 +134,16 @@ def test_jitter_is_reproducible_from_the_seed(data, model):
     assert all(torch.equal(first[name], second[name]) for name in first)
 
 
+def test_jitter_without_a_seed_leaves_the_global_generators_alone(data, model):
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    expected = float(torch.rand(())), random.random(), float(np.random.random())
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    strategy = init_to_moments(estimate=data.truth, jitter=0.2)
+    runs = [_traced_values(model, strategy, data.x, data.y) for _ in range(2)]
+    assert (float(torch.rand(())), random.random(), float(np.random.random())) == expected
+    assert not torch.equal(runs[0][sites.EXPERTS_WEIGHT], runs[1][sites.EXPERTS_WEIGHT])
+
+
 def test_per_site_jitter_scales_leave_other_sites_exact(data, model):
     strategy = init_to_moments(estimate=data.truth, jitter={sites.GATE_WEIGHT: 0.5}, seed=0)
     values = _traced_values(model, strategy, data.x, data.y)
@@ -147,6 +160,24 @@ def test_laplace_scale_of_the_noise_matches_the_fisher_information():
     expected = 1 / math.sqrt(2 * 2000)
     # ambiguous rows (|(a1 - a2).x| < a few sigma, ~5% here) lower the information slightly
     assert expected * 0.97 < float(scales[sites.NOISE]) < expected * 1.15
+
+
+def test_laplace_covariance_is_the_inverse_hessian_of_the_potential_energy(data, model):
+    # the estimate is the truth, not the mode, but at n = 300 the curvature is well above the floor
+    approx = laplace_approximation(model, data.x, data.y, data.truth, min_curvature=1e-6)
+    params, potential_fn, _, _ = initialize_model(
+        model, (data.x, data.y), init_strategy=init_to_moments(estimate=data.truth)
+    )
+    names = approx["names"]
+    loc = torch.cat([params[name].reshape(-1) for name in names])
+    torch.testing.assert_close(approx["loc"], loc, rtol=0, atol=0)
+    hessian = torch.autograd.functional.hessian(
+        lambda theta: potential_fn(approx["unflatten"](theta)), loc
+    )
+    assert float(torch.linalg.eigvalsh(hessian).min()) > 1.0
+    torch.testing.assert_close(
+        approx["covariance"], torch.linalg.inv(hessian), rtol=1e-9, atol=1e-12
+    )
 
 
 def test_laplace_scales_are_capped_by_min_curvature(data, model):

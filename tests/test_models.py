@@ -8,6 +8,7 @@ import torch
 from pyro import poutine
 from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoNormal, init_to_value
+from pyro.nn import PyroSample
 from scipy.special import expit, logsumexp
 from scipy.stats import norm
 
@@ -249,6 +250,31 @@ def test_user_prior_replaces_default():
     draws = Predictive(model, num_samples=2000)(torch.randn(3, 2))
     assert float(draws[sites.NOISE].mean()) == pytest.approx(0.1 * math.sqrt(2 / math.pi), rel=0.1)
     assert float(draws[sites.GATE_WEIGHT].std()) == pytest.approx(10.0, rel=0.1)
+
+
+@pytest.mark.parametrize(
+    "attribute, value",
+    [
+        ("noise", lambda: PyroSample(dist.HalfNormal(torch.tensor(0.1)))),
+        ("gate_weight", lambda: PyroSample(lambda self: dist.Normal(0.0, 1.0))),
+        ("noise", lambda: dist.HalfNormal(torch.tensor(0.1))),
+    ],
+)
+def test_assigning_a_prior_to_an_attribute_is_refused_with_the_priors_equivalent(attribute, value):
+    model = MixtureOfExperts(2, bias=False)
+    site = attribute.replace("_", ".")
+    with pytest.raises(TypeError, match=rf"priors=\{{'{site}': .*\}}") as raised:
+        setattr(model, attribute, value())
+    assert "takes its priors only through its priors= argument" in str(raised.value)
+    # the model is unchanged: the default HalfCauchy(1) noise prior, no PyroSample attribute
+    assert not hasattr(model, attribute) or not isinstance(getattr(model, attribute), PyroSample)
+    assert isinstance(model.prior(sites.NOISE, torch.zeros(())), dist.HalfCauchy)
+
+
+def test_other_attributes_can_still_be_set():
+    model = MixtureOfExperts(2)
+    model.description = "two experts"
+    assert model.description == "two experts"
 
 
 @pytest.mark.parametrize(

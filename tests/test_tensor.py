@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pyromoe.core.links import gaussian_expectation
+from pyromoe.core.links import LINKS, gaussian_expectation
 from pyromoe.core.tensor import expert_scales, tensor_power_method, unwhiten, whiten
 
 F64 = torch.float64
@@ -79,13 +79,14 @@ def test_linear_population_moments_recover_experts_exactly(k):
     m = w.projection
     t3 = torch.einsum("abc,ai,bj,ck->ijk", _cube(w3, a), m, m, m)
     dec = tensor_power_method(t3)
-    weights = expert_scales("linear", unwhiten(w, dec.eigenvectors), dec.eigenvalues)
+    weights = expert_scales(LINKS["linear"], unwhiten(w, dec.eigenvectors), dec.eigenvalues)
     dist = torch.cdist(weights, a)
     assert float(dist.min(dim=0).values.max()) < 1e-8
 
 
-@pytest.mark.parametrize("link", ["tanh", "sigmoid"])
-def test_odd_link_scales_and_signs_come_from_the_first_moment(link):
+@pytest.mark.parametrize("name", ["tanh", "sigmoid"])
+def test_odd_link_scales_and_signs_come_from_the_first_moment(name):
+    link = LINKS[name]
     a = _experts(2, 6, seed=4, norms=[1.3, 0.7])
     norms = a.norm(dim=-1)
     units = a / norms[:, None]
@@ -102,13 +103,14 @@ def test_relu_scales_solve_the_t2_equation_with_beta():
     a = _experts(2, 6, seed=5, norms=[1.0, 1.0])
     beta = -2 * math.sqrt(2 / math.pi)
     kappa2 = (
-        gaussian_expectation("relu", 1.0, 2, 2) + beta * gaussian_expectation("relu", 1.0, 1, 2)
+        gaussian_expectation(LINKS["relu"], 1.0, 2, 2)
+        + beta * gaussian_expectation(LINKS["relu"], 1.0, 1, 2)
     ) / 2
     directions = a * math.sqrt(float(kappa2))
-    out = expert_scales("relu", directions, torch.ones(2, dtype=F64), beta=beta)
+    out = expert_scales(LINKS["relu"], directions, torch.ones(2, dtype=F64), beta=beta)
     torch.testing.assert_close(out, a, atol=1e-5, rtol=0)
 
 
 def test_expert_scales_needs_first_moment_for_tanh():
     with pytest.raises(ValueError, match="first_moment is needed"):
-        expert_scales("tanh", torch.eye(2, 3, dtype=F64), torch.ones(2, dtype=F64))
+        expert_scales(LINKS["tanh"], torch.eye(2, 3, dtype=F64), torch.ones(2, dtype=F64))

@@ -12,8 +12,8 @@ import torch
 
 from pyromoe import parameter_errors, simulate
 from pyromoe.core.likelihood import gate_logits
-from pyromoe.core.links import get_link
-from pyromoe.estimators.initialize import _moment_experts, minimum_rows, tensor_init
+from pyromoe.core.links import LINKS
+from pyromoe.estimators.tensor_init import _moment_experts, minimum_rows, tensor_init
 
 
 def _fit(link, gate, k=2, d=10, n=100_000, seed=0, **kwargs):
@@ -138,7 +138,7 @@ def test_relu_with_a_gate_aligned_to_an_expert_warns():
 
 def test_relu_with_unequal_norms_warns():
     data = simulate(20_000, 6, 2, "relu", 0.5, gate="orthogonal", seed=4)
-    g = get_link("relu")
+    g = LINKS["relu"]
     z = data.x @ (data.truth.experts_weight * torch.tensor([[1.0], [2.5]], dtype=torch.float64)).T
     mean = g(z).gather(1, data.labels[:, None]).squeeze(1)
     noise = 0.5 * torch.randn(len(mean), generator=torch.Generator().manual_seed(2), dtype=z.dtype)
@@ -237,7 +237,7 @@ def test_unknown_link_is_refused():
 # ----------------------------------------------------------------------------- slow, statistical
 def _moment_error(n, seed):
     data = simulate(n, 10, 2, "linear", 0.5, seed=seed)
-    weight, *_ = _moment_experts(data.x, data.y, 2, get_link("linear"), None, 65536, seed)
+    weight, *_ = _moment_experts(data.x, data.y, 2, LINKS["linear"], None, 65536, seed)
     dist = torch.cdist(weight, data.truth.experts_weight)
     return min(float(dist.diagonal().max()), float(dist.flip(0).diagonal().max()))
 
@@ -273,7 +273,7 @@ def test_gate_warm_start_on_a_subsample_reaches_the_same_gate(monkeypatch):
     """Large n: gate EM starts on a random subsample, then finishes on all rows (same fixed point)."""
     import sys
 
-    module = sys.modules["pyromoe.estimators.initialize"]
+    module = sys.modules["pyromoe.estimators.tensor_init"]
     data = simulate(30_000, 5, 2, "linear", 0.5, seed=7)
     cold = tensor_init(data.x, data.y)
     monkeypatch.setattr(module, "GATE_WARM_START_ROWS", 5000)

@@ -37,8 +37,8 @@ from pyromoe._validation import (
     num_parameters,
 )
 from pyromoe.app import workflow
-from pyromoe.core.gate import _noise_floor
-from pyromoe.estimators.initialize import MomentsNotApplicableError, minimum_rows
+from pyromoe.core.em import noise_floor
+from pyromoe.estimators.tensor_init import MomentsNotApplicableError, minimum_rows
 
 PARAMETERS = ("experts_weight", "experts_bias", "gate_weight", "gate_bias", "noise")
 
@@ -476,8 +476,8 @@ def test_8_initialize_warns_at_most_once(outliers):
 
 def test_8_the_noise_floor_is_relative_to_y(data):
     y = data.y
-    assert _noise_floor(y) == pytest.approx(1e-3 * float(y.std()), rel=1e-12)
-    assert _noise_floor(y * 1e-8) == pytest.approx(1e-8 * _noise_floor(y), rel=1e-12)
+    assert noise_floor(y) == pytest.approx(1e-3 * float(y.std()), rel=1e-12)
+    assert noise_floor(y * 1e-8) == pytest.approx(1e-8 * noise_floor(y), rel=1e-12)
     # y on a tiny scale: the old absolute floor (1e-6) would sit above the noise (5e-9)
     tiny = fit_em(data.x, data.y * 1e-8, n_init=1)
     plain = fit_em(data.x, data.y, n_init=1)
@@ -488,7 +488,7 @@ def test_8_noise_at_the_floor_is_reported(data):
     y = data.x @ torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)  # no noise at all
     with pytest.warns(CollapseWarning, match="the noise hit its floor"):
         fit = fit_em(data.x, y, 2, n_init=1)
-    assert float(fit.noise) == pytest.approx(_noise_floor(y), rel=1e-9)
+    assert float(fit.noise) == pytest.approx(noise_floor(y), rel=1e-9)
     assert len(fit.diagnostics["collapsed_experts"]) == 1
 
 

@@ -2,9 +2,18 @@
 
 Each wrapper takes ``init``: an :class:`pyromoe.MoEEstimate` (seeded start, via
 :func:`pyromoe.init_to_moments`), ``None`` (Pyro's own default initialisation, for comparisons) or any
-Pyro init strategy. Each calls ``pyro.set_rng_seed(seed)`` first and runs inside a private Pyro
-parameter store (``pyro.get_param_store().scope()``), so fits neither see nor leave parameters in
-the global store.
+Pyro init strategy. Each runs with the global random generators seeded from ``seed`` and restored
+afterwards (:func:`pyromoe.bayes._rng.seeded_rng`: results follow from the seed, the caller's own
+random stream is left as it was) and inside a private Pyro parameter store
+(``pyro.get_param_store().scope()``), so fits neither see nor leave parameters in the global store.
+
+NUTS statistics come from Pyro's public interfaces only: the potential energy of
+:func:`pyro.infer.mcmc.util.initialize_model` goes into ``NUTS(potential_fn=...)`` wrapped in a
+counter (gradient evaluations, hence leapfrog steps per draw); MCMC's ``hook_fn`` records each kept
+draw's step size, leapfrog steps and ``lp`` (minus the potential energy at the draw) on the kernel of
+the process that runs the chain, and the kernel's ``diagnostics()``, which Pyro sends back from
+worker processes too, carries them home; divergences and acceptance come from
+:meth:`pyro.infer.MCMC.diagnostics`.
 """
 
 from __future__ import annotations
@@ -12,13 +21,11 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
-import random
 import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import pyro
 import torch
 from pyro import poutine
@@ -29,6 +36,8 @@ from pyro.infer.autoguide import (
     AutoLowRankMultivariateNormal,
     AutoNormal,
 )
+from pyro.infer.autoguide.initialization import init_to_feasible, init_to_uniform
+from pyro.infer.mcmc.util import initialize_model
 
 from .._validation import (
     as_tensors,
@@ -41,40 +50,46 @@ from .._validation import (
 )
 from ..core import sites
 from ..core.estimate import MoEEstimate
-from .init_strategy import check_estimate_fits_model, init_to_moments, laplace_approximation
+from ._rng import seeded_rng
+from .init_strategy import check_estimate_fits_model, init_to_moments, latent_site_shapes
+from .laplace import laplace_approximation
 from .to_arviz import to_inference_data
 
 __all__ = ["fit_map", "fit_svi", "run_nuts"]
 
 
 # ------------------------------------------------------------------------------------ checks
-def _check_common(model, x, y, *, seed, subsample_size=None, num_threads=None, **flags):
-    """The arguments every wrapper shares, checked before any work: (x, y, seed, threads)."""
+#: how each wrapper argument is checked, by name: one table for the three wrappers
+_RULES: dict[str, Callable[[Any, str], Any]] = {
+    "seed": check_seed,
+    "num_threads": lambda value, name: None if value is None else check_count(value, name, 1),
+    "subsample_size": lambda value, name: None if value is None else check_count(value, name, 1),
+    "num_steps": lambda value, name: check_count(value, name, minimum=1),
+    "num_chains": lambda value, name: check_count(value, name, minimum=1),
+    "num_warmup": lambda value, name: check_count(value, name, minimum=0),
+    "max_tree_depth": lambda value, name: check_count(value, name, minimum=1),
+    "lr": check_positive,
+    "target_accept_prob": check_probability,
+    **{
+        name: check_flag
+        for name in ("progress", "align", "posterior_predictive", "gate_only", "jit_compile")
+    },
+}
+
+
+def _check_arguments(model, x, y, **arguments) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """``(x, y, {name: checked value})``: the model, the data, then each argument by its rule in
+    :data:`_RULES`, all before any work."""
     check_model(model)
     x, y = as_tensors(x, y, in_features=getattr(model, "in_features", None))
-    seed = check_seed(seed)
-    for name, value in flags.items():
-        check_flag(value, name)
-    if subsample_size is not None:
-        subsample_size = check_count(subsample_size, "subsample_size", minimum=1)
-        if subsample_size > x.shape[0]:
-            raise ValueError(
-                f"subsample_size must be at most the number of rows n={x.shape[0]}; got "
-                f"{subsample_size}. Pass subsample_size=None for full-batch steps."
-            )
-    if num_threads is not None:
-        num_threads = check_count(num_threads, "num_threads", minimum=1)
-    return x, y, seed, num_threads
-
-
-def _set_rng_seed(seed: int) -> None:
-    """``pyro.set_rng_seed`` for any seed in [0, 2**63): numpy's global seed takes 32 bits.
-
-    Identical to ``pyro.set_rng_seed(seed)`` for seeds below 2**32.
-    """
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
+    checked = {name: _RULES[name](value, name) for name, value in arguments.items()}
+    subsample_size = checked.get("subsample_size")
+    if subsample_size is not None and subsample_size > x.shape[0]:
+        raise ValueError(
+            f"subsample_size must be at most the number of rows n={x.shape[0]}; got "
+            f"{subsample_size}. Pass subsample_size=None for full-batch steps."
+        )
+    return x, y, checked
 
 
 def _init_strategy(init, model, x, y) -> tuple[Callable | None, dict | None]:
@@ -90,6 +105,11 @@ def _init_strategy(init, model, x, y) -> tuple[Callable | None, dict | None]:
         "init must be a pyromoe.MoEEstimate, None (Pyro's default) or a Pyro init strategy; "
         f"got {type(init).__name__}"
     )
+
+
+def _init_name(init) -> str:
+    """How a fit was started, for ``attrs["init"]``."""
+    return "pyro_default" if init is None else getattr(init, "method", "strategy")
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -114,17 +134,11 @@ def _torch_threads(num_threads: int | None):
         torch.set_num_threads(before)
 
 
-def _latent_shapes(model, x, y) -> dict[str, tuple[int, ...]]:
-    """Shapes of the model's latent sample sites (one prior run of the model)."""
-    with poutine.block():
-        trace = poutine.trace(model).get_trace(x, y)
-    return {
-        name: tuple(site["value"].shape)
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample"
-        and not site["is_observed"]
-        and type(site["fn"]).__name__ != "_Subsample"
-    }
+@contextlib.contextmanager
+def _fit_context(seed: int, x: torch.Tensor, num_threads: int | None):
+    """Seeded and restored random state, a private parameter store, the requested threads."""
+    with seeded_rng(seed, x.device), pyro.get_param_store().scope(), _torch_threads(num_threads):
+        yield
 
 
 def _diverged(desc: str, step: int, loss, lr: float) -> ValueError:
@@ -169,32 +183,43 @@ def _guide_draws(guide, latent: dict, num_samples: int, x, y) -> dict:
         return Predictive(guide, num_samples=num_samples, return_sites=list(latent))(x, y)
 
 
-def _final_elbo(losses: list[float], n: int) -> float:
+def _final_elbo(losses: list[float]) -> float:
     tail = losses[-max(1, len(losses) // 10) :]
     return -float(sum(tail) / len(tail))
 
 
-def _optimised_idata(
-    model, x, y, samples, kind, init, losses, seconds, seed, align, posterior_predictive=True
-):
-    """InferenceData for an optimisation-based fit (MAP or SVI), with its ELBO trace in attrs."""
-    attrs = {
-        "inference": kind,
-        "init": "pyro_default" if init is None else getattr(init, "method", "strategy"),
-        "final_elbo": _final_elbo(losses, x.shape[0]),
-        "elbo": [-loss for loss in losses],
-        "seconds": seconds,
-        "seed": seed,
-    }
+def _idata(model, x, y, samples, init, align, seed, attrs, **kwargs):
+    """InferenceData of any wrapper: relabelled to ``init`` when it is an estimate and ``align``."""
     return to_inference_data(
         model,
         x,
         y,
         samples,
         align=init if (align and isinstance(init, MoEEstimate)) else None,
-        posterior_predictive=posterior_predictive,
         seed=seed,
-        attrs=attrs,
+        attrs={**attrs, "init": _init_name(init), "seed": seed},
+        **kwargs,
+    )
+
+
+def _optimised_idata(model, x, y, samples, kind, init, losses, seconds, checked):
+    """InferenceData for an optimisation-based fit (MAP or SVI), with its ELBO trace in attrs."""
+    attrs = {
+        "inference": kind,
+        "final_elbo": _final_elbo(losses),
+        "elbo": [-loss for loss in losses],
+        "seconds": seconds,
+    }
+    return _idata(
+        model,
+        x,
+        y,
+        samples,
+        init,
+        checked["align"],
+        checked["seed"],
+        attrs,
+        posterior_predictive=checked.get("posterior_predictive", True),
     )
 
 
@@ -233,8 +258,8 @@ def fit_map(
     subsample_size : int, optional
         Mini-batch size (the likelihood is rescaled by the model).
     seed : int or None
-        ``pyro.set_rng_seed(seed)`` before anything else (``None``: a fresh seed); recorded in
-        ``attrs["seed"]``.
+        Seeds the fit's random numbers (the global generators are restored afterwards);
+        ``None``: a fresh seed. Recorded in ``attrs["seed"]``.
     progress : bool
         Show a tqdm progress bar.
     align : bool
@@ -264,7 +289,7 @@ def fit_map(
     >>> idata.posterior["noise"].shape
     (1, 1)
     """
-    x, y, seed, num_threads = _check_common(
+    x, y, checked = _check_arguments(
         model,
         x,
         y,
@@ -274,40 +299,56 @@ def fit_map(
         gate_only=gate_only,
         progress=progress,
         align=align,
+        num_steps=num_steps,
+        lr=lr,
     )
-    num_steps = check_count(num_steps, "num_steps", minimum=1)
-    lr = check_positive(lr, "lr")
-    _set_rng_seed(seed)
-    strategy, shapes = _init_strategy(init, model, x, y)
-    fixed: dict[str, torch.Tensor] = {}
-    if gate_only:
-        if not isinstance(init, MoEEstimate):
-            raise ValueError(
-                "gate_only=True fixes the experts at an estimate: init must be a MoEEstimate; "
-                f"got {type(init).__name__}"
-            )
-        values = init.site_values(bias=True)
-        fixed = {
-            name: values[name].to(device=x.device, dtype=x.dtype)
-            for name in (sites.EXPERTS_WEIGHT, sites.EXPERTS_BIAS)
-            if name in shapes
-        }
-    fitted_model = poutine.condition(model, data=fixed) if fixed else model
-    with pyro.get_param_store().scope(), _torch_threads(num_threads):
+    if gate_only and not isinstance(init, MoEEstimate):
+        raise ValueError(
+            "gate_only=True fixes the experts at an estimate: init must be a MoEEstimate; "
+            f"got {type(init).__name__}"
+        )
+    with _fit_context(checked["seed"], x, checked["num_threads"]):
+        strategy, shapes = _init_strategy(init, model, x, y)
+        fixed: dict[str, torch.Tensor] = {}
+        if gate_only:
+            values = init.site_values(bias=True)
+            fixed = {
+                name: values[name].to(device=x.device, dtype=x.dtype)
+                for name in (sites.EXPERTS_WEIGHT, sites.EXPERTS_BIAS)
+                if name in shapes
+            }
+        fitted_model = poutine.condition(model, data=fixed) if fixed else model
         guide_kwargs = {} if strategy is None else {"init_loc_fn": strategy}
         guide = AutoDelta(fitted_model, **guide_kwargs)
         start = time.perf_counter()
-        losses = _run_svi(fitted_model, guide, x, y, num_steps, lr, subsample_size, progress, "MAP")
+        losses = _run_svi(
+            fitted_model,
+            guide,
+            x,
+            y,
+            checked["num_steps"],
+            checked["lr"],
+            checked["subsample_size"],
+            progress,
+            "MAP",
+        )
         seconds = time.perf_counter() - start
         with torch.no_grad():
             point = {name: value.detach() for name, value in guide.median(x, y).items()}
     point.update(fixed)
     samples = {name: value[None, None] for name, value in point.items()}
     kind = "map_gate_only" if gate_only else "map"
-    return _optimised_idata(model, x, y, samples, kind, init, losses, seconds, seed, align)
+    return _optimised_idata(model, x, y, samples, kind, init, losses, seconds, checked)
 
 
 # ------------------------------------------------------------------------------------ SVI
+#: autoguides by the names ``fit_svi`` takes
+_GUIDES: dict[str, type[AutoGuide]] = {
+    "normal": AutoNormal,
+    "lowrank": AutoLowRankMultivariateNormal,
+}
+
+
 def fit_svi(
     model,
     x,
@@ -337,24 +378,16 @@ def fit_svi(
     guide : {"normal", "lowrank"} or AutoGuide
         :class:`~pyro.infer.autoguide.AutoNormal`, :class:`~pyro.infer.autoguide.
         AutoLowRankMultivariateNormal`, or your own guide (then ``init`` is only used for alignment).
-    num_steps : int
-        Adam steps.
-    lr : float
-        Adam learning rate.
-    subsample_size : int, optional
-        Mini-batch size for large n.
+    num_steps, lr, subsample_size, seed, num_threads
+        As in :func:`fit_map` (Adam steps and rate, mini-batch size for large n, ...).
     num_samples : int
         Posterior draws taken from the fitted guide.
-    seed : int or None
-        ``pyro.set_rng_seed(seed)`` first (``None``: a fresh seed); recorded in ``attrs["seed"]``.
     progress : bool
         tqdm progress bar over the steps.
     align : bool
         Relabel the draws to ``init`` when it is an estimate.
     posterior_predictive : bool
         Add the posterior predictive group.
-    num_threads : int, optional
-        torch intra-op threads during the fit (restored afterwards; see :func:`run_nuts`).
 
     Returns
     -------
@@ -372,7 +405,7 @@ def fit_svi(
     >>> idata.posterior["experts.weight"].shape
     (1, 10, 2, 2)
     """
-    x, y, seed, num_threads = _check_common(
+    x, y, checked = _check_arguments(
         model,
         x,
         y,
@@ -382,87 +415,125 @@ def fit_svi(
         progress=progress,
         align=align,
         posterior_predictive=posterior_predictive,
+        num_steps=num_steps,
+        lr=lr,
     )
-    num_steps = check_count(num_steps, "num_steps", minimum=1)
     num_samples = check_count(num_samples, "num_samples", minimum=1)
-    lr = check_positive(lr, "lr")
-    if not (isinstance(guide, AutoGuide) or guide in ("normal", "lowrank")):
+    if not isinstance(guide, AutoGuide) and guide not in _GUIDES:
         raise ValueError(
             f"guide must be 'normal', 'lowrank' or a pyro AutoGuide instance; got {guide!r}"
         )
-    _set_rng_seed(seed)
-    strategy, _ = _init_strategy(init, model, x, y)
-    guide_kwargs = {} if strategy is None else {"init_loc_fn": strategy}
-    if isinstance(guide, AutoGuide):
-        pass
-    elif guide == "normal":
-        guide = AutoNormal(model, **guide_kwargs)
-    elif guide == "lowrank":
-        guide = AutoLowRankMultivariateNormal(model, **guide_kwargs)
-    else:
-        raise ValueError(
-            f"guide must be 'normal', 'lowrank' or a pyro AutoGuide instance; got {guide!r}"
-        )
-    latent = _latent_shapes(model, x, y)
-    with pyro.get_param_store().scope(), _torch_threads(num_threads):
+    with _fit_context(checked["seed"], x, checked["num_threads"]):
+        strategy, _ = _init_strategy(init, model, x, y)
+        if not isinstance(guide, AutoGuide):
+            guide_kwargs = {} if strategy is None else {"init_loc_fn": strategy}
+            guide = _GUIDES[guide](model, **guide_kwargs)
+        latent = latent_site_shapes(model, x, y)
         start = time.perf_counter()
-        losses = _run_svi(model, guide, x, y, num_steps, lr, subsample_size, progress, "SVI")
+        losses = _run_svi(
+            model,
+            guide,
+            x,
+            y,
+            checked["num_steps"],
+            checked["lr"],
+            checked["subsample_size"],
+            progress,
+            "SVI",
+        )
         seconds = time.perf_counter() - start
         draws = _guide_draws(guide, latent, num_samples, x, y)
     samples = {name: draws[name].detach()[None] for name in latent}
     kind = f"svi_{type(guide).__name__}"
-    return _optimised_idata(
-        model, x, y, samples, kind, init, losses, seconds, seed, align, posterior_predictive
-    )
+    return _optimised_idata(model, x, y, samples, kind, init, losses, seconds, checked)
 
 
 # ------------------------------------------------------------------------------------ NUTS
-class _RecordingNUTS(NUTS):
-    """NUTS that records per-draw statistics and returns them with its end-of-chain diagnostics.
+class _CountedPotential:
+    """Pyro's potential energy of the model, counting its evaluations.
 
-    The statistics travel back through ``kernel.diagnostics()``, which Pyro sends from worker
-    processes too, so they survive parallel chains. ``n_steps`` counts potential-energy gradient
-    evaluations (leapfrog steps) of the draw; ``tree_depth`` is ``ceil(log2(n_steps + 1))``.
+    The potential is ``initialize_model``'s ``potential_fn`` (``jit_compile`` as asked). NUTS
+    evaluates it with its gradient once per leapfrog step, and in warmup also to search for a
+    step size, so :attr:`count` is the sampler's cost in gradient evaluations. It is built where it
+    is first used and not pickled: Pyro wraps the model in closures that pickle cannot carry, so
+    each spawned worker process builds its own, as Pyro's ``NUTS(model)`` does in ``setup``.
     """
 
-    _STATS = ("step_size", "n_steps", "tree_depth", "acceptance_rate", "lp")
+    def __init__(self, model, model_args: tuple, transforms: dict, jit_compile: bool):
+        self.model, self.model_args = model, model_args
+        self.transforms, self.jit_compile = transforms, jit_compile
+        self.count = 0
+        self._potential_fn: Callable | None = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_potential_fn": None}
+
+    def energy(self, params: dict) -> torch.Tensor:
+        """The potential energy at unconstrained ``params``, not counted."""
+        if self._potential_fn is None:
+            _, self._potential_fn, _, _ = initialize_model(
+                self.model,
+                model_args=self.model_args,
+                transforms=self.transforms,
+                max_plate_nesting=1,
+                jit_compile=self.jit_compile,
+                skip_jit_warnings=True,
+                init_strategy=init_to_feasible,  # deterministic: no random numbers drawn
+            )
+        return self._potential_fn(params)
+
+    def __call__(self, params: dict) -> torch.Tensor:
+        self.count += 1
+        return self.energy(params)
+
+
+class _RecordingNUTS(NUTS):
+    """NUTS on a :class:`_CountedPotential` that returns per-draw statistics with its diagnostics.
+
+    Only the kernel's public interface is used: the potential comes in through ``potential_fn``;
+    :meth:`setup` and :meth:`diagnostics` are the kernel methods MCMC calls once per chain (Pyro
+    sends ``diagnostics()`` back from worker processes); :func:`_record_draw`, MCMC's ``hook_fn``,
+    calls :meth:`record_draw` after every iteration with the kernel of the process running the
+    chain. ``n_steps`` counts the potential's evaluations in the draw (its leapfrog steps);
+    ``tree_depth`` is ``ceil(log2(n_steps + 1))``; ``lp`` is minus the potential energy at the draw
+    (log joint density in unconstrained space, as ArviZ's ``lp``), evaluated once more, uncounted.
+    """
+
+    STATS = ("step_size", "n_steps", "tree_depth", "lp")
+
+    def __init__(self, potential: _CountedPotential, **kwargs):
+        super().__init__(potential_fn=potential, **kwargs)
+        self.potential = potential
 
     def setup(self, warmup_steps, *args, **kwargs):
-        self._draw_stats = {name: [] for name in self._STATS}
-        self._num_gradients = 0
+        self.draw_stats: dict[str, list] = {name: [] for name in self.STATS}
+        self.count_at_setup = self.potential.count
         super().setup(warmup_steps, *args, **kwargs)
+        self.count_at_last_draw = self.potential.count
 
-    def _initialize_model_properties(self, model_args, model_kwargs):
-        super()._initialize_model_properties(model_args, model_kwargs)
-        potential_fn = self.potential_fn
-
-        def counted(params):
-            self._num_gradients += 1
-            return potential_fn(params)
-
-        self.potential_fn = counted
-
-    def sample(self, params):
-        gradients, mean_before = self._num_gradients, self._mean_accept_prob
-        z = super().sample(params)
-        if self._t > self._warmup_steps:
-            n = self._t - self._warmup_steps
-            n_steps = self._num_gradients - gradients
-            stats = self._draw_stats
-            stats["step_size"].append(float(self.step_size))
-            stats["n_steps"].append(n_steps)
-            stats["tree_depth"].append(math.ceil(math.log2(n_steps + 1)))
-            stats["acceptance_rate"].append(
-                mean_before + n * (self._mean_accept_prob - mean_before)
-            )
-            stats["lp"].append(-float(self._potential_energy_last))
-        return z
+    def record_draw(self, params: dict, stage: str) -> None:
+        count = self.potential.count
+        n_steps, self.count_at_last_draw = count - self.count_at_last_draw, count
+        if not stage.lower().startswith("sample"):
+            return
+        with torch.no_grad():
+            lp = -float(self.potential.energy(params))
+        stats = self.draw_stats
+        stats["step_size"].append(float(self.step_size))
+        stats["n_steps"].append(n_steps)
+        stats["tree_depth"].append(math.ceil(math.log2(n_steps + 1)))
+        stats["lp"].append(lp)
 
     def diagnostics(self):
         out = super().diagnostics()
-        out["draw_stats"] = self._draw_stats
-        out["num_gradients"] = self._num_gradients  # warmup included: the load-free cost
+        out["draw_stats"] = self.draw_stats
+        out["num_gradient_evaluations"] = self.potential.count - self.count_at_setup  # warmup too
         return out
+
+
+def _record_draw(kernel, params, stage, i) -> None:
+    """MCMC ``hook_fn`` (picklable for worker processes): hand the draw to the kernel."""
+    kernel.record_draw(params, stage)
 
 
 def _chain_starts(model, x, y, estimate, num_chains, jitter, seed):
@@ -479,8 +550,30 @@ def _chain_starts(model, x, y, estimate, num_chains, jitter, seed):
         starts = loc.expand(num_chains, -1)
     else:
         starts = loc + float(jitter) * eps
-    per_chain = [approx["unflatten"](row) for row in starts]
-    return {name: torch.stack([p[name] for p in per_chain]) for name in approx["names"]}
+    return approx["unflatten"](starts)
+
+
+def _nuts_sample_stats(mcmc: MCMC, num_chains: int, num_samples: int) -> tuple[dict, dict]:
+    """(``sample_stats`` arrays (chain, draw), per-chain attrs) from ``mcmc.diagnostics()``."""
+    diagnostics = mcmc.diagnostics()
+    chains = [f"chain {chain}" for chain in range(num_chains)]
+    diverging = torch.zeros(num_chains, num_samples, dtype=torch.bool)
+    for chain, key in enumerate(chains):
+        index = [i for i in diagnostics["divergences"][key] if 0 <= i < num_samples]
+        diverging[chain, index] = True
+    stats = {"diverging": diverging.numpy()}
+    for name in _RecordingNUTS.STATS:
+        stats[name] = torch.tensor(
+            [diagnostics["draw_stats"][key][name] for key in chains], dtype=torch.float64
+        ).numpy()
+    attrs = {
+        "num_divergences": int(diverging.sum()),
+        "num_gradient_evaluations": [
+            diagnostics["num_gradient_evaluations"][key] for key in chains
+        ],
+        "acceptance_rate": [float(diagnostics["acceptance rate"][key]) for key in chains],
+    }
+    return stats, attrs
 
 
 def run_nuts(
@@ -522,18 +615,19 @@ def run_nuts(
         Warm-up iterations (>= 0) and kept draws per chain (>= 4: Pyro's split r_hat, computed
         with the sampler's statistics, needs 4 draws per chain).
     seed : int or None
-        ``pyro.set_rng_seed(seed)`` first; the jitter uses its own generator seeded from it.
-        ``None``: a fresh seed, recorded (like any seed) in ``attrs["seed"]``.
+        Seeds the run's random numbers (the global generators are restored afterwards; worker
+        processes seed theirs from it as Pyro does); the jitter uses its own generator seeded
+        from it. ``None``: a fresh seed, recorded (like any seed) in ``attrs["seed"]``.
     jitter : bool or float
         Dispersed starts, needed for a meaningful r_hat (only with an estimate). ``True``: each
         chain starts at a draw from the Laplace approximation at the estimate
-        (:func:`pyromoe.bayes.init_strategy.laplace_approximation`, in unconstrained space). A float ``s``: the
+        (:func:`pyromoe.bayes.laplace.laplace_approximation`, in unconstrained space). A float ``s``: the
         estimate plus ``s * N(0, 1)`` per unconstrained coordinate. ``False`` / ``0``: every chain
         starts exactly at the estimate.
     progress : bool
         Pyro's progress bars.
     jit_compile : bool
-        Pyro's ``jit_compile`` for the potential energy.
+        Compile the potential energy with the PyTorch JIT (``initialize_model(jit_compile=...)``).
     target_accept_prob, max_tree_depth
         NUTS settings: a probability strictly in (0, 1) and an int >= 1.
     align : bool
@@ -550,11 +644,14 @@ def run_nuts(
     Returns
     -------
     arviz.InferenceData
-        ``sample_stats``: ``diverging``, ``step_size``, ``n_steps``, ``tree_depth``,
-        ``acceptance_rate``, ``lp``, ``log_likelihood_total``; ``attrs``: ``num_divergences``,
+        ``sample_stats``: ``diverging``, ``step_size``, ``n_steps`` (leapfrog steps),
+        ``tree_depth``, ``lp`` (log joint density in unconstrained space, minus the potential
+        energy), ``log_likelihood_total``; ``attrs``: ``num_divergences``,
         ``num_gradient_evaluations`` (per chain, warmup included: a cost measure that does not
-        depend on machine load), ``chain_mean_log_likelihood``, ``seconds``, the relabelling
-        record.
+        depend on machine load), ``acceptance_rate`` (per chain: Pyro's share of accepted
+        draws), ``chain_mean_log_likelihood``, ``seconds``, the relabelling record. Per-draw
+        acceptance probabilities and ArviZ's ``energy`` are not given: Pyro's NUTS keeps them
+        (and the momentum they need) internal.
 
     Raises
     ------
@@ -575,7 +672,7 @@ def run_nuts(
     >>> idata.posterior["experts.weight"].dims
     ('chain', 'draw', 'expert', 'feature')
     """
-    x, y, seed, num_threads = _check_common(
+    x, y, checked = _check_arguments(
         model,
         x,
         y,
@@ -585,12 +682,13 @@ def run_nuts(
         jit_compile=jit_compile,
         align=align,
         posterior_predictive=posterior_predictive,
+        num_chains=num_chains,
+        num_warmup=num_warmup,
+        target_accept_prob=target_accept_prob,
+        max_tree_depth=max_tree_depth,
     )
-    num_chains = check_count(num_chains, "num_chains", minimum=1)
-    num_warmup = check_count(num_warmup, "num_warmup", minimum=0)
     num_samples = check_count(num_samples, "num_samples", minimum=4)
-    target_accept_prob = check_probability(target_accept_prob, "target_accept_prob")
-    max_tree_depth = check_count(max_tree_depth, "max_tree_depth", minimum=1)
+    num_chains, seed = checked["num_chains"], checked["seed"]
     if isinstance(jitter, bool):
         pass
     elif not isinstance(jitter, (int, float)) or not (jitter >= 0 and math.isfinite(jitter)):
@@ -598,75 +696,71 @@ def run_nuts(
     methods = multiprocessing.get_all_start_methods()
     if mp_context is not None and mp_context not in methods:
         raise ValueError(f"mp_context must be None or one of {methods}; got {mp_context!r}")
-    _set_rng_seed(seed)
-    strategy, _ = _init_strategy(init, model, x, y)
-    initial_params = None
-    if isinstance(init, MoEEstimate):
-        initial_params = _chain_starts(model, x, y, init, num_chains, jitter, seed)
-        if num_chains == 1:
-            initial_params = {name: value[0] for name, value in initial_params.items()}
-    kernel_kwargs: dict[str, Any] = dict(
-        jit_compile=jit_compile,
-        ignore_jit_warnings=True,
-        target_accept_prob=target_accept_prob,
-        max_tree_depth=max_tree_depth,
-        max_plate_nesting=1,
-    )
-    if strategy is not None:
-        kernel_kwargs["init_strategy"] = strategy
-    kernel = _RecordingNUTS(model, **kernel_kwargs)
     if mp_context is None and x.is_cuda and num_chains > 1:
         mp_context = "spawn"
-    mcmc = MCMC(
-        kernel,
-        num_samples=num_samples,
-        warmup_steps=num_warmup,
-        num_chains=num_chains,
-        initial_params=initial_params,
-        disable_progbar=not progress,
-        mp_context=mp_context,
-    )
-    start = time.perf_counter()
-    with warnings.catch_warnings(), _torch_threads(num_threads):
+    with (
+        seeded_rng(seed, x.device),
+        warnings.catch_warnings(),
+        _torch_threads(checked["num_threads"]),
+    ):
         # Pyro warns when it falls back to sequential chains (fewer CPUs than chains): documented.
         warnings.filterwarnings("ignore", message=".*Chains will be drawn sequentially.*")
         # Pyro's jit_compile uses torch.jit.trace, deprecated in recent torch; nothing to act on
         warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated.*")
-        mcmc.run(x, y)
-    seconds = time.perf_counter() - start
+        strategy, _ = _init_strategy(init, model, x, y)
+        starts = None
+        if isinstance(init, MoEEstimate):
+            starts = _chain_starts(model, x, y, init, num_chains, jitter, seed)
+            if num_chains == 1:
+                starts = {name: value[0] for name, value in starts.items()}
+        initial_params, _, transforms, _ = initialize_model(
+            model,
+            model_args=(x, y),
+            max_plate_nesting=1,
+            num_chains=num_chains,
+            init_strategy=strategy if strategy is not None else init_to_uniform,
+            initial_params=starts,
+        )
+        kernel = _RecordingNUTS(
+            _CountedPotential(model, (x, y), transforms, checked["jit_compile"]),
+            target_accept_prob=checked["target_accept_prob"],
+            max_tree_depth=checked["max_tree_depth"],
+        )
+        mcmc = MCMC(
+            kernel,
+            num_samples=num_samples,
+            warmup_steps=num_warmup,
+            num_chains=num_chains,
+            initial_params=initial_params,
+            hook_fn=_record_draw,
+            disable_progbar=not progress,
+            mp_context=mp_context,
+            transforms=transforms,
+        )
+        start = time.perf_counter()
+        mcmc.run()
+        seconds = time.perf_counter() - start
     samples = mcmc.get_samples(group_by_chain=True)
-    diagnostics = mcmc.diagnostics()
-    chains = [f"chain {chain}" for chain in range(num_chains)]
-    diverging = torch.zeros(num_chains, num_samples, dtype=torch.bool)
-    for chain, key in enumerate(chains):
-        index = [i for i in diagnostics["divergences"][key] if 0 <= i < num_samples]
-        diverging[chain, index] = True
-    stats = {"diverging": diverging.numpy()}
-    for name in _RecordingNUTS._STATS:
-        stats[name] = torch.tensor(
-            [diagnostics["draw_stats"][key][name] for key in chains], dtype=torch.float64
-        ).numpy()
+    stats, chain_attrs = _nuts_sample_stats(mcmc, num_chains, num_samples)
     attrs = {
         "inference": "nuts",
-        "init": "pyro_default" if init is None else getattr(init, "method", "strategy"),
         "jitter": str(jitter) if isinstance(init, MoEEstimate) else "none",
-        "num_divergences": int(diverging.sum()),
-        "num_gradient_evaluations": [diagnostics["num_gradients"][key] for key in chains],
+        **chain_attrs,
         "seconds": seconds,
         "num_chains": num_chains,
-        "num_warmup": num_warmup,
+        "num_warmup": checked["num_warmup"],
         "num_samples": num_samples,
         "parallel_chains": int(1 < num_chains <= max(multiprocessing.cpu_count() - 1, 1)),
-        "seed": seed,
     }
-    return to_inference_data(
+    return _idata(
         model,
         x,
         y,
         samples,
+        init,
+        align,
+        seed,
+        attrs,
         sample_stats=stats,
-        align=init if (align and isinstance(init, MoEEstimate)) else None,
         posterior_predictive=posterior_predictive,
-        seed=seed,
-        attrs=attrs,
     )

@@ -1,4 +1,4 @@
-"""The point estimate as a Pyro init strategy, and the Laplace scale used to jitter chain starts.
+"""The point estimate as a Pyro init strategy (with optional jitter), and the model check it needs.
 
 :func:`init_to_moments` is a sibling of :func:`pyro.infer.autoguide.initialization.init_to_value`:
 a callable ``site -> value`` that maps the sample sites of :class:`pyromoe.MixtureOfExperts` (named
@@ -12,9 +12,9 @@ site to a fallback strategy. It works wherever Pyro takes an init strategy::
 
 Dispersed starts (docs/algorithm.md section 5): with ``jitter`` each model execution (each MCMC chain, each
 autoguide set-up) gets its own draw around the estimate, in the site's unconstrained space, like
-:func:`~pyro.infer.autoguide.initialization.init_to_generated`. :func:`laplace_scales` gives the
-natural scale for that jitter: the marginal posterior standard deviations of the Laplace
-approximation at the estimate.
+:func:`~pyro.infer.autoguide.initialization.init_to_generated`. :func:`~pyromoe.bayes.laplace.laplace_scales` gives the
+natural scale for that jitter (:mod:`pyromoe.bayes.laplace`): the marginal posterior standard
+deviations of the Laplace approximation at the estimate.
 """
 
 from __future__ import annotations
@@ -24,23 +24,20 @@ import numbers
 from collections.abc import Callable, Mapping
 
 import torch
+from pyro import poutine
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_generated, init_to_median
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
-from .._validation import as_tensors, check_positive, check_seed
+from .._validation import check_seed
 from ..core import sites
 from ..core.estimate import MoEEstimate
 
-__all__ = [
-    "init_to_moments",
-    "laplace_scales",
-    "laplace_approximation",
-    "check_estimate_fits_model",
-]
+__all__ = ["init_to_moments", "check_estimate_fits_model", "latent_site_shapes"]
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _check_estimate(estimate) -> MoEEstimate:
+def check_estimate(estimate) -> MoEEstimate:
     if not isinstance(estimate, MoEEstimate):
         raise TypeError(
             "estimate must be a pyromoe.MoEEstimate (from tensor_init, fit_em or simulate(...).truth); "
@@ -155,7 +152,7 @@ class _Generate:
     """Picklable ``generate`` for :func:`init_to_generated`: one :class:`_JitteredStrategy` per call."""
 
     def __init__(self, values, scales, seed, fallback):
-        self.values, self.scales, self.fallback = values, scales, fallback
+        self.values, self.scales, self.fallback, self.seed = values, scales, fallback, seed
         self.generator = torch.Generator().manual_seed(int(seed))
 
     def __call__(self):
@@ -201,12 +198,12 @@ def init_to_moments(
         ``0`` / ``None`` (default): start exactly at the estimate. A float ``s``: each model execution
         moves every element by ``s * N(0, 1)`` in the site's unconstrained space (log scale for the
         noise). A dict gives per-site scales (scalars or tensors of the site's shape), e.g.
-        :func:`laplace_scales`. Each execution of the model (each MCMC chain set-up, each autoguide)
+        :func:`~pyromoe.bayes.laplace.laplace_scales`. Each execution of the model (each MCMC chain set-up, each autoguide)
         draws afresh, so chains started from one strategy are dispersed.
     seed : int, optional
-        Seed of the private generator used for the jitter, an int in ``[0, 2**63)``. ``None``:
-        drawn once from torch's global generator when the strategy is created (so
-        :func:`pyro.set_rng_seed` controls it).
+        Seed of the private generator used for the jitter, an int in ``[0, 2**63)``. ``None``: a
+        fresh seed when the strategy is created (torch's global generator is neither read nor
+        advanced); pass a seed for starts you can reproduce.
 
     Returns
     -------
@@ -232,31 +229,27 @@ def init_to_moments(
     >>> bool(torch.allclose(guide.median()["noise"], data.truth.noise))
     True
     """
-    if seed is not None:
-        seed = check_seed(seed)
+    seed = check_seed(seed)  # None: a fresh seed, not a draw from the global generator
     if fallback is not None and not callable(fallback):
         raise TypeError(
             "fallback must be a Pyro init strategy (a callable, e.g. init_to_median) or None; "
             f"got {type(fallback).__name__}"
         )
     if site is None:
-        estimate = _check_estimate(estimate)
+        estimate = check_estimate(estimate)
         values = estimate.site_values(bias=True)
         scales = _check_jitter(jitter, values)
         if scales is None:
             return functools.partial(init_to_moments, estimate=estimate, fallback=fallback)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
         return init_to_generated(generate=_Generate(values, scales, seed, fallback))
 
-    estimate = _check_estimate(estimate)
+    estimate = check_estimate(estimate)
     values = estimate.site_values(bias=True)
     scales = _check_jitter(jitter, values)
     if scales is None:
         if site["name"] not in values:
             return _fallback(site, fallback)
         return _match_site(site, values[site["name"]])
-    seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
     return _Generate(values, scales, seed, fallback)()(site)
 
 
@@ -272,19 +265,8 @@ def check_estimate_fits_model(model, x, y, estimate: MoEEstimate) -> dict[str, t
         If the model has none of the sites of :mod:`pyromoe.core.sites`, lacks ``experts.weight`` /
         ``gate.weight`` / ``noise``, or a shape differs (the message names the site).
     """
-    from pyro import poutine
-
-    _check_estimate(estimate)
-    strategy = init_to_moments(estimate=estimate)
-    with poutine.block():
-        trace = poutine.trace(InitMessenger(strategy)(model)).get_trace(x, y)
-    latent = {
-        name: tuple(site["value"].shape)
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample"
-        and not site["is_observed"]
-        and type(site["fn"]).__name__ != "_Subsample"
-    }
+    check_estimate(estimate)
+    latent = latent_site_shapes(model, x, y, init_strategy=init_to_moments(estimate=estimate))
     required = (sites.EXPERTS_WEIGHT, sites.GATE_WEIGHT, sites.NOISE)
     missing = [name for name in required if name not in latent]
     if missing:
@@ -295,82 +277,18 @@ def check_estimate_fits_model(model, x, y, estimate: MoEEstimate) -> dict[str, t
     return latent
 
 
-def laplace_approximation(model, x, y, estimate: MoEEstimate, *, min_curvature: float = 0.1):
-    """Gaussian (Laplace) approximation of the posterior at ``estimate``, in unconstrained space.
+def latent_site_shapes(model, x, y, *, init_strategy=None) -> dict[str, tuple[int, ...]]:
+    """``{site: shape}`` of the model's latent sample sites, from one run of the model.
 
-    The Hessian of Pyro's potential energy (negative log joint density including priors and the
-    log-Jacobian of the noise's transform) is taken by ``torch.autograd`` at the estimate. Eigenvalues
-    below ``min_curvature`` (an estimate that is not exactly a mode, flat directions) are raised to it,
-    so no marginal standard deviation exceeds ``min_curvature ** -0.5``.
-
-    Parameters
-    ----------
-    model : MixtureOfExperts
-    x : Tensor (n, d)
-    y : Tensor (n,)
-    estimate : MoEEstimate
-    min_curvature : float
-        Floor on the Hessian's eigenvalues.
-
-    Returns
-    -------
-    dict with ``names`` (site order), ``shapes`` (site shapes), ``loc`` (flat unconstrained estimate,
-    shape (p,)), ``covariance`` ((p, p)) and ``transforms`` (site -> unconstrained-to-site transform).
+    The run draws from the priors (``init_strategy=None``) or takes the strategy's values; it is
+    hidden from any enclosing Pyro handler. The ``obs`` plate's own subsample site is left out.
     """
-    from pyro.infer.mcmc.util import initialize_model
-
-    estimate = _check_estimate(estimate)
-    min_curvature = check_positive(min_curvature, "min_curvature")
-    x, y = as_tensors(x, y)
-    check_estimate_fits_model(model, x, y, estimate)
-    init_params, potential_fn, transforms, _ = initialize_model(
-        model, model_args=(x, y), init_strategy=init_to_moments(estimate=estimate)
-    )
-    names = sorted(init_params)
-    shapes = {name: tuple(init_params[name].shape) for name in names}
-    loc = torch.cat([init_params[name].detach().reshape(-1) for name in names])
-
-    def unflatten(theta):
-        out, start = {}, 0
-        for name in names:
-            size = int(torch.Size(shapes[name]).numel())
-            out[name] = theta[start : start + size].reshape(shapes[name])
-            start += size
-        return out
-
-    hessian = torch.autograd.functional.hessian(lambda theta: potential_fn(unflatten(theta)), loc)
-    hessian = 0.5 * (hessian + hessian.T)
-    eigenvalues, eigenvectors = torch.linalg.eigh(hessian)
-    eigenvalues = eigenvalues.clamp(min=min_curvature)
-    covariance = (eigenvectors / eigenvalues) @ eigenvectors.T
+    if init_strategy is not None:
+        model = InitMessenger(init_strategy)(model)
+    with poutine.block():
+        trace = poutine.trace(model).get_trace(x, y)
     return {
-        "names": names,
-        "shapes": shapes,
-        "loc": loc,
-        "covariance": 0.5 * (covariance + covariance.T),
-        "transforms": transforms,
-        "unflatten": unflatten,
+        name: tuple(site["value"].shape)
+        for name, site in trace.iter_stochastic_nodes()
+        if not site_is_subsample(site)
     }
-
-
-def laplace_scales(model, x, y, estimate: MoEEstimate, *, min_curvature: float = 0.1):
-    """Marginal posterior standard deviations at ``estimate`` (Laplace), per site, unconstrained space.
-
-    The natural ``jitter`` for :func:`init_to_moments`: ``init_to_moments(estimate=est,
-    jitter=laplace_scales(model, x, y, est))``. See :func:`laplace_approximation`.
-
-    Returns
-    -------
-    dict of site name -> Tensor of the site's shape
-
-    Examples
-    --------
-    >>> from pyromoe import MixtureOfExperts, simulate
-    >>> data = simulate(500, 3, seed=0)
-    >>> scales = laplace_scales(MixtureOfExperts(3, 2, bias=False), data.x, data.y, data.truth)
-    >>> scales["experts.weight"].shape
-    torch.Size([2, 3])
-    """
-    approx = laplace_approximation(model, x, y, estimate, min_curvature=min_curvature)
-    sd = approx["covariance"].diagonal().sqrt()
-    return approx["unflatten"](sd)

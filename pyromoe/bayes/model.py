@@ -8,11 +8,11 @@ from collections.abc import Mapping
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
+from pyro.nn import PyroModule, PyroSample
 
-from .._validation import as_tensors, check_num_experts, check_positive
+from .._validation import as_tensors, check_link, check_num_experts, check_positive
 from ..core import likelihood, sites
-from ..core.links import Link, get_link
+from ..core.links import Link
 from ..core.params import Params
 
 __all__ = ["MixtureOfExperts", "DEFAULT_PRIOR_SCALES"]
@@ -28,15 +28,32 @@ DEFAULT_PRIOR_SCALES: dict[str, float] = {
 }
 
 
-def _drop_obs_dim(value: torch.Tensor, event_dim: int) -> torch.Tensor:
+#: event dims of the fields of :class:`~pyromoe.core.params.Params`, in field order
+_EVENT_DIMS = Params(experts_weight=2, experts_bias=1, gate_weight=2, gate_bias=1, noise=0)
+
+
+def _drop_obs_dim(params: Params) -> Params:
     """Drop the singleton batch dimension that lines up with the observation plate (dim -1).
 
     Sites sampled outside the ``obs`` plate but inside outer plates (vectorised particles, parallel
     ``Predictive``) have batch shape ``(..., P, 1)``; the trailing 1 is the ``obs`` plate's slot.
     """
-    if value.dim() > event_dim:
-        return value.squeeze(-event_dim - 1)
-    return value
+    return Params(
+        *(
+            value.squeeze(-event_dim - 1)
+            if value is not None and value.dim() > event_dim
+            else value
+            for value, event_dim in zip(params, _EVENT_DIMS)
+        )
+    )
+
+
+def _site_of_attribute(name: str) -> str | None:
+    """The site an attribute name stands for: ``noise`` -> ``noise``, ``gate_weight`` -> ``gate.weight``."""
+    for site in sites.PARAMETER_SITES:
+        if name in (site, site.replace(".", "_")):
+            return site
+    return None
 
 
 class MixtureOfExperts(PyroModule):
@@ -57,18 +74,24 @@ class MixtureOfExperts(PyroModule):
 
     Parameters
     ----------
-    in_features : int
-        Input dimension ``d``.
-    num_experts : int
-        Number of experts ``k >= 2``.
+    in_features, num_experts : int
+        Input dimension ``d`` (columns of ``x``) and number of experts ``k >= 2``.
     link : str or Link
-        Expert link (see :mod:`pyromoe.core.links`).
+        Expert link, a name or a :class:`~pyromoe.core.links.Link` (checked once, here).
     bias : bool
         Whether experts have intercepts and the gate offsets.
     priors : mapping, optional
         Replace a default prior, by site name: a float (the scale of the default family, see
         :data:`DEFAULT_PRIOR_SCALES`) or a Pyro distribution whose shape is the site's shape
-        (batch or event; create it on the device of your data).
+        (batch or event; create it on the device of your data). This is the one way to change a
+        prior: the model does not read :class:`~pyro.nn.PyroSample` attributes, so assigning one
+        (or a distribution) to an attribute, e.g. ``model.noise = PyroSample(...)``, raises a
+        ``TypeError`` that shows the ``priors=`` equivalent.
+
+    Raises
+    ------
+    TypeError
+        On assigning a :class:`~pyro.nn.PyroSample` or a distribution to an attribute.
 
     Examples
     --------
@@ -77,6 +100,16 @@ class MixtureOfExperts(PyroModule):
     >>> draws = Predictive(model, num_samples=10)(torch.randn(50, 3))
     >>> draws["y"].shape
     torch.Size([10, 50])
+
+    Priors are replaced when the model is built (a float keeps the default family and sets its
+    scale):
+
+    >>> import pyro.distributions as dist
+    >>> model = MixtureOfExperts(
+    ...     3, 2, priors={"noise": dist.HalfNormal(torch.tensor(0.2)), "gate.weight": 5.0}
+    ... )
+    >>> model.prior("noise", torch.zeros(())).scale
+    tensor(0.2000)
     """
 
     def __init__(
@@ -90,11 +123,28 @@ class MixtureOfExperts(PyroModule):
         super().__init__()
         self.in_features = check_positive(in_features, "in_features", integer=True)
         self.num_experts = check_num_experts(num_experts)
-        self.link = get_link(link)
+        self.link = check_link(link)
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be True or False; got {type(bias).__name__}")
         self.bias = bias
         self.priors = self._check_priors(priors or {})
+
+    def __setattr__(self, name: str, value) -> None:
+        # PyroModule would turn a PyroSample attribute into a sample site that forward never
+        # reaches: refuse it (and a bare distribution) instead of ignoring it silently
+        if isinstance(value, (PyroSample, torch.distributions.Distribution, dist.Distribution)):
+            prior = value.prior if isinstance(value, PyroSample) else value
+            site = _site_of_attribute(name)
+            shown = prior if isinstance(prior, torch.distributions.Distribution) else "..."
+            hint = "" if site is not None else f" (the sites are {list(self.site_shapes)})"
+            raise TypeError(
+                f"{type(self).__name__} takes its priors only through its priors= argument; "
+                f"assigning a {type(value).__name__} to .{name} would not change the model. "
+                f"Build it with {type(self).__name__}({self.in_features}, {self.num_experts}, "
+                f"link={self.link.name!r}, bias={self.bias}, "
+                f"priors={{{site or '<site>'!r}: {shown}}}){hint}."
+            )
+        super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ sites and priors
     @property
@@ -172,14 +222,8 @@ class MixtureOfExperts(PyroModule):
                 raise ValueError(
                     f"subsample_size must be at most the number of rows n={n}; got {subsample_size}"
                 )
-        params = {name: pyro.sample(name, self.prior(name, x)) for name in self.site_shapes}
-        experts_weight = _drop_obs_dim(params[sites.EXPERTS_WEIGHT], 2)
-        gate_weight = _drop_obs_dim(params[sites.GATE_WEIGHT], 2)
-        experts_bias = gate_bias = None
-        if self.bias:
-            experts_bias = _drop_obs_dim(params[sites.EXPERTS_BIAS], 1)
-            gate_bias = _drop_obs_dim(params[sites.GATE_BIAS], 1)
-        noise = _drop_obs_dim(params[sites.NOISE], 0)
+        values = {name: pyro.sample(name, self.prior(name, x)) for name in self.site_shapes}
+        params = _drop_obs_dim(Params.from_sites(values, bias=self.bias))
 
         with pyro.plate(sites.OBS_PLATE, n, subsample_size=subsample_size, dim=-1) as index:
             x_batch = x if subsample_size is None else x.index_select(0, index)
@@ -187,10 +231,14 @@ class MixtureOfExperts(PyroModule):
             if y is not None:
                 y_batch = y if subsample_size is None else y.index_select(0, index)
             mixture = dist.MixtureSameFamily(
-                dist.Categorical(logits=likelihood.gate_logits(x_batch, gate_weight, gate_bias)),
+                dist.Categorical(
+                    logits=likelihood.gate_logits(x_batch, params.gate_weight, params.gate_bias)
+                ),
                 dist.Normal(
-                    likelihood.expert_means(x_batch, experts_weight, experts_bias, self.link),
-                    noise[..., None, None],
+                    likelihood.expert_means(
+                        x_batch, params.experts_weight, params.experts_bias, self.link
+                    ),
+                    params.noise[..., None, None],
                 ),
             )
             return pyro.sample(sites.OBS, mixture, obs=y_batch)

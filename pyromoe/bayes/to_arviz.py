@@ -44,6 +44,16 @@ from ..core.labels import align_labels, check_samples
 
 __all__ = ["to_inference_data", "chain_log_likelihood"]
 
+#: the groups :func:`to_inference_data` writes (the log-likelihood and predictions on request)
+GROUPS = (
+    "posterior",
+    "sample_stats",
+    "log_likelihood",
+    "posterior_predictive",
+    "observed_data",
+    "constant_data",
+)
+
 #: dims of the model's sites after (chain, draw)
 SITE_DIMS: dict[str, list[str]] = {
     sites.EXPERTS_WEIGHT: ["expert", "feature"],

@@ -1,33 +1,49 @@
-"""Joint EM over all parameters of a mixture of experts: the baseline that random starts feed.
+"""One EM loop for the gated mixture of experts: joint EM and gate EM (docs/algorithm.md section 4).
 
-This is what mixtools / flexmix users run today (docs/algorithm.md section 4): EM from random starts,
-keeping the start with the best final log-likelihood. It can get stuck in a local optimum (similar
-experts, docs/algorithm.md section 4), which is what the tensor start of :mod:`pyromoe.estimators.initialize` avoids;
-started from that estimate (``init=``), it is the refinement step.
+Joint EM (:func:`fit_em`) is what mixtools / flexmix users run today: EM from random starts, keeping
+the start with the best final objective. It can get stuck in a local optimum (similar experts),
+which is what the tensor start of :mod:`pyromoe.estimators.tensor_init` avoids; started from that
+estimate (``init=``) it is the refinement step. Gate EM (:func:`pyromoe.core.gate.fit_gate`) is the
+same loop with the experts frozen (``EM(update_experts=False)``).
 
-One EM iteration (scikit-learn conventions: ``tol``, ``max_iter``, ``converged``, ``n_iter``):
+The loop (:meth:`EM.fit`) is scikit-learn's ``BaseMixture.fit_predict``: a plain double loop over
+starts and iterations, ``statistics = e_step(params)`` then ``params = m_step(statistics,
+params)``, tracking the objective (mean log-likelihood per row, or log posterior / n for MAP),
+``n_iter`` and ``converged``, keeping the best start and warning (:class:`ConvergenceWarning`) when
+that start did not converge.
 
-* E-step: responsibilities from :func:`pyromoe.core.likelihood.component_log_probs` (shared with
-  :mod:`pyromoe.core.gate`).
-* M-step, experts: weighted least squares per expert with weights ``r_ni`` (closed form, linear link;
-  an intercept column when ``bias``), or Gauss-Newton steps with step halving for a nonlinear link
-  (using ``Link.derivative``) so that each expert's weighted squared error never rises.
-  By default one Gauss-Newton step and one gate Newton step per EM iteration (a generalised EM
-  step): measured at d = 10, n = 2e4, three steps of each took the same number of EM iterations
-  (to within a few) and 20-50% more time.
-* M-step, gate: :func:`pyromoe.core.gate.gate_m_step` (damped Newton on the weighted (multinomial)
-  logistic regression; one implementation with gate EM).
-* M-step, noise: ``noise^2 = mean_n sum_i r_ni (y_n - g(a_i . x_n + b_i))^2``.
+* E-step (:meth:`EM.e_step`): responsibilities from :func:`pyromoe.core.likelihood.component_log_probs`
+  and the objective.
+* M-step, experts (unless frozen): weighted least squares per expert in closed form for the
+  identity link (an intercept column when the model has expert biases), from the per-expert
+  weighted Gram matrices and cross-products (:func:`linear_experts_statistics`,
+  :func:`solve_linear_experts`); Gauss-Newton steps with step halving for other links (using
+  ``Link.derivative``) so that each expert's weighted squared error never rises.
+* M-step, gate: :func:`gate_m_step`, damped Newton (IRLS) on the weighted (multinomial) logistic
+  regression.
+* M-step, noise (unless fixed): ``noise^2 = mean_n sum_i r_ni (y_n - g(a_i . x_n + b_i))^2``
+  (:func:`noise_statistics`, :func:`solve_noise`), with the experts just updated.
 
-Each part maximises its own term of the EM objective given the rest, so the mean log-likelihood (or
-log posterior / n for MAP) never decreases. Full-batch on ``x``'s device and dtype.
+By default one Gauss-Newton and one gate Newton step per iteration (a generalised EM step): at
+d = 10, n = 2e4, three steps of each took the same number of EM iterations (to within a few) and
+20-50% more time; for the gate alone the same iterations at 25-40% less time. Each part maximises
+its own term of the EM objective given the rest, so the objective never decreases. Full-batch on
+``x``'s device and dtype.
+
+Seam for a chunked pass: the closed-form parts are already "sums over rows, then a solve"
+(:func:`linear_experts_statistics` / :func:`solve_linear_experts`, :func:`noise_statistics` /
+:func:`solve_noise`); the gradient and Hessian of a Newton step are sums over rows too. What
+still reads the rows inside the M-step is the step halving of the Gauss-Newton and gate Newton
+steps (objective at a candidate) and the noise, which uses the experts updated in the same M-step.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,123 +52,172 @@ from .._validation import (
     as_tensors,
     check_enough_rows,
     check_flag,
+    check_link,
     check_num_experts,
     check_positive,
     check_seed,
-    exact_scales,
     num_parameters,
-    rescale_estimate,
+    on_exact_scale,
 )
 from .estimate import MoEEstimate
-from .gate import (
-    ConvergenceWarning,
-    _check_prior_scale,
-    _collapse,
-    _feature_scale,
-    _noise_floor,
-    _solve_spd,
-    _warn_collapse,
-    gate_m_step,
-    log_prior,
-)
-from .likelihood import component_log_probs, expert_means
-from .links import Link, get_link
+from .likelihood import component_log_probs, expert_means, gate_logits
+from .links import Link
 from .params import Params
 
-__all__ = ["fit_em", "random_start"]
+__all__ = [
+    "CollapseWarning",
+    "ConvergenceWarning",
+    "EM",
+    "EMRun",
+    "NOISE_FLOOR",
+    "Statistics",
+    "check_em_arguments",
+    "feature_scale",
+    "fit_em",
+    "gate_m_step",
+    "linear_experts_statistics",
+    "log_prior",
+    "noise_floor",
+    "noise_statistics",
+    "random_start",
+    "solve_linear_experts",
+    "solve_noise",
+    "warn_collapse",
+]
 
 
-@dataclass
-class _Parameters:
-    experts_weight: torch.Tensor  # (k, d)
-    experts_bias: torch.Tensor  # (k,)
-    gate_weight: torch.Tensor  # (k - 1, d)
-    gate_bias: torch.Tensor  # (k - 1,)
-    noise: torch.Tensor  # ()
+class ConvergenceWarning(UserWarning):
+    """An EM run stopped at ``max_iter`` before its objective changed by less than ``tol``."""
 
 
-def random_start(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    num_experts: int,
-    link: str | Link,
-    generator: torch.Generator,
-    *,
-    bias: bool = True,
-) -> MoEEstimate:
-    """A random starting point for EM, scaled to the data.
+class CollapseWarning(UserWarning):
+    """An EM fit ended with an expert holding fewer than ``d + 1`` effective rows, or with the
+    noise at its floor: the expert is collapsing onto a few points (too many experts)."""
 
-    Expert weights ``a_ij ~ N(0, var(y) / d) / sd(x_j)`` (so ``a_i . x`` has about the spread of
-    ``y``); gate weights ``N(0, 0.1^2 / d) / sd(x_j)`` (a nearly flat gate, so the first E-step is
-    driven by the experts); offsets centre each linear predictor at the mean of ``x`` (plus the mean
-    of ``y`` for a linear link) when ``bias``, else zero; noise ``sd(y)``. Draws come from
-    ``generator`` (CPU, float64) and are then moved to ``x``'s device and dtype, so a seed gives the
-    same start on any device.
 
-    Parameters
-    ----------
-    x : Tensor (n, d)
-    y : Tensor (n,)
-    num_experts : int
-    link : str or Link
-    generator : torch.Generator
-        CPU generator.
-    bias : bool
-        Whether the model has offsets.
+# ---------------------------------------------------------------------------------------------- helpers
+#: The noise floor of EM, relative to the spread of y (:func:`noise_floor`).
+NOISE_FLOOR = 1e-3
 
-    Returns
-    -------
-    MoEEstimate (method ``"random"``)
 
-    Examples
-    --------
-    >>> x, y = torch.randn(100, 3), torch.randn(100)
-    >>> random_start(x, y, 2, "linear", torch.Generator().manual_seed(0)).experts_weight.shape
-    torch.Size([2, 3])
+def noise_floor(y: torch.Tensor) -> float:
+    """Smallest noise EM may reach: ``NOISE_FLOOR * sd(y)``, relative to y's scale.
+
+    Keeps the likelihood finite (and the fit away from a spike) when one expert fits a few rows
+    exactly; a fit that reaches it is reported as collapsing (:class:`CollapseWarning`).
     """
-    n, d = x.shape
-    k = num_experts
-    link = get_link(link)
-    scale = _feature_scale(x)
-    y_sd = y.std().clamp_min(_noise_floor(y))
-    x_mean = x.mean(dim=0)
+    spread = float(y.std()) if y.shape[0] > 1 else 0.0
+    if not spread > 0:
+        spread = max(float(y.abs().max()), torch.finfo(y.dtype).tiny)
+    return NOISE_FLOOR * spread
 
-    def normal(*shape):
-        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(x)
 
-    experts_weight = normal(k, d) * (y_sd / d**0.5) / scale
-    gate_weight = normal(k - 1, d) * (0.1 / d**0.5) / scale
-    if bias:
-        experts_bias = -(experts_weight @ x_mean)
-        if link.name == "linear":
-            experts_bias = experts_bias + y.mean()
-        gate_bias = -(gate_weight @ x_mean)
-    else:
-        experts_bias = x.new_zeros(k)
-        gate_bias = x.new_zeros(k - 1)
-    return MoEEstimate(
-        experts_weight=experts_weight,
-        experts_bias=experts_bias,
-        gate_weight=gate_weight,
-        gate_bias=gate_bias,
-        noise=y_sd,
-        link=link,
-        method="random",
+def feature_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-column standard deviation, 1 for constant columns (so random starts are scale-free)."""
+    scale = x.std(dim=0) if x.shape[0] > 1 else torch.ones_like(x[0])
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _accept_slack(value: float, dtype: torch.dtype) -> float:
+    """How far an objective may drop from rounding alone (a few ulps of its magnitude)."""
+    return 8 * torch.finfo(dtype).eps * max(1.0, abs(value))
+
+
+def _normal_log_density_sum(value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Sum of ``log Normal(value | 0, scale^2)`` over all entries."""
+    return -0.5 * (value / scale).pow(2).sum() - value.numel() * (
+        math.log(scale) + 0.5 * math.log(2 * math.pi)
     )
 
 
-def _experts_m_step_linear(
-    design: torch.Tensor,
-    y: torch.Tensor,
-    resp: torch.Tensor,
-    ridge: float,
+def log_prior(prior_scale: float | None, *tensors: torch.Tensor | None) -> torch.Tensor | float:
+    """Log density of independent ``Normal(0, prior_scale^2)`` priors on every entry of ``tensors``.
+
+    ``prior_scale=None`` (maximum likelihood) gives 0; ``None`` tensors are skipped.
+
+    Examples
+    --------
+    >>> round(float(log_prior(1.0, torch.zeros(2))), 4)
+    -1.8379
+    """
+    if prior_scale is None:
+        return 0.0
+    return sum(_normal_log_density_sum(t, prior_scale) for t in tensors if t is not None)
+
+
+def _solve_spd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Solve ``matrix @ out = rhs`` for a (batch of) symmetric positive semi-definite ``matrix``.
+
+    A jitter relative to the diagonal keeps a singular system (an expert with no responsibility, a
+    saturated gate, a dead relu) solvable; the solution then moves nowhere along the null space.
+    """
+    size = matrix.shape[-1]
+    eye = torch.eye(size, dtype=matrix.dtype, device=matrix.device)
+    scale = matrix.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1.0)[..., None, None]
+    jitter = 1e3 * torch.finfo(matrix.dtype).eps
+    for _ in range(6):
+        factor, info = torch.linalg.cholesky_ex(matrix + jitter * scale * eye)
+        if not bool(info.any()):
+            return torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
+        jitter *= 100
+    return torch.linalg.lstsq(matrix + jitter * scale * eye, rhs.unsqueeze(-1)).solution.squeeze(-1)
+
+
+def _with_intercept(x: torch.Tensor, intercept: bool) -> torch.Tensor:
+    """The design matrix: ``x`` with a column of ones appended when ``intercept``."""
+    return torch.cat([x, torch.ones_like(x[:, :1])], dim=-1) if intercept else x
+
+
+def _collapse(resp: torch.Tensor, noise, floor: float, d: int) -> tuple[list[float], list[int]]:
+    """Effective rows per expert and the experts collapsing onto a few points (see EMRun)."""
+    effective = resp.sum(dim=0).tolist()
+    collapsed = [i for i, rows in enumerate(effective) if rows < d + 1]
+    if not collapsed and float(noise) <= floor * (1 + 1e-9):
+        collapsed = [min(range(len(effective)), key=effective.__getitem__)]
+    return effective, collapsed
+
+
+def warn_collapse(collapsed, effective_rows, d: int, stacklevel: int = 3) -> None:
+    """One :class:`CollapseWarning` naming the collapsing experts (nothing when there are none)."""
+    if not collapsed:
+        return
+    parts = []
+    for i in collapsed:
+        rows = effective_rows[i]
+        shown = f"{rows:.1f}" if float(f"{rows:.1f}") < d + 1 else f"{rows:.3f}"
+        if rows < d + 1:
+            parts.append(f"expert {i} holds {shown} effective rows (< d + 1 = {d + 1})")
+        else:
+            parts.append(f"expert {i} holds {shown} effective rows and the noise hit its floor")
+    subject = "it is" if len(parts) == 1 else "they are"
+    warnings.warn(
+        f"{'; '.join(parts)}: {subject} collapsing onto a few points; use fewer experts",
+        CollapseWarning,
+        stacklevel=stacklevel,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- M-steps
+def linear_experts_statistics(
+    design: torch.Tensor, y: torch.Tensor, responsibilities: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert weighted Gram matrices ``sum_n r_ni u_n u_n^T`` (k, w, w) and cross-products
+    ``sum_n r_ni y_n u_n`` (k, w), ``u_n`` the rows of ``design`` (n, w)."""
+    k = responsibilities.shape[1]
+    gram = torch.stack([(design * responsibilities[:, i : i + 1]).T @ design for i in range(k)])
+    cross = (responsibilities * y[:, None]).T @ design
+    return gram, cross
+
+
+def solve_linear_experts(
+    statistics: tuple[torch.Tensor, torch.Tensor], ridge: float
 ) -> torch.Tensor:
-    """Weighted least squares per expert (closed form). Returns coefficients (k, width)."""
-    k = resp.shape[1]
-    gram = torch.stack([(design * resp[:, i : i + 1]).T @ design for i in range(k)])
-    rhs = (resp * y[:, None]).T @ design  # (k, width)
+    """Weighted least squares per expert from :func:`linear_experts_statistics`, ridge ``ridge``:
+    the coefficients (k, w)."""
+    gram, cross = statistics
+    gram = gram.clone()
     gram.diagonal(dim1=-2, dim2=-1).add_(ridge)
-    return _solve_spd(gram, rhs)
+    return _solve_spd(gram, cross)
 
 
 def _experts_m_step_gauss_newton(
@@ -201,86 +266,435 @@ def _experts_m_step_gauss_newton(
     return new
 
 
-def _run_em(
-    x: torch.Tensor,
-    design: torch.Tensor,
-    y: torch.Tensor,
-    start: _Parameters,
-    link: Link,
-    *,
-    bias: bool,
-    prior_scale: float | None,
-    tol: float,
-    max_iter: int,
-    newton_steps: int,
-    gauss_newton_steps: int,
-) -> tuple[_Parameters, list[float], bool, int, tuple[list[float], list[int]]]:
-    """EM from one start.
+def _negative_hessian(design: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Negative Hessian of the multinomial log-likelihood, blocks ``X^T diag(p_a (d_ab - p_b)) X``.
 
-    Returns the parameters, the objective trace, converged, n_iter, and (effective rows per
-    expert, collapsing experts) at the end (:func:`pyromoe.core.gate._collapse`).
+    ``probs`` (n, k - 1) are the free experts' gate probabilities; the result is
+    ((k - 1) width, (k - 1) width). Two matrix products whatever k (fewer passes than block by block).
+    """
+    free, width = probs.shape[1], design.shape[1]
+    if free == 1:
+        weight = probs[:, 0] * (1 - probs[:, 0])
+        return (design * weight[:, None]).T @ design
+    scaled = (probs[:, :, None] * design[:, None, :]).reshape(-1, free * width)
+    hessian = -(scaled.T @ scaled)  # - sum_n p_a p_b x x^T
+    diagonal = (scaled.T @ design).reshape(free, width, width)  # sum_n p_a x x^T
+    blocks = hessian.view(free, width, free, width)
+    for a in range(free):
+        blocks[a, :, a, :] += diagonal[a]
+    return hessian
+
+
+def gate_m_step(
+    x: torch.Tensor,
+    responsibilities: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    *,
+    fit_bias: bool = True,
+    prior_scale: float | None = None,
+    max_steps: int = 5,
+    tol: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gate M-step: weighted (multinomial) logistic regression by damped Newton steps.
+
+    Maximises ``Q(w, c) = sum_n sum_i r_ni log gate_i(x_n) + log prior(w, c)`` over the gate weights
+    ``w`` (and offsets ``c`` when ``fit_bias``), expert 0 the reference. ``Q`` is concave; each Newton
+    step is halved until ``Q`` does not drop, so the step never lowers the EM objective (a generalised
+    M-step when ``max_steps`` is small). Stops early when the Newton decrement is negligible.
+
+    Parameters
+    ----------
+    x : Tensor (n, d)
+    responsibilities : Tensor (n, k)
+        Soft labels ``r_ni`` (rows sum to 1).
+    gate_weight : Tensor (k - 1, d)
+        Starting gate weights.
+    gate_bias : Tensor (k - 1,) or None
+        Starting gate offsets (kept fixed unless ``fit_bias``; None: a gate without offsets).
+    fit_bias : bool
+        Whether to update the offsets.
+    prior_scale : float, optional
+        Scale ``s`` of a ``Normal(0, s^2)`` prior on every gate weight and offset (MAP: a ridge term
+        ``1 / s^2`` in the Newton system). ``None``: maximum likelihood.
+    max_steps : int
+        Maximum number of Newton steps.
+    tol : float
+        Stop when a Newton step would raise ``Q / n`` by less than this (EM passes a fraction of its
+        own tolerance: solving the M-step more exactly than EM converges buys nothing).
+
+    Returns
+    -------
+    (gate_weight, gate_bias) : tuple of Tensor, shapes (k - 1, d) and (k - 1,) (or None)
+
+    Examples
+    --------
+    >>> x = torch.randn(200, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> r1 = torch.sigmoid(3 * x[:, 0])
+    >>> w, c = gate_m_step(x, torch.stack([1 - r1, r1], -1), torch.zeros(1, 2, dtype=torch.float64),
+    ...                    torch.zeros(1, dtype=torch.float64), max_steps=20)
+    >>> [round(v) for v in w[0].tolist()]
+    [3, 0]
     """
     n, d = x.shape
-    floor = _noise_floor(y)
-    p = _Parameters(**vars(start))
+    free = gate_weight.shape[0]
+    width = d + 1 if fit_bias else d
+    design = _with_intercept(x, fit_bias)
+    theta = (
+        torch.cat([gate_weight, gate_bias[:, None]], dim=-1) if fit_bias else gate_weight.clone()
+    )
+    offset = None if fit_bias else gate_bias
+    ridge = 0.0 if prior_scale is None else 1.0 / prior_scale**2
+    target = responsibilities[:, 1:]
 
-    def e_step(p: _Parameters) -> tuple[torch.Tensor, float]:
-        log_probs = component_log_probs(
-            x,
-            y,
-            Params(p.experts_weight, p.experts_bias, p.gate_weight, p.gate_bias, p.noise),
-            link,
-        )
-        prior = log_prior(
-            prior_scale,
-            p.experts_weight,
-            p.experts_bias if bias else None,
-            p.gate_weight,
-            p.gate_bias if bias else None,
-        )
-        return log_probs, float(torch.logsumexp(log_probs, dim=-1).sum() + prior) / n
+    def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return (t[:, :d], t[:, d]) if fit_bias else (t, offset)
 
-    log_probs, value = e_step(p)
-    trace = [value]
-    converged, n_iter = False, 0
-    for n_iter in range(1, max_iter + 1):  # noqa: B007 (n_iter is returned)
-        resp = torch.softmax(log_probs, dim=-1)
-        # experts: MAP ridge sigma^2 / s^2 because the squared error is scaled by 1 / sigma^2
-        ridge = 0.0 if prior_scale is None else float(p.noise) ** 2 / prior_scale**2
-        coefficients = (
-            torch.cat([p.experts_weight, p.experts_bias[:, None]], dim=-1)
-            if bias
-            else p.experts_weight
-        )
-        if link.name == "linear":
-            coefficients = _experts_m_step_linear(design, y, resp, ridge)
-        else:
-            coefficients = _experts_m_step_gauss_newton(
-                design, y, resp, coefficients, link, ridge, gauss_newton_steps
-            )
-        p.experts_weight = coefficients[:, :d]
-        if bias:
-            p.experts_bias = coefficients[:, d]
-        p.gate_weight, p.gate_bias = gate_m_step(
-            x,
-            resp,
-            p.gate_weight,
-            p.gate_bias,
-            fit_bias=bias,
-            prior_scale=prior_scale,
-            max_steps=newton_steps,
-            tol=0.1 * tol,
-        )
-        means = expert_means(x, p.experts_weight, p.experts_bias, link)
-        variance = (resp * (y[:, None] - means).pow(2)).sum() / n
-        p.noise = variance.sqrt().clamp_min(floor)
-        log_probs, value = e_step(p)
-        trace.append(value)
-        if abs(trace[-1] - trace[-2]) < tol:
-            converged = True
+    def objective(t: torch.Tensor) -> tuple[float, torch.Tensor]:
+        log_gate = torch.log_softmax(gate_logits(x, *split(t)), dim=-1)
+        value = (responsibilities * log_gate).sum() - 0.5 * ridge * t.pow(2).sum()
+        return float(value), log_gate
+
+    value, log_gate = objective(theta)
+    for _ in range(max_steps):
+        probs = log_gate[:, 1:].exp()
+        gradient = (target - probs).T @ design - ridge * theta  # (k-1, width)
+        # negative Hessian: blocks X^T diag(p_a (delta_ab - p_b)) X, a, b over the free experts
+        hessian = _negative_hessian(design, probs)
+        hessian.diagonal().add_(ridge)
+        step = _solve_spd(hessian, gradient.reshape(-1))
+        decrement = float(gradient.reshape(-1) @ step)  # Newton decrement squared: ~2 x the gain
+        if decrement <= 2 * max(_accept_slack(value, x.dtype), tol * n):
             break
-    collapse = _collapse(torch.softmax(log_probs, dim=-1), p.noise, floor, d)
-    return p, trace, converged, n_iter, collapse
+        step = step.reshape(free, width)
+        size, accepted = 1.0, False
+        for _ in range(40):
+            candidate = theta + size * step
+            new_value, new_log_gate = objective(candidate)
+            if new_value >= value:
+                gain = new_value - value
+                theta, value, log_gate, accepted = candidate, new_value, new_log_gate, True
+                break
+            size *= 0.5
+        # a full step gaining less than the threshold: Newton converges quadratically, so the next
+        # step would gain far less; skip computing its Hessian
+        if not accepted or (size == 1.0 and gain <= max(_accept_slack(value, x.dtype), tol * n)):
+            break
+    return split(theta)
+
+
+def noise_statistics(
+    y: torch.Tensor, responsibilities: torch.Tensor, means: torch.Tensor
+) -> torch.Tensor:
+    """``sum_n sum_i r_ni (y_n - mean_ni)^2``: the weighted squared residuals of the noise step."""
+    return (responsibilities * (y[:, None] - means).pow(2)).sum()
+
+
+def solve_noise(residuals: torch.Tensor, rows: int, floor: float) -> torch.Tensor:
+    """The noise M-step from :func:`noise_statistics` over ``rows`` rows, at least ``floor``."""
+    return (residuals / rows).sqrt().clamp_min(floor)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+@dataclass(frozen=True)
+class Statistics:
+    """What an E-step hands the M-step.
+
+    Attributes
+    ----------
+    responsibilities : Tensor (n, k)
+        ``r_ni = p(expert i | x_n, y_n)`` under the current parameters.
+    objective : float
+        Mean log-likelihood per row (plus log prior / n for MAP) under the current parameters.
+    """
+
+    responsibilities: torch.Tensor
+    objective: float
+
+
+@dataclass(frozen=True)
+class EMRun:
+    """One start's EM run (:meth:`EM.fit`).
+
+    Attributes
+    ----------
+    params : Params
+        The parameters at the end (absent biases stay None).
+    trace : list of float
+        The objective at the start and after every iteration; never decreasing up to rounding.
+    converged : bool
+        Whether the objective changed by less than ``tol`` before ``max_iter`` iterations.
+    n_iter : int
+        Iterations run.
+    effective_rows : list of float
+        Each expert's summed responsibilities at the end.
+    collapsed_experts : list of int
+        Experts with fewer than ``d + 1`` effective rows (or, with the noise at its floor, the one
+        with the fewest).
+    seconds : float
+        Wall time of the run.
+    """
+
+    params: Params
+    trace: list[float]
+    converged: bool
+    n_iter: int
+    effective_rows: list[float]
+    collapsed_experts: list[int]
+    seconds: float
+
+    @property
+    def objective(self) -> float:
+        """The final objective."""
+        return self.trace[-1]
+
+
+@dataclass(frozen=True)
+class EM:
+    """EM for one data set: which parameters move, and how far each M-step goes.
+
+    Joint EM moves everything; gate EM is ``update_experts=False`` (the experts are data). Expert
+    intercepts are fitted when the parameters carry them (``experts_bias`` not None), gate offsets
+    when ``update_gate_bias``. MAP (``prior_scale``): ``Normal(0, s^2)`` priors on the gate's
+    weights and offsets and, when they move, the experts' (a ridge ``noise^2 / s^2`` in their
+    least squares); the noise stays maximum likelihood.
+
+    Attributes
+    ----------
+    x : Tensor (n, d)
+    y : Tensor (n,)
+    link : Link
+    update_experts, update_gate_bias, update_noise : bool
+    prior_scale : float or None
+    tol : float
+        A start has converged when its objective changes by less than ``tol`` in one iteration.
+    max_iter : int
+    newton_steps : int
+        Maximum gate Newton steps per M-step.
+    gauss_newton_steps : int
+        Maximum Gauss-Newton steps per expert per M-step (links other than the identity).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    link: Link
+    update_experts: bool = True
+    update_gate_bias: bool = True
+    update_noise: bool = True
+    prior_scale: float | None = None
+    tol: float = 1e-6
+    max_iter: int = 200
+    newton_steps: int = 1
+    gauss_newton_steps: int = 1
+    floor: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "floor", noise_floor(self.y))
+
+    @property
+    def name(self) -> str:
+        return "EM" if self.update_experts else "gate EM"
+
+    def e_step(self, params: Params) -> Statistics:
+        """Responsibilities and the objective under ``params``."""
+        log_probs = component_log_probs(self.x, self.y, params, self.link)
+        experts = (params.experts_weight, params.experts_bias) if self.update_experts else ()
+        prior = log_prior(self.prior_scale, *experts, params.gate_weight, params.gate_bias)
+        objective = float(torch.logsumexp(log_probs, dim=-1).sum() + prior) / self.x.shape[0]
+        return Statistics(torch.softmax(log_probs, dim=-1), objective)
+
+    def m_step(self, statistics: Statistics, params: Params) -> Params:
+        """Experts (unless frozen), gate, then noise, each given the others."""
+        resp = statistics.responsibilities
+        if self.update_experts:
+            params = self._experts_m_step(resp, params)
+        gate_weight, gate_bias = gate_m_step(
+            self.x,
+            resp,
+            params.gate_weight,
+            params.gate_bias,
+            fit_bias=self.update_gate_bias,
+            prior_scale=self.prior_scale,
+            max_steps=self.newton_steps,
+            tol=0.1 * self.tol,
+        )
+        params = params._replace(gate_weight=gate_weight, gate_bias=gate_bias)
+        if self.update_noise:
+            means = expert_means(self.x, params.experts_weight, params.experts_bias, self.link)
+            residuals = noise_statistics(self.y, resp, means)
+            params = params._replace(noise=solve_noise(residuals, self.x.shape[0], self.floor))
+        return params
+
+    def _experts_m_step(self, resp: torch.Tensor, params: Params) -> Params:
+        d = self.x.shape[1]
+        intercept = params.experts_bias is not None
+        design = _with_intercept(self.x, intercept)
+        # MAP: ridge sigma^2 / s^2, because the squared error is scaled by 1 / sigma^2
+        ridge = 0.0 if self.prior_scale is None else float(params.noise) ** 2 / self.prior_scale**2
+        if self.link.is_identity:
+            statistics = linear_experts_statistics(design, self.y, resp)
+            coefficients = solve_linear_experts(statistics, ridge)
+        else:
+            coefficients = (
+                torch.cat([params.experts_weight, params.experts_bias[:, None]], dim=-1)
+                if intercept
+                else params.experts_weight
+            )
+            coefficients = _experts_m_step_gauss_newton(
+                design, self.y, resp, coefficients, self.link, ridge, self.gauss_newton_steps
+            )
+        return params._replace(
+            experts_weight=coefficients[:, :d],
+            experts_bias=coefficients[:, d] if intercept else None,
+        )
+
+    def fit(self, starts: Sequence[Params], *, stacklevel: int = 2) -> tuple[list[EMRun], int]:
+        """EM from each start in turn; the runs and the index of the best (highest objective).
+
+        Warns (``stacklevel`` as for :func:`warnings.warn`, counted from this method) with a
+        :class:`ConvergenceWarning` when the best start did not converge, and a
+        :class:`CollapseWarning` when it ends collapsing.
+        """
+        d = self.x.shape[1]
+        runs: list[EMRun] = []
+        for start in starts:
+            began = time.perf_counter()
+            params = start
+            statistics = self.e_step(params)
+            trace = [statistics.objective]
+            converged, n_iter = False, 0
+            for n_iter in range(1, self.max_iter + 1):  # noqa: B007 (n_iter is kept)
+                params = self.m_step(statistics, params)
+                statistics = self.e_step(params)
+                trace.append(statistics.objective)
+                if abs(trace[-1] - trace[-2]) < self.tol:
+                    converged = True
+                    break
+            effective_rows, collapsed = _collapse(
+                statistics.responsibilities, params.noise, self.floor, d
+            )
+            runs.append(
+                EMRun(
+                    params=params,
+                    trace=trace,
+                    converged=converged,
+                    n_iter=n_iter,
+                    effective_rows=effective_rows,
+                    collapsed_experts=collapsed,
+                    seconds=time.perf_counter() - began,
+                )
+            )
+        best = max(range(len(runs)), key=lambda i: runs[i].objective)
+        if not runs[best].converged:
+            trace = runs[best].trace
+            which = f" for the best start (start {best} of {len(runs)}; " if len(runs) > 1 else " ("
+            warnings.warn(
+                f"{self.name} did not converge in max_iter={self.max_iter} iterations{which}last "
+                f"change of the objective {trace[-1] - trace[-2]:.3g} >= tol={self.tol:g}); "
+                "increase max_iter or tol",
+                ConvergenceWarning,
+                stacklevel=stacklevel + 1,
+            )
+        warn_collapse(
+            runs[best].collapsed_experts, runs[best].effective_rows, d, stacklevel=stacklevel + 2
+        )
+        return runs, best
+
+
+def check_em_arguments(
+    x, y, link, seed, tol, max_iter, prior_scale, newton_steps, gauss_newton_steps=1
+) -> tuple[torch.Tensor, torch.Tensor, Link, int, dict]:
+    """The arguments :func:`fit_em` and :func:`pyromoe.core.gate.fit_gate` share, checked.
+
+    Returns ``(x, y, link, seed, options)``, ``options`` the keyword arguments of :class:`EM`.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As :func:`pyromoe._validation.as_tensors` (at least 2 rows) and
+        :func:`pyromoe._validation.check_link`; for a ``tol`` or ``prior_scale`` that is not a
+        positive number, step counts that are not ints >= 1, or a bad seed.
+    """
+    x, y = as_tensors(x, y, min_rows=2)
+    options = dict(
+        tol=check_positive(tol, "tol"),
+        max_iter=check_positive(max_iter, "max_iter", integer=True),
+        prior_scale=None if prior_scale is None else check_positive(prior_scale, "prior_scale"),
+        newton_steps=check_positive(newton_steps, "newton_steps", integer=True),
+        gauss_newton_steps=check_positive(gauss_newton_steps, "gauss_newton_steps", integer=True),
+    )
+    return x, y, check_link(link), check_seed(seed), options
+
+
+# ---------------------------------------------------------------------------------------------- joint EM
+def random_start(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_experts: int,
+    link: str | Link,
+    generator: torch.Generator,
+    *,
+    bias: bool = True,
+) -> MoEEstimate:
+    """A random starting point for EM, scaled to the data.
+
+    Expert weights ``a_ij ~ N(0, var(y) / d) / sd(x_j)`` (so ``a_i . x`` has about the spread of
+    ``y``); gate weights ``N(0, 0.1^2 / d) / sd(x_j)`` (a nearly flat gate, so the first E-step is
+    driven by the experts); offsets centre each linear predictor at the mean of ``x`` (plus the mean
+    of ``y`` for the identity link) when ``bias``, else zero; noise ``sd(y)``. Draws come from
+    ``generator`` (CPU, float64) and are then moved to ``x``'s device and dtype, so a seed gives the
+    same start on any device.
+
+    Parameters
+    ----------
+    x : Tensor (n, d)
+    y : Tensor (n,)
+    num_experts : int
+    link : str or Link
+    generator : torch.Generator
+        CPU generator.
+    bias : bool
+        Whether the model has offsets.
+
+    Returns
+    -------
+    MoEEstimate (method ``"random"``)
+
+    Examples
+    --------
+    >>> x, y = torch.randn(100, 3), torch.randn(100)
+    >>> random_start(x, y, 2, "linear", torch.Generator().manual_seed(0)).experts_weight.shape
+    torch.Size([2, 3])
+    """
+    n, d = x.shape
+    k = num_experts
+    link = check_link(link)
+    scale = feature_scale(x)
+    y_sd = y.std().clamp_min(noise_floor(y))
+    x_mean = x.mean(dim=0)
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(x)
+
+    experts_weight = normal(k, d) * (y_sd / d**0.5) / scale
+    gate_weight = normal(k - 1, d) * (0.1 / d**0.5) / scale
+    if bias:
+        experts_bias = -(experts_weight @ x_mean)
+        if link.is_identity:
+            experts_bias = experts_bias + y.mean()
+        gate_bias = -(gate_weight @ x_mean)
+    else:
+        experts_bias = x.new_zeros(k)
+        gate_bias = x.new_zeros(k - 1)
+    return MoEEstimate(
+        experts_weight=experts_weight,
+        experts_bias=experts_bias,
+        gate_weight=gate_weight,
+        gate_bias=gate_bias,
+        noise=y_sd,
+        link=link,
+        method="random",
+    )
 
 
 def _check_init(init, k: int, d: int, link: Link, x: torch.Tensor) -> MoEEstimate:
@@ -383,7 +797,8 @@ def fit_em(
     Warns
     -----
     ConvergenceWarning
-        When a start reached ``max_iter`` before converging (the message says which).
+        When the best start reached ``max_iter`` before converging (scikit-learn's rule: other
+        starts that did not converge show in ``converged_per_start``).
     CollapseWarning
         When the best start ends with an expert holding fewer than ``d + 1`` effective rows or the
         noise at its floor (``1e-3 sd(y)``).
@@ -410,17 +825,12 @@ def fit_em(
     >>> fit.method, len(fit.diagnostics["log_likelihood_per_start"])
     ('em', 2)
     """
-    x, y = as_tensors(x, y, min_rows=2)
+    x, y, link, seed, em = check_em_arguments(
+        x, y, link, seed, tol, max_iter, prior_scale, newton_steps, gauss_newton_steps
+    )
     n, d = x.shape
     k = check_num_experts(num_experts)
-    link = get_link(link)
     bias = check_flag(bias, "bias")
-    tol = check_positive(tol, "tol")
-    max_iter = check_positive(max_iter, "max_iter", integer=True)
-    prior_scale = _check_prior_scale(prior_scale)
-    seed = check_seed(seed)
-    newton_steps = check_positive(newton_steps, "newton_steps", integer=True)
-    gauss_newton_steps = check_positive(gauss_newton_steps, "gauss_newton_steps", integer=True)
     if n_init is None:
         n_init = 1 if init is not None else 5
     n_init = check_positive(n_init, "n_init", integer=True)
@@ -430,33 +840,20 @@ def fit_em(
         raise ValueError(
             f"y is constant (every value is {float(y[0]):g}); a mixture of experts needs varying y"
         )
-    x_scale, y_scale = exact_scales(x, y, link)
-    if x_scale is not None or y_scale != 1.0:
-        # extreme magnitudes: fit on data divided by exact powers of two, map the estimate back
-        xs = torch.ones_like(x[0]) if x_scale is None else x_scale
-        fit = fit_em(
-            x / xs,
-            y / y_scale,
-            k,
-            link,
-            init=None if init is None else rescale_estimate(init, x_scale, y_scale, to_user=False),
-            n_init=n_init,
-            bias=bias,
-            tol=tol,
-            max_iter=max_iter,
-            prior_scale=prior_scale,
-            seed=seed,
-            newton_steps=newton_steps,
-            gauss_newton_steps=gauss_newton_steps,
-        )
-        return rescale_estimate(fit, x_scale, y_scale, to_user=True)
+    return _fit_em(x, y, k, link, init=init, n_init=n_init, bias=bias, seed=seed, em=em)
+
+
+@on_exact_scale("estimate", init="estimate")
+def _fit_em(x, y, k, link, *, init, n_init, bias, seed, em) -> MoEEstimate:
+    """:func:`fit_em` on checked arguments; ``em``: the options of :class:`EM`."""
+    n, d = x.shape
     check_enough_rows(
         n,
         num_parameters(d, k, bias),
         k,
         model=f"a mixture of {k} experts on {d} input(s){' with biases' if bias else ''}",
+        stacklevel=5,
     )
-
     starts, kinds = [], []
     if init is not None:
         starts.append(init)
@@ -465,72 +862,30 @@ def fit_em(
     while len(starts) < n_init:
         starts.append(random_start(x, y, k, link, generator, bias=bias))
         kinds.append("random")
-
-    design = torch.cat([x, torch.ones_like(x[:, :1])], dim=-1) if bias else x
-    results = []
-    for start in starts:
-        params = _Parameters(
-            experts_weight=start.experts_weight,
-            experts_bias=start.experts_bias if bias else x.new_zeros(k),
-            gate_weight=start.gate_weight,
-            gate_bias=start.gate_bias if bias else x.new_zeros(k - 1),
-            noise=as_tensor(start.noise, "noise", like=x),
-        )
-        began = time.perf_counter()
-        results.append(
-            (
-                *_run_em(
-                    x,
-                    design,
-                    y,
-                    params,
-                    link,
-                    bias=bias,
-                    prior_scale=prior_scale,
-                    tol=tol,
-                    max_iter=max_iter,
-                    newton_steps=newton_steps,
-                    gauss_newton_steps=gauss_newton_steps,
-                ),
-                time.perf_counter() - began,
-            )
-        )
-
-    finals = [trace[-1] for _, trace, _, _, _, _ in results]
-    best = max(range(len(results)), key=lambda i: finals[i])
-    not_converged = [i for i, r in enumerate(results) if not r[2]]
-    if not_converged:
-        warnings.warn(
-            f"EM did not converge in max_iter={max_iter} iterations for start(s) {not_converged} "
-            f"of {len(results)} (best start: {best}); increase max_iter or tol",
-            ConvergenceWarning,
-            stacklevel=2,
-        )
-    params, trace, converged, n_iter, (effective_rows, collapsed), _ = results[best]
-    _warn_collapse(collapsed, effective_rows, d)
+    starts = [_start_params(start, x, bias) for start in starts]
+    runs, best = EM(x, y, link, update_gate_bias=bias, **em).fit(starts, stacklevel=4)
+    run = runs[best]
     diagnostics = {
-        "n_init": len(results),
+        "n_init": len(runs),
         "start_kinds": kinds,
-        "log_likelihood_per_start": finals,
+        "log_likelihood_per_start": [r.objective for r in runs],
         "best_start": best,
-        "converged": converged,
-        "n_iter": n_iter,
-        "log_likelihood_trace": trace,
-        "converged_per_start": [r[2] for r in results],
-        "n_iter_per_start": [r[3] for r in results],
-        "seconds_per_start": [r[5] for r in results],
-        "objective": "mean log-likelihood" if prior_scale is None else "log posterior / n",
+        "converged": run.converged,
+        "n_iter": run.n_iter,
+        "log_likelihood_trace": run.trace,
+        "converged_per_start": [r.converged for r in runs],
+        "n_iter_per_start": [r.n_iter for r in runs],
+        "seconds_per_start": [r.seconds for r in runs],
+        "objective": "mean log-likelihood" if em["prior_scale"] is None else "log posterior / n",
         "seed": seed,
-        "effective_rows": effective_rows,
-        "collapsed_experts": collapsed,
+        "effective_rows": run.effective_rows,
+        "collapsed_experts": run.collapsed_experts,
     }
-    return MoEEstimate(
-        experts_weight=params.experts_weight,
-        experts_bias=params.experts_bias,
-        gate_weight=params.gate_weight,
-        gate_bias=params.gate_bias,
-        noise=params.noise.reshape(()),
-        link=link,
-        method="em",
-        diagnostics=diagnostics,
-    )
+    params = run.params._replace(noise=run.params.noise.reshape(()))
+    return MoEEstimate.from_params(params, link, method="em", diagnostics=diagnostics)
+
+
+def _start_params(start: MoEEstimate, x: torch.Tensor, bias: bool) -> Params:
+    """A start's parameters on ``x``'s device and dtype; without ``bias`` no offsets at all."""
+    params = start.params._replace(noise=as_tensor(start.noise, "noise", like=x))
+    return params if bias else params._replace(experts_bias=None, gate_bias=None)

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
+from .._validation import check_link
 from . import likelihood, sites
 from .labels import best_permutation, permute_draws
-from .links import Link, get_link
+from .links import Link
 from .params import Params
 
 __all__ = ["MoEEstimate", "parameter_errors"]
@@ -55,7 +56,7 @@ class MoEEstimate:
     diagnostics: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "link", get_link(self.link))
+        object.__setattr__(self, "link", check_link(self.link))
         w = self.experts_weight
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[0] < 2:
             raise ValueError(

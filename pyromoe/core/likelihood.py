@@ -7,7 +7,8 @@ mixture functions take; results have shape ``(..., n)`` or ``(..., n, k)``.
 
 Gate convention (docs/algorithm.md section 1): expert 0 is the reference with logit 0 and expert ``i >= 1``
 has logit ``gate_weight[i - 1] . x + gate_bias[i - 1]``; for k = 2 this is
-``P(expert 1 | x) = sigmoid(w . x + c)``.
+``P(expert 1 | x) = sigmoid(w . x + c)``. ``link`` is a :class:`~pyromoe.core.links.Link` (public
+entry points resolve names once, with :func:`pyromoe._validation.check_link`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 
 import torch
 
-from .links import Link, get_link
+from .links import Link
 from .params import Params
 
 __all__ = [
@@ -32,13 +33,13 @@ def expert_means(
     x: torch.Tensor,
     experts_weight: torch.Tensor,
     experts_bias: torch.Tensor | None,
-    link: str | Link,
+    link: Link,
 ) -> torch.Tensor:
     """Each expert's mean ``g(a_i . x + b_i)``: shape ``(..., n, k)``."""
     z = torch.einsum("nd,...kd->...nk", x, experts_weight)
     if experts_bias is not None:
         z = z + experts_bias.unsqueeze(-2)
-    return get_link(link)(z)
+    return link(z)
 
 
 def gate_logits(
@@ -52,7 +53,7 @@ def gate_logits(
 
 
 def component_log_probs(
-    x: torch.Tensor, y: torch.Tensor, params: Params, link: str | Link
+    x: torch.Tensor, y: torch.Tensor, params: Params, link: Link
 ) -> torch.Tensor:
     """``log gate_i(x_n) + log Normal(y_n | g(a_i . x_n + b_i), noise^2)``: shape ``(..., n, k)``."""
     log_gate = torch.log_softmax(gate_logits(x, params.gate_weight, params.gate_bias), dim=-1)
@@ -66,23 +67,20 @@ def component_log_probs(
     return log_gate + log_normal
 
 
-def log_likelihood(
-    x: torch.Tensor, y: torch.Tensor, params: Params, link: str | Link
-) -> torch.Tensor:
+def log_likelihood(x: torch.Tensor, y: torch.Tensor, params: Params, link: Link) -> torch.Tensor:
     """Per-observation log-likelihood ``log p(y_n | x_n)``, assignments marginalised: shape ``(..., n)``.
 
     Examples
     --------
     >>> x, y = torch.zeros(3, 1), torch.zeros(3)
+    >>> from pyromoe.core.links import LINKS
     >>> params = Params(torch.ones(2, 1), None, torch.zeros(1, 1), None, torch.tensor(1.0))
-    >>> log_likelihood(x, y, params, "linear").shape
+    >>> log_likelihood(x, y, params, LINKS["linear"]).shape
     torch.Size([3])
     """
     return torch.logsumexp(component_log_probs(x, y, params, link), dim=-1)
 
 
-def responsibilities(
-    x: torch.Tensor, y: torch.Tensor, params: Params, link: str | Link
-) -> torch.Tensor:
+def responsibilities(x: torch.Tensor, y: torch.Tensor, params: Params, link: Link) -> torch.Tensor:
     """Posterior responsibilities ``p(expert i | x_n, y_n)``: shape ``(..., n, k)``, rows sum to 1."""
     return torch.softmax(component_log_probs(x, y, params, link), dim=-1)

@@ -1,8 +1,12 @@
 """Expert link functions g, by name: one source of truth for the model, the simulator and the initializer.
 
-Each link is a :class:`Link`: a torch function ``g``, its derivative, and the facts the moment
-initializer needs (whether ``g - g(0)`` is odd, which makes the pair's moments gate-free; see
-docs/algorithm.md section 2).
+Each link is a :class:`Link`: a torch function ``g``, its derivative, and the facts about ``g`` that
+the rest of the package branches on, defined once here in the registry: whether ``g - g(0)`` is odd
+(the pair's moments are then gate-free; docs/algorithm.md section 2), whether ``g`` is the identity
+(experts in closed form, moments exact for any k), positively homogeneous (``y`` may be rescaled) or
+linear on either side of a kink at 0 (Gaussian expectations exact from half-Gaussian moments).
+Public entry points turn a name into a :class:`Link` once (:func:`pyromoe._validation.check_link`);
+the functions below take the :class:`Link`.
 
 Available names: ``"linear"``, ``"tanh"``, ``"relu"``, ``"leaky_relu"`` (negative slope 0.1 by default;
 use :func:`leaky_relu` for another slope) and ``"sigmoid"`` (the plain logistic function, whose centred
@@ -18,15 +22,12 @@ from functools import partial
 
 import torch
 
-from .._validation import check_device
-
 __all__ = [
     "Link",
     "LINKS",
     "get_link",
     "leaky_relu",
     "DEFAULT_LEAKY_SLOPE",
-    "gauss_hermite",
     "centred",
     "gaussian_expectation",
     "transform_constants",
@@ -52,6 +53,15 @@ class Link:
         ``g(0)`` when ``g - g(0)`` is an odd function (linear, tanh, sigmoid), else ``None`` (relu, leaky).
     negative_slope : float
         Slope for ``z < 0`` (leaky ReLU only; 0 for relu, unused otherwise).
+    is_identity : bool
+        ``g(z) = z`` (linear): each expert's M-step is weighted least squares in closed form, and
+        the moment step is exact for any number of experts.
+    positively_homogeneous : bool
+        ``g(s z) = s g(z)`` for ``s > 0`` (linear, relu, leaky_relu): ``y`` may be divided by a
+        scale and the experts map back exactly.
+    kinked : bool
+        ``g`` is linear on either side of a kink at 0 (relu, leaky_relu): its Gaussian expectations
+        are exact from half-Gaussian moments, where quadrature would converge slowly.
     """
 
     name: str
@@ -59,6 +69,9 @@ class Link:
     derivative: Callable[[torch.Tensor], torch.Tensor]
     odd_offset: float | None
     negative_slope: float = 0.0
+    is_identity: bool = False
+    positively_homogeneous: bool = False
+    kinked: bool = False
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         return self.function(z)
@@ -123,13 +136,30 @@ def leaky_relu(negative_slope: float = DEFAULT_LEAKY_SLOPE) -> Link:
         derivative=partial(_leaky_relu_derivative, negative_slope=s),
         odd_offset=None,
         negative_slope=s,
+        positively_homogeneous=True,
+        kinked=True,
     )
 
 
 LINKS: dict[str, Link] = {
-    "linear": Link("linear", _identity, torch.ones_like, odd_offset=0.0),
+    "linear": Link(
+        "linear",
+        _identity,
+        torch.ones_like,
+        odd_offset=0.0,
+        is_identity=True,
+        positively_homogeneous=True,
+    ),
     "tanh": Link("tanh", torch.tanh, _tanh_derivative, odd_offset=0.0),
-    "relu": Link("relu", torch.relu, _relu_derivative, odd_offset=None, negative_slope=0.0),
+    "relu": Link(
+        "relu",
+        torch.relu,
+        _relu_derivative,
+        odd_offset=None,
+        negative_slope=0.0,
+        positively_homogeneous=True,
+        kinked=True,
+    ),
     "leaky_relu": leaky_relu(DEFAULT_LEAKY_SLOPE),
     "sigmoid": Link("sigmoid", torch.sigmoid, _sigmoid_derivative, odd_offset=0.5),
 }
@@ -170,43 +200,13 @@ def get_link(link: str | Link) -> Link:
 # Gaussian expectations of the links and the moment transform constants (docs/algorithm.md section 2).
 # The moment initializer reads these; they are the one place where link-specific maths lives.
 
-#: Default number of Gauss-Hermite nodes (exact for polynomials of degree < 240).
-GAUSS_HERMITE_NODES = 120
-
-
-def gauss_hermite(
-    num_nodes: int = GAUSS_HERMITE_NODES,
-    *,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nodes and weights of Gauss-Hermite quadrature for a standard Gaussian (probabilists').
-
-    ``sum(weights * f(nodes))`` approximates ``E[f(t)]`` for ``t ~ N(0, 1)``; exact for polynomials
-    of degree ``< 2 num_nodes``. Computed by Golub-Welsch (eigen-decomposition of the Jacobi matrix)
-    in float64.
-
-    Examples
-    --------
-    >>> t, w = gauss_hermite(10)
-    >>> round(float((w * t**4).sum()), 10)
-    3.0
-    """
-    if isinstance(device, str):
-        device = check_device(device)
-    m = int(num_nodes)
-    off = torch.arange(1, m, dtype=torch.float64).sqrt()
-    jacobi = torch.diag(off, 1) + torch.diag(off, -1)
-    nodes, vectors = torch.linalg.eigh(jacobi)
-    weights = vectors[0] ** 2
-    return nodes.to(device=device, dtype=dtype), weights.to(device=device, dtype=dtype)
-
 
 def _trapezoid_nodes() -> tuple[torch.Tensor, torch.Tensor]:
     """Trapezoid rule on [-12, 12] against the Gaussian density.
 
     For integrands analytic in a strip (tanh(r t) has poles at distance pi / (2 r)) it converges
-    exponentially in 1/h, faster than Gauss-Hermite, whose 120-node error for tanh(2 t) is ~1e-5.
+    exponentially in 1/h, faster than Gauss-Hermite quadrature (120 nodes: error ~1e-5 for
+    tanh(2 t)).
     """
     t = torch.linspace(-12.0, 12.0, 1201, dtype=torch.float64)
     w = torch.exp(-0.5 * t * t) * (t[1] - t[0]) / math.sqrt(2 * math.pi)
@@ -231,18 +231,17 @@ def _half_gaussian_moment(j: int) -> float:
     return 2.0 ** (j / 2 - 1) * math.gamma((j + 1) / 2) / math.sqrt(math.pi)
 
 
-def centred(link: str | Link, z: torch.Tensor) -> torch.Tensor:
+def centred(link: Link, z: torch.Tensor) -> torch.Tensor:
     """``g(z) - g(0)`` for odd links (e.g. ``sigmoid - 1/2``), ``g(z)`` otherwise.
 
     The moment initializer works with the centred output ``y - g(0)`` so that odd links keep
     their parity (docs/algorithm.md section 2: the plain sigmoid fails for T3).
     """
-    link = get_link(link)
     return link(z) - (link.odd_offset or 0.0)
 
 
 def gaussian_expectation(
-    link: str | Link,
+    link: Link,
     scale,
     power: int = 1,
     hermite: int = 0,
@@ -253,11 +252,11 @@ def gaussian_expectation(
     per-norm constant of the moment method (docs/algorithm.md section 2). ReLU and leaky ReLU are
     computed exactly from half-Gaussian moments (quadrature converges slowly at their kink);
     smooth links by the trapezoid rule on a fine grid (exponentially accurate for them, and more
-    accurate than :func:`gauss_hermite` for tanh at large scales).
+    accurate than Gauss-Hermite quadrature for tanh at large scales).
 
     Parameters
     ----------
-    link : str or Link
+    link : Link
     scale : float or Tensor
         Expert norm(s) ``r >= 0`` (any shape).
     power : int
@@ -271,13 +270,12 @@ def gaussian_expectation(
 
     Examples
     --------
-    >>> round(float(gaussian_expectation("linear", 1.0, power=3, hermite=3)), 10)  # 3! = 6
+    >>> round(float(gaussian_expectation(LINKS["linear"], 1.0, power=3, hermite=3)), 10)  # 3! = 6
     6.0
     """
-    link = get_link(link)
     r = torch.as_tensor(scale, dtype=torch.float64)
     coeffs = _hermite_coefficients(int(hermite))
-    if link.name in ("relu", "leaky_relu"):
+    if link.kinked:
         s = link.negative_slope
         # c(r t)^p He_m(t) = r^p t^p He_m(t) (t > 0), (s r)^p t^p He_m(t) (t < 0), r >= 0
         total = 0.0
@@ -293,9 +291,7 @@ def gaussian_expectation(
     return (values * weights).sum(-1)
 
 
-def transform_constants(
-    link: str | Link, noise: float, scale: float = 1.0
-) -> tuple[float | None, float]:
+def transform_constants(link: Link, noise: float, scale: float = 1.0) -> tuple[float | None, float]:
     """Transform constants ``(alpha, beta)`` of ``P3(y) = y^3 + alpha y``, ``P2(y) = y^2 + beta y``.
 
     They cancel the first-order gate terms of the moments when the gate is orthogonal to the
@@ -307,11 +303,10 @@ def transform_constants(
 
     Examples
     --------
-    >>> alpha, beta = transform_constants("relu", noise=0.5)
+    >>> alpha, beta = transform_constants(LINKS["relu"], noise=0.5)
     >>> round(alpha, 4), round(beta, 4)
     (-6.75, -1.5958)
     """
-    link = get_link(link)
     if link.is_odd:
         return None, 0.0
     r = float(scale)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .links import Link, gaussian_expectation, get_link
+from .links import Link, gaussian_expectation
 
 __all__ = [
     "expert_scales",
@@ -259,7 +259,7 @@ def _first_crossing(values: torch.Tensor, target: float) -> float:
 
 
 def expert_scales(
-    link: str | Link,
+    link: Link,
     directions: torch.Tensor,
     eigenvalues: torch.Tensor,
     *,
@@ -282,7 +282,7 @@ def expert_scales(
 
     Parameters
     ----------
-    link : str or Link
+    link : Link
     directions : Tensor (k, d)
         Un-whitened components ``d_i`` (rows), from :func:`unwhiten`.
     eigenvalues : Tensor (k,)
@@ -296,9 +296,8 @@ def expert_scales(
     -------
     Tensor (k, d)
     """
-    link = get_link(link)
     k = directions.shape[0]
-    if link.name == "linear":
+    if link.is_identity:
         if k == 2:
             return directions
         return directions * (eigenvalues / 3).unsqueeze(-1)

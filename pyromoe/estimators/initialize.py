@@ -1,22 +1,11 @@
-"""``tensor_init``: experts from tensor moments, then the gate by EM (docs/algorithm.md sections 2-4).
+"""``initialize``: a point estimate for any data (docs/algorithm.md section 4).
 
-Where the estimate is consistent (the moment step is exact in the population):
-
-- odd links (linear, tanh, sigmoid after centring ``y - 1/2``) with k = 2, any gate, no biases;
-- relu / leaky_relu with k = 2 only when the gate is orthogonal to the experts AND the experts have
-  equal norms (otherwise the estimate is biased; a ``UserWarning`` says when the fit looks far from
-  that);
-- linear with k > 2 only when the gate is orthogonal to the experts and the norms are equal.
-
-Everywhere else, and whenever ``x`` is far from Gaussian (the score functions are those of a
-Gaussian; standardising ``x`` fixes its mean and covariance only), the estimate is a starting point
-for the likelihood (``refine=True``), not an answer.
+The tensor start of :mod:`pyromoe.estimators.tensor_init` where it applies, guarded by random-start
+EM and a sanity check, with multi-start EM (:func:`pyromoe.core.em.fit_em`) as the fallback.
 """
 
 from __future__ import annotations
 
-import math
-import time
 import warnings
 from dataclasses import replace
 
@@ -24,482 +13,25 @@ import torch
 
 from .._validation import (
     SmallDataWarning,
-    as_tensors,
-    check_count,
     check_enough_rows,
-    check_flag,
-    check_num_experts,
     check_positive,
-    check_seed,
-    exact_scales,
     num_parameters,
-    rescale_estimate,
+    on_exact_scale,
 )
-from ..core import em as _em
-from ..core import gate as _gate
+from ..core.em import CollapseWarning, fit_em, warn_collapse
 from ..core.estimate import MoEEstimate
-from ..core.links import Link, gaussian_expectation, get_link, transform_constants
-from ..core.moments import (
-    choose_alpha,
-    second_moment_tensor,
-    second_moments,
-    standardize,
-    t2_noise_floor,
-    whitened_third_moment,
+from ..core.links import Link
+
+# tensor_init's names stay importable from here (benchmarks/speed.py reads _moment_experts)
+from .tensor_init import (  # noqa: F401
+    MomentsNotApplicableError,
+    _moment_experts,
+    check_arguments,
+    minimum_rows,
+    tensor_init,
 )
-from ..core.tensor import expert_scales, tensor_power_method, unwhiten, whiten
 
-__all__ = ["MomentsNotApplicableError", "tensor_init", "initialize", "minimum_rows"]
-
-#: Cosine (in the metric of x's covariance) between a gate row and an expert above which the
-#: assumptions of relu/leaky and k > 2 look violated.
-COSINE_WARNING = 0.3
-#: Ratio of the largest to the smallest expert norm above which relu/leaky look unequal.
-NORM_RATIO_WARNING = 1.25
-#: Mean log-likelihood per row by which random-start EM must beat the refined tensor start to win.
-RANDOM_MARGIN = 1e-4
-
-
-class MomentsNotApplicableError(ValueError):
-    """The moment (tensor) start cannot apply to these data (``k > d``, too few rows for the
-    moments, T2 of rank below k, constant or collinear inputs); ``initialize(method="auto")``
-    falls back to multi-start EM on this error, and on no other."""
-
-
-def minimum_rows(in_features: int, num_experts: int | None = None) -> int:
-    """Rows :func:`tensor_init` needs: ``max(100, 2 d^2)`` (T2 has d(d+1)/2 entries to estimate).
-
-    With ``num_experts``, also at least the model's free parameters + 1
-    (:func:`pyromoe._validation.num_parameters`), which every point estimate needs.
-    """
-    need = max(100, 2 * int(in_features) ** 2)
-    if num_experts is not None:
-        need = max(need, num_parameters(int(in_features), int(num_experts)) + 1)
-    return need
-
-
-def _metric_cosines(gate_weight, experts_weight, covariance) -> float:
-    """Largest |cos| between gate rows and experts in the inner product of x's covariance."""
-    g = gate_weight.to(covariance.dtype) @ covariance
-    inner = g @ experts_weight.to(covariance.dtype).T
-    gn = (g * gate_weight.to(covariance.dtype)).sum(-1).clamp_min(1e-300).sqrt()
-    en = ((experts_weight.to(covariance.dtype) @ covariance) * experts_weight).sum(-1)
-    en = en.clamp_min(1e-300).sqrt()
-    return float((inner / gn[:, None] / en[None, :]).abs().max())
-
-
-def _centre_of_y(y64: torch.Tensor, link: Link, center_y: bool | None) -> tuple[float, bool]:
-    """The value subtracted from y before the moments, and whether it is y's mean.
-
-    Bias-free two-expert odd-link model: E[y] = E[h(x) (a_1 - a_0).x] with |h| <= 1/2, so
-    E[y]^2 <= |a_1 - a_0|^2 / (2 pi) <= (2 / pi) E[y^2]. A larger mean can only come from an
-    intercept; ``center_y=None`` centres exactly then. Centring a bias-free sample by its mean is
-    NOT harmless: with a non-orthogonal gate E[y] != 0 and E[(y - c)^2 S2] picks up
-    -2 c E[y S2] != 0, a bias that does not shrink with n.
-    """
-    offset = float(link.odd_offset or 0.0)
-    if not link.is_odd:
-        return 0.0, False  # relu/leaky: E[y] carries the expert norm, never centred
-    mean = float(y64.mean())
-    if center_y is None:
-        second = float(torch.dot(y64, y64)) / y64.shape[0] - 2 * offset * mean + offset**2
-        centred = (mean - offset) ** 2 > (2 / math.pi) * second
-    else:
-        centred = bool(center_y)
-    return (mean, True) if centred else (offset, False)
-
-
-def _moment_experts(x, y, k, link: Link, noise, chunk_size, seed, center_y=None):
-    """The moment step: expert weights and biases in user coordinates, noise, diagnostics."""
-    n, d = x.shape
-    y64 = y.to(torch.float64)  # no copy for float64 input; only O(n) reductions below
-    centre, centred = _centre_of_y(y64, link, center_y)
-    mean_y = float(y64.mean())
-    second_y = float(torch.dot(y64, y64)) / n - 2 * centre * mean_y + centre**2  # E[(y - c)^2]
-
-    alpha = beta = None
-    noise_moment = None
-    if not link.is_odd:
-        # equal norms r and an orthogonal gate (the case where relu is exact): E[y] = r E[g(t)]
-        mean_g = float(gaussian_expectation(link, 1.0, 1, 0))
-        mean_g2 = float(gaussian_expectation(link, 1.0, 2, 0))
-        r0 = (mean_y - centre) / mean_g
-        if not r0 > 0:
-            r0 = math.sqrt(second_y / mean_g2)
-        noise_moment = math.sqrt(max(second_y - r0**2 * mean_g2, 1e-3 * second_y))
-        sigma = noise if noise is not None else noise_moment
-        alpha, beta = transform_constants(link, sigma, r0)
-    else:
-        beta = 0.0
-    moments = second_moments(x, y, centre=centre, beta=beta, chunk_size=chunk_size)
-    standardizer = standardize(moments)
-    t2 = second_moment_tensor(moments, standardizer)
-    # Refuse only when the k-th eigenvalue is within sampling noise. The plain semicircle edge
-    # 2 sqrt(d E[P2^2] / n) overstated the noise (null eigenvalues at 0.4-0.65 of it at d = 5,
-    # n = 2000) and refused good starts; t2_noise_floor uses the null block's size d - k + 1 and
-    # Var(P2) (standardising removes E[P2]), which matches the measured null eigenvalues.
-    noise_floor = t2_noise_floor(moments, k)
-    whitening = whiten(t2, k, noise_floor=noise_floor)
-    projection = standardizer.whitening @ whitening.projection
-    third = whitened_third_moment(
-        x, y, moments.mean, projection, whitening.gram, centre=centre, chunk_size=chunk_size
-    )
-    ratio = None
-    if link.is_odd and not (link.name == "linear" and k > 2):
-        alpha, ratio = choose_alpha(third, second_y)
-    elif link.name == "linear":
-        alpha = -3.0 * second_y  # exact for k > 2 with an orthogonal gate and equal norms
-        ratio = third.variance(alpha) / float(third.tensor(alpha).pow(2).sum())
-    else:
-        ratio = third.variance(alpha) / float(third.tensor(alpha).pow(2).sum())
-    t3 = third.tensor(alpha)
-    generator = torch.Generator().manual_seed(int(seed))
-    decomposition = tensor_power_method(t3, generator=generator)
-    directions = unwhiten(whitening, decomposition.eigenvectors)
-    first = standardizer.whitening.T @ moments.first  # E[yc z]
-    weight_std = expert_scales(
-        link, directions, decomposition.eigenvalues, beta=beta, first_moment=first
-    )
-    norms = weight_std.norm(dim=-1)
-    if link.is_odd:
-        mean_g2 = torch.stack([gaussian_expectation(link, float(r), 2, 0) for r in norms])
-        noise_moment = math.sqrt(max(second_y - float(mean_g2.mean()), 1e-3 * second_y))
-    # an output offset is an intercept for the linear link only (tanh cannot represent it)
-    intercept = centre if (centred and link.name == "linear") else 0.0
-    bias_std = torch.full((k,), intercept, dtype=torch.float64)
-    weight, bias = standardizer.to_user(weight_std, bias_std.to(weight_std.device))
-    diagnostics = {
-        "t2_eigenvalues": whitening.eigenvalues[: k + 1].tolist(),
-        "t2_eigengap": whitening.eigengap,
-        "t2_noise_floor": whitening.noise_floor,
-        "whitening_condition_number": whitening.condition_number,
-        "x_condition_number": standardizer.condition_number,
-        "tensor_eigenvalues": decomposition.eigenvalues.tolist(),
-        "decomposition_residual": decomposition.residual,
-        "alpha": float(alpha),
-        "beta": float(beta),
-        "t3_noise_to_signal": float(ratio),
-        "noise_from_moments": noise_moment,
-        "expert_norms_standardised": norms.tolist(),
-        "y_centre": centre,
-        "y_centred_by_mean": centred,
-        "num_chunks": moments.num_chunks,
-        "passes_over_data": 2,
-    }
-    return weight, bias, noise_moment, standardizer, diagnostics
-
-
-def tensor_init(
-    x,
-    y,
-    num_experts: int = 2,
-    link: str | Link = "linear",
-    *,
-    noise: float | None = None,
-    refine: bool = False,
-    random_starts: int = 2,
-    center_y: bool | None = None,
-    chunk_size: int = 4096,
-    seed: int = 0,
-) -> MoEEstimate:
-    """Moment (tensor) estimate of the experts, then the gate by EM with the experts fixed.
-
-    Steps (docs/algorithm.md): standardise ``x`` (centre, whiten by its covariance); centre ``y``
-    (see ``center_y``); two streaming passes give
-    ``T2 = E[P2(y) S2(z)]`` and the whitened ``T3``; the tensor power method gives the expert
-    directions, scales and signs; :func:`pyromoe.core.gate.fit_gate` then fits the gate (and noise)
-    by EM with the experts fixed (for n > 200,000 it first runs on 50,000 random rows and finishes
-    on all rows from there: the same fixed point in fewer full passes). The result is mapped back
-    to the user's coordinates.
-
-    Biases, honestly: the moment step targets the bias-free model on standardised inputs (an
-    offset in ``x`` is removed exactly by standardising). A common intercept in ``y`` cannot be
-    told apart from the gate's effect on ``E[y]`` by moments: ``center_y`` decides. Expert biases
-    are then set from the centring (linear) or to ``-a . mean(x)`` (other links) and kept fixed
-    while the gate (with its bias) is fitted; only ``refine=True`` fits the expert biases.
-    The estimate is consistent only where docs/algorithm.md says the moments are exact (see the
-    module docstring); elsewhere it is a start for the likelihood.
-
-    Parameters
-    ----------
-    x : Tensor or array (n, d)
-        Inputs; results follow its device and dtype.
-    y : Tensor or array (n,)
-        Outputs.
-    num_experts : int
-        ``k``, with ``2 <= k <= d`` (the moments cannot separate more experts than features).
-    link : str or Link
-        The experts' link.
-    noise : float, optional
-        Noise standard deviation if known: then used for the transform constants and kept fixed
-        in the gate fit. Default: estimated from ``E[y^2] - E[g(a.z)^2]`` and refined by gate EM.
-    refine : bool
-        Run joint EM over all parameters (biases included) from this estimate
-        (:func:`pyromoe.core.em.fit_em`), plus ``random_starts`` random-start EM runs; the best
-        log-likelihood wins and ``diagnostics["refine_winner"]`` says which.
-    random_starts : int
-        Random starts tried alongside the refinement (0 for the fastest refinement).
-    center_y : bool, optional
-        Subtract the mean of ``y`` before the moments (odd links only; relu/leaky never centre,
-        their ``E[y]`` carries the experts' norm). ``False``: subtract ``g(0)`` only (0, or 1/2 for
-        sigmoid): consistent for the bias-free model, biased by an intercept. ``True``: removes a
-        common intercept but biases the bias-free model whenever the gate makes ``E[y] != 0``
-        (the error then stops shrinking with n). ``None`` (default): centre only when the mean of
-        ``y`` is larger than any bias-free two-expert model can produce
-        (``mean(y)^2 > (2/pi) mean(y^2)``), i.e. when an intercept is certain;
-        ``diagnostics["y_centred_by_mean"]`` says which was done.
-    chunk_size : int
-        Rows per chunk of the moment passes: bounds extra memory to O(chunk_size d).
-    seed : int or None
-        Seeds the tensor power method's restarts, the gate EM's start and the refinement.
-        ``None`` draws a fresh seed; the one used is ``diagnostics["seed"]``.
-
-    Returns
-    -------
-    MoEEstimate
-        ``method="tensor"`` (or ``"tensor+em"`` / ``"em"`` after refinement) with diagnostics: T2
-        eigenvalues, eigengap and noise floor, whitening condition number, tensor eigenvalues,
-        decomposition residual, alpha and beta used, T3 noise-to-signal, gate EM trace and
-        convergence flag, chunk count, timings.
-
-    Raises
-    ------
-    MomentsNotApplicableError
-        (a ``ValueError``) ``num_experts > in_features``; fewer rows than :func:`minimum_rows`;
-        constant or collinear columns of ``x``; T2 with fewer than k clearly non-zero
-        eigenvalues ("the data look like fewer than k experts").
-    ValueError
-        Constant ``y``; NaN/inf; fewer rows than free parameters + 1; invalid arguments.
-
-    Warns
-    -----
-    UserWarning
-        When the fitted gate is far from orthogonal to the experts (relu/leaky or k > 2) or the
-        relu/leaky experts have unequal norms: the moment estimate is then biased. Under
-        :data:`pyromoe._validation.ROWS_PER_PARAMETER_WARN` rows per free parameter.
-    CollapseWarning
-        When the (gate or refined) fit ends with an expert holding fewer than ``d + 1``
-        effective rows (``diagnostics["collapsed_experts"]``).
-
-    Notes
-    -----
-    Columns of ``x`` (and ``y``, linear/relu/leaky links) of extreme magnitude (beyond ``1e77``
-    or under ``1e-77`` in float64, where the moments overflow) are divided by exact powers of two
-    before the work and the estimate is mapped back (``diagnostics["input_scaling"]``).
-
-    Examples
-    --------
-    >>> from pyromoe import simulate
-    >>> data = simulate(20000, 5, seed=0)
-    >>> est = tensor_init(data.x, data.y)
-    >>> est.experts_weight.shape, est.method
-    (torch.Size([2, 5]), 'tensor')
-    """
-    k = check_num_experts(num_experts)
-    link = get_link(link)
-    x, y = as_tensors(x, y)
-    n, d = x.shape
-    if noise is not None:
-        noise = check_positive(noise, "noise")
-    if center_y is not None and not isinstance(center_y, bool):
-        raise TypeError(f"center_y must be True, False or None; got {type(center_y).__name__}")
-    refine = check_flag(refine, "refine")
-    random_starts = check_count(random_starts, "random_starts", minimum=0)
-    chunk_size = check_count(chunk_size, "chunk_size", minimum=1)
-    seed = check_seed(seed)
-    x_scale, y_scale = exact_scales(x, y, link)
-    if x_scale is not None or y_scale != 1.0:
-        # extreme magnitudes: the moments would overflow; fit on data divided by exact powers of
-        # two and map the estimate back
-        xs = torch.ones_like(x[0]) if x_scale is None else x_scale
-        estimate = tensor_init(
-            x / xs,
-            y / y_scale,
-            k,
-            link,
-            noise=None if noise is None else noise / y_scale,
-            refine=refine,
-            random_starts=random_starts,
-            center_y=center_y,
-            chunk_size=chunk_size,
-            seed=seed,
-        )
-        return rescale_estimate(estimate, x_scale, y_scale, to_user=True)
-    if k > d:
-        raise MomentsNotApplicableError(
-            f"num_experts={k} exceeds in_features={d}: the moment method needs num_experts <= "
-            "in_features (T2 has rank at most d). Use pyromoe.core.em.fit_em with several random starts."
-        )
-    parameters, need = num_parameters(d, k), minimum_rows(d, k)
-    if parameters < n < need:  # enough rows for a point estimate, too few for the moments
-        raise MomentsNotApplicableError(
-            f"x has {n} rows; tensor_init needs at least {need} rows for {d} features "
-            f"(max(100, 2 d^2)) to estimate the moments. Use pyromoe.core.em.fit_em for small data."
-        )
-    check_enough_rows(
-        n, parameters, k, model=f"a mixture of {k} experts on {d} input(s) with biases"
-    )
-    spread = float(y.to(torch.float64).std())
-    if not spread > 1e-12 * (1.0 + float(y.to(torch.float64).abs().max())):
-        raise ValueError(
-            f"y is constant (every value is {float(y[0]):.6g}): there is nothing for the experts "
-            "to explain. Check that y is the response column."
-        )
-
-    start = time.perf_counter()
-    try:
-        weight, bias, noise_moment, standardizer, diagnostics = _moment_experts(
-            x, y, k, link, noise, chunk_size, seed, center_y
-        )
-    except ValueError as error:  # arguments are checked above: these are the data's
-        raise MomentsNotApplicableError(str(error)) from error
-    moment_seconds = time.perf_counter() - start
-    weight = weight.to(x.dtype)
-    bias = bias.to(x.dtype)
-    sigma = noise if noise is not None else noise_moment
-
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        # reported below for the returned fit only (refine=True fits again)
-        warnings.simplefilter("ignore", _gate.CollapseWarning)
-        fit, warm_iter = _fit_gate_staged(x, y, weight, bias, link, sigma, noise is None, seed)
-    gate_seconds = time.perf_counter() - start
-    if not refine:
-        _gate._warn_collapse(fit.collapsed_experts, fit.effective_rows, d)
-    diagnostics.update(
-        {
-            "gate_log_likelihood_trace": list(fit.log_likelihood_trace),
-            "gate_converged": bool(fit.converged),
-            "gate_n_iter": int(fit.n_iter),
-            "gate_warm_start_rows": min(GATE_WARM_START_ROWS, n) if warm_iter else 0,
-            "gate_warm_start_n_iter": warm_iter,
-            "moment_seconds": moment_seconds,
-            "gate_seconds": gate_seconds,
-            "seed": seed,
-            "effective_rows": list(fit.effective_rows),
-            "collapsed_experts": list(fit.collapsed_experts),
-        }
-    )
-    estimate = MoEEstimate(
-        experts_weight=weight,
-        experts_bias=bias,
-        gate_weight=fit.gate_weight.to(x.dtype),
-        gate_bias=fit.gate_bias.to(x.dtype),
-        noise=torch.as_tensor(fit.noise, dtype=x.dtype, device=x.device),
-        link=link,
-        method="tensor",
-        diagnostics=diagnostics,
-    )
-    cosine = _metric_cosines(estimate.gate_weight, weight, standardizer.covariance)
-    diagnostics["max_gate_expert_cosine"] = cosine
-    if (not link.is_odd or k > 2) and cosine > COSINE_WARNING:
-        warnings.warn(
-            f"the fitted gate is far from orthogonal to the experts (|cos| = {cosine:.2f} > "
-            f"{COSINE_WARNING}): the moment estimate for link={link.name!r}, k={k} assumes an "
-            "orthogonal gate and is biased here; use refine=True.",
-            UserWarning,
-            stacklevel=2,
-        )
-    if not link.is_odd:
-        norms = diagnostics["expert_norms_standardised"]
-        if max(norms) > NORM_RATIO_WARNING * max(min(norms), 1e-12):
-            warnings.warn(
-                f"the {link.name} experts have unequal norms ({[round(v, 3) for v in norms]} on "
-                "standardised inputs): the moment transform assumes equal norms and is biased "
-                "here; use refine=True.",
-                UserWarning,
-                stacklevel=2,
-            )
-    if refine:
-        estimate = _refine(x, y, k, link, estimate, random_starts, seed)
-    return estimate
-
-
-#: Gate EM first runs on this many random rows when n is over 4 times larger, then finishes on all
-#: rows from there: the same fixed point, with most iterations on a small subsample.
-GATE_WARM_START_ROWS = 50_000
-
-
-def _fit_gate_staged(x, y, weight, bias, link, sigma, fit_noise: bool, seed: int):
-    """Gate EM with the experts fixed; on large data warm-started on a random subsample.
-
-    Returns the fit on all rows and the number of warm-start iterations (0 when none ran).
-    """
-    n = x.shape[0]
-    init_weight = init_bias = None
-    warm_iter = 0
-    if n > 4 * GATE_WARM_START_ROWS:
-        generator = torch.Generator().manual_seed(int(seed))
-        rows = torch.randperm(n, generator=generator)[:GATE_WARM_START_ROWS].to(x.device)
-        with warnings.catch_warnings():
-            # a warm start that stops early (or looks collapsed) is finished on all rows below
-            warnings.simplefilter("ignore", _gate.ConvergenceWarning)
-            warnings.simplefilter("ignore", _gate.CollapseWarning)
-            warm = _gate.fit_gate(
-                x[rows], y[rows], weight, bias, link, noise=sigma, fit_noise=fit_noise, seed=seed
-            )
-        init_weight, init_bias, warm_iter = warm.gate_weight, warm.gate_bias, int(warm.n_iter)
-        if fit_noise:
-            sigma = float(warm.noise)
-    fit = _gate.fit_gate(
-        x,
-        y,
-        weight,
-        bias,
-        link,
-        noise=sigma,
-        fit_noise=fit_noise,
-        init_gate_weight=init_weight,
-        init_gate_bias=init_bias,
-        seed=seed,
-    )
-    return fit, warm_iter
-
-
-def _refine(x, y, k, link, estimate: MoEEstimate, random_starts: int, seed: int) -> MoEEstimate:
-    """Joint EM from the moment estimate, against ``random_starts`` random starts; best wins."""
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        # only the winner's collapse is worth a warning (below); rows were checked by the caller
-        warnings.simplefilter("ignore", _gate.CollapseWarning)
-        warnings.simplefilter("ignore", SmallDataWarning)
-        from_tensor = _em.fit_em(x, y, k, link, init=estimate, n_init=1, seed=seed)
-        refine_seconds = time.perf_counter() - start
-        candidates = {"tensor": from_tensor}
-        random_seconds = 0.0
-        if random_starts > 0:
-            start = time.perf_counter()
-            candidates["random"] = _em.fit_em(x, y, k, link, n_init=random_starts, seed=seed + 1)
-            random_seconds = time.perf_counter() - start
-    scores = {name: float(est.log_likelihood(x, y).mean()) for name, est in candidates.items()}
-    # random starts must beat the tensor start by a real margin (RANDOM_MARGIN nats per row): two
-    # runs converging to the same optimum differ in the last digits and that is not a "win"
-    winner = "tensor"
-    if "random" in scores and scores["random"] > scores["tensor"] + RANDOM_MARGIN:
-        winner = "random"
-    best = candidates[winner]
-    diagnostics = dict(estimate.diagnostics)
-    em_diag = dict(from_tensor.diagnostics)
-    diagnostics.update(
-        {
-            "refined": True,
-            "refine_winner": winner,
-            "refine_log_likelihoods": scores,
-            "refine_converged": em_diag.get("converged"),
-            "refine_n_iter": em_diag.get("n_iter"),
-            "refine_seconds": refine_seconds,
-            "random_starts_seconds": random_seconds,
-            "moment_estimate_experts_weight": estimate.experts_weight.tolist(),
-            "effective_rows": best.diagnostics["effective_rows"],
-            "collapsed_experts": best.diagnostics["collapsed_experts"],
-        }
-    )
-    _gate._warn_collapse(
-        diagnostics["collapsed_experts"], diagnostics["effective_rows"], x.shape[1]
-    )
-    return replace(
-        best, method="tensor+em" if winner == "tensor" else "em", diagnostics=diagnostics
-    )
+__all__ = ["MomentsNotApplicableError", "initialize", "minimum_rows", "tensor_init"]
 
 
 #: Largest gate-weight norm (per unit standard deviation of x) that `initialize` accepts as a sane
@@ -609,49 +141,44 @@ def initialize(
     """
     if method not in ("auto", "tensor", "em"):
         raise ValueError(f"method must be 'auto', 'tensor' or 'em'; got {method!r}")
-    x, y = as_tensors(x, y)
-    k = check_num_experts(num_experts)
-    link = get_link(link)
+    x, y, k, link, noise, chunk_size, seed = check_arguments(
+        x, y, num_experts, link, noise, chunk_size, seed
+    )
     n_init = check_positive(n_init, "n_init", integer=True)
-    if noise is not None:
-        noise = check_positive(noise, "noise")
-    chunk_size = check_count(chunk_size, "chunk_size", minimum=1)
-    seed = check_seed(seed)
+    return _initialize(
+        x, y, k, link, method, n_init=n_init, noise=noise, chunk_size=chunk_size, seed=seed
+    )
+
+
+@on_exact_scale("estimate", noise="y")
+def _initialize(x, y, k, link, method, *, n_init, noise, chunk_size, seed) -> MoEEstimate:
+    """:func:`initialize` on checked arguments."""
     n, d = x.shape
-    x_scale, y_scale = exact_scales(x, y, link)
-    if x_scale is not None or y_scale != 1.0:
-        # extreme magnitudes: work on data divided by exact powers of two, map the result back
-        xs = torch.ones_like(x[0]) if x_scale is None else x_scale
-        estimate = initialize(
-            x / xs,
-            y / y_scale,
-            k,
-            link,
-            method,
-            n_init=n_init,
-            noise=None if noise is None else noise / y_scale,
-            chunk_size=chunk_size,
-            seed=seed,
-        )
-        return rescale_estimate(estimate, x_scale, y_scale, to_user=True)
     check_enough_rows(
-        n, num_parameters(d, k), k, model=f"a mixture of {k} experts on {d} input(s) with biases"
+        n,
+        num_parameters(d, k),
+        k,
+        model=f"a mixture of {k} experts on {d} input(s) with biases",
+        stacklevel=5,
     )
     with warnings.catch_warnings():
         # the rows were checked (and warned about) once, here; collapse is reported for the
         # returned fit only
         warnings.simplefilter("ignore", SmallDataWarning)
-        warnings.simplefilter("ignore", _gate.CollapseWarning)
-        estimate = _initialize(x, y, k, link, method, n_init, noise, chunk_size, seed)
+        warnings.simplefilter("ignore", CollapseWarning)
+        estimate = _choose(x, y, k, link, method, n_init, noise, chunk_size, seed)
     diagnostics = estimate.diagnostics
-    _gate._warn_collapse(
-        diagnostics.get("collapsed_experts", []), diagnostics.get("effective_rows", []), d
+    warn_collapse(
+        diagnostics.get("collapsed_experts", []),
+        diagnostics.get("effective_rows", []),
+        d,
+        stacklevel=5,
     )
     return estimate
 
 
-def _initialize(x, y, k, link, method, n_init, noise, chunk_size, seed) -> MoEEstimate:
-    """:func:`initialize` on checked arguments."""
+def _choose(x, y, k, link, method, n_init, noise, chunk_size, seed) -> MoEEstimate:
+    """The start for :func:`initialize` (``method`` on checked, ordinary-scale data)."""
     d = x.shape[1]
 
     def labelled(estimate: MoEEstimate, initializer: str, reason: str) -> MoEEstimate:
@@ -660,7 +187,7 @@ def _initialize(x, y, k, link, method, n_init, noise, chunk_size, seed) -> MoEEs
         return replace(estimate, diagnostics=diagnostics)
 
     def multistart(reason: str) -> MoEEstimate:
-        fit = _em.fit_em(x, y, k, link, n_init=n_init, seed=seed)
+        fit = fit_em(x, y, k, link, n_init=n_init, seed=seed)
         return labelled(
             fit,
             "em",
@@ -708,7 +235,7 @@ def _initialize(x, y, k, link, method, n_init, noise, chunk_size, seed) -> MoEEs
         # data). Refit from the moment estimate as MAP with the model's default gate prior scale,
         # which keeps the gate moderate, as the Bayesian model will.
         moment = tensor_init(x, y, k, link, noise=noise, chunk_size=chunk_size, seed=seed)
-        estimate = _em.fit_em(x, y, k, link, init=moment, prior_scale=MAP_PRIOR_SCALE, seed=seed)
+        estimate = fit_em(x, y, k, link, init=moment, prior_scale=MAP_PRIOR_SCALE, seed=seed)
         second = _sanity_problem(estimate, x)
         if second is not None:
             return multistart(f"the tensor start -> EM estimate is not a sane seed: {problem}")

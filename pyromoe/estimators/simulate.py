@@ -8,10 +8,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .._validation import check_device, check_flag, check_num_experts, check_positive, check_seed
+from .._validation import (
+    check_device,
+    check_flag,
+    check_link,
+    check_num_experts,
+    check_positive,
+    check_seed,
+)
 from ..core.estimate import MoEEstimate
 from ..core.likelihood import expert_means, gate_logits
-from ..core.links import Link, get_link
+from ..core.links import Link
 
 __all__ = ["SimulatedData", "simulate"]
 
@@ -107,7 +114,7 @@ def simulate(
     n = check_positive(n, "n", integer=True)
     d = check_positive(in_features, "in_features", integer=True)
     k = check_num_experts(num_experts)
-    link = get_link(link)
+    link = check_link(link)
     noise = check_positive(noise, "noise")
     seed = check_seed(seed)
     bias = check_flag(bias, "bias")

@@ -318,12 +318,16 @@ def test_init_of_the_wrong_type_is_refused(data, model):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_run_nuts_and_fit_svi_on_cuda(data, model):
     x, y, truth = data.x.cuda(), data.y.cuda(), data.truth.to(device="cuda")
+    cuda_state, cpu_state = torch.cuda.get_rng_state(), torch.get_rng_state()
     idata = run_nuts(
         model, x, y, init=truth, num_chains=1, num_warmup=10, num_samples=5, progress=False
     )
     assert idata.posterior["experts.weight"].shape == (1, 5, 2, 2)
     idata = fit_svi(model, x, y, init=truth, num_steps=10, num_samples=5, progress=False)
     assert idata.posterior["noise"].shape == (1, 5)
+    # the fits drew from the seeded CUDA and CPU generators and left both as they were
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_state)
+    assert torch.equal(torch.get_rng_state(), cpu_state)
 
 
 # ---------------------------------------------------------------------------------- acceptance

@@ -20,12 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._validation import check_count, check_device, check_num_experts, check_seed, num_parameters
+from .._validation import (
+    check_count,
+    check_device,
+    check_link,
+    check_num_experts,
+    check_seed,
+    num_parameters,
+)
 from ..bayes.model import MixtureOfExperts
 from ..core import sites
 from ..core.em import fit_em
 from ..core.estimate import MoEEstimate, parameter_errors
-from ..core.links import get_link
 from ..estimators.initialize import initialize
 from .io import (
     read_table,
@@ -490,7 +496,7 @@ def _initializer_text(estimate: MoEEstimate) -> str:
 def _check_run_arguments(*, num_experts, link, seed, device, overwrite) -> None:
     """The checks shared by :func:`run_demo` and :func:`run_fit`, before any work."""
     check_num_experts(num_experts)
-    get_link(link)
+    check_link(link)
     check_seed(seed)
     check_device(device)
     if not isinstance(overwrite, bool):

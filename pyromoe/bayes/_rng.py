@@ -20,7 +20,7 @@ __all__ = ["seeded_rng"]
 
 @contextlib.contextmanager
 def seeded_rng(seed: int, device: torch.device | str | None = None):
-    """Seed torch, ``random`` and ``numpy.random`` from ``seed`` inside the block; restore them after.
+    """Seed torch, ``random`` and ``numpy.random`` from ``seed`` in the block; restore them after.
 
     Parameters
     ----------

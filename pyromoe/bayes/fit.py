@@ -621,8 +621,8 @@ def run_nuts(
     jitter : bool or float
         Dispersed starts, needed for a meaningful r_hat (only with an estimate). ``True``: each
         chain starts at a draw from the Laplace approximation at the estimate
-        (:func:`pyromoe.bayes.laplace.laplace_approximation`, in unconstrained space). A float ``s``: the
-        estimate plus ``s * N(0, 1)`` per unconstrained coordinate. ``False`` / ``0``: every chain
+        (:func:`pyromoe.bayes.laplace.laplace_approximation`, in unconstrained space). A float
+        ``s``: the estimate plus ``s * N(0, 1)`` per unconstrained coordinate. ``False`` / ``0``: every chain
         starts exactly at the estimate.
     progress : bool
         Pyro's progress bars.

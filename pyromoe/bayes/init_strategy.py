@@ -10,11 +10,11 @@ site to a fallback strategy. It works wherever Pyro takes an init strategy::
     AutoLowRankMultivariateNormal(model, init_loc_fn=init_to_moments(estimate=est))
     AutoDelta(model, init_loc_fn=init_to_moments(estimate=est))
 
-Dispersed starts (docs/algorithm.md section 5): with ``jitter`` each model execution (each MCMC chain, each
-autoguide set-up) gets its own draw around the estimate, in the site's unconstrained space, like
-:func:`~pyro.infer.autoguide.initialization.init_to_generated`. :func:`~pyromoe.bayes.laplace.laplace_scales` gives the
-natural scale for that jitter (:mod:`pyromoe.bayes.laplace`): the marginal posterior standard
-deviations of the Laplace approximation at the estimate.
+Dispersed starts (docs/algorithm.md section 5): with ``jitter`` each model execution (each MCMC
+chain, each autoguide set-up) gets its own draw around the estimate, in the site's unconstrained
+space, like :func:`~pyro.infer.autoguide.initialization.init_to_generated`.
+:func:`~pyromoe.bayes.laplace.laplace_scales` gives the natural scale for that jitter: the marginal
+posterior standard deviations of the Laplace approximation at the estimate.
 """
 
 from __future__ import annotations
@@ -198,8 +198,8 @@ def init_to_moments(
         ``0`` / ``None`` (default): start exactly at the estimate. A float ``s``: each model execution
         moves every element by ``s * N(0, 1)`` in the site's unconstrained space (log scale for the
         noise). A dict gives per-site scales (scalars or tensors of the site's shape), e.g.
-        :func:`~pyromoe.bayes.laplace.laplace_scales`. Each execution of the model (each MCMC chain set-up, each autoguide)
-        draws afresh, so chains started from one strategy are dispersed.
+        :func:`~pyromoe.bayes.laplace.laplace_scales`. Each execution of the model (each MCMC
+        chain set-up, each autoguide) draws afresh, so chains started from one strategy are dispersed.
     seed : int, optional
         Seed of the private generator used for the jitter, an int in ``[0, 2**63)``. ``None``: a
         fresh seed when the strategy is created (torch's global generator is neither read nor

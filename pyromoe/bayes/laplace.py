@@ -1,13 +1,13 @@
-"""Laplace approximation of the posterior at a point estimate: the natural scale of dispersed starts.
+"""Laplace approximation of the posterior at a point estimate: the scale of dispersed starts.
 
 Built from Pyro's own pieces: the potential energy and unconstrained starting point of
 :func:`pyro.infer.mcmc.util.initialize_model` (negative log joint density including priors and the
 log-Jacobian of each site's transform, exactly what HMC/NUTS sample from) and the Hessian of
-:func:`pyro.ops.hessian.hessian`, which differentiates with respect to a list of tensors and flattens
-them in list order; that order (site names, sorted) is the layout of ``loc`` and ``covariance``.
-Unlike :meth:`pyro.infer.autoguide.AutoLaplaceApproximation.laplace_approximation`, which inverts the
-Hessian as it is, the curvature is floored (see :func:`laplace_approximation`), because an estimate
-from moments or EM is close to a mode but need not be one.
+:func:`pyro.ops.hessian.hessian`, which differentiates with respect to a list of tensors and
+flattens them in list order; that order (site names, sorted) is the layout of ``loc`` and
+``covariance``. Unlike :meth:`pyro.infer.autoguide.AutoLaplaceApproximation.laplace_approximation`,
+which inverts the Hessian as it is, the curvature is floored (see :func:`laplace_approximation`):
+an estimate from moments or EM is close to a mode but need not be one.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def laplace_approximation(model, x, y, estimate: MoEEstimate, *, min_curvature: 
     --------
     >>> from pyromoe import MixtureOfExperts, simulate
     >>> data = simulate(200, 2, seed=0)
-    >>> approx = laplace_approximation(MixtureOfExperts(2, 2, bias=False), data.x, data.y, data.truth)
+    >>> model = MixtureOfExperts(2, 2, bias=False)
+    >>> approx = laplace_approximation(model, data.x, data.y, data.truth)
     >>> approx["names"], tuple(approx["covariance"].shape)
     (['experts.weight', 'gate.weight', 'noise'], (7, 7))
     """
@@ -97,7 +98,7 @@ def laplace_approximation(model, x, y, estimate: MoEEstimate, *, min_curvature: 
 
 
 def laplace_scales(model, x, y, estimate: MoEEstimate, *, min_curvature: float = 0.1):
-    """Marginal posterior standard deviations at ``estimate`` (Laplace), per site, unconstrained space.
+    """Marginal posterior sds at ``estimate`` (Laplace), per site, in unconstrained space.
 
     The natural ``jitter`` for :func:`~pyromoe.bayes.init_strategy.init_to_moments`:
     ``init_to_moments(estimate=est, jitter=laplace_scales(model, x, y, est))``. See

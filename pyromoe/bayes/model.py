@@ -49,7 +49,7 @@ def _drop_obs_dim(params: Params) -> Params:
 
 
 def _site_of_attribute(name: str) -> str | None:
-    """The site an attribute name stands for: ``noise`` -> ``noise``, ``gate_weight`` -> ``gate.weight``."""
+    """The site an attribute name stands for (``gate_weight`` -> ``gate.weight``), or None."""
     for site in sites.PARAMETER_SITES:
         if name in (site, site.replace(".", "_")):
             return site

@@ -51,6 +51,10 @@ def main(argv: list[str]) -> int:
     env = dict(os.environ, MPLBACKEND="Agg")
     if command == "demo":
         return subprocess.run([str(BIN / "pyromoe"), "demo", *rest], cwd=ROOT, env=env).returncode
+    # one thread policy for the tests: torch runs single-threaded (tests/conftest.py sets it for
+    # the pytest process; OMP_NUM_THREADS covers the notebook kernels nbmake starts, which inherit
+    # this environment). The data are small and the machines shared: one thread is fastest.
+    env["OMP_NUM_THREADS"] = "1"
     # a notebook cell may run NUTS for a few minutes on a slow 2-core machine: 600 s per cell
     tests = [
         str(PYTHON),

@@ -8,16 +8,7 @@ import torch
 
 from pyromoe import MoEEstimate, parameter_errors, simulate
 from pyromoe.core.em import fit_em, random_start
-from pyromoe.core.gate import ConvergenceWarning
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a small shared machine, torch's thread pool slows these fits 3-4x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from pyromoe.core.gate import ConvergenceWarning, fit_gate
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +251,36 @@ def test_fit_em_runs_on_cuda(linear_k2):
     fit = fit_em(linear_k2.x.cuda(), linear_k2.y.cuda(), 2, n_init=2)
     assert fit.experts_weight.device.type == "cuda"
     assert parameter_errors(fit.to(device="cpu"), linear_k2.truth)["experts"] < 0.05
+
+
+def _threads_calls():
+    from pyromoe import initialize, tensor_init
+
+    data = simulate(5000, 3, num_experts=2, seed=0)  # enough rows for the moment start
+    t = data.truth
+    return [
+        lambda n: fit_em(data.x, data.y, 2, n_init=1, max_iter=5, num_threads=n),
+        lambda n: fit_gate(
+            data.x, data.y, t.experts_weight, t.experts_bias, "linear", max_iter=5, num_threads=n
+        ),
+        lambda n: tensor_init(data.x, data.y, 2, num_threads=n),
+        lambda n: initialize(data.x, data.y, 2, n_init=1, num_threads=n),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4), ids=["fit_em", "fit_gate", "tensor_init", "initialize"])
+@pytest.mark.filterwarnings("ignore::pyromoe.core.gate.ConvergenceWarning")
+def test_num_threads_applies_to_the_call_only_and_is_checked(index, monkeypatch):
+    call = _threads_calls()[index]
+    seen = []
+    set_threads = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), set_threads(n)))
+    call(None)
+    assert seen == []  # None leaves torch's setting alone
+    set_threads(2)
+    call(1)
+    assert seen == [1, 2] and torch.get_num_threads() == 2  # set for the call, then restored
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+        call(0)
+    with pytest.raises(TypeError, match="num_threads must be an int"):
+        call(1.5)

@@ -12,15 +12,6 @@ from pyromoe.core.gate import ConvergenceWarning, GateFit, fit_gate, gate_m_step
 from pyromoe.core.likelihood import log_likelihood
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a small shared machine, torch's thread pool slows these fits 3-4x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data_k2():
     return simulate(100_000, 10, num_experts=2, link="linear", gate="random", seed=1)

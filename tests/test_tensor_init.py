@@ -136,6 +136,8 @@ def test_relu_with_a_gate_aligned_to_an_expert_warns():
         tensor_init(data.x, y, 2, "relu")
 
 
+# unequal norms also bias the fitted gate: its own (documented) warning is not the point here
+@pytest.mark.filterwarnings("ignore:the fitted gate is far from orthogonal:UserWarning")
 def test_relu_with_unequal_norms_warns():
     data = simulate(20_000, 6, 2, "relu", 0.5, gate="orthogonal", seed=4)
     g = LINKS["relu"]

@@ -63,6 +63,7 @@ from .estimate import MoEEstimate
 from .likelihood import component_log_probs, expert_means, gate_logits
 from .links import Link
 from .params import Params
+from .threads import check_num_threads, torch_threads
 
 __all__ = [
     "CollapseWarning",
@@ -736,6 +737,7 @@ def fit_em(
     seed: int = 0,
     newton_steps: int = 1,
     gauss_newton_steps: int = 1,
+    num_threads: int | None = None,
 ) -> MoEEstimate:
     """Joint EM over all parameters (experts, offsets, gate, noise), best of several starts.
 
@@ -776,6 +778,9 @@ def fit_em(
     gauss_newton_steps : int
         Maximum Gauss-Newton steps per expert in each M-step (nonlinear links; linear experts are
         solved exactly).
+    num_threads : int, optional
+        torch threads for the call (None: leave torch's setting; 1 is fastest for small data on a
+        shared machine).
 
     Returns
     -------
@@ -834,13 +839,15 @@ def fit_em(
     if n_init is None:
         n_init = 1 if init is not None else 5
     n_init = check_positive(n_init, "n_init", integer=True)
+    num_threads = check_num_threads(num_threads)
     if init is not None:
         init = _check_init(init, k, d, link, x)
     if float(y.std()) == 0.0:
         raise ValueError(
             f"y is constant (every value is {float(y[0]):g}); a mixture of experts needs varying y"
         )
-    return _fit_em(x, y, k, link, init=init, n_init=n_init, bias=bias, seed=seed, em=em)
+    with torch_threads(num_threads):
+        return _fit_em(x, y, k, link, init=init, n_init=n_init, bias=bias, seed=seed, em=em)
 
 
 @on_exact_scale("estimate", init="estimate")

@@ -37,6 +37,7 @@ from .em import (
 from .likelihood import expert_means
 from .links import Link
 from .params import Params
+from .threads import check_num_threads, torch_threads
 
 __all__ = [
     "CollapseWarning",
@@ -114,6 +115,7 @@ def fit_gate(
     max_iter: int = 100,
     seed: int = 0,
     newton_steps: int = 1,
+    num_threads: int | None = None,
 ) -> GateFit:
     """Fit the gate (and the noise) by EM with the experts fixed (docs/algorithm.md section 4).
 
@@ -160,6 +162,9 @@ def fit_gate(
     newton_steps : int
         Maximum Newton steps per M-step (default 1: each EM iteration takes one damped Newton step,
         which still never lowers the objective; more steps rarely save an EM iteration).
+    num_threads : int, optional
+        torch threads for the call (None: leave torch's setting; 1 is fastest for small data on a
+        shared machine).
 
     Returns
     -------
@@ -218,6 +223,7 @@ def fit_gate(
         experts_bias = _check_matrix(experts_bias, "experts_bias", (k,), x, "one per expert")
     fit_bias = check_flag(fit_bias, "fit_bias")
     fit_noise = check_flag(fit_noise, "fit_noise")
+    num_threads = check_num_threads(num_threads)
     gate_weight = init_gate_weight
     if gate_weight is not None:
         gate_weight = _check_matrix(
@@ -238,7 +244,8 @@ def fit_gate(
         noise = torch.tensor(check_positive(noise, "noise"), dtype=x.dtype, device=x.device)
     em.update(update_gate_bias=fit_bias, update_noise=fit_noise)
     start = Params(experts_weight, experts_bias, gate_weight, gate_bias, noise)
-    return _fit_gate(x, y, start, link, em=em, seed=seed)
+    with torch_threads(num_threads):
+        return _fit_gate(x, y, start, link, em=em, seed=seed)
 
 
 @on_exact_scale({"gate_weight": "gate_weight", "noise": "y"}, start="params")

@@ -21,6 +21,7 @@ from .._validation import (
 from ..core.em import CollapseWarning, fit_em, warn_collapse
 from ..core.estimate import MoEEstimate
 from ..core.links import Link
+from ..core.threads import check_num_threads, torch_threads
 
 # tensor_init's names stay importable from here (benchmarks/speed.py reads _moment_experts)
 from .tensor_init import (  # noqa: F401
@@ -81,6 +82,7 @@ def initialize(
     noise: float | None = None,
     chunk_size: int = 4096,
     seed: int = 0,
+    num_threads: int | None = None,
 ) -> MoEEstimate:
     """A point estimate for any data: the tensor start where it applies, multi-start EM elsewhere.
 
@@ -108,6 +110,9 @@ def initialize(
         Rows per chunk of the moment passes.
     seed : int or None
         ``None`` draws a fresh seed; the one used is ``diagnostics["seed"]``.
+    num_threads : int, optional
+        torch threads for the call (None: leave torch's setting; 1 is fastest for small data on a
+        shared machine).
 
     Returns
     -------
@@ -145,9 +150,11 @@ def initialize(
         x, y, num_experts, link, noise, chunk_size, seed
     )
     n_init = check_positive(n_init, "n_init", integer=True)
-    return _initialize(
-        x, y, k, link, method, n_init=n_init, noise=noise, chunk_size=chunk_size, seed=seed
-    )
+    num_threads = check_num_threads(num_threads)
+    with torch_threads(num_threads):
+        return _initialize(
+            x, y, k, link, method, n_init=n_init, noise=noise, chunk_size=chunk_size, seed=seed
+        )
 
 
 @on_exact_scale("estimate", noise="y")

@@ -49,6 +49,7 @@ from ..core.moments import (
     whitened_third_moment,
 )
 from ..core.tensor import expert_scales, tensor_power_method, unwhiten, whiten
+from ..core.threads import check_num_threads, torch_threads
 
 __all__ = ["GATE_WARM_START_ROWS", "MomentsNotApplicableError", "minimum_rows", "tensor_init"]
 
@@ -214,6 +215,7 @@ def tensor_init(
     center_y: bool | None = None,
     chunk_size: int = 4096,
     seed: int = 0,
+    num_threads: int | None = None,
 ) -> MoEEstimate:
     """Moment (tensor) estimate of the experts, then the gate by EM with the experts fixed.
 
@@ -266,6 +268,9 @@ def tensor_init(
     seed : int or None
         Seeds the tensor power method's restarts, the gate EM's start and the refinement.
         ``None`` draws a fresh seed; the one used is ``diagnostics["seed"]``.
+    num_threads : int, optional
+        torch threads for the call (None: leave torch's setting; 1 is fastest for small data on a
+        shared machine).
 
     Returns
     -------
@@ -315,18 +320,20 @@ def tensor_init(
         raise TypeError(f"center_y must be True, False or None; got {type(center_y).__name__}")
     refine = check_flag(refine, "refine")
     random_starts = check_count(random_starts, "random_starts", minimum=0)
-    return _tensor_init(
-        x,
-        y,
-        k,
-        link,
-        noise=noise,
-        refine=refine,
-        random_starts=random_starts,
-        center_y=center_y,
-        chunk_size=chunk_size,
-        seed=seed,
-    )
+    num_threads = check_num_threads(num_threads)
+    with torch_threads(num_threads):
+        return _tensor_init(
+            x,
+            y,
+            k,
+            link,
+            noise=noise,
+            refine=refine,
+            random_starts=random_starts,
+            center_y=center_y,
+            chunk_size=chunk_size,
+            seed=seed,
+        )
 
 
 # the moments would overflow on extreme magnitudes: fit on data divided by exact powers of two

@@ -7,8 +7,9 @@ afterwards (:func:`pyromoe.bayes._rng.seeded_rng`: results follow from the seed,
 random stream is left as it was) and inside a private Pyro parameter store
 (``pyro.get_param_store().scope()``), so fits neither see nor leave parameters in the global store.
 
-NUTS statistics come from Pyro's public interfaces only: the potential energy of
-:func:`pyro.infer.mcmc.util.initialize_model` goes into ``NUTS(potential_fn=...)`` wrapped in a
+NUTS statistics come from Pyro's public interfaces only: the potential energy (by default the
+fused log joint of :mod:`pyromoe.bayes.potential`, else the potential of the traced model from
+:func:`pyro.infer.mcmc.util.initialize_model`) goes into ``NUTS(potential_fn=...)`` wrapped in a
 counter (gradient evaluations, hence leapfrog steps per draw); MCMC's ``hook_fn`` records each kept
 draw's step size, leapfrog steps and ``lp`` (minus the potential energy at the draw) on the kernel of
 the process that runs the chain, and the kernel's ``diagnostics()``, which Pyro sends back from
@@ -50,9 +51,12 @@ from .._validation import (
 )
 from ..core import sites
 from ..core.estimate import MoEEstimate
+from ..core.threads import torch_threads
 from ._rng import seeded_rng
 from .init_strategy import check_estimate_fits_model, init_to_moments, latent_site_shapes
 from .laplace import laplace_approximation
+from .model import MixtureOfExperts
+from .potential import FusedPotential, fused_potential, unsupported_prior
 from .to_arviz import to_inference_data
 
 __all__ = ["fit_map", "fit_svi", "run_nuts"]
@@ -121,23 +125,9 @@ def _progress(iterable, enabled: bool, desc: str):
 
 
 @contextlib.contextmanager
-def _torch_threads(num_threads: int | None):
-    """Temporarily set torch's intra-op threads (restored afterwards)."""
-    if num_threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
 def _fit_context(seed: int, x: torch.Tensor, num_threads: int | None):
     """Seeded and restored random state, a private parameter store, the requested threads."""
-    with seeded_rng(seed, x.device), pyro.get_param_store().scope(), _torch_threads(num_threads):
+    with seeded_rng(seed, x.device), pyro.get_param_store().scope(), torch_threads(num_threads):
         yield
 
 
@@ -450,20 +440,29 @@ def fit_svi(
 
 # ------------------------------------------------------------------------------------ NUTS
 class _CountedPotential:
-    """Pyro's potential energy of the model, counting its evaluations.
+    """The model's potential energy, counting its evaluations.
 
-    The potential is ``initialize_model``'s ``potential_fn`` (``jit_compile`` as asked). NUTS
-    evaluates it with its gradient once per leapfrog step, and in warmup also to search for a
-    step size, so :attr:`count` is the sampler's cost in gradient evaluations. It is built where it
-    is first used and not pickled: Pyro wraps the model in closures that pickle cannot carry, so
-    each spawned worker process builds its own, as Pyro's ``NUTS(model)`` does in ``setup``.
+    The potential is the fused one of :mod:`pyromoe.bayes.potential` when ``fused`` is given
+    (a :class:`~pyromoe.bayes.potential.FusedPotential`), else ``initialize_model``'s
+    ``potential_fn`` on the traced model (``jit_compile`` as asked). NUTS evaluates it with its
+    gradient once per leapfrog step, and in warmup also to search for a step size, so
+    :attr:`count` is the sampler's cost in gradient evaluations. The traced potential is built
+    where it is first used and not pickled: Pyro wraps the model in closures that pickle cannot
+    carry, so each spawned worker process builds its own, as Pyro's ``NUTS(model)`` does in
+    ``setup``. The fused one is plain tensors and pickles as it is.
     """
 
-    def __init__(self, model, model_args: tuple, transforms: dict, jit_compile: bool):
+    def __init__(self, model, model_args: tuple, transforms: dict, jit_compile: bool, fused=None):
         self.model, self.model_args = model, model_args
         self.transforms, self.jit_compile = transforms, jit_compile
+        self.fused = fused
         self.count = 0
         self._potential_fn: Callable | None = None
+
+    @property
+    def path(self) -> str:
+        """``"fused"`` or ``"traced"``: which potential runs (``attrs["potential"]``)."""
+        return "traced" if self.fused is None else "fused"
 
     def __getstate__(self):
         return {**self.__dict__, "_potential_fn": None}
@@ -471,15 +470,22 @@ class _CountedPotential:
     def energy(self, params: dict) -> torch.Tensor:
         """The potential energy at unconstrained ``params``, not counted."""
         if self._potential_fn is None:
-            _, self._potential_fn, _, _ = initialize_model(
-                self.model,
-                model_args=self.model_args,
-                transforms=self.transforms,
-                max_plate_nesting=1,
-                jit_compile=self.jit_compile,
-                skip_jit_warnings=True,
-                init_strategy=init_to_feasible,  # deterministic: no random numbers drawn
-            )
+            if self.fused is not None:
+                self._potential_fn = self.fused
+            else:
+                # tracing the model samples its priors: keep those draws off the chain's random
+                # stream, so that both potentials give the same draws from the same seed
+                device = self.model_args[0].device
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    _, self._potential_fn, _, _ = initialize_model(
+                        self.model,
+                        model_args=self.model_args,
+                        transforms=self.transforms,
+                        max_plate_nesting=1,
+                        jit_compile=self.jit_compile,
+                        skip_jit_warnings=True,
+                        init_strategy=init_to_feasible,
+                    )
         return self._potential_fn(params)
 
     def __call__(self, params: dict) -> torch.Tensor:
@@ -529,6 +535,27 @@ class _RecordingNUTS(NUTS):
         out["draw_stats"] = self.draw_stats
         out["num_gradient_evaluations"] = self.potential.count - self.count_at_setup  # warmup too
         return out
+
+
+def _choose_potential(potential: str, model, x, y) -> FusedPotential | None:
+    """The fused potential for ``potential="auto"`` / ``"fused"`` when the model has one, else None."""
+    if potential not in ("auto", "fused", "traced"):
+        raise ValueError(f"potential must be 'auto', 'fused' or 'traced'; got {potential!r}")
+    if potential == "traced":
+        return None
+    known = isinstance(model, MixtureOfExperts)
+    fused = fused_potential(model, x, y) if known else None
+    if fused is None and potential == "fused":
+        reason = (
+            f"the prior of {unsupported_prior(model, x)!r} is not one it knows"
+            if known
+            else f"got a {type(model).__name__}, not a MixtureOfExperts"
+        )
+        raise ValueError(
+            "potential='fused' needs a MixtureOfExperts with Normal priors (HalfCauchy or "
+            f"HalfNormal on the noise); {reason}. Use potential='auto' or 'traced'."
+        )
+    return fused
 
 
 def _record_draw(kernel, params, stage, i) -> None:
@@ -595,6 +622,7 @@ def run_nuts(
     posterior_predictive: bool = True,
     mp_context: str | None = None,
     num_threads: int | None = 1,
+    potential: str = "auto",
 ):
     """NUTS with every chain started at ``init`` (jittered), returned as ArviZ ``InferenceData``.
 
@@ -627,7 +655,10 @@ def run_nuts(
     progress : bool
         Pyro's progress bars.
     jit_compile : bool
-        Compile the potential energy with the PyTorch JIT (``initialize_model(jit_compile=...)``).
+        Compile the traced potential with the PyTorch JIT (``initialize_model(jit_compile=...)``).
+        The fused potential always runs eagerly: measured on 2 CPU cores, ``torch.jit.trace`` of
+        it was no faster per gradient and ``torch.compile`` took 10-40 s to compile, more than it
+        saved in a run (benchmarks/README.md, NUTS speed).
     target_accept_prob, max_tree_depth
         NUTS settings: a probability strictly in (0, 1) and an int >= 1.
     align : bool
@@ -640,13 +671,21 @@ def run_nuts(
         torch intra-op threads while sampling (restored afterwards); ``None`` leaves them alone.
         The default 1 suits the small per-gradient tensors of NUTS: on a busy 2-core machine two
         threads made each gradient ~10x slower (50 s vs 3.7 s for 100 iterations at n = 300).
+    potential : {"auto", "fused", "traced"}
+        The potential energy NUTS differentiates. ``"fused"``: the model's log joint as one torch
+        expression (:mod:`pyromoe.bayes.potential`; equal to the traced one to rounding, cheaper
+        per gradient, see benchmarks/nuts_speed.py); it knows Normal priors and HalfCauchy /
+        HalfNormal on the noise, and raises ``ValueError`` for another prior. ``"traced"``:
+        Pyro's potential of the traced model (any prior). ``"auto"``: fused when every prior is
+        one it knows, traced otherwise. Recorded in ``attrs["potential"]``.
 
     Returns
     -------
     arviz.InferenceData
         ``sample_stats``: ``diverging``, ``step_size``, ``n_steps`` (leapfrog steps),
         ``tree_depth``, ``lp`` (log joint density in unconstrained space, minus the potential
-        energy), ``log_likelihood_total``; ``attrs``: ``num_divergences``,
+        energy), ``log_likelihood_total``; ``attrs``: ``potential`` (``"fused"`` or
+        ``"traced"``), ``num_divergences``,
         ``num_gradient_evaluations`` (per chain, warmup included: a cost measure that does not
         depend on machine load), ``acceptance_rate`` (per chain: Pyro's share of accepted
         draws), ``chain_mean_log_likelihood``, ``seconds``, the relabelling record. Per-draw
@@ -689,6 +728,7 @@ def run_nuts(
     )
     num_samples = check_count(num_samples, "num_samples", minimum=4)
     num_chains, seed = checked["num_chains"], checked["seed"]
+    fused = _choose_potential(potential, model, x, y)
     if isinstance(jitter, bool):
         pass
     elif not isinstance(jitter, (int, float)) or not (jitter >= 0 and math.isfinite(jitter)):
@@ -701,7 +741,7 @@ def run_nuts(
     with (
         seeded_rng(seed, x.device),
         warnings.catch_warnings(),
-        _torch_threads(checked["num_threads"]),
+        torch_threads(checked["num_threads"]),
     ):
         # Pyro warns when it falls back to sequential chains (fewer CPUs than chains): documented.
         warnings.filterwarnings("ignore", message=".*Chains will be drawn sequentially.*")
@@ -722,7 +762,7 @@ def run_nuts(
             initial_params=starts,
         )
         kernel = _RecordingNUTS(
-            _CountedPotential(model, (x, y), transforms, checked["jit_compile"]),
+            _CountedPotential(model, (x, y), transforms, checked["jit_compile"], fused=fused),
             target_accept_prob=checked["target_accept_prob"],
             max_tree_depth=checked["max_tree_depth"],
         )
@@ -744,6 +784,7 @@ def run_nuts(
     stats, chain_attrs = _nuts_sample_stats(mcmc, num_chains, num_samples)
     attrs = {
         "inference": "nuts",
+        "potential": kernel.potential.path,
         "jitter": str(jitter) if isinstance(init, MoEEstimate) else "none",
         **chain_attrs,
         "seconds": seconds,

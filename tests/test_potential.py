@@ -1,0 +1,140 @@
+"""The fused potential equals Pyro's traced log joint, and run_nuts uses it."""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.mcmc.util import initialize_model
+
+from pyromoe import MixtureOfExperts, simulate
+from pyromoe.bayes.fit import run_nuts
+from pyromoe.bayes.potential import fused_potential, unsupported_prior
+
+LINKS = ["linear", "tanh", "relu", "leaky_relu", "sigmoid"]
+
+
+def _data(n=60, d=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    y = torch.randn(n, generator=generator, dtype=torch.float64)
+    return x, y
+
+
+def _custom_priors(d, k):
+    generator = torch.Generator().manual_seed(5)
+    return {
+        "experts.weight": dist.Normal(
+            torch.randn(k, d, generator=generator, dtype=torch.float64),
+            torch.rand(k, d, generator=generator, dtype=torch.float64) + 0.5,
+        ),
+        "gate.weight": 4.0,
+        "noise": dist.HalfNormal(torch.tensor(0.7, dtype=torch.float64)),
+    }
+
+
+def _check_equal(model, x, y, num_points=3):
+    """Fused and traced potential agree in value and gradient at random unconstrained points."""
+    _, traced, _, _ = initialize_model(model, model_args=(x, y), max_plate_nesting=1)
+    fused = fused_potential(model, x, y)
+    assert fused is not None
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(num_points):
+        point = {
+            name: (torch.randn(shape, generator=generator, dtype=torch.float64)).requires_grad_()
+            for name, shape in model.site_shapes.items()
+        }
+        a, b = traced(point), fused(point)
+        grad_a = torch.autograd.grad(a, list(point.values()))
+        grad_b = torch.autograd.grad(b, list(point.values()))
+        a_value, b_value = float(a.detach()), float(b.detach())
+        assert abs(a_value - b_value) <= 1e-10 * max(1.0, abs(a_value))
+        for name, ga, gb in zip(point, grad_a, grad_b):
+            torch.testing.assert_close(gb, ga, rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("link", LINKS)
+def test_fused_equals_traced_default_priors(link, bias):
+    x, y = _data()
+    _check_equal(MixtureOfExperts(3, 3, link=link, bias=bias), x, y)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("link", LINKS)
+def test_fused_equals_traced_custom_priors(link, bias):
+    x, y = _data(d=2, seed=3)
+    priors = _custom_priors(2, 2)
+    if bias:
+        priors["experts.bias"] = dist.Normal(torch.tensor(0.5, dtype=torch.float64), 0.3)
+        priors["gate.bias"] = dist.Normal(torch.zeros(1, dtype=torch.float64), 3.0).to_event(1)
+    _check_equal(MixtureOfExperts(2, 2, link=link, bias=bias, priors=priors), x, y)
+
+
+def test_flat_round_trip():
+    x, y = _data()
+    model = MixtureOfExperts(3, 2, link="tanh")
+    fused = fused_potential(model, x, y)
+    point = {
+        name: torch.randn(shape, dtype=torch.float64) for name, shape in model.site_shapes.items()
+    }
+    flat = fused.to_flat(point)
+    assert flat.shape == (fused.num_params,)
+    back = fused.from_flat(flat)
+    for name in point:
+        torch.testing.assert_close(back[name], point[name])
+    torch.testing.assert_close(fused.flat(flat), fused(point))
+
+
+def test_unknown_prior_falls_back_to_traced():
+    data = simulate(80, 2, seed=0)
+    priors = {"noise": dist.LogNormal(torch.tensor(0.0), torch.tensor(1.0))}
+    model = MixtureOfExperts(2, 2, bias=False, priors=priors)
+    x = torch.as_tensor(data.x)
+    assert unsupported_prior(model, x) == "noise"
+    assert fused_potential(model, x, torch.as_tensor(data.y)) is None
+    kwargs = dict(init=data.truth, num_chains=1, num_warmup=5, num_samples=5, progress=False)
+    idata = run_nuts(model, data.x, data.y, **kwargs)
+    assert idata.attrs["potential"] == "traced"
+    with pytest.raises(ValueError, match="noise"):
+        run_nuts(model, data.x, data.y, potential="fused", **kwargs)
+    with pytest.raises(ValueError, match="potential must be"):
+        run_nuts(model, data.x, data.y, potential="jax", **kwargs)
+
+
+def test_run_nuts_fused_gives_sensible_draws():
+    data = simulate(300, 2, seed=0, noise=0.5)
+    model = MixtureOfExperts(2, 2, bias=False)
+    kwargs = dict(init=data.truth, num_chains=2, num_warmup=40, num_samples=40, progress=False)
+    idata = run_nuts(model, data.x, data.y, **kwargs)
+    assert idata.attrs["potential"] == "fused"
+    assert idata.attrs["num_divergences"] <= 2
+    noise = float(idata.posterior["noise"].mean())
+    assert abs(noise - 0.5) < 0.1
+    weights = idata.posterior["experts.weight"].mean(("chain", "draw")).values
+    truth = data.truth.experts_weight.numpy()
+    assert abs(weights - truth).max() < 0.3
+    stats = idata.sample_stats
+    assert stats["n_steps"].shape == (2, 40) and (stats["n_steps"] >= 1).all()
+    assert all(count > 0 for count in idata.attrs["num_gradient_evaluations"])
+
+
+def test_fused_and_traced_runs_give_the_same_draws():
+    """Same seed: same Laplace-jittered starts, same random stream, so the same trajectories."""
+    data = simulate(200, 2, seed=0, noise=0.5)
+    model = MixtureOfExperts(2, 2, bias=True)
+    kwargs = dict(
+        init=data.truth,
+        num_chains=2,
+        num_warmup=10,
+        num_samples=5,
+        progress=False,
+        posterior_predictive=False,
+    )
+    fused = run_nuts(model, data.x, data.y, potential="fused", **kwargs)
+    traced = run_nuts(model, data.x, data.y, potential="traced", **kwargs)
+    assert (fused.attrs["potential"], traced.attrs["potential"]) == ("fused", "traced")
+    assert fused.attrs["num_gradient_evaluations"] == traced.attrs["num_gradient_evaluations"]
+    for name in model.site_shapes:
+        assert abs(fused.posterior[name].values - traced.posterior[name].values).max() < 1e-8
+    assert abs(fused.sample_stats["lp"].values - traced.sample_stats["lp"].values).max() < 1e-8

@@ -51,7 +51,7 @@ from .._validation import (
 )
 from ..core import sites
 from ..core.estimate import MoEEstimate
-from ..core.threads import torch_threads
+from ..core.threads import check_num_threads, torch_threads
 from ._rng import seeded_rng
 from .init_strategy import check_estimate_fits_model, init_to_moments, latent_site_shapes
 from .laplace import laplace_approximation
@@ -66,7 +66,7 @@ __all__ = ["fit_map", "fit_svi", "run_nuts"]
 #: how each wrapper argument is checked, by name: one table for the three wrappers
 _RULES: dict[str, Callable[[Any, str], Any]] = {
     "seed": check_seed,
-    "num_threads": lambda value, name: None if value is None else check_count(value, name, 1),
+    "num_threads": lambda value, name: check_num_threads(value, name),
     "subsample_size": lambda value, name: None if value is None else check_count(value, name, 1),
     "num_steps": lambda value, name: check_count(value, name, minimum=1),
     "num_chains": lambda value, name: check_count(value, name, minimum=1),

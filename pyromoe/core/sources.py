@@ -1,0 +1,641 @@
+"""Row-chunk data sources: one way to read ``(x, y)`` for every n (docs/architecture.md).
+
+Every estimator reads its data through a :class:`Source`, built once at the public boundary by
+:func:`as_source` from
+
+- a torch tensor or an in-memory numpy array (or pandas object): :class:`TensorSource`, the data
+  as one tensor on the target device; chunks are views, so the chunked code path costs nothing;
+- a numpy memory map (``np.memmap``, ``np.load(path, mmap_mode="r")``): :class:`MemmapSource`,
+  read in row chunks in order, each chunk copied to a tensor on the target device as it is used:
+  the file is never read whole into memory;
+- a ``dask.array.Array``: :class:`DaskSource`; each pass is ONE Dask computation of per-block
+  partial sums, reduced by a tree of Dask tasks on whatever scheduler is active (threads,
+  processes or a ``dask.distributed`` cluster). Dask does the distribution; pyromoe only says
+  what to sum.
+
+A pass over the data is :meth:`Source.reduce`: ``sum over chunks of fn(x_chunk, y_chunk, *args)``
+for a function returning a tensor or a tuple of tensors (the sufficient statistics of a moment or
+an EM step). Extra memory is that of one chunk plus the sums, whatever n.
+
+``summary()`` is one pass (cached) giving the column means, standard deviations and largest
+magnitudes of ``x`` and ``y``, and checking that every value is finite; out-of-core sources are
+checked there, in the first pass any estimator makes, rather than by an extra read.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .._validation import as_tensors, check_device
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DaskSource",
+    "MemmapSource",
+    "Source",
+    "Summary",
+    "TensorSource",
+    "as_source",
+    "is_dask_array",
+    "is_out_of_core",
+]
+
+#: Rows per chunk of an EM pass when the caller does not say (moment passes use their own).
+DEFAULT_CHUNK_SIZE = 65_536
+
+_F64 = torch.float64
+_PILOT_ROWS = 1024
+
+
+def is_dask_array(value) -> bool:
+    """Whether ``value`` is a ``dask.array.Array`` (without importing Dask)."""
+    return type(value).__module__.split(".")[0] == "dask" and hasattr(value, "chunks")
+
+
+def is_out_of_core(value) -> bool:
+    """Whether ``value`` is read in chunks rather than converted whole (memmap or Dask)."""
+    return (
+        isinstance(value, np.memmap)
+        or is_dask_array(value)
+        or (isinstance(value, Source) and not isinstance(value, TensorSource))
+    )
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Column statistics of a source (float64, on the source's device).
+
+    Attributes
+    ----------
+    num_rows : int
+    x_mean, x_sd, x_absmax : Tensor (d,)
+        ``x_sd`` uses the n - 1 denominator (``torch.std``'s default).
+    y_mean, y_sd, y_absmax : float
+    y_first : float
+        ``y`` of the first row (for messages about a constant ``y``).
+    """
+
+    num_rows: int
+    x_mean: torch.Tensor
+    x_sd: torch.Tensor
+    x_absmax: torch.Tensor
+    y_mean: float
+    y_sd: float
+    y_absmax: float
+    y_first: float
+
+
+def _add(total, part):
+    if total is None:
+        return part
+    if isinstance(total, torch.Tensor):
+        return total + part
+    return type(total)(_add(a, b) for a, b in zip(total, part))
+
+
+def _to(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return type(value)(_to(v, device) for v in value)
+
+
+def _summary_sums(x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, y_shift: float):
+    """Partial sums of one chunk for :meth:`Source.summary` (float64)."""
+    xs = x.to(_F64) - shift
+    ys = y.to(_F64) - y_shift
+    finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y)
+    bad = (~finite).nonzero()
+    first_bad = float(bad[0, 0]) if bad.numel() else math.inf
+    return (
+        torch.tensor(float(x.shape[0]), dtype=_F64),
+        xs.sum(0),
+        xs.pow(2).sum(0),
+        x.abs().amax(0).to(_F64) if x.shape[0] else torch.zeros(x.shape[1], dtype=_F64),
+        torch.stack([ys.sum(), ys.pow(2).sum(), y.abs().max().to(_F64)]),
+        torch.tensor(first_bad, dtype=_F64),
+    )
+
+
+class Source:
+    """Rows of ``(x, y)`` read in chunks: the one data path of the estimators.
+
+    Attributes
+    ----------
+    num_rows : int
+    in_features : int
+    dtype : torch.dtype
+        The dtype computations run in (that of ``x``; integers become float64).
+    device : torch.device
+        Where chunks, sums and results live.
+    kind : str
+        ``"tensor"``, ``"memmap"`` or ``"dask"``.
+    """
+
+    kind = "source"
+
+    def __init__(self, num_rows: int, in_features: int, dtype: torch.dtype, device: torch.device):
+        self.num_rows = int(num_rows)
+        self.in_features = int(in_features)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._summary: Summary | None = None
+
+    # ----------------------------------------------------------------- to implement
+    def chunks(self, chunk_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(x_chunk, y_chunk)`` tensors on :attr:`device` in :attr:`dtype`, in row order."""
+        raise NotImplementedError
+
+    def take(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows at integer positions ``rows`` (any order) as tensors on :attr:`device`."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- shared
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_rows={self.num_rows}, in_features={self.in_features}, "
+            f"dtype={self.dtype}, device={self.device})"
+        )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_rows, self.in_features)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The whole data as tensors when it is in memory already, else None."""
+        return None
+
+    def reduce(self, fn: Callable, chunk_size: int, *args):
+        """``sum over chunks of fn(x_chunk, y_chunk, *args)``: one pass over the data.
+
+        ``fn`` returns a tensor or a tuple (nested tuples allowed) of tensors of fixed shapes;
+        the sum is on :attr:`device`. Chunks have at most ``chunk_size`` rows.
+        """
+        total = None
+        for xc, yc in self.chunks(chunk_size):
+            total = _add(total, fn(xc, yc, *args))
+        return total
+
+    def head(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``rows`` rows."""
+        rows = min(int(rows), self.num_rows)
+        return self.take(torch.arange(rows))
+
+    def subsample(self, rows: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rows`` rows drawn without replacement (all rows, in order, when ``rows >= n``)."""
+        if rows >= self.num_rows:
+            tensors = self.tensors()
+            return tensors if tensors is not None else self.take(torch.arange(self.num_rows))
+        index = torch.randperm(self.num_rows, generator=generator)[:rows]
+        return self.take(index.sort().values)
+
+    def summary(self) -> Summary:
+        """Means, standard deviations and largest magnitudes of ``x`` and ``y`` (one pass, cached).
+
+        Raises
+        ------
+        ValueError
+            When ``x`` or ``y`` holds NaN or infinite values (naming the first such row).
+        """
+        if self._summary is None:
+            self._summary = self._compute_summary()
+        return self._summary
+
+    def _compute_summary(self) -> Summary:
+        pilot_x, pilot_y = self.head(_PILOT_ROWS)
+        shift = pilot_x.to(_F64).mean(0)
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        y_shift = float(pilot_y.to(_F64).mean())
+        y_shift = y_shift if math.isfinite(y_shift) else 0.0
+        chunk = max(1, (1 << 22) // max(1, self.in_features))
+        count, sx, sxx, xmax, ysums, first_bad = self._summary_pass(shift, y_shift, chunk)
+        if math.isfinite(float(first_bad)):
+            raise ValueError(
+                f"x or y contains NaN or infinite values (first at row {int(first_bad)}); drop or "
+                "impute those rows before fitting"
+            )
+        n = float(count)
+        mean = sx / n
+        var = (sxx - n * mean**2).clamp_min(0) / max(n - 1, 1)
+        y_mean = float(ysums[0]) / n
+        y_var = max(float(ysums[1]) - n * y_mean**2, 0.0) / max(n - 1, 1)
+        return Summary(
+            num_rows=int(n),
+            x_mean=(mean + shift).to(self.device),
+            x_sd=var.sqrt().to(self.device),
+            x_absmax=xmax.to(self.device),
+            y_mean=y_mean + y_shift,
+            y_sd=math.sqrt(y_var),
+            y_absmax=float(ysums[2]),
+            y_first=float(pilot_y[0]),
+        )
+
+    def _summary_pass(self, shift, y_shift, chunk):
+        """The summary sums, with the first non-finite row as a global row index."""
+        total, offset, first_bad = None, 0, math.inf
+        shift = shift.to(self.device)
+        for xc, yc in self.chunks(chunk):
+            count, sx, sxx, xmax, ysums, bad = _summary_sums(xc, yc, shift, y_shift)
+            if not math.isfinite(first_bad) and math.isfinite(float(bad)):
+                first_bad = offset + float(bad)
+            offset += xc.shape[0]
+            if total is None:
+                total = [count, sx, sxx, xmax, ysums]
+                continue
+            total = [
+                total[0] + count,
+                total[1] + sx,
+                total[2] + sxx,
+                torch.maximum(total[3], xmax),
+                torch.stack(
+                    [total[4][0] + ysums[0], total[4][1] + ysums[1], total[4][2].maximum(ysums[2])]
+                ),
+            ]
+        return (*total, torch.tensor(first_bad, dtype=_F64))
+
+    def rescaled(self, x_scale: torch.Tensor | None, y_scale: float) -> Source:
+        """This source with ``x / x_scale`` and ``y / y_scale`` (exact powers of two)."""
+        return _RescaledSource(self, x_scale, y_scale)
+
+
+class TensorSource(Source):
+    """In-memory data as tensors on the target device; chunks are views (no copy)."""
+
+    kind = "tensor"
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        super().__init__(x.shape[0], x.shape[1], x.dtype, x.device)
+        self.x, self.y = x, y
+
+    def tensors(self):
+        return self.x, self.y
+
+    def chunks(self, chunk_size):
+        for start in range(0, self.num_rows, chunk_size):
+            yield self.x[start : start + chunk_size], self.y[start : start + chunk_size]
+
+    def reduce(self, fn, chunk_size, *args):
+        if chunk_size >= self.num_rows:  # the whole data in one call: no slicing
+            return fn(self.x, self.y, *args)
+        return super().reduce(fn, chunk_size, *args)
+
+    def take(self, rows):
+        rows = rows.to(self.x.device)
+        return self.x.index_select(0, rows), self.y.index_select(0, rows)
+
+    def _compute_summary(self):
+        x64, y64 = self.x.to(_F64), self.y.to(_F64)
+        n = self.num_rows
+        return Summary(
+            num_rows=n,
+            x_mean=x64.mean(0),
+            x_sd=x64.std(0) if n > 1 else torch.zeros_like(x64[0]),
+            x_absmax=x64.abs().amax(0),
+            y_mean=float(y64.mean()),
+            y_sd=float(y64.std()) if n > 1 else 0.0,
+            y_absmax=float(y64.abs().max()),
+            y_first=float(y64[0]),
+        )
+
+    def rescaled(self, x_scale, y_scale):
+        x = self.x / (torch.ones_like(self.x[0]) if x_scale is None else x_scale.to(self.x))
+        return TensorSource(x, self.y / y_scale)
+
+
+class _RescaledSource(Source):
+    """A source read through exact power-of-two scalings (extreme magnitudes)."""
+
+    def __init__(self, base: Source, x_scale, y_scale: float):
+        super().__init__(base.num_rows, base.in_features, base.dtype, base.device)
+        self.kind = base.kind
+        self.base = base
+        self.x_scale = (
+            torch.ones(base.in_features, dtype=base.dtype, device=base.device)
+            if x_scale is None
+            else x_scale.to(dtype=base.dtype, device=base.device)
+        )
+        self.y_scale = float(y_scale)
+
+    def chunks(self, chunk_size):
+        for xc, yc in self.base.chunks(chunk_size):
+            yield xc / self.x_scale, yc / self.y_scale
+
+    def reduce(self, fn, chunk_size, *args):
+        return self.base.reduce(_rescaled_call, chunk_size, fn, self.x_scale, self.y_scale, *args)
+
+    def take(self, rows):
+        x, y = self.base.take(rows)
+        return x / self.x_scale, y / self.y_scale
+
+
+def _rescaled_call(x, y, fn, x_scale, y_scale, *args):
+    return fn(x / x_scale.to(x), y / y_scale, *args)
+
+
+def _numpy_dtype_to_torch(dtype: np.dtype) -> torch.dtype:
+    if dtype == np.float32:
+        return torch.float32
+    return torch.float64  # float64, ints, bools (numpy's float); float16 is upcast
+
+
+def _check_numeric(dtype, name: str) -> None:
+    dtype = np.dtype(dtype)
+    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_) or np.issubdtype(
+        dtype, np.complexfloating
+    ):
+        raise TypeError(
+            f"{name} must hold real numbers; got an array of dtype {dtype}. Convert it with "
+            ".astype(float) first."
+        )
+
+
+def _chunk_tensor(block, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A copy of a numpy block (a memmap slice) as a tensor on ``device``."""
+    array = np.array(block, dtype=np.float32 if dtype == torch.float32 else np.float64)
+    return torch.from_numpy(array).to(device)
+
+
+class MemmapSource(Source):
+    """A numpy memory map (or any numpy array) read in row chunks, never whole.
+
+    ``y`` may be a memory map too, or any 1-D array or tensor. Each chunk is copied into a tensor
+    on the target device, so the extra memory is one chunk.
+    """
+
+    kind = "memmap"
+
+    def __init__(self, x: np.ndarray, y, device: torch.device):
+        super().__init__(x.shape[0], x.shape[1], _numpy_dtype_to_torch(x.dtype), device)
+        self.x = x
+        self.y = y  # numpy array (maybe a memmap) of shape (n,)
+
+    def chunks(self, chunk_size):
+        for start in range(0, self.num_rows, chunk_size):
+            stop = start + chunk_size
+            yield (
+                _chunk_tensor(self.x[start:stop], self.dtype, self.device),
+                _chunk_tensor(self.y[start:stop], self.dtype, self.device),
+            )
+
+    def take(self, rows):
+        index = rows.cpu().numpy()
+        return (
+            _chunk_tensor(self.x[index], self.dtype, self.device),
+            _chunk_tensor(self.y[index], self.dtype, self.device),
+        )
+
+
+def _block_sum(fn, xb, yb, chunk_size, dtype, args):
+    """One Dask block's partial sum, in sub-chunks of ``chunk_size`` rows (runs on a worker)."""
+    total = None
+    yb = np.asarray(yb).reshape(-1)
+    for start in range(0, xb.shape[0], chunk_size):
+        stop = start + chunk_size
+        xc = _chunk_tensor(xb[start:stop], dtype, torch.device("cpu"))
+        yc = _chunk_tensor(yb[start:stop], dtype, torch.device("cpu"))
+        total = _add(total, fn(xc, yc, *args))
+    return total
+
+
+def _sum_parts(*parts):
+    total = None
+    for part in parts:
+        if part is not None:
+            total = _add(total, part)
+    return total
+
+
+def _block_summary(xb, yb, shift, y_shift, dtype):
+    """A block's summary sums (counts, sums, squares, maxima, first bad row within the block)."""
+    xc = _chunk_tensor(xb, dtype, torch.device("cpu"))
+    yc = _chunk_tensor(np.asarray(yb).reshape(-1), dtype, torch.device("cpu"))
+    return _summary_sums(xc, yc, shift, y_shift)
+
+
+class DaskSource(Source):
+    """A ``dask.array.Array`` (x, and y as a Dask or in-memory array): each pass one Dask
+    computation of per-block partial sums, reduced by a tree of Dask tasks on the active scheduler.
+
+    Blocks are computed on the workers (CPU, in sub-chunks of ``chunk_size`` rows); only the sums
+    travel, and are moved to :attr:`device`.
+    """
+
+    kind = "dask"
+
+    #: how many partial sums each task of the reduction tree adds
+    FAN_IN = 8
+
+    def __init__(self, x, y, device: torch.device):
+        super().__init__(x.shape[0], x.shape[1], _numpy_dtype_to_torch(x.dtype), device)
+        self.x, self.y = x, y
+
+    def _blocks(self):
+        return list(zip(self.x.to_delayed().ravel(), self.y.to_delayed().ravel()))
+
+    def _tree(self, parts):
+        import dask
+
+        while len(parts) > 1:
+            parts = [
+                dask.delayed(_sum_parts, pure=True)(*parts[i : i + self.FAN_IN])
+                for i in range(0, len(parts), self.FAN_IN)
+            ]
+        return parts[0]
+
+    def reduce(self, fn, chunk_size, *args):
+        import dask
+
+        parts = [
+            dask.delayed(_block_sum, pure=True)(fn, xb, yb, chunk_size, self.dtype, args)
+            for xb, yb in self._blocks()
+        ]
+        (total,) = dask.compute(self._tree(parts))
+        return _to(total, self.device)
+
+    def chunks(self, chunk_size):
+        import dask
+
+        for xb, yb in self._blocks():
+            xb, yb = dask.compute(xb, yb)
+            yb = np.asarray(yb).reshape(-1)
+            for start in range(0, xb.shape[0], chunk_size):
+                stop = start + chunk_size
+                yield (
+                    _chunk_tensor(xb[start:stop], self.dtype, self.device),
+                    _chunk_tensor(yb[start:stop], self.dtype, self.device),
+                )
+
+    def take(self, rows):
+        import dask
+
+        index = rows.cpu().numpy()
+        xs, ys = dask.compute(self.x[index], self.y[index])
+        return (
+            _chunk_tensor(xs, self.dtype, self.device),
+            _chunk_tensor(np.asarray(ys).reshape(-1), self.dtype, self.device),
+        )
+
+    def _summary_pass(self, shift, y_shift, chunk):
+        import dask
+
+        shift = shift.cpu()
+        offsets = np.concatenate([[0], np.cumsum(self.x.chunks[0])[:-1]])
+        parts = [
+            dask.delayed(_block_summary, pure=True)(xb, yb, shift, y_shift, self.dtype)
+            for xb, yb in self._blocks()
+        ]
+        (parts,) = dask.compute(parts)
+        count = sum(p[0] for p in parts)
+        sx = sum(p[1] for p in parts)
+        sxx = sum(p[2] for p in parts)
+        xmax = functools.reduce(torch.maximum, [p[3] for p in parts])
+        ysum = sum(p[4][0] for p in parts)
+        ysq = sum(p[4][1] for p in parts)
+        ymax = max(float(p[4][2]) for p in parts)
+        bad = [offsets[i] + float(p[5]) for i, p in enumerate(parts) if math.isfinite(float(p[5]))]
+        first_bad = min(bad) if bad else math.inf
+        ysums = torch.tensor([float(ysum), float(ysq), ymax], dtype=_F64)
+        return count, sx, sxx, xmax, ysums, torch.tensor(first_bad, dtype=_F64)
+
+
+# ------------------------------------------------------------------------------------ the boundary
+def _shape_error(name: str, shape) -> ValueError:
+    hint = " (for a single input use x.reshape(-1, 1))" if len(shape) == 1 and name == "x" else ""
+    want = "(n, d)" if name == "x" else "(n,)"
+    return ValueError(
+        f"{name} must be a {2 if name == 'x' else 1}-D array of shape {want}; got "
+        f"shape {tuple(shape)}{hint}"
+    )
+
+
+def _check_out_of_core_shapes(x, y, in_features, min_rows):
+    if len(x.shape) != 2:
+        raise _shape_error("x", x.shape)
+    if x.shape[1] == 0:
+        raise ValueError(
+            f"x has no columns (shape {tuple(x.shape)}): a mixture of experts needs at least one "
+            "input; pass x of shape (n, d) with d >= 1"
+        )
+    if in_features is not None and x.shape[1] != in_features:
+        raise ValueError(
+            f"x must have in_features={in_features} columns; got shape {tuple(x.shape)}. "
+            "Build the model with in_features=x.shape[1]."
+        )
+    if len(y.shape) == 2 and y.shape[1] == 1:
+        y = y.reshape(-1)
+    if len(y.shape) != 1:
+        raise _shape_error("y", y.shape)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"x and y must have the same number of rows; got {x.shape[0]} rows in x "
+            f"and {y.shape[0]} in y"
+        )
+    if x.shape[0] < min_rows:
+        raise ValueError(f"x must have at least {min_rows} rows; got {x.shape[0]}")
+    return y
+
+
+def _unknown_chunks(array) -> bool:
+    return any(isinstance(c, float) and math.isnan(c) for dim in array.chunks for c in dim)
+
+
+def _dask_source(x, y, device, in_features, min_rows) -> DaskSource:
+    import dask.array as da
+
+    for name, value in (("x", x), ("y", y)):
+        if is_dask_array(value) and _unknown_chunks(value):
+            raise ValueError(
+                f"{name} is a Dask array with unknown chunk sizes (NaN in {name}.chunks, e.g. "
+                f"after boolean indexing); call {name}.compute_chunk_sizes() first"
+            )
+        if hasattr(value, "dtype"):
+            _check_numeric(value.dtype, name)
+    if not is_dask_array(y):
+        if isinstance(y, torch.Tensor):
+            y = y.detach().cpu().numpy()
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y.reshape(-1)
+        if y.ndim == 1 and len(x.shape) == 2 and y.shape[0] == x.shape[0]:
+            y = da.from_array(y, chunks=(x.chunks[0],))
+    y = _check_out_of_core_shapes(x, y, in_features, min_rows)
+    if y.chunks[0] != x.chunks[0]:
+        raise ValueError(
+            f"x and y are Dask arrays whose row chunks differ (x: {x.chunks[0][:4]}..., y: "
+            f"{y.chunks[0][:4]}...); give them the same row chunks, e.g. "
+            "y = y.rechunk((x.chunks[0],))"
+        )
+    if len(x.chunks[1]) > 1:
+        x = x.rechunk({1: -1})  # whole rows per block (the partial sums need every column)
+    return DaskSource(x, y, device)
+
+
+def _memmap_source(x, y, device, in_features, min_rows) -> MemmapSource:
+    _check_numeric(x.dtype, "x")
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu().numpy()
+    elif is_dask_array(y):
+        raise TypeError("y is a Dask array but x is not; pass x as a Dask array too")
+    elif not isinstance(y, np.ndarray):
+        y = np.asarray(y)
+    _check_numeric(y.dtype, "y")
+    y = _check_out_of_core_shapes(x, y, in_features, min_rows)
+    return MemmapSource(x, y, device)
+
+
+def as_source(
+    x,
+    y,
+    *,
+    device=None,
+    in_features: int | None = None,
+    min_rows: int = 1,
+) -> Source:
+    """Validate ``(x, y)`` and wrap them as a :class:`Source` (the boundary of every estimator).
+
+    Parameters
+    ----------
+    x : Tensor, ndarray, pandas object, numpy memmap, dask.array.Array or Source, shape (n, d)
+    y : the same kinds, shape (n,) (or (n, 1)); ignored when ``x`` is a Source
+    device : str or torch.device, optional
+        Where to compute. Default: ``x``'s device (a tensor), else the CPU. In-memory data are
+        moved there whole; memory maps and Dask arrays stream their chunks (or sums) there.
+    in_features : int, optional
+        Expected ``d``.
+    min_rows : int
+        Minimum number of rows.
+
+    Raises
+    ------
+    TypeError
+        Non-numeric dtypes, unsupported types.
+    ValueError
+        Wrong shapes, mismatched rows, too few rows, a Dask array with unknown chunk sizes or row
+        chunks that differ between x and y, a device that does not exist; NaN or infinite values
+        (in-memory data here; out-of-core data in the first pass, :meth:`Source.summary`).
+    """
+    target = None if device is None else check_device(device)
+    if isinstance(x, Source):
+        if target is not None and target != x.device:
+            raise ValueError(
+                f"x is a pyromoe Source on {x.device}; device={str(target)!r} differs. Build the "
+                "source with as_source(x, y, device=...) instead"
+            )
+        return x
+    if is_dask_array(x):
+        return _dask_source(x, y, target or torch.device("cpu"), in_features, min_rows)
+    if is_dask_array(y):
+        raise TypeError("y is a Dask array but x is not; pass x as a Dask array too")
+    if isinstance(x, np.memmap):
+        return _memmap_source(x, y, target or torch.device("cpu"), in_features, min_rows)
+    x, y = as_tensors(x, y, in_features=in_features, min_rows=min_rows)
+    if y is None:
+        raise ValueError("y is required: pass the outputs y of shape (n,)")
+    if target is not None and x.device != target:
+        x, y = x.to(target), y.to(target)
+    return TensorSource(x, y)

@@ -468,8 +468,11 @@ def _extreme_bounds(dtype: torch.dtype) -> tuple[float, float]:
     return info.max**0.25, info.tiny**0.25
 
 
-def exact_scales(x: torch.Tensor, y: torch.Tensor, link) -> tuple[torch.Tensor | None, float]:
+def exact_scales(x, y, link) -> tuple[torch.Tensor | None, float]:
     """Powers of two that bring extreme columns of ``x`` (and ``y``) to magnitude ~1.
+
+    ``x``, ``y`` are tensors, or ``x`` is a :class:`pyromoe.core.sources.Source` (``y`` None):
+    its summary's largest magnitudes are used.
 
     A column (or ``y``) is extreme when its largest magnitude is above ``finfo.max ** 0.25`` or
     below ``finfo.tiny ** 0.25`` (1.2e77 and 1.2e-77 in float64): the moments and Gram matrices
@@ -489,15 +492,19 @@ def exact_scales(x: torch.Tensor, y: torch.Tensor, link) -> tuple[torch.Tensor |
         (``Link.positively_homogeneous``: tanh, sigmoid): ``y`` on that scale cannot come from the
         model; standardise it.
     """
-    high, low = _extreme_bounds(x.dtype)
-    peak = x.abs().amax(dim=0)
+    if hasattr(x, "summary"):  # a Source: the largest magnitudes of its one summary pass
+        summary = x.summary()
+        high, low = _extreme_bounds(x.dtype)
+        peak, y_peak = summary.x_absmax.to(x.dtype), summary.y_absmax
+    else:
+        high, low = _extreme_bounds(x.dtype)
+        peak, y_peak = x.abs().amax(dim=0), float(y.abs().max())
     extreme = (peak > high) | ((peak > 0) & (peak < low))
     x_scale = None
     if bool(extreme.any()):
         exponents = torch.where(extreme, torch.round(torch.log2(peak)), torch.zeros_like(peak))
         x_scale = torch.ldexp(torch.ones_like(peak), exponents.to(torch.int32))
     y_scale = 1.0
-    y_peak = float(y.abs().max())
     if y_peak > high or 0 < y_peak < low:
         if not link.positively_homogeneous:
             raise ValueError(
@@ -585,7 +592,8 @@ def _rescale(value, unit: str, x_scale: torch.Tensor | None, y_scale: float, *, 
 def on_exact_scale(result: str | Mapping[str, str], **units: str) -> Callable:
     """Decorate a fit so that data of extreme magnitude are fitted rescaled, and mapped back.
 
-    The decorated function takes checked tensors ``x``, ``y`` and a ``link`` (by those names).
+    The decorated function takes checked tensors ``x``, ``y`` and a ``link`` (by those names), or
+    a ``source`` (a :class:`pyromoe.core.sources.Source`, read through its ``rescaled`` view).
     When :func:`exact_scales` finds nothing extreme it is called as it is. Otherwise it runs on
     ``x / x_scale`` and ``y / y_scale`` (exact powers of two), with each argument named in
     ``units`` mapped to that scale (``noise="y"``, ``init="estimate"``, ...; see :func:`_rescale`),
@@ -606,12 +614,19 @@ def on_exact_scale(result: str | Mapping[str, str], **units: str) -> Callable:
         def wrapper(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
             arguments = bound.arguments
-            x, y = arguments["x"], arguments["y"]
-            x_scale, y_scale = exact_scales(x, y, arguments["link"])
-            if x_scale is None and y_scale == 1.0:
-                return fit(*args, **kwargs)
-            arguments["x"] = x / (torch.ones_like(x[0]) if x_scale is None else x_scale)
-            arguments["y"] = y / y_scale
+            if "source" in arguments:
+                source = arguments["source"]
+                x_scale, y_scale = exact_scales(source, None, arguments["link"])
+                if x_scale is None and y_scale == 1.0:
+                    return fit(*args, **kwargs)
+                arguments["source"] = source.rescaled(x_scale, y_scale)
+            else:
+                x, y = arguments["x"], arguments["y"]
+                x_scale, y_scale = exact_scales(x, y, arguments["link"])
+                if x_scale is None and y_scale == 1.0:
+                    return fit(*args, **kwargs)
+                arguments["x"] = x / (torch.ones_like(x[0]) if x_scale is None else x_scale)
+                arguments["y"] = y / y_scale
             for name, unit in units.items():
                 if name in arguments:
                     arguments[name] = _rescale(

@@ -41,7 +41,6 @@ from pyro.infer.autoguide.initialization import init_to_feasible, init_to_unifor
 from pyro.infer.mcmc.util import initialize_model
 
 from .._validation import (
-    as_tensors,
     check_count,
     check_flag,
     check_model,
@@ -51,6 +50,7 @@ from .._validation import (
 )
 from ..core import sites
 from ..core.estimate import MoEEstimate
+from ..core.sources import Source, as_source
 from ..core.threads import check_num_threads, torch_threads
 from ._rng import seeded_rng
 from .init_strategy import check_estimate_fits_model, init_to_moments, latent_site_shapes
@@ -81,19 +81,116 @@ _RULES: dict[str, Callable[[Any, str], Any]] = {
 }
 
 
-def _check_arguments(model, x, y, **arguments) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """``(x, y, {name: checked value})``: the model, the data, then each argument by its rule in
-    :data:`_RULES`, all before any work."""
+#: rows of an out-of-core source the output is evaluated on (log-likelihood, predictions)
+EVALUATION_ROWS = 10_000
+
+#: rows of an out-of-core source the model is traced on (site shapes, the estimate's check)
+_HEAD_ROWS = 256
+
+
+def _check_arguments(model, x, y, device=None, **arguments) -> tuple[Source, dict]:
+    """``(source, {name: checked value})``: the model, the device and the data
+    (:func:`pyromoe.core.sources.as_source`), then each argument by its rule in :data:`_RULES`,
+    all before any work."""
     check_model(model)
-    x, y = as_tensors(x, y, in_features=getattr(model, "in_features", None))
+    source = as_source(x, y, device=device, in_features=getattr(model, "in_features", None))
     checked = {name: _RULES[name](value, name) for name, value in arguments.items()}
     subsample_size = checked.get("subsample_size")
-    if subsample_size is not None and subsample_size > x.shape[0]:
+    if subsample_size is not None and subsample_size > source.num_rows:
         raise ValueError(
-            f"subsample_size must be at most the number of rows n={x.shape[0]}; got "
+            f"subsample_size must be at most the number of rows n={source.num_rows}; got "
             f"{subsample_size}. Pass subsample_size=None for full-batch steps."
         )
-    return x, y, checked
+    return source, checked
+
+
+def _estimate_on(init, device: torch.device):
+    """``init`` on the data's device when it is an estimate elsewhere (else ``init`` itself)."""
+    if isinstance(init, MoEEstimate) and init.experts_weight.device != device:
+        return init.to(device=device)
+    return init
+
+
+def _draw_rows(num_rows: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``size`` distinct row indices out of ``num_rows``, every subset equally likely, sorted.
+
+    For ``size`` well below ``num_rows`` the indices are drawn with replacement and deduplicated
+    until ``size`` distinct ones are found, then ``size`` of them are kept at random (the distinct
+    set is exchangeable, so the result is a uniform subset): ``O(size log size)`` work rather than
+    the ``O(num_rows)`` of a permutation of all rows.
+    """
+    if 2 * size >= num_rows:
+        return torch.randperm(num_rows, generator=generator)[:size].sort().values
+    rows = torch.empty(0, dtype=torch.long)
+    while rows.numel() < size:
+        draw = torch.randint(num_rows, (size + size // 8 + 16,), generator=generator)
+        rows = torch.unique(torch.cat([rows, draw]))
+    if rows.numel() > size:
+        rows = rows[torch.randperm(rows.numel(), generator=generator)[:size]].sort().values
+    return rows
+
+
+class _Batches:
+    """The data of each SVI step and of the calls around it.
+
+    In memory: every step gets the whole tensors (and ``subsample_size`` for the model's own
+    mini-batches), as Pyro's SVI usually runs. Out of core: every step draws ``subsample_size``
+    distinct random rows from the source (a ``torch.Generator`` seeded from the fit's seed; the
+    sorted rows read by :meth:`Source.take`) and calls the model with ``num_rows=n``, so no more
+    than one mini-batch is in memory. :attr:`x`, :attr:`y` are the data the model is traced on
+    (site shapes, the guide's init check): the whole tensors, or the first rows of the source.
+    """
+
+    def __init__(self, source: Source, subsample_size: int | None, seed: int, desc: str):
+        self.source, self.subsample_size = source, subsample_size
+        tensors = source.tensors()
+        self.out_of_core = tensors is None
+        if self.out_of_core and subsample_size is None:
+            raise ValueError(
+                f"x is a {source.kind} source of {source.num_rows} rows read out of core: {desc} "
+                "on it needs mini-batches; pass subsample_size (e.g. subsample_size=1024) so that "
+                "each step reads that many random rows. Full-batch steps would read every row at "
+                "every step; for data that fit in memory pass them as a tensor or np.asarray(x)."
+            )
+        if self.out_of_core:
+            self.generator = torch.Generator().manual_seed(int(seed))
+            self.x, self.y = source.head(_HEAD_ROWS)
+        else:
+            self.x, self.y = tensors
+
+    @property
+    def rows_per_step(self) -> int:
+        """Rows one step processes (the mini-batch, or every row)."""
+        return self.source.num_rows if self.subsample_size is None else self.subsample_size
+
+    def __call__(self) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of the next step's model and guide call."""
+        if not self.out_of_core:
+            kwargs = {} if self.subsample_size is None else {"subsample_size": self.subsample_size}
+            return (self.x, self.y), kwargs
+        n = self.source.num_rows
+        rows = _draw_rows(n, self.subsample_size, self.generator)
+        x, y = self.source.take(rows)
+        finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y)
+        if not bool(finite.all()):
+            row = int(rows[(~finite).nonzero()[0, 0].cpu()])
+            raise ValueError(
+                f"x or y contains NaN or infinite values (at row {row}); drop or impute those "
+                "rows before fitting"
+            )
+        return (x, y), {"num_rows": n}
+
+    def evaluation_data(self, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(x, y, rows)`` the output is evaluated on: the whole data (``rows`` None) in memory;
+        out of core :data:`EVALUATION_ROWS` (or all n when fewer) random rows from a generator
+        seeded from ``seed`` alone, so the same rows for every fit with that seed."""
+        if not self.out_of_core:
+            return self.x, self.y, None
+        n = self.source.num_rows
+        generator = torch.Generator().manual_seed(int(seed))
+        rows = _draw_rows(n, min(n, EVALUATION_ROWS), generator)
+        x, y = self.source.take(rows)
+        return x, y, rows
 
 
 def _init_strategy(init, model, x, y) -> tuple[Callable | None, dict | None]:
@@ -125,9 +222,9 @@ def _progress(iterable, enabled: bool, desc: str):
 
 
 @contextlib.contextmanager
-def _fit_context(seed: int, x: torch.Tensor, num_threads: int | None):
+def _fit_context(seed: int, device: torch.device, num_threads: int | None):
     """Seeded and restored random state, a private parameter store, the requested threads."""
-    with seeded_rng(seed, x.device), pyro.get_param_store().scope(), torch_threads(num_threads):
+    with seeded_rng(seed, device), pyro.get_param_store().scope(), torch_threads(num_threads):
         yield
 
 
@@ -138,16 +235,17 @@ def _diverged(desc: str, step: int, loss, lr: float) -> ValueError:
     )
 
 
-def _run_svi(model, guide, x, y, num_steps, lr, subsample_size, progress, desc):
-    """Adam steps; a non-finite loss, or Pyro refusing the parameters a step produced (e.g. a noise
-    that underflowed to 0), is reported as divergence with the ``lr`` to lower."""
+def _run_svi(model, guide, batches: _Batches, num_steps, lr, progress, desc):
+    """Adam steps on the data ``batches`` gives each step; a non-finite loss, or Pyro refusing the
+    parameters a step produced (e.g. a noise that underflowed to 0), is reported as divergence
+    with the ``lr`` to lower."""
     optimizer = pyro.optim.Adam({"lr": lr})
     svi = SVI(model, guide, optimizer, loss=Trace_ELBO(max_plate_nesting=1))
-    kwargs = {} if subsample_size is None else {"subsample_size": subsample_size}
     losses = []
     for step in _progress(range(num_steps), progress, desc):
+        args, kwargs = batches()
         try:
-            loss = svi.step(x, y, **kwargs)
+            loss = svi.step(*args, **kwargs)
         except ValueError as error:
             if step > 0 and "invalid values" in str(error):  # the start was fine: a step broke it
                 raise _diverged(desc, step, "nan/inf", lr) from error
@@ -192,14 +290,27 @@ def _idata(model, x, y, samples, init, align, seed, attrs, **kwargs):
     )
 
 
-def _optimised_idata(model, x, y, samples, kind, init, losses, seconds, checked):
-    """InferenceData for an optimisation-based fit (MAP or SVI), with its ELBO trace in attrs."""
+def _optimised_idata(model, batches: _Batches, samples, kind, init, losses, seconds, checked):
+    """InferenceData for an optimisation-based fit (MAP or SVI), with its ELBO trace and
+    throughput in attrs; out of core, evaluated on :meth:`_Batches.evaluation_data`."""
     attrs = {
         "inference": kind,
         "final_elbo": _final_elbo(losses),
         "elbo": [-loss for loss in losses],
         "seconds": seconds,
+        "rows_per_second": len(losses) * batches.rows_per_step / max(seconds, 1e-12),
     }
+    x, y, rows = batches.evaluation_data(checked["seed"])
+    kwargs = {}
+    if rows is not None:
+        attrs.update(
+            data_kind=batches.source.kind,
+            num_rows=batches.source.num_rows,
+            subsample_size=batches.subsample_size,
+            num_evaluation_rows=int(rows.numel()),
+            evaluation_rows=rows.tolist(),
+        )
+        kwargs["obs_index"] = rows.numpy()
     return _idata(
         model,
         x,
@@ -210,6 +321,7 @@ def _optimised_idata(model, x, y, samples, kind, init, losses, seconds, checked)
         checked["seed"],
         attrs,
         posterior_predictive=checked.get("posterior_predictive", True),
+        **kwargs,
     )
 
 
@@ -228,14 +340,24 @@ def fit_map(
     progress: bool = False,
     align: bool = True,
     num_threads: int | None = None,
+    device: str | torch.device | None = None,
 ):
     """MAP estimate with :class:`~pyro.infer.autoguide.AutoDelta`, started at ``init``.
+
+    Data in memory (tensors, numpy arrays, pandas objects) are used whole at every step, or with
+    ``subsample_size`` as the model's own mini-batches. Out-of-core data (a numpy memory map such
+    as ``np.load(path, mmap_mode="r")``, a ``dask.array.Array``, or an out-of-core
+    :class:`~pyromoe.core.sources.Source`) need ``subsample_size``: every step reads that many
+    distinct random rows (a ``torch.Generator`` seeded from ``seed``) and the likelihood is scaled
+    by ``n / subsample_size``, so at most one mini-batch is in memory whatever n. The output of an
+    out-of-core fit is then evaluated on a fixed random subsample of at most
+    :data:`EVALUATION_ROWS` rows (see Returns).
 
     Parameters
     ----------
     model : MixtureOfExperts
-    x : Tensor or ndarray (n, d)
-    y : Tensor or ndarray (n,)
+    x : Tensor, ndarray, numpy memmap or dask.array.Array (n, d)
+    y : the same kinds (n,)
     init : MoEEstimate, callable or None
         Start (``None``: Pyro's default for AutoDelta, ``init_to_median``).
     gate_only : bool
@@ -256,17 +378,31 @@ def fit_map(
         Relabel to ``init`` in the output (only matters with an estimate).
     num_threads : int, optional
         torch intra-op threads during the fit (restored afterwards; see :func:`run_nuts`).
+    device : str or torch.device, optional
+        Where to compute. ``None``: ``x``'s device (a tensor), else the CPU. In-memory data are
+        moved there whole, out-of-core mini-batches one at a time; an estimate given as ``init``
+        is moved there too. Everything runs in ``x``'s dtype.
 
     Returns
     -------
     arviz.InferenceData
-        One chain, one draw (the MAP point); ``attrs["final_elbo"]`` and ``attrs["elbo"]`` (trace).
+        One chain, one draw (the MAP point); ``attrs["final_elbo"]`` and ``attrs["elbo"]`` (trace),
+        ``attrs["seconds"]`` (the steps' wall time) and ``attrs["rows_per_second"]`` (rows the
+        steps processed, ``num_steps`` times the mini-batch size or n, per second of it). Out of
+        core, the groups that need the data (``log_likelihood``, ``posterior_predictive``,
+        ``observed_data``, ``constant_data``, ``sample_stats.log_likelihood_total`` and
+        ``attrs["chain_mean_log_likelihood"]``) are computed on ``min(n, EVALUATION_ROWS)``
+        distinct random rows, the same for every fit with the same ``seed``; their ``obs``
+        coordinate and ``attrs["evaluation_rows"]`` are those rows' indices, and ``attrs`` add
+        ``data_kind``, ``num_rows``, ``subsample_size`` and ``num_evaluation_rows``.
 
     Raises
     ------
     ValueError
         If ``gate_only`` without an estimate, or the estimate does not fit the model; invalid
-        arguments (checked before any work); a fit that diverges (non-finite loss: lower ``lr``).
+        arguments (checked before any work), including a ``device`` that does not exist and
+        out-of-core data without ``subsample_size``; a fit that diverges (non-finite loss: lower
+        ``lr``); non-finite values in an out-of-core mini-batch (naming the row).
     TypeError
         If ``model`` is not a model instance (e.g. the class itself), or arguments of the wrong type.
 
@@ -279,10 +415,11 @@ def fit_map(
     >>> idata.posterior["noise"].shape
     (1, 1)
     """
-    x, y, checked = _check_arguments(
+    source, checked = _check_arguments(
         model,
         x,
         y,
+        device=device,
         seed=seed,
         subsample_size=subsample_size,
         num_threads=num_threads,
@@ -297,7 +434,10 @@ def fit_map(
             "gate_only=True fixes the experts at an estimate: init must be a MoEEstimate; "
             f"got {type(init).__name__}"
         )
-    with _fit_context(checked["seed"], x, checked["num_threads"]):
+    batches = _Batches(source, checked["subsample_size"], checked["seed"], "fit_map")
+    init = _estimate_on(init, source.device)
+    x, y = batches.x, batches.y
+    with _fit_context(checked["seed"], source.device, checked["num_threads"]):
         strategy, shapes = _init_strategy(init, model, x, y)
         fixed: dict[str, torch.Tensor] = {}
         if gate_only:
@@ -312,15 +452,7 @@ def fit_map(
         guide = AutoDelta(fitted_model, **guide_kwargs)
         start = time.perf_counter()
         losses = _run_svi(
-            fitted_model,
-            guide,
-            x,
-            y,
-            checked["num_steps"],
-            checked["lr"],
-            checked["subsample_size"],
-            progress,
-            "MAP",
+            fitted_model, guide, batches, checked["num_steps"], checked["lr"], progress, "MAP"
         )
         seconds = time.perf_counter() - start
         with torch.no_grad():
@@ -328,7 +460,7 @@ def fit_map(
     point.update(fixed)
     samples = {name: value[None, None] for name, value in point.items()}
     kind = "map_gate_only" if gate_only else "map"
-    return _optimised_idata(model, x, y, samples, kind, init, losses, seconds, checked)
+    return _optimised_idata(model, batches, samples, kind, init, losses, seconds, checked)
 
 
 # ------------------------------------------------------------------------------------ SVI
@@ -355,21 +487,27 @@ def fit_svi(
     align: bool = True,
     posterior_predictive: bool = True,
     num_threads: int | None = None,
+    device: str | torch.device | None = None,
 ):
     """Variational inference with an autoguide started at ``init``; posterior draws from the guide.
+
+    Takes the same data as :func:`fit_map`: in memory, or out of core (a numpy memory map, a
+    ``dask.array.Array``) with ``subsample_size`` rows read from it at random at every step, the
+    likelihood scaled by ``n / subsample_size``.
 
     Parameters
     ----------
     model : MixtureOfExperts
-    x : Tensor or ndarray (n, d)
-    y : Tensor or ndarray (n,)
+    x : Tensor, ndarray, numpy memmap or dask.array.Array (n, d)
+    y : the same kinds (n,)
     init : MoEEstimate, callable or None
         Start of the guide's location (``None``: the autoguide's own default).
     guide : {"normal", "lowrank"} or AutoGuide
         :class:`~pyro.infer.autoguide.AutoNormal`, :class:`~pyro.infer.autoguide.
         AutoLowRankMultivariateNormal`, or your own guide (then ``init`` is only used for alignment).
-    num_steps, lr, subsample_size, seed, num_threads
-        As in :func:`fit_map` (Adam steps and rate, mini-batch size for large n, ...).
+    num_steps, lr, subsample_size, seed, num_threads, device
+        As in :func:`fit_map` (Adam steps and rate, mini-batch size for large n, ...;
+        ``subsample_size`` is required for out-of-core data).
     num_samples : int
         Posterior draws taken from the fitted guide.
     progress : bool
@@ -383,7 +521,17 @@ def fit_svi(
     -------
     arviz.InferenceData
         One chain of ``num_samples`` draws; ``attrs["final_elbo"]`` (mean of the last 10% of the
-        steps) and ``attrs["elbo"]`` (per step).
+        steps), ``attrs["elbo"]`` (per step), ``attrs["seconds"]`` and
+        ``attrs["rows_per_second"]`` as in :func:`fit_map`. Out of core, the groups that need the
+        data are computed on a fixed random subsample of at most :data:`EVALUATION_ROWS` rows,
+        recorded as in :func:`fit_map`; the ``posterior`` group is always the guide's draws.
+
+    Raises
+    ------
+    ValueError
+        Invalid arguments (checked before any work), including an unknown ``guide``, a ``device``
+        that does not exist and out-of-core data without ``subsample_size``; an estimate that
+        does not fit the model; a fit that diverges (lower ``lr``).
 
     Examples
     --------
@@ -395,10 +543,11 @@ def fit_svi(
     >>> idata.posterior["experts.weight"].shape
     (1, 10, 2, 2)
     """
-    x, y, checked = _check_arguments(
+    source, checked = _check_arguments(
         model,
         x,
         y,
+        device=device,
         seed=seed,
         subsample_size=subsample_size,
         num_threads=num_threads,
@@ -413,7 +562,10 @@ def fit_svi(
         raise ValueError(
             f"guide must be 'normal', 'lowrank' or a pyro AutoGuide instance; got {guide!r}"
         )
-    with _fit_context(checked["seed"], x, checked["num_threads"]):
+    batches = _Batches(source, checked["subsample_size"], checked["seed"], "fit_svi")
+    init = _estimate_on(init, source.device)
+    x, y = batches.x, batches.y
+    with _fit_context(checked["seed"], source.device, checked["num_threads"]):
         strategy, _ = _init_strategy(init, model, x, y)
         if not isinstance(guide, AutoGuide):
             guide_kwargs = {} if strategy is None else {"init_loc_fn": strategy}
@@ -421,21 +573,13 @@ def fit_svi(
         latent = latent_site_shapes(model, x, y)
         start = time.perf_counter()
         losses = _run_svi(
-            model,
-            guide,
-            x,
-            y,
-            checked["num_steps"],
-            checked["lr"],
-            checked["subsample_size"],
-            progress,
-            "SVI",
+            model, guide, batches, checked["num_steps"], checked["lr"], progress, "SVI"
         )
         seconds = time.perf_counter() - start
         draws = _guide_draws(guide, latent, num_samples, x, y)
     samples = {name: draws[name].detach()[None] for name in latent}
     kind = f"svi_{type(guide).__name__}"
-    return _optimised_idata(model, x, y, samples, kind, init, losses, seconds, checked)
+    return _optimised_idata(model, batches, samples, kind, init, losses, seconds, checked)
 
 
 # ------------------------------------------------------------------------------------ NUTS
@@ -623,6 +767,7 @@ def run_nuts(
     mp_context: str | None = None,
     num_threads: int | None = 1,
     potential: str = "auto",
+    device: str | torch.device | None = None,
 ):
     """NUTS with every chain started at ``init`` (jittered), returned as ArviZ ``InferenceData``.
 
@@ -633,6 +778,8 @@ def run_nuts(
     ----------
     model : MixtureOfExperts
     x : Tensor or ndarray (n, d)
+        Or a numpy memory map / ``dask.array.Array``: NUTS evaluates the likelihood of every row
+        at every leapfrog step, so such data are read into memory (on ``device``) once.
     y : Tensor or ndarray (n,)
     init : MoEEstimate, callable or None
         ``MoEEstimate``: seeded start. ``None``: Pyro's default (``init_to_uniform``). A callable:
@@ -678,6 +825,10 @@ def run_nuts(
         HalfNormal on the noise, and raises ``ValueError`` for another prior. ``"traced"``:
         Pyro's potential of the traced model (any prior). ``"auto"``: fused when every prior is
         one it knows, traced otherwise. Recorded in ``attrs["potential"]``.
+    device : str or torch.device, optional
+        Where to sample. ``None``: ``x``'s device (a tensor), else the CPU; the data (and an
+        estimate given as ``init``) are moved there. Chains of CUDA data in worker processes use
+        the ``"spawn"`` context.
 
     Returns
     -------
@@ -695,8 +846,8 @@ def run_nuts(
     Raises
     ------
     ValueError
-        ``num_chains < 1``, ``target_accept_prob`` outside (0, 1), ``max_tree_depth < 1`` and
-        other invalid arguments (all checked before any work), an estimate that does not fit the
+        ``num_chains < 1``, ``target_accept_prob`` outside (0, 1), ``max_tree_depth < 1``, a
+        ``device`` that does not exist and other invalid arguments (all checked before any work), an estimate that does not fit the
         model (names the site), a model without the expected sites.
     TypeError
         If ``model`` is not a model instance (e.g. the class itself), or arguments of the wrong type.
@@ -711,10 +862,11 @@ def run_nuts(
     >>> idata.posterior["experts.weight"].dims
     ('chain', 'draw', 'expert', 'feature')
     """
-    x, y, checked = _check_arguments(
+    source, checked = _check_arguments(
         model,
         x,
         y,
+        device=device,
         seed=seed,
         num_threads=num_threads,
         progress=progress,
@@ -728,7 +880,6 @@ def run_nuts(
     )
     num_samples = check_count(num_samples, "num_samples", minimum=4)
     num_chains, seed = checked["num_chains"], checked["seed"]
-    fused = _choose_potential(potential, model, x, y)
     if isinstance(jitter, bool):
         pass
     elif not isinstance(jitter, (int, float)) or not (jitter >= 0 and math.isfinite(jitter)):
@@ -736,6 +887,12 @@ def run_nuts(
     methods = multiprocessing.get_all_start_methods()
     if mp_context is not None and mp_context not in methods:
         raise ValueError(f"mp_context must be None or one of {methods}; got {mp_context!r}")
+    if potential not in ("auto", "fused", "traced"):
+        _choose_potential(potential, model, None, None)  # raises, naming the choices
+    tensors = source.tensors()
+    x, y = tensors if tensors is not None else source.take(torch.arange(source.num_rows))
+    init = _estimate_on(init, x.device)
+    fused = _choose_potential(potential, model, x, y)
     if mp_context is None and x.is_cuda and num_chains > 1:
         mp_context = "spawn"
     with (

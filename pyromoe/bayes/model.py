@@ -204,7 +204,13 @@ class MixtureOfExperts(PyroModule):
         )
 
     # ------------------------------------------------------------------ the model
-    def forward(self, x, y=None, subsample_size: int | None = None):
+    def forward(
+        self,
+        x,
+        y=None,
+        subsample_size: int | None = None,
+        num_rows: int | None = None,
+    ):
         """Run the model; ``y=None`` samples outputs (prior or posterior predictive).
 
         Parameters
@@ -212,7 +218,18 @@ class MixtureOfExperts(PyroModule):
         x : Tensor or ndarray (n, d)
         y : Tensor or ndarray (n,), optional
         subsample_size : int, optional
-            Mini-batch size for the ``obs`` plate; the likelihood is scaled by ``n / subsample_size``.
+            Mini-batch size for the ``obs`` plate: each run draws that many of the ``n`` rows of
+            ``x``; the likelihood is scaled by ``n / subsample_size``.
+        num_rows : int, optional
+            ``x`` and ``y`` are already a mini-batch of ``B`` rows of a data set of ``num_rows``
+            rows (drawn by the caller, e.g. from an out-of-core source): the ``obs`` plate has
+            size ``num_rows`` and subsample ``0..B-1`` (every row given), so the likelihood is
+            scaled by ``num_rows / B``. Not together with ``subsample_size``.
+
+        Raises
+        ------
+        ValueError
+            ``subsample_size`` above ``n``, ``num_rows`` below ``n``, or both given.
         """
         x, y = as_tensors(x, y, in_features=self.in_features)
         n = x.shape[0]
@@ -222,10 +239,25 @@ class MixtureOfExperts(PyroModule):
                 raise ValueError(
                     f"subsample_size must be at most the number of rows n={n}; got {subsample_size}"
                 )
+        plate_kwargs: dict = {"subsample_size": subsample_size}
+        if num_rows is not None:
+            if subsample_size is not None:
+                raise ValueError(
+                    "pass subsample_size (the model draws the mini-batch from x) or num_rows (x is "
+                    "the mini-batch already), not both"
+                )
+            num_rows = check_positive(num_rows, "num_rows", integer=True)
+            if num_rows < n:
+                raise ValueError(
+                    f"num_rows is the size of the data set x is a mini-batch of, so at least the "
+                    f"{n} rows of x; got {num_rows}"
+                )
+            plate_kwargs = {"subsample": torch.arange(n, device=x.device)}
         values = {name: pyro.sample(name, self.prior(name, x)) for name in self.site_shapes}
         params = _drop_obs_dim(Params.from_sites(values, bias=self.bias))
 
-        with pyro.plate(sites.OBS_PLATE, n, subsample_size=subsample_size, dim=-1) as index:
+        size = n if num_rows is None else num_rows
+        with pyro.plate(sites.OBS_PLATE, size, dim=-1, **plate_kwargs) as index:
             x_batch = x if subsample_size is None else x.index_select(0, index)
             y_batch = None
             if y is not None:

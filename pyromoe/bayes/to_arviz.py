@@ -110,6 +110,7 @@ def to_inference_data(
     attrs: Mapping[str, Any] | None = None,
     feature_names: list[str] | None = None,
     chunk_size: int = 256,
+    obs_index=None,
 ):
     """Posterior draws of :class:`pyromoe.MixtureOfExperts` as ArviZ ``InferenceData``.
 
@@ -139,6 +140,9 @@ def to_inference_data(
         Coordinates of the ``feature`` dim (default 0..d-1).
     chunk_size : int
         Draws per chunk when computing the log-likelihood and predictions (memory ~ chunk * n * k).
+    obs_index : array of int (n,), optional
+        Coordinates of the ``obs`` dim (default 0..n-1): the row numbers of ``x`` in a larger
+        data set when ``x`` is a subsample of it.
 
     Returns
     -------
@@ -206,8 +210,12 @@ def to_inference_data(
     total_log_likelihood = pointwise.sum(-1)
 
     k = int(draws[sites.EXPERTS_WEIGHT].shape[-2]) if sites.EXPERTS_WEIGHT in draws else None
+    if obs_index is not None:
+        obs_index = np.asarray(obs_index)
+        if obs_index.shape != (n,):
+            raise ValueError(f"obs_index must have n={n} entries; got shape {obs_index.shape}")
     coords: dict[str, Any] = {
-        "obs": np.arange(n),
+        "obs": np.arange(n) if obs_index is None else obs_index,
         "feature": np.asarray(feature_names) if feature_names is not None else np.arange(d),
     }
     if feature_names is not None and len(feature_names) != d:

@@ -7,34 +7,21 @@ estimate (``init=``) it is the refinement step. Gate EM (:func:`pyromoe.core.gat
 same loop with the experts frozen (``EM(update_experts=False)``).
 
 The loop (:meth:`EM.fit`) is scikit-learn's ``BaseMixture.fit_predict``: a plain double loop over
-starts and iterations, ``statistics = e_step(params)`` then ``params = m_step(statistics,
-params)``, tracking the objective (mean log-likelihood per row, or log posterior / n for MAP),
-``n_iter`` and ``converged``, keeping the best start and warning (:class:`ConvergenceWarning`) when
-that start did not converge.
+starts and iterations, tracking the objective (mean log-likelihood per row, or log posterior / n
+for MAP), ``n_iter`` and ``converged``, keeping the best start and warning
+(:class:`ConvergenceWarning`) when that start did not converge.
 
-* E-step (:meth:`EM.e_step`): responsibilities from :func:`pyromoe.core.likelihood.component_log_probs`
-  and the objective.
-* M-step, experts (unless frozen): weighted least squares per expert in closed form for the
-  identity link (an intercept column when the model has expert biases), from the per-expert
-  weighted Gram matrices and cross-products (:func:`linear_experts_statistics`,
-  :func:`solve_linear_experts`); Gauss-Newton steps with step halving for other links (using
-  ``Link.derivative``) so that each expert's weighted squared error never rises.
-* M-step, gate: :func:`gate_m_step`, damped Newton (IRLS) on the weighted (multinomial) logistic
-  regression.
-* M-step, noise (unless fixed): ``noise^2 = mean_n sum_i r_ni (y_n - g(a_i . x_n + b_i))^2``
-  (:func:`noise_statistics`, :func:`solve_noise`), with the experts just updated.
-
-By default one Gauss-Newton and one gate Newton step per iteration (a generalised EM step): at
-d = 10, n = 2e4, three steps of each took the same number of EM iterations (to within a few) and
-20-50% more time; for the gate alone the same iterations at 25-40% less time. Each part maximises
-its own term of the EM objective given the rest, so the objective never decreases. Full-batch on
-``x``'s device and dtype.
-
-Seam for a chunked pass: the closed-form parts are already "sums over rows, then a solve"
-(:func:`linear_experts_statistics` / :func:`solve_linear_experts`, :func:`noise_statistics` /
-:func:`solve_noise`); the gradient and Hessian of a Newton step are sums over rows too. What
-still reads the rows inside the M-step is the step halving of the Gauss-Newton and gate Newton
-steps (objective at a candidate) and the noise, which uses the experts updated in the same M-step.
+Each iteration is ONE pass over the data, in chunks (:meth:`pyromoe.core.sources.Source.reduce`,
+so a memory map or a Dask array is never loaded whole): :func:`pass_statistics` sums, per chunk,
+the log-likelihood, the responsibilities' totals, the per-expert weighted Gram matrices and
+cross-products (identity link) or Gauss-Newton normal equations (other links), the gate's IRLS
+gradient and Hessian, and the weighted squared residuals. The M-step (:meth:`EM.m_step`) solves
+from those sums alone: weighted least squares per expert in closed form (identity link) or one
+Gauss-Newton step (using ``Link.derivative``); one damped Newton step for the gate; the noise in
+closed form. The pass at the proposed parameters gives their objective; a step that lowered it is
+halved (one more pass each), so the trace never decreases. Extra memory is one chunk plus the
+sums, ``O(chunk_size (d + k) + k d^2)`` for any n, and the result does not depend on the chunk
+size beyond rounding.
 """
 
 from __future__ import annotations
@@ -44,12 +31,13 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from .._validation import (
     as_tensor,
-    as_tensors,
+    check_count,
     check_enough_rows,
     check_flag,
     check_link,
@@ -60,9 +48,10 @@ from .._validation import (
     on_exact_scale,
 )
 from .estimate import MoEEstimate
-from .likelihood import component_log_probs, expert_means, gate_logits
+from .likelihood import component_log_probs, gate_logits, log_likelihood
 from .links import Link
 from .params import Params
+from .sources import DEFAULT_CHUNK_SIZE, Source, as_source
 from .threads import check_num_threads, torch_threads
 
 __all__ = [
@@ -70,16 +59,20 @@ __all__ = [
     "ConvergenceWarning",
     "EM",
     "EMRun",
+    "MAX_HALVINGS",
     "NOISE_FLOOR",
     "Statistics",
     "check_em_arguments",
+    "default_chunk_size",
     "feature_scale",
     "fit_em",
     "gate_m_step",
     "linear_experts_statistics",
     "log_prior",
+    "mean_log_likelihood",
     "noise_floor",
     "noise_statistics",
+    "pass_statistics",
     "random_start",
     "solve_linear_experts",
     "solve_noise",
@@ -101,21 +94,33 @@ class CollapseWarning(UserWarning):
 NOISE_FLOOR = 1e-3
 
 
-def noise_floor(y: torch.Tensor) -> float:
+def noise_floor(y) -> float:
     """Smallest noise EM may reach: ``NOISE_FLOOR * sd(y)``, relative to y's scale.
 
     Keeps the likelihood finite (and the fit away from a spike) when one expert fits a few rows
-    exactly; a fit that reaches it is reported as collapsing (:class:`CollapseWarning`).
+    exactly; a fit that reaches it is reported as collapsing (:class:`CollapseWarning`). ``y`` is a
+    tensor, or a :class:`~pyromoe.core.sources.Source` (its outputs' summary).
     """
-    spread = float(y.std()) if y.shape[0] > 1 else 0.0
+    if isinstance(y, Source):
+        summary, dtype = y.summary(), y.dtype
+        spread, peak = (summary.y_sd if summary.num_rows > 1 else 0.0), summary.y_absmax
+    else:
+        spread = float(y.std()) if y.shape[0] > 1 else 0.0
+        peak, dtype = float(y.abs().max()), y.dtype
     if not spread > 0:
-        spread = max(float(y.abs().max()), torch.finfo(y.dtype).tiny)
+        spread = max(peak, torch.finfo(dtype).tiny)
     return NOISE_FLOOR * spread
 
 
-def feature_scale(x: torch.Tensor) -> torch.Tensor:
-    """Per-column standard deviation, 1 for constant columns (so random starts are scale-free)."""
-    scale = x.std(dim=0) if x.shape[0] > 1 else torch.ones_like(x[0])
+def feature_scale(x) -> torch.Tensor:
+    """Per-column standard deviation, 1 for constant columns (so random starts are scale-free).
+
+    ``x`` is a tensor or a :class:`~pyromoe.core.sources.Source` (float64 from its summary).
+    """
+    if isinstance(x, Source):
+        scale = x.summary().x_sd if x.num_rows > 1 else torch.ones(x.in_features)
+    else:
+        scale = x.std(dim=0) if x.shape[0] > 1 else torch.ones_like(x[0])
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
@@ -169,9 +174,12 @@ def _with_intercept(x: torch.Tensor, intercept: bool) -> torch.Tensor:
     return torch.cat([x, torch.ones_like(x[:, :1])], dim=-1) if intercept else x
 
 
-def _collapse(resp: torch.Tensor, noise, floor: float, d: int) -> tuple[list[float], list[int]]:
-    """Effective rows per expert and the experts collapsing onto a few points (see EMRun)."""
-    effective = resp.sum(dim=0).tolist()
+def _collapse(
+    responsibility: torch.Tensor, noise, floor: float, d: int
+) -> tuple[list[float], list[int]]:
+    """Effective rows per expert (``sum_n r_ni``, shape (k,)) and the experts collapsing onto a
+    few points (see EMRun)."""
+    effective = responsibility.tolist()
     collapsed = [i for i, rows in enumerate(effective) if rows < d + 1]
     if not collapsed and float(noise) <= floor * (1 + 1e-9):
         collapsed = [min(range(len(effective)), key=effective.__getitem__)]
@@ -221,52 +229,6 @@ def solve_linear_experts(
     return _solve_spd(gram, cross)
 
 
-def _experts_m_step_gauss_newton(
-    design: torch.Tensor,
-    y: torch.Tensor,
-    resp: torch.Tensor,
-    coefficients: torch.Tensor,
-    link: Link,
-    ridge: float,
-    steps: int,
-) -> torch.Tensor:
-    """Gauss-Newton steps per expert on ``sum_n r_ni (y_n - g(z_ni))^2 + ridge ||theta_i||^2``.
-
-    Each step is halved until that weighted error does not rise (a generalised M-step).
-    """
-    k = resp.shape[1]
-    new = coefficients.clone()
-    for i in range(k):
-        weight = resp[:, i]
-        theta = coefficients[i]
-
-        def loss(t, weight=weight):
-            z = design @ t
-            return float((weight * (y - link(z)).pow(2)).sum() + ridge * t.pow(2).sum()), z
-
-        value, z = loss(theta)
-        for _ in range(steps):
-            residual = y - link(z)
-            jacobian = design * link.derivative(z)[:, None]
-            gram = (jacobian * weight[:, None]).T @ jacobian
-            gram.diagonal().add_(ridge)
-            gradient = jacobian.T @ (weight * residual) - ridge * theta
-            step = _solve_spd(gram, gradient)
-            size, accepted = 1.0, False
-            for _ in range(30):
-                candidate = theta + size * step
-                new_value, new_z = loss(candidate)
-                if new_value <= value:
-                    accepted = new_value < value
-                    theta, value, z = candidate, new_value, new_z
-                    break
-                size *= 0.5
-            if not accepted:
-                break
-        new[i] = theta
-    return new
-
-
 def _negative_hessian(design: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """Negative Hessian of the multinomial log-likelihood, blocks ``X^T diag(p_a (d_ab - p_b)) X``.
 
@@ -286,6 +248,14 @@ def _negative_hessian(design: torch.Tensor, probs: torch.Tensor) -> torch.Tensor
     return hessian
 
 
+def _gate_system(
+    design: torch.Tensor, responsibilities: torch.Tensor, probs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient (k - 1, width) and negative Hessian of ``sum_n sum_i r_ni log gate_i(x_n)`` in the
+    free experts' gate coefficients, at gate probabilities ``probs`` (n, k - 1): the IRLS system."""
+    return (responsibilities[:, 1:] - probs).T @ design, _negative_hessian(design, probs)
+
+
 def gate_m_step(
     x: torch.Tensor,
     responsibilities: torch.Tensor,
@@ -297,12 +267,13 @@ def gate_m_step(
     max_steps: int = 5,
     tol: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The gate M-step: weighted (multinomial) logistic regression by damped Newton steps.
+    """Weighted (multinomial) logistic regression of soft labels on ``x`` by damped Newton steps.
 
     Maximises ``Q(w, c) = sum_n sum_i r_ni log gate_i(x_n) + log prior(w, c)`` over the gate weights
-    ``w`` (and offsets ``c`` when ``fit_bias``), expert 0 the reference. ``Q`` is concave; each Newton
-    step is halved until ``Q`` does not drop, so the step never lowers the EM objective (a generalised
-    M-step when ``max_steps`` is small). Stops early when the Newton decrement is negligible.
+    ``w`` (and offsets ``c`` when ``fit_bias``), expert 0 the reference, for labels held in memory.
+    ``Q`` is concave; each Newton step (the IRLS system of the EM loop, :func:`_gate_system`) is
+    halved until ``Q`` does not drop. Stops early when the Newton decrement is negligible. The EM
+    loop takes its gate steps from the same system summed over chunks (:class:`EM`).
 
     Parameters
     ----------
@@ -316,13 +287,12 @@ def gate_m_step(
     fit_bias : bool
         Whether to update the offsets.
     prior_scale : float, optional
-        Scale ``s`` of a ``Normal(0, s^2)`` prior on every gate weight and offset (MAP: a ridge term
+        Scale ``s`` of a ``Normal(0, s^2)`` prior on every gate weight and offset (a ridge term
         ``1 / s^2`` in the Newton system). ``None``: maximum likelihood.
     max_steps : int
         Maximum number of Newton steps.
     tol : float
-        Stop when a Newton step would raise ``Q / n`` by less than this (EM passes a fraction of its
-        own tolerance: solving the M-step more exactly than EM converges buys nothing).
+        Stop when a Newton step would raise ``Q / n`` by less than this.
 
     Returns
     -------
@@ -346,7 +316,6 @@ def gate_m_step(
     )
     offset = None if fit_bias else gate_bias
     ridge = 0.0 if prior_scale is None else 1.0 / prior_scale**2
-    target = responsibilities[:, 1:]
 
     def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return (t[:, :d], t[:, d]) if fit_bias else (t, offset)
@@ -358,10 +327,8 @@ def gate_m_step(
 
     value, log_gate = objective(theta)
     for _ in range(max_steps):
-        probs = log_gate[:, 1:].exp()
-        gradient = (target - probs).T @ design - ridge * theta  # (k-1, width)
-        # negative Hessian: blocks X^T diag(p_a (delta_ab - p_b)) X, a, b over the free experts
-        hessian = _negative_hessian(design, probs)
+        gradient, hessian = _gate_system(design, responsibilities, log_gate[:, 1:].exp())
+        gradient = gradient - ridge * theta
         hessian.diagonal().add_(ridge)
         step = _solve_spd(hessian, gradient.reshape(-1))
         decrement = float(gradient.reshape(-1) @ step)  # Newton decrement squared: ~2 x the gain
@@ -377,8 +344,6 @@ def gate_m_step(
                 theta, value, log_gate, accepted = candidate, new_value, new_log_gate, True
                 break
             size *= 0.5
-        # a full step gaining less than the threshold: Newton converges quadratically, so the next
-        # step would gain far less; skip computing its Hessian
         if not accepted or (size == 1.0 and gain <= max(_accept_slack(value, x.dtype), tol * n)):
             break
     return split(theta)
@@ -396,23 +361,124 @@ def solve_noise(residuals: torch.Tensor, rows: int, floor: float) -> torch.Tenso
     return (residuals / rows).sqrt().clamp_min(floor)
 
 
-# ---------------------------------------------------------------------------------------------- the loop
-@dataclass(frozen=True)
-class Statistics:
-    """What an E-step hands the M-step.
+# ---------------------------------------------------------------------------------------------- one pass
+class Statistics(NamedTuple):
+    """Sums over rows that one EM iteration needs (float64): what a pass hands the M-step.
+
+    Summed chunk by chunk (:meth:`pyromoe.core.sources.Source.reduce`), so their size is fixed
+    whatever n. Responsibilities ``r_ni`` are those of the parameters the pass was run at; the
+    expert and gate systems are linearised at those parameters, or at ``linearise_at``
+    (:func:`pass_statistics`).
 
     Attributes
     ----------
-    responsibilities : Tensor (n, k)
-        ``r_ni = p(expert i | x_n, y_n)`` under the current parameters.
-    objective : float
-        Mean log-likelihood per row (plus log prior / n for MAP) under the current parameters.
+    rows : Tensor ()
+        Number of rows.
+    log_likelihood : Tensor ()
+        ``sum_n log p(y_n | x_n)``.
+    responsibility : Tensor (k,)
+        ``sum_n r_ni``: each expert's effective rows.
+    squared_error : Tensor (k,)
+        ``sum_n r_ni (y_n - g(a_i . u_n))^2`` at the linearisation point.
+    expert_matrix, expert_vector : Tensor (k, w, w), (k, w), or None
+        Identity link: the weighted Gram matrices ``sum r u u^T`` and ``sum r y u``. Other links:
+        the Gauss-Newton system ``sum r J J^T`` and ``sum r J (y - g)``, ``J = g'(z) u``. None when
+        the experts are frozen.
+    y_square : Tensor (k,) or None
+        ``sum_n r_ni y_n^2`` (identity link: the squared error of the solved experts follows).
+    gate_gradient, gate_hessian : Tensor (k - 1, wg), ((k - 1) wg, (k - 1) wg)
+        The IRLS gradient and negative Hessian of the gate's expected log-likelihood.
     """
 
-    responsibilities: torch.Tensor
-    objective: float
+    rows: torch.Tensor
+    log_likelihood: torch.Tensor
+    responsibility: torch.Tensor
+    squared_error: torch.Tensor
+    expert_matrix: torch.Tensor | None
+    expert_vector: torch.Tensor | None
+    y_square: torch.Tensor | None
+    gate_gradient: torch.Tensor
+    gate_hessian: torch.Tensor
 
 
+def _coefficients(params: Params) -> torch.Tensor:
+    """Expert weights with the intercepts as a last column (when the model has them): (k, w)."""
+    if params.experts_bias is None:
+        return params.experts_weight
+    return torch.cat([params.experts_weight, params.experts_bias[:, None]], dim=-1)
+
+
+def pass_statistics(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    params: Params,
+    link: Link,
+    update_experts: bool,
+    gate_bias: bool,
+    linearise_at: Params | None = None,
+) -> Statistics:
+    """The :class:`Statistics` of one chunk of rows (the function every EM pass sums).
+
+    Responsibilities are computed at ``params``; the expert and gate systems (and the squared
+    error) at ``linearise_at`` (default ``params``): a further Newton step within one M-step.
+    ``gate_bias``: whether the gate offsets are fitted (an intercept column in the gate system).
+    Products run in ``x``'s dtype; the sums are returned in float64.
+    """
+    f64 = torch.float64
+    log_probs = component_log_probs(x, y, params, link)
+    log_lik = torch.logsumexp(log_probs, dim=-1)
+    resp = (log_probs - log_lik[:, None]).exp()
+    at = params if linearise_at is None else linearise_at
+    design = _with_intercept(x, at.experts_bias is not None)
+    z = design @ _coefficients(at).T
+    residual = y[:, None] - link(z)
+    matrix = vector = y_square = None
+    if update_experts:
+        if link.is_identity:
+            matrix, vector = linear_experts_statistics(design, y, resp)
+            y_square = (resp * (y * y)[:, None]).sum(0).to(f64)
+        else:
+            derivative = link.derivative(z)
+            jacobians = [design * derivative[:, i : i + 1] for i in range(z.shape[1])]
+            matrix = torch.stack([(j * resp[:, i : i + 1]).T @ j for i, j in enumerate(jacobians)])
+            vector = torch.stack(
+                [j.T @ (resp[:, i] * residual[:, i]) for i, j in enumerate(jacobians)]
+            )
+        matrix, vector = matrix.to(f64), vector.to(f64)
+    gate_design = _with_intercept(x, gate_bias)
+    probs = torch.softmax(gate_logits(x, at.gate_weight, at.gate_bias), dim=-1)[:, 1:]
+    gradient, hessian = _gate_system(gate_design, resp, probs)
+    return Statistics(
+        rows=torch.tensor(float(x.shape[0]), dtype=f64, device=x.device),
+        log_likelihood=log_lik.sum().to(f64),
+        responsibility=resp.sum(0).to(f64),
+        squared_error=(resp * residual.pow(2)).sum(0).to(f64),
+        expert_matrix=matrix,
+        expert_vector=vector,
+        y_square=y_square,
+        gate_gradient=gradient.to(f64),
+        gate_hessian=hessian.to(f64),
+    )
+
+
+def mean_log_likelihood(source: Source, params: Params, link: Link, chunk_size: int) -> float:
+    """Mean log-likelihood per row of ``params`` over a source (one pass)."""
+    total = source.reduce(_log_likelihood_sums, chunk_size, params, link)
+    return float(total[0] / total[1])
+
+
+def _log_likelihood_sums(x, y, params, link):
+    return torch.stack(
+        [log_likelihood(x, y, params, link).sum().to(torch.float64), torch.tensor(x.shape[0] * 1.0)]
+    )
+
+
+def _between(start: Params, end: Params, size: float) -> Params:
+    """``start + size (end - start)`` for every parameter (absent ones stay absent)."""
+    return Params(*(a if a is None else a + size * (b - a) for a, b in zip(start, end)))
+
+
+# ---------------------------------------------------------------------------------------------- the loop
 @dataclass(frozen=True)
 class EMRun:
     """One start's EM run (:meth:`EM.fit`).
@@ -434,6 +500,9 @@ class EMRun:
         with the fewest).
     seconds : float
         Wall time of the run.
+    passes : int
+        Passes over the data (one per iteration, plus one per extra Newton step or step halving,
+        plus the first).
     """
 
     params: Params
@@ -443,6 +512,7 @@ class EMRun:
     effective_rows: list[float]
     collapsed_experts: list[int]
     seconds: float
+    passes: int = 0
 
     @property
     def objective(self) -> float:
@@ -450,20 +520,42 @@ class EMRun:
         return self.trace[-1]
 
 
+#: Step halvings an EM iteration may try before it keeps the parameters it started from.
+MAX_HALVINGS = 30
+
+
 @dataclass(frozen=True)
 class EM:
-    """EM for one data set: which parameters move, and how far each M-step goes.
+    """EM over a data source: which parameters move, and how far each M-step goes.
 
-    Joint EM moves everything; gate EM is ``update_experts=False`` (the experts are data). Expert
-    intercepts are fitted when the parameters carry them (``experts_bias`` not None), gate offsets
-    when ``update_gate_bias``. MAP (``prior_scale``): ``Normal(0, s^2)`` priors on the gate's
-    weights and offsets and, when they move, the experts' (a ridge ``noise^2 / s^2`` in their
-    least squares); the noise stays maximum likelihood.
+    Each iteration is ONE pass over the data (:func:`pass_statistics` summed chunk by chunk) at
+    the current parameters, then an M-step from the sums alone:
+
+    * experts (unless frozen): identity link, weighted least squares per expert in closed form;
+      other links, one Gauss-Newton step per expert;
+    * gate: one Newton (IRLS) step of the weighted (multinomial) logistic regression;
+    * noise (unless fixed): ``noise^2 = sum_n sum_i r_ni (y_n - g(a_i . u_n))^2 / n``, with the
+      experts just solved (identity link: the squared error of the new experts follows from the
+      sums exactly) or, for other links, with the experts before their step (the noise is then
+      updated first: both orders are conditional maximisations).
+
+    The next pass, at the proposed parameters, gives their objective. If it fell (an overshooting
+    Newton step), the step is halved towards the previous parameters, one pass per halving: the
+    M-step direction is an ascent direction of the objective, so a small enough step raises it,
+    and the trace never decreases beyond rounding. ``newton_steps`` / ``gauss_newton_steps`` > 1
+    take further steps within one M-step, each from one more pass with the responsibilities held.
+
+    Joint EM moves everything; gate EM is ``update_experts=False``. Expert intercepts are fitted
+    when the parameters carry them (``experts_bias`` not None), gate offsets when
+    ``update_gate_bias``. MAP (``prior_scale``): ``Normal(0, s^2)`` priors on the gate's weights and
+    offsets and, when they move, the experts' (a ridge ``noise^2 / s^2`` in their least squares);
+    the noise stays maximum likelihood.
+
+    Extra memory: one chunk's ``O(chunk_size (d + k))`` plus the sums' ``O(k d^2)``, any n.
 
     Attributes
     ----------
-    x : Tensor (n, d)
-    y : Tensor (n,)
+    source : Source
     link : Link
     update_experts, update_gate_bias, update_noise : bool
     prior_scale : float or None
@@ -471,13 +563,14 @@ class EM:
         A start has converged when its objective changes by less than ``tol`` in one iteration.
     max_iter : int
     newton_steps : int
-        Maximum gate Newton steps per M-step.
+        Gate Newton steps per M-step.
     gauss_newton_steps : int
-        Maximum Gauss-Newton steps per expert per M-step (links other than the identity).
+        Gauss-Newton steps per expert per M-step (links other than the identity).
+    chunk_size : int
+        Rows per chunk of a pass.
     """
 
-    x: torch.Tensor
-    y: torch.Tensor
+    source: Source
     link: Link
     update_experts: bool = True
     update_gate_bias: bool = True
@@ -487,67 +580,108 @@ class EM:
     max_iter: int = 200
     newton_steps: int = 1
     gauss_newton_steps: int = 1
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     floor: float = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "floor", noise_floor(self.y))
+        object.__setattr__(self, "floor", noise_floor(self.source))
 
     @property
     def name(self) -> str:
         return "EM" if self.update_experts else "gate EM"
 
-    def e_step(self, params: Params) -> Statistics:
-        """Responsibilities and the objective under ``params``."""
-        log_probs = component_log_probs(self.x, self.y, params, self.link)
+    def statistics(self, params: Params, linearise_at: Params | None = None) -> Statistics:
+        """One pass: the :class:`Statistics` at ``params`` (systems at ``linearise_at``)."""
+        return self.source.reduce(
+            pass_statistics,
+            self.chunk_size,
+            params,
+            self.link,
+            self.update_experts,
+            self.update_gate_bias,
+            linearise_at,
+        )
+
+    def objective(self, statistics: Statistics, params: Params) -> float:
+        """Mean log-likelihood per row (plus log prior / n for MAP)."""
         experts = (params.experts_weight, params.experts_bias) if self.update_experts else ()
         prior = log_prior(self.prior_scale, *experts, params.gate_weight, params.gate_bias)
-        objective = float(torch.logsumexp(log_probs, dim=-1).sum() + prior) / self.x.shape[0]
-        return Statistics(torch.softmax(log_probs, dim=-1), objective)
+        return float(statistics.log_likelihood + prior) / float(statistics.rows)
 
-    def m_step(self, statistics: Statistics, params: Params) -> Params:
-        """Experts (unless frozen), gate, then noise, each given the others."""
-        resp = statistics.responsibilities
-        if self.update_experts:
-            params = self._experts_m_step(resp, params)
-        gate_weight, gate_bias = gate_m_step(
-            self.x,
-            resp,
-            params.gate_weight,
-            params.gate_bias,
-            fit_bias=self.update_gate_bias,
-            prior_scale=self.prior_scale,
-            max_steps=self.newton_steps,
-            tol=0.1 * self.tol,
-        )
-        params = params._replace(gate_weight=gate_weight, gate_bias=gate_bias)
+    def m_step(
+        self, statistics: Statistics, params: Params, *, experts: bool = True, gate: bool = True
+    ) -> Params:
+        """New parameters from the sums of one pass (experts, gate, noise; see the class)."""
+        f64, dtype = torch.float64, params.gate_weight.dtype
+        rows = float(statistics.rows)
+        squared_error = statistics.squared_error
+        if self.update_experts and experts:
+            d = params.experts_weight.shape[1]
+            intercept = params.experts_bias is not None
+            coefficients = _coefficients(params).to(f64)
+            noise = float(params.noise)
+            ridge = 0.0 if self.prior_scale is None else noise**2 / self.prior_scale**2
+            gram, vector = statistics.expert_matrix, statistics.expert_vector
+            if self.link.is_identity:
+                coefficients = solve_linear_experts((gram, vector), ridge)
+                quadratic = torch.einsum("iw,iwv,iv->i", coefficients, gram, coefficients)
+                squared_error = (
+                    statistics.y_square - 2 * (coefficients * vector).sum(-1) + quadratic
+                ).clamp_min(0)
+            else:
+                system = gram.clone()
+                system.diagonal(dim1=-2, dim2=-1).add_(ridge)
+                coefficients = coefficients + _solve_spd(system, vector - ridge * coefficients)
+            coefficients = coefficients.to(dtype)
+            params = params._replace(
+                experts_weight=coefficients[:, :d],
+                experts_bias=coefficients[:, d] if intercept else None,
+            )
+        if gate:
+            params = self._gate_step(statistics, params)
         if self.update_noise:
-            means = expert_means(self.x, params.experts_weight, params.experts_bias, self.link)
-            residuals = noise_statistics(self.y, resp, means)
-            params = params._replace(noise=solve_noise(residuals, self.x.shape[0], self.floor))
+            noise = (squared_error.sum() / rows).sqrt().clamp_min(self.floor)
+            params = params._replace(noise=noise.to(dtype))
         return params
 
-    def _experts_m_step(self, resp: torch.Tensor, params: Params) -> Params:
-        d = self.x.shape[1]
-        intercept = params.experts_bias is not None
-        design = _with_intercept(self.x, intercept)
-        # MAP: ridge sigma^2 / s^2, because the squared error is scaled by 1 / sigma^2
-        ridge = 0.0 if self.prior_scale is None else float(params.noise) ** 2 / self.prior_scale**2
-        if self.link.is_identity:
-            statistics = linear_experts_statistics(design, self.y, resp)
-            coefficients = solve_linear_experts(statistics, ridge)
-        else:
-            coefficients = (
-                torch.cat([params.experts_weight, params.experts_bias[:, None]], dim=-1)
-                if intercept
-                else params.experts_weight
+    def _gate_step(self, statistics: Statistics, params: Params) -> Params:
+        f64, dtype = torch.float64, params.gate_weight.dtype
+        d = params.gate_weight.shape[1]
+        fit_bias = self.update_gate_bias
+        theta = (
+            torch.cat([params.gate_weight, params.gate_bias[:, None]], dim=-1)
+            if fit_bias
+            else params.gate_weight
+        ).to(f64)
+        ridge = 0.0 if self.prior_scale is None else 1.0 / self.prior_scale**2
+        gradient = statistics.gate_gradient - ridge * theta
+        hessian = statistics.gate_hessian.clone()
+        hessian.diagonal().add_(ridge)
+        step = _solve_spd(hessian, gradient.reshape(-1))
+        decrement = float(gradient.reshape(-1) @ step)  # Newton decrement squared: ~2 x the gain
+        rows = float(statistics.rows)
+        value = float(statistics.log_likelihood)
+        if decrement <= 2 * max(_accept_slack(value, dtype), 0.1 * self.tol * rows):
+            return params  # nothing to gain that EM's tolerance would see
+        theta = (theta + step.reshape(theta.shape)).to(dtype)
+        if fit_bias:
+            return params._replace(gate_weight=theta[:, :d], gate_bias=theta[:, d])
+        return params._replace(gate_weight=theta)
+
+    def _propose(self, statistics: Statistics, params: Params) -> tuple[Params, int]:
+        """The M-step's proposal and the extra passes its further Newton steps took."""
+        proposal = self.m_step(statistics, params)
+        nonlinear = self.update_experts and not self.link.is_identity
+        extra = max(self.newton_steps, self.gauss_newton_steps if nonlinear else 1) - 1
+        for step in range(1, extra + 1):
+            held = self.statistics(params, linearise_at=proposal)
+            proposal = self.m_step(
+                held,
+                proposal,
+                experts=nonlinear and step < self.gauss_newton_steps,
+                gate=step < self.newton_steps,
             )
-            coefficients = _experts_m_step_gauss_newton(
-                design, self.y, resp, coefficients, self.link, ridge, self.gauss_newton_steps
-            )
-        return params._replace(
-            experts_weight=coefficients[:, :d],
-            experts_bias=coefficients[:, d] if intercept else None,
-        )
+        return proposal, extra
 
     def fit(self, starts: Sequence[Params], *, stacklevel: int = 2) -> tuple[list[EMRun], int]:
         """EM from each start in turn; the runs and the index of the best (highest objective).
@@ -556,23 +690,35 @@ class EM:
         :class:`ConvergenceWarning` when the best start did not converge, and a
         :class:`CollapseWarning` when it ends collapsing.
         """
-        d = self.x.shape[1]
+        d = self.source.in_features
+        dtype = self.source.dtype
         runs: list[EMRun] = []
         for start in starts:
             began = time.perf_counter()
             params = start
-            statistics = self.e_step(params)
-            trace = [statistics.objective]
+            statistics = self.statistics(params)
+            value = self.objective(statistics, params)
+            trace, passes = [value], 1
             converged, n_iter = False, 0
             for n_iter in range(1, self.max_iter + 1):  # noqa: B007 (n_iter is kept)
-                params = self.m_step(statistics, params)
-                statistics = self.e_step(params)
-                trace.append(statistics.objective)
+                proposal, extra = self._propose(statistics, params)
+                passes += extra
+                candidate, size = proposal, 1.0
+                for _ in range(MAX_HALVINGS):
+                    new_statistics = self.statistics(candidate)
+                    new_value = self.objective(new_statistics, candidate)
+                    passes += 1
+                    if new_value >= value - _accept_slack(value, dtype):
+                        params, statistics, value = candidate, new_statistics, new_value
+                        break
+                    size *= 0.5
+                    candidate = _between(params, proposal, size)
+                trace.append(value)  # unchanged when no step raised the objective
                 if abs(trace[-1] - trace[-2]) < self.tol:
                     converged = True
                     break
             effective_rows, collapsed = _collapse(
-                statistics.responsibilities, params.noise, self.floor, d
+                statistics.responsibility, params.noise, self.floor, d
             )
             runs.append(
                 EMRun(
@@ -583,6 +729,7 @@ class EM:
                     effective_rows=effective_rows,
                     collapsed_experts=collapsed,
                     seconds=time.perf_counter() - began,
+                    passes=passes,
                 )
             )
         best = max(range(len(runs)), key=lambda i: runs[i].objective)
@@ -602,35 +749,55 @@ class EM:
         return runs, best
 
 
+def default_chunk_size(in_features: int) -> int:
+    """Rows per chunk of an EM pass: about 16 MB of float64 design rows, 4096 to 65536 rows."""
+    return max(4096, min(DEFAULT_CHUNK_SIZE, (1 << 21) // (int(in_features) + 1)))
+
+
 def check_em_arguments(
-    x, y, link, seed, tol, max_iter, prior_scale, newton_steps, gauss_newton_steps=1
-) -> tuple[torch.Tensor, torch.Tensor, Link, int, dict]:
+    x,
+    y,
+    link,
+    seed,
+    tol,
+    max_iter,
+    prior_scale,
+    newton_steps,
+    gauss_newton_steps=1,
+    *,
+    chunk_size=None,
+    device=None,
+) -> tuple[Source, Link, int, dict]:
     """The arguments :func:`fit_em` and :func:`pyromoe.core.gate.fit_gate` share, checked.
 
-    Returns ``(x, y, link, seed, options)``, ``options`` the keyword arguments of :class:`EM`.
+    Returns ``(source, link, seed, options)``, ``options`` the keyword arguments of :class:`EM`
+    (``chunk_size`` included: ``None`` picks :func:`default_chunk_size`).
 
     Raises
     ------
     ValueError, TypeError
-        As :func:`pyromoe._validation.as_tensors` (at least 2 rows) and
+        As :func:`pyromoe.core.sources.as_source` (at least 2 rows) and
         :func:`pyromoe._validation.check_link`; for a ``tol`` or ``prior_scale`` that is not a
-        positive number, step counts that are not ints >= 1, or a bad seed.
+        positive number, step counts or ``chunk_size`` that are not ints >= 1, or a bad seed.
     """
-    x, y = as_tensors(x, y, min_rows=2)
+    source = as_source(x, y, device=device, min_rows=2)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(source.in_features)
     options = dict(
         tol=check_positive(tol, "tol"),
         max_iter=check_positive(max_iter, "max_iter", integer=True),
         prior_scale=None if prior_scale is None else check_positive(prior_scale, "prior_scale"),
         newton_steps=check_positive(newton_steps, "newton_steps", integer=True),
         gauss_newton_steps=check_positive(gauss_newton_steps, "gauss_newton_steps", integer=True),
+        chunk_size=check_count(chunk_size, "chunk_size", minimum=1),
     )
-    return x, y, check_link(link), check_seed(seed), options
+    return source, check_link(link), check_seed(seed), options
 
 
 # ---------------------------------------------------------------------------------------------- joint EM
 def random_start(
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x,
+    y,
     num_experts: int,
     link: str | Link,
     generator: torch.Generator,
@@ -643,12 +810,13 @@ def random_start(
     ``y``); gate weights ``N(0, 0.1^2 / d) / sd(x_j)`` (a nearly flat gate, so the first E-step is
     driven by the experts); offsets centre each linear predictor at the mean of ``x`` (plus the mean
     of ``y`` for the identity link) when ``bias``, else zero; noise ``sd(y)``. Draws come from
-    ``generator`` (CPU, float64) and are then moved to ``x``'s device and dtype, so a seed gives the
-    same start on any device.
+    ``generator`` (CPU, float64) and are then moved to the data's device and dtype, so a seed gives
+    the same start on any device. Only column means and standard deviations are read
+    (:meth:`pyromoe.core.sources.Source.summary`).
 
     Parameters
     ----------
-    x : Tensor (n, d)
+    x : Tensor (n, d), or a Source (then ``y`` is ignored)
     y : Tensor (n,)
     num_experts : int
     link : str or Link
@@ -667,26 +835,29 @@ def random_start(
     >>> random_start(x, y, 2, "linear", torch.Generator().manual_seed(0)).experts_weight.shape
     torch.Size([2, 3])
     """
-    n, d = x.shape
+    source = as_source(x, y)
+    summary = source.summary()
+    like = torch.empty(0, dtype=source.dtype, device=source.device)
+    d = source.in_features
     k = num_experts
     link = check_link(link)
-    scale = feature_scale(x)
-    y_sd = y.std().clamp_min(noise_floor(y))
-    x_mean = x.mean(dim=0)
+    scale = feature_scale(source).to(like)
+    y_sd = torch.tensor(max(summary.y_sd, noise_floor(source))).to(like)
+    x_mean = summary.x_mean.to(like)
 
     def normal(*shape):
-        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(x)
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(like)
 
     experts_weight = normal(k, d) * (y_sd / d**0.5) / scale
     gate_weight = normal(k - 1, d) * (0.1 / d**0.5) / scale
     if bias:
         experts_bias = -(experts_weight @ x_mean)
         if link.is_identity:
-            experts_bias = experts_bias + y.mean()
+            experts_bias = experts_bias + summary.y_mean
         gate_bias = -(gate_weight @ x_mean)
     else:
-        experts_bias = x.new_zeros(k)
-        gate_bias = x.new_zeros(k - 1)
+        experts_bias = like.new_zeros(k)
+        gate_bias = like.new_zeros(k - 1)
     return MoEEstimate(
         experts_weight=experts_weight,
         experts_bias=experts_bias,
@@ -698,7 +869,7 @@ def random_start(
     )
 
 
-def _check_init(init, k: int, d: int, link: Link, x: torch.Tensor) -> MoEEstimate:
+def _check_init(init, k: int, d: int, link: Link, source: Source) -> MoEEstimate:
     if not isinstance(init, MoEEstimate):
         raise TypeError(
             f"init must be a pyromoe.MoEEstimate (e.g. from tensor_init); got {type(init).__name__}"
@@ -713,7 +884,7 @@ def _check_init(init, k: int, d: int, link: Link, x: torch.Tensor) -> MoEEstimat
             f"init has link {init.link!r} but fit_em was asked for link {link!r}; pass "
             "link=init.link"
         )
-    init = init.to(device=x.device, dtype=x.dtype)
+    init = init.to(device=source.device, dtype=source.dtype)
     for name in ("experts_weight", "experts_bias", "gate_weight", "gate_bias", "noise"):
         if not bool(torch.isfinite(getattr(init, name)).all()):
             raise ValueError(f"init.{name} contains NaN or infinite values")
@@ -737,15 +908,18 @@ def fit_em(
     seed: int = 0,
     newton_steps: int = 1,
     gauss_newton_steps: int = 1,
+    chunk_size: int | None = None,
+    device=None,
     num_threads: int | None = None,
 ) -> MoEEstimate:
     """Joint EM over all parameters (experts, offsets, gate, noise), best of several starts.
 
     Parameters
     ----------
-    x : Tensor or ndarray (n, d)
-        Inputs.
-    y : Tensor or ndarray (n,)
+    x : Tensor, ndarray, numpy memmap or dask.array.Array (n, d)
+        Inputs (:func:`pyromoe.core.sources.as_source`): memory maps and Dask arrays are read
+        in chunks, never whole.
+    y : the same kinds (n,)
         Outputs.
     num_experts : int
         Number of experts ``k >= 2``.
@@ -778,6 +952,12 @@ def fit_em(
     gauss_newton_steps : int
         Maximum Gauss-Newton steps per expert in each M-step (nonlinear links; linear experts are
         solved exactly).
+    chunk_size : int, optional
+        Rows per chunk of each pass (default :func:`default_chunk_size`: about 16 MB of rows).
+        The result does not depend on it beyond rounding.
+    device : str or torch.device, optional
+        Where to compute (default: ``x``'s device, or the CPU for arrays); memory-mapped chunks
+        are moved there as they are read.
     num_threads : int, optional
         torch threads for the call (None: leave torch's setting; 1 is fastest for small data on a
         shared machine).
@@ -789,7 +969,9 @@ def fit_em(
         ``"random"``), ``log_likelihood_per_start`` (final objective of each start),
         ``best_start``, ``converged`` and ``n_iter`` of the best start, ``log_likelihood_trace`` of
         the best start, ``converged_per_start``, ``n_iter_per_start``, ``seconds_per_start``,
-        ``objective`` (``"mean log-likelihood"`` or ``"log posterior / n"``), ``seed``,
+        ``passes_per_start`` (passes over the data), ``chunk_size``, ``source`` (``"tensor"``,
+        ``"memmap"`` or ``"dask"``), ``objective`` (``"mean log-likelihood"`` or
+        ``"log posterior / n"``), ``seed``,
         ``effective_rows`` (per expert, best start) and ``collapsed_experts``.
 
     Raises
@@ -817,9 +999,8 @@ def fit_em(
     exact powers of two before fitting and the estimate is mapped back
     (``diagnostics["input_scaling"]``); ordinary data are not touched.
 
-    Full-batch: every iteration works on all of ``x`` at once (memory O(n k d) on ``x``'s device),
-    which is fine up to a few million rows; there is no chunked variant yet. Starts run one after
-    another. The chosen start is the one with the highest final objective; starts that ended lower
+    Each iteration is one pass over the data in chunks (:class:`EM`): extra memory
+    ``O(chunk_size (d + k) + k d^2)`` whatever n. Starts run one after another. The chosen start is the one with the highest final objective; starts that ended lower
     (a local optimum, docs/algorithm.md section 4) show in ``log_likelihood_per_start``.
 
     Examples
@@ -830,10 +1011,20 @@ def fit_em(
     >>> fit.method, len(fit.diagnostics["log_likelihood_per_start"])
     ('em', 2)
     """
-    x, y, link, seed, em = check_em_arguments(
-        x, y, link, seed, tol, max_iter, prior_scale, newton_steps, gauss_newton_steps
+    source, link, seed, em = check_em_arguments(
+        x,
+        y,
+        link,
+        seed,
+        tol,
+        max_iter,
+        prior_scale,
+        newton_steps,
+        gauss_newton_steps,
+        chunk_size=chunk_size,
+        device=device,
     )
-    n, d = x.shape
+    n, d = source.shape
     k = check_num_experts(num_experts)
     bias = check_flag(bias, "bias")
     if n_init is None:
@@ -841,19 +1032,21 @@ def fit_em(
     n_init = check_positive(n_init, "n_init", integer=True)
     num_threads = check_num_threads(num_threads)
     if init is not None:
-        init = _check_init(init, k, d, link, x)
-    if float(y.std()) == 0.0:
-        raise ValueError(
-            f"y is constant (every value is {float(y[0]):g}); a mixture of experts needs varying y"
-        )
+        init = _check_init(init, k, d, link, source)
     with torch_threads(num_threads):
-        return _fit_em(x, y, k, link, init=init, n_init=n_init, bias=bias, seed=seed, em=em)
+        summary = source.summary()  # out-of-core data: the NaN check is this first pass
+        if summary.y_sd == 0.0:
+            raise ValueError(
+                f"y is constant (every value is {summary.y_first:g}); a mixture of experts needs "
+                "varying y"
+            )
+        return _fit_em(source, k, link, init=init, n_init=n_init, bias=bias, seed=seed, em=em)
 
 
 @on_exact_scale("estimate", init="estimate")
-def _fit_em(x, y, k, link, *, init, n_init, bias, seed, em) -> MoEEstimate:
+def _fit_em(source, k, link, *, init, n_init, bias, seed, em) -> MoEEstimate:
     """:func:`fit_em` on checked arguments; ``em``: the options of :class:`EM`."""
-    n, d = x.shape
+    n, d = source.shape
     check_enough_rows(
         n,
         num_parameters(d, k, bias),
@@ -867,10 +1060,11 @@ def _fit_em(x, y, k, link, *, init, n_init, bias, seed, em) -> MoEEstimate:
         kinds.append("given")
     generator = torch.Generator().manual_seed(seed)
     while len(starts) < n_init:
-        starts.append(random_start(x, y, k, link, generator, bias=bias))
+        starts.append(random_start(source, None, k, link, generator, bias=bias))
         kinds.append("random")
-    starts = [_start_params(start, x, bias) for start in starts]
-    runs, best = EM(x, y, link, update_gate_bias=bias, **em).fit(starts, stacklevel=4)
+    like = torch.empty(0, dtype=source.dtype, device=source.device)
+    starts = [_start_params(start, like, bias) for start in starts]
+    runs, best = EM(source, link, update_gate_bias=bias, **em).fit(starts, stacklevel=4)
     run = runs[best]
     diagnostics = {
         "n_init": len(runs),
@@ -883,6 +1077,9 @@ def _fit_em(x, y, k, link, *, init, n_init, bias, seed, em) -> MoEEstimate:
         "converged_per_start": [r.converged for r in runs],
         "n_iter_per_start": [r.n_iter for r in runs],
         "seconds_per_start": [r.seconds for r in runs],
+        "passes_per_start": [r.passes for r in runs],
+        "chunk_size": em["chunk_size"],
+        "source": source.kind,
         "objective": "mean log-likelihood" if em["prior_scale"] is None else "log posterior / n",
         "seed": seed,
         "effective_rows": run.effective_rows,
@@ -892,7 +1089,7 @@ def _fit_em(x, y, k, link, *, init, n_init, bias, seed, em) -> MoEEstimate:
     return MoEEstimate.from_params(params, link, method="em", diagnostics=diagnostics)
 
 
-def _start_params(start: MoEEstimate, x: torch.Tensor, bias: bool) -> Params:
-    """A start's parameters on ``x``'s device and dtype; without ``bias`` no offsets at all."""
-    params = start.params._replace(noise=as_tensor(start.noise, "noise", like=x))
+def _start_params(start: MoEEstimate, like: torch.Tensor, bias: bool) -> Params:
+    """A start's parameters on ``like``'s device and dtype; without ``bias`` no offsets at all."""
+    params = start.params.like(like)._replace(noise=as_tensor(start.noise, "noise", like=like))
     return params if bias else params._replace(experts_bias=None, gate_bias=None)

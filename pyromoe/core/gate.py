@@ -4,10 +4,11 @@ With the experts known (from the tensor step, or the truth in a test), the gate 
 is learnt by EM: the E-step computes responsibilities ``r_ni = p(expert i | x_n, y_n)`` with the one
 likelihood implementation (:func:`pyromoe.core.likelihood.component_log_probs`); the M-step is a weighted
 logistic (k = 2) or multinomial logistic (k > 2, expert 0 the reference) regression of ``r`` on ``x``,
-which is concave, solved by damped Newton (IRLS) steps (:func:`pyromoe.core.em.gate_m_step`, one per EM
-iteration by default); the noise has a closed-form update. The loop, the M-steps and the warnings are
-those of joint EM (:class:`pyromoe.core.em.EM` with ``update_experts=False``); this module checks the
-arguments and builds the start. Pure torch on ``x``'s device and dtype, full-batch.
+which is concave, solved by one Newton (IRLS) step per EM iteration from the gradient and Hessian summed
+over the rows; the noise has a closed-form update. The loop, the one pass per iteration over chunks of
+any data source, the M-steps and the warnings are those of joint EM (:class:`pyromoe.core.em.EM` with
+``update_experts=False``); this module checks the arguments and builds the start. Pure torch on the
+data's device and dtype.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .em import (
 from .likelihood import expert_means
 from .links import Link
 from .params import Params
+from .sources import Source
 from .threads import check_num_threads, torch_threads
 
 __all__ = [
@@ -115,21 +117,23 @@ def fit_gate(
     max_iter: int = 100,
     seed: int = 0,
     newton_steps: int = 1,
+    chunk_size: int | None = None,
+    device=None,
     num_threads: int | None = None,
 ) -> GateFit:
     """Fit the gate (and the noise) by EM with the experts fixed (docs/algorithm.md section 4).
 
-    E-step: responsibilities from :func:`pyromoe.core.likelihood.component_log_probs`. M-step:
-    :func:`gate_m_step` (weighted logistic / multinomial logistic regression, damped Newton) and, if
-    ``fit_noise``, ``noise^2 = mean_n sum_i r_ni (y_n - g(a_i . x_n + b_i))^2``. The objective (mean
-    log-likelihood, or log posterior / n for MAP) never decreases. Works full-batch on ``x``'s
-    device and dtype (memory O(n k d)); no loops over rows.
+    E-step: responsibilities from :func:`pyromoe.core.likelihood.component_log_probs`. M-step: a
+    Newton step of the weighted logistic / multinomial logistic regression and, if ``fit_noise``,
+    ``noise^2 = mean_n sum_i r_ni (y_n - g(a_i . x_n + b_i))^2``, from sums over chunks of rows
+    (:class:`pyromoe.core.em.EM`, one pass per iteration). The objective (mean log-likelihood, or
+    log posterior / n for MAP) never decreases. Runs on the data's device and dtype.
 
     Parameters
     ----------
-    x : Tensor or ndarray (n, d)
-        Inputs, one row per observation.
-    y : Tensor or ndarray (n,)
+    x : Tensor, ndarray, numpy memmap or dask.array.Array (n, d)
+        Inputs, one row per observation (:func:`pyromoe.core.sources.as_source`).
+    y : the same kinds (n,)
         Outputs.
     experts_weight : Tensor or ndarray (k, d)
         Fixed expert weights.
@@ -160,8 +164,12 @@ def fit_gate(
     seed : int or None
         Seed of the random starting gate (``None``: a fresh one, recorded in ``GateFit.seed``).
     newton_steps : int
-        Maximum Newton steps per M-step (default 1: each EM iteration takes one damped Newton step,
-        which still never lowers the objective; more steps rarely save an EM iteration).
+        Newton steps per M-step (default 1; each further step costs one more pass and rarely saves
+        an EM iteration).
+    chunk_size : int, optional
+        Rows per chunk of each pass (default :func:`pyromoe.core.em.default_chunk_size`).
+    device : str or torch.device, optional
+        Where to compute (default: ``x``'s device, or the CPU for arrays).
     num_threads : int, optional
         torch threads for the call (None: leave torch's setting; 1 is fastest for small data on a
         shared machine).
@@ -201,10 +209,20 @@ def fit_gate(
     >>> fit.converged, fit.gate_weight.shape
     (True, torch.Size([1, 3]))
     """
-    x, y, link, seed, em = check_em_arguments(
-        x, y, link, seed, tol, max_iter, prior_scale, newton_steps
+    source, link, seed, em = check_em_arguments(
+        x,
+        y,
+        link,
+        seed,
+        tol,
+        max_iter,
+        prior_scale,
+        newton_steps,
+        chunk_size=chunk_size,
+        device=device,
     )
-    n, d = x.shape
+    n, d = source.shape
+    x = torch.empty(0, dtype=source.dtype, device=source.device)  # device and dtype to follow
     experts_weight = as_tensor(experts_weight, "experts_weight", like=x)
     if experts_weight.dim() != 2 or experts_weight.shape[1] != d:
         raise ValueError(
@@ -245,29 +263,32 @@ def fit_gate(
     em.update(update_gate_bias=fit_bias, update_noise=fit_noise)
     start = Params(experts_weight, experts_bias, gate_weight, gate_bias, noise)
     with torch_threads(num_threads):
-        return _fit_gate(x, y, start, link, em=em, seed=seed)
+        source.summary()  # out-of-core data: the NaN check is this first pass
+        return _fit_gate(source, start, link, em=em, seed=seed)
 
 
 @on_exact_scale({"gate_weight": "gate_weight", "noise": "y"}, start="params")
-def _fit_gate(x, y, start: Params, link: Link, *, em: dict, seed: int) -> GateFit:
+def _fit_gate(source: Source, start: Params, link: Link, *, em: dict, seed: int) -> GateFit:
     """:func:`fit_gate` on checked arguments: ``start`` may lack the gate weights and the noise
     (then drawn / estimated here); ``em``: the options of :class:`pyromoe.core.em.EM`."""
-    n, d = x.shape
+    n, d = source.shape
     k = start.num_experts
     width = d + 1 if em["update_gate_bias"] else d
     parameters = (k - 1) * width + (1 if em["update_noise"] else 0)
     check_enough_rows(
         n, parameters, k, model=f"the gate of {k} experts on {d} input(s)", stacklevel=5
     )
-    gate_em = EM(x, y, link, update_experts=False, **em)
+    gate_em = EM(source, link, update_experts=False, **em)
+    like = torch.empty(0, dtype=source.dtype, device=source.device)
     if start.gate_weight is None:
         generator = torch.Generator().manual_seed(seed)
         raw = torch.randn(k - 1, d, generator=generator, dtype=torch.float64)
-        start = start._replace(gate_weight=raw.to(x) * (0.5 / math.sqrt(d)) / feature_scale(x))
+        scale = feature_scale(source).to(like)
+        start = start._replace(gate_weight=raw.to(like) * (0.5 / math.sqrt(d)) / scale)
     if start.noise is None:
         # each row's best-fitting expert: biased low when experts overlap; EM corrects it
-        means = expert_means(x, start.experts_weight, start.experts_bias, link)
-        best_residual = (y[:, None] - means).pow(2).min(dim=-1).values.mean().sqrt()
+        total = source.reduce(_best_squared_residual, em["chunk_size"], start, link)
+        best_residual = (total / n).sqrt().to(like)
         start = start._replace(noise=best_residual.clamp_min(gate_em.floor))
     runs, _ = gate_em.fit([start], stacklevel=4)
     run = runs[0]
@@ -282,3 +303,9 @@ def _fit_gate(x, y, start: Params, link: Link, *, em: dict, seed: int) -> GateFi
         effective_rows=run.effective_rows,
         collapsed_experts=run.collapsed_experts,
     )
+
+
+def _best_squared_residual(x, y, params: Params, link: Link) -> torch.Tensor:
+    """``sum_n min_i (y_n - g(a_i . x_n + b_i))^2`` of one chunk (float64)."""
+    means = expert_means(x, params.experts_weight, params.experts_bias, link)
+    return (y[:, None] - means).pow(2).min(dim=-1).values.sum().to(torch.float64)

@@ -91,18 +91,27 @@ class Summary:
     y_first: float
 
 
+def _rebuild(like, values):
+    """A tuple of ``like``'s type (a NamedTuple too) holding ``values``."""
+    values = list(values)
+    return type(like)(*values) if hasattr(like, "_fields") else type(like)(values)
+
+
 def _add(total, part):
+    """Elementwise sum of two partial results (tensors, None, or (named) tuples of them)."""
     if total is None:
         return part
     if isinstance(total, torch.Tensor):
         return total + part
-    return type(total)(_add(a, b) for a, b in zip(total, part))
+    return _rebuild(total, (_add(a, b) for a, b in zip(total, part)))
 
 
 def _to(value, device: torch.device):
+    if value is None:
+        return None
     if isinstance(value, torch.Tensor):
         return value.to(device)
-    return type(value)(_to(v, device) for v in value)
+    return _rebuild(value, (_to(v, device) for v in value))
 
 
 def _summary_sums(x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, y_shift: float):
@@ -331,6 +340,20 @@ class _RescaledSource(Source):
     def take(self, rows):
         x, y = self.base.take(rows)
         return x / self.x_scale, y / self.y_scale
+
+    def _compute_summary(self) -> Summary:
+        base = self.base.summary()  # exact powers of two: the scaled statistics are exact too
+        scale = self.x_scale.to(base.x_mean)
+        return Summary(
+            num_rows=base.num_rows,
+            x_mean=base.x_mean / scale,
+            x_sd=base.x_sd / scale,
+            x_absmax=base.x_absmax / scale,
+            y_mean=base.y_mean / self.y_scale,
+            y_sd=base.y_sd / self.y_scale,
+            y_absmax=base.y_absmax / self.y_scale,
+            y_first=base.y_first / self.y_scale,
+        )
 
 
 def _rescaled_call(x, y, fn, x_scale, y_scale, *args):

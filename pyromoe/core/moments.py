@@ -1,6 +1,8 @@
 """Streaming score-function moments of the data (docs/algorithm.md sections 2-3), as pure torch functions.
 
-Two passes over the rows of ``x``, each in chunks of ``chunk_size`` rows, on ``x``'s device:
+Two passes over the rows of ``x``, each in chunks of ``chunk_size`` rows, on ``x``'s device (``x``
+a tensor with ``y`` beside it, or any :class:`~pyromoe.core.sources.Source`: a memory map or a
+Dask array is read chunk by chunk, each pass one :meth:`~pyromoe.core.sources.Source.reduce`):
 
 1. :func:`second_moments` accumulates, in ONE pass, the mean and covariance of ``x`` and
    ``E[P2(y) (x - mean)(x - mean)^T]``, ``E[y (x - mean)]``; :func:`standardize` and
@@ -27,6 +29,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from .sources import Source, TensorSource
 
 __all__ = [
     "SecondMoments",
@@ -120,34 +124,22 @@ def second_moments(
     (True, 4)
     """
     chunk_size = _check_chunk_size(chunk_size)
-    n, d = x.shape
-    dtype, device = x.dtype, x.device
+    source = _as_source(x, y)
+    n, d = source.shape
+    dtype = source.dtype
     # Fixed pilot shift (independent of chunk_size, so that chunked == one-chunk up to rounding).
     # It only matters when the mean is large against the spread (the float64 centring afterwards
     # would cancel digits); otherwise skip it and save a copy of every chunk.
-    pilot = x[:_PILOT_ROWS].to(_F64)
+    pilot = source.head(_PILOT_ROWS)[0].to(_F64)
     shift = pilot.mean(0)
     if not bool((shift.abs() > pilot.std(0, correction=0)).any()):
         shift = torch.zeros_like(shift)
     use_shift = bool(shift.abs().max() > 0)
-    shift_c = shift.to(dtype)
-    sum_xx = torch.zeros(d, d, dtype=_F64, device=device)
-    sum_pxx = torch.zeros(d, d, dtype=_F64, device=device)
-    sums = torch.zeros(3, d, dtype=_F64, device=device)
-    sum_p = torch.zeros(2, dtype=_F64, device=device)
-    num_chunks = 0
-    for start in range(0, n, chunk_size):
-        rows = slice(start, start + chunk_size)
-        xs = x[rows] - shift_c if use_shift else x[rows]
-        yc = y[rows].to(_F64) - centre
-        p = yc * (yc + beta)
-        sum_p += torch.stack([p.sum(), torch.dot(p, p)])
-        weights = torch.stack([p, yc, torch.ones_like(p)], 1).to(dtype)
-        # two GEMMs (a concatenated one costs an extra 2d-wide copy) and one (3 x d) product
-        sum_xx += (xs.T @ xs).to(_F64)
-        sum_pxx += ((xs * weights[:, :1]).T @ xs).to(_F64)
-        sums += (weights.T @ xs).to(_F64)
-        num_chunks += 1
+    sums = source.reduce(
+        _second_moment_sums, chunk_size, shift.to(dtype) if use_shift else None, centre, beta
+    )
+    sum_xx, sum_pxx, sums, sum_p, sum_y, num_chunks = sums
+    num_chunks = int(num_chunks)
     sum_px, sum_yx, sum_x = sums
     mean_s = sum_x / n  # mean of x - shift
     covariance = sum_xx / n - torch.outer(mean_s, mean_s)
@@ -159,7 +151,7 @@ def second_moments(
         - torch.outer(mean_s, mean_px)
         + weight_mean * torch.outer(mean_s, mean_s)
     )
-    first = sum_yx / n - (y.to(_F64).sum() - n * centre) / n * mean_s
+    first = sum_yx / n - (float(sum_y) - n * centre) / n * mean_s
     return SecondMoments(
         num_rows=n,
         num_chunks=num_chunks,
@@ -169,6 +161,29 @@ def second_moments(
         weight_mean=weight_mean,
         weight_square_mean=sum_p[1] / n,
         first=first,
+    )
+
+
+def _as_source(x, y) -> Source:
+    """``x`` if it is a :class:`~pyromoe.core.sources.Source`, else tensors ``(x, y)`` as one."""
+    return x if isinstance(x, Source) else TensorSource(x, y)
+
+
+def _second_moment_sums(x, y, shift, centre, beta):
+    """One chunk's sums for :func:`second_moments` (float64)."""
+    dtype = x.dtype
+    xs = x - shift if shift is not None else x
+    yc = y.to(_F64) - centre
+    p = yc * (yc + beta)
+    weights = torch.stack([p, yc, torch.ones_like(p)], 1).to(dtype)
+    # two GEMMs (a concatenated one costs an extra 2d-wide copy) and one (3 x d) product
+    return (
+        (xs.T @ xs).to(_F64),
+        ((xs * weights[:, :1]).T @ xs).to(_F64),
+        (weights.T @ xs).to(_F64),
+        torch.stack([p.sum(), torch.dot(p, p)]),
+        y.to(_F64).sum(),
+        torch.ones((), dtype=_F64, device=x.device),
     )
 
 
@@ -367,36 +382,22 @@ def whitened_third_moment(
     torch.Size([2, 2, 2])
     """
     chunk_size = _check_chunk_size(chunk_size)
-    n = x.shape[0]
+    source = _as_source(x, y)
+    n = source.num_rows
     k = projection.shape[1]
-    device = x.device
-    proj_c = projection.to(x.dtype)
+    device = source.device
+    proj_c = projection.to(device=device, dtype=source.dtype)
     offset = (mean.to(_F64) @ projection.to(_F64)).to(device)
     gram = gram.to(device=device, dtype=_F64)
     gram_sq = gram @ gram
     gram_norm2 = float((gram * gram).sum())
-    sum_uuu = torch.zeros(2 * k, k * k, dtype=_F64, device=device)
-    sum_u = torch.zeros(2, k, dtype=_F64, device=device)
-    sum_sq = torch.zeros(3, dtype=_F64, device=device)
-    num_chunks = 0
     # q = |u|^2, u'Gu, u'G^2u from one product; |phi(u)|^2 = q^3 - 6 q u'Gu + 3 q |G|_F^2 + 6 u'G^2u
     # (phi = u(x)u(x)u - sym(u(x)G); checked against the explicit tensors in the tests)
     quadratic_forms = torch.cat([torch.eye(k, dtype=_F64, device=device), gram, gram_sq], 1)
-    exponents = torch.tensor([3.0, 1.0, 6.0, 4.0, 2.0], dtype=_F64, device=device)
-    for start in range(0, n, chunk_size):
-        # u is only n x k: float64 from here on costs nothing next to the x @ projection product
-        u = (x[start : start + chunk_size] @ proj_c).to(_F64) - offset
-        yc = y[start : start + chunk_size].to(_F64) - centre
-        powers = yc[:, None] ** exponents  # y^3, y, y^6, y^4, y^2
-        uu = (u[:, :, None] * u[:, None, :]).reshape(-1, k * k)
-        weighted_u = (powers[:, :2, None] * u[:, None, :]).reshape(-1, 2 * k)
-        sum_uuu += weighted_u.T @ uu
-        sum_u += powers[:, :2].T @ u
-        forms = ((u @ quadratic_forms).reshape(-1, 3, k) * u[:, None, :]).sum(-1)
-        q, ugu, ug2u = forms.unbind(1)
-        phi2 = q * (q * q - 6 * ugu + 3 * gram_norm2) + 6 * ug2u
-        sum_sq += powers[:, 2:].T @ phi2
-        num_chunks += 1
+    sum_uuu, sum_u, sum_sq, num_chunks = source.reduce(
+        _third_moment_sums, chunk_size, proj_c, offset, centre, quadratic_forms, gram_norm2
+    )
+    num_chunks = int(num_chunks)
     sum_uuu = sum_uuu / n
     mean_u = sum_u / n
     cubic = sum_uuu[:k].reshape(k, k, k) - _symmetrised_outer(mean_u[0], gram)
@@ -407,6 +408,27 @@ def whitened_third_moment(
         second_moments=sum_sq / n,
         num_rows=n,
         num_chunks=num_chunks,
+    )
+
+
+def _third_moment_sums(x, y, projection, offset, centre, quadratic_forms, gram_norm2):
+    """One chunk's sums for :func:`whitened_third_moment` (float64)."""
+    k = projection.shape[1]
+    # u is only n x k: float64 from here on costs nothing next to the x @ projection product
+    u = (x @ projection).to(_F64) - offset.to(x.device)
+    yc = y.to(_F64) - centre
+    exponents = torch.tensor([3.0, 1.0, 6.0, 4.0, 2.0], dtype=_F64, device=x.device)
+    powers = yc[:, None] ** exponents  # y^3, y, y^6, y^4, y^2
+    uu = (u[:, :, None] * u[:, None, :]).reshape(-1, k * k)
+    weighted_u = (powers[:, :2, None] * u[:, None, :]).reshape(-1, 2 * k)
+    forms = ((u @ quadratic_forms.to(x.device)).reshape(-1, 3, k) * u[:, None, :]).sum(-1)
+    q, ugu, ug2u = forms.unbind(1)
+    phi2 = q * (q * q - 6 * ugu + 3 * gram_norm2) + 6 * ug2u
+    return (
+        weighted_u.T @ uu,
+        powers[:, :2].T @ u,
+        powers[:, 2:].T @ phi2,
+        torch.ones((), dtype=_F64, device=x.device),
     )
 
 

@@ -107,11 +107,12 @@ def _add(total, part):
 
 
 def _to(value, device: torch.device):
-    if value is None:
-        return None
+    """``value`` with every tensor in it (through tuples, NamedTuples) on ``device``."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
-    return _rebuild(value, (_to(v, device) for v in value))
+    if isinstance(value, tuple):
+        return _rebuild(value, (_to(v, device) for v in value))
+    return value
 
 
 def _summary_sums(x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, y_shift: float):
@@ -473,6 +474,7 @@ class DaskSource(Source):
     def reduce(self, fn, chunk_size, *args):
         import dask
 
+        args = _to(args, torch.device("cpu"))  # the blocks are computed on CPU workers
         parts = [
             dask.delayed(_block_sum, pure=True)(fn, xb, yb, chunk_size, self.dtype, args)
             for xb, yb in self._blocks()

@@ -1,11 +1,14 @@
 """``initialize``: a point estimate for any data (docs/algorithm.md section 4).
 
 The tensor start of :mod:`pyromoe.estimators.tensor_init` where it applies, guarded by random-start
-EM and a sanity check, with multi-start EM (:func:`pyromoe.core.em.fit_em`) as the fallback.
+EM on a random subsample and a sanity check, with multi-start EM (:func:`pyromoe.core.em.fit_em`) as
+the fallback. On all rows the guarded path costs the moment passes plus ONE EM run from the winning
+start: the comparison with random starts never takes a full-data pass.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import replace
 
@@ -18,15 +21,24 @@ from .._validation import (
     num_parameters,
     on_exact_scale,
 )
-from ..core.em import CollapseWarning, fit_em, warn_collapse
+from ..core.em import (
+    CollapseWarning,
+    ConvergenceWarning,
+    fit_em,
+    mean_log_likelihood,
+    warn_collapse,
+)
 from ..core.estimate import MoEEstimate
 from ..core.links import Link
+from ..core.sources import Source, TensorSource
 from ..core.threads import check_num_threads, torch_threads
 
 # tensor_init's names stay importable from here (benchmarks/speed.py reads _moment_experts)
 from .tensor_init import (  # noqa: F401
+    RANDOM_MARGIN,
     MomentsNotApplicableError,
     _moment_experts,
+    _tensor_init,
     check_arguments,
     minimum_rows,
     tensor_init,
@@ -44,11 +56,15 @@ MAX_SANE_GATE_NORM = 20.0
 #: prior scale of the model's gate weights (pyromoe.bayes.model.DEFAULT_PRIOR_SCALES["gate.weight"]).
 MAP_PRIOR_SCALE = 2.5
 
-#: Random-start EM fits that method="auto" runs beside the tensor start (cheap next to NUTS).
+#: Random-start EM fits that method="auto" runs beside the tensor start, on the guard subsample.
 AUTO_RANDOM_STARTS = 3
 
+#: Rows of the random subsample on which method="auto" compares the tensor start with random
+#: starts (all rows when n is smaller).
+GUARD_ROWS = 20_000
 
-def _sanity_problem(estimate: MoEEstimate, x: torch.Tensor) -> str | None:
+
+def _sanity_problem(estimate: MoEEstimate, source: Source) -> str | None:
     """Why ``estimate`` is not a sane seed, or None."""
     values = [
         estimate.experts_weight,
@@ -59,7 +75,7 @@ def _sanity_problem(estimate: MoEEstimate, x: torch.Tensor) -> str | None:
     ]
     if not all(bool(torch.isfinite(v).all()) for v in values):
         return "it has non-finite parameters"
-    scale = x.std(0).clamp_min(1e-12)
+    scale = source.summary().x_sd.to(estimate.gate_weight).clamp_min(1e-12)
     gate_norm = float((estimate.gate_weight * scale).norm(dim=-1).max())
     if gate_norm > MAX_SANE_GATE_NORM:
         return (
@@ -82,14 +98,18 @@ def initialize(
     noise: float | None = None,
     chunk_size: int = 4096,
     seed: int = 0,
+    guard_rows: int = GUARD_ROWS,
+    device=None,
     num_threads: int | None = None,
 ) -> MoEEstimate:
     """A point estimate for any data: the tensor start where it applies, multi-start EM elsewhere.
 
     Parameters
     ----------
-    x : Tensor or array (n, d)
-    y : Tensor or array (n,)
+    x : Tensor, ndarray, numpy memmap or dask.array.Array (n, d)
+        Memory maps and Dask arrays are read in chunks, never whole
+        (:func:`pyromoe.core.sources.as_source`).
+    y : the same kinds (n,)
     num_experts : int
         ``k >= 2``.
     link : str or Link
@@ -97,11 +117,13 @@ def initialize(
         ``"tensor"``: :func:`tensor_init` followed by joint EM (``refine=True``, no random starts);
         errors where the moments cannot apply (``k > d``, too few rows, T2 rank below k).
         ``"em"``: joint EM from ``n_init`` random starts, best log-likelihood wins.
-        ``"auto"``: the tensor start followed by EM when ``k <= d`` and the moment step succeeds,
-        guarded by :data:`AUTO_RANDOM_STARTS` random-start EM fits (the best log-likelihood wins: a
-        seed in the wrong place is worse than none) and a sanity check (finite parameters, gate
-        weights below :data:`MAX_SANE_GATE_NORM` per sd of x); otherwise multi-start EM with
-        ``n_init`` starts.
+        ``"auto"``: when ``k <= d`` and the moment step (on all rows) succeeds, a guard on a random
+        subsample of ``guard_rows`` rows: the gate is fitted there, EM from the tensor start is
+        compared with :data:`AUTO_RANDOM_STARTS` random-start EM fits by mean log-likelihood on
+        that subsample (a seed in the wrong place is worse than none; random starts must win by
+        ``RANDOM_MARGIN`` nats per row), and full-data EM then runs from the winner only; a sanity
+        check follows (finite parameters, gate weights below :data:`MAX_SANE_GATE_NORM` per sd of
+        x). Otherwise multi-start EM with ``n_init`` starts.
     n_init : int
         Random starts of the EM fallback (``method="em"``, or ``"auto"`` when it falls back).
     noise : float, optional
@@ -110,6 +132,10 @@ def initialize(
         Rows per chunk of the moment passes.
     seed : int or None
         ``None`` draws a fresh seed; the one used is ``diagnostics["seed"]``.
+    guard_rows : int
+        Rows of the guard's subsample (``method="auto"``); all rows when n is smaller.
+    device : str or torch.device, optional
+        Where to compute (default: ``x``'s device, or the CPU for arrays).
     num_threads : int, optional
         torch threads for the call (None: leave torch's setting; 1 is fastest for small data on a
         shared machine).
@@ -119,7 +145,8 @@ def initialize(
     MoEEstimate
         With ``diagnostics["initializer"]`` (``"tensor"``: the moment start ran, with EM after it;
         ``"em"``: multi-start EM only), ``diagnostics["initializer_reason"]`` (why, and for
-        ``"auto"`` which start won: ``diagnostics["refine_winner"]``), and the diagnostics of
+        ``"auto"`` which start won: ``diagnostics["refine_winner"]``, with the subsample's
+        ``refine_log_likelihoods``, ``guard_rows`` and ``guard_seconds``), and the diagnostics of
         the method that ran (shown by ``summary()``).
 
     Raises
@@ -146,21 +173,33 @@ def initialize(
     """
     if method not in ("auto", "tensor", "em"):
         raise ValueError(f"method must be 'auto', 'tensor' or 'em'; got {method!r}")
-    x, y, k, link, noise, chunk_size, seed = check_arguments(
-        x, y, num_experts, link, noise, chunk_size, seed
+    source, k, link, noise, chunk_size, seed = check_arguments(
+        x, y, num_experts, link, noise, chunk_size, seed, device
     )
     n_init = check_positive(n_init, "n_init", integer=True)
+    guard_rows = check_positive(guard_rows, "guard_rows", integer=True)
     num_threads = check_num_threads(num_threads)
     with torch_threads(num_threads):
+        source.summary()  # out-of-core data: the NaN check is this first pass
         return _initialize(
-            x, y, k, link, method, n_init=n_init, noise=noise, chunk_size=chunk_size, seed=seed
+            source,
+            k,
+            link,
+            method,
+            n_init=n_init,
+            noise=noise,
+            chunk_size=chunk_size,
+            seed=seed,
+            guard_rows=guard_rows,
         )
 
 
 @on_exact_scale("estimate", noise="y")
-def _initialize(x, y, k, link, method, *, n_init, noise, chunk_size, seed) -> MoEEstimate:
+def _initialize(
+    source, k, link, method, *, n_init, noise, chunk_size, seed, guard_rows
+) -> MoEEstimate:
     """:func:`initialize` on checked arguments."""
-    n, d = x.shape
+    n, d = source.shape
     check_enough_rows(
         n,
         num_parameters(d, k),
@@ -173,7 +212,7 @@ def _initialize(x, y, k, link, method, *, n_init, noise, chunk_size, seed) -> Mo
         # returned fit only
         warnings.simplefilter("ignore", SmallDataWarning)
         warnings.simplefilter("ignore", CollapseWarning)
-        estimate = _choose(x, y, k, link, method, n_init, noise, chunk_size, seed)
+        estimate = _choose(source, k, link, method, n_init, noise, chunk_size, seed, guard_rows)
     diagnostics = estimate.diagnostics
     warn_collapse(
         diagnostics.get("collapsed_experts", []),
@@ -184,9 +223,9 @@ def _initialize(x, y, k, link, method, *, n_init, noise, chunk_size, seed) -> Mo
     return estimate
 
 
-def _choose(x, y, k, link, method, n_init, noise, chunk_size, seed) -> MoEEstimate:
+def _choose(source, k, link, method, n_init, noise, chunk_size, seed, guard_rows) -> MoEEstimate:
     """The start for :func:`initialize` (``method`` on checked, ordinary-scale data)."""
-    d = x.shape[1]
+    d = source.in_features
 
     def labelled(estimate: MoEEstimate, initializer: str, reason: str) -> MoEEstimate:
         diagnostics = {"initializer": initializer, "initializer_reason": reason, "seed": seed}
@@ -194,7 +233,7 @@ def _choose(x, y, k, link, method, n_init, noise, chunk_size, seed) -> MoEEstima
         return replace(estimate, diagnostics=diagnostics)
 
     def multistart(reason: str) -> MoEEstimate:
-        fit = fit_em(x, y, k, link, n_init=n_init, seed=seed)
+        fit = fit_em(source, None, k, link, n_init=n_init, seed=seed)
         return labelled(
             fit,
             "em",
@@ -206,8 +245,8 @@ def _choose(x, y, k, link, method, n_init, noise, chunk_size, seed) -> MoEEstima
         return multistart("method='em' was asked for")
     if method == "tensor":
         estimate = tensor_init(
-            x,
-            y,
+            source,
+            None,
             k,
             link,
             noise=noise,
@@ -223,27 +262,18 @@ def _choose(x, y, k, link, method, n_init, noise, chunk_size, seed) -> MoEEstima
             "input(s) (T2 has rank at most d)"
         )
     try:
-        estimate = tensor_init(
-            x,
-            y,
-            k,
-            link,
-            noise=noise,
-            refine=True,
-            random_starts=AUTO_RANDOM_STARTS,
-            chunk_size=chunk_size,
-            seed=seed,
-        )
+        estimate, moment = _guarded(source, k, link, noise, chunk_size, seed, guard_rows)
     except MomentsNotApplicableError as error:
         return multistart(f"the moment start could not apply ({error})")
-    problem = _sanity_problem(estimate, x)
+    problem = _sanity_problem(estimate, source)
     if problem is not None:
         # Typically the likelihood pushes the gate to a step function (a split that separates the
         # data). Refit from the moment estimate as MAP with the model's default gate prior scale,
         # which keeps the gate moderate, as the Bayesian model will.
-        moment = tensor_init(x, y, k, link, noise=noise, chunk_size=chunk_size, seed=seed)
-        estimate = fit_em(x, y, k, link, init=moment, prior_scale=MAP_PRIOR_SCALE, seed=seed)
-        second = _sanity_problem(estimate, x)
+        estimate = fit_em(
+            source, None, k, link, init=moment, prior_scale=MAP_PRIOR_SCALE, seed=seed
+        )
+        second = _sanity_problem(estimate, source)
         if second is not None:
             return multistart(f"the tensor start -> EM estimate is not a sane seed: {problem}")
         diagnostics = dict(moment.diagnostics)
@@ -256,10 +286,81 @@ def _choose(x, y, k, link, method, n_init, noise, chunk_size, seed) -> MoEEstima
             f"({problem}); refitted from the moment estimate as MAP EM with a Normal(0, "
             f"{MAP_PRIOR_SCALE:g}^2) prior on weights and biases (the model's default gate prior)",
         )
-    winner = estimate.diagnostics.get("refine_winner", "tensor")
+    diagnostics = estimate.diagnostics
+    winner = diagnostics["refine_winner"]
+    rows = diagnostics["guard_rows"]
+    where = "all rows" if rows == source.num_rows else f"a random subsample of {rows} rows"
     reason = (
         f"k <= d and the moment step succeeded; tensor start -> EM checked against "
-        f"{AUTO_RANDOM_STARTS} random-start EM fits: the {winner} start had the best "
-        "log-likelihood and was kept"
+        f"{AUTO_RANDOM_STARTS} random-start EM fits on {where}: the {winner} start had the best "
+        "log-likelihood there, and EM on all rows ran from it"
     )
     return labelled(estimate, "tensor", reason)
+
+
+def _guarded(source, k, link, noise, chunk_size, seed, guard_rows):
+    """The guarded tensor start of ``method="auto"``: (the estimate, the moment estimate).
+
+    The moment step reads all rows (two passes); the gate EM, EM from the moment estimate and the
+    random-start EM fits run on a random subsample of ``guard_rows`` rows, where the winner is
+    chosen by mean log-likelihood; full-data EM then runs from the winner only.
+    """
+    began = time.perf_counter()
+    n = source.num_rows
+    if n > guard_rows:
+        generator = torch.Generator().manual_seed(int(seed))
+        guard = TensorSource(*source.subsample(guard_rows, generator))
+    else:
+        guard = source
+    moment = _tensor_init(
+        source,
+        k,
+        link,
+        noise=noise,
+        refine=False,
+        random_starts=0,
+        center_y=None,
+        chunk_size=chunk_size,
+        seed=seed,
+        gate_source=guard,
+    )
+    with warnings.catch_warnings():
+        # the guard's fits are not the answer: only the final fit may warn
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        candidates = {
+            "tensor": fit_em(guard, None, k, link, init=moment, n_init=1, seed=seed),
+            "random": fit_em(guard, None, k, link, n_init=AUTO_RANDOM_STARTS, seed=seed + 1),
+        }
+    chunk = candidates["tensor"].diagnostics["chunk_size"]
+    scores = {
+        name: mean_log_likelihood(guard, fit.params, link, chunk)
+        for name, fit in candidates.items()
+    }
+    # random starts must beat the tensor start by a real margin (RANDOM_MARGIN nats per row): two
+    # runs converging to the same optimum differ in the last digits and that is not a "win"
+    winner = "random" if scores["random"] > scores["tensor"] + RANDOM_MARGIN else "tensor"
+    guard_seconds = time.perf_counter() - began
+    if guard is source:
+        final = candidates[winner]
+    else:
+        final = fit_em(source, None, k, link, init=candidates[winner], n_init=1, seed=seed)
+    diagnostics = dict(moment.diagnostics)
+    em = final.diagnostics
+    diagnostics.update(
+        {
+            "refined": True,
+            "refine_winner": winner,
+            "refine_log_likelihoods": scores,
+            "guard_rows": guard.num_rows,
+            "guard_seconds": guard_seconds,
+            "refine_converged": em.get("converged"),
+            "refine_n_iter": em.get("n_iter"),
+            "refine_passes": em.get("passes_per_start", [None])[0],
+            "refine_seconds": sum(em.get("seconds_per_start", [0.0])),
+            "moment_estimate_experts_weight": moment.experts_weight.tolist(),
+            "effective_rows": em["effective_rows"],
+            "collapsed_experts": em["collapsed_experts"],
+        }
+    )
+    method = "tensor+em" if winner == "tensor" else "em"
+    return replace(final, method=method, diagnostics=diagnostics), moment

@@ -25,7 +25,6 @@ import torch
 
 from .._validation import (
     SmallDataWarning,
-    as_tensors,
     check_count,
     check_enough_rows,
     check_flag,
@@ -36,7 +35,14 @@ from .._validation import (
     num_parameters,
     on_exact_scale,
 )
-from ..core.em import CollapseWarning, ConvergenceWarning, fit_em, warn_collapse
+from ..core.em import (
+    CollapseWarning,
+    ConvergenceWarning,
+    default_chunk_size,
+    fit_em,
+    mean_log_likelihood,
+    warn_collapse,
+)
 from ..core.estimate import MoEEstimate
 from ..core.gate import fit_gate
 from ..core.links import Link, gaussian_expectation, transform_constants
@@ -48,6 +54,7 @@ from ..core.moments import (
     t2_noise_floor,
     whitened_third_moment,
 )
+from ..core.sources import Source, as_source
 from ..core.tensor import expert_scales, tensor_power_method, unwhiten, whiten
 from ..core.threads import check_num_threads, torch_threads
 
@@ -80,16 +87,16 @@ def minimum_rows(in_features: int, num_experts: int | None = None) -> int:
     return need
 
 
-def check_arguments(x, y, num_experts, link, noise, chunk_size, seed):
+def check_arguments(x, y, num_experts, link, noise, chunk_size, seed, device=None):
     """The arguments :func:`tensor_init` and :func:`pyromoe.estimators.initialize.initialize`
-    share, checked: ``(x, y, num_experts, link, noise, chunk_size, seed)``."""
-    x, y = as_tensors(x, y)
+    share, checked: ``(source, num_experts, link, noise, chunk_size, seed)``."""
+    source = as_source(x, y, device=device)
     num_experts = check_num_experts(num_experts)
     link = check_link(link)
     if noise is not None:
         noise = check_positive(noise, "noise")
     chunk_size = check_count(chunk_size, "chunk_size", minimum=1)
-    return x, y, num_experts, link, noise, chunk_size, check_seed(seed)
+    return source, num_experts, link, noise, chunk_size, check_seed(seed)
 
 
 def _metric_cosines(gate_weight, experts_weight, covariance) -> float:
@@ -102,7 +109,16 @@ def _metric_cosines(gate_weight, experts_weight, covariance) -> float:
     return float((inner / gn[:, None] / en[None, :]).abs().max())
 
 
-def _centre_of_y(y64: torch.Tensor, link: Link, center_y: bool | None) -> tuple[float, bool]:
+def _y_moments(source: Source) -> tuple[float, float]:
+    """``E[y]`` and ``E[y^2]`` (divided by n) from the source's summary."""
+    summary = source.summary()
+    n = summary.num_rows
+    return summary.y_mean, summary.y_sd**2 * (n - 1) / n + summary.y_mean**2
+
+
+def _centre_of_y(
+    mean: float, second: float, link: Link, center_y: bool | None
+) -> tuple[float, bool]:
     """The value subtracted from y before the moments, and whether it is y's mean.
 
     Bias-free two-expert odd-link model: E[y] = E[h(x) (a_1 - a_0).x] with |h| <= 1/2, so
@@ -114,22 +130,21 @@ def _centre_of_y(y64: torch.Tensor, link: Link, center_y: bool | None) -> tuple[
     offset = float(link.odd_offset or 0.0)
     if not link.is_odd:
         return 0.0, False  # relu/leaky: E[y] carries the expert norm, never centred
-    mean = float(y64.mean())
     if center_y is None:
-        second = float(torch.dot(y64, y64)) / y64.shape[0] - 2 * offset * mean + offset**2
+        second = second - 2 * offset * mean + offset**2
         centred = (mean - offset) ** 2 > (2 / math.pi) * second
     else:
         centred = bool(center_y)
     return (mean, True) if centred else (offset, False)
 
 
-def _moment_experts(x, y, k, link: Link, noise, chunk_size, seed, center_y=None):
-    """The moment step: expert weights and biases in user coordinates, noise, diagnostics."""
-    n, d = x.shape
-    y64 = y.to(torch.float64)  # no copy for float64 input; only O(n) reductions below
-    centre, centred = _centre_of_y(y64, link, center_y)
-    mean_y = float(y64.mean())
-    second_y = float(torch.dot(y64, y64)) / n - 2 * centre * mean_y + centre**2  # E[(y - c)^2]
+def _moment_experts(source: Source, k, link: Link, noise, chunk_size, seed, center_y=None):
+    """The moment step on a source: expert weights and biases in user coordinates, noise,
+    standardiser, diagnostics (two passes after the source's summary)."""
+    n, d = source.shape
+    mean_y, raw_second = _y_moments(source)
+    centre, centred = _centre_of_y(mean_y, raw_second, link, center_y)
+    second_y = raw_second - 2 * centre * mean_y + centre**2  # E[(y - c)^2]
 
     alpha = beta = None
     noise_moment = None
@@ -145,7 +160,7 @@ def _moment_experts(x, y, k, link: Link, noise, chunk_size, seed, center_y=None)
         alpha, beta = transform_constants(link, sigma, r0)
     else:
         beta = 0.0
-    moments = second_moments(x, y, centre=centre, beta=beta, chunk_size=chunk_size)
+    moments = second_moments(source, None, centre=centre, beta=beta, chunk_size=chunk_size)
     standardizer = standardize(moments)
     t2 = second_moment_tensor(moments, standardizer)
     # Refuse only when the k-th eigenvalue is within sampling noise. The plain semicircle edge
@@ -156,7 +171,7 @@ def _moment_experts(x, y, k, link: Link, noise, chunk_size, seed, center_y=None)
     whitening = whiten(t2, k, noise_floor=noise_floor)
     projection = standardizer.whitening @ whitening.projection
     third = whitened_third_moment(
-        x, y, moments.mean, projection, whitening.gram, centre=centre, chunk_size=chunk_size
+        source, None, moments.mean, projection, whitening.gram, centre=centre, chunk_size=chunk_size
     )
     ratio = None
     if link.is_odd and not (link.is_identity and k > 2):
@@ -215,6 +230,7 @@ def tensor_init(
     center_y: bool | None = None,
     chunk_size: int = 4096,
     seed: int = 0,
+    device=None,
     num_threads: int | None = None,
 ) -> MoEEstimate:
     """Moment (tensor) estimate of the experts, then the gate by EM with the experts fixed.
@@ -237,9 +253,10 @@ def tensor_init(
 
     Parameters
     ----------
-    x : Tensor or array (n, d)
-        Inputs; results follow its device and dtype.
-    y : Tensor or array (n,)
+    x : Tensor, ndarray, numpy memmap or dask.array.Array (n, d)
+        Inputs; results follow its device and dtype. Memory maps and Dask arrays are read in
+        chunks, never whole (:func:`pyromoe.core.sources.as_source`).
+    y : the same kinds (n,)
         Outputs.
     num_experts : int
         ``k``, with ``2 <= k <= d`` (the moments cannot separate more experts than features).
@@ -264,10 +281,14 @@ def tensor_init(
         (``mean(y)^2 > (2/pi) mean(y^2)``), i.e. when an intercept is certain;
         ``diagnostics["y_centred_by_mean"]`` says which was done.
     chunk_size : int
-        Rows per chunk of the moment passes: bounds extra memory to O(chunk_size d).
+        Rows per chunk of the moment passes: bounds extra memory to O(chunk_size d). (EM passes
+        use :func:`pyromoe.core.em.default_chunk_size`.)
     seed : int or None
         Seeds the tensor power method's restarts, the gate EM's start and the refinement.
         ``None`` draws a fresh seed; the one used is ``diagnostics["seed"]``.
+    device : str or torch.device, optional
+        Where to compute (default: ``x``'s device, or the CPU for arrays); chunks of a memory map
+        are moved there as they are read.
     num_threads : int, optional
         torch threads for the call (None: leave torch's setting; 1 is fastest for small data on a
         shared machine).
@@ -313,8 +334,8 @@ def tensor_init(
     >>> est.experts_weight.shape, est.method
     (torch.Size([2, 5]), 'tensor')
     """
-    x, y, k, link, noise, chunk_size, seed = check_arguments(
-        x, y, num_experts, link, noise, chunk_size, seed
+    source, k, link, noise, chunk_size, seed = check_arguments(
+        x, y, num_experts, link, noise, chunk_size, seed, device
     )
     if center_y is not None and not isinstance(center_y, bool):
         raise TypeError(f"center_y must be True, False or None; got {type(center_y).__name__}")
@@ -322,9 +343,9 @@ def tensor_init(
     random_starts = check_count(random_starts, "random_starts", minimum=0)
     num_threads = check_num_threads(num_threads)
     with torch_threads(num_threads):
+        source.summary()  # out-of-core data: the NaN check is this first pass
         return _tensor_init(
-            x,
-            y,
+            source,
             k,
             link,
             noise=noise,
@@ -339,10 +360,14 @@ def tensor_init(
 # the moments would overflow on extreme magnitudes: fit on data divided by exact powers of two
 @on_exact_scale("estimate", noise="y")
 def _tensor_init(
-    x, y, k, link, *, noise, refine, random_starts, center_y, chunk_size, seed
+    source, k, link, *, noise, refine, random_starts, center_y, chunk_size, seed, gate_source=None
 ) -> MoEEstimate:
-    """:func:`tensor_init` on checked arguments."""
-    n, d = x.shape
+    """:func:`tensor_init` on checked arguments.
+
+    ``gate_source``: rows to fit the gate on (default all rows, warm-started on a subsample when
+    n is large); ``initialize``'s guard passes its subsample (already on the ordinary scale).
+    """
+    n, d = source.shape
     if k > d:
         raise MomentsNotApplicableError(
             f"num_experts={k} exceeds in_features={d}: the moment method needs num_experts <= "
@@ -361,30 +386,38 @@ def _tensor_init(
         model=f"a mixture of {k} experts on {d} input(s) with biases",
         stacklevel=5,
     )
-    spread = float(y.to(torch.float64).std())
-    if not spread > 1e-12 * (1.0 + float(y.to(torch.float64).abs().max())):
+    summary = source.summary()
+    if not summary.y_sd > 1e-12 * (1.0 + summary.y_absmax):
         raise ValueError(
-            f"y is constant (every value is {float(y[0]):.6g}): there is nothing for the experts "
-            "to explain. Check that y is the response column."
+            f"y is constant (every value is {summary.y_first:.6g}): there is nothing for the "
+            "experts to explain. Check that y is the response column."
         )
 
     start = time.perf_counter()
     try:
         weight, bias, noise_moment, standardizer, diagnostics = _moment_experts(
-            x, y, k, link, noise, chunk_size, seed, center_y
+            source, k, link, noise, chunk_size, seed, center_y
         )
     except ValueError as error:  # arguments are checked above: these are the data's
         raise MomentsNotApplicableError(str(error)) from error
     moment_seconds = time.perf_counter() - start
-    weight = weight.to(x.dtype)
-    bias = bias.to(x.dtype)
+    weight = weight.to(device=source.device, dtype=source.dtype)
+    bias = bias.to(device=source.device, dtype=source.dtype)
     sigma = noise if noise is not None else noise_moment
 
     start = time.perf_counter()
     with warnings.catch_warnings():
         # reported below for the returned fit only (refine=True fits again)
         warnings.simplefilter("ignore", CollapseWarning)
-        fit, warm_iter = _fit_gate_staged(x, y, weight, bias, link, sigma, noise is None, seed)
+        fit, warm_iter = _fit_gate_staged(
+            source if gate_source is None else gate_source,
+            weight,
+            bias,
+            link,
+            sigma,
+            noise is None,
+            seed,
+        )
     gate_seconds = time.perf_counter() - start
     if not refine:
         warn_collapse(fit.collapsed_experts, fit.effective_rows, d, stacklevel=5)
@@ -393,6 +426,7 @@ def _tensor_init(
             "gate_log_likelihood_trace": list(fit.log_likelihood_trace),
             "gate_converged": bool(fit.converged),
             "gate_n_iter": int(fit.n_iter),
+            "gate_rows": n if gate_source is None else gate_source.num_rows,
             "gate_warm_start_rows": min(GATE_WARM_START_ROWS, n) if warm_iter else 0,
             "gate_warm_start_n_iter": warm_iter,
             "moment_seconds": moment_seconds,
@@ -405,9 +439,9 @@ def _tensor_init(
     estimate = MoEEstimate(
         experts_weight=weight,
         experts_bias=bias,
-        gate_weight=fit.gate_weight.to(x.dtype),
-        gate_bias=fit.gate_bias.to(x.dtype),
-        noise=torch.as_tensor(fit.noise, dtype=x.dtype, device=x.device),
+        gate_weight=fit.gate_weight.to(source.dtype),
+        gate_bias=fit.gate_bias.to(source.dtype),
+        noise=torch.as_tensor(fit.noise, dtype=source.dtype, device=source.device),
         link=link,
         method="tensor",
         diagnostics=diagnostics,
@@ -433,7 +467,7 @@ def _tensor_init(
                 stacklevel=4,
             )
     if refine:
-        estimate = _refine(x, y, k, link, estimate, random_starts, seed)
+        estimate = _refine(source, k, link, estimate, random_starts, seed)
     return estimate
 
 
@@ -442,30 +476,30 @@ def _tensor_init(
 GATE_WARM_START_ROWS = 50_000
 
 
-def _fit_gate_staged(x, y, weight, bias, link, sigma, fit_noise: bool, seed: int):
+def _fit_gate_staged(source: Source, weight, bias, link, sigma, fit_noise: bool, seed: int):
     """Gate EM with the experts fixed; on large data warm-started on a random subsample.
 
     Returns the fit on all rows and the number of warm-start iterations (0 when none ran).
     """
-    n = x.shape[0]
+    n = source.num_rows
     init_weight = init_bias = None
     warm_iter = 0
     if n > 4 * GATE_WARM_START_ROWS:
         generator = torch.Generator().manual_seed(int(seed))
-        rows = torch.randperm(n, generator=generator)[:GATE_WARM_START_ROWS].to(x.device)
+        x_rows, y_rows = source.subsample(GATE_WARM_START_ROWS, generator)
         with warnings.catch_warnings():
             # a warm start that stops early (or looks collapsed) is finished on all rows below
             warnings.simplefilter("ignore", ConvergenceWarning)
             warnings.simplefilter("ignore", CollapseWarning)
             warm = fit_gate(
-                x[rows], y[rows], weight, bias, link, noise=sigma, fit_noise=fit_noise, seed=seed
+                x_rows, y_rows, weight, bias, link, noise=sigma, fit_noise=fit_noise, seed=seed
             )
         init_weight, init_bias, warm_iter = warm.gate_weight, warm.gate_bias, int(warm.n_iter)
         if fit_noise:
             sigma = float(warm.noise)
     fit = fit_gate(
-        x,
-        y,
+        source,
+        None,
         weight,
         bias,
         link,
@@ -478,22 +512,28 @@ def _fit_gate_staged(x, y, weight, bias, link, sigma, fit_noise: bool, seed: int
     return fit, warm_iter
 
 
-def _refine(x, y, k, link, estimate: MoEEstimate, random_starts: int, seed: int) -> MoEEstimate:
+def _refine(source, k, link, estimate: MoEEstimate, random_starts: int, seed: int) -> MoEEstimate:
     """Joint EM from the moment estimate, against ``random_starts`` random starts; best wins."""
     start = time.perf_counter()
     with warnings.catch_warnings():
         # only the winner's collapse is worth a warning (below); rows were checked by the caller
         warnings.simplefilter("ignore", CollapseWarning)
         warnings.simplefilter("ignore", SmallDataWarning)
-        from_tensor = fit_em(x, y, k, link, init=estimate, n_init=1, seed=seed)
+        from_tensor = fit_em(source, None, k, link, init=estimate, n_init=1, seed=seed)
         refine_seconds = time.perf_counter() - start
         candidates = {"tensor": from_tensor}
         random_seconds = 0.0
         if random_starts > 0:
             start = time.perf_counter()
-            candidates["random"] = fit_em(x, y, k, link, n_init=random_starts, seed=seed + 1)
+            candidates["random"] = fit_em(
+                source, None, k, link, n_init=random_starts, seed=seed + 1
+            )
             random_seconds = time.perf_counter() - start
-    scores = {name: float(est.log_likelihood(x, y).mean()) for name, est in candidates.items()}
+    chunk = default_chunk_size(source.in_features)
+    scores = {
+        name: mean_log_likelihood(source, est.params, link, chunk)
+        for name, est in candidates.items()
+    }
     # random starts must beat the tensor start by a real margin (RANDOM_MARGIN nats per row): two
     # runs converging to the same optimum differ in the last digits and that is not a "win"
     winner = "tensor"
@@ -517,7 +557,10 @@ def _refine(x, y, k, link, estimate: MoEEstimate, random_starts: int, seed: int)
         }
     )
     warn_collapse(
-        diagnostics["collapsed_experts"], diagnostics["effective_rows"], x.shape[1], stacklevel=6
+        diagnostics["collapsed_experts"],
+        diagnostics["effective_rows"],
+        source.in_features,
+        stacklevel=6,
     )
     return replace(
         best, method="tensor+em" if winner == "tensor" else "em", diagnostics=diagnostics

@@ -44,6 +44,7 @@ __all__ = [
     "as_source",
     "is_dask_array",
     "is_out_of_core",
+    "sample_rows",
 ]
 
 #: Rows per chunk of an EM pass when the caller does not say (moment passes use their own).
@@ -132,6 +133,23 @@ def _summary_sums(x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, y_shift
     )
 
 
+def sample_rows(num_rows: int, rows: int, generator: torch.Generator) -> torch.Tensor:
+    """``rows`` distinct row indices out of ``num_rows``, uniformly at random, sorted.
+
+    Memory O(rows), not O(num_rows) (no permutation of all rows when ``rows`` is small): draws
+    with replacement until enough distinct indices, then a random subset of those (every subset
+    of that size is equally likely, by symmetry).
+    """
+    if 4 * rows >= num_rows:
+        return torch.randperm(num_rows, generator=generator)[:rows].sort().values
+    picked = torch.empty(0, dtype=torch.long)
+    while picked.numel() < rows:
+        extra = torch.randint(num_rows, (2 * (rows - picked.numel()) + 16,), generator=generator)
+        picked = torch.unique(torch.cat([picked, extra]))
+    keep = torch.randperm(picked.numel(), generator=generator)[:rows]
+    return picked[keep].sort().values
+
+
 class Source:
     """Rows of ``(x, y)`` read in chunks: the one data path of the estimators.
 
@@ -201,8 +219,7 @@ class Source:
         if rows >= self.num_rows:
             tensors = self.tensors()
             return tensors if tensors is not None else self.take(torch.arange(self.num_rows))
-        index = torch.randperm(self.num_rows, generator=generator)[:rows]
-        return self.take(index.sort().values)
+        return self.take(sample_rows(self.num_rows, rows, generator))
 
     def summary(self) -> Summary:
         """Means, standard deviations and largest magnitudes of ``x`` and ``y`` (one pass, cached).
@@ -222,7 +239,7 @@ class Source:
         shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
         y_shift = float(pilot_y.to(_F64).mean())
         y_shift = y_shift if math.isfinite(y_shift) else 0.0
-        chunk = max(1, (1 << 22) // max(1, self.in_features))
+        chunk = max(1024, (1 << 20) // max(1, self.in_features))  # about 8 MB of float64 rows
         count, sx, sxx, xmax, ysums, first_bad = self._summary_pass(shift, y_shift, chunk)
         if math.isfinite(float(first_bad)):
             raise ValueError(
@@ -342,19 +359,8 @@ class _RescaledSource(Source):
         x, y = self.base.take(rows)
         return x / self.x_scale, y / self.y_scale
 
-    def _compute_summary(self) -> Summary:
-        base = self.base.summary()  # exact powers of two: the scaled statistics are exact too
-        scale = self.x_scale.to(base.x_mean)
-        return Summary(
-            num_rows=base.num_rows,
-            x_mean=base.x_mean / scale,
-            x_sd=base.x_sd / scale,
-            x_absmax=base.x_absmax / scale,
-            y_mean=base.y_mean / self.y_scale,
-            y_sd=base.y_sd / self.y_scale,
-            y_absmax=base.y_absmax / self.y_scale,
-            y_first=base.y_first / self.y_scale,
-        )
+    # the summary is computed again through the scaled chunks (one more pass, extreme data only):
+    # the base's sums of squares may overflow where the scaled ones do not
 
 
 def _rescaled_call(x, y, fn, x_scale, y_scale, *args):

@@ -34,6 +34,7 @@ from benchmarks._common import machine_info, machine_markdown, write_results  # 
 from pyromoe import parameter_errors, simulate  # noqa: E402
 from pyromoe.core.em import fit_em  # noqa: E402
 from pyromoe.core.links import get_link  # noqa: E402
+from pyromoe.core.sources import as_source  # noqa: E402
 from pyromoe.estimators.tensor_init import _moment_experts, tensor_init  # noqa: E402
 
 _MEMORY_CHILD = """
@@ -41,6 +42,7 @@ import resource, sys, torch
 sys.path.insert(0, {root!r})
 from pyromoe.estimators.tensor_init import _moment_experts
 from pyromoe.core.links import get_link
+from pyromoe.core.sources import as_source
 n, d = {n}, {d}
 g = torch.Generator().manual_seed(0)
 x = torch.randn(n, d, generator=g, dtype=torch.float64)
@@ -54,7 +56,7 @@ def status(key):
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the RSS high-water mark (VmHWM) now that the data are in memory
 base = status("VmRSS")
-_moment_experts(x, y, 2, get_link("linear"), None, {chunk}, 0)
+_moment_experts(as_source(x, y), 2, get_link("linear"), None, {chunk}, 0)
 peak = status("VmHWM")
 print(base, peak)
 """
@@ -105,8 +107,9 @@ def main(argv=None) -> None:
     xtx = median_time(lambda: x.T @ x)
     result["xtx_seconds"] = xtx
     link = get_link("linear")
+    source = as_source(x, y)
     for chunk in (4096, 65536):
-        secs = median_time(lambda c=chunk: _moment_experts(x, y, k, link, None, c, 0))
+        secs = median_time(lambda c=chunk: _moment_experts(source, k, link, None, c, 0))
         result[f"moment_seconds_chunk_{chunk}"] = secs
         result[f"moment_over_xtx_chunk_{chunk}"] = secs / xtx
         print(

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from pyromoe import MixtureOfExperts, parameter_errors, simulate
-from pyromoe.bayes.fit import EVALUATION_ROWS, _draw_rows, fit_map, fit_svi, run_nuts
-from pyromoe.core.sources import MemmapSource
+from pyromoe.bayes.fit import EVALUATION_ROWS, fit_map, fit_svi, run_nuts
+from pyromoe.core.sources import MemmapSource, sample_rows
 
 N, D = 20_000, 3
 BATCH = 1000
@@ -96,11 +96,19 @@ def test_the_perturbed_start_is_far_from_the_truth(data, start):
     assert parameter_errors(start, data.truth)["experts"] > 2.5 * EXPERT_BOUND
 
 
+def _full_log_likelihood(data) -> float:
+    return float(data.truth.log_likelihood(data.x, data.y).sum())
+
+
 def test_fit_svi_on_a_memmap_recovers_the_experts(memmap_fit, data):
     estimate = _posterior_estimate(memmap_fit, data.truth)
     errors = parameter_errors(estimate, data.truth)
     assert errors["experts"] < EXPERT_BOUND
     assert errors["noise"] < 0.05
+    # the mini-batch likelihood is scaled by n / B: the ELBO is that of all n rows (about the
+    # log-likelihood at the truth), not of B rows (20 times smaller)
+    total = _full_log_likelihood(data)
+    assert abs(memmap_fit.attrs["final_elbo"] - total) < 0.03 * abs(total)
     assert memmap_fit.attrs["data_kind"] == "memmap"
     assert memmap_fit.attrs["num_rows"] == N and memmap_fit.attrs["subsample_size"] == BATCH
 
@@ -109,8 +117,6 @@ def test_fit_svi_on_a_memmap_matches_the_in_memory_mini_batch_fit(memmap_fit, in
     mean, sd = _posterior_moments(memmap_fit)
     mean_mem, sd_mem = _posterior_moments(in_memory_fit)
     assert np.abs(mean - mean_mem).max() < 0.05
-    # the likelihood is scaled by n / B: the posterior widths are those of all n rows (without
-    # the scaling they would be sqrt(n / B) ~ 4.5 times wider)
     assert np.all((sd > 0.5 * sd_mem) & (sd < 2.0 * sd_mem))
 
 
@@ -127,6 +133,8 @@ def test_fit_svi_on_a_dask_array_matches_the_in_memory_mini_batch_fit(
     assert idata.attrs["data_kind"] == "dask"
     errors = parameter_errors(_posterior_estimate(idata, data.truth), data.truth)
     assert errors["experts"] < EXPERT_BOUND
+    total = _full_log_likelihood(data)
+    assert abs(idata.attrs["final_elbo"] - total) < 0.03 * abs(total)
     mean, sd = _posterior_moments(idata)
     mean_mem, sd_mem = _posterior_moments(in_memory_fit)
     assert np.abs(mean - mean_mem).max() < 0.05
@@ -138,6 +146,8 @@ def test_fit_map_on_a_memmap_recovers_the_experts(memmap, model, start, data):
     idata = fit_map(model, x, y, init=start, num_steps=300, lr=0.01, subsample_size=BATCH)
     errors = parameter_errors(_posterior_estimate(idata, data.truth), data.truth)
     assert errors["experts"] < EXPERT_BOUND
+    total = _full_log_likelihood(data)
+    assert abs(idata.attrs["final_elbo"] - total) < 0.03 * abs(total)
     assert idata.attrs["rows_per_second"] > 0
 
 
@@ -201,19 +211,19 @@ def test_in_memory_data_keep_the_whole_data_groups(in_memory_fit):
     assert "evaluation_rows" not in in_memory_fit.attrs
 
 
-def test_draw_rows_gives_distinct_sorted_uniform_rows():
+def test_sample_rows_gives_distinct_sorted_uniform_rows():
     generator = torch.Generator().manual_seed(0)
     counts = torch.zeros(100)
     for _ in range(2000):
-        rows = _draw_rows(100, 10, generator)
+        rows = sample_rows(100, 10, generator)
         assert rows.numel() == 10 and (rows.diff() > 0).all()
         counts += torch.bincount(rows, minlength=100)
     # each row is in a draw with probability 0.1: 200 +- 13.4 times in 2000 draws
     assert float((counts - 200).abs().max()) < 5 * 13.4
     # many rows of few (a permutation), and the same rows from the same seed
-    rows = _draw_rows(100, 80, torch.Generator().manual_seed(1))
+    rows = sample_rows(100, 80, torch.Generator().manual_seed(1))
     assert rows.unique().numel() == 80 and (rows.diff() > 0).all()
-    assert torch.equal(rows, _draw_rows(100, 80, torch.Generator().manual_seed(1)))
+    assert torch.equal(rows, sample_rows(100, 80, torch.Generator().manual_seed(1)))
 
 
 def test_the_model_scales_a_given_mini_batch_by_num_rows(data, model):
@@ -296,3 +306,13 @@ def test_a_bad_device_string_is_refused_naming_the_device(data, model, fit):
 def test_cuda_without_cuda_is_refused_naming_the_device(data, model, fit):
     with pytest.raises(ValueError, match="device 'cuda' asked for but CUDA is not available"):
         fit(model, data.x, data.y, device="cuda")
+
+
+def test_a_float32_memmap_fits_in_float32_and_saves_to_netcdf(data, model, tmp_path):
+    np.save(tmp_path / "x.npy", data.x[:3000].numpy().astype(np.float32))
+    x = np.load(tmp_path / "x.npy", mmap_mode="r")
+    y = data.y[:3000].numpy().astype(np.float32)
+    idata = fit_map(model, x, y, init=data.truth, num_steps=20, subsample_size=200)
+    assert idata.posterior["experts.weight"].dtype == np.float32
+    assert idata.attrs["num_evaluation_rows"] == 3000  # fewer rows than EVALUATION_ROWS: all
+    idata.to_netcdf(tmp_path / "fit.nc")

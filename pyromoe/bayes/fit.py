@@ -7,6 +7,13 @@ afterwards (:func:`pyromoe.bayes._rng.seeded_rng`: results follow from the seed,
 random stream is left as it was) and inside a private Pyro parameter store
 (``pyro.get_param_store().scope()``), so fits neither see nor leave parameters in the global store.
 
+Data come in through :func:`pyromoe.core.sources.as_source` on the requested ``device``: in memory
+(tensors, numpy arrays: used whole) or out of core (numpy memory maps, Dask arrays). MAP and SVI
+read out-of-core data one random mini-batch of ``subsample_size`` rows per step (the model is told
+the full size, ``model(x_batch, y_batch, num_rows=n)``, to scale the likelihood by n / B), and
+evaluate their output on a fixed random subsample of at most :data:`EVALUATION_ROWS` rows; NUTS,
+which needs every row at every step, reads such data into memory once.
+
 NUTS statistics come from Pyro's public interfaces only: the potential energy (by default the
 fused log joint of :mod:`pyromoe.bayes.potential`, else the potential of the traced model from
 :func:`pyro.infer.mcmc.util.initialize_model`) goes into ``NUTS(potential_fn=...)`` wrapped in a
@@ -50,7 +57,7 @@ from .._validation import (
 )
 from ..core import sites
 from ..core.estimate import MoEEstimate
-from ..core.sources import Source, as_source
+from ..core.sources import Source, as_source, sample_rows
 from ..core.threads import check_num_threads, torch_threads
 from ._rng import seeded_rng
 from .init_strategy import check_estimate_fits_model, init_to_moments, latent_site_shapes
@@ -111,25 +118,6 @@ def _estimate_on(init, device: torch.device):
     return init
 
 
-def _draw_rows(num_rows: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """``size`` distinct row indices out of ``num_rows``, every subset equally likely, sorted.
-
-    For ``size`` well below ``num_rows`` the indices are drawn with replacement and deduplicated
-    until ``size`` distinct ones are found, then ``size`` of them are kept at random (the distinct
-    set is exchangeable, so the result is a uniform subset): ``O(size log size)`` work rather than
-    the ``O(num_rows)`` of a permutation of all rows.
-    """
-    if 2 * size >= num_rows:
-        return torch.randperm(num_rows, generator=generator)[:size].sort().values
-    rows = torch.empty(0, dtype=torch.long)
-    while rows.numel() < size:
-        draw = torch.randint(num_rows, (size + size // 8 + 16,), generator=generator)
-        rows = torch.unique(torch.cat([rows, draw]))
-    if rows.numel() > size:
-        rows = rows[torch.randperm(rows.numel(), generator=generator)[:size]].sort().values
-    return rows
-
-
 class _Batches:
     """The data of each SVI step and of the calls around it.
 
@@ -169,7 +157,7 @@ class _Batches:
             kwargs = {} if self.subsample_size is None else {"subsample_size": self.subsample_size}
             return (self.x, self.y), kwargs
         n = self.source.num_rows
-        rows = _draw_rows(n, self.subsample_size, self.generator)
+        rows = sample_rows(n, self.subsample_size, self.generator)
         x, y = self.source.take(rows)
         finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y)
         if not bool(finite.all()):
@@ -183,12 +171,13 @@ class _Batches:
     def evaluation_data(self, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(x, y, rows)`` the output is evaluated on: the whole data (``rows`` None) in memory;
         out of core :data:`EVALUATION_ROWS` (or all n when fewer) random rows from a generator
-        seeded from ``seed`` alone, so the same rows for every fit with that seed."""
+        seeded from ``seed`` alone (``seed + 1``, apart from the steps' stream), so the same rows
+        for every fit with that seed."""
         if not self.out_of_core:
             return self.x, self.y, None
         n = self.source.num_rows
-        generator = torch.Generator().manual_seed(int(seed))
-        rows = _draw_rows(n, min(n, EVALUATION_ROWS), generator)
+        generator = torch.Generator().manual_seed((int(seed) + 1) % 2**63)
+        rows = sample_rows(n, min(n, EVALUATION_ROWS), generator)
         x, y = self.source.take(rows)
         return x, y, rows
 

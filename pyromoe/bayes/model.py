@@ -257,7 +257,8 @@ class MixtureOfExperts(PyroModule):
         params = _drop_obs_dim(Params.from_sites(values, bias=self.bias))
 
         size = n if num_rows is None else num_rows
-        with pyro.plate(sites.OBS_PLATE, size, dim=-1, **plate_kwargs) as index:
+        # the plate's own subsample (randperm) is drawn on x's device, where index_select needs it
+        with pyro.plate(sites.OBS_PLATE, size, dim=-1, device=x.device, **plate_kwargs) as index:
             x_batch = x if subsample_size is None else x.index_select(0, index)
             y_batch = None
             if y is not None:

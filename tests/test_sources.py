@@ -106,12 +106,21 @@ def test_memmap_passes_read_one_chunk_at_a_time(tmp_path, monkeypatch):
         warnings.simplefilter("ignore")
         pyromoe.initialize(xm, big.y.numpy(), 2, chunk_size=2_000, guard_rows=5_000)
         fit_em(xm, big.y.numpy(), 2, n_init=1, chunk_size=3_000, max_iter=3)
-    summary_chunk = (1 << 20) // 4  # the summary pass: about 8 MB of rows
+    summary_chunk = (1 << 19) // 4  # the summary pass: about 4 MB of rows
     em_chunk = pyromoe.core.em.default_chunk_size(4)
     assert len(sizes) > 100
     assert max(sizes) == summary_chunk < 300_000
-    assert set(sizes) <= {summary_chunk, 300_000 % summary_chunk, 1_024, 2_000, 3_000, 5_000,
-                          em_chunk, 300_000 % em_chunk, 300_000 % 3_000}
+    assert set(sizes) <= {
+        summary_chunk,
+        300_000 % summary_chunk,
+        1_024,
+        2_000,
+        3_000,
+        5_000,
+        em_chunk,
+        300_000 % em_chunk,
+        300_000 % 3_000,
+    }
 
 
 def test_sample_rows_is_uniform_without_replacement():
@@ -204,9 +213,12 @@ def test_dask_on_a_local_cluster_matches_in_memory(data):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = pyromoe.initialize(data.x, data.y, 2, guard_rows=10_000)
-        with distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster, distributed.Client(cluster):
+        with (
+            distributed.LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            distributed.Client(cluster),
+        ):
             fit = pyromoe.initialize(x, y, 2, guard_rows=10_000)
     for name in PARAMETERS:
         assert _relative(getattr(fit, name), getattr(reference, name)) < 1e-6, name

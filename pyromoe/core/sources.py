@@ -239,7 +239,7 @@ class Source:
         shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
         y_shift = float(pilot_y.to(_F64).mean())
         y_shift = y_shift if math.isfinite(y_shift) else 0.0
-        chunk = max(1024, (1 << 20) // max(1, self.in_features))  # about 8 MB of float64 rows
+        chunk = max(1024, (1 << 19) // max(1, self.in_features))  # about 4 MB of float64 rows
         count, sx, sxx, xmax, ysums, first_bad = self._summary_pass(shift, y_shift, chunk)
         if math.isfinite(float(first_bad)):
             raise ValueError(

@@ -9,10 +9,12 @@ subprocess so that memory peaks do not mix:
 - ``gram_memmap``: one chunked ``x.T @ x`` over the memmap source
   (``as_source(x, y).reduce(lambda a, b: a.T @ a, chunk)``): the unit of the ratios;
 - ``gram_memory`` (n <= --memory-max): ``x.T @ x`` on the data loaded into a tensor;
-- ``moments_memmap`` / ``moments_memory``: the moment step (``_moment_experts``: its two streaming
-  passes and the small eigen/tensor work) on a Source over the memmap / on in-memory tensors;
+- ``moments_memmap`` / ``moments_memory``: the moment step (``_moment_experts`` on a Source: the
+  source's summary pass, its two streaming passes and the small eigen/tensor work) over the memmap
+  / over in-memory tensors;
 - ``em_iteration_memmap`` / ``em_iteration_memory``: one joint-EM iteration from the true
-  parameters, as ``(fit_em(max_iter=3) - fit_em(max_iter=1)) / 2`` (the setup cancels);
+  parameters, as ``(fit_em(max_iter=3) - fit_em(max_iter=1)) / 2`` (the setup cancels; the
+  faster of two ``max_iter=1`` calls, made before and after);
 - ``initialize_memmap`` and ``fit_em_memmap``: ``initialize(x, y, 2, method="auto")`` against ONE
   random-start ``fit_em(x, y, 2, n_init=1)``, with the expert error of each against the truth;
 - ``initialize_memory`` and ``initialize_dask`` (at n = --dask-n): the same ``initialize`` on
@@ -30,9 +32,9 @@ script; absolute seconds depend on the machine and its load (both recorded).
 
 A failing measurement records its error string in the JSON and Markdown; the others still run.
 
-Run: ``python benchmarks/scale.py`` (n = 1e5, 1e6, 1e7: long on 2 cores; 1e7 needs 4 GB of disk
-in float64), ``--quick`` (n = 1e5, 2e5: a few minutes), ``--device cuda --dtype float32`` (the GPU
-check, benchmarks/gpu_check.sh). Writes ``<out>/<name>.{json,md,png}`` (default
+Run: ``python benchmarks/scale.py`` (n = 1e5, 1e6, 1e7: roughly half an hour on 2 cores; 1e7
+needs 4.4 GB of disk in float64), ``--quick`` (n = 1e5, 2e5: about two minutes),
+``--device cuda --dtype float32`` (the GPU check, benchmarks/gpu_check.sh). Writes ``<out>/<name>.{json,md,png}`` (default
 benchmarks/results/scale.*).
 """
 
@@ -63,6 +65,7 @@ from benchmarks._common import RESULTS, machine_info, machine_markdown  # noqa: 
 D, K, NOISE, GATE_NORM, COSINE = 50, 2, 0.5, 2.0, 0.5
 GEN_CHUNK = 1 << 16  # rows per generation chunk (fixed, so the data do not depend on --chunk-size)
 RESULT_TAG = "SCALE-RESULT "
+WARM_ROWS = 5000  # rows of the warm-up call made before the memory sampler starts
 
 MEASUREMENTS = [
     "gram_memmap",
@@ -181,6 +184,15 @@ class PeakSampler:
 
 
 # ------------------------------------------------------------------------------------ child side
+def prime_page_cache(*paths: Path, buffer_bytes: int = 1 << 22) -> None:
+    """Read files once through a small buffer (page cache, not anonymous memory)."""
+    buffer = bytearray(buffer_bytes)
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -236,6 +248,7 @@ def run_child(args) -> dict:
     out: dict = {"n": n, "measurement": what}
     warnings.simplefilter("ignore")  # ConvergenceWarning of max_iter=1 etc.: not the point here
 
+    x_t = y_t = x_d = y_d = None
     if what in IN_MEMORY or what == "initialize_memory":
         x_t = torch.from_numpy(np.load(px)).to(device)  # loaded before the sampler starts
         y_t = torch.from_numpy(np.load(py)).to(device)
@@ -270,96 +283,101 @@ def run_child(args) -> dict:
         out["dask_blocks"] = len(blocks)
         out["dask_block_rows"] = rows
 
+    if what == "svi_memmap":  # Pyro's import is not the call's memory
+        from pyromoe import MixtureOfExperts, fit_svi  # noqa: F401 (used in svi below)
+
+    def inputs(kind):
+        return {"memmap": (x_mm, y_mm), "memory": (x_t, y_t), "dask": (x_d, y_d)}[kind]
+
+    def em_from_truth(xs, ys, iters):
+        return fit_em(
+            xs,
+            ys,
+            K,
+            "linear",
+            init=truth,
+            n_init=1,
+            max_iter=iters,
+            seed=0,
+            **_device_kwargs(device),
+        )
+
+    def gram(xs, ys):
+        source = as_source(xs, ys, **_device_kwargs(device))
+        return source.reduce(lambda a, b: a.T @ a, chunk)
+
+    def moments(xs, ys):
+        # the source's summary pass (NaN check, column statistics) runs inside the call
+        return _moment_experts(as_source(xs, ys, **_device_kwargs(device)), K, link, None, chunk, 0)
+
+    def init(xs, ys):
+        return initialize(xs, ys, K, "linear", method="auto", seed=0, **_device_kwargs(device))
+
+    def em_random(xs, ys):
+        return fit_em(xs, ys, K, "linear", n_init=1, seed=0, **_device_kwargs(device))
+
+    def svi(xs, ys, steps):
+        model = MixtureOfExperts(D, K, "linear")
+        return fit_svi(
+            model,
+            xs,
+            ys,
+            init=truth,
+            subsample_size=min(args.svi_batch, xs.shape[0]),
+            num_steps=steps,
+            num_samples=10,
+            progress=False,
+            **_device_kwargs(device),
+        )
+
     sampler = PeakSampler()
     try:
+        kind = "dask" if what.endswith("_dask") else what.rsplit("_", 1)[1]
+        xs, ys = inputs(kind)
+        # Before the sampler: the files into the page cache through a small buffer, and a warm-up
+        # call on the first rows only (imports, first-call costs). A full-size warm-up would
+        # leave freed memory that malloc keeps and the measured call reuses, hiding its peak.
+        prime_page_cache(px, py)
+        head = (xs[:WARM_ROWS], ys[:WARM_ROWS])
+        if what.startswith("gram"):
+            gram(*head)
+        elif what.startswith("moments"):
+            moments(*head)
+        elif what.startswith("em_iteration"):
+            em_from_truth(*head, 1)
+        elif what.startswith("initialize") and kind != "dask":
+            init(*head)
+        elif what.startswith("initialize"):
+            init(x_mm[:WARM_ROWS], y_mm[:WARM_ROWS])
+        elif what.startswith("fit_em"):
+            em_random(*head)
+        elif what.startswith("svi"):
+            svi(*head, 5)
         with sampler:
-            if what == "gram_memmap":
-                source = as_source(x_mm, y_mm, **_device_kwargs(device))
-                source.reduce(lambda a, b: a.T @ a, chunk)  # warm-up: file pages into the cache
-                times = [
-                    _timed(lambda: source.reduce(lambda a, b: a.T @ a, chunk), device)[0]
-                    for _ in range(args.repeats)
-                ]
+            if what.startswith("gram"):
+                call = (lambda: x_t.T @ x_t) if kind == "memory" else (lambda: gram(xs, ys))
+                times = [_timed(call, device)[0] for _ in range(args.repeats)]
                 out["seconds"] = statistics.median(times)
                 out["seconds_all"] = times
-            elif what == "gram_memory":
-                x_t.T @ x_t  # warm-up
-                times = [_timed(lambda: x_t.T @ x_t, device)[0] for _ in range(args.repeats)]
-                out["seconds"] = statistics.median(times)
-                out["seconds_all"] = times
-            elif what in ("moments_memmap", "moments_memory"):
-                if what == "moments_memmap":
-                    source = as_source(x_mm, y_mm, **_device_kwargs(device))
-                    call = lambda: _moment_experts(source, y_mm, K, link, None, chunk, 0)  # noqa: E731
-                else:
-                    call = lambda: _moment_experts(x_t, y_t, K, link, None, chunk, 0)  # noqa: E731
-                out["seconds"], _ = _timed(call, device)
-            elif what in ("em_iteration_memmap", "em_iteration_memory"):
-                xs, ys = (x_mm, y_mm) if what == "em_iteration_memmap" else (x_t, y_t)
-                start = truth.to(dtype=torch.float64)
-                fits = {}
-                for iters in (1, 3):
-                    secs, fit = _timed(
-                        lambda it=iters: fit_em(
-                            xs,
-                            ys,
-                            K,
-                            "linear",
-                            init=start,
-                            n_init=1,
-                            max_iter=it,
-                            seed=0,
-                            **_device_kwargs(device),
-                        ),
-                        device,
-                    )
-                    fits[iters] = (secs, fit.diagnostics.get("n_iter", iters))
-                (s1, i1), (s3, i3) = fits[1], fits[3]
-                out["seconds_max_iter_1"], out["seconds_max_iter_3"] = s1, s3
+            elif what.startswith("moments"):
+                out["seconds"], _ = _timed(lambda: moments(xs, ys), device)
+            elif what.startswith("em_iteration"):
+                # 1, 3, 1 iterations: the faster 1-iteration call is the setup + one iteration
+                s1a, f1 = _timed(lambda: em_from_truth(xs, ys, 1), device)
+                s3, f3 = _timed(lambda: em_from_truth(xs, ys, 3), device)
+                s1b, _ = _timed(lambda: em_from_truth(xs, ys, 1), device)
+                s1 = min(s1a, s1b)
+                i1, i3 = f1.diagnostics.get("n_iter", 1), f3.diagnostics.get("n_iter", 3)
+                out["seconds_max_iter_1"], out["seconds_max_iter_3"] = [s1a, s1b], s3
                 out["n_iter"] = [i1, i3]
                 out["seconds"] = (s3 - s1) / max(i3 - i1, 1)
-            elif what in ("initialize_memmap", "initialize_memory", "initialize_dask"):
-                if what == "initialize_memmap":
-                    xs, ys = x_mm, y_mm
-                elif what == "initialize_memory":
-                    xs, ys = x_t, y_t
-                else:
-                    xs, ys = x_d, y_d
-                out["seconds"], est = _timed(
-                    lambda: initialize(
-                        xs, ys, K, "linear", method="auto", seed=0, **_device_kwargs(device)
-                    ),
-                    device,
-                )
+            elif what.startswith("initialize") or what.startswith("fit_em"):
+                call = init if what.startswith("initialize") else em_random
+                out["seconds"], est = _timed(lambda: call(xs, ys), device)
                 out["errors"] = _errors(est, truth)
                 out["estimate"] = _estimate_dict(est)
-            elif what == "fit_em_memmap":
-                out["seconds"], fit = _timed(
-                    lambda: fit_em(
-                        x_mm, y_mm, K, "linear", n_init=1, seed=0, **_device_kwargs(device)
-                    ),
-                    device,
-                )
-                out["errors"] = _errors(fit, truth)
-                out["estimate"] = _estimate_dict(fit)
             elif what == "svi_memmap":
-                from pyromoe import MixtureOfExperts, fit_svi
-
-                model = MixtureOfExperts(D, K, "linear")
-                out["seconds"], idata = _timed(
-                    lambda: fit_svi(
-                        model,
-                        x_mm,
-                        y_mm,
-                        init=truth,
-                        subsample_size=args.svi_batch,
-                        num_steps=args.svi_steps,
-                        num_samples=10,
-                        progress=False,
-                        posterior_predictive=False,
-                    ),
-                    device,
-                )
+                out["seconds"], idata = _timed(lambda: svi(xs, ys, args.svi_steps), device)
                 attrs = idata.attrs
                 out["svi_seconds"] = attrs.get("seconds")
                 out["rows_per_second_attr"] = attrs.get("rows_per_second")
@@ -386,7 +404,7 @@ def _npy_block(path: str, start: int, stop: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ parent side
-def run_measurement(args, what: str, n: int, data_dir: Path) -> dict:
+def run_measurement(args, what: str, n: int, data_dir: Path, timeout: float | None = None) -> dict:
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -416,14 +434,12 @@ def run_measurement(args, what: str, n: int, data_dir: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     start = time.perf_counter()
     try:
-        proc = subprocess.run(
-            command, capture_output=True, text=True, env=env, timeout=args.step_timeout
-        )
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {
             "n": n,
             "measurement": what,
-            "error": f"timed out after {args.step_timeout} s (--step-timeout)",
+            "error": f"timed out after {timeout:.0f} s (--step-timeout / --budget)",
             "wall_seconds": time.perf_counter() - start,
         }
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
@@ -490,6 +506,12 @@ def derived(rows: list[dict], sizes: list[int], dask_n: int | None) -> dict:
         init, em = secs(n, "initialize_memmap"), secs(n, "fit_em_memmap")
         if init is not None and em:
             entry["initialize_over_one_random_fit_em"] = init / em
+        iters = ((by.get((n, "fit_em_memmap")) or {}).get("estimate") or {}).get("diagnostics", {})
+        if em and iters.get("n_iter"):
+            # the other estimate of one EM iteration: a whole random-start fit / its iterations
+            entry["fit_em_seconds_per_iteration"] = em / iters["n_iter"]
+            if gram_mm:
+                entry["fit_em_per_iteration_over_gram_memmap"] = em / iters["n_iter"] / gram_mm
         out[n] = entry
     if dask_n is not None:
         dask_row, mem_row = (
@@ -523,8 +545,8 @@ def markdown(payload: dict, command: str) -> str:
         f"machine and its load (1-min load {payload['load_at_start'][0]:.2f} at the start, "
         f"{payload['load_at_end'][0]:.2f} at the end).",
         "",
-        "| n | measurement | seconds | x gram (memmap) | x x.T@x (memory) | peak extra RssAnon (MiB) | "
-        "error |",
+        "| n | measurement | seconds | / memmap Gram pass | / in-memory x.T@x | "
+        "peak extra RssAnon (MiB) | error |",
         "|---|---|---|---|---|---|---|",
     ]
     for n in settings["sizes"]:
@@ -547,8 +569,9 @@ def markdown(payload: dict, command: str) -> str:
         "both on the memmap (expert error = max_i ||a_hat_i - a_i|| after the best permutation):",
         "",
         "| n | initialize s | fit_em s | ratio | initialize expert error | fit_em expert error | "
-        "initializer | peak extra MiB (init / em) | error |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "initializer | fit_em iterations (s each, / memmap Gram) | peak extra MiB (init / em) | "
+        "error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in settings["sizes"]:
         ri, re_ = by.get((n, "initialize_memmap")), by.get((n, "fit_em_memmap"))
@@ -563,6 +586,9 @@ def markdown(payload: dict, command: str) -> str:
             f"{_fmt((ri.get('errors') or {}).get('experts'), '.4f')} | "
             f"{_fmt((re_.get('errors') or {}).get('experts'), '.4f')} | "
             f"{(ri.get('estimate') or {}).get('diagnostics', {}).get('initializer', '-')} | "
+            f"{(re_.get('estimate') or {}).get('diagnostics', {}).get('n_iter', '-')} "
+            f"({_fmt(entry.get('fit_em_seconds_per_iteration'))}, "
+            f"{_fmt(entry.get('fit_em_per_iteration_over_gram_memmap'), '.2f')}) | "
             f"{_fmt(ri.get('peak_extra_rss_anon_mib'), '.0f')} / "
             f"{_fmt(re_.get('peak_extra_rss_anon_mib'), '.0f')} | {err} |"
         )
@@ -598,8 +624,8 @@ def markdown(payload: dict, command: str) -> str:
     for r in svi:
         lines += [
             f"Minibatch SVI on the memmap, n = {r['n']:.0e}: `fit_svi(..., subsample_size="
-            f"{settings['svi_batch']}, num_steps={settings['svi_steps']}, num_samples=10, "
-            "posterior_predictive=False)` from the true parameters.",
+            f"{settings['svi_batch']}, num_steps={settings['svi_steps']}, num_samples=10)` from the "
+            "true parameters (call seconds include building the InferenceData).",
             "",
             "| rows/s (idata.attrs) | rows/s (batch x steps / attrs['seconds']) | call seconds | "
             "peak extra RssAnon (MiB) | error |",
@@ -619,15 +645,19 @@ def plot(payload: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for what in MEASUREMENTS:
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    colours = plt.get_cmap("tab20").colors
+    for index, what in enumerate(MEASUREMENTS):
         points = sorted(
             (r["n"], r["seconds"])
             for r in payload["rows"]
             if r["measurement"] == what and "error" not in r and r.get("seconds")
         )
         if points:
-            ax.plot(*zip(*points), "o-", label=what)
+            style = (
+                "s--" if what.endswith("_memory") else ("^:" if what.endswith("_dask") else "o-")
+            )
+            ax.plot(*zip(*points), style, color=colours[2 * index % 20], label=what)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("n")
@@ -635,7 +665,7 @@ def plot(payload: dict):
     s = payload["settings"]
     ax.set_title(f"d = {D}, k = {K}, linear, {s['dtype']}, {s['device']}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 
@@ -704,6 +734,13 @@ def main(argv=None) -> None:
     parser.add_argument("--svi-batch", type=int, default=4096)
     parser.add_argument("--svi-steps", type=int, default=200)
     parser.add_argument("--step-timeout", type=float, default=None, help="seconds per measurement")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the whole run (data included): later steps are recorded as not run, "
+        "and the results are still written",
+    )
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {MEASUREMENTS}")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
@@ -742,7 +779,15 @@ def main(argv=None) -> None:
             generation[n] = time.perf_counter() - t
             print(f"data n={n:.0e}: {generation[n]:.1f} s in {data_dir}", flush=True)
         for what, n in plan(args, sizes, dask_n):
-            row = run_measurement(args, what, n, data_dir)
+            limits = [args.step_timeout] if args.step_timeout else []
+            if args.budget:
+                left = args.budget - (time.perf_counter() - started)
+                if left < 5:
+                    rows.append({"n": n, "measurement": what, "error": "not run: --budget spent"})
+                    print(f"n={n:.0e} {what}: not run (--budget spent)", flush=True)
+                    continue
+                limits.append(left)
+            row = run_measurement(args, what, n, data_dir, min(limits) if limits else None)
             rows.append(row)
             shown = row.get("error") or (
                 f"{row.get('seconds', float('nan')):.4g} s, peak extra "

@@ -13,6 +13,7 @@ import torch
 from pyromoe import parameter_errors, simulate
 from pyromoe.core.likelihood import gate_logits
 from pyromoe.core.links import LINKS
+from pyromoe.core.sources import as_source
 from pyromoe.estimators.tensor_init import _moment_experts, minimum_rows, tensor_init
 
 
@@ -239,7 +240,8 @@ def test_unknown_link_is_refused():
 # ----------------------------------------------------------------------------- slow, statistical
 def _moment_error(n, seed):
     data = simulate(n, 10, 2, "linear", 0.5, seed=seed)
-    weight, *_ = _moment_experts(data.x, data.y, 2, LINKS["linear"], None, 65536, seed)
+    source = as_source(data.x, data.y)
+    weight, *_ = _moment_experts(source, 2, LINKS["linear"], None, 65536, seed)
     dist = torch.cdist(weight, data.truth.experts_weight)
     return min(float(dist.diagonal().max()), float(dist.flip(0).diagonal().max()))
 

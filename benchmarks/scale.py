@@ -234,12 +234,16 @@ def _errors(estimate, truth) -> dict:
 def run_child(args) -> dict:
     """One measurement at one n (in its own process); returns a JSON-able dict."""
     from pyromoe import fit_em, initialize
+    from pyromoe.core.em import default_chunk_size
     from pyromoe.core.links import get_link
     from pyromoe.core.sources import as_source
     from pyromoe.estimators.tensor_init import _moment_experts
 
     torch.set_num_threads(args.threads)
-    n, device, chunk = args.n, args.device, args.chunk_size
+    n, device = args.n, args.device
+    # 0: the library's defaults (EM passes: default_chunk_size(d); moment passes: 4096 rows)
+    chunk = args.chunk_size or default_chunk_size(D)
+    moment_chunk = args.chunk_size or 4096
     px, py = data_paths(Path(args.data_dir), n, args.dtype)
     x_mm, y_mm = np.load(px, mmap_mode="r"), np.load(py, mmap_mode="r")
     truth = truth_estimate()
@@ -308,7 +312,8 @@ def run_child(args) -> dict:
 
     def moments(xs, ys):
         # the source's summary pass (NaN check, column statistics) runs inside the call
-        return _moment_experts(as_source(xs, ys, **_device_kwargs(device)), K, link, None, chunk, 0)
+        source = as_source(xs, ys, **_device_kwargs(device))
+        return _moment_experts(source, K, link, None, moment_chunk, 0)
 
     def init(xs, ys):
         return initialize(xs, ys, K, "linear", method="auto", seed=0, **_device_kwargs(device))
@@ -538,7 +543,7 @@ def markdown(payload: dict, command: str) -> str:
         f"# Scale: d = {D}, k = {K}, linear, {settings['dtype']}, device {settings['device']}",
         "",
         f"Run: `{command}`. Data simulated in chunks to `.npy` files and read with "
-        f'`np.load(path, mmap_mode="r")`; chunk size {settings["chunk_size"]} rows; torch '
+        f'`np.load(path, mmap_mode="r")`; chunk size {settings["chunk_size"] or "the library default"} (rows); torch '
         f"threads {settings['threads']}; every (n, measurement) in a fresh subprocess. Peak memory "
         "= highest RssAnon (anonymous memory, not mapped file pages) during the call minus RssAnon "
         "before it, sampled every 5 ms. Ratios are within this run; seconds depend on the "
@@ -718,7 +723,12 @@ def main(argv=None) -> None:
         "--data-dir", default=None, help="where the .npy files go (default: a temp dir, removed)"
     )
     parser.add_argument("--keep-data", action="store_true", help="keep the temp data dir")
-    parser.add_argument("--chunk-size", type=int, default=65536, help="rows per chunk (65536)")
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=0,
+        help="rows per chunk of the Gram and moment passes (0: the library's defaults)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each Gram pass (median)")
     parser.add_argument(

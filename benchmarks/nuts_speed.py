@@ -81,7 +81,9 @@ def _numpyro(model, data, starts, chains, warmup, samples, seed):
 
     def np_model(x, y):
         a = numpyro.sample(
-            "experts.weight", ndist.Normal(0.0, scales["experts.weight"]).expand((k, d)).to_event(2)
+            "experts.weight",
+            # the model's default: the scale of a_i . x, so d ** -0.5 per coefficient
+            ndist.Normal(0.0, scales["experts.weight"] / d**0.5).expand((k, d)).to_event(2),
         )
         b = numpyro.sample(
             "experts.bias", ndist.Normal(0.0, scales["experts.bias"]).expand((k,)).to_event(1)
@@ -92,7 +94,7 @@ def _numpyro(model, data, starts, chains, warmup, samples, seed):
         c = numpyro.sample(
             "gate.bias", ndist.Normal(0.0, scales["gate.bias"]).expand((k - 1,)).to_event(1)
         )
-        sigma = numpyro.sample("noise", ndist.HalfCauchy(scales["noise"]))
+        sigma = numpyro.sample("noise", ndist.HalfNormal(scales["noise"]))
         means = x @ a.T + b
         logits = jnp.concatenate([jnp.zeros((x.shape[0], 1)), x @ w.T + c], axis=1)
         log_gate = jax.nn.log_softmax(logits, axis=1)

@@ -39,8 +39,12 @@ _EXPORTS: dict[str, str] = {
     "fit_map": ".bayes.fit",
     "fit_svi": ".bayes.fit",
     "run_nuts": ".bayes.fit",
+    "sample_prior_predictive": ".bayes.prior",
     "align_labels": ".core.labels",
     "to_inference_data": ".bayes.to_arviz",
+    "predict": ".bayes.predict",
+    "responsibilities": ".bayes.predict",
+    "plot_predictions": ".app.plots",
     "DATASETS": ".datasets",
     "Dataset": ".datasets",
     "load_concrete": ".datasets",
@@ -82,7 +86,11 @@ __all__ = [
     "load_mcycle",
     "load_old_faithful",
     "parameter_errors",
+    "plot_predictions",
+    "predict",
+    "responsibilities",
     "run_nuts",
+    "sample_prior_predictive",
     "simulate",
     "sites",
     "tensor_init",
@@ -108,9 +116,12 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from . import datasets, sites
     from .app import io
+    from .app.plots import plot_predictions
     from .bayes.fit import fit_map, fit_svi, run_nuts
     from .bayes.init_strategy import init_to_moments
     from .bayes.model import MixtureOfExperts
+    from .bayes.predict import predict, responsibilities
+    from .bayes.prior import sample_prior_predictive
     from .bayes.to_arviz import to_inference_data
     from .core import links
     from .core.em import CollapseWarning, ConvergenceWarning, fit_em

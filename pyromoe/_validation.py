@@ -32,9 +32,14 @@ __all__ = [
     "check_count",
     "check_device",
     "check_enough_rows",
+    "check_feature_names",
+    "keeps_feature_names",
+    "pandas_feature_names",
     "check_flag",
     "check_model",
     "check_num_experts",
+    "check_noise_model",
+    "NOISE_MODELS",
     "check_positive",
     "check_probability",
     "check_seed",
@@ -240,6 +245,95 @@ def as_tensors(
     return x, y
 
 
+def pandas_feature_names(x) -> list[str] | None:
+    """The column labels of a pandas DataFrame ``x`` when they can name features, else None.
+
+    They can when every label is a string and no two are equal (a frame with integer or repeated
+    column labels keeps the default names, positions 0..d-1).
+    """
+    if not (_is_pandas(x) and hasattr(x, "columns")):
+        return None
+    columns = list(x.columns)
+    if columns and all(isinstance(c, str) for c in columns) and len(set(columns)) == len(columns):
+        return columns
+    return None
+
+
+def check_feature_names(feature_names, in_features: int, x=None) -> list[str] | None:
+    """The names of the ``in_features`` inputs: ``feature_names`` checked, else ``x``'s labels.
+
+    Parameters
+    ----------
+    feature_names : sequence of str or None
+        Explicit names, one per column of ``x``.
+    in_features : int
+        The number of columns ``d``.
+    x : array-like, optional
+        The inputs as the user passed them: without ``feature_names``, a pandas DataFrame's column
+        labels are used (:func:`pandas_feature_names`).
+
+    Returns
+    -------
+    list of str or None
+        None when there are no names (the ``feature`` coordinates stay 0..d-1).
+
+    Raises
+    ------
+    ValueError
+        If ``feature_names`` is not a sequence of ``in_features`` distinct, non-empty strings.
+
+    Examples
+    --------
+    >>> check_feature_names(["age", "dose"], 2)
+    ['age', 'dose']
+    """
+    if feature_names is None:
+        return None if x is None else pandas_feature_names(x)
+    if isinstance(feature_names, (str, bytes)) or not hasattr(feature_names, "__iter__"):
+        raise ValueError(
+            f"feature_names must be a list of {in_features} strings, one per column of x; got "
+            f"{type(feature_names).__name__} {feature_names!r}"
+        )
+    names = list(feature_names)
+    wrong = [name for name in names if not isinstance(name, str) or not name]
+    if wrong:
+        raise ValueError(
+            f"feature_names must hold non-empty strings; got {wrong[0]!r} "
+            f"({type(wrong[0]).__name__}). Pass e.g. feature_names=[str(c) for c in columns]."
+        )
+    if len(names) != in_features:
+        raise ValueError(
+            f"feature_names must have one name per column of x (d={in_features}); got "
+            f"{len(names)} names"
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"feature_names must be distinct; {', '.join(map(repr, repeated))} appear more than "
+            "once"
+        )
+    return names
+
+
+def keeps_feature_names(fit: Callable) -> Callable:
+    """Decorate a public estimator: a DataFrame ``x``'s column labels go with the estimate.
+
+    The labels (:func:`pandas_feature_names`) are recorded in the returned estimate's
+    ``diagnostics["feature_names"]``, which :meth:`pyromoe.MoEEstimate.summary` shows.
+    """
+    signature = inspect.signature(fit)
+
+    @functools.wraps(fit)
+    def wrapper(*args, **kwargs):
+        names = pandas_feature_names(signature.bind_partial(*args, **kwargs).arguments.get("x"))
+        estimate = fit(*args, **kwargs)
+        if names is None or getattr(estimate, "in_features", None) != len(names):
+            return estimate
+        return replace(estimate, diagnostics={**estimate.diagnostics, "feature_names": names})
+
+    return wrapper
+
+
 def check_link(link):
     """The :class:`~pyromoe.core.links.Link` for ``link`` (a registry name or a Link).
 
@@ -257,15 +351,38 @@ def check_link(link):
     return get_link(link)
 
 
-def check_num_experts(num_experts) -> int:
-    """Check that ``num_experts`` is an integer >= 2 and return it."""
+def check_num_experts(num_experts, minimum: int = 2) -> int:
+    """Check that ``num_experts`` is an integer >= ``minimum`` and return it.
+
+    ``minimum=1`` where one expert (a plain regression, the baseline of a comparison) makes
+    sense: the model, EM and the inference wrappers; the moment start needs two.
+    """
     if isinstance(num_experts, bool) or not isinstance(num_experts, numbers.Integral):
-        raise TypeError(f"num_experts must be an int >= 2; got {type(num_experts).__name__}")
-    if num_experts < 2:
-        raise ValueError(
-            f"num_experts must be >= 2 (a mixture needs at least two experts); got {num_experts}"
+        raise TypeError(
+            f"num_experts must be an int >= {minimum}; got {type(num_experts).__name__}"
         )
+    if num_experts < minimum:
+        why = (
+            "a mixture needs at least two experts"
+            if minimum == 2
+            else "one expert is a plain regression"
+        )
+        raise ValueError(f"num_experts must be >= {minimum} ({why}); got {num_experts}")
     return int(num_experts)
+
+
+#: The noise models: one sigma for every expert, or one per expert.
+NOISE_MODELS = ("shared", "per_expert")
+
+
+def check_noise_model(noise_model, name: str = "noise") -> str:
+    """Check a noise model name (``"shared"`` or ``"per_expert"``) and return it."""
+    if not isinstance(noise_model, str) or noise_model not in NOISE_MODELS:
+        raise ValueError(
+            f"{name} must be 'shared' (one noise sd) or 'per_expert' (one per expert); got "
+            f"{noise_model!r}"
+        )
+    return noise_model
 
 
 def check_positive(value, name: str, *, integer: bool = False):

@@ -134,3 +134,46 @@ def test_fit_that_fails_midway_leaves_no_partial_output(tmp_path, monkeypatch):
     assert main(["fit", str(path), "--target", "waiting", "--out", str(out), *SMALL_NUTS]) == 1
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_figures_show_what_they_say_on_one_input(tmp_path, monkeypatch):
+    """Real data (no truth): the posterior figure is not titled 'vs truth', its rows are the
+    table's (gate rows from 1, the input by name), and the 1-D responsibilities figure colours the
+    points by responsibility (a continuous colour map in [0, 1]), not by hard assignment."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    import pyromoe.app.workflow as workflow
+    from pyromoe.app.io import RESULTS_MARKER
+
+    figures = {}
+    original = workflow.save_figure_atomic
+
+    def record(figure, target, **kwargs):
+        figures[Path(target).stem] = figure
+        return original(figure, target, **kwargs)
+
+    monkeypatch.setattr(workflow, "save_figure_atomic", record)
+    out = tmp_path / "faithful"
+    path = datasets.dataset_path("old_faithful")
+    assert main(["fit", str(path), "--target", "waiting", "--out", str(out), *SMALL_NUTS]) == 0
+    summary = (out / "summary.md").read_text()
+    rows = [line.split("|")[1].strip() for line in summary.splitlines() if line.startswith("| ")]
+    ax = figures["posterior"].axes[0]
+    assert "truth" not in ax.get_title().lower()
+    ticks = [label.get_text() for label in ax.get_yticklabels()]
+    assert "gate.weight[1, eruptions]" in ticks and set(ticks) <= set(rows)
+    assert "gate.weight[1, eruptions]" in rows and "experts.weight[0, eruptions]" in rows
+    responsibilities = figures["responsibilities"]
+    panels = [a for a in responsibilities.axes if a.get_title().startswith("expert")]
+    assert len(panels) == 2
+    for panel in panels:
+        colours = np.asarray(panel.collections[0].get_array())
+        assert colours.shape == (272,) and colours.min() >= 0 and colours.max() <= 1
+        assert np.any((colours > 0.05) & (colours < 0.95)) or len(np.unique(colours)) > 2
+    assert "responsibility" in responsibilities._suptitle.get_text()
+    files = json.loads((out / RESULTS_MARKER).read_text())["files"]
+    assert {"standardisation.json", "responsibilities.csv"} <= set(files)
+    assert "(data units)" in summary

@@ -187,7 +187,7 @@ def tiny():
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        (dict(num_experts=1), ValueError, "num_experts must be >= 2"),
+        (dict(num_experts=0), ValueError, "num_experts must be >= 1"),
         (dict(num_experts=2.0), TypeError, "num_experts must be an int"),
         (dict(n_init=0), ValueError, "n_init must be >= 1; got 0"),
         (dict(tol=0.0), ValueError, "tol must be > 0"),

@@ -27,6 +27,7 @@ __all__ = [
     "plot_random_starts",
     "plot_responsibilities",
     "plot_posterior_predictive",
+    "plot_predictions",
 ]
 
 
@@ -42,26 +43,35 @@ def parameter_sites(idata) -> list[str]:
     return [name for name in sites.PARAMETER_SITES if name in idata.posterior.data_vars]
 
 
-def _position_text(dim: str, position: int) -> str:
-    # gate row j gives the logit of expert j (expert 0 is the reference): rows are numbered from 1
+def _position_text(dim: str, position: int, value=None) -> str:
+    """One index of a label: a feature by its name when it has one, else by position; gate row
+    j gives the logit of expert j (expert 0 is the reference), so gate rows are numbered from 1."""
+    if dim == "feature" and isinstance(value, str):
+        return value
     return str(position + 1 if dim == "gate" else position)
 
 
-def _scalar_label(name: str, dims: Sequence[str], index: tuple[int, ...]) -> str:
-    """``experts.weight[0, 1]``: written as ArviZ writes its labels (see :func:`_labeller`)."""
+def _scalar_label(name: str, dims: Sequence[str], index: tuple[int, ...], coords=None) -> str:
+    """``experts.weight[0, 1]`` (or ``experts.weight[0, age]`` with feature names): written as
+    ArviZ writes its labels with :func:`_labeller`; ``coords`` maps dims to coordinate values."""
     if not index:
         return name
-    return f"{name}[{', '.join(_position_text(d, i) for d, i in zip(dims, index))}]"
+    coords = coords or {}
+    texts = [
+        _position_text(d, i, coords[d].values[i] if d in coords else None)
+        for d, i in zip(dims, index)
+    ]
+    return f"{name}[{', '.join(texts)}]"
 
 
 def _labeller():
     from arviz.labels import BaseLabeller
 
     class PositionLabeller(BaseLabeller):
-        """Label by position, not coordinate value (feature names would make long rows)."""
+        """Experts by position from 0, gate rows from 1, features by name (or position)."""
 
         def dim_coord_to_str(self, dim, coord_val, coord_idx):
-            return _position_text(dim, int(coord_idx))
+            return _position_text(dim, int(coord_idx), coord_val)
 
     return PositionLabeller()
 
@@ -73,7 +83,7 @@ def interval_columns(hdi_prob: float = 0.94) -> tuple[str, str]:
 
 
 def parameter_summary(
-    idata, points: Mapping[str, MoEEstimate] | None = None, hdi_prob: float = 0.94
+    idata, points: Mapping[str, MoEEstimate | Mapping] | None = None, hdi_prob: float = 0.94
 ) -> pd.DataFrame:
     """``az.summary`` of every scalar parameter, with point values (e.g. truth, start) beside it.
 
@@ -81,9 +91,9 @@ def parameter_summary(
     ----------
     idata : arviz.InferenceData
         With a ``posterior`` group whose variables are the model's sites.
-    points : mapping of str to MoEEstimate, optional
+    points : mapping of str to MoEEstimate (or to a mapping of site name to value), optional
         Column name -> point estimate, e.g. ``{"truth": truth, "start": estimate}``; its experts
-        must be labelled as in ``idata``.
+        must be labelled as in ``idata``. Sites of ``idata`` a mapping lacks are left blank.
     hdi_prob : float, default 0.94
         Probability mass of the highest-density interval.
 
@@ -91,7 +101,8 @@ def parameter_summary(
     -------
     pandas.DataFrame
         Indexed by ``parameter`` (``experts.weight[0, 1]``, ``gate.bias[1]``, ``noise``: experts
-        and features by position from 0, gate rows from 1, the expert whose logit they give). The
+        by position from 0, gate rows from 1, the expert whose logit they give, features by name
+        when the ``feature`` coordinates are strings, else by position from 0). The
         columns: one per point estimate, then ``posterior mean``, ``sd`` and the interval
         (:func:`interval_columns`); with several chains also ArviZ's ``ess_bulk``, ``ess_tail``
         and ``r_hat`` (SVI and MAP draws come as one chain, for which they mean nothing).
@@ -115,12 +126,14 @@ def parameter_summary(
     table = table[["posterior mean", "sd", low, high, *diagnostics]]
     values = {column: {} for column in points or {}}
     for column, estimate in (points or {}).items():
-        site_values = estimate.site_values()
-        for name in names:
+        site_values = estimate if isinstance(estimate, Mapping) else estimate.site_values()
+        for name in (name for name in names if name in site_values):
             dims = idata.posterior[name].dims[2:]
-            value = site_values[name].detach().cpu().numpy()
+            coords = idata.posterior[name].coords
+            value = site_values[name]
+            value = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
             for index in np.ndindex(*value.shape):
-                values[column][_scalar_label(name, dims, index)] = float(value[index])
+                values[column][_scalar_label(name, dims, index, coords)] = float(value[index])
     table = pd.concat([pd.DataFrame(values, index=table.index, dtype=float), table], axis=1)
     table.index.name = "parameter"
     return table
@@ -141,7 +154,10 @@ def plot_posterior_vs_truth(
 ):
     """Posterior mean and ``hdi_prob`` interval of every scalar parameter, with the truth and the
     point estimate marked (either may be omitted). Experts must already be aligned to the truth's
-    labels (see :func:`pyromoe.core.labels.align_labels`)."""
+    labels (see :func:`pyromoe.core.labels.align_labels`).
+
+    The rows are labelled as :func:`parameter_summary` labels them (gate rows from 1). The title
+    says what is shown: "Posterior vs truth" only when ``truth`` is given."""
     plt = _pyplot()
     points = {"truth": truth, "start": estimate}
     table = parameter_summary(
@@ -168,9 +184,17 @@ def plot_posterior_vs_truth(
     ax.set_yticks(positions, list(table.index))
     ax.axvline(0, color="0.8", lw=0.8, zorder=0)
     ax.legend(loc="best", fontsize=8)
-    ax.set_title("Posterior vs truth")
+    ax.set_title(posterior_title(truth is not None, estimate is not None, hdi_prob))
     figure.tight_layout()
     return figure
+
+
+def posterior_title(truth: bool, start: bool, hdi_prob: float = 0.94) -> str:
+    """The title of :func:`plot_posterior_vs_truth`: what the figure shows."""
+    if truth:
+        return "Posterior vs truth"
+    shown = f"Posterior mean and {hdi_prob * 100:g}% HDI"
+    return f"{shown}, with the start" if start else shown
 
 
 def plot_random_starts(
@@ -212,9 +236,10 @@ def plot_random_starts(
 def plot_responsibilities(x, y, estimate: MoEEstimate, feature_names: Sequence[str] | None = None):
     """The data coloured by posterior responsibility, with each expert's fitted predictions.
 
-    One input: y against x with each expert's curve ``g(a_i x + b_i)``. Several inputs: one panel per
-    expert, y against that expert's fitted value ``g(a_i . x + b_i)`` (points of the expert lie on
-    the diagonal), coloured by the responsibility of that expert.
+    One panel per expert, its points coloured by that expert's responsibility
+    ``p(expert i | x, y)`` (a continuous colour map from 0 to 1). One input: y against x with
+    expert i's curve ``g(a_i x + b_i)`` (the other experts' curves in grey). Several inputs: y
+    against expert i's fitted value ``g(a_i . x + b_i)`` (points of the expert lie on the diagonal).
     """
     plt = _pyplot()
     x = torch.as_tensor(x)
@@ -224,36 +249,36 @@ def plot_responsibilities(x, y, estimate: MoEEstimate, feature_names: Sequence[s
     means = likelihood.expert_means(x, est.experts_weight, est.experts_bias, est.link).cpu().numpy()
     xn, yn = x.cpu().numpy(), y.cpu().numpy()
     k = est.num_experts
-    if xn.shape[1] == 1:
-        figure, ax = plt.subplots(figsize=(6, 4))
-        hard = resp.argmax(1)
-        for i in range(k):
-            chosen = hard == i
-            ax.scatter(
-                xn[chosen, 0],
-                yn[chosen],
-                s=10,
-                color=f"C{i}",
-                alpha=0.5,
-                label=f"most likely expert {i}",
+    one_input = xn.shape[1] == 1
+    figure, axes = plt.subplots(1, k, figsize=(4 * k, 3.8), squeeze=False, layout="constrained")
+    order = np.argsort(xn[:, 0])
+    for i, ax in enumerate(axes[0]):
+        if one_input:
+            points = ax.scatter(
+                xn[:, 0], yn, c=resp[:, i], cmap="viridis", vmin=0, vmax=1, s=8, alpha=0.8
             )
-            order = np.argsort(xn[:, 0])
-            ax.plot(xn[order, 0], means[order, i], color=f"C{i}", lw=2)
-        ax.set_xlabel(feature_names[0] if feature_names else "x")
-        ax.set_ylabel("y")
-        ax.legend(fontsize=8)
-        ax.set_title("Data by responsibility, with each expert's fit")
-    else:
-        figure, axes = plt.subplots(1, k, figsize=(4 * k, 3.8), squeeze=False)
-        for i, ax in enumerate(axes[0]):
+            for j in range(k):
+                ax.plot(
+                    xn[order, 0],
+                    means[order, j],
+                    color="C3" if j == i else "0.6",
+                    lw=2 if j == i else 1,
+                    zorder=3 if j == i else 2,
+                )
+            ax.set_xlabel(feature_names[0] if feature_names else "x")
+        else:
             points = ax.scatter(means[:, i], yn, c=resp[:, i], cmap="viridis", vmin=0, vmax=1, s=6)
             low, high = means[:, i].min(), means[:, i].max()
             ax.plot([low, high], [low, high], "k--", lw=1)
             ax.set_xlabel(f"expert {i} fitted value g(a_{i}.x + b_{i})")
-            ax.set_ylabel("y")
-            ax.set_title(f"expert {i}")
-        figure.colorbar(points, ax=axes[0].tolist(), label="responsibility p(expert | x, y)")
-        figure.suptitle("y against each expert's fitted value, coloured by responsibility")
+        ax.set_ylabel("y")
+        ax.set_title(f"expert {i}")
+    figure.colorbar(points, ax=axes[0].tolist(), label="responsibility p(expert | x, y)")
+    figure.suptitle(
+        "Data coloured by each expert's responsibility, with its fit"
+        if one_input
+        else "y against each expert's fitted value, coloured by responsibility"
+    )
     return figure
 
 
@@ -272,3 +297,172 @@ def plot_posterior_predictive(idata, num_pp_samples: int = 50):
     ax = np.asarray(ax).ravel()[0]
     ax.set_title("Posterior predictive check")
     return ax.figure
+
+
+def plot_predictions(
+    model,
+    idata,
+    feature: int | str = 0,
+    *,
+    x=None,
+    y=None,
+    num_points: int = 100,
+    hdi_prob: float = 0.94,
+    ax=None,
+):
+    """Conditional predictions along one input, the other inputs held at their means.
+
+    As brms's ``conditional_effects`` and bambi's ``plot_predictions``: ``num_points`` inputs
+    spanning the range of ``feature`` in the data, every other input at its mean, evaluated by
+    :func:`pyromoe.bayes.predict.predict` under every posterior draw. The top panel shows the data
+    (y against the feature), the posterior mean and ``hdi_prob`` HDI band of each expert's mean
+    ``g(a_i . x + b_i)`` and of the mixture mean ``E[y | x]``; the bottom panel the gate
+    probability of each expert with its band.
+
+    Parameters
+    ----------
+    model : MixtureOfExperts
+        The model the posterior was fitted with.
+    idata : arviz.InferenceData
+        With the model's sites in ``posterior``; ``constant_data["x"]`` and
+        ``observed_data["y"]`` give the data when ``x``, ``y`` are not given.
+    feature : int or str
+        The input on the horizontal axis: its position (0 to d - 1) or its name in the
+        ``feature`` coords of ``idata.posterior``.
+    x : Tensor, ndarray or DataFrame (n, d), optional
+    y : Tensor, ndarray or Series (n,), optional
+        Data to show and to take the feature's range and the other inputs' means from (default:
+        the fitted data in ``idata``); ``y`` is optional when ``x`` is given.
+    num_points : int
+        Points of the grid along the feature (>= 2).
+    hdi_prob : float
+        Probability mass of the bands, in (0, 1).
+    ax : sequence of two matplotlib Axes, optional
+        The y panel and the gate panel to draw into (default: a new figure).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    ValueError
+        An unknown feature name (the message lists the choices) or a position out of range; no
+        data (neither ``x`` nor ``idata.constant_data``); ``ax`` not two Axes; and the errors of
+        :func:`~pyromoe.bayes.predict.predict`.
+    TypeError
+        ``feature`` neither an int nor a str; a model that is not a MixtureOfExperts.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> from pyromoe import MixtureOfExperts, fit_map, simulate
+    >>> data = simulate(200, 2, seed=0)
+    >>> model = MixtureOfExperts(2, 2, bias=False)
+    >>> idata = fit_map(model, data.x, data.y, init=data.truth, num_steps=20)
+    >>> figure = plot_predictions(model, idata, feature=1)
+    >>> len(figure.axes)
+    2
+    """
+    from .._validation import as_tensors, check_count, check_probability
+    from ..bayes.model import MixtureOfExperts
+    from ..bayes.predict import hdi_bounds, predict
+
+    if isinstance(model, type) or not isinstance(model, MixtureOfExperts):
+        shown = model.__name__ if isinstance(model, type) else type(model).__name__
+        raise TypeError(f"model must be a pyromoe.MixtureOfExperts instance; got {shown}")
+    hdi_prob = check_probability(hdi_prob, "hdi_prob")
+    num_points = check_count(num_points, "num_points", minimum=2)
+    if not callable(getattr(idata, "groups", None)):
+        raise TypeError(f"idata must be an arviz.InferenceData; got {type(idata).__name__}")
+    if "posterior" not in idata.groups():
+        raise ValueError("idata has no posterior group; pass the InferenceData of a fit")
+    d, posterior = model.in_features, idata.posterior
+    names = list(range(d))
+    if "feature" in posterior.coords and posterior.sizes["feature"] == d:
+        names = [value.item() for value in posterior["feature"].values]
+    if isinstance(feature, str):
+        if feature not in names:
+            raise ValueError(f"feature must be one of the feature names {names}; got {feature!r}")
+        column = names.index(feature)
+    elif isinstance(feature, (int, np.integer)) and not isinstance(feature, (bool, np.bool_)):
+        if not 0 <= int(feature) < d:
+            raise ValueError(
+                f"feature must be a position 0 to {d - 1} or one of the feature names {names}; "
+                f"got {feature}"
+            )
+        column = int(feature)
+    else:
+        raise TypeError(
+            f"feature must be an int (a position) or a str (one of {names}); got "
+            f"{type(feature).__name__}"
+        )
+    if x is None:
+        if "constant_data" not in idata.groups() or "x" not in idata.constant_data:
+            raise ValueError(
+                "plot_predictions needs data: pass x (and y), or an idata with constant_data['x']"
+            )
+        x = idata.constant_data["x"].values
+        has_y = "observed_data" in idata.groups() and sites.OBS in idata.observed_data
+        y = idata.observed_data[sites.OBS].values if has_y else None
+    x, y = as_tensors(x, y, in_features=d)
+    xn = x.detach().cpu().numpy().astype(float)
+    plt = _pyplot()
+    if ax is None:
+        figure, (ax_y, ax_gate) = plt.subplots(2, 1, sharex=True, figsize=(7, 6.5))
+    else:
+        axes = list(np.asarray(ax, dtype=object).ravel())
+        if len(axes) != 2 or not all(hasattr(a, "fill_between") for a in axes):
+            raise ValueError("ax must be None or two matplotlib Axes (the y and gate panels)")
+        (ax_y, ax_gate), figure = axes, axes[0].figure
+
+    grid = np.linspace(xn[:, column].min(), xn[:, column].max(), num_points)
+    x_grid = np.repeat(xn.mean(axis=0, keepdims=True), num_points, axis=0)
+    x_grid[:, column] = grid
+    predictions = predict(model, idata, x_grid).predictions
+    variables = predictions[["mean", "expert_mean", "gate"]]
+    centre = variables.mean(("chain", "draw"))
+    low, high = hdi_bounds(variables, hdi_prob)
+    percent = f"{hdi_prob * 100:g}%"
+    name = names[column] if isinstance(names[column], str) else f"feature {column}"
+
+    if y is not None:
+        ax_y.scatter(
+            xn[:, column],
+            y.detach().cpu().numpy(),
+            s=6,
+            color="0.6",
+            alpha=0.5,
+            label="data",
+            zorder=0,
+        )
+    for i in range(variables.sizes["expert"]):
+        colour = f"C{i}"
+        part = {"expert": i}
+        ax_y.fill_between(
+            grid, low["expert_mean"][part], high["expert_mean"][part], color=colour, alpha=0.2, lw=0
+        )
+        ax_y.plot(
+            grid,
+            centre["expert_mean"][part],
+            color=colour,
+            lw=1.5,
+            label=f"expert {i} mean g(a_{i}.x + b_{i})",
+        )
+        ax_gate.fill_between(
+            grid, low["gate"][part], high["gate"][part], color=colour, alpha=0.2, lw=0
+        )
+        ax_gate.plot(grid, centre["gate"][part], color=colour, lw=1.5, label=f"gate_{i}(x)")
+    ax_y.fill_between(grid, low["mean"], high["mean"], color="k", alpha=0.15, lw=0)
+    ax_y.plot(grid, centre["mean"], color="k", lw=2, label="mixture mean E[y | x]")
+    held = " (other inputs at their means)" if d > 1 else ""
+    ax_y.set_ylabel("y")
+    ax_y.set_title(f"Posterior mean and {percent} HDI along {name}{held}")
+    ax_y.legend(fontsize=8)
+    ax_gate.set_ylim(-0.02, 1.02)
+    ax_gate.set_ylabel("gate probability")
+    ax_gate.set_xlabel(name)
+    ax_gate.legend(fontsize=8)
+    figure.tight_layout()
+    return figure

@@ -8,6 +8,7 @@ wrappers (:mod:`pyromoe.bayes.fit`) and the plots (:mod:`pyromoe.app.plots`).
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import time
@@ -40,7 +41,7 @@ from .io import (
     write_netcdf_atomic,
     write_text_atomic,
 )
-from .plots import parameter_sites, parameter_summary
+from .plots import interval_columns, parameter_sites, parameter_summary
 
 __all__ = ["StartRecord", "compare_starts", "run_demo", "run_fit", "nuts_report"]
 
@@ -214,7 +215,9 @@ def parameter_table(
 
 _PARAMETER_COLUMNS = (
     "The posterior columns are ArviZ's `az.summary` (mean, sd, 94% HDI; with several chains "
-    "ess_bulk, ess_tail and r_hat); gate rows are numbered from 1 (row j gives expert j's logit)."
+    "ess_bulk, ess_tail and r_hat); experts are numbered from 0, gate rows from 1 (row j gives "
+    "expert j's logit; expert 0 is the reference), inputs by column name (by position from 0 "
+    "when they have none), as in the figures."
 )
 
 
@@ -526,6 +529,135 @@ def _standardize_columns(values: np.ndarray, names: Sequence[str], *, target: bo
     return (values - mean) / scale, mean, scale
 
 
+def standardisation_record(
+    feature_names: Sequence[str],
+    target_name: str,
+    x_mean: np.ndarray,
+    x_scale: np.ndarray,
+    y_mean: float,
+    y_scale: float,
+) -> dict[str, Any]:
+    """The standardisation of a fit as plain data (``standardisation.json``, ``idata.attrs``).
+
+    ``z = (value - mean) / sd`` for every input column and the target, with the population sd
+    (``ddof=0``, numpy's default).
+
+    Examples
+    --------
+    >>> standardisation_record(["a"], "y", np.array([1.0]), np.array([2.0]), 3.0, 4.0)["target"]
+    {'column': 'y', 'mean': 3.0, 'sd': 4.0}
+    """
+    return {
+        "convention": "z = (value - mean) / sd, sd the population standard deviation (ddof=0); "
+        "the model was fitted to the z-scores of the inputs and of the target",
+        "inputs": [
+            {"column": str(name), "mean": float(m), "sd": float(sd)}
+            for name, m, sd in zip(feature_names, x_mean, x_scale)
+        ],
+        "target": {"column": str(target_name), "mean": float(y_mean), "sd": float(y_scale)},
+    }
+
+
+def to_data_units(
+    values: dict[str, np.ndarray], standardisation: dict[str, Any], link
+) -> dict[str, np.ndarray]:
+    """Site values fitted on standardised data, in the data's own units (any leading dims).
+
+    With ``x_std = (x - m) / s`` and ``y_std = (y - m_y) / s_y`` (``standardisation`` as
+    :func:`standardisation_record` writes it), the linear expert ``y = s_y (a . x_std + b) + m_y``
+    has weights ``s_y a_j / s_j`` and intercept ``s_y (b - sum_j a_j m_j / s_j) + m_y``; the noise
+    is ``s_y sigma``; the gate logit ``w . x_std + c`` has weights ``w_j / s_j`` and offset
+    ``c - sum_j w_j m_j / s_j``. For any other link the experts have no data-unit form (the link
+    sits between the two scales), so only the noise and the gate are returned.
+    """
+    m = np.array([column["mean"] for column in standardisation["inputs"]])
+    s = np.array([column["sd"] for column in standardisation["inputs"]])
+    y_mean, y_sd = standardisation["target"]["mean"], standardisation["target"]["sd"]
+    out: dict[str, np.ndarray] = {}
+    if sites.NOISE in values:
+        out[sites.NOISE] = y_sd * np.asarray(values[sites.NOISE])
+    if sites.GATE_WEIGHT in values:
+        gate = np.asarray(values[sites.GATE_WEIGHT])
+        out[sites.GATE_WEIGHT] = gate / s
+        if sites.GATE_BIAS in values:
+            out[sites.GATE_BIAS] = np.asarray(values[sites.GATE_BIAS]) - (gate * (m / s)).sum(-1)
+    if check_link(link).is_identity and sites.EXPERTS_WEIGHT in values:
+        weight = np.asarray(values[sites.EXPERTS_WEIGHT])
+        out[sites.EXPERTS_WEIGHT] = y_sd * weight / s
+        if sites.EXPERTS_BIAS in values:
+            bias = np.asarray(values[sites.EXPERTS_BIAS])
+            out[sites.EXPERTS_BIAS] = y_sd * (bias - (weight * (m / s)).sum(-1)) + y_mean
+    return out
+
+
+def data_unit_summary(
+    idata, start: MoEEstimate, standardisation: dict[str, Any], hdi_prob: float = 0.94
+):
+    """:func:`pyromoe.app.plots.parameter_summary` of the draws mapped by :func:`to_data_units`
+    (draw by draw, so the intervals are those of the mapped draws), with the start mapped too.
+
+    Its columns are ``start``, ``posterior mean``, ``sd`` and the interval, each suffixed
+    ``" (data units)"``; rows without a data-unit form are absent.
+    """
+    import arviz as az
+    import xarray as xr
+
+    post = idata.posterior
+    names = parameter_sites(idata)
+    mapped = to_data_units({n: post[n].values for n in names}, standardisation, start.link)
+    dataset = xr.Dataset({n: (post[n].dims, v) for n, v in mapped.items()}, coords=post.coords)
+    start_values = {n: v.detach().cpu().numpy() for n, v in start.site_values().items()}
+    points = {"start": to_data_units(start_values, standardisation, start.link)}
+    table = parameter_summary(az.InferenceData(posterior=dataset), points, hdi_prob)
+    low, high = interval_columns(hdi_prob)
+    table = table[["start", "posterior mean", "sd", low, high]]
+    return table.rename(columns=lambda column: f"{column} (data units)")
+
+
+def posterior_responsibilities(model, idata, x, y, hdi_prob: float = 0.94):
+    """Per observation, each expert's responsibility ``p(expert i | x_n, y_n, theta)`` averaged
+    over the posterior draws, and its ``hdi_prob`` interval over the draws.
+
+    Returns a pandas DataFrame with one row per observation (``obs``, the ``obs`` coordinate of
+    ``idata``) and, per expert ``i``, the columns ``expert_i_mean``, ``expert_i_hdi_low`` and
+    ``expert_i_hdi_high``. Computed in blocks of observations (memory ~ draws x block x k).
+    """
+    import arviz as az
+    import pandas as pd
+
+    post = idata.posterior
+    names = parameter_sites(idata)
+    num_chains, num_draws = post.sizes["chain"], post.sizes["draw"]
+    total = num_chains * num_draws
+    draws = {
+        n: torch.as_tensor(post[n].values, dtype=x.dtype, device=x.device).reshape(
+            total, *post[n].shape[2:]
+        )
+        for n in names
+    }
+    n = x.shape[0]
+    k = int(draws[sites.EXPERTS_WEIGHT].shape[-2])
+    block = max(1, (1 << 22) // (total * k))
+    means, intervals = [], []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # az.hdi warns about a single chain or draw
+        for start in range(0, n, block):
+            part = slice(start, min(start + block, n))
+            resp = model.responsibilities(x[part], y[part], draws).cpu().numpy()
+            resp = resp.reshape(num_chains, num_draws, *resp.shape[1:])
+            means.append(resp.mean(axis=(0, 1)))
+            intervals.append(az.hdi(resp, hdi_prob=hdi_prob))
+    mean, interval = np.concatenate(means), np.concatenate(intervals)
+    observed = getattr(idata, "observed_data", None)
+    obs = observed.coords["obs"].values if observed is not None else np.arange(n)
+    columns: dict[str, Any] = {"obs": obs if len(obs) == n else np.arange(n)}
+    for i in range(k):
+        columns[f"expert_{i}_mean"] = mean[:, i]
+        columns[f"expert_{i}_hdi_low"] = interval[:, i, 0]
+        columns[f"expert_{i}_hdi_high"] = interval[:, i, 1]
+    return pd.DataFrame(columns)
+
+
 def run_fit(
     path: str | Path,
     target: str,
@@ -579,6 +711,10 @@ def run_fit(
     y_std, y_mean, y_scale = _standardize_columns(
         table.y[:, None], [table.target_name], target=True
     )
+    standardisation = standardisation_record(
+        table.feature_names, table.target_name, x_mean, x_scale, y_mean[0], y_scale[0]
+    )
+    names = list(table.feature_names)
     x = torch.as_tensor(x_std, device=device)
     y = torch.as_tensor(y_std[:, 0], device=device)
     timer = _Timer()
@@ -598,13 +734,29 @@ def run_fit(
                     num_samples=num_samples,
                     seed=seed,
                     progress=progress,
+                    feature_names=names,
                 )
             else:
                 idata = fit_svi(
-                    model, x, y, init=estimate, num_steps=num_steps, seed=seed, progress=progress
+                    model,
+                    x,
+                    y,
+                    init=estimate,
+                    num_steps=num_steps,
+                    seed=seed,
+                    progress=progress,
+                    feature_names=names,
                 )
+        idata.attrs["standardisation"] = json.dumps(standardisation)
         mean = posterior_mean_estimate(idata, estimate.link)
-        rows = parameter_table(idata, {"start": estimate})
+        rows = (
+            parameter_summary(idata, {"start": estimate})
+            .join(data_unit_summary(idata, estimate, standardisation))
+            .reset_index()
+            .to_dict("records")
+        )
+        with timer("responsibilities"):
+            responsibilities = posterior_responsibilities(model, idata, x, y)
         with timer("figures"):
             figures = {
                 "trace": plots.plot_trace(idata),
@@ -624,15 +776,15 @@ def run_fit(
             "method": method,
             "initializer": estimate.diagnostics.get("initializer", estimate.method),
             "initializer_reason": estimate.diagnostics.get("initializer_reason", ""),
+            "standardisation": standardisation,
             "seconds": timer.seconds,
         }
-        scaling = [
-            {"column": name, "mean": float(m), "sd": float(s)}
-            for name, m, s in zip(
-                [*table.feature_names, table.target_name], [*x_mean, *y_mean], [*x_scale, *y_scale]
-            )
-        ]
+        scaling = [*standardisation["inputs"], standardisation["target"]]
         summary = _fit_summary(numbers, estimate, idata, rows, scaling, method)
+        write_text_atomic(
+            folder / "standardisation.json", json.dumps(standardisation, indent=1) + "\n"
+        )
+        write_text_atomic(folder / "responsibilities.csv", responsibilities.to_csv(index=False))
         _write_outputs(folder, idata, figures, summary)
     return numbers
 
@@ -656,8 +808,9 @@ File `{numbers["file"]}`: {numbers["rows"]} rows, target `{numbers["target"]}`, 
 {", ".join(f"`{f}`" for f in numbers["features"])}; {numbers["num_experts"]} experts, link
 `{numbers["link"]}`, each expert with an intercept and the gate with an offset.
 
-**Inputs and target were standardised** (z-scores: value minus mean, divided by sd); the parameters
-below are on that scale:
+**Inputs and target were standardised** (z-scores: value minus mean, divided by sd, the population
+sd); the model was fitted on that scale (also in `standardisation.json` and the InferenceData's
+`attrs["standardisation"]`):
 
 {markdown_table(scaling, digits=4)}
 ## Initializer
@@ -673,7 +826,9 @@ below are on that scale:
 ## Posterior ({method.upper()}, experts labelled as in the start)
 
 {extra}
-{_PARAMETER_COLUMNS}
+{_PARAMETER_COLUMNS} The columns without a suffix are on the standardised scale.
+
+{_data_units_text(numbers["link"])}
 
 {markdown_table(rows)}
 ## Time of each step
@@ -681,10 +836,40 @@ below are on that scale:
 {markdown_table(seconds_rows, digits=2)}
 ## Files
 
-`inference_data.nc` (ArviZ InferenceData), `trace.png`, `posterior.png`, `posterior_predictive.png`,
-`responsibilities.png` ({
-        "y against the input"
-        if len(numbers["features"]) == 1
-        else "y against each expert's fitted value g(a_i.x + b_i)"
-    }, coloured by responsibility).
+- `inference_data.nc` (ArviZ InferenceData, the standardised data and parameters).
+- `standardisation.json`: the mean and sd of every input column and of the target.
+- `responsibilities.csv`: one row per data row (`obs`, from 0): each expert's responsibility
+  p(expert | x, y) averaged over the posterior draws (`expert_i_mean`) and its 94% HDI over the
+  draws (`expert_i_hdi_low`, `expert_i_hdi_high`).
+- `trace.png`, `posterior.png` (posterior mean and 94% HDI of every parameter, the start marked),
+  `posterior_predictive.png`.
+- `responsibilities.png`: one panel per expert, {_responsibility_panels(numbers["features"])}
+  on the standardised scale, points coloured by that expert's responsibility (posterior mean
+  parameters).
 """
+
+
+def _responsibility_panels(features: Sequence[str]) -> str:
+    if len(features) == 1:
+        return "y against the input with that expert's fit,"
+    return "y against that expert's fitted value g(a_i.x + b_i),"
+
+
+def _data_units_text(link: str) -> str:
+    """How the "(data units)" columns of the fit's table were computed."""
+    text = (
+        "The columns marked (data units) are the same parameters in the units of the data: with "
+        "x_std = (x - m) / s per input and y_std = (y - m_y) / s_y, the noise is s_y sigma, the "
+        "gate weights are w_j / s_j and the gate offsets c - sum_j w_j m_j / s_j"
+    )
+    if check_link(link).is_identity:
+        return (
+            text + "; the expert weights are s_y a_j / s_j and the intercepts "
+            "s_y (b - sum_j a_j m_j / s_j) + m_y. Each draw is mapped, so the intervals are those "
+            "of the mapped draws."
+        )
+    return (
+        text + f". With the {link} link the experts have no data-unit form "
+        f"(y = s_y g(a.x_std + b) + m_y: the link sits between the two scales), so their rows "
+        "show '-' there. Each draw is mapped, so the intervals are those of the mapped draws."
+    )

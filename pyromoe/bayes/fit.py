@@ -18,7 +18,9 @@ NUTS statistics come from Pyro's public interfaces only: the potential energy (b
 fused log joint of :mod:`pyromoe.bayes.potential`, else the potential of the traced model from
 :func:`pyro.infer.mcmc.util.initialize_model`) goes into ``NUTS(potential_fn=...)`` wrapped in a
 counter (gradient evaluations, hence leapfrog steps per draw); MCMC's ``hook_fn`` records each kept
-draw's step size, leapfrog steps and ``lp`` (minus the potential energy at the draw) on the kernel of
+draw's step size, leapfrog steps, ``lp`` (minus the potential energy at the draw), ``energy`` (the
+Hamiltonian at the trajectory's start, its momentum read off the kernel's momentum sample sites) and
+``acceptance_rate`` on the kernel of
 the process that runs the chain, and the kernel's ``diagnostics()``, which Pyro sends back from
 worker processes too, carries them home; divergences and acceptance come from
 :meth:`pyro.infer.MCMC.diagnostics`.
@@ -49,6 +51,7 @@ from pyro.infer.mcmc.util import initialize_model
 
 from .._validation import (
     check_count,
+    check_feature_names,
     check_flag,
     check_model,
     check_positive,
@@ -279,7 +282,9 @@ def _idata(model, x, y, samples, init, align, seed, attrs, **kwargs):
     )
 
 
-def _optimised_idata(model, batches: _Batches, samples, kind, init, losses, seconds, checked):
+def _optimised_idata(
+    model, batches: _Batches, samples, kind, init, losses, seconds, checked, feature_names=None
+):
     """InferenceData for an optimisation-based fit (MAP or SVI), with its ELBO trace and
     throughput in attrs; out of core, evaluated on :meth:`_Batches.evaluation_data`."""
     attrs = {
@@ -290,7 +295,7 @@ def _optimised_idata(model, batches: _Batches, samples, kind, init, losses, seco
         "rows_per_second": len(losses) * batches.rows_per_step / max(seconds, 1e-12),
     }
     x, y, rows = batches.evaluation_data(checked["seed"])
-    kwargs = {}
+    kwargs = {"feature_names": feature_names}
     if rows is not None:
         attrs.update(
             data_kind=batches.source.kind,
@@ -330,6 +335,7 @@ def fit_map(
     align: bool = True,
     num_threads: int | None = None,
     device: str | torch.device | None = None,
+    feature_names: list[str] | None = None,
 ):
     """MAP estimate with :class:`~pyro.infer.autoguide.AutoDelta`, started at ``init``.
 
@@ -371,6 +377,10 @@ def fit_map(
         Where to compute. ``None``: ``x``'s device (a tensor), else the CPU. In-memory data are
         moved there whole, out-of-core mini-batches one at a time; an estimate given as ``init``
         is moved there too. Everything runs in ``x``'s dtype.
+    feature_names : list of str, optional
+        Names of the inputs, the ``feature`` coordinates of the output (``d`` distinct strings).
+        Default: the column labels of ``x`` when it is a pandas DataFrame with string labels,
+        else 0..d-1.
 
     Returns
     -------
@@ -418,6 +428,7 @@ def fit_map(
         num_steps=num_steps,
         lr=lr,
     )
+    feature_names = check_feature_names(feature_names, source.in_features, x)
     if gate_only and not isinstance(init, MoEEstimate):
         raise ValueError(
             "gate_only=True fixes the experts at an estimate: init must be a MoEEstimate; "
@@ -449,7 +460,9 @@ def fit_map(
     point.update(fixed)
     samples = {name: value[None, None] for name, value in point.items()}
     kind = "map_gate_only" if gate_only else "map"
-    return _optimised_idata(model, batches, samples, kind, init, losses, seconds, checked)
+    return _optimised_idata(
+        model, batches, samples, kind, init, losses, seconds, checked, feature_names
+    )
 
 
 # ------------------------------------------------------------------------------------ SVI
@@ -477,6 +490,7 @@ def fit_svi(
     posterior_predictive: bool = True,
     num_threads: int | None = None,
     device: str | torch.device | None = None,
+    feature_names: list[str] | None = None,
 ):
     """Variational inference with an autoguide started at ``init``; posterior draws from the guide.
 
@@ -505,6 +519,10 @@ def fit_svi(
         Relabel the draws to ``init`` when it is an estimate.
     posterior_predictive : bool
         Add the posterior predictive group.
+    feature_names : list of str, optional
+        Names of the inputs, the ``feature`` coordinates of the output (``d`` distinct strings).
+        Default: the column labels of ``x`` when it is a pandas DataFrame with string labels,
+        else 0..d-1.
 
     Returns
     -------
@@ -546,6 +564,7 @@ def fit_svi(
         num_steps=num_steps,
         lr=lr,
     )
+    feature_names = check_feature_names(feature_names, source.in_features, x)
     num_samples = check_count(num_samples, "num_samples", minimum=1)
     if not isinstance(guide, AutoGuide) and guide not in _GUIDES:
         raise ValueError(
@@ -568,7 +587,9 @@ def fit_svi(
         draws = _guide_draws(guide, latent, num_samples, x, y)
     samples = {name: draws[name].detach()[None] for name in latent}
     kind = f"svi_{type(guide).__name__}"
-    return _optimised_idata(model, batches, samples, kind, init, losses, seconds, checked)
+    return _optimised_idata(
+        model, batches, samples, kind, init, losses, seconds, checked, feature_names
+    )
 
 
 # ------------------------------------------------------------------------------------ NUTS
@@ -626,6 +647,24 @@ class _CountedPotential:
         return self.energy(params)
 
 
+class _MomentumRecorder(poutine.messenger.Messenger):
+    """Keeps the momentum HMC / NUTS draws at the start of a transition.
+
+    Pyro's kernels draw the momentum as sample sites named ``r_t={t}_{sites}`` (standard normal in
+    the mass matrix's whitened coordinates, Pyro's ``r_unscaled``); this handler records their
+    values as they pass, and nothing else (the model's own sites, if the potential traces it, pass
+    untouched).
+    """
+
+    def __enter__(self):
+        self.values: list[torch.Tensor] = []
+        return super().__enter__()
+
+    def _pyro_post_sample(self, msg) -> None:
+        if str(msg["name"]).startswith("r_t="):
+            self.values.append(msg["value"].detach())
+
+
 class _RecordingNUTS(NUTS):
     """NUTS on a :class:`_CountedPotential` that returns per-draw statistics with its diagnostics.
 
@@ -636,9 +675,20 @@ class _RecordingNUTS(NUTS):
     chain. ``n_steps`` counts the potential's evaluations in the draw (its leapfrog steps);
     ``tree_depth`` is ``ceil(log2(n_steps + 1))``; ``lp`` is minus the potential energy at the draw
     (log joint density in unconstrained space, as ArviZ's ``lp``), evaluated once more, uncounted.
+
+    ``energy`` is the Hamiltonian at the start of the draw's trajectory, right after the momentum
+    is resampled: the potential energy of the previous state (the ``params`` NUTS starts from,
+    evaluated once more, uncounted) plus the kinetic energy ``0.5 * |r|^2`` of the fresh momentum
+    ``r`` in the mass matrix's whitened coordinates (Pyro's ``r_unscaled``, the standard normal
+    draws of the kernel's ``r_t=...`` sample sites, read by :class:`_MomentumRecorder`). The
+    Hamiltonian is conserved along the trajectory up to the integrator's error, so this is the
+    energy of the draw's level set that Stan, PyMC and NumPyro report (they take it at the selected
+    point, which differs by that error) and what ``az.bfmi`` / ``az.plot_energy`` need.
+    ``acceptance_rate`` is the draw's mean Metropolis acceptance probability over the trajectory
+    (what NUTS adapts the step size to), recovered from the kernel's running mean of it.
     """
 
-    STATS = ("step_size", "n_steps", "tree_depth", "lp")
+    STATS = ("step_size", "n_steps", "tree_depth", "lp", "energy", "acceptance_rate")
 
     def __init__(self, potential: _CountedPotential, **kwargs):
         super().__init__(potential_fn=potential, **kwargs)
@@ -650,18 +700,39 @@ class _RecordingNUTS(NUTS):
         super().setup(warmup_steps, *args, **kwargs)
         self.count_at_last_draw = self.potential.count
 
+    def sample(self, params):
+        # what record_draw needs of the transition: its start, its momentum, the running mean
+        # acceptance probability before and after it
+        accept_before = float(getattr(self, "_mean_accept_prob", math.nan))
+        with _MomentumRecorder() as momentum:
+            state = super().sample(params)
+        self.transition = {
+            "start": params,
+            "kinetic_energy": 0.5 * sum(float((r * r).sum()) for r in momentum.values),
+            "accept_before": accept_before,
+            "accept_after": float(getattr(self, "_mean_accept_prob", math.nan)),
+        }
+        return state
+
     def record_draw(self, params: dict, stage: str) -> None:
         count = self.potential.count
         n_steps, self.count_at_last_draw = count - self.count_at_last_draw, count
         if not stage.lower().startswith("sample"):
             return
+        transition = self.transition
         with torch.no_grad():
             lp = -float(self.potential.energy(params))
+            start_potential = float(self.potential.energy(transition["start"]))
         stats = self.draw_stats
+        # the kernel's mean over the n draws so far: m_n = m_{n-1} + (a_n - m_{n-1}) / n
+        n = len(stats["lp"]) + 1
+        acceptance = n * transition["accept_after"] - (n - 1) * transition["accept_before"]
         stats["step_size"].append(float(self.step_size))
         stats["n_steps"].append(n_steps)
         stats["tree_depth"].append(math.ceil(math.log2(n_steps + 1)))
         stats["lp"].append(lp)
+        stats["energy"].append(start_potential + transition["kinetic_energy"])
+        stats["acceptance_rate"].append(min(max(acceptance, 0.0), 1.0))
 
     def diagnostics(self):
         out = super().diagnostics()
@@ -757,6 +828,7 @@ def run_nuts(
     num_threads: int | None = 1,
     potential: str = "auto",
     device: str | torch.device | None = None,
+    feature_names: list[str] | None = None,
 ):
     """NUTS with every chain started at ``init`` (jittered), returned as ArviZ ``InferenceData``.
 
@@ -818,19 +890,25 @@ def run_nuts(
         Where to sample. ``None``: ``x``'s device (a tensor), else the CPU; the data (and an
         estimate given as ``init``) are moved there. Chains of CUDA data in worker processes use
         the ``"spawn"`` context.
+    feature_names : list of str, optional
+        Names of the inputs, the ``feature`` coordinates of the output (``d`` distinct strings).
+        Default: the column labels of ``x`` when it is a pandas DataFrame with string labels,
+        else 0..d-1.
 
     Returns
     -------
     arviz.InferenceData
-        ``sample_stats``: ``diverging``, ``step_size``, ``n_steps`` (leapfrog steps),
-        ``tree_depth``, ``lp`` (log joint density in unconstrained space, minus the potential
-        energy), ``log_likelihood_total``; ``attrs``: ``potential`` (``"fused"`` or
-        ``"traced"``), ``num_divergences``,
-        ``num_gradient_evaluations`` (per chain, warmup included: a cost measure that does not
-        depend on machine load), ``acceptance_rate`` (per chain: Pyro's share of accepted
-        draws), ``chain_mean_log_likelihood``, ``seconds``, the relabelling record. Per-draw
-        acceptance probabilities and ArviZ's ``energy`` are not given: Pyro's NUTS keeps them
-        (and the momentum they need) internal.
+        ``sample_stats`` (chain, draw), with ArviZ's names: ``diverging``, ``step_size``,
+        ``n_steps`` (leapfrog steps), ``tree_depth``, ``lp`` (log joint density in unconstrained
+        space, minus the potential energy), ``energy`` (the Hamiltonian, potential plus kinetic
+        energy, at the start of the draw's trajectory after the momentum is resampled, so
+        ``az.bfmi(idata)`` and ``az.plot_energy(idata)`` work), ``acceptance_rate`` (the draw's
+        mean acceptance probability over its trajectory, what the step size is adapted to),
+        ``log_likelihood_total``; ``attrs``: ``potential`` (``"fused"`` or ``"traced"``),
+        ``num_divergences``, ``num_gradient_evaluations`` (per chain, warmup included: a cost
+        measure that does not depend on machine load), ``acceptance_rate`` (per chain: Pyro's
+        share of draws that moved), ``chain_mean_log_likelihood``, ``seconds``, the relabelling
+        record.
 
     Raises
     ------
@@ -867,6 +945,7 @@ def run_nuts(
         target_accept_prob=target_accept_prob,
         max_tree_depth=max_tree_depth,
     )
+    feature_names = check_feature_names(feature_names, source.in_features, x)
     num_samples = check_count(num_samples, "num_samples", minimum=4)
     num_chains, seed = checked["num_chains"], checked["seed"]
     if isinstance(jitter, bool):
@@ -950,4 +1029,5 @@ def run_nuts(
         attrs,
         sample_stats=stats,
         posterior_predictive=posterior_predictive,
+        feature_names=feature_names,
     )

@@ -65,10 +65,16 @@ def _match_site(site: dict, value: torch.Tensor) -> torch.Tensor:
     shape = tuple(prototype.shape)
     # Vectorised particles or plates add leading batch dims; the estimate fills its trailing dims.
     if shape[len(shape) - value.dim() :] != tuple(value.shape) or len(shape) < value.dim():
+        hint = (
+            " For one noise sd per expert build the model with noise='per_expert'; for a "
+            "shared one fit the estimate with noise='shared'."
+            if name == sites.NOISE
+            else ""
+        )
         raise ValueError(
             f"init_to_moments: the estimate's value for site {name!r} has shape "
             f"{tuple(value.shape)} but the model's site has shape {shape}. Build the model with the "
-            "estimate's num_experts and in_features (and bias=True/False as it was fitted)."
+            f"estimate's num_experts and in_features (and bias=True/False as it was fitted).{hint}"
         )
     value = value.expand(shape).clone()
     support = site["fn"].support
@@ -268,6 +274,8 @@ def check_estimate_fits_model(model, x, y, estimate: MoEEstimate) -> dict[str, t
     check_estimate(estimate)
     latent = latent_site_shapes(model, x, y, init_strategy=init_to_moments(estimate=estimate))
     required = (sites.EXPERTS_WEIGHT, sites.GATE_WEIGHT, sites.NOISE)
+    if estimate.num_experts == 1:  # one expert: no gate sites
+        required = (sites.EXPERTS_WEIGHT, sites.NOISE)
     missing = [name for name in required if name not in latent]
     if missing:
         raise ValueError(

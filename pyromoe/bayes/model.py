@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 
@@ -10,40 +11,60 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule, PyroSample
 
-from .._validation import as_tensors, check_link, check_num_experts, check_positive
+from .._validation import (
+    as_tensors,
+    check_link,
+    check_noise_model,
+    check_num_experts,
+    check_positive,
+)
 from ..core import likelihood, sites
 from ..core.links import Link
 from ..core.params import Params
 
-__all__ = ["MixtureOfExperts", "DEFAULT_PRIOR_SCALES"]
+__all__ = ["MixtureOfExperts", "DEFAULT_PRIOR_SCALES", "SCALED_BY_FEATURES"]
 
-#: Scales of the default weakly informative priors (inputs and output on a standardised scale):
-#: Normal(0, scale) on weights and biases, HalfCauchy(scale) on the noise.
+#: Scales of the default weakly informative priors, for inputs and output on a standardised scale
+#: (every column of x and y with mean 0 and sd 1): Normal(0, scale) on the gate's weights and
+#: offsets and on the experts' biases; Normal(0, scale / sqrt(d)) on the experts' weights, so that
+#: an expert's linear predictor a_i . x has prior sd ``scale`` whatever the input dimension d
+#: (:data:`SCALED_BY_FEATURES`); HalfNormal(scale) on the noise. On standardised data (linear
+#: link, k = 2) the prior predictive sd of y is then about 1.4 times the data's (median over
+#: draws; 99% quantile 3x) for any d, where the earlier Normal(0, 2) experts and HalfCauchy(1)
+#: noise gave 3.3x at d = 2, 6.6x at d = 10, 9.2x at d = 20, with a heavy tail (99% quantile
+#: 50-95x): tests/test_prior.py. The gate scale 2.5 (per coefficient,
+#: Gelman et al. 2008's scale for logistic regression) is also the MAP refit's
+#: :data:`pyromoe.estimators.initialize.MAP_PRIOR_SCALE`.
 DEFAULT_PRIOR_SCALES: dict[str, float] = {
-    sites.EXPERTS_WEIGHT: 2.0,
-    sites.EXPERTS_BIAS: 2.0,
+    sites.EXPERTS_WEIGHT: 1.0,
+    sites.EXPERTS_BIAS: 1.0,
     sites.GATE_WEIGHT: 2.5,
     sites.GATE_BIAS: 2.5,
     sites.NOISE: 1.0,
 }
 
+#: Sites whose scale (default or a float in ``priors=``) is that of the whole linear predictor:
+#: each of the d coefficients gets ``scale / sqrt(d)``.
+SCALED_BY_FEATURES: frozenset[str] = frozenset({sites.EXPERTS_WEIGHT})
 
-#: event dims of the fields of :class:`~pyromoe.core.params.Params`, in field order
+
+#: event dims of the fields of :class:`~pyromoe.core.params.Params`, in field order (shared noise)
 _EVENT_DIMS = Params(experts_weight=2, experts_bias=1, gate_weight=2, gate_bias=1, noise=0)
 
 
-def _drop_obs_dim(params: Params) -> Params:
+def _drop_obs_dim(params: Params, per_expert_noise: bool = False) -> Params:
     """Drop the singleton batch dimension that lines up with the observation plate (dim -1).
 
     Sites sampled outside the ``obs`` plate but inside outer plates (vectorised particles, parallel
     ``Predictive``) have batch shape ``(..., P, 1)``; the trailing 1 is the ``obs`` plate's slot.
     """
+    event_dims = _EVENT_DIMS._replace(noise=1) if per_expert_noise else _EVENT_DIMS
     return Params(
         *(
             value.squeeze(-event_dim - 1)
             if value is not None and value.dim() > event_dim
             else value
-            for value, event_dim in zip(params, _EVENT_DIMS)
+            for value, event_dim in zip(params, event_dims)
         )
     )
 
@@ -69,24 +90,30 @@ class MixtureOfExperts(PyroModule):
 
     Sample sites (also the ArviZ variable names, see :mod:`pyromoe.core.sites`): ``experts.weight``
     (k, d), ``experts.bias`` (k,), ``gate.weight`` (k - 1, d), ``gate.bias`` (k - 1,), ``noise`` ()
-    and the observed ``y`` inside the plate ``obs`` (dim -1). Without ``bias`` the two bias sites are
-    absent (the paper's model).
+    or (k,) and the observed ``y`` inside the plate ``obs`` (dim -1). Without ``bias`` the two bias
+    sites are absent (the paper's model); with one expert the gate sites are (a Bayesian linear, or
+    link, regression: the baseline when choosing k).
 
     Parameters
     ----------
     in_features, num_experts : int
-        Input dimension ``d`` (columns of ``x``) and number of experts ``k >= 2``.
+        Input dimension ``d`` (columns of ``x``) and number of experts ``k >= 1``.
     link : str or Link
         Expert link, a name or a :class:`~pyromoe.core.links.Link` (checked once, here).
     bias : bool
         Whether experts have intercepts and the gate offsets.
+    noise : {"shared", "per_expert"}
+        One noise sd ``sigma`` for every expert (site shape ()), or one per expert ``sigma_i``
+        (shape (k,), ArviZ dim ``expert``; the experts' normals get their own scales).
     priors : mapping, optional
         Replace a default prior, by site name: a float (the scale of the default family, see
-        :data:`DEFAULT_PRIOR_SCALES`) or a Pyro distribution whose shape is the site's shape
-        (batch or event; create it on the device of your data). This is the one way to change a
-        prior: the model does not read :class:`~pyro.nn.PyroSample` attributes, so assigning one
-        (or a distribution) to an attribute, e.g. ``model.noise = PyroSample(...)``, raises a
-        ``TypeError`` that shows the ``priors=`` equivalent.
+        :data:`DEFAULT_PRIOR_SCALES`; for ``experts.weight`` the prior sd of ``a_i . x``, so each
+        coefficient gets ``Normal(0, scale / sqrt(in_features))``) or a Pyro distribution whose
+        shape is the site's shape (batch or event; create it on the device of your data). This is
+        the one way to change a prior: the model does not read :class:`~pyro.nn.PyroSample`
+        attributes, so assigning one (or a distribution) to an attribute, e.g.
+        ``model.noise = PyroSample(...)``, raises a ``TypeError`` that shows the ``priors=``
+        equivalent.
 
     Raises
     ------
@@ -119,10 +146,12 @@ class MixtureOfExperts(PyroModule):
         link: str | Link = "linear",
         bias: bool = True,
         priors: Mapping[str, float | dist.Distribution] | None = None,
+        noise: str = "shared",
     ) -> None:
         super().__init__()
         self.in_features = check_positive(in_features, "in_features", integer=True)
-        self.num_experts = check_num_experts(num_experts)
+        self.num_experts = check_num_experts(num_experts, minimum=1)
+        self.noise_model = check_noise_model(noise)
         self.link = check_link(link)
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be True or False; got {type(bias).__name__}")
@@ -151,10 +180,14 @@ class MixtureOfExperts(PyroModule):
     def site_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of each latent sample site, by name."""
         k, d = self.num_experts, self.in_features
-        shapes = {sites.EXPERTS_WEIGHT: (k, d), sites.GATE_WEIGHT: (k - 1, d), sites.NOISE: ()}
+        noise = (k,) if self.noise_model == "per_expert" else ()
+        shapes = {sites.EXPERTS_WEIGHT: (k, d), sites.GATE_WEIGHT: (k - 1, d), sites.NOISE: noise}
         if self.bias:
             shapes[sites.EXPERTS_BIAS] = (k,)
             shapes[sites.GATE_BIAS] = (k - 1,)
+        if k == 1:  # one expert: no gate
+            del shapes[sites.GATE_WEIGHT]
+            shapes.pop(sites.GATE_BIAS, None)
         return shapes
 
     def _check_priors(self, priors: Mapping) -> dict:
@@ -194,9 +227,13 @@ class MixtureOfExperts(PyroModule):
             batch_dims = len(shape) - len(prior.event_shape)
             prior = prior.expand(shape[:batch_dims])
             return prior.to_event(batch_dims) if batch_dims else prior
-        scale = torch.as_tensor(float(prior), dtype=like.dtype, device=like.device)
+        scale = float(prior)
+        if name in SCALED_BY_FEATURES:
+            scale /= math.sqrt(self.in_features)
+        scale = torch.as_tensor(scale, dtype=like.dtype, device=like.device)
         if name == sites.NOISE:
-            return dist.HalfCauchy(scale)
+            noise = dist.HalfNormal(scale)
+            return noise.expand(shape).to_event(len(shape)) if shape else noise
         return (
             dist.Normal(torch.zeros((), dtype=like.dtype, device=like.device), scale)
             .expand(shape)
@@ -254,7 +291,9 @@ class MixtureOfExperts(PyroModule):
                 )
             plate_kwargs = {"subsample": torch.arange(n, device=x.device)}
         values = {name: pyro.sample(name, self.prior(name, x)) for name in self.site_shapes}
-        params = _drop_obs_dim(Params.from_sites(values, bias=self.bias))
+        params = _drop_obs_dim(
+            Params.from_sites(values, bias=self.bias), self.noise_model == "per_expert"
+        )
 
         size = n if num_rows is None else num_rows
         # the plate's own subsample (randperm) is drawn on x's device, where index_select needs it
@@ -271,7 +310,7 @@ class MixtureOfExperts(PyroModule):
                     likelihood.expert_means(
                         x_batch, params.experts_weight, params.experts_bias, self.link
                     ),
-                    params.noise[..., None, None],
+                    params.expert_noise().unsqueeze(-2),  # (..., 1, k): shared or per expert
                 ),
             )
             return pyro.sample(sites.OBS, mixture, obs=y_batch)
@@ -299,5 +338,5 @@ class MixtureOfExperts(PyroModule):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, num_experts={self.num_experts}, "
-            f"link={self.link!r}, bias={self.bias}"
+            f"link={self.link!r}, bias={self.bias}, noise={self.noise_model!r}"
         )

@@ -8,7 +8,9 @@ and gradient to 1e-10 in float64) but skips Pyro's trace, its validation and the
 ``MixtureSameFamily`` machinery: one matrix product for the experts and the gate together, two
 row-wise ``logsumexp`` (mixture and gate normaliser).
 
-It knows the priors the model uses by default and the common replacements: ``Normal`` (on any
+It knows the priors the model uses by default (``Normal`` on weights and biases, the experts'
+weights with scale ``1 / sqrt(d)``, read from :meth:`MixtureOfExperts.prior` like every scale here;
+``HalfNormal`` on the noise) and the common replacements: ``Normal`` (on any
 site, support real) and, on the noise, ``HalfCauchy`` and ``HalfNormal`` (support positive,
 sampled through ``exp``, as Pyro's ``biject_to`` does), with any loc / scale broadcastable to the site's shape, wrapped in ``expand`` /
 ``to_event`` as :meth:`MixtureOfExperts.prior` does. :func:`fused_potential` returns ``None`` for
@@ -134,35 +136,39 @@ class FusedPotential:
         log_joint = (
             self.constant - 0.5 * (((normal - self.normal_loc) * self.normal_inv_scale) ** 2).sum()
         )
-        u = parts[sites.NOISE].reshape(())
+        u = parts[sites.NOISE]  # () shared, (k,) per expert
         if self.noise_positive:
             noise = torch.exp(u)
             family, _, scale, _ = self.priors[sites.NOISE]
-            ratio = noise / scale.reshape(())
+            ratio = noise / scale.reshape(u.shape)
             if family == "halfcauchy":
-                log_joint = log_joint - torch.log1p(ratio * ratio)
+                log_joint = log_joint - torch.log1p(ratio * ratio).sum()
             else:
-                log_joint = log_joint - 0.5 * ratio * ratio
-            log_joint = log_joint + u  # log |d noise / d u|
+                log_joint = log_joint - 0.5 * (ratio * ratio).sum()
+            log_joint = log_joint + u.sum()  # log |d noise / d u|
             log_noise = u
         else:
             noise = u
             log_noise = torch.log(u)
-        # likelihood: one product for the experts and the free gate rows
-        weights = torch.cat([parts[sites.EXPERTS_WEIGHT], parts[sites.GATE_WEIGHT]]).reshape(
-            2 * k - 1, d
-        )
-        z = self.x @ weights.T
+        # likelihood: one product for the experts and the free gate rows (none for one expert)
+        rows = [parts[sites.EXPERTS_WEIGHT].reshape(k, d)]
+        if k > 1:
+            rows.append(parts[sites.GATE_WEIGHT].reshape(k - 1, d))
+        z = self.x @ torch.cat(rows).T
         if self.bias:
-            z = z + torch.cat([parts[sites.EXPERTS_BIAS], parts[sites.GATE_BIAS]])
+            offsets = [parts[sites.EXPERTS_BIAS]] + ([parts[sites.GATE_BIAS]] if k > 1 else [])
+            z = z + torch.cat(offsets)
         means = self.link(z[:, :k])
         logits = torch.cat([torch.zeros_like(z[:, :1]), z[:, k:]], dim=1)
         residual = (self.y.unsqueeze(-1) - means) / noise
-        joint = torch.logsumexp(logits - 0.5 * residual * residual, dim=1)
         n = self.y.shape[0]
-        log_lik = (
-            (joint - torch.logsumexp(logits, dim=1)).sum() - n * log_noise - 0.5 * n * _LOG_2PI
-        )
+        if u.dim() == 0:  # shared: -log sigma leaves the logsumexp
+            joint = torch.logsumexp(logits - 0.5 * residual * residual, dim=1)
+            log_lik = (joint - torch.logsumexp(logits, dim=1)).sum() - n * log_noise
+        else:
+            joint = torch.logsumexp(logits - 0.5 * residual * residual - log_noise, dim=1)
+            log_lik = (joint - torch.logsumexp(logits, dim=1)).sum()
+        log_lik = log_lik - 0.5 * n * _LOG_2PI
         return -(log_joint + log_lik)
 
     def __call__(self, params: dict) -> torch.Tensor:

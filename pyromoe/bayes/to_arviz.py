@@ -37,7 +37,14 @@ import arviz as az
 import numpy as np
 import torch
 
-from .._validation import as_tensors, check_count, check_flag, check_model, check_seed
+from .._validation import (
+    as_tensors,
+    check_count,
+    check_feature_names,
+    check_flag,
+    check_model,
+    check_seed,
+)
 from ..core import likelihood, sites
 from ..core.estimate import MoEEstimate
 from ..core.labels import align_labels, check_samples
@@ -137,7 +144,8 @@ def to_inference_data(
     attrs : dict, optional
         Extra attributes (numbers, strings or lists of them).
     feature_names : list of str, optional
-        Coordinates of the ``feature`` dim (default 0..d-1).
+        Coordinates of the ``feature`` dim: ``d`` distinct strings. Default: the column labels of
+        ``x`` when it is a pandas DataFrame with string labels, else 0..d-1.
     chunk_size : int
         Draws per chunk when computing the log-likelihood and predictions (memory ~ chunk * n * k).
     obs_index : array of int (n,), optional
@@ -155,7 +163,8 @@ def to_inference_data(
     TypeError
         If ``model`` lacks ``log_likelihood``/``link`` or ``samples`` is not a dict of arrays.
     ValueError
-        If the draws' shapes do not match the model's sites.
+        If the draws' shapes do not match the model's sites, or ``feature_names`` is not ``d``
+        distinct strings.
 
     Examples
     --------
@@ -178,9 +187,11 @@ def to_inference_data(
     chunk_size = check_count(chunk_size, "chunk_size", minimum=1)
     log_likelihood = check_flag(log_likelihood, "log_likelihood")
     posterior_predictive = check_flag(posterior_predictive, "posterior_predictive")
+    frame = x
     x, y = as_tensors(x, y, in_features=getattr(model, "in_features", None))
     if y is None:
         raise ValueError("y must be given (the observed outputs)")
+    feature_names = check_feature_names(feature_names, x.shape[1], frame)
     site_shapes = getattr(model, "site_shapes", None)
     draws = check_samples(samples, x, site_shapes)
     n, d = x.shape
@@ -218,12 +229,12 @@ def to_inference_data(
         "obs": np.arange(n) if obs_index is None else obs_index,
         "feature": np.asarray(feature_names) if feature_names is not None else np.arange(d),
     }
-    if feature_names is not None and len(feature_names) != d:
-        raise ValueError(f"feature_names must have d={d} entries; got {len(feature_names)}")
     if k is not None:
         coords["expert"] = np.arange(k)
         coords["gate"] = np.arange(1, k)
     dims = {name: SITE_DIMS[name] for name in draws if name in SITE_DIMS}
+    if sites.NOISE in draws and np.ndim(draws[sites.NOISE]) == 3:
+        dims[sites.NOISE] = ["expert"]  # one noise sd per expert: (chain, draw, expert)
     dims.update({sites.OBS: ["obs"], "x": ["obs", "feature"]})
 
     stats = {
@@ -270,5 +281,7 @@ def _predict(model, x, params, generator: torch.Generator) -> torch.Tensor:
     )
     labels = (uniform > gate.cumsum(-1)[..., :-1]).sum(-1, keepdim=True)
     mean = means.gather(-1, labels).squeeze(-1)
+    # the chosen expert's sd: shared, or per expert
+    sd = p.expert_noise().unsqueeze(-2).expand_as(means).gather(-1, labels).squeeze(-1)
     eps = torch.randn(mean.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return mean + p.noise[..., None] * eps
+    return mean + sd * eps

@@ -41,9 +41,11 @@ from .._validation import (
     check_enough_rows,
     check_flag,
     check_link,
+    check_noise_model,
     check_num_experts,
     check_positive,
     check_seed,
+    keeps_feature_names,
     num_parameters,
     on_exact_scale,
 )
@@ -181,7 +183,10 @@ def _collapse(
     few points (see EMRun)."""
     effective = responsibility.tolist()
     collapsed = [i for i, rows in enumerate(effective) if rows < d + 1]
-    if not collapsed and float(noise) <= floor * (1 + 1e-9):
+    noise = torch.as_tensor(noise).reshape(-1)
+    if not collapsed and len(noise) > 1 and bool((noise <= floor * (1 + 1e-9)).any()):
+        return effective, [int(torch.argmin(noise))]  # per-expert noise: the expert at its floor
+    if not collapsed and float(noise.min()) <= floor * (1 + 1e-9):
         collapsed = [min(range(len(effective)), key=effective.__getitem__)]
     return effective, collapsed
 
@@ -446,8 +451,12 @@ def pass_statistics(
             )
         matrix, vector = matrix.to(f64), vector.to(f64)
     gate_design = _with_intercept(x, gate_bias)
-    probs = torch.softmax(gate_logits(x, at.gate_weight, at.gate_bias), dim=-1)[:, 1:]
-    gradient, hessian = _gate_system(gate_design, resp, probs)
+    if at.gate_weight.shape[0] == 0:  # one expert: no gate
+        gradient = x.new_zeros(0, gate_design.shape[1])
+        hessian = x.new_zeros(0, 0)
+    else:
+        probs = torch.softmax(gate_logits(x, at.gate_weight, at.gate_bias), dim=-1)[:, 1:]
+        gradient, hessian = _gate_system(gate_design, resp, probs)
     return Statistics(
         rows=torch.tensor(float(x.shape[0]), dtype=f64, device=x.device),
         log_likelihood=log_lik.sum().to(f64),
@@ -618,8 +627,12 @@ class EM:
             d = params.experts_weight.shape[1]
             intercept = params.experts_bias is not None
             coefficients = _coefficients(params).to(f64)
-            noise = float(params.noise)
-            ridge = 0.0 if self.prior_scale is None else noise**2 / self.prior_scale**2
+            # MAP: the squared error is scaled by 1 / sigma_i^2, so the ridge is sigma_i^2 / s^2
+            ridge = (
+                0.0
+                if self.prior_scale is None
+                else (params.expert_noise().to(f64) ** 2 / self.prior_scale**2)[:, None]
+            )
             gram, vector = statistics.expert_matrix, statistics.expert_vector
             if self.link.is_identity:
                 coefficients = solve_linear_experts((gram, vector), ridge)
@@ -639,12 +652,18 @@ class EM:
         if gate:
             params = self._gate_step(statistics, params)
         if self.update_noise:
-            noise = (squared_error.sum() / rows).sqrt().clamp_min(self.floor)
+            if params.per_expert_noise:  # sigma_i^2 = sum_n r_ni residual^2 / sum_n r_ni
+                weight = statistics.responsibility.clamp_min(torch.finfo(f64).tiny)
+                noise = (squared_error / weight).sqrt().clamp_min(self.floor)
+            else:
+                noise = (squared_error.sum() / rows).sqrt().clamp_min(self.floor)
             params = params._replace(noise=noise.to(dtype))
         return params
 
     def _gate_step(self, statistics: Statistics, params: Params) -> Params:
         f64, dtype = torch.float64, params.gate_weight.dtype
+        if params.gate_weight.shape[0] == 0:
+            return params  # one expert: no gate
         d = params.gate_weight.shape[1]
         fit_bias = self.update_gate_bias
         theta = (
@@ -897,6 +916,7 @@ def _check_init(init, k: int, d: int, link: Link, source: Source) -> MoEEstimate
     return init
 
 
+@keeps_feature_names
 def fit_em(
     x,
     y,
@@ -906,6 +926,7 @@ def fit_em(
     init: MoEEstimate | None = None,
     n_init: int | None = None,
     bias: bool = True,
+    noise: str = "shared",
     tol: float = 1e-6,
     max_iter: int = 200,
     prior_scale: float | None = None,
@@ -926,7 +947,8 @@ def fit_em(
     y : the same kinds (n,)
         Outputs.
     num_experts : int
-        Number of experts ``k >= 2``.
+        Number of experts ``k >= 1`` (one expert: a plain least-squares / link regression, the
+        baseline of a comparison).
     link : str or Link
         Expert link (must match ``init.link`` when ``init`` is given).
     init : MoEEstimate, optional
@@ -938,6 +960,10 @@ def fit_em(
     bias : bool
         Fit expert intercepts and gate offsets; with ``False`` they are fixed at 0 (an ``init``'s
         offsets are then ignored).
+    noise : {"shared", "per_expert"}
+        One noise sd for all experts, or one per expert (the M-step is then
+        ``sigma_i^2 = sum_n r_ni (y_n - mean_ni)^2 / sum_n r_ni``; the estimate's ``noise`` has
+        shape (k,)). A shared-noise ``init`` is expanded to one value per expert.
     tol : float
         A start has converged when its objective (mean log-likelihood per row, or log posterior / n
         for MAP) changes by less than ``tol`` in one iteration.
@@ -1029,8 +1055,9 @@ def fit_em(
         device=device,
     )
     n, d = source.shape
-    k = check_num_experts(num_experts)
+    k = check_num_experts(num_experts, minimum=1)
     bias = check_flag(bias, "bias")
+    per_expert = check_noise_model(noise) == "per_expert"
     if n_init is None:
         n_init = 1 if init is not None else 5
     n_init = check_positive(n_init, "n_init", integer=True)
@@ -1044,11 +1071,21 @@ def fit_em(
                 f"y is constant (every value is {summary.y_first:g}); a mixture of experts needs "
                 "varying y"
             )
-        return _fit_em(source, k, link, init=init, n_init=n_init, bias=bias, seed=seed, em=em)
+        return _fit_em(
+            source,
+            k,
+            link,
+            init=init,
+            n_init=n_init,
+            bias=bias,
+            seed=seed,
+            em=em,
+            per_expert=per_expert,
+        )
 
 
 @on_exact_scale("estimate", init="estimate")
-def _fit_em(source, k, link, *, init, n_init, bias, seed, em) -> MoEEstimate:
+def _fit_em(source, k, link, *, init, n_init, bias, seed, em, per_expert=False) -> MoEEstimate:
     """:func:`fit_em` on checked arguments; ``em``: the options of :class:`EM`."""
     n, d = source.shape
     check_enough_rows(
@@ -1067,7 +1104,7 @@ def _fit_em(source, k, link, *, init, n_init, bias, seed, em) -> MoEEstimate:
         starts.append(random_start(source, None, k, link, generator, bias=bias))
         kinds.append("random")
     like = torch.empty(0, dtype=source.dtype, device=source.device)
-    starts = [_start_params(start, like, bias) for start in starts]
+    starts = [_start_params(start, like, bias, per_expert) for start in starts]
     runs, best = EM(source, link, update_gate_bias=bias, **em).fit(starts, stacklevel=4)
     run = runs[best]
     diagnostics = {
@@ -1085,15 +1122,26 @@ def _fit_em(source, k, link, *, init, n_init, bias, seed, em) -> MoEEstimate:
         "chunk_size": em["chunk_size"],
         "source": source.kind,
         "objective": "mean log-likelihood" if em["prior_scale"] is None else "log posterior / n",
+        "noise_model": "per_expert" if per_expert else "shared",
         "seed": seed,
         "effective_rows": run.effective_rows,
         "collapsed_experts": run.collapsed_experts,
     }
-    params = run.params._replace(noise=run.params.noise.reshape(()))
+    params = run.params._replace(noise=run.params.noise.reshape((k,) if per_expert else ()))
     return MoEEstimate.from_params(params, link, method="em", diagnostics=diagnostics)
 
 
-def _start_params(start: MoEEstimate, like: torch.Tensor, bias: bool) -> Params:
-    """A start's parameters on ``like``'s device and dtype; without ``bias`` no offsets at all."""
-    params = start.params.like(like)._replace(noise=as_tensor(start.noise, "noise", like=like))
+def _start_params(
+    start: MoEEstimate, like: torch.Tensor, bias: bool, per_expert: bool = False
+) -> Params:
+    """A start's parameters on ``like``'s device and dtype; without ``bias`` no offsets at all;
+    ``per_expert``: one noise sd per expert (a shared one is repeated), else one shared sd (the
+    root mean square of per-expert ones)."""
+    noise = as_tensor(start.noise, "noise", like=like)
+    k = start.num_experts
+    if per_expert and noise.dim() == 0:
+        noise = noise.expand(k).clone()
+    elif not per_expert and noise.dim() == 1:
+        noise = noise.pow(2).mean().sqrt()
+    params = start.params.like(like)._replace(noise=noise)
     return params if bias else params._replace(experts_bias=None, gate_bias=None)

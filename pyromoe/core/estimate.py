@@ -36,8 +36,8 @@ class MoEEstimate:
         ``P(expert 1 | x) = sigmoid(gate_weight[0] . x + gate_bias[0])``.
     gate_bias : Tensor (k - 1,)
         Gate offsets.
-    noise : Tensor ()
-        Noise standard deviation ``sigma``.
+    noise : Tensor () or (k,)
+        Noise standard deviation ``sigma``: shared, or one per expert.
     link : Link
         The experts' link function.
     method : str
@@ -58,22 +58,23 @@ class MoEEstimate:
     def __post_init__(self) -> None:
         object.__setattr__(self, "link", check_link(self.link))
         w = self.experts_weight
-        if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[0] < 2:
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[0] < 1:
             raise ValueError(
-                "experts_weight must be a tensor of shape (k, d) with k >= 2; "
+                "experts_weight must be a tensor of shape (k, d) with k >= 1; "
                 f"got {getattr(w, 'shape', type(w).__name__)}"
             )
         k, d = w.shape
         expected = {
-            "experts_bias": (k,),
-            "gate_weight": (k - 1, d),
-            "gate_bias": (k - 1,),
-            "noise": (),
+            "experts_bias": [(k,)],
+            "gate_weight": [(k - 1, d)],
+            "gate_bias": [(k - 1,)],
+            "noise": [(), (k,)],
         }
-        for name, shape in expected.items():
+        for name, shapes in expected.items():
             value = getattr(self, name)
             value = torch.as_tensor(value, dtype=w.dtype, device=w.device)
-            if tuple(value.shape) != shape:
+            if tuple(value.shape) not in shapes:
+                shape = " or ".join(str(s) for s in shapes)
                 raise ValueError(
                     f"{name} must have shape {shape} for {k} experts and {d} features; "
                     f"got {tuple(value.shape)}"
@@ -88,6 +89,18 @@ class MoEEstimate:
     @property
     def in_features(self) -> int:
         return self.experts_weight.shape[1]
+
+    @property
+    def feature_names(self) -> list[str] | None:
+        """The inputs' names (``diagnostics["feature_names"]``, e.g. a DataFrame's column labels),
+        or None."""
+        names = self.diagnostics.get("feature_names")
+        return None if names is None else list(names)
+
+    @property
+    def noise_model(self) -> str:
+        """``"per_expert"`` when ``noise`` has one sd per expert, else ``"shared"``."""
+        return "per_expert" if self.noise.dim() == 1 else "shared"
 
     def to(self, device=None, dtype=None) -> MoEEstimate:
         """A copy with every tensor moved to ``device`` / ``dtype``.
@@ -124,6 +137,8 @@ class MoEEstimate:
                 f"permutation must be a permutation of 0..{self.num_experts - 1}; "
                 f"got {list(permutation)}"
             )
+        if self.num_experts == 1:
+            return self
         moved = permute_draws(self.site_values(bias=True), perm)
         return replace(
             self,
@@ -131,6 +146,7 @@ class MoEEstimate:
             experts_bias=moved[sites.EXPERTS_BIAS],
             gate_weight=moved[sites.GATE_WEIGHT],
             gate_bias=moved[sites.GATE_BIAS],
+            noise=moved[sites.NOISE],
         )
 
     # ------------------------------------------------------------------ likelihood
@@ -202,20 +218,28 @@ class MoEEstimate:
         lines = [
             f"MoEEstimate(method={self.method!r}, link={self.link!r}, "
             f"num_experts={self.num_experts}, in_features={self.in_features}, "
-            f"noise={float(self.noise):.4g})"
+            f"noise={_format_value(self.noise)})"
         ]
+        names = self.feature_names
+
+        def row(values: torch.Tensor) -> str:
+            if names is None:
+                return ", ".join(f"{v:+.3f}" for v in values.tolist())
+            return ", ".join(f"{name} {v:+.3f}" for name, v in zip(names, values.tolist()))
+
         for i in range(self.num_experts):
-            weights = ", ".join(f"{v:+.3f}" for v in self.experts_weight[i].tolist())
+            weights = row(self.experts_weight[i])
             lines.append(
                 f"  expert {i}: weight [{weights}]  bias {float(self.experts_bias[i]):+.3f}"
             )
         for i in range(self.num_experts - 1):
-            weights = ", ".join(f"{v:+.3f}" for v in self.gate_weight[i].tolist())
+            weights = row(self.gate_weight[i])
             lines.append(
                 f"  gate {i + 1} vs 0: weight [{weights}]  bias {float(self.gate_bias[i]):+.3f}"
             )
         for key, value in self.diagnostics.items():
-            lines.append(f"  {key}: {_format_value(value)}")
+            if key != "feature_names":  # shown with the weights
+                lines.append(f"  {key}: {_format_value(value)}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -264,6 +288,6 @@ def parameter_errors(estimate: MoEEstimate, truth: MoEEstimate) -> dict[str, Any
         "experts_bias": float((est.experts_bias - truth.experts_bias).abs().max()),
         "gate": float((est.gate_weight - truth.gate_weight).norm(dim=-1).max()),
         "gate_bias": float((est.gate_bias - truth.gate_bias).abs().max()),
-        "noise": float((est.noise - truth.noise).abs()),
+        "noise": float((est.noise - truth.noise).abs().max()),
         "permutation": perm,
     }

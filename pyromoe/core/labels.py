@@ -77,7 +77,8 @@ def permute_draws(params: Mapping[str, torch.Tensor], permutation: torch.Tensor)
     ----------
     params : dict of site -> Tensor
         ``experts.weight`` (..., k, d), ``gate.weight`` (..., k-1, d), optionally ``experts.bias``
-        (..., k) and ``gate.bias`` (..., k-1); other sites are passed through.
+        (..., k) and ``gate.bias`` (..., k-1), and ``noise`` (...) or per expert (..., k); other
+        sites are passed through.
     permutation : LongTensor (..., k)
         One permutation per draw (same leading dims as the draws).
 
@@ -91,15 +92,24 @@ def permute_draws(params: Mapping[str, torch.Tensor], permutation: torch.Tensor)
     out[sites.EXPERTS_WEIGHT] = torch.take_along_dim(weight, perm[..., None], dim=-2)
     if sites.EXPERTS_BIAS in params:
         out[sites.EXPERTS_BIAS] = torch.take_along_dim(params[sites.EXPERTS_BIAS], perm, dim=-1)
+    if sites.GATE_WEIGHT not in params:  # one expert: no gate
+        return out
     gate_weight = params[sites.GATE_WEIGHT]
-    full = torch.cat([torch.zeros_like(gate_weight[..., :1, :]), gate_weight], dim=-2)
+    full = torch.cat(
+        [gate_weight.new_zeros(*gate_weight.shape[:-2], 1, gate_weight.shape[-1]), gate_weight],
+        dim=-2,
+    )
     full = torch.take_along_dim(full, perm[..., None], dim=-2)
     out[sites.GATE_WEIGHT] = (full - full[..., :1, :])[..., 1:, :]
     if sites.GATE_BIAS in params:
         gate_bias = params[sites.GATE_BIAS]
-        full = torch.cat([torch.zeros_like(gate_bias[..., :1]), gate_bias], dim=-1)
+        full = torch.cat([gate_bias.new_zeros(*gate_bias.shape[:-1], 1), gate_bias], dim=-1)
         full = torch.take_along_dim(full, perm, dim=-1)
         out[sites.GATE_BIAS] = (full - full[..., :1])[..., 1:]
+    noise = params.get(sites.NOISE)
+    if noise is not None and torch.as_tensor(noise).dim() == weight.dim() - 1:
+        # one noise sd per expert: (..., k), relabelled with the experts
+        out[sites.NOISE] = torch.take_along_dim(torch.as_tensor(noise), perm, dim=-1)
     return out
 
 
@@ -201,7 +211,9 @@ def align_labels(
 
     if not isinstance(estimate, MoEEstimate):
         raise TypeError(f"estimate must be a pyromoe.MoEEstimate; got {type(estimate).__name__}")
-    for name in (sites.EXPERTS_WEIGHT, sites.GATE_WEIGHT):
+    # one expert has no gate and no labels to switch
+    needed = (sites.EXPERTS_WEIGHT,) + ((sites.GATE_WEIGHT,) if estimate.num_experts > 1 else ())
+    for name in needed:
         if not isinstance(samples, Mapping) or name not in samples:
             raise ValueError(f"samples must contain the site {name!r} to align labels")
     weight = samples[sites.EXPERTS_WEIGHT]
@@ -215,7 +227,10 @@ def align_labels(
     }
     tensors = check_samples(samples, like, shapes)
     reference = estimate.experts_weight.to(device=like.device, dtype=like.dtype)
-    perms = best_permutations(tensors[sites.EXPERTS_WEIGHT], reference)
+    if estimate.num_experts == 1:
+        perms = torch.zeros(*tensors[sites.EXPERTS_WEIGHT].shape[:-2], 1, dtype=torch.long)
+    else:
+        perms = best_permutations(tensors[sites.EXPERTS_WEIGHT], reference)
     identity = torch.arange(estimate.num_experts, device=perms.device)
     changed = (perms != identity).any(-1)  # (chain, draw)
     aligned = permute_draws(tensors, perms)

@@ -49,7 +49,7 @@ def gate_logits(
     free = torch.einsum("nd,...kd->...nk", x, gate_weight)
     if gate_bias is not None:
         free = free + gate_bias.unsqueeze(-2)
-    return torch.cat([torch.zeros_like(free[..., :1]), free], dim=-1)
+    return torch.cat([free.new_zeros(*free.shape[:-1], 1), free], dim=-1)
 
 
 def component_log_probs(
@@ -58,7 +58,8 @@ def component_log_probs(
     """``log gate_i(x_n) + log Normal(y_n | g(a_i . x_n + b_i), noise^2)``: shape ``(..., n, k)``."""
     log_gate = torch.log_softmax(gate_logits(x, params.gate_weight, params.gate_bias), dim=-1)
     means = expert_means(x, params.experts_weight, params.experts_bias, link)
-    noise = torch.as_tensor(params.noise, dtype=x.dtype, device=x.device)[..., None, None]
+    # (..., 1, k): a shared sd broadcast over the experts, or one per expert
+    noise = params.expert_noise().to(dtype=x.dtype, device=x.device).unsqueeze(-2)
     log_normal = (
         -0.5 * ((y.unsqueeze(-1) - means) / noise) ** 2
         - torch.log(noise)

@@ -31,8 +31,9 @@ class Params(NamedTuple):
         Gate weights; expert 0 is the reference (logit 0).
     gate_bias : Tensor (..., k - 1) or None
         Gate offsets; None for a model without offsets.
-    noise : Tensor (...)
-        Noise standard deviation ``sigma``.
+    noise : Tensor (...) or (..., k)
+        Noise standard deviation ``sigma``: one shared by the experts, or one per expert
+        (:attr:`per_expert_noise`; :meth:`expert_noise` broadcasts either to (..., k)).
 
     Examples
     --------
@@ -61,6 +62,18 @@ class Params(NamedTuple):
     def batch_shape(self) -> torch.Size:
         return self.experts_weight.shape[:-2]
 
+    @property
+    def per_expert_noise(self) -> bool:
+        """Whether the noise has one sd per expert (a trailing expert axis beyond the batch)."""
+        return torch.as_tensor(self.noise).dim() > len(self.batch_shape)
+
+    def expert_noise(self) -> torch.Tensor:
+        """Each expert's noise sd, shape (..., k), whichever noise model the parameters have."""
+        noise = torch.as_tensor(self.noise)
+        if self.per_expert_noise:
+            return noise
+        return noise.unsqueeze(-1).expand(*noise.shape, self.num_experts)
+
     def to(self, device=None, dtype=None) -> Params:
         """Every tensor moved to ``device`` / ``dtype`` (absent biases stay None)."""
         return Params(
@@ -83,6 +96,8 @@ class Params(NamedTuple):
             sites.GATE_BIAS: self.gate_bias,
             sites.NOISE: self.noise,
         }
+        if self.num_experts == 1:  # one expert: no gate sites
+            values[sites.GATE_WEIGHT] = values[sites.GATE_BIAS] = None
         return {name: value for name, value in values.items() if value is not None}
 
     @classmethod
@@ -96,9 +111,13 @@ class Params(NamedTuple):
         ValueError
             If a required site is missing (the message lists what was given).
         """
-        required = [sites.EXPERTS_WEIGHT, sites.GATE_WEIGHT, sites.NOISE]
+        weight = values.get(sites.EXPERTS_WEIGHT)
+        one_expert = weight is not None and torch.as_tensor(weight).shape[-2] == 1
+        required = [sites.EXPERTS_WEIGHT, sites.NOISE]
+        if not one_expert:  # one expert has no gate (the sites may be left out)
+            required.append(sites.GATE_WEIGHT)
         if bias:
-            required += [sites.EXPERTS_BIAS, sites.GATE_BIAS]
+            required += [sites.EXPERTS_BIAS] + ([] if one_expert else [sites.GATE_BIAS])
         missing = [name for name in required if name not in values]
         if missing:
             raise ValueError(
@@ -108,10 +127,17 @@ class Params(NamedTuple):
         def optional(name):
             return None if bias is False else values.get(name)
 
+        weight = torch.as_tensor(weight)
+        gate_weight = values.get(sites.GATE_WEIGHT)
+        gate_bias = optional(sites.GATE_BIAS)
+        if gate_weight is None:  # one expert: an empty gate, (..., 0, d)
+            gate_weight = weight.new_zeros(*weight.shape[:-2], 0, weight.shape[-1])
+            if bias or (bias is None and sites.EXPERTS_BIAS in values):
+                gate_bias = weight.new_zeros(*weight.shape[:-2], 0)
         return cls(
-            torch.as_tensor(values[sites.EXPERTS_WEIGHT]),
+            weight,
             optional(sites.EXPERTS_BIAS),
-            torch.as_tensor(values[sites.GATE_WEIGHT]),
-            optional(sites.GATE_BIAS),
+            torch.as_tensor(gate_weight),
+            gate_bias,
             torch.as_tensor(values[sites.NOISE]),
         )

@@ -250,7 +250,7 @@ class Source:
         mean = sx / n
         var = (sxx - n * mean**2).clamp_min(0) / max(n - 1, 1)
         y_mean = float(ysums[0]) / n
-        y_var = max(float(ysums[1]) - n * y_mean**2, 0.0) / max(n - 1, 1)
+        y_var = max(float(ysums[1]) - n * y_mean * y_mean, 0.0) / max(n - 1, 1)  # inf, not an error
         return Summary(
             num_rows=int(n),
             x_mean=(mean + shift).to(self.device),

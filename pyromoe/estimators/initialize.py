@@ -18,6 +18,7 @@ from .._validation import (
     SmallDataWarning,
     check_enough_rows,
     check_positive,
+    keeps_feature_names,
     num_parameters,
     on_exact_scale,
 )
@@ -82,11 +83,12 @@ def _sanity_problem(estimate: MoEEstimate, source: Source) -> str | None:
             f"its gate weights are huge (norm {gate_norm:.3g} per sd of x, over "
             f"{MAX_SANE_GATE_NORM:g}): a near step-function gate"
         )
-    if not float(estimate.noise) > 0:
+    if not bool((estimate.noise > 0).all()):
         return "its noise is not positive"
     return None
 
 
+@keeps_feature_names
 def initialize(
     x,
     y,
@@ -95,7 +97,7 @@ def initialize(
     method: str = "auto",
     *,
     n_init: int = 5,
-    noise: float | None = None,
+    noise: float | str | None = None,
     chunk_size: int = 4096,
     seed: int = 0,
     guard_rows: int = GUARD_ROWS,
@@ -111,7 +113,7 @@ def initialize(
         (:func:`pyromoe.core.sources.as_source`).
     y : the same kinds (n,)
     num_experts : int
-        ``k >= 2``.
+        ``k >= 1`` (one expert: a plain regression by EM, the baseline of a comparison).
     link : str or Link
     method : {"auto", "tensor", "em"}
         ``"tensor"``: :func:`tensor_init` followed by joint EM (``refine=True``, no random starts);
@@ -126,8 +128,9 @@ def initialize(
         x). Otherwise multi-start EM with ``n_init`` starts.
     n_init : int
         Random starts of the EM fallback (``method="em"``, or ``"auto"`` when it falls back).
-    noise : float, optional
-        Known noise standard deviation for the moment step.
+    noise : float, "shared" or "per_expert", optional
+        A known noise standard deviation for the moment step, or the noise model of the EM fits:
+        ``"per_expert"`` fits one sd per expert (the moment step still assumes a shared one).
     chunk_size : int
         Rows per chunk of the moment passes.
     seed : int or None
@@ -173,8 +176,8 @@ def initialize(
     """
     if method not in ("auto", "tensor", "em"):
         raise ValueError(f"method must be 'auto', 'tensor' or 'em'; got {method!r}")
-    source, k, link, noise, chunk_size, seed = check_arguments(
-        x, y, num_experts, link, noise, chunk_size, seed, device
+    source, k, link, noise, noise_model, chunk_size, seed = check_arguments(
+        x, y, num_experts, link, noise, chunk_size, seed, device, min_experts=1
     )
     n_init = check_positive(n_init, "n_init", integer=True)
     guard_rows = check_positive(guard_rows, "guard_rows", integer=True)
@@ -191,12 +194,13 @@ def initialize(
             chunk_size=chunk_size,
             seed=seed,
             guard_rows=guard_rows,
+            noise_model=noise_model,
         )
 
 
 @on_exact_scale("estimate", noise="y")
 def _initialize(
-    source, k, link, method, *, n_init, noise, chunk_size, seed, guard_rows
+    source, k, link, method, *, n_init, noise, chunk_size, seed, guard_rows, noise_model
 ) -> MoEEstimate:
     """:func:`initialize` on checked arguments."""
     n, d = source.shape
@@ -212,7 +216,9 @@ def _initialize(
         # returned fit only
         warnings.simplefilter("ignore", SmallDataWarning)
         warnings.simplefilter("ignore", CollapseWarning)
-        estimate = _choose(source, k, link, method, n_init, noise, chunk_size, seed, guard_rows)
+        estimate = _choose(
+            source, k, link, method, n_init, noise, chunk_size, seed, guard_rows, noise_model
+        )
     diagnostics = estimate.diagnostics
     warn_collapse(
         diagnostics.get("collapsed_experts", []),
@@ -223,7 +229,9 @@ def _initialize(
     return estimate
 
 
-def _choose(source, k, link, method, n_init, noise, chunk_size, seed, guard_rows) -> MoEEstimate:
+def _choose(
+    source, k, link, method, n_init, noise, chunk_size, seed, guard_rows, noise_model="shared"
+) -> MoEEstimate:
     """The start for :func:`initialize` (``method`` on checked, ordinary-scale data)."""
     d = source.in_features
 
@@ -233,7 +241,7 @@ def _choose(source, k, link, method, n_init, noise, chunk_size, seed, guard_rows
         return replace(estimate, diagnostics=diagnostics)
 
     def multistart(reason: str) -> MoEEstimate:
-        fit = fit_em(source, None, k, link, n_init=n_init, seed=seed)
+        fit = fit_em(source, None, k, link, n_init=n_init, seed=seed, noise=noise_model)
         return labelled(
             fit,
             "em",
@@ -243,13 +251,15 @@ def _choose(source, k, link, method, n_init, noise, chunk_size, seed, guard_rows
 
     if method == "em":
         return multistart("method='em' was asked for")
+    if k == 1 and method == "auto":
+        return multistart("one expert is a plain regression (no mixture for the moments to split)")
     if method == "tensor":
         estimate = tensor_init(
             source,
             None,
             k,
             link,
-            noise=noise,
+            noise=noise_model if noise is None else noise,
             refine=True,
             random_starts=0,
             chunk_size=chunk_size,
@@ -262,7 +272,9 @@ def _choose(source, k, link, method, n_init, noise, chunk_size, seed, guard_rows
             "input(s) (T2 has rank at most d)"
         )
     try:
-        estimate, moment = _guarded(source, k, link, noise, chunk_size, seed, guard_rows)
+        estimate, moment = _guarded(
+            source, k, link, noise, chunk_size, seed, guard_rows, noise_model
+        )
     except MomentsNotApplicableError as error:
         return multistart(f"the moment start could not apply ({error})")
     problem = _sanity_problem(estimate, source)
@@ -271,7 +283,14 @@ def _choose(source, k, link, method, n_init, noise, chunk_size, seed, guard_rows
         # data). Refit from the moment estimate as MAP with the model's default gate prior scale,
         # which keeps the gate moderate, as the Bayesian model will.
         estimate = fit_em(
-            source, None, k, link, init=moment, prior_scale=MAP_PRIOR_SCALE, seed=seed
+            source,
+            None,
+            k,
+            link,
+            init=moment,
+            prior_scale=MAP_PRIOR_SCALE,
+            seed=seed,
+            noise=noise_model,
         )
         second = _sanity_problem(estimate, source)
         if second is not None:
@@ -298,7 +317,7 @@ def _choose(source, k, link, method, n_init, noise, chunk_size, seed, guard_rows
     return labelled(estimate, "tensor", reason)
 
 
-def _guarded(source, k, link, noise, chunk_size, seed, guard_rows):
+def _guarded(source, k, link, noise, chunk_size, seed, guard_rows, noise_model="shared"):
     """The guarded tensor start of ``method="auto"``: (the estimate, the moment estimate).
 
     The moment step reads all rows (two passes); the gate EM, EM from the moment estimate and the
@@ -328,8 +347,18 @@ def _guarded(source, k, link, noise, chunk_size, seed, guard_rows):
         # the guard's fits are not the answer: only the final fit may warn
         warnings.simplefilter("ignore", ConvergenceWarning)
         candidates = {
-            "tensor": fit_em(guard, None, k, link, init=moment, n_init=1, seed=seed),
-            "random": fit_em(guard, None, k, link, n_init=AUTO_RANDOM_STARTS, seed=seed + 1),
+            "tensor": fit_em(
+                guard, None, k, link, init=moment, n_init=1, seed=seed, noise=noise_model
+            ),
+            "random": fit_em(
+                guard,
+                None,
+                k,
+                link,
+                n_init=AUTO_RANDOM_STARTS,
+                seed=seed + 1,
+                noise=noise_model,
+            ),
         }
     chunk = candidates["tensor"].diagnostics["chunk_size"]
     scores = {
@@ -343,7 +372,16 @@ def _guarded(source, k, link, noise, chunk_size, seed, guard_rows):
     if guard is source:
         final = candidates[winner]
     else:
-        final = fit_em(source, None, k, link, init=candidates[winner], n_init=1, seed=seed)
+        final = fit_em(
+            source,
+            None,
+            k,
+            link,
+            init=candidates[winner],
+            n_init=1,
+            seed=seed,
+            noise=noise_model,
+        )
     diagnostics = dict(moment.diagnostics)
     em = final.diagnostics
     diagnostics.update(

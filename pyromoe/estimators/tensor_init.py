@@ -29,9 +29,11 @@ from .._validation import (
     check_enough_rows,
     check_flag,
     check_link,
+    check_noise_model,
     check_num_experts,
     check_positive,
     check_seed,
+    keeps_feature_names,
     num_parameters,
     on_exact_scale,
 )
@@ -87,16 +89,23 @@ def minimum_rows(in_features: int, num_experts: int | None = None) -> int:
     return need
 
 
-def check_arguments(x, y, num_experts, link, noise, chunk_size, seed, device=None):
+def check_arguments(x, y, num_experts, link, noise, chunk_size, seed, device=None, min_experts=2):
     """The arguments :func:`tensor_init` and :func:`pyromoe.estimators.initialize.initialize`
-    share, checked: ``(source, num_experts, link, noise, chunk_size, seed)``."""
+    share, checked: ``(source, num_experts, link, noise, noise_model, chunk_size, seed)``.
+
+    ``noise`` is a known noise sd (a positive number), None, or a noise model name
+    (``"shared"`` / ``"per_expert"``: then the known sd is None).
+    """
     source = as_source(x, y, device=device)
-    num_experts = check_num_experts(num_experts)
+    num_experts = check_num_experts(num_experts, minimum=min_experts)
     link = check_link(link)
-    if noise is not None:
+    noise_model = "shared"
+    if isinstance(noise, str):
+        noise_model, noise = check_noise_model(noise), None
+    elif noise is not None:
         noise = check_positive(noise, "noise")
     chunk_size = check_count(chunk_size, "chunk_size", minimum=1)
-    return source, num_experts, link, noise, chunk_size, check_seed(seed)
+    return source, num_experts, link, noise, noise_model, chunk_size, check_seed(seed)
 
 
 def _metric_cosines(gate_weight, experts_weight, covariance) -> float:
@@ -218,13 +227,14 @@ def _moment_experts(source: Source, k, link: Link, noise, chunk_size, seed, cent
     return weight, bias, noise_moment, standardizer, diagnostics
 
 
+@keeps_feature_names
 def tensor_init(
     x,
     y,
     num_experts: int = 2,
     link: str | Link = "linear",
     *,
-    noise: float | None = None,
+    noise: float | str | None = None,
     refine: bool = False,
     random_starts: int = 2,
     center_y: bool | None = None,
@@ -262,9 +272,12 @@ def tensor_init(
         ``k``, with ``2 <= k <= d`` (the moments cannot separate more experts than features).
     link : str or Link
         The experts' link.
-    noise : float, optional
+    noise : float, "shared" or "per_expert", optional
         Noise standard deviation if known: then used for the transform constants and kept fixed
         in the gate fit. Default: estimated from ``E[y^2] - E[g(a.z)^2]`` and refined by gate EM.
+        ``"per_expert"``: the moment step and gate EM assume one shared sd (the moments need
+        it), and the refinement (``refine=True``) fits one per expert; without refinement the
+        shared sd is repeated per expert.
     refine : bool
         Run joint EM over all parameters (biases included) from this estimate
         (:func:`pyromoe.core.em.fit_em`), plus ``random_starts`` random-start EM runs; the best
@@ -334,7 +347,7 @@ def tensor_init(
     >>> est.experts_weight.shape, est.method
     (torch.Size([2, 5]), 'tensor')
     """
-    source, k, link, noise, chunk_size, seed = check_arguments(
+    source, k, link, noise, noise_model, chunk_size, seed = check_arguments(
         x, y, num_experts, link, noise, chunk_size, seed, device
     )
     if center_y is not None and not isinstance(center_y, bool):
@@ -349,6 +362,7 @@ def tensor_init(
             k,
             link,
             noise=noise,
+            noise_model=noise_model,
             refine=refine,
             random_starts=random_starts,
             center_y=center_y,
@@ -360,7 +374,18 @@ def tensor_init(
 # the moments would overflow on extreme magnitudes: fit on data divided by exact powers of two
 @on_exact_scale("estimate", noise="y")
 def _tensor_init(
-    source, k, link, *, noise, refine, random_starts, center_y, chunk_size, seed, gate_source=None
+    source,
+    k,
+    link,
+    *,
+    noise,
+    refine,
+    random_starts,
+    center_y,
+    chunk_size,
+    seed,
+    gate_source=None,
+    noise_model="shared",
 ) -> MoEEstimate:
     """:func:`tensor_init` on checked arguments.
 
@@ -467,7 +492,9 @@ def _tensor_init(
                 stacklevel=4,
             )
     if refine:
-        estimate = _refine(source, k, link, estimate, random_starts, seed)
+        estimate = _refine(source, k, link, estimate, random_starts, seed, noise_model)
+    elif noise_model == "per_expert":  # the moment step's one sd, for each expert
+        estimate = replace(estimate, noise=estimate.noise.expand(k).clone())
     return estimate
 
 
@@ -512,21 +539,25 @@ def _fit_gate_staged(source: Source, weight, bias, link, sigma, fit_noise: bool,
     return fit, warm_iter
 
 
-def _refine(source, k, link, estimate: MoEEstimate, random_starts: int, seed: int) -> MoEEstimate:
+def _refine(
+    source, k, link, estimate: MoEEstimate, random_starts: int, seed: int, noise_model="shared"
+) -> MoEEstimate:
     """Joint EM from the moment estimate, against ``random_starts`` random starts; best wins."""
     start = time.perf_counter()
     with warnings.catch_warnings():
         # only the winner's collapse is worth a warning (below); rows were checked by the caller
         warnings.simplefilter("ignore", CollapseWarning)
         warnings.simplefilter("ignore", SmallDataWarning)
-        from_tensor = fit_em(source, None, k, link, init=estimate, n_init=1, seed=seed)
+        from_tensor = fit_em(
+            source, None, k, link, init=estimate, n_init=1, seed=seed, noise=noise_model
+        )
         refine_seconds = time.perf_counter() - start
         candidates = {"tensor": from_tensor}
         random_seconds = 0.0
         if random_starts > 0:
             start = time.perf_counter()
             candidates["random"] = fit_em(
-                source, None, k, link, n_init=random_starts, seed=seed + 1
+                source, None, k, link, n_init=random_starts, seed=seed + 1, noise=noise_model
             )
             random_seconds = time.perf_counter() - start
     chunk = default_chunk_size(source.in_features)

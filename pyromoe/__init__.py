@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "align_labels": ".core.labels",
     "to_inference_data": ".bayes.to_arviz",
     "predict": ".bayes.predict",
+    "compare_experts": ".bayes.compare",
     "responsibilities": ".bayes.predict",
     "plot_predictions": ".app.plots",
     "DATASETS": ".datasets",
@@ -71,6 +72,7 @@ __all__ = [
     "MoEEstimate",
     "SimulatedData",
     "align_labels",
+    "compare_experts",
     "datasets",
     "fit_em",
     "fit_gate",
@@ -117,6 +119,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from . import datasets, sites
     from .app import io
     from .app.plots import plot_predictions
+    from .bayes.compare import compare_experts
     from .bayes.fit import fit_map, fit_svi, run_nuts
     from .bayes.init_strategy import init_to_moments
     from .bayes.model import MixtureOfExperts

@@ -550,6 +550,7 @@ def markdown(payload: dict, command: str) -> str:
         f"machine and its load (1-min load {payload['load_at_start'][0]:.2f} at the start, "
         f"{payload['load_at_end'][0]:.2f} at the end).",
         "",
+        *_merged_lines(settings),
         "| n | measurement | seconds | / memmap Gram pass | / in-memory x.T@x | "
         "peak extra RssAnon (MiB) | error |",
         "|---|---|---|---|---|---|---|",
@@ -711,6 +712,73 @@ def plan(args, sizes: list[int], dask_n: int | None) -> list[tuple[str, int]]:
     return steps
 
 
+def _merged_lines(settings: dict) -> list[str]:
+    """Markdown lines naming the runs a merged table comes from (none for a single run)."""
+    runs = settings.get("merged_runs")
+    if not runs:
+        return []
+    lines = ["Rows from more than one run (`--merge`); every n's rows come from one run:", ""]
+    for run in runs:
+        if run["rows"]:
+            sizes = sorted({row.split(" ")[0] for row in run["rows"]}, key=float)
+            load = run.get("load_at_start") or [float("nan")]
+            lines.append(
+                f"- `{run['command']}` (1-min load {load[0]:.2f} at its start): n = "
+                f"{', '.join(sizes)}"
+            )
+    return [*lines, ""]
+
+
+def merged(payload: dict, previous: Path) -> dict:
+    """``payload`` with the rows of an earlier run's JSON that this run did not measure again.
+
+    Each (n, measurement) row then comes from one run; the runs' commands and loads are listed in
+    ``settings["merged_runs"]`` (a ratio across rows of different runs mixes their loads: the
+    ratios this script derives are between rows of the same n, re-measured together).
+    """
+    if not previous.exists():
+        return payload
+    old = json.loads(previous.read_text())
+    fresh = {(row["n"], row["measurement"]) for row in payload["rows"]}
+    kept = [row for row in old["rows"] if (row["n"], row["measurement"]) not in fresh]
+    order = {what: i for i, what in enumerate(MEASUREMENTS)}
+    rows = sorted(
+        kept + payload["rows"], key=lambda r: (r["n"], order.get(r["measurement"], len(order)))
+    )
+    runs = old["settings"].get("merged_runs") or [
+        {
+            "command": old["settings"].get("command"),
+            "load_at_start": old.get("load_at_start"),
+            "rows": sorted({f"{r['n']:.0e} {r['measurement']}" for r in old["rows"]}),
+        }
+    ]
+    runs = [
+        {
+            **run,
+            "rows": [
+                r
+                for r in run["rows"]
+                if tuple(r.split(" ", 1)) not in {(f"{n:.0e}", m) for n, m in fresh}
+            ],
+        }
+        for run in runs
+    ]
+    runs.append(
+        {
+            "command": payload["settings"]["command"],
+            "load_at_start": payload["load_at_start"],
+            "rows": sorted(f"{n:.0e} {m}" for n, m in fresh),
+        }
+    )
+    payload = dict(payload)
+    payload["rows"] = rows
+    settings = dict(payload["settings"])
+    settings["sizes"] = sorted({row["n"] for row in rows})
+    settings["merged_runs"] = runs
+    payload["settings"] = settings
+    return payload
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="n = 1e5, 2e5")
@@ -752,6 +820,11 @@ def main(argv=None) -> None:
         "and the results are still written",
     )
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {MEASUREMENTS}")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of the existing <out>/<name>.json that this run does not measure",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -835,7 +908,10 @@ def main(argv=None) -> None:
         },
         "rows": rows,
     }
-    payload["derived"] = derived(rows, sizes, dask_n)
+    if args.merge:
+        payload = merged(payload, Path(args.out) / f"{args.name}.json")
+        sizes = payload["settings"]["sizes"]
+    payload["derived"] = derived(payload["rows"], sizes, dask_n)
     md = markdown(payload, command)
     paths = write_outputs(Path(args.out), args.name, payload, md, plot(payload))
     print("wrote", *paths)

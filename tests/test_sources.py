@@ -180,7 +180,7 @@ def test_initialize_on_every_source_matches_in_memory_and_recovers(data, on_disk
         reference = pyromoe.initialize(data.x, data.y, 2, guard_rows=10_000)
         errors = pyromoe.parameter_errors(reference, data.truth)
         assert errors["experts"] < 0.05
-        assert reference.diagnostics["guard_rows"] == 10_000
+        assert reference.diagnostics["guard_rows"] == 5_000  # guard_size(30000, 10000)
         for kind, (x, y) in _kinds(data, on_disk).items():
             fit = pyromoe.initialize(x, y, 2, guard_rows=10_000)
             for name in PARAMETERS:

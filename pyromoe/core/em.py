@@ -50,7 +50,12 @@ from .._validation import (
     on_exact_scale,
 )
 from .estimate import MoEEstimate
-from .likelihood import component_log_probs, gate_logits, log_likelihood
+from .likelihood import (
+    gate_logits,
+    linear_predictors,
+    log_likelihood,
+    log_probs_from_predictors,
+)
 from .links import Link
 from .params import Params
 from .sources import DEFAULT_CHUNK_SIZE, Source, as_source
@@ -413,6 +418,24 @@ def _coefficients(params: Params) -> torch.Tensor:
     return torch.cat([params.experts_weight, params.experts_bias[:, None]], dim=-1)
 
 
+def _weighted_gram(x: torch.Tensor, weight: torch.Tensor, intercept: bool) -> torch.Tensor:
+    """``sum_n w_n u_n u_n^T`` with ``u_n = (x_n, 1)`` when ``intercept`` (else ``x_n``), without
+    building the design matrix: one GEMM, and a matrix-vector product and a sum for the
+    intercept's row and column."""
+    gram = (x * weight[:, None]).T @ x
+    if not intercept:
+        return gram
+    edge = weight @ x
+    top = torch.cat([gram, edge[:, None]], dim=1)
+    return torch.cat([top, torch.cat([edge, weight.sum()[None]])[None]], dim=0)
+
+
+def _weighted_sums(x: torch.Tensor, weights: torch.Tensor, intercept: bool) -> torch.Tensor:
+    """``sum_n w_ni u_n`` for each column ``i`` of ``weights`` (n, m): shape (m, w)."""
+    sums = weights.T @ x
+    return torch.cat([sums, weights.sum(0)[:, None]], dim=1) if intercept else sums
+
+
 def pass_statistics(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -427,36 +450,49 @@ def pass_statistics(
     Responsibilities are computed at ``params``; the expert and gate systems (and the squared
     error) at ``linearise_at`` (default ``params``): a further Newton step within one M-step.
     ``gate_bias``: whether the gate offsets are fitted (an intercept column in the gate system).
-    Products run in ``x``'s dtype; the sums are returned in float64.
+    Products run in ``x``'s dtype; the sums are returned in float64. The linear predictors of
+    every expert and gate row come from one product, and the Gram matrices are weighted products
+    of ``x`` itself (intercepts as sums), so no design matrix is copied.
     """
     f64 = torch.float64
-    log_probs = component_log_probs(x, y, params, link)
+    predictors, logits = linear_predictors(x, params)
+    log_probs = log_probs_from_predictors(y, predictors, logits, params, link)
     log_lik = torch.logsumexp(log_probs, dim=-1)
     resp = (log_probs - log_lik[:, None]).exp()
-    at = params if linearise_at is None else linearise_at
-    design = _with_intercept(x, at.experts_bias is not None)
-    z = design @ _coefficients(at).T
-    residual = y[:, None] - link(z)
+    at = params
+    if linearise_at is not None:
+        at = linearise_at
+        predictors, logits = linear_predictors(x, at)
+    intercept = at.experts_bias is not None
+    residual = y[:, None] - link(predictors)
+    k = resp.shape[1]
     matrix = vector = y_square = None
     if update_experts:
         if link.is_identity:
-            matrix, vector = linear_experts_statistics(design, y, resp)
+            matrix = torch.stack([_weighted_gram(x, resp[:, i], intercept) for i in range(k)])
+            vector = _weighted_sums(x, resp * y[:, None], intercept)
             y_square = (resp * (y * y)[:, None]).sum(0).to(f64)
         else:
-            derivative = link.derivative(z)
-            jacobians = [design * derivative[:, i : i + 1] for i in range(z.shape[1])]
-            matrix = torch.stack([(j * resp[:, i : i + 1]).T @ j for i, j in enumerate(jacobians)])
-            vector = torch.stack(
-                [j.T @ (resp[:, i] * residual[:, i]) for i, j in enumerate(jacobians)]
+            derivative = link.derivative(predictors)  # J_i = g'(z_i) u: weights g'^2 r, g' r res
+            matrix = torch.stack(
+                [
+                    _weighted_gram(x, resp[:, i] * derivative[:, i].pow(2), intercept)
+                    for i in range(k)
+                ]
             )
+            vector = _weighted_sums(x, derivative * resp * residual, intercept)
         matrix, vector = matrix.to(f64), vector.to(f64)
-    gate_design = _with_intercept(x, gate_bias)
-    if at.gate_weight.shape[0] == 0:  # one expert: no gate
-        gradient = x.new_zeros(0, gate_design.shape[1])
+    width = x.shape[1] + (1 if gate_bias else 0)
+    if k == 1:  # one expert: no gate
+        gradient = x.new_zeros(0, width)
         hessian = x.new_zeros(0, 0)
     else:
-        probs = torch.softmax(gate_logits(x, at.gate_weight, at.gate_bias), dim=-1)[:, 1:]
-        gradient, hessian = _gate_system(gate_design, resp, probs)
+        probs = torch.softmax(logits, dim=-1)[:, 1:]
+        gradient = _weighted_sums(x, resp[:, 1:] - probs, gate_bias)
+        if k == 2:
+            hessian = _weighted_gram(x, probs[:, 0] * (1 - probs[:, 0]), gate_bias)
+        else:
+            hessian = _negative_hessian(_with_intercept(x, gate_bias), probs)
     return Statistics(
         rows=torch.tensor(float(x.shape[0]), dtype=f64, device=x.device),
         log_likelihood=log_lik.sum().to(f64),

@@ -20,7 +20,11 @@ import torch
 from .links import Link
 from .params import Params
 
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
 __all__ = [
+    "linear_predictors",
+    "log_probs_from_predictors",
     "expert_means",
     "gate_logits",
     "component_log_probs",
@@ -52,20 +56,38 @@ def gate_logits(
     return torch.cat([free.new_zeros(*free.shape[:-1], 1), free], dim=-1)
 
 
+def linear_predictors(x: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts' linear predictors ``a_i . x + b_i`` and the gate logits (reference expert's
+    zero first), shapes ``(..., n, k)`` each, from ONE product of ``x`` with the stacked expert
+    and gate weights."""
+    k = params.num_experts
+    weights = torch.cat([params.experts_weight, params.gate_weight], dim=-2)  # (..., 2k - 1, d)
+    z = torch.einsum("nd,...kd->...nk", x, weights)
+    experts, free = z[..., :k], z[..., k:]
+    if params.experts_bias is not None:
+        experts = experts + params.experts_bias.unsqueeze(-2)
+    if params.gate_bias is not None:
+        free = free + params.gate_bias.unsqueeze(-2)
+    return experts, torch.cat([free.new_zeros(*free.shape[:-1], 1), free], dim=-1)
+
+
+def log_probs_from_predictors(
+    y: torch.Tensor, predictors: torch.Tensor, logits: torch.Tensor, params: Params, link: Link
+) -> torch.Tensor:
+    """:func:`component_log_probs` from :func:`linear_predictors`' output: shape ``(..., n, k)``."""
+    log_gate = torch.log_softmax(logits, dim=-1)
+    # (..., 1, k): a shared sd broadcast over the experts, or one per expert
+    noise = params.expert_noise().to(dtype=predictors.dtype, device=predictors.device)
+    noise = noise.unsqueeze(-2)
+    standardised = (y.unsqueeze(-1) - link(predictors)) / noise
+    return log_gate - 0.5 * standardised * standardised - torch.log(noise) - _HALF_LOG_2PI
+
+
 def component_log_probs(
     x: torch.Tensor, y: torch.Tensor, params: Params, link: Link
 ) -> torch.Tensor:
-    """``log gate_i(x_n) + log Normal(y_n | g(a_i . x_n + b_i), noise^2)``: shape ``(..., n, k)``."""
-    log_gate = torch.log_softmax(gate_logits(x, params.gate_weight, params.gate_bias), dim=-1)
-    means = expert_means(x, params.experts_weight, params.experts_bias, link)
-    # (..., 1, k): a shared sd broadcast over the experts, or one per expert
-    noise = params.expert_noise().to(dtype=x.dtype, device=x.device).unsqueeze(-2)
-    log_normal = (
-        -0.5 * ((y.unsqueeze(-1) - means) / noise) ** 2
-        - torch.log(noise)
-        - 0.5 * math.log(2 * math.pi)
-    )
-    return log_gate + log_normal
+    """``log gate_i(x_n) + log Normal(y_n | g(a_i . x_n + b_i), noise_i^2)``: shape ``(..., n, k)``."""
+    return log_probs_from_predictors(y, *linear_predictors(x, params), params, link)
 
 
 def log_likelihood(x: torch.Tensor, y: torch.Tensor, params: Params, link: Link) -> torch.Tensor:

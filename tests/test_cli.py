@@ -177,3 +177,91 @@ def test_fit_figures_show_what_they_say_on_one_input(tmp_path, monkeypatch):
     files = json.loads((out / RESULTS_MARKER).read_text())["files"]
     assert {"standardisation.json", "responsibilities.csv"} <= set(files)
     assert "(data units)" in summary
+
+
+# ------------------------------------------------------------ --noise and --experts (comparison)
+FAITHFUL_SVI = ["--target", "waiting", "--method", "svi", "--no-progress"]
+
+
+def _table_rows(summary):
+    return [line.split("|")[1].strip() for line in summary.splitlines() if line.startswith("| ")]
+
+
+def test_fit_per_expert_noise_has_a_noise_row_per_expert(tmp_path):
+    out = tmp_path / "per_expert"
+    path = datasets.dataset_path("old_faithful")
+    args = ["fit", str(path), *FAITHFUL_SVI, "--steps", "100", "--noise", "per_expert"]
+    assert main([*args, "--out", str(out)]) == 0
+    summary = (out / "summary.md").read_text()
+    rows = _table_rows(summary)
+    assert "noise[0]" in rows and "noise[1]" in rows and "noise" not in rows
+    noise_rows = [line for line in summary.splitlines() if line.startswith("| noise[")]
+    assert all("-" not in line.split("|")[-2] for line in noise_rows)  # data units filled in
+    assert "one noise sd per expert" in summary
+    idata = az.from_netcdf(out / "inference_data.nc")
+    assert idata.posterior["noise"].dims[2:] == ("expert",)
+
+
+def test_fit_compares_numbers_of_experts_and_reports_the_best(tmp_path, capsys):
+    import json
+
+    import pandas as pd
+
+    from pyromoe.app.io import RESULTS_MARKER
+
+    out = tmp_path / "compare"
+    path = datasets.dataset_path("old_faithful")
+    args = ["fit", str(path), *FAITHFUL_SVI, "--steps", "100", "--experts", "1,2"]
+    assert main([*args, "--out", str(out)]) == 0
+    table = pd.read_csv(out / "compare_experts.csv")
+    assert len(table) == 2 and sorted(table["k"]) == ["k=1", "k=2"]
+    assert list(table["rank"]) == [0, 1]
+    for column in ("elpd_loo", "se", "elpd_diff", "dse", "p_loo", "warning"):
+        assert column in table
+    best = table["k"][0]
+    best_k = int(best.removeprefix("k="))
+    summary = (out / "summary.md").read_text()
+    assert "| k | rank | elpd_loo | se | elpd_diff | dse | p_loo | warning |" in summary
+    assert f"The rest of this report is for {best}" in summary
+    assert "compare_experts.csv" in json.loads((out / RESULTS_MARKER).read_text())["files"]
+    idata = az.from_netcdf(out / "inference_data.nc")
+    assert idata.posterior.sizes["expert"] == best_k  # the report is the best-ranked fit
+    rows = _table_rows(summary)
+    assert f"experts.weight[{best_k - 1}, eruptions]" in rows
+    assert ("gate.weight[1, eruptions]" in rows) == (best_k > 1)
+    assert f"report for {best}" in capsys.readouterr().out
+
+
+def test_fit_one_expert_is_a_regression_without_gate_rows(tmp_path):
+    out = tmp_path / "one"
+    path = datasets.dataset_path("old_faithful")
+    args = ["fit", str(path), *FAITHFUL_SVI, "--steps", "50", "--experts", "1", "--out", str(out)]
+    assert main(args) == 0
+    summary = _check_results(
+        out, ["trace", "posterior", "responsibilities", "posterior_predictive"]
+    )
+    rows = _table_rows(summary)
+    assert "experts.weight[0, eruptions]" in rows and "noise" in rows
+    assert not any(row.startswith("gate.") for row in rows)
+    assert "1 expert (a plain regression: no gate)" in summary
+    assert not (out / "compare_experts.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--experts", "0,2"], "--experts"),
+        (["--experts", "2,2"], "--experts"),
+        (["--experts", "1,,2"], "--experts"),
+        (["--noise", "each"], "--noise"),
+    ],
+)
+def test_fit_bad_experts_or_noise_is_a_usage_error(tmp_path, capsys, option, message):
+    out = tmp_path / "results"
+    path = datasets.dataset_path("old_faithful")
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", str(path), "--target", "waiting", *option, "--out", str(out)])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {message}" in error
+    assert not out.exists()

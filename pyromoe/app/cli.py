@@ -64,11 +64,13 @@ def _fit(args: argparse.Namespace) -> int:
     features = None
     if args.features:
         features = [f.strip() for item in args.features for f in item.split(",") if f.strip()]
+    num_experts = args.experts[0] if len(args.experts) == 1 else list(args.experts)
     numbers = run_fit(
         args.path,
         args.target,
         features,
-        num_experts=args.experts,
+        num_experts=num_experts,
+        noise=args.noise,
         link=args.link,
         out=args.out,
         method=args.method,
@@ -81,8 +83,13 @@ def _fit(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         overwrite=args.overwrite,
     )
+    comparison = numbers.get("comparison")
+    if comparison:
+        ranked = ", ".join(f"{row['k']} (elpd_loo {row['elpd_loo']:.1f})" for row in comparison)
+        print(f"PSIS-LOO ranking: {ranked}; report for {comparison[0]['k']}")
     print(f"initializer: {numbers['initializer']} ({numbers['initializer_reason']})")
-    print(f"results written to {args.out}/ (summary.md, inference_data.nc, figures)")
+    files = "summary.md, compare_experts.csv, " if comparison else "summary.md, "
+    print(f"results written to {args.out}/ ({files}inference_data.nc, figures)")
     return 0
 
 
@@ -113,6 +120,35 @@ def _count(minimum: int):
     return parse
 
 
+def _expert_counts(text: str) -> tuple[int, ...]:
+    """An argparse type: one number of experts, or a comma list of distinct ones, each >= 1."""
+    parts = [part.strip() for part in text.split(",")]
+    if not text.strip() or any(not part for part in parts):
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number or a comma list such as 1,2,3; got {text!r}"
+        )
+    values = []
+    for part in parts:
+        try:
+            value = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected whole numbers (e.g. 2, or 1,2,3 to compare); got {part!r} in {text!r}"
+            ) from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(
+                f"every number of experts must be >= 1 (1 is a plain regression); got {value} "
+                f"in {text!r}"
+            )
+        values.append(value)
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"the numbers of experts must be distinct; got {text!r}")
+    return tuple(values)
+
+
+_expert_counts.__name__ = "number(s) of experts"
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -134,8 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pyromoe {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, out, seed=0):
-        p.add_argument("--experts", type=_count(2), default=2, help="number of experts (default 2)")
+    def common(p, out, seed=0, experts=None):
+        if experts is None:
+            p.add_argument(
+                "--experts", type=_count(2), default=2, help="number of experts (default 2)"
+            )
+        else:
+            p.add_argument("--experts", **experts)
         p.add_argument("--link", default="linear", choices=sorted(LINK_NAMES), help="expert link")
         p.add_argument("--seed", type=_seed, default=seed, help=f"random seed (default {seed})")
         p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -161,7 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a small, fast run (used by CI)")
     demo.set_defaults(handler=_demo)
 
-    fit = sub.add_parser("fit", help="fit a mixture of experts to a CSV file")
+    fit = sub.add_parser(
+        "fit",
+        help="fit a mixture of experts to a CSV file",
+        description="Standardise the inputs and target, start from pyromoe.initialize, fit the "
+        "posterior (NUTS or SVI) and write a results folder. --experts 1,2,3 compares numbers of "
+        "experts by PSIS-LOO first and reports on the best-ranked one.",
+    )
     fit.add_argument("path", help="CSV file with a header line")
     fit.add_argument("--target", required=True, help="column to predict")
     fit.add_argument(
@@ -169,12 +216,29 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         help="input columns (space or comma separated; default: all others)",
     )
-    common(fit, "pyromoe-fit")
+    experts = dict(
+        type=_expert_counts,
+        default=(2,),
+        metavar="K[,K...]",
+        help="number of experts (default 2; 1 is a plain regression), or a comma list of "
+        "distinct numbers, e.g. 1,2,3: each is fitted with --method and ranked by PSIS-LOO "
+        "(arviz.compare); the table goes into summary.md and compare_experts.csv, and the rest "
+        "of the report is for the best-ranked number",
+    )
+    common(fit, "pyromoe-fit", experts=experts)
+    fit.add_argument(
+        "--noise",
+        default="shared",
+        choices=["shared", "per_expert"],
+        help="noise model: shared (one noise sd for every expert, default) or per_expert (one sd "
+        "per expert: the rows noise[0], noise[1], ... in the tables and figures)",
+    )
     fit.add_argument(
         "--method",
         default="nuts",
         choices=["nuts", "svi"],
-        help="posterior inference: nuts (default) or svi (large n)",
+        help="posterior inference: nuts (default) or svi (large n); also of every fit of a "
+        "--experts comparison",
     )
     fit.add_argument("--chains", type=_count(1), default=4, help="NUTS chains (default 4)")
     fit.add_argument(

@@ -250,7 +250,8 @@ def plot_responsibilities(x, y, estimate: MoEEstimate, feature_names: Sequence[s
     xn, yn = x.cpu().numpy(), y.cpu().numpy()
     k = est.num_experts
     one_input = xn.shape[1] == 1
-    figure, axes = plt.subplots(1, k, figsize=(4 * k, 3.8), squeeze=False, layout="constrained")
+    width = max(4 * k, 6.5)  # one expert (a plain regression): room for the title
+    figure, axes = plt.subplots(1, k, figsize=(width, 3.8), squeeze=False, layout="constrained")
     order = np.argsort(xn[:, 0])
     for i, ax in enumerate(axes[0]):
         if one_input:

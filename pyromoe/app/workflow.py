@@ -25,6 +25,7 @@ from .._validation import (
     check_count,
     check_device,
     check_link,
+    check_noise_model,
     check_num_experts,
     check_seed,
     num_parameters,
@@ -185,15 +186,17 @@ def nuts_report(idata, reference: MoEEstimate, best_log_likelihood: float | None
 
 # ----------------------------------------------------------------------------------- tables
 def posterior_mean_estimate(idata, link, method: str = "posterior mean") -> MoEEstimate:
-    """The posterior mean of every site as an :class:`MoEEstimate` (zeros for absent bias sites)."""
+    """The posterior mean of every site as an :class:`MoEEstimate` (zeros for absent bias sites;
+    one expert has no gate sites: a gate of zero rows)."""
     post = idata.posterior
     mean = {n: torch.as_tensor(post[n].mean(("chain", "draw")).values) for n in post.data_vars}
-    k = mean[sites.EXPERTS_WEIGHT].shape[0]
+    k, d = mean[sites.EXPERTS_WEIGHT].shape
     zeros = torch.zeros(k, dtype=mean[sites.EXPERTS_WEIGHT].dtype)
+    no_gate = torch.zeros(k - 1, d, dtype=zeros.dtype)
     return MoEEstimate(
         experts_weight=mean[sites.EXPERTS_WEIGHT],
         experts_bias=mean.get(sites.EXPERTS_BIAS, zeros),
-        gate_weight=mean[sites.GATE_WEIGHT],
+        gate_weight=mean.get(sites.GATE_WEIGHT, no_gate),
         gate_bias=mean.get(sites.GATE_BIAS, zeros[1:]),
         noise=mean[sites.NOISE],
         link=link,
@@ -496,9 +499,9 @@ def _initializer_text(estimate: MoEEstimate) -> str:
     )
 
 
-def _check_run_arguments(*, num_experts, link, seed, device, overwrite) -> None:
+def _check_run_arguments(*, num_experts, link, seed, device, overwrite, min_experts=2) -> None:
     """The checks shared by :func:`run_demo` and :func:`run_fit`, before any work."""
-    check_num_experts(num_experts)
+    check_num_experts(num_experts, minimum=min_experts)
     check_link(link)
     check_seed(seed)
     check_device(device)
@@ -509,6 +512,51 @@ def _check_run_arguments(*, num_experts, link, seed, device, overwrite) -> None:
 # ----------------------------------------------------------------------------------- fit
 #: Rows needed per model parameter by `pyromoe fit`.
 ROWS_PER_PARAMETER = 3
+
+
+def _check_expert_counts(num_experts) -> list[int]:
+    """``num_experts`` of :func:`run_fit` as a list: one int, or a sequence of distinct ints (each
+    >= 1) to compare."""
+    if isinstance(num_experts, (str, bytes)) or not isinstance(num_experts, (int, Sequence)):
+        raise TypeError(
+            "num_experts must be an int >= 1 or a sequence of distinct ints, e.g. (1, 2, 3); got "
+            f"{type(num_experts).__name__}"
+        )
+    values = [num_experts] if not isinstance(num_experts, Sequence) else list(num_experts)
+    if not values:
+        raise ValueError("num_experts must list at least one number of experts; got none")
+    values = [check_num_experts(k, minimum=1) for k in values]
+    if len(set(values)) != len(values):
+        raise ValueError(f"num_experts must not repeat a value; got {values}")
+    return values
+
+
+def _num_fit_parameters(d: int, k: int, noise: str) -> int:
+    """Free parameters of the model `pyromoe fit` builds (per-expert noise: k sds, not one)."""
+    return num_parameters(d, k) + (k - 1 if noise == "per_expert" else 0)
+
+
+#: The columns of :func:`arviz.compare`'s table that `pyromoe fit --experts 1,2,...` reports.
+COMPARE_COLUMNS = ("rank", "elpd_loo", "se", "elpd_diff", "dse", "p_loo", "weight", "warning")
+
+
+def comparison_rows(table) -> list[dict[str, Any]]:
+    """:func:`arviz.compare`'s table (indexed ``"k=1"``, ...) as rows ``{"k": "k=1", "rank": 0,
+    ...}`` in rank order, with the columns of :data:`COMPARE_COLUMNS`."""
+    rows = []
+    for label, row in table.sort_values("rank").iterrows():
+        record: dict[str, Any] = {"k": str(label)}
+        for column in COMPARE_COLUMNS:
+            value = row.get(column, float("nan"))
+            if column == "rank":
+                value = int(value)
+            elif column == "warning":
+                value = bool(value)
+            else:
+                value = float(value)
+            record[column] = value
+        rows.append(record)
+    return rows
 
 
 def _standardize_columns(values: np.ndarray, names: Sequence[str], *, target: bool = False):
@@ -663,7 +711,8 @@ def run_fit(
     target: str,
     features: Sequence[str] | None = None,
     *,
-    num_experts: int = 2,
+    num_experts: int | Sequence[int] = 2,
+    noise: str = "shared",
     link: str = "linear",
     out: str | Path = "pyromoe-fit",
     method: str = "nuts",
@@ -680,19 +729,34 @@ def run_fit(
     seeded NUTS (``method="nuts"``) or SVI (``method="svi"``, for large n); write ``out``.
 
     Inputs and target are standardised to zero mean and unit variance (the priors are on that
-    scale); every expert has an intercept and the gate an offset.
+    scale); every expert has an intercept and the gate an offset. ``noise`` is the noise model
+    (``"shared"``: one sd; ``"per_expert"``: one per expert) of the start, the model and the
+    tables. ``num_experts`` is one k >= 1 (1: a plain regression, no gate), or several distinct
+    ones: each is fitted by :func:`pyromoe.bayes.compare.compare_experts` (same ``method``, steps
+    and draws), ranked by PSIS-LOO (written to ``summary.md`` and ``compare_experts.csv``), and
+    the rest of the report is for the best-ranked k.
 
     ``out`` follows the rule of :func:`pyromoe.app.io.results_directory`: it may replace only earlier
     pyromoe results, only with ``overwrite=True``, and never the folder holding ``path`` (or one
     above it) nor the working folder. Every argument is checked before any work.
     """
+    import pandas as pd
+
+    from ..bayes.compare import compare_experts
     from ..bayes.fit import fit_svi, run_nuts
     from . import plots
 
     if method not in ("nuts", "svi"):
         raise ValueError(f"method must be 'nuts' or 'svi'; got {method!r}")
+    ks = _check_expert_counts(num_experts)
+    noise = check_noise_model(noise)
     _check_run_arguments(
-        num_experts=num_experts, link=link, seed=seed, device=device, overwrite=overwrite
+        num_experts=max(ks),
+        link=link,
+        seed=seed,
+        device=device,
+        overwrite=overwrite,
+        min_experts=1,
     )
     num_chains = check_count(num_chains, "num_chains", minimum=1)
     num_warmup = check_count(num_warmup, "num_warmup", minimum=0)
@@ -700,12 +764,14 @@ def run_fit(
     num_steps = check_count(num_steps, "num_steps", minimum=1)
     table = read_table(path, target, features, min_rows=2)
     d = table.x.shape[1]
-    needed = ROWS_PER_PARAMETER * num_parameters(d, num_experts)
+    largest = max(ks)
+    parameters = _num_fit_parameters(d, largest, noise)
+    needed = ROWS_PER_PARAMETER * parameters
     if table.x.shape[0] < needed:
         raise ValueError(
             f"{path} has {table.x.shape[0]} data rows; at least {needed} are needed "
-            f"({ROWS_PER_PARAMETER} per parameter: {num_experts} experts on {d} inputs have "
-            f"{num_parameters(d, num_experts)} parameters). Use fewer experts or features."
+            f"({ROWS_PER_PARAMETER} per parameter: {largest} experts on {d} inputs have "
+            f"{parameters} parameters). Use fewer experts or features."
         )
     x_std, x_mean, x_scale = _standardize_columns(table.x, table.feature_names)
     y_std, y_mean, y_scale = _standardize_columns(
@@ -717,35 +783,54 @@ def run_fit(
     names = list(table.feature_names)
     x = torch.as_tensor(x_std, device=device)
     y = torch.as_tensor(y_std[:, 0], device=device)
+    if method == "nuts":
+        fit_args = dict(num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples)
+    else:
+        fit_args = dict(num_steps=num_steps)
     timer = _Timer()
+    comparison, idata = None, None
     with results_directory(out, overwrite=overwrite, inputs=[path]) as folder:
-        with timer("initialize (auto)"):
-            estimate = initialize(x, y, num_experts, link, method="auto", seed=seed)
-        model = MixtureOfExperts(d, num_experts, link=link, bias=True)
-        with timer(f"{method.upper()} seeded from the estimate"):
-            if method == "nuts":
-                idata = run_nuts(
-                    model,
+        if len(ks) > 1:
+            listed = ", ".join(str(k) for k in ks)
+            with timer(f"compare k = {listed} ({method.upper()} each, PSIS-LOO)"):
+                compared, fits = compare_experts(
                     x,
                     y,
-                    init=estimate,
-                    num_chains=num_chains,
-                    num_warmup=num_warmup,
-                    num_samples=num_samples,
+                    ks,
+                    link,
+                    inference=method,
+                    noise=noise,
+                    bias=True,
                     seed=seed,
                     progress=progress,
                     feature_names=names,
+                    **fit_args,
                 )
-            else:
-                idata = fit_svi(
+            comparison = comparison_rows(compared)
+            best = comparison[0]["k"]
+            num_experts, idata = int(best.removeprefix("k=")), fits[best]
+            write_text_atomic(
+                folder / "compare_experts.csv", pd.DataFrame(comparison).to_csv(index=False)
+            )
+        else:
+            num_experts = ks[0]
+        # with a comparison this is the start compare_experts gave the best-ranked k (the same
+        # call, so the same estimate): the report's start column and initializer section
+        with timer("initialize (auto)"):
+            estimate = initialize(x, y, num_experts, link, method="auto", noise=noise, seed=seed)
+        model = MixtureOfExperts(d, num_experts, link=link, bias=True, noise=noise)
+        if idata is None:
+            with timer(f"{method.upper()} seeded from the estimate"):
+                fit = run_nuts if method == "nuts" else fit_svi
+                idata = fit(
                     model,
                     x,
                     y,
                     init=estimate,
-                    num_steps=num_steps,
                     seed=seed,
                     progress=progress,
                     feature_names=names,
+                    **fit_args,
                 )
         idata.attrs["standardisation"] = json.dumps(standardisation)
         mean = posterior_mean_estimate(idata, estimate.link)
@@ -772,6 +857,8 @@ def run_fit(
             "features": list(table.feature_names),
             "target": table.target_name,
             "num_experts": num_experts,
+            "noise": noise,
+            "comparison": comparison,
             "link": link,
             "method": method,
             "initializer": estimate.diagnostics.get("initializer", estimate.method),
@@ -802,11 +889,23 @@ def _fit_summary(numbers, estimate, idata, rows, scaling, method) -> str:
     else:
         extra = f"SVI: final ELBO {float(idata.attrs.get('final_elbo', float('nan'))):.2f}.\n"
     seconds_rows = [{"step": k, "seconds": v} for k, v in numbers["seconds"].items()]
+    k = numbers["num_experts"]
+    if k == 1:
+        model_text = "1 expert (a plain regression: no gate), with an intercept"
+    else:
+        model_text = f"{k} experts, each with an intercept, and the gate with an offset"
+    noise_text = (
+        "one noise sd per expert (`--noise per_expert`: rows `noise[i]`)"
+        if numbers["noise"] == "per_expert"
+        else "one noise sd shared by the experts (`--noise shared`)"
+    )
+    comparison_file = _comparison_file_text(numbers)
     return f"""# pyromoe fit
 
 File `{numbers["file"]}`: {numbers["rows"]} rows, target `{numbers["target"]}`, inputs
-{", ".join(f"`{f}`" for f in numbers["features"])}; {numbers["num_experts"]} experts, link
-`{numbers["link"]}`, each expert with an intercept and the gate with an offset.
+{", ".join(f"`{f}`" for f in numbers["features"])}; {model_text}; link `{numbers["link"]}`;
+{noise_text}.
+{_comparison_text(numbers, method)}
 
 **Inputs and target were standardised** (z-scores: value minus mean, divided by sd, the population
 sd); the model was fitted on that scale (also in `standardisation.json` and the InferenceData's
@@ -837,7 +936,7 @@ sd); the model was fitted on that scale (also in `standardisation.json` and the 
 ## Files
 
 - `inference_data.nc` (ArviZ InferenceData, the standardised data and parameters).
-- `standardisation.json`: the mean and sd of every input column and of the target.
+{comparison_file}- `standardisation.json`: the mean and sd of every input column and of the target.
 - `responsibilities.csv`: one row per data row (`obs`, from 0): each expert's responsibility
   p(expert | x, y) averaged over the posterior draws (`expert_i_mean`) and its 94% HDI over the
   draws (`expert_i_hdi_low`, `expert_i_hdi_high`).
@@ -847,6 +946,45 @@ sd); the model was fitted on that scale (also in `standardisation.json` and the 
   on the standardised scale, points coloured by that expert's responsibility (posterior mean
   parameters).
 """
+
+
+def _comparison_text(numbers, method: str) -> str:
+    """The section of `pyromoe fit --experts 1,2,...`: the PSIS-LOO table (empty for one k)."""
+    rows = numbers.get("comparison")
+    if not rows:
+        return ""
+    shown = [{key: row[key] for key in ("k", *COMPARE_COLUMNS) if key != "weight"} for row in rows]
+    best = rows[0]["k"]
+    return f"""
+## Number of experts: PSIS-LOO comparison
+
+`pyromoe.bayes.compare.compare_experts` fitted each number of experts ({method.upper()}, started
+from `pyromoe.initialize`) and `arviz.compare` ranked them by expected log predictive density
+(PSIS-LOO; elpd_diff and dse are against the best; warning: `yes` when the Pareto k diagnostic of
+PSIS is unreliable for that fit). {_svi_loo_note(method)}Also in `compare_experts.csv`.
+
+{markdown_table(shown)}
+**The rest of this report is for {best} ({_experts(numbers["num_experts"])}), the best-ranked.**
+"""
+
+
+def _experts(k: int) -> str:
+    return "1 expert" if k == 1 else f"{k} experts"
+
+
+def _svi_loo_note(method: str) -> str:
+    if method != "svi":
+        return ""
+    return "With SVI, LOO is computed on the guide's draws: an approximation. "
+
+
+def _comparison_file_text(numbers) -> str:
+    if not numbers.get("comparison"):
+        return ""
+    return (
+        "- `compare_experts.csv`: the PSIS-LOO comparison of the numbers of experts, one row per "
+        "k in rank order (arviz.compare's columns, with its stacking weight).\n"
+    )
 
 
 def _responsibility_panels(features: Sequence[str]) -> str:

@@ -160,10 +160,25 @@ def as_tensor(
     return tensor
 
 
+def _first_non_finite(tensor: torch.Tensor) -> list[int] | None:
+    """The index of the first NaN or infinite entry, or None; in row chunks of about 4 MB
+    (``torch.isfinite`` on a whole float64 array allocates a float copy of it)."""
+    if tensor.dim() == 0:
+        return None if bool(torch.isfinite(tensor)) else []
+    per_row = max(1, tensor[0].numel())
+    rows = max(1, (1 << 19) // per_row)
+    for start in range(0, tensor.shape[0], rows):
+        bad = ~torch.isfinite(tensor[start : start + rows])
+        if bool(bad.any()):
+            index = torch.nonzero(bad)[0].tolist()
+            index[0] += start
+            return index
+    return None
+
+
 def _check_finite(tensor: torch.Tensor, name: str, columns: list | None = None) -> None:
-    bad = ~torch.isfinite(tensor)
-    if bool(bad.any()):
-        index = torch.nonzero(bad)[0].tolist()
+    index = _first_non_finite(tensor)
+    if index is not None:
         if columns is not None and bool(torch.isnan(tensor[tuple(index)])):
             j = index[1] if len(index) > 1 else 0
             label = columns[j] if j < len(columns) else None

@@ -409,9 +409,18 @@ class MemmapSource(Source):
         )
 
 
+def _worker_chunk(chunk_size: int, in_features: int) -> int:
+    """Rows per sub-chunk on a Dask worker: at most about 1 MB of float64 rows. Worker threads
+    keep their freed memory in their own allocator arenas, so smaller pieces bound what each
+    thread holds."""
+    return max(256, min(int(chunk_size), (1 << 17) // max(1, int(in_features))))
+
+
 def _block_sum(fn, xb, yb, chunk_size, dtype, args):
-    """One Dask block's partial sum, in sub-chunks of ``chunk_size`` rows (runs on a worker)."""
+    """One Dask block's partial sum, in sub-chunks of at most ``chunk_size`` rows (runs on a
+    worker; see :func:`_worker_chunk`)."""
     total = None
+    chunk_size = _worker_chunk(chunk_size, xb.shape[1])
     yb = np.asarray(yb).reshape(-1)
     for start in range(0, xb.shape[0], chunk_size):
         stop = start + chunk_size
@@ -429,11 +438,32 @@ def _sum_parts(*parts):
     return total
 
 
-def _block_summary(xb, yb, shift, y_shift, dtype):
-    """A block's summary sums (counts, sums, squares, maxima, first bad row within the block)."""
-    xc = _chunk_tensor(xb, dtype, torch.device("cpu"))
-    yc = _chunk_tensor(np.asarray(yb).reshape(-1), dtype, torch.device("cpu"))
-    return _summary_sums(xc, yc, shift, y_shift)
+def _block_summary(xb, yb, shift, y_shift, dtype, chunk_size):
+    """A block's summary sums (count, sums, squares, maxima, first bad row within the block), in
+    sub-chunks of ``chunk_size`` rows (runs on a worker)."""
+    yb = np.asarray(yb).reshape(-1)
+    total, first_bad = None, math.inf
+    chunk_size = _worker_chunk(chunk_size, xb.shape[1])
+    for start in range(0, xb.shape[0], chunk_size):
+        stop = start + chunk_size
+        xc = _chunk_tensor(xb[start:stop], dtype, torch.device("cpu"))
+        yc = _chunk_tensor(yb[start:stop], dtype, torch.device("cpu"))
+        count, sx, sxx, xmax, ysums, bad = _summary_sums(xc, yc, shift, y_shift)
+        if not math.isfinite(first_bad) and math.isfinite(float(bad)):
+            first_bad = start + float(bad)
+        if total is None:
+            total = [count, sx, sxx, xmax, ysums]
+            continue
+        total = [
+            total[0] + count,
+            total[1] + sx,
+            total[2] + sxx,
+            torch.maximum(total[3], xmax),
+            torch.stack(
+                [total[4][0] + ysums[0], total[4][1] + ysums[1], total[4][2].maximum(ysums[2])]
+            ),
+        ]
+    return (*total, torch.tensor(first_bad, dtype=_F64))
 
 
 class DaskSource(Source):
@@ -506,7 +536,7 @@ class DaskSource(Source):
         shift = shift.cpu()
         offsets = np.concatenate([[0], np.cumsum(self.x.chunks[0])[:-1]])
         parts = [
-            dask.delayed(_block_summary, pure=True)(xb, yb, shift, y_shift, self.dtype)
+            dask.delayed(_block_summary, pure=True)(xb, yb, shift, y_shift, self.dtype, chunk)
             for xb, yb in self._blocks()
         ]
         (parts,) = dask.compute(parts)

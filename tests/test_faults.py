@@ -136,7 +136,7 @@ def test_out_in_a_folder_that_cannot_be_written_is_one_line_and_exit_1(
         (["--seed", str(2**70)], "argument --seed: must be between 0 and 2**63 - 1"),
         (["--chains", "0"], "argument --chains: must be >= 1, got 0"),
         (["--samples", "ten"], "argument --samples: expected a whole number, got 'ten'"),
-        (["--experts", "1"], "argument --experts: must be >= 2, got 1"),
+        (["--experts", "0"], "argument --experts: every number of experts must be >= 1"),
     ],
 )
 def test_bad_option_values_are_usage_errors(workdir, capsys, args, message):

@@ -234,3 +234,33 @@ def test_one_expert_model_runs_in_svi_and_nuts():
     weight = nuts.posterior["experts.weight"].mean(("chain", "draw")).values[0]
     assert np.allclose(weight, est.experts_weight[0].numpy(), atol=0.1)
     assert nuts.log_likelihood["y"].shape[-1] == 800
+
+
+@pytest.mark.parametrize("noise", ["shared", "per_expert"])
+def test_fused_gradient_with_halfcauchy_noise_and_shifted_normal_priors(noise):
+    import pyro.distributions as dist
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 2, generator=generator, dtype=torch.float64)
+    y = torch.randn(40, generator=generator, dtype=torch.float64)
+    priors = {
+        "experts.weight": dist.Normal(
+            torch.tensor([[0.5, -1.0], [2.0, 0.0]], dtype=torch.float64),
+            torch.tensor(0.7, dtype=torch.float64),
+        ),
+        "gate.bias": 3.0,
+        "noise": dist.HalfCauchy(torch.tensor(0.4, dtype=torch.float64)),
+    }
+    model = MixtureOfExperts(2, 2, link="sigmoid", priors=priors, noise=noise)
+    _, traced, _, _ = initialize_model(model, model_args=(x, y), max_plate_nesting=1)
+    fused = fused_potential(model, x, y)
+    point = {
+        name: torch.randn(shape, generator=generator, dtype=torch.float64).requires_grad_()
+        for name, shape in model.site_shapes.items()
+    }
+    a, b = traced(point), fused(point)
+    assert abs(float(a) - float(b)) <= 1e-10 * max(1.0, abs(float(a)))
+    for ga, gb in zip(
+        torch.autograd.grad(a, list(point.values())), torch.autograd.grad(b, list(point.values()))
+    ):
+        torch.testing.assert_close(gb, ga, rtol=0, atol=1e-10)

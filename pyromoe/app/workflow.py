@@ -258,7 +258,49 @@ DEMO_DATA = dict(
     n=2000, in_features=5, noise=0.5, expert_cosine=0.8, gate="orthogonal", gate_norm=2.0
 )
 DEMO_QUICK = dict(n=1000, num_random=4, num_chains=2, num_warmup=60, num_samples=60)
-DEMO_FULL = dict(num_random=20, num_chains=4, num_warmup=250, num_samples=250)
+DEMO_FULL = dict(num_random=20, num_chains=4, num_warmup=150, num_samples=150)
+
+
+def _can_run_in_parallel(x: torch.Tensor) -> bool:
+    """Whether the demo's two NUTS runs go to two processes: CPU data and at least two CPUs."""
+    import os
+
+    return x.device.type == "cpu" and (os.cpu_count() or 1) >= 2
+
+
+def _nuts_job(job):
+    """One ``run_nuts`` call in a worker process (top level, so that it pickles)."""
+    from ..bayes.fit import run_nuts
+
+    model, x, y, kwargs = job
+    torch.set_num_threads(1)
+    return run_nuts(model, x, y, **kwargs)
+
+
+def _run_nuts_jobs(model, x, y, jobs: list[dict], parallel: bool) -> list:
+    """``run_nuts(model, x, y, **job)`` for each job: in that many spawned processes at once when
+    ``parallel`` (their progress bars off), else one after the other. Pyro runs the chains of one
+    call in processes only when there are more CPUs than chains, so on a small machine the two
+    independent runs are what can share the cores. The pool is terminated on any error or
+    interrupt, so no worker outlives the call."""
+    from ..bayes.fit import run_nuts
+
+    if not parallel:
+        return [run_nuts(model, x, y, **job) for job in jobs]
+    import multiprocessing
+
+    pool = multiprocessing.get_context("spawn").Pool(len(jobs))
+    try:
+        pending = [
+            pool.apply_async(_nuts_job, ((model, x, y, {**job, "progress": False}),))
+            for job in jobs
+        ]
+        results = [result.get() for result in pending]
+        pool.close()
+        pool.join()
+        return results
+    finally:
+        pool.terminate()
 
 
 class _Timer:
@@ -350,7 +392,6 @@ def run_demo(
 
 
 def _run_demo(out, seed, quick, device, num_experts, link, progress, overwrite) -> dict[str, Any]:
-    from ..bayes.fit import run_nuts
     from ..estimators.simulate import simulate
     from . import plots
 
@@ -387,10 +428,18 @@ def _run_demo(out, seed, quick, device, num_experts, link, progress, overwrite) 
             progress=progress,
             align=False,
         )
-        with timer("NUTS seeded from the estimate"):
-            seeded = run_nuts(model, x, y, init=estimate, **nuts_args)
-        with timer("NUTS from Pyro's default init"):
-            default = run_nuts(model, x, y, init=None, posterior_predictive=False, **nuts_args)
+        jobs = [
+            {"init": estimate, **nuts_args},
+            {"init": None, "posterior_predictive": False, **nuts_args},
+        ]
+        parallel = _can_run_in_parallel(x)
+        step = (
+            "NUTS seeded and from Pyro's default init (two processes at once)"
+            if parallel
+            else "NUTS seeded and from Pyro's default init (one after the other)"
+        )
+        with timer(step):
+            seeded, default = _run_nuts_jobs(model, x, y, jobs, parallel)
         best = max(
             max(seeded.attrs["chain_mean_log_likelihood"]),
             max(default.attrs["chain_mean_log_likelihood"]),

@@ -911,6 +911,10 @@ def main(argv=None) -> None:
     if args.merge:
         payload = merged(payload, Path(args.out) / f"{args.name}.json")
         sizes = payload["settings"]["sizes"]
+        dask_rows = [r["n"] for r in payload["rows"] if r["measurement"] == "initialize_dask"]
+        if dask_n is None and dask_rows:  # an earlier run's Dask rows are kept: show them
+            dask_n = dask_rows[0]
+            payload["settings"]["dask_n"] = dask_n
     payload["derived"] = derived(payload["rows"], sizes, dask_n)
     md = markdown(payload, command)
     paths = write_outputs(Path(args.out), args.name, payload, md, plot(payload))

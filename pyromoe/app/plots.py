@@ -9,6 +9,7 @@ values ArviZ cannot know) that both :func:`plot_posterior_vs_truth` and the resu
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -111,14 +112,18 @@ def parameter_summary(
 
     names = parameter_sites(idata)
     several = idata.posterior.sizes["chain"] > 1
-    summary = az.summary(
-        idata,
-        var_names=names,
-        kind="all" if several else "stats",
-        hdi_prob=hdi_prob,
-        round_to="none",
-        labeller=_labeller(),
-    )
+    with warnings.catch_warnings():
+        if idata.posterior.sizes["chain"] * idata.posterior.sizes["draw"] == 1:
+            # one draw (a MAP point): its sd is undefined (NaN in the table), say nothing more
+            warnings.filterwarnings("ignore", category=RuntimeWarning, module="numpy")
+        summary = az.summary(
+            idata,
+            var_names=names,
+            kind="all" if several else "stats",
+            hdi_prob=hdi_prob,
+            round_to="none",
+            labeller=_labeller(),
+        )
     hdi_low, hdi_high = (column for column in summary.columns if column.startswith("hdi_"))
     low, high = interval_columns(hdi_prob)
     diagnostics = ["ess_bulk", "ess_tail", "r_hat"] if several else []

@@ -74,15 +74,12 @@ __all__ = [
     "feature_scale",
     "fit_em",
     "gate_m_step",
-    "linear_experts_statistics",
     "log_prior",
     "mean_log_likelihood",
     "noise_floor",
-    "noise_statistics",
     "pass_statistics",
     "random_start",
     "solve_linear_experts",
-    "solve_noise",
     "warn_collapse",
 ]
 
@@ -217,22 +214,11 @@ def warn_collapse(collapsed, effective_rows, d: int, stacklevel: int = 3) -> Non
 
 
 # ---------------------------------------------------------------------------------------------- M-steps
-def linear_experts_statistics(
-    design: torch.Tensor, y: torch.Tensor, responsibilities: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-expert weighted Gram matrices ``sum_n r_ni u_n u_n^T`` (k, w, w) and cross-products
-    ``sum_n r_ni y_n u_n`` (k, w), ``u_n`` the rows of ``design`` (n, w)."""
-    k = responsibilities.shape[1]
-    gram = torch.stack([(design * responsibilities[:, i : i + 1]).T @ design for i in range(k)])
-    cross = (responsibilities * y[:, None]).T @ design
-    return gram, cross
-
-
 def solve_linear_experts(
     statistics: tuple[torch.Tensor, torch.Tensor], ridge: float
 ) -> torch.Tensor:
-    """Weighted least squares per expert from :func:`linear_experts_statistics`, ridge ``ridge``:
-    the coefficients (k, w)."""
+    """Weighted least squares per expert from the weighted Gram matrices (k, w, w) and
+    cross-products (k, w) of :func:`pass_statistics`, ridge ``ridge``: the coefficients (k, w)."""
     gram, cross = statistics
     gram = gram.clone()
     gram.diagonal(dim1=-2, dim2=-1).add_(ridge)
@@ -357,18 +343,6 @@ def gate_m_step(
         if not accepted or (size == 1.0 and gain <= max(_accept_slack(value, x.dtype), tol * n)):
             break
     return split(theta)
-
-
-def noise_statistics(
-    y: torch.Tensor, responsibilities: torch.Tensor, means: torch.Tensor
-) -> torch.Tensor:
-    """``sum_n sum_i r_ni (y_n - mean_ni)^2``: the weighted squared residuals of the noise step."""
-    return (responsibilities * (y[:, None] - means).pow(2)).sum()
-
-
-def solve_noise(residuals: torch.Tensor, rows: int, floor: float) -> torch.Tensor:
-    """The noise M-step from :func:`noise_statistics` over ``rows`` rows, at least ``floor``."""
-    return (residuals / rows).sqrt().clamp_min(floor)
 
 
 # ---------------------------------------------------------------------------------------------- one pass

@@ -117,18 +117,35 @@ def _to(value, device: torch.device):
 
 
 def _summary_sums(x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, y_shift: float):
-    """Partial sums of one chunk for :meth:`Source.summary` (float64)."""
-    xs = x.to(_F64) - shift
+    """Partial sums of one chunk for :meth:`Source.summary` (float64).
+
+    Few passes over the chunk: the column sums and sums of squares (of ``x - shift``, the
+    subtraction skipped when the shift is zero), the column minima and maxima in one pass. NaN or
+    infinite values make those sums non-finite, so the row-by-row finiteness check runs only then
+    (or when a square overflowed).
+    """
+    x64 = x.to(_F64)
+    xs = x64 - shift if bool(shift.any()) else x64
     ys = y.to(_F64) - y_shift
-    finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y)
-    bad = (~finite).nonzero()
-    first_bad = float(bad[0, 0]) if bad.numel() else math.inf
+    sums = xs.sum(0)
+    squares = torch.linalg.vector_norm(xs, dim=0) ** 2
+    if x.shape[0]:
+        low, high = torch.aminmax(x, dim=0)
+        peak = torch.maximum(low.abs(), high.abs()).to(_F64)
+    else:
+        peak = torch.zeros(x.shape[1], dtype=_F64, device=x.device)
+    y_stats = torch.stack([ys.sum(), ys.pow(2).sum(), y.abs().max().to(_F64)])
+    first_bad = math.inf
+    if not bool(torch.isfinite(torch.cat([sums, squares, peak, y_stats])).all()):
+        finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y)
+        bad = (~finite).nonzero()
+        first_bad = float(bad[0, 0]) if bad.numel() else math.inf
     return (
         torch.tensor(float(x.shape[0]), dtype=_F64),
-        xs.sum(0),
-        xs.pow(2).sum(0),
-        x.abs().amax(0).to(_F64) if x.shape[0] else torch.zeros(x.shape[1], dtype=_F64),
-        torch.stack([ys.sum(), ys.pow(2).sum(), y.abs().max().to(_F64)]),
+        sums,
+        squares,
+        peak,
+        y_stats,
         torch.tensor(first_bad, dtype=_F64),
     )
 
@@ -235,8 +252,13 @@ class Source:
 
     def _compute_summary(self) -> Summary:
         pilot_x, pilot_y = self.head(_PILOT_ROWS)
-        shift = pilot_x.to(_F64).mean(0)
+        pilot = pilot_x.to(_F64)
+        shift = pilot.mean(0)
         shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        # the shift guards the sums of squares against cancellation when a column's mean is
+        # large against its spread; otherwise it only costs a copy of every chunk
+        if not bool((shift.abs() > pilot.std(0, correction=0)).any()):
+            shift = torch.zeros_like(shift)
         y_shift = float(pilot_y.to(_F64).mean())
         y_shift = y_shift if math.isfinite(y_shift) else 0.0
         chunk = max(1024, (1 << 19) // max(1, self.in_features))  # about 4 MB of float64 rows

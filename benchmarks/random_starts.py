@@ -1,0 +1,172 @@
+"""How often a single random-start EM ends in a wrong basin, for three ways of starting it.
+
+Settings (the statistics issue's): similar experts, expert cosine 0.8 and 0.95, k = 2 and 3,
+n = 2000-5000, d = 5, a random gate of norm 2, noise 0.5, intercepts; one data set per setting.
+For each setting, ``--starts`` single starts of each kind, then ``fit_em`` to convergence from it:
+
+- ``today``: :func:`pyromoe.core.em.random_start` (what ``fit_em``'s random starts and
+  ``initialize``'s fallback use);
+- ``partition``: flexmix's rule, a random partition of (a subsample of) the rows into k groups
+  followed by one M-step (weighted least squares per expert on its rows, the noise pooled);
+- ``screened``: draw 4 ``today`` starts, run EM from each on a random 2000-row subsample
+  (tol 1e-5, at most 50 iterations), keep the best by log-likelihood there.
+
+A start ends in a wrong basin when its final log-likelihood is more than 5 nats below EM started at
+the truth AND its expert error is over twice that fit's. The screened start's cost (its subsample
+fits) is in its seconds. Writes benchmarks/results/random_starts.{json,md}.
+
+Run: ``python benchmarks/random_starts.py`` (100 starts per kind and setting, several minutes on 2
+cores) or ``--starts 20``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import pyromoe  # noqa: E402
+from benchmarks._common import machine_info, machine_markdown, write_results  # noqa: E402
+from pyromoe.core import em  # noqa: E402
+from pyromoe.core.sources import TensorSource, as_source  # noqa: E402
+
+SETTINGS = [(0.8, 2, 2000), (0.95, 2, 5000), (0.8, 3, 3000), (0.95, 3, 5000)]
+KINDS = ("today", "partition", "screened")
+WRONG_NATS = 5.0
+
+
+def partition_start(x, y, k, link, generator) -> pyromoe.MoEEstimate:
+    """flexmix's start: a random partition of up to 5000 rows, then one M-step."""
+    source = as_source(x, y)
+    n, d = source.shape
+    rows = min(n, 5000)
+    xs, ys = source.subsample(rows, generator)
+    labels = torch.randint(k, (rows,), generator=generator)
+    resp = torch.nn.functional.one_hot(labels, k).to(xs)
+    design = torch.cat([xs, torch.ones(rows, 1, dtype=xs.dtype)], 1)
+    gram = torch.stack([(design * resp[:, i : i + 1]).T @ design for i in range(k)])
+    cross = (resp * ys[:, None]).T @ design
+    coefficients = em.solve_linear_experts((gram, cross), 1e-8)
+    residual = ys[:, None] - design @ coefficients.T
+    noise = ((resp * residual**2).sum() / rows).sqrt()
+    flat = em.random_start(source, None, k, link, generator)  # a nearly flat gate
+    return pyromoe.MoEEstimate(
+        coefficients[:, :d], coefficients[:, d], flat.gate_weight, flat.gate_bias, noise, link
+    )
+
+
+def screened_start(x, y, k, link, generator, candidates=4, rows=2000) -> pyromoe.MoEEstimate:
+    """The best of ``candidates`` random starts after short EM runs on a ``rows``-row subsample."""
+    source = as_source(x, y)
+    sub = TensorSource(*source.subsample(min(rows, source.num_rows), generator))
+    best, best_value = None, -math.inf
+    for _ in range(candidates):
+        start = em.random_start(sub, None, k, link, generator)
+        fit = pyromoe.fit_em(sub, None, k, link, init=start, n_init=1, max_iter=50, tol=1e-5)
+        value = fit.diagnostics["log_likelihood_per_start"][0]
+        if value > best_value:
+            best, best_value = fit, value
+    return best
+
+
+def start_of(kind, x, y, k, link, generator):
+    if kind == "today":
+        return em.random_start(x, y, k, link, generator)
+    if kind == "partition":
+        return partition_start(x, y, k, link, generator)
+    return screened_start(x, y, k, link, generator)
+
+
+def run(starts: int) -> dict:
+    link = pyromoe.get_link("linear")
+    rows = []
+    for cosine, k, n in SETTINGS:
+        data = pyromoe.simulate(
+            n,
+            5,
+            num_experts=k,
+            expert_cosine=cosine,
+            gate="random",
+            gate_norm=2.0,
+            seed=11,
+            noise=0.5,
+            bias=True,
+        )
+        reference = pyromoe.fit_em(data.x, data.y, k, init=data.truth, n_init=1)
+        best = reference.diagnostics["log_likelihood_per_start"][0]
+        best_error = pyromoe.parameter_errors(reference, data.truth)["experts"]
+        for kind in KINDS:
+            generator = torch.Generator().manual_seed(123)
+            wrong, began = 0, time.perf_counter()
+            for _ in range(starts):
+                start = start_of(kind, data.x, data.y, k, link, generator)
+                fit = pyromoe.fit_em(data.x, data.y, k, init=start, n_init=1)
+                value = fit.diagnostics["log_likelihood_per_start"][0]
+                error = pyromoe.parameter_errors(fit, data.truth)["experts"]
+                wrong += int(value < best - WRONG_NATS / n and error > 2 * best_error)
+            row = {
+                "expert_cosine": cosine,
+                "k": k,
+                "n": n,
+                "kind": kind,
+                "starts": starts,
+                "wrong": wrong,
+                "rate": wrong / starts,
+                "se": math.sqrt(max(wrong, 0.5) * (starts - wrong) / starts) / starts,
+                "seconds": time.perf_counter() - began,
+            }
+            rows.append(row)
+            print(
+                f"cos={cosine} k={k} n={n} {kind}: {wrong}/{starts} wrong, {row['seconds']:.1f} s",
+                flush=True,
+            )
+    return {"rows": rows, "wrong_nats": WRONG_NATS, "starts": starts}
+
+
+def markdown(result: dict, info: dict, command: str) -> str:
+    lines = [
+        "# Single random starts: how often EM ends in a wrong basin",
+        "",
+        f"Run: `{command}`. d = 5, random gate of norm 2, noise 0.5, intercepts, seed 11 for the "
+        f"data, {result['starts']} starts per kind and setting. Wrong basin: more than "
+        f"{result['wrong_nats']:g} nats below EM started at the truth and expert error over twice "
+        "its. Seconds: the starts plus their full EM fits (one thread).",
+        "",
+        "| cosine | k | n | start | wrong basin | rate (se) | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['expert_cosine']} | {r['k']} | {r['n']} | {r['kind']} | "
+            f"{r['wrong']}/{r['starts']} | {r['rate']:.3f} ({r['se']:.3f}) | {r['seconds']:.1f} |"
+        )
+    lines += ["", "## Machine", "", machine_markdown(info), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--starts", type=int, default=100, help="starts per kind and setting")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    info = machine_info()
+    result = run(args.starts)
+    command = "python benchmarks/random_starts.py" + (
+        f" --starts {args.starts}" if args.starts != 100 else ""
+    )
+    for path in write_results(
+        "random_starts", {**result, "machine": info}, markdown(result, info, command)
+    ):
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

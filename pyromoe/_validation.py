@@ -228,36 +228,60 @@ def as_tensors(
         values (for a pandas input the message names the column and row of a missing value).
     """
     x = as_tensor(x, "x")
-    if x.dim() != 2:
-        hint = " (for a single input use x.reshape(-1, 1))" if x.dim() == 1 else ""
-        raise ValueError(f"x must be a 2-D array of shape (n, d); got shape {tuple(x.shape)}{hint}")
-    if x.shape[1] == 0:
-        raise ValueError(
-            f"x has no columns (shape {tuple(x.shape)}): a mixture of experts needs at least one "
-            "input; pass x of shape (n, d) with d >= 1"
-        )
-    if in_features is not None and x.shape[1] != in_features:
-        raise ValueError(
-            f"x must have in_features={in_features} columns; got shape {tuple(x.shape)}. "
-            "Build the model with in_features=x.shape[1]."
-        )
-    if x.shape[0] < min_rows:
-        raise ValueError(f"x must have at least {min_rows} rows; got {x.shape[0]}")
+    check_x_shape(tuple(x.shape), in_features, min_rows)
     _check_finite(x, "x")
     if y is None:
         return x, None
     y = as_tensor(y, "y", like=x)
-    if y.dim() == 2 and y.shape[1] == 1:
+    if check_y_shape(tuple(y.shape), x.shape[0]):
         y = y.reshape(-1)
-    if y.dim() != 1:
-        raise ValueError(f"y must be a 1-D array of shape (n,); got shape {tuple(y.shape)}")
-    if y.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"x and y must have the same number of rows; got {x.shape[0]} rows in x "
-            f"and {y.shape[0]} in y"
-        )
     _check_finite(y, "y")
     return x, y
+
+
+def check_x_shape(shape: tuple, in_features: int | None = None, min_rows: int = 1) -> None:
+    """Check the shape of inputs ``x`` (tensor, array, memory map or Dask array alike).
+
+    Raises
+    ------
+    ValueError
+        Not 2-D (with the reshape hint for 1-D), no columns, not ``in_features`` columns, fewer
+        than ``min_rows`` rows.
+    """
+    if len(shape) != 2:
+        hint = " (for a single input use x.reshape(-1, 1))" if len(shape) == 1 else ""
+        raise ValueError(f"x must be a 2-D array of shape (n, d); got shape {tuple(shape)}{hint}")
+    if shape[1] == 0:
+        raise ValueError(
+            f"x has no columns (shape {tuple(shape)}): a mixture of experts needs at least one "
+            "input; pass x of shape (n, d) with d >= 1"
+        )
+    if in_features is not None and shape[1] != in_features:
+        raise ValueError(
+            f"x must have in_features={in_features} columns; got shape {tuple(shape)}. "
+            "Build the model with in_features=x.shape[1]."
+        )
+    if shape[0] < min_rows:
+        raise ValueError(f"x must have at least {min_rows} rows; got {shape[0]}")
+
+
+def check_y_shape(shape: tuple, rows: int) -> bool:
+    """Check the shape of outputs ``y`` against ``rows`` rows of ``x``; True when ``y`` is
+    (n, 1) and must be flattened.
+
+    Raises
+    ------
+    ValueError
+        Not (n,) or (n, 1), or a row count other than x's.
+    """
+    column = len(shape) == 2 and shape[1] == 1
+    if len(shape) != 1 and not column:
+        raise ValueError(f"y must be a 1-D array of shape (n,); got shape {tuple(shape)}")
+    if shape[0] != rows:
+        raise ValueError(
+            f"x and y must have the same number of rows; got {rows} rows in x and {shape[0]} in y"
+        )
+    return column
 
 
 def pandas_feature_names(x) -> list[str] | None:

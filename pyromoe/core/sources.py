@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._validation import as_tensors, check_device
+from .._validation import as_tensors, check_device, check_x_shape, check_y_shape
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -148,6 +148,30 @@ def _summary_sums(x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, y_shift
         y_stats,
         torch.tensor(first_bad, dtype=_F64),
     )
+
+
+def _summary_over(chunks, shift: torch.Tensor, y_shift: float):
+    """:func:`_summary_sums` accumulated over ``(x, y)`` chunks in row order: (count, sums,
+    squares, maxima, y sums, first non-finite row counted from the first chunk, or inf)."""
+    total, offset, first_bad = None, 0, math.inf
+    for xc, yc in chunks:
+        count, sx, sxx, xmax, ysums, bad = _summary_sums(xc, yc, shift, y_shift)
+        if not math.isfinite(first_bad) and math.isfinite(float(bad)):
+            first_bad = offset + float(bad)
+        offset += xc.shape[0]
+        if total is None:
+            total = [count, sx, sxx, xmax, ysums]
+            continue
+        total = [
+            total[0] + count,
+            total[1] + sx,
+            total[2] + sxx,
+            torch.maximum(total[3], xmax),
+            torch.stack(
+                [total[4][0] + ysums[0], total[4][1] + ysums[1], total[4][2].maximum(ysums[2])]
+            ),
+        ]
+    return (*total, torch.tensor(first_bad, dtype=_F64))
 
 
 def sample_rows(num_rows: int, rows: int, generator: torch.Generator) -> torch.Tensor:
@@ -286,26 +310,7 @@ class Source:
 
     def _summary_pass(self, shift, y_shift, chunk):
         """The summary sums, with the first non-finite row as a global row index."""
-        total, offset, first_bad = None, 0, math.inf
-        shift = shift.to(self.device)
-        for xc, yc in self.chunks(chunk):
-            count, sx, sxx, xmax, ysums, bad = _summary_sums(xc, yc, shift, y_shift)
-            if not math.isfinite(first_bad) and math.isfinite(float(bad)):
-                first_bad = offset + float(bad)
-            offset += xc.shape[0]
-            if total is None:
-                total = [count, sx, sxx, xmax, ysums]
-                continue
-            total = [
-                total[0] + count,
-                total[1] + sx,
-                total[2] + sxx,
-                torch.maximum(total[3], xmax),
-                torch.stack(
-                    [total[4][0] + ysums[0], total[4][1] + ysums[1], total[4][2].maximum(ysums[2])]
-                ),
-            ]
-        return (*total, torch.tensor(first_bad, dtype=_F64))
+        return _summary_over(self.chunks(chunk), shift.to(self.device), y_shift)
 
     def rescaled(self, x_scale: torch.Tensor | None, y_scale: float) -> Source:
         """This source with ``x / x_scale`` and ``y / y_scale`` (exact powers of two)."""
@@ -462,30 +467,15 @@ def _sum_parts(*parts):
 
 def _block_summary(xb, yb, shift, y_shift, dtype, chunk_size):
     """A block's summary sums (count, sums, squares, maxima, first bad row within the block), in
-    sub-chunks of ``chunk_size`` rows (runs on a worker)."""
+    sub-chunks (runs on a worker; see :func:`_worker_chunk`)."""
     yb = np.asarray(yb).reshape(-1)
-    total, first_bad = None, math.inf
-    chunk_size = _worker_chunk(chunk_size, xb.shape[1])
-    for start in range(0, xb.shape[0], chunk_size):
-        stop = start + chunk_size
-        xc = _chunk_tensor(xb[start:stop], dtype, torch.device("cpu"))
-        yc = _chunk_tensor(yb[start:stop], dtype, torch.device("cpu"))
-        count, sx, sxx, xmax, ysums, bad = _summary_sums(xc, yc, shift, y_shift)
-        if not math.isfinite(first_bad) and math.isfinite(float(bad)):
-            first_bad = start + float(bad)
-        if total is None:
-            total = [count, sx, sxx, xmax, ysums]
-            continue
-        total = [
-            total[0] + count,
-            total[1] + sx,
-            total[2] + sxx,
-            torch.maximum(total[3], xmax),
-            torch.stack(
-                [total[4][0] + ysums[0], total[4][1] + ysums[1], total[4][2].maximum(ysums[2])]
-            ),
-        ]
-    return (*total, torch.tensor(first_bad, dtype=_F64))
+    rows = _worker_chunk(chunk_size, xb.shape[1])
+    cpu = torch.device("cpu")
+    pieces = (
+        (_chunk_tensor(xb[i : i + rows], dtype, cpu), _chunk_tensor(yb[i : i + rows], dtype, cpu))
+        for i in range(0, xb.shape[0], rows)
+    )
+    return _summary_over(pieces, shift, y_shift)
 
 
 class DaskSource(Source):
@@ -576,40 +566,10 @@ class DaskSource(Source):
 
 
 # ------------------------------------------------------------------------------------ the boundary
-def _shape_error(name: str, shape) -> ValueError:
-    hint = " (for a single input use x.reshape(-1, 1))" if len(shape) == 1 and name == "x" else ""
-    want = "(n, d)" if name == "x" else "(n,)"
-    return ValueError(
-        f"{name} must be a {2 if name == 'x' else 1}-D array of shape {want}; got "
-        f"shape {tuple(shape)}{hint}"
-    )
-
-
 def _check_out_of_core_shapes(x, y, in_features, min_rows):
-    if len(x.shape) != 2:
-        raise _shape_error("x", x.shape)
-    if x.shape[1] == 0:
-        raise ValueError(
-            f"x has no columns (shape {tuple(x.shape)}): a mixture of experts needs at least one "
-            "input; pass x of shape (n, d) with d >= 1"
-        )
-    if in_features is not None and x.shape[1] != in_features:
-        raise ValueError(
-            f"x must have in_features={in_features} columns; got shape {tuple(x.shape)}. "
-            "Build the model with in_features=x.shape[1]."
-        )
-    if len(y.shape) == 2 and y.shape[1] == 1:
-        y = y.reshape(-1)
-    if len(y.shape) != 1:
-        raise _shape_error("y", y.shape)
-    if y.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"x and y must have the same number of rows; got {x.shape[0]} rows in x "
-            f"and {y.shape[0]} in y"
-        )
-    if x.shape[0] < min_rows:
-        raise ValueError(f"x must have at least {min_rows} rows; got {x.shape[0]}")
-    return y
+    """The shapes of an out-of-core ``(x, y)``, checked as for tensors; ``y`` flattened."""
+    check_x_shape(tuple(x.shape), in_features, min_rows)
+    return y.reshape(-1) if check_y_shape(tuple(y.shape), x.shape[0]) else y
 
 
 def _unknown_chunks(array) -> bool:

@@ -144,7 +144,7 @@ def test_run_nuts_is_reproducible_from_the_seed(data, model):
 # ---------------------------------------------------------------------------------- MAP / SVI
 def test_fit_map_increases_the_log_joint_from_the_estimate(data, model):
     with pytest.warns(ConvergenceWarning, match="did not converge"):  # a deliberately rough start
-        start = fit_em(data.x, data.y, 2, bias=False, max_iter=2, n_init=1, seed=0)
+        start = fit_em(data.x, data.y, 2, bias=False, max_iter=2, n_init=1, seed=0, screen=1)
     idata = fit_map(model, data.x, data.y, init=start, num_steps=300, lr=0.02)
     elbo = idata.attrs["elbo"]  # AutoDelta: the ELBO is the log joint density
     assert elbo[-1] > elbo[0]

@@ -582,7 +582,9 @@ def test_9_ordinary_data_give_the_same_numbers_as_before(data):
     fits = {
         "initialize": initialize(x, y, 2),
         "tensor_init": tensor_init(x, y, 2),
-        "fit_em": fit_em(x, y, 2, n_init=2, seed=3),
+        # screen=1: plain random draws, the starts these numbers were pinned with (screened
+        # starts reach the same optimum with the experts' labels swapped)
+        "fit_em": fit_em(x, y, 2, n_init=2, seed=3, screen=1),
     }
     for label, fit in fits.items():
         for name in PARAMETERS:

@@ -44,6 +44,7 @@ from pyro.infer.autoguide import (
     AutoDelta,
     AutoGuide,
     AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
     AutoNormal,
 )
 from pyro.infer.autoguide.initialization import init_to_feasible, init_to_uniform
@@ -470,6 +471,7 @@ def fit_map(
 _GUIDES: dict[str, type[AutoGuide]] = {
     "normal": AutoNormal,
     "lowrank": AutoLowRankMultivariateNormal,
+    "mvn": AutoMultivariateNormal,
 }
 
 
@@ -505,9 +507,10 @@ def fit_svi(
     y : the same kinds (n,)
     init : MoEEstimate, callable or None
         Start of the guide's location (``None``: the autoguide's own default).
-    guide : {"normal", "lowrank"} or AutoGuide
-        :class:`~pyro.infer.autoguide.AutoNormal`, :class:`~pyro.infer.autoguide.
-        AutoLowRankMultivariateNormal`, or your own guide (then ``init`` is only used for alignment).
+    guide : {"normal", "lowrank", "mvn"} or AutoGuide
+        :class:`~pyro.infer.autoguide.AutoNormal` (mean field), :class:`~pyro.infer.autoguide.
+        AutoLowRankMultivariateNormal`, :class:`~pyro.infer.autoguide.AutoMultivariateNormal`
+        (full covariance), or your own guide (then ``init`` is only used for alignment).
     num_steps, lr, subsample_size, seed, num_threads, device
         As in :func:`fit_map` (Adam steps and rate, mini-batch size for large n, ...;
         ``subsample_size`` is required for out-of-core data).
@@ -568,7 +571,7 @@ def fit_svi(
     num_samples = check_count(num_samples, "num_samples", minimum=1)
     if not isinstance(guide, AutoGuide) and guide not in _GUIDES:
         raise ValueError(
-            f"guide must be 'normal', 'lowrank' or a pyro AutoGuide instance; got {guide!r}"
+            f"guide must be 'normal', 'lowrank', 'mvn' or a pyro AutoGuide instance; got {guide!r}"
         )
     batches = _Batches(source, checked["subsample_size"], checked["seed"], "fit_svi")
     init = _estimate_on(init, source.device)

@@ -58,7 +58,7 @@ from .likelihood import (
 )
 from .links import Link
 from .params import Params
-from .sources import DEFAULT_CHUNK_SIZE, Source, as_source
+from .sources import DEFAULT_CHUNK_SIZE, Source, TensorSource, as_source
 from .threads import check_num_threads, torch_threads
 
 __all__ = [
@@ -79,6 +79,7 @@ __all__ = [
     "noise_floor",
     "pass_statistics",
     "random_start",
+    "screened_start",
     "solve_linear_experts",
     "warn_collapse",
 ]
@@ -902,6 +903,112 @@ def random_start(
     )
 
 
+#: A screened start (:func:`screened_start`, what :func:`fit_em`'s random starts are): the best of
+#: ``SCREEN_CANDIDATES`` random draws after at most ``SCREEN_MAX_ITER`` EM iterations (tolerance
+#: ``SCREEN_TOL``) on a random subsample of ``SCREEN_ROWS`` rows (all rows when there are fewer).
+#: Measured in benchmarks/results/random_starts.md: on similar experts at k = 3 one raw draw ended
+#: in a wrong basin on about a quarter of the starts, a screened start on a few percent.
+SCREEN_CANDIDATES = 4
+SCREEN_ROWS = 2000
+SCREEN_MAX_ITER = 50
+SCREEN_TOL = 1e-5
+
+
+def screened_start(
+    x,
+    y,
+    num_experts: int,
+    link: str | Link,
+    generator: torch.Generator,
+    *,
+    candidates: int = SCREEN_CANDIDATES,
+    rows: int = SCREEN_ROWS,
+    bias: bool = True,
+    noise: str = "shared",
+    prior_scale: float | None = None,
+    chunk_size: int | None = None,
+) -> MoEEstimate:
+    """The best of ``candidates`` random starts after short EM runs on a random subsample.
+
+    Each candidate is a :func:`random_start` draw (scaled to all the data); EM runs from each on
+    the same ``rows`` rows drawn at random (all rows when ``n <= rows``), for at most
+    :data:`SCREEN_MAX_ITER` iterations with tolerance :data:`SCREEN_TOL`, and the one with the
+    highest objective there is returned. A single draw often starts EM in a wrong basin when the
+    experts are similar (benchmarks/random_starts.py); a few short fits on a subsample sort out
+    most of those at the cost of ``candidates * SCREEN_MAX_ITER`` passes over ``rows`` rows,
+    whatever ``n``. Draws (rows and candidates) come from ``generator``.
+
+    Parameters
+    ----------
+    x : Tensor (n, d), or a Source (then ``y`` is ignored)
+    y : Tensor (n,)
+    num_experts : int
+    link : str or Link
+    generator : torch.Generator
+        CPU generator.
+    candidates : int
+        Random draws screened (1: the plain :func:`random_start`, no EM).
+    rows : int
+        Rows of the screening subsample.
+    bias, noise, prior_scale : as in :func:`fit_em`
+    chunk_size : int, optional
+        Rows per chunk of the screening passes (default :func:`default_chunk_size`).
+
+    Returns
+    -------
+    MoEEstimate
+        ``method="random"``; ``diagnostics``: ``screened`` (candidates), ``screen_rows``,
+        ``screen_objective_per_candidate`` (each candidate's objective on the subsample) and
+        ``screen_best``.
+
+    Examples
+    --------
+    >>> from pyromoe import simulate
+    >>> data = simulate(500, 3, seed=0)
+    >>> start = screened_start(data.x, data.y, 2, "linear", torch.Generator().manual_seed(0))
+    >>> start.diagnostics["screened"], start.diagnostics["screen_rows"]
+    (4, 500)
+    """
+    source = as_source(x, y)
+    link = check_link(link)
+    candidates = check_positive(candidates, "candidates", integer=True)
+    rows = check_positive(rows, "rows", integer=True)
+    per_expert = check_noise_model(noise) == "per_expert"
+    draws = [
+        random_start(source, None, num_experts, link, generator, bias=bias)
+        for _ in range(candidates)
+    ]
+    if candidates == 1 or num_experts == 1:
+        return draws[0]
+    n = source.num_rows
+    sub = source if n <= rows else TensorSource(*source.subsample(rows, generator))
+    like = torch.empty(0, dtype=source.dtype, device=source.device)
+    starts = [_start_params(draw, like, bias, per_expert) for draw in draws]
+    em = EM(
+        sub,
+        link,
+        update_gate_bias=bias,
+        prior_scale=prior_scale,
+        tol=SCREEN_TOL,
+        max_iter=SCREEN_MAX_ITER,
+        chunk_size=default_chunk_size(source.in_features) if chunk_size is None else chunk_size,
+    )
+    with warnings.catch_warnings():  # short fits: stopping early and collapsing are expected
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", CollapseWarning)
+        runs, best = em.fit(starts)
+    k = num_experts
+    params = runs[best].params
+    params = params._replace(noise=params.noise.reshape((k,) if per_expert else ()))
+    diagnostics = {
+        "screened": candidates,
+        "screen_rows": min(n, rows),
+        "screen_objective_per_candidate": [r.objective for r in runs],
+        "screen_best": best,
+    }
+    return MoEEstimate.from_params(params, link, method="random", diagnostics=diagnostics)
+
+
 def _check_init(init, k: int, d: int, link: Link, source: Source) -> MoEEstimate:
     if not isinstance(init, MoEEstimate):
         raise TypeError(
@@ -935,6 +1042,7 @@ def fit_em(
     *,
     init: MoEEstimate | None = None,
     n_init: int | None = None,
+    screen: int = SCREEN_CANDIDATES,
     bias: bool = True,
     noise: str = "shared",
     tol: float = 1e-6,
@@ -966,7 +1074,14 @@ def fit_em(
     n_init : int, optional
         Total number of starts. Default: 5 random starts without ``init``; only the given start
         with ``init`` (``n_init > 1`` then adds ``n_init - 1`` random starts). Random starts are
-        drawn by :func:`random_start` from a ``torch.Generator`` seeded with ``seed``.
+        screened starts (:func:`screened_start`) drawn from a ``torch.Generator`` seeded with
+        ``seed``.
+    screen : int
+        Random draws behind each random start: the best of ``screen`` draws after at most
+        :data:`SCREEN_MAX_ITER` EM iterations on a random subsample of :data:`SCREEN_ROWS` rows
+        (default :data:`SCREEN_CANDIDATES`). ``1``: one plain :func:`random_start` draw per start
+        (cheaper; on similar experts far more often in a wrong basin, see
+        benchmarks/results/random_starts.md).
     bias : bool
         Fit expert intercepts and gate offsets; with ``False`` they are fixed at 0 (an ``init``'s
         offsets are then ignored).
@@ -1011,7 +1126,8 @@ def fit_em(
         the best start, ``converged_per_start``, ``n_iter_per_start``, ``seconds_per_start``,
         ``passes_per_start`` (passes over the data), ``chunk_size``, ``source`` (``"tensor"``,
         ``"memmap"`` or ``"dask"``), ``objective`` (``"mean log-likelihood"`` or
-        ``"log posterior / n"``), ``seed``,
+        ``"log posterior / n"``), ``seed``, ``screen`` and ``screen_seconds`` (drawing and
+        screening the random starts),
         ``effective_rows`` (per expert, best start) and ``collapsed_experts``.
 
     Raises
@@ -1071,6 +1187,7 @@ def fit_em(
     if n_init is None:
         n_init = 1 if init is not None else 5
     n_init = check_positive(n_init, "n_init", integer=True)
+    screen = check_positive(screen, "screen", integer=True)
     num_threads = check_num_threads(num_threads)
     if init is not None:
         init = _check_init(init, k, d, link, source)
@@ -1091,11 +1208,14 @@ def fit_em(
             seed=seed,
             em=em,
             per_expert=per_expert,
+            screen=screen,
         )
 
 
 @on_exact_scale("estimate", init="estimate")
-def _fit_em(source, k, link, *, init, n_init, bias, seed, em, per_expert=False) -> MoEEstimate:
+def _fit_em(
+    source, k, link, *, init, n_init, bias, seed, em, per_expert=False, screen=SCREEN_CANDIDATES
+) -> MoEEstimate:
     """:func:`fit_em` on checked arguments; ``em``: the options of :class:`EM`."""
     n, d = source.shape
     check_enough_rows(
@@ -1110,9 +1230,23 @@ def _fit_em(source, k, link, *, init, n_init, bias, seed, em, per_expert=False) 
         starts.append(init)
         kinds.append("given")
     generator = torch.Generator().manual_seed(seed)
+    began = time.perf_counter()
     while len(starts) < n_init:
-        starts.append(random_start(source, None, k, link, generator, bias=bias))
+        start = screened_start(
+            source,
+            None,
+            k,
+            link,
+            generator,
+            candidates=screen,
+            bias=bias,
+            noise="per_expert" if per_expert else "shared",
+            prior_scale=em["prior_scale"],
+            chunk_size=em["chunk_size"],
+        )
+        starts.append(start)
         kinds.append("random")
+    screen_seconds = time.perf_counter() - began
     like = torch.empty(0, dtype=source.dtype, device=source.device)
     starts = [_start_params(start, like, bias, per_expert) for start in starts]
     runs, best = EM(source, link, update_gate_bias=bias, **em).fit(starts, stacklevel=4)
@@ -1134,6 +1268,8 @@ def _fit_em(source, k, link, *, init, n_init, bias, seed, em, per_expert=False) 
         "objective": "mean log-likelihood" if em["prior_scale"] is None else "log posterior / n",
         "noise_model": "per_expert" if per_expert else "shared",
         "seed": seed,
+        "screen": screen,
+        "screen_seconds": screen_seconds,
         "effective_rows": run.effective_rows,
         "collapsed_experts": run.collapsed_experts,
     }

@@ -1,0 +1,397 @@
+"""Simulation-based calibration (SBC) of NUTS and SVI on the model with its default priors.
+
+Each replication draws the parameters from the priors of ``MixtureOfExperts(d, k)`` (linear,
+biases, shared noise: the defaults of :data:`pyromoe.bayes.model.DEFAULT_PRIOR_SCALES`), ``x`` from
+a standard normal (n rows, d columns) and ``y`` from the model, fits the posterior from the
+``initialize`` estimate of that data, and records, for each label-invariant test quantity, the
+rank of its true value among L = 99 thinned posterior draws and whether the central 50% and 90%
+posterior intervals (from all draws) cover it. Under a calibrated posterior the ranks are uniform
+on 0..L and the coverages are 0.5 and 0.9 (Talts et al. 2018, "Validating Bayesian inference
+algorithms with simulation-based calibration").
+
+Test quantities (invariant to relabelling the experts, so no alignment is involved):
+``noise``; ``E[y | x*]`` and ``Var[y | x*]`` at three fixed points ``x*``; and the log-likelihood
+of the replication's data, ``sum_n log p(y_n | x_n, theta)``.
+
+Methods: ``nuts`` (:func:`pyromoe.run_nuts`, one chain, ``--warmup`` + ``--samples``, seeded),
+``svi_normal``, ``svi_lowrank``, ``svi_mvn`` (:func:`pyromoe.fit_svi` with AutoNormal,
+AutoLowRankMultivariateNormal, AutoMultivariateNormal at its defaults, started at the same
+estimate). Thinning: NUTS draws ``4, 8, ..., 396`` of 400 (autocorrelated draws would make the
+rank histogram U-shaped); the guides' draws are independent and thinned the same way.
+
+Resumable: every replication appends one JSON line to ``benchmarks/results/sbc/<method>.jsonl``
+(the raw data, committed); a re-run skips the replications already there. Run methods in separate
+processes to use several cores. ``--report`` (alone or after a run) reads every line and writes
+``benchmarks/results/sbc.{json,md,png}``: rank histograms (20 bins) with 99% bands of a uniform
+histogram, chi-square and KS p-values (the KS test on ``(rank + U) / (L + 1)``, U uniform, exactly
+uniform under calibration), and 50%/90% coverage with binomial standard errors.
+
+Run: ``python benchmarks/sbc.py --methods nuts --reps 200`` (about 5 s per replication on one
+thread) and ``--methods svi_normal,svi_lowrank,svi_mvn --reps 200`` in another shell, then
+``python benchmarks/sbc.py --report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pyro  # noqa: E402
+import torch  # noqa: E402
+from pyro import poutine  # noqa: E402
+
+import pyromoe  # noqa: E402
+from benchmarks._common import RESULTS, machine_info, machine_markdown, write_results  # noqa: E402
+from pyromoe.core import likelihood  # noqa: E402
+
+METHODS = ("nuts", "svi_normal", "svi_lowrank", "svi_mvn")
+GUIDES = {"svi_normal": "normal", "svi_lowrank": "lowrank", "svi_mvn": "mvn"}
+#: The three fixed points x* (d = 2; for other d the first two coordinates, the rest zero).
+POINTS = ((0.0, 0.0), (1.0, -1.0), (-1.5, 0.5))
+THIN = 4
+BINS = 20
+
+
+def quantity_names() -> list[str]:
+    names = ["noise"]
+    names += [f"mean_at_x{j}" for j in range(len(POINTS))]
+    names += [f"var_at_x{j}" for j in range(len(POINTS))]
+    return names + ["log_likelihood"]
+
+
+def points(d: int) -> torch.Tensor:
+    table = torch.zeros(len(POINTS), d, dtype=torch.float64)
+    for j, point in enumerate(POINTS):
+        m = min(d, len(point))
+        table[j, :m] = torch.tensor(point[:m], dtype=torch.float64)
+    return table
+
+
+def quantities(params, link, x, y) -> torch.Tensor:
+    """The test quantities of parameters with any leading batch dims: shape (..., 8)."""
+    at = points(x.shape[1]).to(x)
+    gate = torch.softmax(likelihood.gate_logits(at, params.gate_weight, params.gate_bias), -1)
+    means = likelihood.expert_means(at, params.experts_weight, params.experts_bias, link)
+    noise = params.noise
+    mean = (gate * means).sum(-1)
+    var = noise.unsqueeze(-1) ** 2 + (gate * means**2).sum(-1) - mean**2
+    loglik = likelihood.log_likelihood(x, y, params, link).sum(-1)
+    return torch.cat([noise.unsqueeze(-1), mean, var, loglik.unsqueeze(-1)], dim=-1)
+
+
+def replication(rep: int, n: int, d: int, k: int) -> tuple:
+    """``(model, x, y, true params)`` of replication ``rep`` (seeded by it)."""
+    model = pyromoe.MixtureOfExperts(d, k)
+    seed = 10_000 + rep
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    pyro.set_rng_seed(seed)
+    trace = poutine.trace(model).get_trace(x)
+    values = {name: trace.nodes[name]["value"].detach() for name in model.site_shapes}
+    y = trace.nodes["y"]["value"].detach()
+    return model, x, y, model.params(values, x)
+
+
+def posterior_draws(idata, model, x) -> object:
+    posterior = idata.posterior
+    flat = {
+        name: torch.as_tensor(np.asarray(posterior[name].values)).reshape(-1, *shape)
+        for name, shape in model.site_shapes.items()
+    }
+    return model.params(flat, x)
+
+
+def run_one(
+    method: str, rep: int, *, n: int, d: int, k: int, warmup: int, samples: int, steps: int | None
+) -> dict:
+    model, x, y, truth = replication(rep, n, d, k)
+    seed = 10_000 + rep
+    began = time.perf_counter()
+    init = pyromoe.initialize(x, y, k, seed=seed, num_threads=1)
+    record = {"method": method, "rep": rep, "seed": seed, "init": init.method}
+    if method == "nuts":
+        idata = pyromoe.run_nuts(
+            model,
+            x,
+            y,
+            init=init,
+            num_chains=1,
+            num_warmup=warmup,
+            num_samples=samples,
+            seed=seed,
+            progress=False,
+            posterior_predictive=False,
+            align=False,
+        )
+        stats = idata.sample_stats
+        record["divergences"] = int(np.asarray(stats["diverging"]).sum())
+        if "tree_depth" in stats:
+            record["mean_tree_depth"] = float(np.asarray(stats["tree_depth"]).mean())
+    else:
+        kwargs = {} if steps is None else {"num_steps": steps}
+        idata = pyromoe.fit_svi(
+            model,
+            x,
+            y,
+            init=init,
+            guide=GUIDES[method],
+            num_samples=samples,
+            seed=seed,
+            progress=False,
+            posterior_predictive=False,
+            align=False,
+            num_threads=1,
+            **kwargs,
+        )
+    record["seconds"] = time.perf_counter() - began
+    draws = quantities(posterior_draws(idata, model, x), model.link, x, y)  # (S, Q)
+    true = quantities(truth, model.link, x, y)  # (Q,)
+    thinned = draws[THIN::THIN]
+    record["num_thinned"] = int(thinned.shape[0])
+    record["ranks"] = (thinned < true).sum(0).tolist()
+    for level in (0.5, 0.9):
+        lo = torch.quantile(draws, (1 - level) / 2, dim=0)
+        hi = torch.quantile(draws, (1 + level) / 2, dim=0)
+        record[f"covered_{int(level * 100)}"] = ((lo <= true) & (true <= hi)).tolist()
+    record["truth"] = true.tolist()
+    return record
+
+
+def runs_file(method: str) -> Path:
+    return RESULTS / "sbc" / f"{method}.jsonl"
+
+
+def read_runs(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by an interrupted run: ignored
+            continue
+    return records
+
+
+def run(methods, reps: int, settings: dict, out_dir: Path | None = None) -> None:
+    """Replications ``0..reps-1`` of each method not yet in its file, replication by replication
+    (so interrupted runs leave every method with about as many)."""
+    paths = {m: runs_file(m) if out_dir is None else out_dir / f"{m}.jsonl" for m in methods}
+    done = {}
+    for method, path in paths.items():
+        records = read_runs(path)
+        other = [r["settings"] for r in records if r["settings"] != settings]
+        if other:
+            raise SystemExit(
+                f"{path} holds replications run with {other[0]}, not {settings}: pass those "
+                "settings to resume, or move the file away to start afresh"
+            )
+        done[method] = {r["rep"] for r in records}
+    for rep in range(reps):
+        for method in methods:
+            path = paths[method]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if rep in done[method]:
+                continue
+            record = run_one(method, rep, **settings)
+            record["settings"] = settings
+            cut = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+            with path.open("a") as f:  # one line per replication: an interrupted run loses one
+                f.write(("\n" if cut else "") + json.dumps(record) + "\n")
+                f.flush()
+            print(
+                f"{method} rep {rep}: {record['seconds']:.1f} s, init {record['init']}", flush=True
+            )
+
+
+# ------------------------------------------------------------------------------------ report
+def summarise(records: list[dict], seed: int = 0) -> dict:
+    """Per quantity: rank histogram, chi-square and KS p-values, 50%/90% coverage (+ SE)."""
+    from scipy import stats
+
+    names = quantity_names()
+    ranks = np.array([r["ranks"] for r in records])  # (R, Q)
+    L = records[0]["num_thinned"]
+    reps = ranks.shape[0]
+    rng = np.random.default_rng(seed)
+    uniform = (ranks + rng.random(ranks.shape)) / (L + 1)
+    out = {}
+    for q, name in enumerate(names):
+        counts = np.histogram(uniform[:, q], bins=BINS, range=(0.0, 1.0))[0]
+        chi2 = stats.chisquare(counts).pvalue
+        ks = stats.kstest(uniform[:, q], "uniform").pvalue
+        entry = {"counts": counts.tolist(), "chi2_p": float(chi2), "ks_p": float(ks)}
+        for level in (50, 90):
+            p = float(np.mean([r[f"covered_{level}"][q] for r in records]))
+            entry[f"coverage_{level}"] = p
+            entry[f"coverage_{level}_se"] = math.sqrt(max(p * (1 - p), 1e-12) / reps)
+        out[name] = entry
+    return {"replications": reps, "num_thinned": L, "quantities": out}
+
+
+def report(methods, in_dir: Path | None = None, write: bool = True) -> dict:
+    from scipy import stats
+
+    summary, settings = {}, None
+    for method in methods:
+        path = runs_file(method) if in_dir is None else in_dir / f"{method}.jsonl"
+        records = read_runs(path)
+        if not records:
+            continue
+        summary[method] = summarise(records)
+        summary[method]["seconds_per_replication"] = float(np.mean([r["seconds"] for r in records]))
+        summary[method]["init_methods"] = sorted({r["init"] for r in records})
+        if method == "nuts":
+            summary[method]["replications_with_divergences"] = int(
+                sum(r.get("divergences", 0) > 0 for r in records)
+            )
+        settings = records[0]["settings"]
+    tests = 2 * len(quantity_names())
+    result = {
+        "settings": settings,
+        "methods": summary,
+        "tests_per_method": tests,
+        "bonferroni_alpha": 0.01 / tests,
+    }
+    if write:
+        info = machine_info()
+        figure = _figure(summary)
+        write_results("sbc", {**result, "machine": info}, _markdown(result, info), figure)
+    del stats
+    return result
+
+
+def _band(reps: int) -> tuple[float, float]:
+    from scipy import stats
+
+    return (
+        float(stats.binom.ppf(0.005, reps, 1 / BINS)),
+        float(stats.binom.ppf(0.995, reps, 1 / BINS)),
+    )
+
+
+def _figure(summary: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = quantity_names()
+    methods = list(summary)
+    fig, axes = plt.subplots(
+        len(methods), len(names), figsize=(2.0 * len(names), 1.8 * len(methods)), squeeze=False
+    )
+    for row, method in enumerate(methods):
+        reps = summary[method]["replications"]
+        lo, hi = _band(reps)
+        for col, name in enumerate(names):
+            ax = axes[row, col]
+            counts = summary[method]["quantities"][name]["counts"]
+            ax.axhspan(lo, hi, color="0.85", zorder=0)
+            ax.axhline(reps / BINS, color="0.5", lw=0.8)
+            ax.bar(np.arange(BINS), counts, width=1.0, color="C0", edgecolor="white", lw=0.3)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name, fontsize=8)
+            if col == 0:
+                ax.set_ylabel(method, fontsize=8)
+    fig.suptitle("SBC rank histograms (grey: 99% band of a uniform histogram)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _markdown(result: dict, info: dict) -> str:
+    s = result["settings"] or {}
+    lines = [
+        "# Simulation-based calibration (SBC)",
+        "",
+        f"Model: `MixtureOfExperts(d={s.get('d')}, k={s.get('k')})`, linear, biases, shared noise, "
+        f"default priors; n = {s.get('n')} rows of standard-normal x per replication. Posterior "
+        f"from the `initialize` estimate: NUTS one chain of {s.get('warmup')} + {s.get('samples')}; "
+        f"SVI at `fit_svi`'s defaults ({s.get('steps') or 2000} steps), {s.get('samples')} guide "
+        f"draws. Ranks among every {THIN}th draw (L = 99); coverage of the central intervals from "
+        "all draws. Under calibration: uniform ranks, coverage 0.50 and 0.90. "
+        f"Bonferroni threshold over the {result['tests_per_method']} tests of a method at "
+        f"family-wise 1%: p < {result['bonferroni_alpha']:.2g}.",
+        "",
+        "| method | quantity | reps | chi2 p | KS p | 50% cover (se) | 90% cover (se) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, entry in result["methods"].items():
+        for name, q in entry["quantities"].items():
+            flag = " **" if min(q["chi2_p"], q["ks_p"]) < result["bonferroni_alpha"] else ""
+            lines.append(
+                f"| {method} | {name} | {entry['replications']} | {q['chi2_p']:.3g}{flag} | "
+                f"{q['ks_p']:.3g}{flag} | {q['coverage_50']:.2f} ({q['coverage_50_se']:.2f}) | "
+                f"{q['coverage_90']:.2f} ({q['coverage_90_se']:.2f}) |"
+            )
+    lines += [
+        "",
+        "| method | reps | mean 50% cover | mean 90% cover | seconds / rep | notes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, entry in result["methods"].items():
+        qs = entry["quantities"].values()
+        c50 = np.mean([q["coverage_50"] for q in qs])
+        c90 = np.mean([q["coverage_90"] for q in qs])
+        note = f"inits: {', '.join(entry['init_methods'])}"
+        if "replications_with_divergences" in entry:
+            note += f"; reps with divergences: {entry['replications_with_divergences']}"
+        lines.append(
+            f"| {method} | {entry['replications']} | {c50:.3f} | {c90:.3f} | "
+            f"{entry['seconds_per_replication']:.1f} | {note} |"
+        )
+    lines += [
+        "",
+        "`**`: below the Bonferroni threshold.",
+        "",
+        "![ranks](sbc.png)",
+        "",
+        "## Machine",
+        "",
+        machine_markdown(info),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--n", type=int, default=150)
+    parser.add_argument("--d", type=int, default=2)
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--samples", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=None, help="SVI steps (default fit_svi's)")
+    parser.add_argument("--report", action="store_true", help="write sbc.* from every line")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    settings = dict(
+        n=args.n, d=args.d, k=args.k, warmup=args.warmup, samples=args.samples, steps=args.steps
+    )
+    if not args.report_only:
+        run(methods, args.reps, settings)
+    if args.report or args.report_only:
+        report(METHODS)
+        print("wrote", RESULTS / "sbc.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,22 +1,23 @@
 """How often a single random-start EM ends in a wrong basin, for three ways of starting it.
 
 Settings (the statistics issue's): similar experts, expert cosine 0.8 and 0.95, k = 2 and 3,
-n = 2000-5000, d = 5, a random gate of norm 2, noise 0.5, intercepts; one data set per setting.
-For each setting, ``--starts`` single starts of each kind, then ``fit_em`` to convergence from it:
+n = 2000-5000, d = 5, a random gate of norm 2, noise 0.5, intercepts; ``--datasets`` data sets
+per setting (seeds 11, 12, ...), ``--starts`` single starts of each kind spread over them, then
+``fit_em`` to convergence from each start:
 
-- ``today``: :func:`pyromoe.core.em.random_start` (what ``fit_em``'s random starts and
-  ``initialize``'s fallback use);
+- ``plain``: one :func:`pyromoe.core.em.random_start` draw (``fit_em(..., screen=1)``; what
+  ``fit_em``'s random starts and ``initialize``'s fallback were before the screened start);
 - ``partition``: flexmix's rule, a random partition of (a subsample of) the rows into k groups
   followed by one M-step (weighted least squares per expert on its rows, the noise pooled);
-- ``screened``: draw 4 ``today`` starts, run EM from each on a random 2000-row subsample
-  (tol 1e-5, at most 50 iterations), keep the best by log-likelihood there.
+- ``screened``: :func:`pyromoe.core.em.screened_start`, today's default: 4 plain draws, EM from
+  each on a random 2000-row subsample (tol 1e-5, at most 50 iterations), the best kept.
 
 A start ends in a wrong basin when its final log-likelihood is more than 5 nats below EM started at
 the truth AND its expert error is over twice that fit's. The screened start's cost (its subsample
 fits) is in its seconds. Writes benchmarks/results/random_starts.{json,md}.
 
-Run: ``python benchmarks/random_starts.py`` (100 starts per kind and setting, several minutes on 2
-cores) or ``--starts 20``.
+Run: ``python benchmarks/random_starts.py`` (100 starts per kind and setting over 5 data sets,
+several minutes on 2 cores) or ``--starts 20``.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ import torch  # noqa: E402
 import pyromoe  # noqa: E402
 from benchmarks._common import machine_info, machine_markdown, write_results  # noqa: E402
 from pyromoe.core import em  # noqa: E402
-from pyromoe.core.sources import TensorSource, as_source  # noqa: E402
+from pyromoe.core.sources import as_source  # noqa: E402
 
 SETTINGS = [(0.8, 2, 2000), (0.95, 2, 5000), (0.8, 3, 3000), (0.95, 3, 5000)]
-KINDS = ("today", "partition", "screened")
+KINDS = ("plain", "partition", "screened")
 WRONG_NATS = 5.0
 
 
@@ -62,50 +63,40 @@ def partition_start(x, y, k, link, generator) -> pyromoe.MoEEstimate:
     )
 
 
-def screened_start(x, y, k, link, generator, candidates=4, rows=2000) -> pyromoe.MoEEstimate:
-    """The best of ``candidates`` random starts after short EM runs on a ``rows``-row subsample."""
-    source = as_source(x, y)
-    sub = TensorSource(*source.subsample(min(rows, source.num_rows), generator))
-    best, best_value = None, -math.inf
-    for _ in range(candidates):
-        start = em.random_start(sub, None, k, link, generator)
-        fit = pyromoe.fit_em(sub, None, k, link, init=start, n_init=1, max_iter=50, tol=1e-5)
-        value = fit.diagnostics["log_likelihood_per_start"][0]
-        if value > best_value:
-            best, best_value = fit, value
-    return best
-
-
 def start_of(kind, x, y, k, link, generator):
-    if kind == "today":
+    if kind == "plain":
         return em.random_start(x, y, k, link, generator)
     if kind == "partition":
         return partition_start(x, y, k, link, generator)
-    return screened_start(x, y, k, link, generator)
+    return em.screened_start(x, y, k, link, generator)
 
 
-def run(starts: int) -> dict:
+def run(starts: int, datasets: int) -> dict:
     link = pyromoe.get_link("linear")
     rows = []
     for cosine, k, n in SETTINGS:
-        data = pyromoe.simulate(
-            n,
-            5,
-            num_experts=k,
-            expert_cosine=cosine,
-            gate="random",
-            gate_norm=2.0,
-            seed=11,
-            noise=0.5,
-            bias=True,
-        )
-        reference = pyromoe.fit_em(data.x, data.y, k, init=data.truth, n_init=1)
-        best = reference.diagnostics["log_likelihood_per_start"][0]
-        best_error = pyromoe.parameter_errors(reference, data.truth)["experts"]
+        cases = []
+        for seed in range(11, 11 + datasets):
+            data = pyromoe.simulate(
+                n,
+                5,
+                num_experts=k,
+                expert_cosine=cosine,
+                gate="random",
+                gate_norm=2.0,
+                seed=seed,
+                noise=0.5,
+                bias=True,
+            )
+            reference = pyromoe.fit_em(data.x, data.y, k, init=data.truth, n_init=1)
+            best = reference.diagnostics["log_likelihood_per_start"][0]
+            best_error = pyromoe.parameter_errors(reference, data.truth)["experts"]
+            cases.append((data, best, best_error))
         for kind in KINDS:
             generator = torch.Generator().manual_seed(123)
             wrong, began = 0, time.perf_counter()
-            for _ in range(starts):
+            for start_index in range(starts):
+                data, best, best_error = cases[start_index % datasets]
                 start = start_of(kind, data.x, data.y, k, link, generator)
                 fit = pyromoe.fit_em(data.x, data.y, k, init=start, n_init=1)
                 value = fit.diagnostics["log_likelihood_per_start"][0]
@@ -117,6 +108,7 @@ def run(starts: int) -> dict:
                 "n": n,
                 "kind": kind,
                 "starts": starts,
+                "datasets": datasets,
                 "wrong": wrong,
                 "rate": wrong / starts,
                 "se": math.sqrt(max(wrong, 0.5) * (starts - wrong) / starts) / starts,
@@ -127,15 +119,16 @@ def run(starts: int) -> dict:
                 f"cos={cosine} k={k} n={n} {kind}: {wrong}/{starts} wrong, {row['seconds']:.1f} s",
                 flush=True,
             )
-    return {"rows": rows, "wrong_nats": WRONG_NATS, "starts": starts}
+    return {"rows": rows, "wrong_nats": WRONG_NATS, "starts": starts, "datasets": datasets}
 
 
 def markdown(result: dict, info: dict, command: str) -> str:
     lines = [
         "# Single random starts: how often EM ends in a wrong basin",
         "",
-        f"Run: `{command}`. d = 5, random gate of norm 2, noise 0.5, intercepts, seed 11 for the "
-        f"data, {result['starts']} starts per kind and setting. Wrong basin: more than "
+        f"Run: `{command}`. d = 5, random gate of norm 2, noise 0.5, intercepts, "
+        f"{result['datasets']} data sets per setting (seeds 11, 12, ...), {result['starts']} "
+        "starts per kind and setting, spread evenly over them. Wrong basin: more than "
         f"{result['wrong_nats']:g} nats below EM started at the truth and expert error over twice "
         "its. Seconds: the starts plus their full EM fits (one thread).",
         "",
@@ -154,11 +147,12 @@ def markdown(result: dict, info: dict, command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--starts", type=int, default=100, help="starts per kind and setting")
+    parser.add_argument("--datasets", type=int, default=5, help="data sets per setting")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     info = machine_info()
-    result = run(args.starts)
+    result = run(args.starts, args.datasets)
     command = "python benchmarks/random_starts.py" + (
         f" --starts {args.starts}" if args.starts != 100 else ""
     )

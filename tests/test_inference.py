@@ -13,6 +13,7 @@ import pyro.infer.mcmc.api
 import pytest
 import torch
 from pyro.infer.autoguide import AutoNormal
+from scipy.stats import binom
 
 from pyromoe import MixtureOfExperts, simulate, sites
 from pyromoe.bayes.fit import _chain_starts, fit_map, fit_svi, run_nuts
@@ -364,4 +365,8 @@ def test_seeded_nuts_converges_on_the_issue_setting():
         low = hdi[name].sel(hdi="lower").values
         high = hdi[name].sel(hdi="higher").values
         inside.extend(((low <= value) & (value <= high)).reshape(-1).tolist())
-    assert np.mean(inside) >= 0.9
+    # each of the m truths falls in its 94% interval with probability about 0.94, so the count
+    # is about Binomial(m, 0.94): "at least 90%" (18 of 19) would fail one run in three. Bound
+    # at the binomial's 0.5% quantile (15 of 19); a posterior in a wrong mode covers far fewer.
+    least = binom.ppf(0.005, len(inside), 0.94)
+    assert sum(inside) >= least, (sum(inside), len(inside), least)

@@ -511,6 +511,10 @@ def fit_svi(
         :class:`~pyro.infer.autoguide.AutoNormal` (mean field), :class:`~pyro.infer.autoguide.
         AutoLowRankMultivariateNormal`, :class:`~pyro.infer.autoguide.AutoMultivariateNormal`
         (full covariance), or your own guide (then ``init`` is only used for alignment).
+        Calibration, measured by simulation-based calibration (``benchmarks/results/sbc.md``):
+        every guide's intervals for the noise and the log-likelihood are too narrow; the
+        ``"lowrank"`` and ``"mvn"`` guides' intervals for ``E[y | x]`` are close to calibrated,
+        AutoNormal's less so. For intervals you report, prefer :func:`run_nuts`.
     num_steps, lr, subsample_size, seed, num_threads, device
         As in :func:`fit_map` (Adam steps and rate, mini-batch size for large n, ...;
         ``subsample_size`` is required for out-of-core data).

@@ -277,6 +277,10 @@ def t2_noise_floor(moments: SecondMoments, num_components: int, factor: float = 
     Measured (linear, sigma = 0.5): a truly rank-1 T2 (two identical experts, d = 8, n = 1e5) gave
     second eigenvalues of 0.87-1.18 x the edge; genuine pairs with cosine 0.8 (d = 5, n = 2000)
     1.4-1.7 x; tanh k = 3 (d = 10, n = 1e4, orthogonal gate) 1.3-1.9 x; hence ``factor = 1.25``.
+    benchmarks/results/moment_map.md checks it on many data sets: at d = 5 the floor is the 95%
+    quantile of the k-th eigenvalue on data with one expert fewer (5.00 against 4.97 in units of
+    the noise scale, linear, cosine 0.8, n = 2000), and at d = 20 the factor absorbs the null
+    block's second-order coupling to the real eigenvalues, which a bare GOE quantile misses.
     """
     n = moments.num_rows
     d = moments.covariance.shape[0]

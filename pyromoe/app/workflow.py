@@ -32,7 +32,7 @@ from .._validation import (
 )
 from ..bayes.model import MixtureOfExperts
 from ..core import sites
-from ..core.em import fit_em
+from ..core.em import SCREEN_CANDIDATES, fit_em
 from ..core.estimate import MoEEstimate, parameter_errors
 from ..estimators.initialize import initialize
 from .io import (
@@ -81,10 +81,14 @@ def compare_starts(
     seed: int = 0,
     truth: MoEEstimate | None = None,
     progress: bool = True,
+    screen: int = SCREEN_CANDIDATES,
 ) -> tuple[list[StartRecord], StartRecord]:
     """``num_random`` single random-start EM fits and one tensor start -> EM fit on the same data.
 
-    If the moment step cannot apply, the tensor record says why (its ``estimate`` is None).
+    Each random start is ``fit_em``'s (``screen`` as there: by default the best of a few short EM
+    runs on a subsample; ``screen=1`` for one plain random draw, which shows how often a raw random
+    start ends in a wrong basin). If the moment step cannot apply, the tensor record says why (its
+    ``estimate`` is None).
 
     A fit is in a wrong basin when its log-likelihood is more than :data:`WRONG_BASIN_NATS` below
     the best of all fits (and, with ``truth``, its expert error is also over twice the best fit's).
@@ -96,7 +100,9 @@ def compare_starts(
         warnings.simplefilter("ignore")  # non-converged random starts are part of the story
         for r in tqdm(range(num_random), desc="random-start EM", disable=not progress, leave=False):
             start = time.perf_counter()
-            fit = fit_em(x, y, num_experts, link, n_init=1, bias=bias, seed=seed * 1000 + r)
+            fit = fit_em(
+                x, y, num_experts, link, n_init=1, bias=bias, seed=seed * 1000 + r, screen=screen
+            )
             seconds = time.perf_counter() - start
             records.append(_record(f"random {r}", fit, seconds, x, y, truth))
         start = time.perf_counter()

@@ -10,7 +10,8 @@ per setting (seeds 11, 12, ...), ``--starts`` single starts of each kind spread 
 - ``partition``: flexmix's rule, a random partition of (a subsample of) the rows into k groups
   followed by one M-step (weighted least squares per expert on its rows, the noise pooled);
 - ``screened``: :func:`pyromoe.core.em.screened_start`, today's default: 4 plain draws, EM from
-  each on a random 2000-row subsample (tol 1e-5, at most 50 iterations), the best kept.
+  each on a random 5000-row subsample (all rows up to n = 5000; tol 1e-5, at most 50
+  iterations), the best kept.
 
 A start ends in a wrong basin when its final log-likelihood is more than 5 nats below EM started at
 the truth AND its expert error is over twice that fit's. The screened start's cost (its subsample

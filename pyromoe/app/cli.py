@@ -196,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         "random-start EM fits with the tensor start -> EM, run NUTS seeded from the estimate "
         "and from Pyro's default init, and write a results folder.",
     )
-    # seed 3: over seeds 0-7 of this setting 9 of 160 random starts (6%) ended in a wrong basin, on
-    # 6 of 8 data sets; seed 3 is one of those (README), and the tensor start applies there.
+    # seed 3: over seeds 0-7 of this setting 9 of 160 plain random starts (6%) ended in a wrong
+    # basin, on 6 of 8 data sets, seed 3 among them; fit_em's screened starts: 0 of 160 (README).
+    # The tensor start applies on seed 3, and Pyro's default init strays there.
     common(demo, "pyromoe-demo", seed=3)
     demo.add_argument("--quick", action="store_true", help="a small, fast run (used by CI)")
     demo.set_defaults(handler=_demo)

@@ -18,7 +18,8 @@ the truth AND its expert error is over twice that fit's. The screened start's co
 fits) is in its seconds. Writes benchmarks/results/random_starts.{json,md}.
 
 Run: ``python benchmarks/random_starts.py`` (100 starts per kind and setting over 5 data sets,
-several minutes on 2 cores) or ``--starts 20``.
+several minutes on 2 cores) or ``--starts 20``. Other data: ``--settings "0.9,3,4000,6;0.8,4,5000,6"
+--name random_starts_more``; ``--screen-rows 2000`` for the earlier screening subsample.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from benchmarks._common import machine_info, machine_markdown, write_results  # 
 from pyromoe.core import em  # noqa: E402
 from pyromoe.core.sources import as_source  # noqa: E402
 
-SETTINGS = [(0.8, 2, 2000), (0.95, 2, 5000), (0.8, 3, 3000), (0.95, 3, 5000)]
+SETTINGS = [(0.8, 2, 2000, 5), (0.95, 2, 5000, 5), (0.8, 3, 3000, 5), (0.95, 3, 5000, 5)]
 KINDS = ("plain", "partition", "screened")
 WRONG_NATS = 5.0
 
@@ -64,23 +65,25 @@ def partition_start(x, y, k, link, generator) -> pyromoe.MoEEstimate:
     )
 
 
-def start_of(kind, x, y, k, link, generator):
+def start_of(kind, x, y, k, link, generator, screen_rows=em.SCREEN_ROWS):
     if kind == "plain":
         return em.random_start(x, y, k, link, generator)
     if kind == "partition":
         return partition_start(x, y, k, link, generator)
-    return em.screened_start(x, y, k, link, generator)
+    return em.screened_start(x, y, k, link, generator, rows=screen_rows)
 
 
-def run(starts: int, datasets: int) -> dict:
+def run(
+    starts: int, datasets: int, settings=SETTINGS, screen_rows=em.SCREEN_ROWS, kinds=KINDS
+) -> dict:
     link = pyromoe.get_link("linear")
     rows = []
-    for cosine, k, n in SETTINGS:
+    for cosine, k, n, d in settings:
         cases = []
         for seed in range(11, 11 + datasets):
             data = pyromoe.simulate(
                 n,
-                5,
+                d,
                 num_experts=k,
                 expert_cosine=cosine,
                 gate="random",
@@ -93,12 +96,12 @@ def run(starts: int, datasets: int) -> dict:
             best = reference.diagnostics["log_likelihood_per_start"][0]
             best_error = pyromoe.parameter_errors(reference, data.truth)["experts"]
             cases.append((data, best, best_error))
-        for kind in KINDS:
+        for kind in kinds:
             generator = torch.Generator().manual_seed(123)
             wrong, began = 0, time.perf_counter()
             for start_index in range(starts):
                 data, best, best_error = cases[start_index % datasets]
-                start = start_of(kind, data.x, data.y, k, link, generator)
+                start = start_of(kind, data.x, data.y, k, link, generator, screen_rows)
                 fit = pyromoe.fit_em(data.x, data.y, k, init=start, n_init=1)
                 value = fit.diagnostics["log_likelihood_per_start"][0]
                 error = pyromoe.parameter_errors(fit, data.truth)["experts"]
@@ -107,6 +110,7 @@ def run(starts: int, datasets: int) -> dict:
                 "expert_cosine": cosine,
                 "k": k,
                 "n": n,
+                "d": d,
                 "kind": kind,
                 "starts": starts,
                 "datasets": datasets,
@@ -120,25 +124,32 @@ def run(starts: int, datasets: int) -> dict:
                 f"cos={cosine} k={k} n={n} {kind}: {wrong}/{starts} wrong, {row['seconds']:.1f} s",
                 flush=True,
             )
-    return {"rows": rows, "wrong_nats": WRONG_NATS, "starts": starts, "datasets": datasets}
+    return {
+        "rows": rows,
+        "wrong_nats": WRONG_NATS,
+        "starts": starts,
+        "datasets": datasets,
+        "screen_rows": screen_rows,
+    }
 
 
 def markdown(result: dict, info: dict, command: str) -> str:
     lines = [
         "# Single random starts: how often EM ends in a wrong basin",
         "",
-        f"Run: `{command}`. d = 5, random gate of norm 2, noise 0.5, intercepts, "
+        f"Run: `{command}`. Random gate of norm 2, noise 0.5, intercepts, screened starts on "
+        f"{result['screen_rows']} rows, "
         f"{result['datasets']} data sets per setting (seeds 11, 12, ...), {result['starts']} "
         "starts per kind and setting, spread evenly over them. Wrong basin: more than "
         f"{result['wrong_nats']:g} nats below EM started at the truth and expert error over twice "
         "its. Seconds: the starts plus their full EM fits (one thread).",
         "",
-        "| cosine | k | n | start | wrong basin | rate (se) | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| cosine | k | n | d | start | wrong basin | rate (se) | seconds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['expert_cosine']} | {r['k']} | {r['n']} | {r['kind']} | "
+            f"| {r['expert_cosine']} | {r['k']} | {r['n']} | {r['d']} | {r['kind']} | "
             f"{r['wrong']}/{r['starts']} | {r['rate']:.3f} ({r['se']:.3f}) | {r['seconds']:.1f} |"
         )
     lines += ["", "## Machine", "", machine_markdown(info), ""]
@@ -149,16 +160,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--starts", type=int, default=100, help="starts per kind and setting")
     parser.add_argument("--datasets", type=int, default=5, help="data sets per setting")
+    parser.add_argument(
+        "--settings",
+        default=None,
+        help="semicolon-separated cosine,k,n,d settings (default: the four above, d = 5)",
+    )
+    parser.add_argument("--screen-rows", type=int, default=em.SCREEN_ROWS)
+    parser.add_argument("--name", default="random_starts", help="results/<name>.{json,md}")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated start kinds")
     args = parser.parse_args()
+    settings = SETTINGS
+    if args.settings:
+        try:
+            settings = [
+                (float(c), int(k), int(n), int(d))
+                for c, k, n, d in (item.split(",") for item in args.settings.split(";"))
+            ]
+        except ValueError:
+            parser.error("--settings takes 'cosine,k,n,d;cosine,k,n,d', e.g. '0.9,3,4000,6'")
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     info = machine_info()
-    result = run(args.starts, args.datasets)
-    command = "python benchmarks/random_starts.py" + (
-        f" --starts {args.starts}" if args.starts != 100 else ""
-    )
+    kinds = [kind for kind in args.kinds.split(",") if kind]
+    if not kinds or set(kinds) - set(KINDS):
+        parser.error(f"--kinds takes some of {', '.join(KINDS)}; got {args.kinds!r}")
+    result = run(args.starts, args.datasets, settings, args.screen_rows, kinds)
+    command = " ".join(["python benchmarks/random_starts.py", *sys.argv[1:]])
     for path in write_results(
-        "random_starts", {**result, "machine": info}, markdown(result, info, command)
+        args.name, {**result, "machine": info}, markdown(result, info, command)
     ):
         print("wrote", path)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 import warnings
@@ -169,6 +170,10 @@ def main() -> None:
     parser.add_argument("--name", default="random_starts", help="results/<name>.{json,md}")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated start kinds")
     args = parser.parse_args()
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name):
+        parser.error(
+            f"--name must be letters, digits, '_' or '-' (a file in results/); got {args.name!r}"
+        )
     settings = SETTINGS
     if args.settings:
         try:

@@ -908,9 +908,9 @@ def random_start(
 #: ``SCREEN_TOL``) on a random subsample of ``SCREEN_ROWS`` rows (all rows when there are fewer).
 #: Measured in benchmarks/results/random_starts.md: on similar experts at k = 3 one plain draw ended
 #: in a wrong basin on 8-15% of the starts, a screened start on none of 400 (four settings).
-#: The subsample's size matters
-#: more than the number of candidates: at cosine 0.95, k = 3 (n = 5000 and 20000, 100 starts each)
-#: 2000 rows left 5 starts in a wrong basin with 4 candidates and with 8, 5000 rows none.
+#: The subsample's size matters more than the number of candidates: at cosine 0.95, k = 3
+#: (n = 5000 and 20000, 100 starts each) 2000 rows left 5 starts in a wrong basin with 4
+#: candidates and with 8, 5000 rows none.
 SCREEN_CANDIDATES = 4
 SCREEN_ROWS = 5000
 SCREEN_MAX_ITER = 50

@@ -238,8 +238,6 @@ def summarise(records: list[dict], seed: int = 0) -> dict:
 
 
 def report(methods, in_dir: Path | None = None, write: bool = True) -> dict:
-    from scipy import stats
-
     summary, settings = {}, None
     for method in methods:
         path = runs_file(method) if in_dir is None else in_dir / f"{method}.jsonl"
@@ -265,7 +263,6 @@ def report(methods, in_dir: Path | None = None, write: bool = True) -> dict:
         info = machine_info()
         figure = _figure(summary)
         write_results("sbc", {**result, "machine": info}, _markdown(result, info), figure)
-    del stats
     return result
 
 

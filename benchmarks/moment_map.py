@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
+import inspect
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,6 +46,7 @@ import torch  # noqa: E402
 
 import pyromoe  # noqa: E402
 from benchmarks._common import machine_info, machine_markdown, write_results  # noqa: E402
+from pyromoe.core.labels import best_permutation  # noqa: E402
 from pyromoe.core.sources import DEFAULT_CHUNK_SIZE, as_source  # noqa: E402
 from pyromoe.estimators import tensor_init as tensor_init_module  # noqa: E402
 
@@ -53,6 +55,7 @@ COSINES = (0.0, 0.5, 0.8, 0.95)
 TARGET = (2, 0.8, 2000, 5)  # k, cosine, n, d
 EXTRA_D = [(2, 0.8, n, 20) for n in (2000, 20000, 200000)]
 NOISE = 0.5
+FLOOR_FACTOR = inspect.signature(tensor_init_module.t2_noise_floor).parameters["factor"].default
 EM_CHECK_MAX_ROWS = 20000
 WRONG_NATS = 5.0  # as benchmarks/random_starts.py
 
@@ -76,7 +79,7 @@ def goe_top_quantile(size: int, level: float) -> float:
 def rules(m: int) -> dict[str, float]:
     """Thresholds on |lambda_k| / s for a null block of size m."""
     return {
-        "semicircle x 1.25": 2.5 * math.sqrt(m),
+        "semicircle x 1.25": FLOOR_FACTOR * 2.0 * math.sqrt(m),
         "GOE 95%": goe_top_quantile(m, 0.95),
         "GOE 99%": goe_top_quantile(m, 0.99),
     }
@@ -103,17 +106,13 @@ def data_set(n, d, k, cosine, seed, null):
 
 
 def expert_error(estimate: torch.Tensor, truth: torch.Tensor) -> float:
-    k = truth.shape[0]
-    best = math.inf
-    for perm in itertools.permutations(range(k)):
-        best = min(best, float((estimate[list(perm)] - truth).norm(dim=1).max()))
-    return best
+    """max_i ||a_hat_i - a_i|| after the best relabelling (as pyromoe.parameter_errors)."""
+    perm = best_permutation(estimate, truth)
+    return float((estimate[perm] - truth).norm(dim=1).max())
 
 
 def basin_check(x, y, k, truth, seed) -> bool:
     """Did joint EM from the moment start (floor off) end in the basin of EM from the truth?"""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         truth_fit = pyromoe.fit_em(x, y, k, init=truth, n_init=1)
@@ -129,13 +128,14 @@ def one_run(n, d, k, cosine, seed, null, link):
     x, y, truth = data_set(n, d, k, cosine, seed, null)
     seen = {}
 
-    def no_floor(moments, num_components, factor=1.25):
-        seen["s"] = math.sqrt(
-            max(float(moments.weight_square_mean - moments.weight_mean**2), 0.0) / moments.num_rows
-        )
+    original = tensor_init_module.t2_noise_floor
+
+    def no_floor(moments, num_components):
+        # the library's floor is FACTOR * 2 sqrt(m) * s: record s, refuse nothing
+        m = max(moments.covariance.shape[0] - int(num_components) + 1, 1)
+        seen["s"] = original(moments, num_components) / (FLOOR_FACTOR * 2.0 * math.sqrt(m))
         return 0.0
 
-    original = tensor_init_module.t2_noise_floor
     tensor_init_module.t2_noise_floor = no_floor
     try:
         weight, _, _, _, diagnostics = tensor_init_module._moment_experts(

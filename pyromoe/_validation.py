@@ -43,6 +43,7 @@ __all__ = [
     "check_positive",
     "check_probability",
     "check_seed",
+    "child_seed",
     "exact_scales",
     "num_parameters",
     "on_exact_scale",
@@ -494,6 +495,40 @@ def check_seed(seed, name: str = "seed") -> int:
             f"{name}={abs(seed) % SEED_BOUND}."
         )
     return seed
+
+
+def child_seed(seed: int, *key: int) -> int:
+    """A seed in ``[0, 2**63)`` derived from a checked ``seed`` for one purpose, named by ``key``.
+
+    The one way to derive seeds from a seed: no arithmetic on ``seed`` (adding one to the largest
+    documented seed, ``2**63 - 1``, leaves the range). ``child_seed(seed, i)`` is the seed of
+    ``numpy.random.SeedSequence(seed).spawn(n)[i]`` (its spawn key ``(i,)``); longer keys name
+    grandchildren (``child_seed(seed, 2, r)`` is child ``r`` of child 2). Different keys give
+    independent streams; the same ``(seed, key)`` always gives the same seed.
+
+    Parameters
+    ----------
+    seed : int
+        A seed checked by :func:`check_seed` (an int in ``[0, 2**63)``).
+    *key : int
+        The child's spawn key: one or more ints >= 0 (at least one).
+
+    Returns
+    -------
+    int
+        A seed in ``[0, 2**63)``, valid wherever ``seed`` is.
+
+    Examples
+    --------
+    >>> child_seed(2**63 - 1, 1) < 2**63
+    True
+    >>> child_seed(0, 1) == child_seed(0, 1) != child_seed(0, 2)
+    True
+    """
+    if not key:
+        raise ValueError("child_seed needs a key, e.g. child_seed(seed, 1)")
+    sequence = np.random.SeedSequence(int(seed), spawn_key=tuple(int(part) for part in key))
+    return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 def check_device(device: str | torch.device) -> torch.device:

@@ -28,6 +28,7 @@ from .._validation import (
     check_noise_model,
     check_num_experts,
     check_seed,
+    child_seed,
     num_parameters,
 )
 from ..bayes.model import MixtureOfExperts
@@ -100,8 +101,9 @@ def compare_starts(
         warnings.simplefilter("ignore")  # non-converged random starts are part of the story
         for r in tqdm(range(num_random), desc="random-start EM", disable=not progress, leave=False):
             start = time.perf_counter()
+            start_seed = child_seed(seed, 2, r)  # random start r: no arithmetic on the seed
             fit = fit_em(
-                x, y, num_experts, link, n_init=1, bias=bias, seed=seed * 1000 + r, screen=screen
+                x, y, num_experts, link, n_init=1, bias=bias, seed=start_seed, screen=screen
             )
             seconds = time.perf_counter() - start
             records.append(_record(f"random {r}", fit, seconds, x, y, truth))

@@ -58,6 +58,7 @@ from .._validation import (
     check_positive,
     check_probability,
     check_seed,
+    child_seed,
 )
 from ..core import sites
 from ..core.estimate import MoEEstimate
@@ -175,12 +176,12 @@ class _Batches:
     def evaluation_data(self, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(x, y, rows)`` the output is evaluated on: the whole data (``rows`` None) in memory;
         out of core :data:`EVALUATION_ROWS` (or all n when fewer) random rows from a generator
-        seeded from ``seed`` alone (``seed + 1``, apart from the steps' stream), so the same rows
-        for every fit with that seed."""
+        seeded from ``seed`` alone (``child_seed(seed, 1)``, apart from the steps' stream), so the
+        same rows for every fit with that seed."""
         if not self.out_of_core:
             return self.x, self.y, None
         n = self.source.num_rows
-        generator = torch.Generator().manual_seed((int(seed) + 1) % 2**63)
+        generator = torch.Generator().manual_seed(child_seed(seed, 1))
         rows = sample_rows(n, min(n, EVALUATION_ROWS), generator)
         x, y = self.source.take(rows)
         return x, y, rows
@@ -778,7 +779,7 @@ def _chain_starts(model, x, y, estimate, num_chains, jitter, seed):
     """Per-chain unconstrained starts: the estimate plus Laplace (or fixed-scale) Gaussian jitter."""
     approx = laplace_approximation(model, x, y, estimate)
     loc = approx["loc"]
-    generator = torch.Generator().manual_seed(int(seed) + 1)
+    generator = torch.Generator().manual_seed(child_seed(seed, 1))
     eps = torch.randn(num_chains, loc.numel(), generator=generator, dtype=torch.float64)
     eps = eps.to(device=loc.device, dtype=loc.dtype)
     if jitter is True:

@@ -18,6 +18,7 @@ from .._validation import (
     SmallDataWarning,
     check_enough_rows,
     check_positive,
+    child_seed,
     keeps_feature_names,
     num_parameters,
     on_exact_scale,
@@ -382,7 +383,7 @@ def _guarded(source, k, link, noise, chunk_size, seed, guard_rows, noise_model="
                 k,
                 link,
                 n_init=AUTO_RANDOM_STARTS,
-                seed=seed + 1,
+                seed=child_seed(seed, 1),
                 noise=noise_model,
             ),
         }

@@ -33,6 +33,7 @@ from .._validation import (
     check_num_experts,
     check_positive,
     check_seed,
+    child_seed,
     keeps_feature_names,
     num_parameters,
     on_exact_scale,
@@ -556,8 +557,9 @@ def _refine(
         random_seconds = 0.0
         if random_starts > 0:
             start = time.perf_counter()
+            random_seed = child_seed(seed, 1)  # no arithmetic on the seed: 2**63 - 1 is valid
             candidates["random"] = fit_em(
-                source, None, k, link, n_init=random_starts, seed=seed + 1, noise=noise_model
+                source, None, k, link, n_init=random_starts, seed=random_seed, noise=noise_model
             )
             random_seconds = time.perf_counter() - start
     chunk = default_chunk_size(source.in_features)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections.abc import Mapping
@@ -10,6 +11,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule, PyroSample
+from torch.distributions import constraints
 
 from .._validation import (
     as_tensors,
@@ -22,7 +24,17 @@ from ..core import likelihood, sites
 from ..core.links import Link
 from ..core.params import Params
 
-__all__ = ["MixtureOfExperts", "DEFAULT_PRIOR_SCALES", "SCALED_BY_FEATURES"]
+__all__ = [
+    "MixtureOfExperts",
+    "DEFAULT_PRIOR_SCALES",
+    "SCALED_BY_FEATURES",
+    "MODEL_ATTR",
+    "describe_distribution",
+]
+
+#: Key of ``idata.attrs`` under which the fits record the model they came from, as a JSON string
+#: (:meth:`MixtureOfExperts.settings`, plus the fit's ``feature_names``).
+MODEL_ATTR = "pyromoe_model"
 
 #: Scales of the default weakly informative priors, for inputs and output on a standardised scale
 #: (every column of x and y with mean 0 and sd 1): Normal(0, scale) on the gate's weights and
@@ -77,6 +89,131 @@ def _site_of_attribute(name: str) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------------ priors: checks and text
+def _number(value) -> str:
+    """A float as short, pasteable text: ``1.0``, ``0.447214``, ``-2.5``, ``inf``."""
+    value = float(value)
+    if not math.isfinite(value):
+        return f"float({str(value)!r})"
+    text = f"{value:.6g}"
+    return text if any(c in text for c in ".en") else text + ".0"
+
+
+def _parameters(distribution) -> dict:
+    """The parameters a distribution was built with (those of ``arg_constraints`` it holds)."""
+    out = {}
+    for name in getattr(distribution, "arg_constraints", {}):
+        held = name in vars(distribution) or isinstance(
+            getattr(type(distribution), name, None), property
+        )
+        if held:
+            try:
+                out[name] = getattr(distribution, name)
+            except (AttributeError, NotImplementedError, RuntimeError, ValueError):
+                pass
+    return out
+
+
+def _value_text(value) -> str:
+    """A parameter as pasteable text: a number, or ``torch.tensor([...])`` when its entries differ."""
+    if not isinstance(value, torch.Tensor):
+        return _number(value) if isinstance(value, numbers.Real) else repr(value)
+    flat = value.detach().reshape(-1)
+    if flat.numel() == 0:
+        return f"torch.zeros({tuple(value.shape)})"
+    same = (flat == flat[0]) | (torch.isnan(flat) & torch.isnan(flat[0]))
+    if bool(same.all()):
+        return _number(flat[0])  # one value, broadcast over the site by the model
+    if flat.dim() == 1 and value.dim() == 1 and flat.numel() <= 8:
+        return f"torch.tensor([{', '.join(_number(v) for v in flat.tolist())}])"
+    return f"<tensor of shape {tuple(value.shape)}>"
+
+
+def describe_distribution(distribution, *, module: str = "") -> str:
+    """A distribution as readable (and, with ``module="dist."``, pasteable) text.
+
+    ``Normal(loc=0.0, scale=0.447214)``; a parameter whose entries are all equal is shown as that
+    one number; ``to_event`` / ``expand`` wrappers are left out (the model reshapes a prior to its
+    site), so the text is the prior of each element of the site.
+
+    Examples
+    --------
+    >>> describe_distribution(dist.HalfNormal(torch.tensor(2.0)), module="dist.")
+    'dist.HalfNormal(scale=2.0)'
+    """
+    while isinstance(distribution, torch.distributions.Independent):
+        distribution = distribution.base_dist
+    parameters = _parameters(distribution)
+    name = type(distribution).__name__
+    if not parameters:
+        return f"{module}{name}(...)"
+    shown = ", ".join(f"{key}={_value_text(value)}" for key, value in parameters.items())
+    return f"{module}{name}({shown})"
+
+
+def _unwrapped_support(support):
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support
+
+
+def _is_positive_support(support) -> bool:
+    """Whether ``support`` lies in [0, inf): (0, inf), [0, inf), an interval with lower end >= 0."""
+    support = _unwrapped_support(support)
+    bounded = (
+        constraints.greater_than,
+        constraints.greater_than_eq,
+        constraints.interval,
+        constraints.half_open_interval,
+    )
+    if not isinstance(support, bounded):
+        return False
+    return bool((torch.as_tensor(support.lower_bound) >= 0).all())
+
+
+def _check_distribution(name: str, prior) -> None:
+    """Refuse a prior whose support does not fit site ``name`` or whose parameters are invalid
+    (checked here even when the distribution was built with ``validate_args=False``)."""
+    shown = describe_distribution(prior, module="dist.")
+    example = "dist.HalfNormal(1.0)" if name == sites.NOISE else "dist.Normal(0.0, 1.0)"
+    support = getattr(prior, "support", None)
+    if support is None or constraints.is_dependent(support):
+        raise ValueError(
+            f"priors[{name!r}] = {shown} has no support that can be checked; pass a distribution "
+            f"with a fixed support, e.g. priors={{{name!r}: {example}}}"
+        )
+    if _unwrapped_support(support).is_discrete:
+        raise ValueError(
+            f"priors[{name!r}] = {shown} is discrete (support {support}); the site is a real "
+            f"number: pass a continuous distribution, e.g. priors={{{name!r}: {example}}}"
+        )
+    if name == sites.NOISE and not _is_positive_support(support):
+        raise ValueError(
+            f"priors['noise'] = {shown} has support {_unwrapped_support(support)}, but the noise "
+            "is a standard deviation (> 0): a prior on it must put all its mass on positive "
+            "values. Use a positive distribution, e.g. priors={'noise': dist.HalfNormal(1.0)} "
+            "(or HalfCauchy, Gamma, LogNormal, Exponential)"
+        )
+    # the parameters, through the wrappers (to_event, expand, transforms) down to the base
+    current = prior
+    while current is not None:
+        for key, value in _parameters(current).items():
+            constraint = current.arg_constraints[key]
+            if constraints.is_dependent(constraint) or not isinstance(value, torch.Tensor):
+                continue
+            valid = bool(constraint.check(value).all())
+            if valid and value.is_floating_point():
+                valid = bool(torch.isfinite(value).all())
+            if not valid:
+                raise ValueError(
+                    f"priors[{name!r}] = {shown} has an invalid {key}={_value_text(value)} "
+                    f"(it must satisfy {constraint}, and be finite); a distribution built with "
+                    f"validate_args=False is checked here too. Pass valid parameters, e.g. "
+                    f"priors={{{name!r}: {example}}}"
+                )
+        current = getattr(current, "base_dist", None)
+
+
 class MixtureOfExperts(PyroModule):
     r"""Gated Gaussian mixture of experts as a Pyro model.
 
@@ -109,7 +246,12 @@ class MixtureOfExperts(PyroModule):
         Replace a default prior, by site name: a float (the scale of the default family, see
         :data:`DEFAULT_PRIOR_SCALES`; for ``experts.weight`` the prior sd of ``a_i . x``, so each
         coefficient gets ``Normal(0, scale / sqrt(in_features))``) or a Pyro distribution whose
-        shape is the site's shape (batch or event; create it on the device of your data). This is
+        shape is the site's shape (batch or event; create it on the device of your data). A
+        distribution is checked here: a continuous one (weights and biases: any support within
+        the reals); for ``noise`` a support within ``[0, inf)`` (HalfNormal, HalfCauchy, Gamma,
+        LogNormal, Exponential, Uniform(a >= 0, b), ...: not ``Normal``); and its parameters
+        satisfy their constraints and are finite, even when it was built with
+        ``validate_args=False``. This is
         the one way to change a prior: the model does not read :class:`~pyro.nn.PyroSample`
         attributes, so assigning one (or a distribution) to an attribute, e.g.
         ``model.noise = PyroSample(...)``, raises a ``TypeError`` that shows the ``priors=``
@@ -119,6 +261,10 @@ class MixtureOfExperts(PyroModule):
     ------
     TypeError
         On assigning a :class:`~pyro.nn.PyroSample` or a distribution to an attribute.
+    ValueError
+        A prior for an unknown site, of the wrong shape, with a support that does not fit the
+        site (a real-valued or discrete prior on ``noise``) or invalid parameters (the message
+        names the site, the distribution and a valid example).
 
     Examples
     --------
@@ -164,13 +310,20 @@ class MixtureOfExperts(PyroModule):
         if isinstance(value, (PyroSample, torch.distributions.Distribution, dist.Distribution)):
             prior = value.prior if isinstance(value, PyroSample) else value
             site = _site_of_attribute(name)
-            shown = prior if isinstance(prior, torch.distributions.Distribution) else "..."
+            if isinstance(prior, torch.distributions.Distribution):
+                shown = describe_distribution(prior, module="dist.")
+            else:  # a callable PyroSample: show the default family with a scale to edit
+                shown = (
+                    "dist.HalfNormal(1.0)" if site == sites.NOISE else "dist.Normal(0.0, 1.0)"
+                )
             hint = "" if site is not None else f" (the sites are {list(self.site_shapes)})"
+            noise = "" if self.noise_model == "shared" else f", noise={self.noise_model!r}"
             raise TypeError(
                 f"{type(self).__name__} takes its priors only through its priors= argument; "
                 f"assigning a {type(value).__name__} to .{name} would not change the model. "
-                f"Build it with {type(self).__name__}({self.in_features}, {self.num_experts}, "
-                f"link={self.link.name!r}, bias={self.bias}, "
+                f"Build it with (import pyro.distributions as dist) "
+                f"{type(self).__name__}({self.in_features}, {self.num_experts}, "
+                f"link={self.link.name!r}, bias={self.bias}{noise}, "
                 f"priors={{{site or '<site>'!r}: {shown}}}){hint}."
             )
         super().__setattr__(name, value)
@@ -211,6 +364,7 @@ class MixtureOfExperts(PyroModule):
                         f"priors[{name!r}] must have shape {shapes[name]} (or be scalar); "
                         f"got a distribution of shape {shape}"
                     )
+                _check_distribution(name, prior)
             else:
                 raise TypeError(
                     f"priors[{name!r}] must be a positive float (a scale) or a "
@@ -239,6 +393,41 @@ class MixtureOfExperts(PyroModule):
             .expand(shape)
             .to_event(len(shape))
         )
+
+    def settings(self, feature_names: list[str] | None = None) -> dict:
+        """The model's settings as plain data (what a fit records in ``idata.attrs``).
+
+        Keys: ``num_experts``, ``in_features``, ``link`` (the name, with its parameters for
+        ``leaky_relu``: ``"leaky_relu(negative_slope=0.1)"``), ``bias``, ``noise`` (``"shared"`` /
+        ``"per_expert"``), ``priors`` (every site's prior as text, e.g.
+        ``{"experts.weight": "Normal(loc=0.0, scale=0.57735)"}``, see
+        :func:`describe_distribution`) and ``feature_names`` (the given names, or None).
+
+        Examples
+        --------
+        >>> MixtureOfExperts(3, 2, link="tanh").settings()["priors"]["noise"]
+        'HalfNormal(scale=1.0)'
+        """
+        like = torch.zeros(())
+        link = self.link.name
+        if link == "leaky_relu":
+            link = f"leaky_relu(negative_slope={_number(self.link.negative_slope)})"
+        return {
+            "model": type(self).__name__,
+            "num_experts": self.num_experts,
+            "in_features": self.in_features,
+            "link": link,
+            "bias": self.bias,
+            "noise": self.noise_model,
+            "priors": {
+                name: describe_distribution(self.prior(name, like)) for name in self.site_shapes
+            },
+            "feature_names": None if feature_names is None else list(feature_names),
+        }
+
+    def settings_json(self, feature_names: list[str] | None = None) -> str:
+        """:meth:`settings` as a JSON string (netCDF-safe, for ``idata.attrs[MODEL_ATTR]``)."""
+        return json.dumps(self.settings(feature_names), sort_keys=True)
 
     # ------------------------------------------------------------------ the model
     def forward(

@@ -15,6 +15,7 @@ import functools
 import inspect
 import math
 import numbers
+import os
 import secrets
 import warnings
 from collections.abc import Callable, Mapping
@@ -25,15 +26,18 @@ import torch
 
 __all__ = [
     "ROWS_PER_PARAMETER_WARN",
+    "SUPPORTED_DEVICES",
     "SmallDataWarning",
     "as_tensors",
     "check_link",
     "as_tensor",
     "check_count",
+    "available_devices",
     "check_device",
     "check_enough_rows",
     "check_feature_names",
     "keeps_feature_names",
+    "memory_bound",
     "pandas_feature_names",
     "check_flag",
     "check_model",
@@ -42,6 +46,7 @@ __all__ = [
     "NOISE_MODELS",
     "check_positive",
     "check_probability",
+    "check_request_size",
     "check_seed",
     "child_seed",
     "exact_scales",
@@ -98,6 +103,11 @@ def _to_tensor(value, name: str, like: torch.Tensor | None = None):
                 stacklevel=5,
             )
             tensor = tensor.float()
+        if tensor.device.type not in _DEVICE_TYPES:
+            raise ValueError(
+                f"{name} is on device {str(tensor.device)!r}, which pyromoe does not support: it "
+                f"computes on {SUPPORTED_DEVICES}. Move it first, e.g. {name}.to('cpu')."
+            )
     elif hasattr(value, "__array__") and not isinstance(value, (str, bytes)):
         if _is_pandas(value):
             array, columns = _from_pandas(value)
@@ -540,7 +550,9 @@ def check_device(device: str | torch.device) -> torch.device:
         For anything but a str or ``torch.device``.
     ValueError
         For a string torch cannot parse (``"gpu0"``), CUDA when ``torch.cuda.is_available()`` is
-        False or the index is beyond the devices present, MPS when it is not available.
+        False or the index is beyond the devices present, MPS when it is not available, and any
+        other device type (``"meta"``, ``"xla"``, ``"xpu"``...): pyromoe computes on ``cpu``,
+        ``cuda`` and ``mps`` only (the message lists :func:`available_devices`).
     """
     if isinstance(device, torch.device):
         parsed = device
@@ -577,14 +589,29 @@ def check_device(device: str | torch.device) -> torch.device:
                 "(torch.backends.mps.is_available() is False); use device='cpu'"
             )
     elif parsed.type != "cpu":
-        backend = getattr(torch, parsed.type, None)
-        available = getattr(backend, "is_available", None)
-        if callable(available) and not available():
-            raise ValueError(
-                f"device {shown!r} asked for but {parsed.type} is not available on this machine; "
-                "use device='cpu'"
-            )
+        raise ValueError(
+            f"device={shown!r} is not supported: pyromoe computes on {SUPPORTED_DEVICES}; "
+            f"available on this machine: {', '.join(map(repr, available_devices()))}. Pass e.g. "
+            "device='cpu'."
+        )
     return parsed
+
+
+#: The device types pyromoe computes on, in words (:func:`check_device`).
+SUPPORTED_DEVICES = "'cpu', 'cuda' or 'cuda:N' (when CUDA is available) and 'mps' (when available)"
+_DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def available_devices() -> list[str]:
+    """The devices :func:`check_device` accepts on this machine: ``"cpu"``, then ``"cuda:0"`` ...
+    ``"cuda:N"`` when CUDA is available, then ``"mps"`` when it is available."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
 
 
 def check_model(model) -> None:
@@ -649,6 +676,86 @@ def check_enough_rows(
             f"{ROWS_PER_PARAMETER_WARN}): the estimate will be noisy; {fix}",
             SmallDataWarning,
             stacklevel=stacklevel,
+        )
+
+
+# ------------------------------------------------------------------------ how much memory
+#: Without psutil, the share of physical memory one request may take (:func:`memory_bound`).
+PHYSICAL_MEMORY_SHARE = 0.25
+#: The bound when neither psutil nor ``os.sysconf`` can tell the memory (8 GiB).
+FALLBACK_MEMORY_BOUND = 8 * 2**30
+
+
+def _format_bytes(size: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def memory_bound(device: torch.device | None = None) -> tuple[int, str]:
+    """The most bytes one request may allocate, and where that bound comes from (for messages).
+
+    The host's available memory (``psutil.virtual_memory().available`` when psutil is installed,
+    else :data:`PHYSICAL_MEMORY_SHARE` of the physical memory from ``os.sysconf``, else
+    :data:`FALLBACK_MEMORY_BOUND`); on a CUDA ``device`` also at most its free memory
+    (``torch.cuda.mem_get_info``), since the draws are made there before they come to the host.
+    """
+    try:
+        import psutil
+
+        bound, where = int(psutil.virtual_memory().available), "the memory available on this host"
+    except ImportError:
+        try:
+            physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            bound = int(PHYSICAL_MEMORY_SHARE * physical)
+            where = f"{PHYSICAL_MEMORY_SHARE:.0%} of this host's physical memory"
+        except (AttributeError, ValueError, OSError):
+            bound, where = FALLBACK_MEMORY_BOUND, "the fixed bound without psutil"
+    if device is not None and torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        if free < bound:
+            bound, where = int(free), f"the free memory of {device}"
+    return bound, where
+
+
+def check_request_size(
+    name: str, value: int, per_unit: int, *, what: str, fix: str, device=None
+) -> None:
+    """Refuse a request of ``value`` units (``name``, e.g. ``num_samples``) of ``per_unit`` bytes
+    each when it exceeds :func:`memory_bound`, before anything is allocated.
+
+    Parameters
+    ----------
+    name, value : str, int
+        The argument and its checked value.
+    per_unit : int
+        Estimated bytes held per unit (e.g. per draw: its parameters and ``y`` for every row, times
+        the copies kept at once).
+    what : str
+        What is allocated, for the message (``"prior draws of y for 40 rows"``).
+    fix : str
+        How to ask for less (``"pass fewer num_samples or fewer rows of x"``).
+    device : torch.device, optional
+        Where the arrays are made (a CUDA device's free memory bounds them too).
+
+    Raises
+    ------
+    ValueError
+        Naming ``name``, the estimated size, the bound, the largest value that fits, and ``fix``.
+
+    Examples
+    --------
+    >>> check_request_size("num_samples", 500, 8 * 1000, what="draws", fix="pass fewer")
+    """
+    needed = float(value) * float(per_unit)
+    bound, where = memory_bound(device)
+    if needed > bound:
+        largest = max(0, bound // max(1, int(per_unit)))
+        raise ValueError(
+            f"{name}={value} needs about {_format_bytes(needed)} for {what}, more than "
+            f"{_format_bytes(bound)} ({where}); {fix} ({name} <= {largest} fits)"
         )
 
 

@@ -12,12 +12,19 @@ and ``constant_data`` (``x``), so ``az.plot_ppc(idata, group="prior")`` works.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
 
-from .._validation import as_tensors, check_count, check_model, check_seed
+from .._validation import (
+    as_tensors,
+    check_count,
+    check_model,
+    check_request_size,
+    check_seed,
+)
 from ..core import sites
 from ._rng import seeded_rng
 from .model import MixtureOfExperts
@@ -65,7 +72,8 @@ def sample_prior_predictive(model, x, y=None, *, num_samples: int = 500, seed: i
         ``seed`` are not integers.
     ValueError
         ``x`` not of shape (n, model.in_features), ``y`` not of shape (n,), NaN or infinite
-        values, ``num_samples < 1``.
+        values, ``num_samples < 1``, or draws too large for memory (estimated before any is
+        made: :func:`pyromoe._validation.check_request_size`).
 
     Examples
     --------
@@ -89,6 +97,16 @@ def sample_prior_predictive(model, x, y=None, *, num_samples: int = 500, seed: i
     seed = check_seed(seed)
     n, d = x.shape
     k = model.num_experts
+    # per draw: the parameter sites, and y for every row twice (the chunks and their concatenation)
+    per_draw = sum(math.prod(shape) for shape in model.site_shapes.values()) + 2 * n
+    check_request_size(
+        "num_samples",
+        num_samples,
+        per_draw * x.element_size(),
+        what=f"the prior draws ({per_draw} values each: the parameters and y for {n} rows)",
+        fix="pass fewer num_samples or fewer rows of x",
+        device=x.device,
+    )
 
     with torch.no_grad():
         with seeded_rng(seed, x.device):

@@ -268,7 +268,8 @@ class Source:
         Raises
         ------
         ValueError
-            When ``x`` or ``y`` holds NaN or infinite values (naming the first such row).
+            When ``x`` or ``y`` holds NaN or infinite values (naming the argument, the first such
+            row and, for ``x``, its first such column).
         """
         if self._summary is None:
             self._summary = self._compute_summary()
@@ -288,10 +289,7 @@ class Source:
         chunk = max(1024, (1 << 19) // max(1, self.in_features))  # about 4 MB of float64 rows
         count, sx, sxx, xmax, ysums, first_bad = self._summary_pass(shift, y_shift, chunk)
         if math.isfinite(float(first_bad)):
-            raise ValueError(
-                f"x or y contains NaN or infinite values (first at row {int(first_bad)}); drop or "
-                "impute those rows before fitting"
-            )
+            raise ValueError(self.non_finite_message(int(first_bad)))
         n = float(count)
         mean = sx / n
         var = (sxx - n * mean**2).clamp_min(0) / max(n - 1, 1)
@@ -306,6 +304,22 @@ class Source:
             y_sd=math.sqrt(y_var),
             y_absmax=float(ysums[2]),
             y_first=float(pilot_y[0]),
+        )
+
+    def non_finite_message(self, row: int) -> str:
+        """The message for the first row holding NaN or infinite values, ``row``: it names the
+        argument (x, else y) and, for x, the first such column (as the in-memory check does)."""
+        xr, yr = self.take(torch.tensor([row]))
+        bad = (~torch.isfinite(xr[0])).nonzero()
+        if bad.numel():
+            name, where = "x", f"row {row}, column {int(bad[0, 0])}"
+        elif not bool(torch.isfinite(yr).all()):
+            name, where = "y", f"row {row}"
+        else:  # not found again (a file changed under us): name the row alone
+            name, where = "x or y", f"row {row}"
+        return (
+            f"{name} contains NaN or infinite values (first at {where}); drop or impute those "
+            "rows before fitting"
         )
 
     def _summary_pass(self, shift, y_shift, chunk):

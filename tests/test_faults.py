@@ -215,6 +215,197 @@ def test_library_rule_is_the_same(tmp_path, monkeypatch):
     assert listing(tmp_path / "data") == ["data.csv"] and listing(tmp_path / "work") == []
 
 
+# ------------------------------------------------------------------ the marker records contents
+def _earlier_results(folder: Path) -> Path:
+    """A real earlier pyromoe result at ``folder``: summary.md and a subfolder with a table."""
+    with results_directory(folder) as staging:
+        (staging / "summary.md").write_text("# pyromoe's summary\n")
+        (staging / "tables").mkdir()
+        (staging / "tables" / "draws.csv").write_text("a,b\n1,2\n")
+    return folder
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | str]:
+    """Every entry below ``folder``: file bytes, link targets, 'dir' for folders."""
+    found: dict[str, bytes | str] = {}
+    for entry in sorted(folder.rglob("*")):
+        name = entry.relative_to(folder).as_posix()
+        if entry.is_symlink():
+            found[name] = "link:" + os.readlink(entry)
+        elif entry.is_dir():
+            found[name] = "dir"
+        else:
+            found[name] = entry.read_bytes()
+    return found
+
+
+def _refused(out: Path, error: type[Exception], match: str) -> None:
+    ran = False
+    with pytest.raises(error, match=match):
+        with results_directory(out, overwrite=True):
+            ran = True
+    assert not ran  # refused before any work
+
+
+def test_marker_records_size_and_sha256_of_every_file(tmp_path):
+    import hashlib
+    import json
+
+    out = _earlier_results(tmp_path / "results")
+    record = json.loads((out / RESULTS_MARKER).read_text())
+    assert record["format"] == 2 and record["folders"] == ["tables"]
+    body = b"# pyromoe's summary\n"
+    assert record["files"]["summary.md"] == {
+        "size": len(body),
+        "sha256": hashlib.sha256(body).hexdigest(),
+    }
+    assert set(record["files"]) == {"summary.md", "tables/draws.csv"}
+
+
+def test_overwrite_replaces_unchanged_results_and_leaves_no_hidden_folder(tmp_path):
+    out = _earlier_results(tmp_path / "results")
+    with results_directory(out, overwrite=True) as staging:
+        (staging / "summary.md").write_text("second run")
+    assert listing(out) == [RESULTS_MARKER, "summary.md"]
+    assert (out / "summary.md").read_text() == "second run"
+    assert listing(tmp_path) == ["results"]  # no .old, no .partial, no lock file
+
+
+@pytest.mark.parametrize("edit", ["list of names", "format 2, bogus hash", "format 2, no hash"])
+def test_a_marker_edited_to_list_a_users_file_never_deletes_it(tmp_path, edit):
+    import json
+
+    out = _earlier_results(tmp_path / "results")
+    (out / "notes.txt").write_text("the user's own notes")
+    record = json.loads((out / RESULTS_MARKER).read_text())
+    if edit == "list of names":
+        record = {"pyromoe": "0.1.0", "files": [*record["files"], "notes.txt"]}
+        match = "its marker lists no file contents .* remove it yourself"
+    elif edit == "format 2, bogus hash":
+        record["files"]["notes.txt"] = {"size": 20, "sha256": "0" * 64}
+        match = r"files changed since pyromoe wrote them \('notes.txt'\)"
+    else:
+        record["files"]["notes.txt"] = {"size": 20}
+        match = "its marker records no size and SHA-256 for 'notes.txt'"
+    (out / RESULTS_MARKER).write_text(json.dumps(record))
+    before = _snapshot(out)
+    _refused(out, FileExistsError, match)
+    assert _snapshot(out) == before and listing(tmp_path) == ["results"]
+
+
+def test_an_empty_old_marker_is_never_trusted_for_deletion(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / RESULTS_MARKER).write_text("")  # what pyromoe 0.1 wrote
+    (out / "summary.md").write_text("the user's own summary")
+    before = _snapshot(out)
+    _refused(out, FileExistsError, r"empty or unreadable .* rm -r")
+    assert _snapshot(out) == before and listing(tmp_path) == ["results"]
+
+
+@pytest.mark.parametrize("name", ["summary.md", "tables/draws.csv"])
+def test_overwrite_refuses_results_whose_files_the_user_edited(tmp_path, name):
+    out = _earlier_results(tmp_path / "results")
+    (out / name).write_text("edited by the user")
+    before = _snapshot(out)
+    _refused(out, FileExistsError, rf"files changed since pyromoe wrote them \('{name}'\)")
+    assert _snapshot(out) == before
+
+
+def test_overwrite_refuses_a_file_swapped_for_a_link_or_a_link_added(tmp_path):
+    out = _earlier_results(tmp_path / "results")
+    (tmp_path / "mine.txt").write_text("mine")
+    (out / "extra").symlink_to(tmp_path / "mine.txt")
+    before = _snapshot(out)
+    _refused(out, FileExistsError, r"files pyromoe did not write \('extra'\)")
+    (out / "extra").unlink()
+    (out / "summary.md").unlink()
+    (out / "summary.md").symlink_to(tmp_path / "mine.txt")
+    before = _snapshot(out)
+    _refused(out, FileExistsError, r"changed since pyromoe wrote them \('summary.md'\)")
+    assert _snapshot(out) == before and (tmp_path / "mine.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("target", ["earlier results", "empty folder", "dangling"])
+def test_out_that_is_a_symlink_is_refused_before_any_work(tmp_path, target):
+    real = tmp_path / "real"
+    if target == "earlier results":
+        _earlier_results(real)
+    elif target == "empty folder":
+        real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    before = _snapshot(tmp_path)
+    _refused(link, ValueError, "is a symbolic link .* never writes through nor replaces a link")
+    assert _snapshot(tmp_path) == before  # still a link; no hidden .link.old-*
+
+
+def test_cli_symlink_out_is_refused_before_the_fit(workdir, capsys):
+    (workdir / "link").symlink_to(workdir / "nowhere")
+    assert _fit("--out", "link", "--overwrite", *FAST_SVI) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "results folder 'link' is a symbolic link" in error
+    assert (
+        listing(workdir) == ["faithful.csv", "link", "notes.txt"]
+        and (workdir / "link").is_symlink()
+    )
+
+
+def test_a_second_run_on_the_same_out_fails_at_once(tmp_path):
+    out = tmp_path / "results"
+    with results_directory(out) as staging:
+        for overwrite in (False, True):
+            with pytest.raises(FileExistsError, match="is being written by another pyromoe run"):
+                with results_directory(out, overwrite=overwrite):
+                    raise AssertionError("must not run")
+        (staging / "summary.md").write_text("the first run")
+    assert (out / "summary.md").read_text() == "the first run"
+    assert listing(tmp_path) == ["results"]  # the lock file is gone
+
+
+def test_a_foreign_file_at_the_lock_path_is_never_changed(tmp_path):
+    out = tmp_path / "results"
+    (tmp_path / ".results.pyromoe-lock").write_text("mine")
+    with pytest.raises(FileExistsError, match="pyromoe did not write it"):
+        with results_directory(out):
+            raise AssertionError("must not run")
+    assert (tmp_path / ".results.pyromoe-lock").read_text() == "mine"
+    assert listing(tmp_path) == [".results.pyromoe-lock"]
+
+
+def test_two_cli_fits_on_one_out_the_second_fails_at_once(workdir):
+    process = _start_long_fit(workdir)
+    try:
+        for extra in ([], ["--overwrite"]):
+            started = time.monotonic()
+            result = subprocess.run(
+                _command(
+                    "fit",
+                    "faithful.csv",
+                    "--target",
+                    "waiting",
+                    "--out",
+                    "results",
+                    *extra,
+                    *FAST_SVI,
+                ),
+                cwd=workdir,
+                env=_env(),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert result.returncode == 2, result.stderr
+            assert "is being written by another pyromoe run (process" in result.stderr
+            assert "Traceback" not in result.stderr
+            assert time.monotonic() - started < 60  # refused up front, not after a fit
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    assert listing(workdir) == ["faithful.csv", "notes.txt"]
+    _intact(workdir)
+
+
 # ------------------------------------------------------------------ faults in a real process
 def _command(*args: str) -> list[str]:
     return [sys.executable, "-m", "pyromoe.app.cli", *args]
@@ -273,8 +464,11 @@ def test_sigkill_mid_run_leaves_only_the_documented_staging_folder(workdir):
     assert process.returncode == -signal.SIGKILL
     staging = _staging(workdir)
     assert len(staging) == 1 and not (workdir / "results").exists()
-    assert set(listing(workdir)) == {"faithful.csv", "notes.txt", staging[0].name}
+    lock = ".results.pyromoe-lock"  # the kernel released the lock itself; the file stays
+    assert set(listing(workdir)) == {"faithful.csv", "notes.txt", staging[0].name, lock}
     _intact(workdir)
+    assert _fit("--out", "results", *FAST_SVI) == 0  # the stale lock file is reused, then removed
+    assert set(listing(workdir)) == {"faithful.csv", "notes.txt", staging[0].name, "results"}
 
 
 def _limit_file_size():
@@ -301,3 +495,159 @@ def test_failed_write_is_one_line_exit_1_and_leaves_nothing(workdir):
     assert "inference_data.nc" in lines[0]
     assert listing(workdir) == ["faithful.csv", "notes.txt"]
     _intact(workdir)
+
+
+# ------------------------------------------------------------------ issue 21: seeds, out-of-core NaN messages, devices, sizes
+#: The largest documented seed: ``seed + 1`` would leave [0, 2**63).
+LARGEST_SEED = 2**63 - 1
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    """Three inputs, two experts: the moment start applies (so do its guard's random starts)."""
+    from pyromoe import simulate
+
+    return simulate(600, 3, num_experts=2, seed=0)
+
+
+def test_child_seed_is_a_spawned_seed_in_range_without_arithmetic():
+    import numpy as np
+
+    from pyromoe._validation import SEED_BOUND, child_seed
+
+    seeds = [child_seed(LARGEST_SEED, i) for i in range(3)]
+    spawned = np.random.SeedSequence(LARGEST_SEED).spawn(3)
+    assert seeds == [int(c.generate_state(1, dtype=np.uint64)[0] >> 1) for c in spawned]
+    assert all(0 <= s < SEED_BOUND for s in seeds) and len(set(seeds)) == 3
+    assert child_seed(0, 2, 5) == child_seed(0, 2, 5) != child_seed(0, 2, 6)
+
+
+def test_largest_seed_works_in_initialize_and_tensor_init(mixture):
+    import torch
+
+    import pyromoe
+
+    x, y = mixture.x, mixture.y
+    first = pyromoe.initialize(x, y, 2, seed=LARGEST_SEED)
+    assert first.diagnostics["initializer"] == "tensor"  # the guard's random starts ran too
+    again = pyromoe.initialize(x, y, 2, seed=LARGEST_SEED)
+    assert torch.equal(first.experts_weight, again.experts_weight)
+    refined = pyromoe.tensor_init(x, y, 2, refine=True, random_starts=2, seed=LARGEST_SEED)
+    assert bool(torch.isfinite(refined.experts_weight).all())
+
+
+def test_largest_seed_works_in_compare_experts_and_compare_starts(mixture):
+    from pyromoe.app.workflow import compare_starts
+    from pyromoe.bayes.compare import compare_experts
+
+    x, y = mixture.x, mixture.y
+    table, fits = compare_experts(
+        x, y, (1, 2), seed=LARGEST_SEED, num_steps=20, num_samples=20, progress=False
+    )
+    assert sorted(fits) == ["k=1", "k=2"] and fits["k=2"].attrs["seed"] == LARGEST_SEED
+    records, tensor = compare_starts(
+        x, y, 2, "linear", num_random=2, seed=LARGEST_SEED, progress=False, screen=1
+    )
+    assert len(records) == 2 and tensor.estimate is not None
+
+
+def test_cli_runs_with_the_largest_seed(workdir, mixture, capsys):
+    import numpy as np
+
+    table = np.column_stack([mixture.x.numpy(), mixture.y.numpy()])
+    header = "a,b,c,y\n"
+    (workdir / "mix.csv").write_text(header + "".join(",".join(map(str, r)) + "\n" for r in table))
+    args = ["fit", "mix.csv", "--target", "y", "--seed", str(LARGEST_SEED), "--out", "results"]
+    assert main([*args, *FAST_SVI]) == 0, capsys.readouterr().err
+    assert "ran **tensor**" in (workdir / "results" / "summary.md").read_text()
+    _intact(workdir)
+
+
+def test_nan_in_a_memmap_or_dask_array_names_the_argument_row_and_column(tmp_path, mixture):
+    import dask.array as da
+    import numpy as np
+
+    import pyromoe
+
+    x, y = mixture.x.numpy().copy(), mixture.y.numpy().copy()
+    x[290, 2] = np.inf
+    np.save(tmp_path / "x.npy", x)
+    xm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    in_x = r"x contains NaN or infinite values \(first at row 290, column 2\); drop or impute"
+    with pytest.raises(ValueError, match=in_x):
+        pyromoe.fit_em(xm, y, 2)
+    with pytest.raises(ValueError, match=in_x):
+        pyromoe.initialize(da.from_array(x, chunks=(100, 3)), y, 2)
+    x[290, 2] = 0.5
+    y[410] = np.nan
+    in_y = r"y contains NaN or infinite values \(first at row 410\); drop or impute"
+    with pytest.raises(ValueError, match=in_y):
+        pyromoe.tensor_init(da.from_array(x, chunks=(100, 3)), da.from_array(y, chunks=100), 2)
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(ValueError, match=in_y):
+        pyromoe.fit_em(np.load(tmp_path / "x.npy", mmap_mode="r"), y, 2)
+
+
+@pytest.mark.parametrize("device", ["xla", "meta"])
+def test_unsupported_devices_are_refused_up_front(mixture, device):
+    import torch
+
+    import pyromoe
+    from pyromoe import MixtureOfExperts, fit_svi
+
+    message = (
+        rf"device='{device}' is not supported: pyromoe computes on 'cpu', 'cuda' or 'cuda:N' .*"
+        r"available on this machine: 'cpu'"
+    )
+    x, y = mixture.x, mixture.y
+    calls = [
+        lambda: pyromoe.fit_em(x, y, 2, device=device),
+        lambda: pyromoe.initialize(x, y, 2, device=device),
+        lambda: pyromoe.tensor_init(x, y, 2, device=device),
+        lambda: pyromoe.simulate(50, 2, device=device),
+        lambda: mixture.truth.to(device=device),
+        lambda: fit_svi(MixtureOfExperts(3, 2), x, y, num_steps=1, device=torch.device(device)),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_data_on_an_unsupported_device_is_refused(mixture):
+    import pyromoe
+
+    message = r"x is on device 'meta', which pyromoe does not support: .* e\.g\. x\.to\('cpu'\)"
+    with pytest.raises(ValueError, match=message):
+        pyromoe.initialize(mixture.x.to("meta"), mixture.y, 2)
+
+
+def test_cli_unsupported_device_is_one_line_before_any_work(workdir, capsys):
+    assert _fit("--out", "results", "--device", "meta", *FAST_SVI) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "device='meta' is not supported" in error
+    assert listing(workdir) == ["faithful.csv", "notes.txt"]
+
+
+def test_prior_predictive_beyond_memory_is_refused_before_drawing(monkeypatch):
+    import sys
+
+    import torch
+
+    from pyromoe import MixtureOfExperts, sample_prior_predictive
+
+    model, x = MixtureOfExperts(3, 2), torch.randn(1000, 3)
+    message = (
+        r"num_samples=1000000000 needs about [\d.]+ TiB for the prior draws \(2013 values each: "
+        r"the parameters and y for 1000 rows\), more than .*; pass fewer num_samples or fewer "
+        r"rows of x \(num_samples <= \d+ fits\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        sample_prior_predictive(model, x, num_samples=10**9)
+    monkeypatch.setitem(sys.modules, "psutil", None)  # without psutil: a share of physical memory
+    with pytest.raises(ValueError, match=r"more than [\d.]+ \w+ \(25% of this host's physical"):
+        sample_prior_predictive(model, x, num_samples=10**9)
+    assert sample_prior_predictive(model, x, num_samples=3).prior_predictive["y"].shape == (
+        1,
+        3,
+        1000,
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -27,6 +28,7 @@ import shutil
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple, TextIO
@@ -53,9 +55,9 @@ MISSING_VALUE_MARKERS: frozenset[str] = frozenset(
     {"", "na", "nan", "n/a", "null", "none", "?", "."}
 )
 
-#: Name of the empty file :func:`results_directory` leaves in every folder it creates; a folder that
-#: holds it is a previous pyromoe result; it lists every file pyromoe wrote there (JSON), and only a
-#: folder holding nothing else may be replaced, with ``overwrite=True``.
+#: Name of the file :func:`results_directory` leaves in every folder it creates: a JSON record of the
+#: size and SHA-256 of every file pyromoe wrote there. Only a folder whose files all still match it,
+#: and that holds nothing else, may be replaced, with ``overwrite=True``.
 RESULTS_MARKER = ".pyromoe-results"
 
 _DELIMITER_CANDIDATES = (",", "\t", ";")
@@ -560,12 +562,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                 "yielded by atomic_path, not to the final path"
             )
         os.replace(temporary, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        _remove_empty(created)
+        raise _naming(error, path, temporary) from error
     except BaseException:
         with contextlib.suppress(OSError):
             temporary.unlink()
         _remove_empty(created)
         raise
     _fsync_directory(path.parent)
+
+
+def _naming(error: OSError, path: Path, temporary: Path) -> OSError:
+    """``error`` as an OSError that names ``path`` (never the hidden temporary file)."""
+    number = error.errno if isinstance(error.errno, int) else None
+    text = str(error).replace(str(temporary), str(path))
+    if str(path) not in text:
+        text = f"could not write '{path}': {os.strerror(number) if number else text}"
+    elif text == str(error):
+        return error
+    if number is None:
+        return type(error)(text)
+    return type(error)(number, text.replace(f"[Errno {number}] ", "", 1))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> Path:
@@ -814,53 +834,171 @@ def write_netcdf_atomic(idata, path: str | os.PathLike) -> Path:
     return path
 
 
-#: Files pyromoe 0.1 wrote into a results folder, when its marker was still an empty file: a folder
-#: with that old marker may be replaced only if it holds nothing else.
-_LEGACY_OUTPUTS = frozenset(
-    {
-        RESULTS_MARKER,
-        "inference_data.nc",
-        "summary.md",
-        "trace.png",
-        "posterior.png",
-        "posterior_vs_truth.png",
-        "random_starts.png",
-        "responsibilities.png",
-        "posterior_predictive.png",
-    }
-)
+#: Version of the marker's record. Format 2 lists every file with its size and SHA-256; older
+#: markers (pyromoe 0.1's empty file, then a bare list of names) record no contents.
+_MARKER_FORMAT = 2
+_HASH_BLOCK = 1 << 20
+#: First bytes of the lock file :func:`results_directory` holds next to its target while it runs.
+_LOCK_SIGNATURE = "pyromoe results lock"
 
 
 def _entries(folder: Path) -> set[str]:
-    """Every file and folder below ``folder``, as POSIX paths relative to it."""
-    return {entry.relative_to(folder).as_posix() for entry in folder.rglob("*")}
+    """Every file, folder and link below ``folder`` (links not followed), relative POSIX paths."""
+    found: set[str] = set()
+    for root, folders, files in os.walk(folder, followlinks=False):
+        for name in [*folders, *files]:
+            found.add((Path(root) / name).relative_to(folder).as_posix())
+    return found
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_marker(folder: Path) -> None:
-    """The marker: proof that pyromoe wrote ``folder``, listing everything it wrote there."""
-    from .. import __version__
+    """The marker: proof that pyromoe wrote ``folder``, with the size and SHA-256 of every file."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    listed = sorted(_entries(folder) | {RESULTS_MARKER})
-    text = json.dumps({"pyromoe": __version__, "files": listed}, indent=1) + "\n"
-    (folder / RESULTS_MARKER).write_text(text, encoding="utf-8")
+    try:
+        writer = version("pyromoe")
+    except PackageNotFoundError:  # a source tree that was never installed
+        writer = "unknown"
+    files: dict[str, dict[str, object]] = {}
+    folders: list[str] = []
+    for name in sorted(_entries(folder) - {RESULTS_MARKER}):
+        entry = folder / name
+        if entry.is_symlink():
+            raise RuntimeError(f"a results folder may not hold links; '{name}' is one")
+        if entry.is_dir():
+            folders.append(name)
+        else:
+            files[name] = {"size": entry.stat().st_size, "sha256": _sha256(entry)}
+    record = {"pyromoe": writer, "format": _MARKER_FORMAT, "files": files, "folders": folders}
+    write_text_atomic(folder / RESULTS_MARKER, json.dumps(record, indent=1) + "\n")
 
 
-def _written_by_pyromoe(folder: Path) -> set[str] | None:
-    """What the marker of ``folder`` says pyromoe wrote there; None without a marker."""
+class _Marker(NamedTuple):
+    """What a folder's marker says pyromoe wrote there."""
+
+    files: dict[str, tuple[int, str]]  # relative path -> (size in bytes, SHA-256)
+    folders: frozenset[str]
+
+
+def _read_marker(folder: Path) -> _Marker | str | None:
+    """The marker of ``folder``: None without one; a :class:`_Marker` when it records every file's
+    contents; otherwise the reason it cannot be trusted (a str)."""
     marker = folder / RESULTS_MARKER
-    if not marker.is_file():
+    if marker.is_symlink():
+        return "its marker is a link"
+    if not marker.exists():
         return None
     try:
-        text = marker.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return set()
-    if not text.strip():
-        return set(_LEGACY_OUTPUTS)
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "its marker is empty or unreadable (pyromoe 0.1 wrote empty markers)"
+    files = record.get("files") if isinstance(record, dict) else None
+    folders = record.get("folders", []) if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not isinstance(folders, list):
+        return "its marker lists no file contents (an older pyromoe wrote it)"
+    checked: dict[str, tuple[int, str]] = {}
+    for name, facts in files.items():
+        size = facts.get("size") if isinstance(facts, dict) else None
+        digest = facts.get("sha256") if isinstance(facts, dict) else None
+        if not (isinstance(size, int) and isinstance(digest, str) and len(digest) == 64):
+            return f"its marker records no size and SHA-256 for '{name}'"
+        checked[str(name)] = (size, digest)
+    return _Marker(checked, frozenset(str(name) for name in folders))
+
+
+def _unchanged(entry: Path, size: int, digest: str) -> bool:
+    """Whether ``entry`` is a plain file with exactly this size and SHA-256."""
+    if entry.is_symlink() or not entry.is_file():
+        return False
+    return entry.stat().st_size == size and _sha256(entry) == digest
+
+
+def _differences(folder: Path, marker: _Marker) -> tuple[list[str], list[str]]:
+    """(files pyromoe wrote that changed or went missing, entries it did not write)."""
+    changed = [
+        name
+        for name, (size, digest) in sorted(marker.files.items())
+        if not _unchanged(folder / name, size, digest)
+    ]
+    changed += sorted(
+        name
+        for name in marker.folders
+        if (folder / name).is_symlink() or not (folder / name).is_dir()
+    )
+    listed = set(marker.files) | marker.folders | {RESULTS_MARKER}
+    return changed, sorted(_entries(folder) - listed)
+
+
+def _quoted(names: Sequence[str]) -> str:
+    more = ", ..." if len(names) > 5 else ""
+    return ", ".join(f"'{name}'" for name in names[:5]) + more
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (a lock file beside it) or fail at once.
+
+    Two runs writing one results folder: the second is refused before it does any work. The lock
+    file ``.<name>.pyromoe-lock`` is removed on every exit path; after a SIGKILL it is left behind
+    (the kernel releases the lock itself) and the next run reuses and removes it. Without
+    ``fcntl`` (Windows) no lock is taken.
+    """
     try:
-        files = json.loads(text)["files"]
-    except (ValueError, KeyError, TypeError):
-        return set()
-    return {str(name) for name in files} if isinstance(files, list) else set()
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    lock = path.with_name(f".{path.name}.pyromoe-lock")
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        try:
+            descriptor = os.open(lock, flags, 0o666)
+        except OSError as error:
+            raise FileExistsError(
+                f"cannot lock results folder '{path}': '{lock.name}' beside it cannot be opened "
+                f"({os.strerror(error.errno) if error.errno else error}); remove it if it is "
+                "yours, or choose another output path"
+            ) from error
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(descriptor, 200, 0).decode(errors="replace").strip()
+            os.close(descriptor)
+            raise FileExistsError(
+                f"results folder '{path}' is being written by another pyromoe run "
+                f"({owner.removeprefix(_LOCK_SIGNATURE).strip() or 'process unknown'}); wait for "
+                "it to finish, or choose another output path"
+            ) from None
+        try:  # the previous holder may have removed the file between our open and our lock
+            same = os.stat(lock, follow_symlinks=False).st_ino == os.fstat(descriptor).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(descriptor)
+    text = os.pread(descriptor, 200, 0).decode(errors="replace")
+    if text and not text.startswith(_LOCK_SIGNATURE):
+        os.close(descriptor)
+        raise FileExistsError(
+            f"cannot lock results folder '{path}': '{lock}' exists and pyromoe did not write it; "
+            "pyromoe never changes it. Move it away or choose another output path"
+        )
+    try:
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{_LOCK_SIGNATURE} process {os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(descriptor)
 
 
 @contextlib.contextmanager
@@ -877,22 +1015,27 @@ def results_directory(
     so a failed or interrupted run leaves no partial output. While the block runs, SIGTERM and
     SIGHUP (``kill``, ``timeout``, job schedulers, a closed terminal) raise :class:`Interrupted`, a
     ``KeyboardInterrupt``, so they take the same clean-up path as Ctrl-C. Only SIGKILL (or a power
-    cut) can leave the hidden staging folder ``.<name>.partial-<random>`` next to ``path``; it is
-    never a partial folder at ``path`` itself, and it can be deleted.
+    cut) can leave the hidden staging folder ``.<name>.partial-<random>`` or the lock file
+    ``.<name>.pyromoe-lock`` next to ``path``; never a partial folder at ``path`` itself.
 
-    The rule for an existing ``path`` (checked on entry, before any work is done, and again just
-    before the final rename): **pyromoe never deletes what it did not write.**
+    Every check is made on entry, before the block runs (and again, under the lock, just before
+    the final rename). The rule for an existing ``path``: **pyromoe never deletes or changes what
+    it did not write.**
 
     * missing, or an empty folder: the new folder takes its place;
-    * a folder pyromoe wrote (it holds the marker file :data:`RESULTS_MARKER`, which lists every
-      file pyromoe put there): replaced at the end, only with ``overwrite=True``, and only if it
-      holds nothing but what the marker lists;
-    * any other folder, a file, the current working folder or one above it, a folder holding one
-      of ``inputs`` or one above such a folder: refused.
+    * a folder pyromoe wrote: it holds the marker :data:`RESULTS_MARKER`, a JSON record of the size
+      and SHA-256 of every file pyromoe put there. It is replaced, only with ``overwrite=True``,
+      only if every recorded file is unchanged and nothing else is there; otherwise the changed
+      and foreign files are named and nothing is touched. A marker without contents (pyromoe 0.1's
+      empty marker, an edited marker) is never trusted: remove such a folder yourself;
+    * a symbolic link (even to a pyromoe folder, even dangling), any other folder, a file, the
+      current working folder or one above it, a folder holding one of ``inputs`` or one above such
+      a folder: refused.
 
-    Replacing is as atomic as a portable rename allows: the old folder is first renamed to a hidden
-    sibling ``.<name>.old-<random>``, the new one renamed into place, then the old one deleted. If
-    the second rename fails the old folder is put back.
+    While the block runs an exclusive lock (``fcntl.flock`` on ``.<name>.pyromoe-lock`` beside
+    ``path``) makes a second run on the same ``path`` fail at once. Replacing renames the old folder
+    to a hidden sibling, renames the new one into place, then deletes from the old one exactly the
+    files the marker records, each checked against its SHA-256 once more.
 
     Parameters
     ----------
@@ -900,7 +1043,7 @@ def results_directory(
         The results folder to create. Missing parent folders are created (and removed again if the
         block fails).
     overwrite : bool, default False
-        Allow replacing earlier pyromoe results at ``path``.
+        Allow replacing earlier, unchanged pyromoe results at ``path``.
     inputs : sequence of path-like, optional
         The run's input files: ``path`` may not be the folder holding one of them, nor above it.
 
@@ -912,11 +1055,11 @@ def results_directory(
     Raises
     ------
     FileExistsError
-        If ``path`` is a file, a folder pyromoe did not write, or earlier results without
-        ``overwrite=True``.
+        If ``path`` is a file, a folder pyromoe did not write, earlier results without
+        ``overwrite=True``, earlier results that were changed, or is being written by another run.
     ValueError
-        If ``path`` is the working folder, holds an input file, or lies above either; or a parent of
-        ``path`` is a file.
+        If ``path`` is a symbolic link, the working folder, holds an input file, or lies above
+        either; or a parent of ``path`` is a file.
     OSError
         If the staging folder cannot be created (e.g. ``PermissionError`` in a read-only folder).
 
@@ -939,11 +1082,12 @@ def results_directory(
         created = _make_parents(path.parent)
         staging = _sibling(path, "partial")
         try:
-            staging.mkdir()  # mode 0o777 minus the umask, like any folder the user makes
-            (staging / RESULTS_MARKER).touch()
-            yield staging
-            _write_marker(staging)
-            _swap_into_place(staging, path, overwrite, inputs)
+            with _exclusive_lock(path):
+                _check_replaceable(path, overwrite, inputs)  # another run may have just finished
+                staging.mkdir()  # mode 0o777 minus the umask, like any folder the user makes
+                yield staging
+                _write_marker(staging)
+                _swap_into_place(staging, path, overwrite, inputs)
         except OSError as error:
             shutil.rmtree(staging, ignore_errors=True)
             _remove_empty(created)
@@ -980,13 +1124,20 @@ def _is_same_or_above(folder: Path, other: Path) -> bool:
     return folder == other or folder in other.parents
 
 
-def _check_replaceable(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
+def _check_replaceable(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> _Marker | None:
+    """Refuse ``path`` unless the results may go there; return the marker of earlier results."""
     for parent in path.absolute().parents:
         if parent.exists() and not parent.is_dir():
             raise ValueError(
                 f"cannot create results folder '{path}': '{parent}' is a file, not a folder; "
                 "choose another output path"
             )
+    if path.is_symlink():
+        raise ValueError(
+            f"results folder '{path}' is a symbolic link (to '{os.readlink(path)}'); pyromoe "
+            "never writes through nor replaces a link. Give the folder itself as the output path, "
+            "or choose another one"
+        )
     if path.exists() and not path.is_dir():
         raise FileExistsError(
             f"cannot create results folder '{path}': a file of that name exists; choose another "
@@ -1004,13 +1155,20 @@ def _check_replaceable(path: Path, overwrite: bool, inputs: Sequence[Path] = ())
                 "replacing it would delete your data. Choose a new folder, e.g. --out results"
             )
     if not path.is_dir() or not any(path.iterdir()):
-        return
-    written = _written_by_pyromoe(path)
-    if written is None:
+        return None
+    marker = _read_marker(path)
+    if marker is None:
         raise FileExistsError(
             f"results folder '{path}' already exists and holds files pyromoe did not write; "
             "pyromoe never deletes those. Choose another output path, or move the files away "
             "yourself"
+        )
+    if isinstance(marker, str):
+        raise FileExistsError(
+            f"results folder '{path}' looks like earlier pyromoe results, but {marker}, so "
+            "pyromoe cannot tell its own files from yours and will not delete any. Check the "
+            f"folder and remove it yourself if nothing in it is yours (e.g. rm -r '{path}'), or "
+            "choose another output path"
         )
     if not overwrite:
         raise FileExistsError(
@@ -1018,23 +1176,27 @@ def _check_replaceable(path: Path, overwrite: bool, inputs: Sequence[Path] = ())
             "overwrite=True (--overwrite on the command line) to replace them, or choose another "
             "output path"
         )
-    foreign = sorted(_entries(path) - written)
-    if foreign:
-        more = ", ..." if len(foreign) > 5 else ""
-        listed = ", ".join(f"'{name}'" for name in foreign[:5]) + more
+    changed, foreign = _differences(path, marker)
+    if changed or foreign:
+        found = []
+        if changed:
+            found.append(f"files changed since pyromoe wrote them ({_quoted(changed)})")
+        if foreign:
+            found.append(f"files pyromoe did not write ({_quoted(foreign)})")
         raise FileExistsError(
-            f"results folder '{path}' holds earlier pyromoe results but also files pyromoe did not "
-            f"write ({listed}); pyromoe never deletes those. Move them away or choose another "
-            "output path"
+            f"results folder '{path}' holds earlier pyromoe results but also "
+            f"{' and '.join(found)}; pyromoe never deletes those. Move them away or choose "
+            "another output path"
         )
+    return marker
 
 
 def _swap_into_place(staging: Path, path: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
-    _check_replaceable(path, overwrite, inputs)  # again: the folder may have changed meanwhile
+    marker = _check_replaceable(path, overwrite, inputs)  # again: it may have changed meanwhile
     if not path.exists():
         os.replace(staging, path)
         return
-    if path.is_dir() and not any(path.iterdir()):
+    if marker is None:  # an empty folder
         path.rmdir()
         os.replace(staging, path)
         return
@@ -1045,4 +1207,31 @@ def _swap_into_place(staging: Path, path: Path, overwrite: bool, inputs: Sequenc
     except BaseException:
         os.replace(backup, path)
         raise
-    shutil.rmtree(backup, ignore_errors=True)
+    _delete_written(backup, marker, path)
+
+
+def _delete_written(folder: Path, marker: _Marker, path: Path) -> None:
+    """Delete from ``folder`` exactly what ``marker`` records, each file checked once more.
+
+    A file that changed in the instant since the last check is kept: the folder is then renamed to
+    a visible ``<name>.kept-<random>`` beside ``path`` and a warning names it.
+    """
+    for name, (size, digest) in marker.files.items():
+        entry = folder / name
+        if _unchanged(entry, size, digest):
+            entry.unlink()
+    with contextlib.suppress(OSError):
+        (folder / RESULTS_MARKER).unlink()
+    for name in sorted(marker.folders, key=lambda name: name.count("/"), reverse=True):
+        with contextlib.suppress(OSError):
+            (folder / name).rmdir()
+    try:
+        folder.rmdir()
+    except OSError:
+        kept = path.with_name(f"{path.name}.kept-{secrets.token_hex(4)}")
+        os.replace(folder, kept)
+        warnings.warn(
+            f"files changed in '{path}' while it was being replaced; pyromoe kept them in '{kept}'",
+            RuntimeWarning,
+            stacklevel=3,
+        )

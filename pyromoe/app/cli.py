@@ -184,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--overwrite",
             action="store_true",
-            help="replace the results of an earlier pyromoe run at --out (a folder holding "
-            "anything else is never replaced)",
+            help="replace the unchanged results of an earlier pyromoe run at --out (a folder "
+            "holding anything else, or an edited result, is never replaced)",
         )
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

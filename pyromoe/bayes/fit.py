@@ -65,7 +65,12 @@ from ..core.estimate import MoEEstimate
 from ..core.sources import Source, as_source, sample_rows
 from ..core.threads import check_num_threads, torch_threads
 from ._rng import seeded_rng
-from .init_strategy import check_estimate_fits_model, init_to_moments, latent_site_shapes
+from .init_strategy import (
+    check_estimate_fits_model,
+    init_to_moments,
+    latent_site_shapes,
+    match_noise_model,
+)
 from .laplace import laplace_approximation
 from .model import MixtureOfExperts
 from .potential import FusedPotential, fused_potential, unsupported_prior
@@ -121,6 +126,17 @@ def _estimate_on(init, device: torch.device):
     if isinstance(init, MoEEstimate) and init.experts_weight.device != device:
         return init.to(device=device)
     return init
+
+
+def _matched_init(model, init, x, y) -> tuple[Any, dict]:
+    """``(init, attrs)``: an estimate reconciled with the model before any work
+    (:func:`~pyromoe.bayes.init_strategy.match_noise_model`: its number of experts and inputs
+    checked, its noise repeated or pooled to the model's noise model), and the attrs recording a
+    conversion (``init_noise_conversion``)."""
+    if not isinstance(init, MoEEstimate):
+        return init, {}
+    init, note = match_noise_model(model, init, x, y)
+    return init, ({} if note is None else {"init_noise_conversion": note})
 
 
 class _Batches:
@@ -285,7 +301,16 @@ def _idata(model, x, y, samples, init, align, seed, attrs, **kwargs):
 
 
 def _optimised_idata(
-    model, batches: _Batches, samples, kind, init, losses, seconds, checked, feature_names=None
+    model,
+    batches: _Batches,
+    samples,
+    kind,
+    init,
+    losses,
+    seconds,
+    checked,
+    feature_names=None,
+    init_attrs=None,
 ):
     """InferenceData for an optimisation-based fit (MAP or SVI), with its ELBO trace and
     throughput in attrs; out of core, evaluated on :meth:`_Batches.evaluation_data`."""
@@ -295,6 +320,7 @@ def _optimised_idata(
         "elbo": [-loss for loss in losses],
         "seconds": seconds,
         "rows_per_second": len(losses) * batches.rows_per_step / max(seconds, 1e-12),
+        **(init_attrs or {}),
     }
     x, y, rows = batches.evaluation_data(checked["seed"])
     kwargs = {"feature_names": feature_names}
@@ -357,6 +383,11 @@ def fit_map(
     y : the same kinds (n,)
     init : MoEEstimate, callable or None
         Start (``None``: Pyro's default for AutoDelta, ``init_to_median``).
+        An estimate with the other noise model is reconciled before any work
+        (:func:`~pyromoe.bayes.init_strategy.match_noise_model`: a shared sd repeated for a
+        per-expert model, per-expert sds pooled for a shared one), recorded in
+        ``attrs["init_noise_conversion"]``; one with another number of experts or inputs is
+        refused.
     gate_only : bool
         Fix the experts at ``init`` (``poutine.condition`` on ``experts.weight`` / ``experts.bias``)
         and fit only the gate sites and the noise: EM's gate step in Pyro form. Needs an estimate.
@@ -439,6 +470,7 @@ def fit_map(
     batches = _Batches(source, checked["subsample_size"], checked["seed"], "fit_map")
     init = _estimate_on(init, source.device)
     x, y = batches.x, batches.y
+    init, init_attrs = _matched_init(model, init, x, y)
     with _fit_context(checked["seed"], source.device, checked["num_threads"]):
         strategy, shapes = _init_strategy(init, model, x, y)
         fixed: dict[str, torch.Tensor] = {}
@@ -463,7 +495,7 @@ def fit_map(
     samples = {name: value[None, None] for name, value in point.items()}
     kind = "map_gate_only" if gate_only else "map"
     return _optimised_idata(
-        model, batches, samples, kind, init, losses, seconds, checked, feature_names
+        model, batches, samples, kind, init, losses, seconds, checked, feature_names, init_attrs
     )
 
 
@@ -508,6 +540,11 @@ def fit_svi(
     y : the same kinds (n,)
     init : MoEEstimate, callable or None
         Start of the guide's location (``None``: the autoguide's own default).
+        An estimate with the other noise model is reconciled before any work
+        (:func:`~pyromoe.bayes.init_strategy.match_noise_model`: a shared sd repeated for a
+        per-expert model, per-expert sds pooled for a shared one), recorded in
+        ``attrs["init_noise_conversion"]``; one with another number of experts or inputs is
+        refused.
     guide : {"normal", "lowrank", "mvn"} or AutoGuide
         :class:`~pyro.infer.autoguide.AutoNormal` (mean field), :class:`~pyro.infer.autoguide.
         AutoLowRankMultivariateNormal`, :class:`~pyro.infer.autoguide.AutoMultivariateNormal`
@@ -581,6 +618,7 @@ def fit_svi(
     batches = _Batches(source, checked["subsample_size"], checked["seed"], "fit_svi")
     init = _estimate_on(init, source.device)
     x, y = batches.x, batches.y
+    init, init_attrs = _matched_init(model, init, x, y)
     with _fit_context(checked["seed"], source.device, checked["num_threads"]):
         strategy, _ = _init_strategy(init, model, x, y)
         if not isinstance(guide, AutoGuide):
@@ -596,7 +634,7 @@ def fit_svi(
     samples = {name: draws[name].detach()[None] for name in latent}
     kind = f"svi_{type(guide).__name__}"
     return _optimised_idata(
-        model, batches, samples, kind, init, losses, seconds, checked, feature_names
+        model, batches, samples, kind, init, losses, seconds, checked, feature_names, init_attrs
     )
 
 
@@ -853,6 +891,11 @@ def run_nuts(
     init : MoEEstimate, callable or None
         ``MoEEstimate``: seeded start. ``None``: Pyro's default (``init_to_uniform``). A callable:
         any Pyro init strategy (no jitter added).
+        An estimate with the other noise model is reconciled before any work
+        (:func:`~pyromoe.bayes.init_strategy.match_noise_model`: a shared sd repeated for a
+        per-expert model, per-expert sds pooled for a shared one), recorded in
+        ``attrs["init_noise_conversion"]``; one with another number of experts or inputs is
+        refused.
     num_chains : int
         Chains (>= 1).
     num_warmup, num_samples : int
@@ -968,6 +1011,7 @@ def run_nuts(
     tensors = source.tensors()
     x, y = tensors if tensors is not None else source.take(torch.arange(source.num_rows))
     init = _estimate_on(init, x.device)
+    init, init_attrs = _matched_init(model, init, x, y)
     fused = _choose_potential(potential, model, x, y)
     if mp_context is None and x.is_cuda and num_chains > 1:
         mp_context = "spawn"
@@ -1025,6 +1069,7 @@ def run_nuts(
         "num_warmup": checked["num_warmup"],
         "num_samples": num_samples,
         "parallel_chains": int(1 < num_chains <= max(multiprocessing.cpu_count() - 1, 1)),
+        **init_attrs,
     }
     return _idata(
         model,

@@ -20,8 +20,10 @@ posterior standard deviations of the Laplace approximation at the estimate.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import torch
 from pyro import poutine
@@ -30,10 +32,15 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
 from .._validation import check_seed
-from ..core import sites
+from ..core import likelihood, sites
 from ..core.estimate import MoEEstimate
 
-__all__ = ["init_to_moments", "check_estimate_fits_model", "latent_site_shapes"]
+__all__ = [
+    "init_to_moments",
+    "check_estimate_fits_model",
+    "latent_site_shapes",
+    "match_noise_model",
+]
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -300,3 +307,73 @@ def latent_site_shapes(model, x, y, *, init_strategy=None) -> dict[str, tuple[in
         for name, site in trace.iter_stochastic_nodes()
         if not site_is_subsample(site)
     }
+
+
+def match_noise_model(model, estimate: MoEEstimate, x=None, y=None) -> tuple[MoEEstimate, str | None]:
+    """``(estimate, note)``: the estimate with the model's noise model, and what was changed.
+
+    A start (or a labelling reference) may come from a fit with the other noise model, e.g.
+    :func:`pyromoe.initialize`'s default shared sd for a ``noise="per_expert"`` model. It is
+    reconciled, before any work, so that nothing fails after sampling:
+
+    * shared estimate, per-expert model: every expert starts at the shared ``sigma`` (repeated
+      ``k`` times);
+    * per-expert estimate, shared model: the pooled ``sigma = sqrt(sum_i w_i sigma_i^2)``, with
+      ``w_i`` the estimate's mean responsibility of expert ``i`` on ``x``, ``y``
+      (``mean_n p(expert i | x_n, y_n)``: the shared-noise M-step of EM given the experts); the
+      plain root mean square ``sqrt(mean_i sigma_i^2)`` when no data are given.
+
+    ``note`` (None when nothing changed) says which, with the values; the fits record it in
+    ``idata.attrs["init_noise_conversion"]`` and the returned estimate in
+    ``diagnostics["noise_conversion"]``.
+
+    Raises
+    ------
+    ValueError
+        When the estimate's number of experts or of inputs differs from the model's (they cannot
+        be reconciled); the message names both.
+    """
+    check_estimate(estimate)
+    k, d = getattr(model, "num_experts", None), getattr(model, "in_features", None)
+    for name, mine, theirs in (
+        ("num_experts", k, estimate.num_experts),
+        ("in_features", d, estimate.in_features),
+    ):
+        if mine is not None and mine != theirs:
+            raise ValueError(
+                f"the estimate given as init has {name}={theirs} but the model has {name}={mine}; "
+                f"an estimate can only start a model of its own shape. Build the model with "
+                f"{name}={theirs}, or fit an estimate with {name}={mine} (e.g. "
+                f"initialize(x, y, num_experts={k}))"
+            )
+    wanted = getattr(model, "noise_model", None)
+    if wanted is None or wanted == estimate.noise_model:
+        return estimate, None
+    noise = estimate.noise
+    if wanted == "per_expert":
+        new = noise.expand(estimate.num_experts).clone()
+        note = (
+            f"the estimate's shared noise sd {float(noise):.6g} starts each of the "
+            f"{estimate.num_experts} experts' noise (repeated)"
+        )
+    else:
+        variances = noise * noise
+        if x is not None and y is not None:
+            x = torch.as_tensor(x)
+            params = estimate.params.like(x)
+            with torch.no_grad():
+                weights = likelihood.responsibilities(x, torch.as_tensor(y).to(x), params, estimate.link)
+            weights = weights.mean(0).to(variances)
+            how = "responsibility-weighted"
+        else:
+            weights = torch.full_like(variances, 1.0 / estimate.num_experts)
+            how = "root mean square"
+        new = (weights * variances).sum().sqrt()
+        if not (math.isfinite(float(new)) and float(new) > 0):  # e.g. no data weight: plain rms
+            new, how = variances.mean().sqrt(), "root mean square"
+        note = (
+            f"the estimate's per-expert noise sds {[round(v, 6) for v in noise.tolist()]} start "
+            f"the shared noise at their pooled ({how}) sd {float(new):.6g}"
+        )
+    diagnostics = {**estimate.diagnostics, "noise_conversion": note}
+    return replace(estimate, noise=new, diagnostics=diagnostics), note

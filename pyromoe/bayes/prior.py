@@ -27,7 +27,7 @@ from .._validation import (
 )
 from ..core import sites
 from ._rng import seeded_rng
-from .model import MixtureOfExperts
+from .model import MODEL_ATTR, MixtureOfExperts
 from .to_arviz import SITE_DIMS, _from_dict, _numpy, _predict
 
 __all__ = ["sample_prior_predictive", "PREDICTIVE_CHUNK_ELEMENTS"]
@@ -63,7 +63,8 @@ def sample_prior_predictive(model, x, y=None, *, num_samples: int = 500, seed: i
         ``prior``: the parameter sites (``experts.weight`` with dims chain, draw, expert, feature;
         ...; ``noise``), ``prior_predictive``: ``y`` (chain, draw, obs), ``observed_data``: ``y``
         (only when ``y`` is given), ``constant_data``: ``x`` (obs, feature); ``attrs``:
-        ``inference="prior"``, ``seed``, ``num_samples``.
+        ``inference="prior"``, ``seed``, ``num_samples``, ``pyromoe_model`` (the model's
+        settings and priors as JSON, :meth:`MixtureOfExperts.settings`).
 
     Raises
     ------
@@ -140,5 +141,10 @@ def sample_prior_predictive(model, x, y=None, *, num_samples: int = 500, seed: i
         "observed_data": {sites.OBS: _numpy(y)} if y is not None else None,
         "constant_data": {"x": _numpy(x)},
     }
-    attrs = {"inference": "prior", "seed": seed, "num_samples": num_samples}
+    attrs = {
+        "inference": "prior",
+        "seed": seed,
+        "num_samples": num_samples,
+        MODEL_ATTR: model.settings_json(),
+    }
     return _from_dict(groups, coords=coords, dims=dims, attrs=attrs)

@@ -48,6 +48,8 @@ from .._validation import (
 from ..core import likelihood, sites
 from ..core.estimate import MoEEstimate
 from ..core.labels import align_labels, check_samples
+from .init_strategy import match_noise_model
+from .model import MODEL_ATTR
 
 __all__ = ["to_inference_data", "chain_log_likelihood"]
 
@@ -155,7 +157,10 @@ def to_inference_data(
     Returns
     -------
     arviz.InferenceData
-        Its ``attrs`` hold ``chain_mean_log_likelihood`` (per chain) and, with ``align``, the
+        Its ``attrs`` hold ``chain_mean_log_likelihood`` (per chain), ``pyromoe_model`` (the
+        model's settings and ``feature_names`` as a JSON string,
+        :meth:`pyromoe.MixtureOfExperts.settings`, which :func:`pyromoe.predict` and
+        :func:`pyromoe.responsibilities` check the model against) and, with ``align``, the
         relabelling record; ``sample_stats`` gains ``log_likelihood_total`` (chain, draw).
 
     Raises
@@ -197,7 +202,12 @@ def to_inference_data(
     n, d = x.shape
     num_chains, num_draws = draws[next(iter(draws))].shape[:2]
     record: dict[str, Any] = {"labels_aligned": 0}
+    settings_json = getattr(model, "settings_json", None)
+    # the model the draws come from, for predict and responsibilities to check
+    model_record = {MODEL_ATTR: settings_json(feature_names)} if callable(settings_json) else {}
     if align is not None:
+        # a reference with the other noise model labels the draws as well (its noise is unused)
+        align, _ = match_noise_model(model, align, x, y)
         draws, info = align_labels(draws, align)
         record = {
             "labels_aligned": 1,
@@ -253,6 +263,7 @@ def to_inference_data(
         "chain_mean_log_likelihood": chain_means.tolist(),
         "chain_log_likelihood_gap": (chain_means.max() - chain_means).tolist(),
         **record,
+        **model_record,
         **({"posterior_predictive_seed": seed} if posterior_predictive else {}),
         **dict(attrs or {}),
     }

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 #: public name -> module that defines it (relative to this package)
 _EXPORTS: dict[str, str] = {
@@ -35,6 +35,7 @@ _EXPORTS: dict[str, str] = {
     "SimulatedData": ".estimators.simulate",
     "simulate": ".estimators.simulate",
     "MixtureOfExperts": ".bayes.model",
+    "OneDrawWarning": ".bayes.predict",
     "init_to_moments": ".bayes.init_strategy",
     "fit_map": ".bayes.fit",
     "fit_svi": ".bayes.fit",
@@ -46,6 +47,8 @@ _EXPORTS: dict[str, str] = {
     "compare_experts": ".bayes.compare",
     "responsibilities": ".bayes.predict",
     "plot_predictions": ".app.plots",
+    "read_table": ".app.table",
+    "results_directory": ".app.results",
     "DATASETS": ".datasets",
     "Dataset": ".datasets",
     "load_concrete": ".datasets",
@@ -57,7 +60,6 @@ _EXPORTS: dict[str, str] = {
 #: public submodules, by their short names
 _MODULES: dict[str, str] = {
     "datasets": ".datasets",
-    "io": ".app.io",
     "links": ".core.links",
     "sites": ".core.sites",
 }
@@ -70,6 +72,7 @@ __all__ = [
     "Link",
     "MixtureOfExperts",
     "MoEEstimate",
+    "OneDrawWarning",
     "SimulatedData",
     "align_labels",
     "compare_experts",
@@ -81,7 +84,6 @@ __all__ = [
     "get_link",
     "init_to_moments",
     "initialize",
-    "io",
     "links",
     "load_concrete",
     "load_dataset",
@@ -90,7 +92,9 @@ __all__ = [
     "parameter_errors",
     "plot_predictions",
     "predict",
+    "read_table",
     "responsibilities",
+    "results_directory",
     "run_nuts",
     "sample_prior_predictive",
     "simulate",
@@ -117,13 +121,14 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from . import datasets, sites
-    from .app import io
     from .app.plots import plot_predictions
+    from .app.results import results_directory
+    from .app.table import read_table
     from .bayes.compare import compare_experts
     from .bayes.fit import fit_map, fit_svi, run_nuts
     from .bayes.init_strategy import init_to_moments
     from .bayes.model import MixtureOfExperts
-    from .bayes.predict import predict, responsibilities
+    from .bayes.predict import OneDrawWarning, predict, responsibilities
     from .bayes.prior import sample_prior_predictive
     from .bayes.to_arviz import to_inference_data
     from .core import links

@@ -179,7 +179,8 @@ def test_predict_chunks_and_thins_draws_without_changing_the_means(model, svi_id
 
 def test_predict_works_on_map_and_nuts_output(model, map_idata, nuts_idata, test_rows):
     x_new = test_rows[0][:10]
-    map_pred = pyromoe.predict(model, map_idata, x_new).predictions
+    with pytest.warns(pyromoe.OneDrawWarning, match="one posterior draw .*'map'"):
+        map_pred = pyromoe.predict(model, map_idata, x_new).predictions
     assert map_pred[sites.OBS].shape == (1, 1, 10)
     # the MAP point: the mean is the likelihood module's mixture mean at that point
     point = {
@@ -246,7 +247,8 @@ def test_responsibilities_intervals_are_arviz_hdi_and_blocks_change_nothing(
 
 
 def test_responsibilities_on_map_output(model, map_idata, train):
-    table = pyromoe.responsibilities(model, map_idata)
+    with pytest.warns(pyromoe.OneDrawWarning, match="zero width"):
+        table = pyromoe.responsibilities(model, map_idata)
     np.testing.assert_allclose(
         table[["mean_expert_0", "mean_expert_1"]].to_numpy(),
         _averaged_responsibilities(model, map_idata, *train),
@@ -316,12 +318,20 @@ def test_predict_and_responsibilities_reject_bad_models_and_idata(model, svi_ida
     without = az.from_dict(observed_data={"y": np.zeros(3)})
     with pytest.raises(ValueError, match="idata has no posterior group"):
         pyromoe.predict(model, without, x_new)
+    # the fit's record of its model refuses another model first, naming the setting...
+    with pytest.raises(ValueError, match="bias: the fit's model has False, this model has True"):
+        pyromoe.predict(MixtureOfExperts(2, 2, bias=True), svi_idata, x_new)
+    with pytest.raises(ValueError, match="num_experts: the fit's model has 2, this model has 3"):
+        pyromoe.predict(MixtureOfExperts(2, 3, bias=False), svi_idata, x_new)
+    # ...and without the record (older files) the posterior's sites and shapes are checked
+    unrecorded = svi_idata.copy()
+    del unrecorded.attrs["pyromoe_model"]
     with pytest.raises(
         ValueError, match=r"lacks the model's sites \['experts.bias', 'gate.bias'\]"
     ):
-        pyromoe.predict(MixtureOfExperts(2, 2, bias=True), svi_idata, x_new)
+        pyromoe.predict(MixtureOfExperts(2, 2, bias=True), unrecorded, x_new)
     with pytest.raises(ValueError, match=r"idata.posterior\['experts.weight'\] must have dims"):
-        pyromoe.predict(MixtureOfExperts(2, 3, bias=False), svi_idata, x_new)
+        pyromoe.predict(MixtureOfExperts(2, 3, bias=False), unrecorded, x_new)
     with pytest.raises(ValueError, match="pass both x and y, or neither"):
         pyromoe.responsibilities(model, svi_idata, x=train[0])
     posterior_only = az.from_dict(

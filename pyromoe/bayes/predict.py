@@ -23,6 +23,8 @@ variable           dims                         meaning
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Mapping
 
 import arviz as az
@@ -31,13 +33,21 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from .._validation import as_tensor, as_tensors, check_count, check_probability, check_seed
+from .._validation import (
+    _is_pandas,
+    as_tensor,
+    as_tensors,
+    check_count,
+    check_probability,
+    check_seed,
+)
 from ..core import likelihood, sites
 from ..core.params import Params
-from .model import MixtureOfExperts
+from .model import MODEL_ATTR, MixtureOfExperts
 from .to_arviz import _arviz_major, _from_dict
 
 __all__ = [
+    "OneDrawWarning",
     "predict",
     "responsibilities",
     "responsibility_columns",
@@ -57,7 +67,148 @@ PREDICTION_VARIABLES: dict[str, list[str]] = {
 RESPONSIBILITY_BLOCK_ELEMENTS = 2**22
 
 
+#: the settings of the model that change what the posterior's draws mean: a model that differs
+#: from the recorded one in any of them is refused
+_STRUCTURAL_SETTINGS = ("num_experts", "in_features", "link", "bias", "noise")
+
+
+class OneDrawWarning(UserWarning):
+    """The posterior has one draw (a MAP fit): predictions carry no parameter uncertainty and
+    intervals over the draws have zero width."""
+
+
 # ------------------------------------------------------------------------------------ checks
+def _recorded_model(idata) -> dict | None:
+    """The model settings ``idata.attrs[MODEL_ATTR]`` records (a dict), or None for an idata
+    written before pyromoe recorded them (or by something else)."""
+    attrs = getattr(idata, "attrs", None)
+    text = attrs.get(MODEL_ATTR) if isinstance(attrs, Mapping) else None
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+    except (TypeError, ValueError):
+        record = None
+    if not isinstance(record, dict):
+        raise ValueError(
+            f"idata.attrs[{MODEL_ATTR!r}] must be the JSON record of the fit's model that "
+            f"pyromoe writes; got {str(text)[:80]!r}. Delete the attribute to skip the check "
+            f"(del idata.attrs[{MODEL_ATTR!r}])"
+        )
+    return record
+
+
+def _constructor(record: Mapping) -> str:
+    """``MixtureOfExperts(...)`` with the recorded settings, as a hint."""
+    link = record.get("link")
+    shown = f"link={link!r}"
+    if isinstance(link, str) and link.startswith("leaky_relu("):
+        shown = f"link=pyromoe.core.links.leaky_relu({link[len('leaky_relu(') : -1]})"
+    return (
+        f"MixtureOfExperts({record.get('in_features')}, {record.get('num_experts')}, {shown}, "
+        f"bias={record.get('bias')}, noise={record.get('noise')!r})"
+    )
+
+
+def _check_model_matches(model: MixtureOfExperts, idata) -> dict | None:
+    """Refuse a model whose settings differ from those ``idata`` records; return the record.
+
+    The settings that change what the draws mean (:data:`_STRUCTURAL_SETTINGS`) must be equal;
+    other priors only warn (the posterior's draws are what they are; predictions do not use the
+    priors). An idata without a record (an older file) is not checked.
+    """
+    record = _recorded_model(idata)
+    if record is None:
+        return None
+    mine = model.settings()
+    differing = [
+        f"{key}: the fit's model has {record[key]!r}, this model has {mine[key]!r}"
+        for key in _STRUCTURAL_SETTINGS
+        if key in record and record[key] != mine[key]
+    ]
+    if differing:
+        raise ValueError(
+            f"model differs from the model idata was fitted with ({'; '.join(differing)}). Pass "
+            f"the fit's model, {_constructor(record)} (recorded in "
+            f"idata.attrs[{MODEL_ATTR!r}])"
+        )
+    priors = record.get("priors")
+    if isinstance(priors, Mapping):
+        changed = [
+            f"{site}: fitted with {priors[site]}, this model has {mine['priors'][site]}"
+            for site in mine["priors"]
+            if site in priors and priors[site] != mine["priors"][site]
+        ]
+        if changed:
+            warnings.warn(
+                f"model's priors differ from those idata was fitted with ({'; '.join(changed)}); "
+                "the results use idata's posterior draws, which came from the recorded priors",
+                UserWarning,
+                stacklevel=3,
+            )
+    return record
+
+
+def _recorded_feature_names(record: Mapping | None, posterior) -> list[str] | None:
+    """The inputs' names of the fit: recorded with the model, else the posterior's ``feature``
+    coords when they are strings; None when the fit had no names."""
+    names = None if record is None else record.get("feature_names")
+    if names is None and "feature" in posterior.coords:
+        coords = [value.item() for value in posterior["feature"].values]
+        if coords and all(isinstance(value, str) for value in coords):
+            names = coords
+    return None if names is None else [str(name) for name in names]
+
+
+def _columns_by_name(x, names: list[str] | None, argument: str):
+    """A DataFrame ``x`` with string column labels, its columns put in the fit's order ``names``;
+    anything else (arrays, tensors, unnamed columns, a fit without names) as it is: by position.
+
+    Raises
+    ------
+    ValueError
+        The labels are not the fit's names: unknown or missing ones (named), or repeated ones.
+    """
+    if names is None or not (_is_pandas(x) and hasattr(x, "columns")):
+        return x
+    columns = list(x.columns)
+    if not columns or not all(isinstance(column, str) for column in columns):
+        return x  # no names to match: by position, as for an array
+    repeated = sorted({column for column in columns if columns.count(column) > 1})
+    unknown = [column for column in columns if column not in names]
+    missing = [name for name in names if name not in columns]
+    if repeated or unknown or missing:
+        problems = []
+        if unknown:
+            problems.append(f"unknown columns {unknown}")
+        if missing:
+            problems.append(f"missing columns {missing}")
+        if repeated:
+            problems.append(f"repeated columns {repeated}")
+        raise ValueError(
+            f"{argument} has {', '.join(problems)}; its columns are matched by name to the "
+            f"features the model was fitted on, {names}. Pass {argument}[{names!r}] (after "
+            "renaming), or a numpy array to match by position"
+        )
+    return x if columns == names else x[names]
+
+
+def _warn_one_draw(num_draws: int, idata, caller: str) -> None:
+    """:class:`OneDrawWarning` when ``caller`` has one posterior draw to work with."""
+    if num_draws != 1:
+        return
+    attrs = getattr(idata, "attrs", None)
+    inference = attrs.get("inference") if isinstance(attrs, Mapping) else None
+    source = f" (idata.attrs['inference'] = {inference!r})" if inference is not None else ""
+    warnings.warn(
+        f"{caller} uses one posterior draw{source}: its results are those of a single point "
+        "estimate, without parameter uncertainty, and intervals over chain and draw (az.hdi) "
+        "have zero width. For intervals fit with fit_svi or run_nuts.",
+        OneDrawWarning,
+        stacklevel=3,
+    )
+
+
 def _check_model(model) -> MixtureOfExperts:
     if isinstance(model, type):
         raise TypeError(
@@ -191,15 +342,28 @@ def predict(
     expert drawn from the gate, then its Gaussian noise) from a private ``torch.Generator``
     seeded with ``seed``: the caller's global random state is not touched.
 
+    A MAP fit (:func:`~pyromoe.fit_map`) has one posterior draw: its predictions are the MAP
+    point's (``y`` is one draw of the noise around it per row) and intervals over chain and draw
+    have zero width, so predict warns (:class:`OneDrawWarning`); for predictive intervals fit with
+    :func:`~pyromoe.fit_svi` or :func:`~pyromoe.run_nuts`.
+
     Parameters
     ----------
     model : MixtureOfExperts
-        The model the posterior was fitted with (its sites, link and noise model).
+        The model the posterior was fitted with (its sites, link and noise model). When
+        ``idata.attrs["pyromoe_model"]`` records the fit's model (every fit writes it), a model
+        with another ``num_experts``, ``in_features``, ``link`` (and its parameters), ``bias``
+        or ``noise`` is refused; other priors give a ``UserWarning``. An idata without the
+        record (older files) is not checked.
     idata : arviz.InferenceData
         With a ``posterior`` group holding the model's sites (dims chain, draw, ...), as from
         :func:`~pyromoe.run_nuts`, :func:`~pyromoe.fit_svi` or :func:`~pyromoe.fit_map`.
     x_new : Tensor, ndarray or DataFrame (m, d)
-        New inputs, ``d = model.in_features``; computations run in its floating dtype.
+        New inputs, ``d = model.in_features``; computations run in its floating dtype. A
+        DataFrame with string column labels, for a fit that named its features (recorded with
+        the model, or string ``feature`` coords of the posterior), is matched by name: its
+        columns are put in the fit's order; unknown, missing or repeated names are refused.
+        Arrays, tensors and frames with other labels are taken by position.
     seed : int or None
         Seed of the generator for the draws of y; the same seed (and ``chunk_draws``) gives the
         same draws. ``None``: a fresh seed, recorded in ``attrs["prediction_seed"]``.
@@ -225,8 +389,18 @@ def predict(
         If ``model`` is not a MixtureOfExperts instance or ``idata`` not an InferenceData; bad
         types of ``seed``, ``num_draws``, ``chunk_draws``.
     ValueError
-        If ``x_new`` is not of shape (m, model.in_features) or not finite; ``idata`` has no
-        posterior group, lacks one of the model's sites or has one of the wrong shape.
+        If ``x_new`` is not of shape (m, model.in_features) or not finite, or a DataFrame whose
+        column names are not the fit's features (naming the unknown and missing ones); ``model``
+        differs from the model ``idata`` records (naming the setting and both values); ``idata``
+        has no posterior group, lacks one of the model's sites or has one of the wrong shape.
+
+    Warns
+    -----
+    OneDrawWarning
+        (a ``UserWarning``) when there is one posterior draw (a MAP fit, or ``num_draws=1`` of
+        one chain): no parameter uncertainty, zero-width intervals.
+    UserWarning
+        When ``model``'s priors differ from the recorded ones.
 
     Examples
     --------
@@ -234,7 +408,9 @@ def predict(
     >>> data = simulate(200, 2, seed=0)
     >>> model = MixtureOfExperts(2, 2, bias=False)
     >>> idata = fit_map(model, data.x, data.y, init=data.truth, num_steps=20)
-    >>> pred = predict(model, idata, data.x[:5])
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True):  # one draw: OneDrawWarning
+    ...     pred = predict(model, idata, data.x[:5])
     >>> pred.predictions["gate"].dims
     ('chain', 'draw', 'obs', 'expert')
     >>> pred.predictions["y"].shape
@@ -243,10 +419,15 @@ def predict(
     model = _check_model(model)
     seed = check_seed(seed)
     chunk_draws = check_count(chunk_draws, "chunk_draws", minimum=1)
+    record = _check_model_matches(model, idata)
+    posterior = _group(idata, "posterior")
+    if posterior is not None:
+        x_new = _columns_by_name(x_new, _recorded_feature_names(record, posterior), "x_new")
     x = _check_x_new(x_new, model)
     values, chains, draws, posterior = _posterior_draws(model, idata, num_draws)
     params = _flat_params(model, values, x)
     num_chains, num_kept = chains.size, draws.size
+    _warn_one_draw(num_chains * num_kept, idata, "predict")
     m, d = x.shape
     generator = torch.Generator(device=x.device).manual_seed(int(seed))
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in PREDICTION_VARIABLES}
@@ -275,6 +456,8 @@ def predict(
     inference = getattr(idata, "attrs", {}).get("inference")
     if inference is not None:
         attrs["inference"] = inference
+    if record is not None:
+        attrs[MODEL_ATTR] = idata.attrs[MODEL_ATTR]
     groups = {
         "predictions": predictions,
         "predictions_constant_data": {"x_new": x.detach().cpu().numpy()},
@@ -327,11 +510,13 @@ def responsibilities(
     Parameters
     ----------
     model : MixtureOfExperts
-        The model the posterior was fitted with.
+        The model the posterior was fitted with, checked against the record in ``idata.attrs``
+        as in :func:`predict`.
     idata : arviz.InferenceData
         With a ``posterior`` group holding the model's sites; also the source of ``x``
         (``constant_data["x"]``) and ``y`` (``observed_data["y"]``) when they are not given.
     x : Tensor, ndarray or DataFrame (n, d), optional
+        A DataFrame's columns are matched by name as in :func:`predict`.
     y : Tensor, ndarray or Series (n,), optional
         Both or neither: without them the data the posterior was fitted on (for an out-of-core
         fit, its evaluation rows), indexed by the ``obs`` coords of ``constant_data``.
@@ -359,13 +544,20 @@ def responsibilities(
         ``idata`` without ``constant_data`` / ``observed_data``; ``x``, ``y`` of the wrong shapes;
         ``hdi_prob`` outside (0, 1).
 
+    Warns
+    -----
+    OneDrawWarning
+        When the posterior has one draw (a MAP fit): the intervals have zero width.
+
     Examples
     --------
     >>> from pyromoe import MixtureOfExperts, fit_map, simulate
     >>> data = simulate(200, 2, seed=0)
     >>> model = MixtureOfExperts(2, 2, bias=False)
     >>> idata = fit_map(model, data.x, data.y, init=data.truth, num_steps=20)
-    >>> table = responsibilities(model, idata)
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True):  # one draw: OneDrawWarning
+    ...     table = responsibilities(model, idata)
     >>> list(table.columns[:3])
     ['mean_expert_0', 'hdi_3%_expert_0', 'hdi_97%_expert_0']
     >>> table.shape
@@ -375,7 +567,8 @@ def responsibilities(
     hdi_prob = check_probability(hdi_prob, "hdi_prob")
     if chunk_rows is not None:
         chunk_rows = check_count(chunk_rows, "chunk_rows", minimum=1)
-    values, chains, draws, _ = _posterior_draws(model, idata, None)
+    record = _check_model_matches(model, idata)
+    values, chains, draws, posterior = _posterior_draws(model, idata, None)
     if (x is None) != (y is None):
         raise ValueError(
             "pass both x and y, or neither (then they come from idata.constant_data['x'] and "
@@ -392,10 +585,12 @@ def responsibilities(
         x, y = np.asarray(constant["x"].values), np.asarray(observed[sites.OBS].values)
         x, y = as_tensors(x, y, in_features=model.in_features)
     else:
+        x = _columns_by_name(x, _recorded_feature_names(record, posterior), "x")
         x, y = as_tensors(x, y, in_features=model.in_features)
         index = pd.RangeIndex(x.shape[0], name="obs")
     params = _flat_params(model, values, x)
     num_chains, num_draws = chains.size, draws.size
+    _warn_one_draw(num_chains * num_draws, idata, "responsibilities")
     n, k = x.shape[0], params.num_experts
     if chunk_rows is None:
         chunk_rows = max(1, RESPONSIBILITY_BLOCK_ELEMENTS // (num_chains * num_draws * k))

@@ -146,7 +146,7 @@ def test_fit_figures_show_what_they_say_on_one_input(tmp_path, monkeypatch):
     import numpy as np
 
     import pyromoe.app.workflow as workflow
-    from pyromoe.app.io import RESULTS_MARKER
+    from pyromoe.app.results import RESULTS_MARKER
 
     figures = {}
     original = workflow.save_figure_atomic
@@ -207,7 +207,7 @@ def test_fit_compares_numbers_of_experts_and_reports_the_best(tmp_path, capsys):
 
     import pandas as pd
 
-    from pyromoe.app.io import RESULTS_MARKER
+    from pyromoe.app.results import RESULTS_MARKER
 
     out = tmp_path / "compare"
     path = datasets.dataset_path("old_faithful")

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pyromoe.app.io import read_table
+from pyromoe.app.table import read_table
 from pyromoe.datasets import (
     DATASETS,
     Dataset,

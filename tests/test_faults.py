@@ -22,7 +22,7 @@ import pytest
 
 from pyromoe import datasets
 from pyromoe.app.cli import main
-from pyromoe.app.io import RESULTS_MARKER, results_directory
+from pyromoe.app.results import RESULTS_MARKER, results_directory
 
 FAST_SVI = ["--method", "svi", "--steps", "20", "--no-progress"]
 

@@ -1,4 +1,4 @@
-"""pyromoe.app.io: reading a user's CSV with clear errors, and atomic writing of results."""
+"""pyromoe.app.table, .atomic, .results: reading a user's CSV with clear errors, atomic writing."""
 
 from __future__ import annotations
 
@@ -8,16 +8,9 @@ import matplotlib
 import numpy as np
 import pytest
 
-from pyromoe.app.io import (
-    RESULTS_MARKER,
-    Table,
-    atomic_path,
-    parse_table,
-    read_table,
-    results_directory,
-    save_figure_atomic,
-    write_text_atomic,
-)
+from pyromoe.app.atomic import atomic_path, save_figure_atomic, write_text_atomic
+from pyromoe.app.results import RESULTS_MARKER, results_directory
+from pyromoe.app.table import Table, parse_table, read_table
 
 matplotlib.use("Agg")
 

@@ -12,7 +12,7 @@ import torch
 from pyromoe import MixtureOfExperts, initialize, simulate
 from pyromoe.app import plots
 from pyromoe.app.cli import main
-from pyromoe.app.io import RESULTS_MARKER
+from pyromoe.app.results import RESULTS_MARKER
 from pyromoe.app.workflow import to_data_units
 from pyromoe.bayes.fit import fit_map, fit_svi, run_nuts
 from pyromoe.bayes.to_arviz import to_inference_data

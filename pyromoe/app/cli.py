@@ -94,14 +94,9 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from .._version import __version__
 
-    try:
-        return version("pyromoe")
-    except PackageNotFoundError:  # a source tree that was not installed
-        from .. import __version__
-
-        return __version__
+    return __version__
 
 
 def _count(minimum: int):

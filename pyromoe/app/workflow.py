@@ -1,6 +1,6 @@
 """The user's path: the `pyromoe demo` and `pyromoe fit` analyses, as functions.
 
-Each run writes a results folder atomically (:func:`pyromoe.app.io.results_directory`): the
+Each run writes a results folder atomically (:func:`pyromoe.results_directory`): the
 InferenceData as NetCDF, ``summary.md`` and PNG figures. Nothing here does maths of its own: it calls
 the initializers (:func:`pyromoe.estimators.initialize`, :func:`pyromoe.core.em.fit_em`), the seeded inference
 wrappers (:mod:`pyromoe.bayes.fit`) and the plots (:mod:`pyromoe.app.plots`).
@@ -36,14 +36,10 @@ from ..core import sites
 from ..core.em import SCREEN_CANDIDATES, fit_em
 from ..core.estimate import MoEEstimate, parameter_errors
 from ..estimators.initialize import initialize
-from .io import (
-    read_table,
-    results_directory,
-    save_figure_atomic,
-    write_netcdf_atomic,
-    write_text_atomic,
-)
+from .atomic import save_figure_atomic, write_netcdf_atomic, write_text_atomic
 from .plots import interval_columns, parameter_sites, parameter_summary
+from .results import results_directory
+from .table import read_table
 
 __all__ = ["StartRecord", "compare_starts", "run_demo", "run_fit", "nuts_report"]
 
@@ -383,7 +379,7 @@ def run_demo(
     the estimate and from Pyro's default init; write the results folder ``out``.
 
     ``out`` may replace only the results of an earlier run, and only with ``overwrite=True``
-    (:func:`pyromoe.app.io.results_directory`). Returns the numbers of the summary (also written to
+    (:func:`pyromoe.results_directory`). Returns the numbers of the summary (also written to
     ``out/summary.md``).
     """
     _check_run_arguments(
@@ -793,7 +789,7 @@ def run_fit(
     and draws), ranked by PSIS-LOO (written to ``summary.md`` and ``compare_experts.csv``), and
     the rest of the report is for the best-ranked k.
 
-    ``out`` follows the rule of :func:`pyromoe.app.io.results_directory`: it may replace only earlier
+    ``out`` follows the rule of :func:`pyromoe.results_directory`: it may replace only earlier
     pyromoe results, only with ``overwrite=True``, and never the folder holding ``path`` (or one
     above it) nor the working folder. Every argument is checked before any work.
     """

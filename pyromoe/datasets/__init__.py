@@ -116,7 +116,7 @@ _ENTRIES: dict[str, _Entry] = {
             "(under 3 min: 97 of them, mean 2.0 min) are followed by short waits (mean 54.5 "
             "min), long ones (mean 4.3 min) by long waits (mean 80.0 min): two regimes, one input, so a two-expert mixture must "
             "be started by EM (the moment start needs at least as many inputs as experts). To "
-            "model duration from waiting time instead, read the CSV with pyromoe.app.io.read_table "
+            "model duration from waiting time instead, read the CSV with pyromoe.read_table "
             "and target='eruptions'."
         ),
         source=(
@@ -224,7 +224,7 @@ def _load(name: str) -> Dataset:
     entry = _entry(name)
     resource = resources.files("pyromoe.datasets").joinpath("data", entry.file)
     # The shipped files are clean (a header, numbers, no gaps), so plain pandas reads them; the
-    # round-trip parser gives each value exactly as float() would, as app.io.read_table does.
+    # round-trip parser gives each value exactly as float() would, as app.table.read_table does.
     with resource.open("r", encoding="utf-8", newline="") as stream:
         frame = pd.read_csv(stream, dtype=np.float64, float_precision="round_trip")
     features = frame.drop(columns=entry.target)

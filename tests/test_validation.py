@@ -599,3 +599,235 @@ def test_9_ordinary_data_give_the_same_numbers_as_before(data):
     assert torch.allclose(gate.gate_weight, torch.tensor(expected, dtype=torch.float64), rtol=1e-10)
     assert float(gate.noise) == pytest.approx(0.5168618118030417, rel=1e-10)
     assert math.isclose(float(gate.gate_bias[0]), -0.13851477679553187, rel_tol=1e-10)
+
+
+# ------------------------------------------------- 10. the InferenceData records its model (21.3)
+@pytest.fixture(scope="module")
+def named():
+    """A MAP-free fit on a DataFrame with named columns: SVI, 20 steps, 8 draws."""
+    data = simulate(120, 2, num_experts=2, noise=0.3, seed=0)
+    frame = pd.DataFrame(data.x.numpy(), columns=["dose", "age"])
+    model = MixtureOfExperts(2, 2, bias=False)
+    idata = fit_svi(
+        model, frame, data.y, init=data.truth, num_steps=20, num_samples=8, progress=False
+    )
+    return model, idata, frame, data
+
+
+def test_10_fits_record_the_model_settings_priors_and_feature_names(named, tmp_path):
+    import json
+
+    from pyromoe import sample_prior_predictive
+    from pyromoe.core.links import leaky_relu
+
+    model, idata, frame, data = named
+    record = json.loads(idata.attrs["pyromoe_model"])
+    assert record["num_experts"] == 2 and record["in_features"] == 2
+    assert (record["link"], record["bias"], record["noise"]) == ("linear", False, "shared")
+    assert record["feature_names"] == ["dose", "age"]
+    assert record["priors"] == {
+        "experts.weight": "Normal(loc=0.0, scale=0.707107)",
+        "gate.weight": "Normal(loc=0.0, scale=2.5)",
+        "noise": "HalfNormal(scale=1.0)",
+    }
+    # a link's parameters and a replaced prior; netCDF keeps the record (a plain string)
+    other = MixtureOfExperts(2, 2, link=leaky_relu(0.2), noise="per_expert", priors={"noise": 0.5})
+    fitted = _quiet(fit_map, other, data.x, data.y, num_steps=2)
+    fitted.to_netcdf(tmp_path / "fit.nc")
+    record = json.loads(az_from_netcdf(tmp_path / "fit.nc").attrs["pyromoe_model"])
+    assert record["link"] == "leaky_relu(negative_slope=0.2)"
+    assert record["noise"] == "per_expert" and record["priors"]["noise"] == "HalfNormal(scale=0.5)"
+    prior = sample_prior_predictive(other, data.x, num_samples=2)
+    assert json.loads(prior.attrs["pyromoe_model"])["link"] == "leaky_relu(negative_slope=0.2)"
+
+
+def az_from_netcdf(path):
+    import arviz as az
+
+    return az.from_netcdf(path)
+
+
+def test_10_predict_matches_dataframe_columns_by_name(named):
+    from pyromoe import predict, responsibilities
+
+    model, idata, frame, data = named
+    first = predict(model, idata, frame, seed=4).predictions
+    swapped = predict(model, idata, frame[["age", "dose"]], seed=4).predictions
+    by_position = predict(model, idata, data.x, seed=4).predictions
+    for name in ("y", "mean", "gate"):
+        np.testing.assert_array_equal(swapped[name].values, first[name].values)
+        np.testing.assert_array_equal(by_position[name].values, first[name].values)
+    table = responsibilities(model, idata, frame[["age", "dose"]], data.y)
+    assert table.equals(responsibilities(model, idata, frame, data.y))
+    with pytest.raises(
+        ValueError, match=r"unknown columns \['weight'\], missing columns \['age'\]"
+    ):
+        predict(model, idata, frame.rename(columns={"age": "weight"}))
+    with pytest.raises(
+        ValueError, match=r"x_new has unknown columns \['extra'\]; .* \['dose', 'age'\]"
+    ):
+        predict(model, idata, frame.assign(extra=1.0))
+    with pytest.raises(ValueError, match=r"x has missing columns \['age'\]"):
+        responsibilities(model, idata, frame[["dose"]], data.y)
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (dict(link="tanh"), "link: the fit's model has 'linear', this model has 'tanh'"),
+        (dict(bias=True), "bias: the fit's model has False, this model has True"),
+        (dict(noise="per_expert"), "noise: the fit's model has 'shared', this model has"),
+    ],
+)
+def test_10_predict_and_responsibilities_refuse_another_model(named, other, message):
+    from pyromoe import predict, responsibilities
+
+    _, idata, frame, data = named
+    model = MixtureOfExperts(2, 2, **{"bias": False, **other})
+    with pytest.raises(ValueError, match=message + r".*MixtureOfExperts\(2, 2, link='linear'"):
+        predict(model, idata, frame)
+    with pytest.raises(ValueError, match=message):
+        responsibilities(model, idata)
+
+
+def test_10_other_priors_warn_and_an_idata_without_a_record_works_as_before(named):
+    from pyromoe import predict
+
+    model, idata, frame, data = named
+    with pytest.warns(UserWarning, match=r"noise: fitted with HalfNormal\(scale=1.0\), this model"):
+        predict(MixtureOfExperts(2, 2, bias=False, priors={"noise": 0.5}), idata, frame)
+    older = idata.copy()
+    del older.attrs["pyromoe_model"]
+    older.posterior = older.posterior.assign_coords(feature=[0, 1])  # no names either
+    tanh = MixtureOfExperts(2, 2, link="tanh", bias=False)
+    swapped = predict(tanh, older, frame[["age", "dose"]], seed=4).predictions  # by position
+    by_position = predict(tanh, older, frame[["age", "dose"]].to_numpy(), seed=4).predictions
+    np.testing.assert_array_equal(swapped["mean"].values, by_position["mean"].values)
+
+
+# -------------------------------------------------- 11. seeding across noise models (21.4)
+def test_11_a_shared_estimate_seeds_a_per_expert_model_by_repeating_its_sigma(small):
+    model = MixtureOfExperts(2, 2, bias=False, noise="per_expert")
+    sigma = float(small.truth.noise)
+    # a tiny step: the MAP point is the start, which is the repeated sigma
+    idata = fit_map(model, small.x, small.y, init=small.truth, num_steps=1, lr=1e-12)
+    np.testing.assert_allclose(idata.posterior["noise"].values, [[[sigma, sigma]]], atol=1e-9)
+    assert (
+        "shared noise sd 0.3 starts each of the 2 experts' noise"
+        in (idata.attrs["init_noise_conversion"])
+    )
+    nuts = run_nuts(
+        model,
+        small.x[:60],
+        small.y[:60],
+        init=small.truth,
+        num_chains=1,
+        num_warmup=2,
+        num_samples=4,
+        jitter=False,
+        progress=False,
+    )
+    assert nuts.posterior["noise"].shape == (1, 4, 2)
+    assert nuts.posterior["noise"].dims == ("chain", "draw", "expert")
+
+
+def test_11_a_per_expert_estimate_seeds_a_shared_model_by_the_pooled_sigma(small):
+    from dataclasses import replace
+
+    from pyromoe.bayes.init_strategy import match_noise_model
+
+    estimate = replace(small.truth, noise=torch.tensor([0.2, 0.4], dtype=torch.float64))
+    model = MixtureOfExperts(2, 2, bias=False)
+    pooled, note = match_noise_model(model, estimate, small.x, small.y)
+    weights = estimate.responsibilities(small.x, small.y).mean(0)
+    expected = math.sqrt(float(weights[0]) * 0.04 + float(weights[1]) * 0.16)
+    assert float(pooled.noise) == pytest.approx(expected, rel=1e-12)
+    assert "pooled (responsibility-weighted) sd" in note
+    rms, _ = match_noise_model(model, estimate)  # no data: the root mean square
+    assert float(rms.noise) == pytest.approx(math.sqrt(0.1), rel=1e-12)
+    idata = fit_map(model, small.x, small.y, init=estimate, num_steps=1, lr=1e-12)
+    assert float(idata.posterior["noise"].values[0, 0]) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("fit", [run_nuts, fit_svi, fit_map])
+def test_11_an_estimate_of_another_shape_is_refused_before_any_work(small, fit, monkeypatch):
+    import pyro.infer
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(pyro.infer.MCMC, "run", never)
+    monkeypatch.setattr(pyro.infer.SVI, "step", never)
+    with pytest.raises(
+        ValueError,
+        match="the estimate given as init has num_experts=2 but the model has num_experts=3",
+    ):
+        fit(MixtureOfExperts(2, 3, bias=False), small.x, small.y, init=small.truth)
+
+
+# ----------------------------------------------------------------------- 12. priors (21.5)
+@pytest.mark.parametrize(
+    "prior, message",
+    [
+        (
+            lambda dist: dist.Normal(0.0, 1.0),
+            r"priors\['noise'\] = dist.Normal\(loc=0.0, scale=1.0\) has support Real\(\), but the "
+            r"noise is a standard deviation .*priors=\{'noise': dist.HalfNormal\(1.0\)\}",
+        ),
+        (
+            lambda dist: dist.HalfNormal(-1.0, validate_args=False),
+            r"priors\['noise'\] = dist.HalfNormal\(scale=-1.0\) has an invalid scale=-1.0 .*"
+            r"validate_args=False",
+        ),
+        (
+            lambda dist: dist.Poisson(1.0),
+            r"priors\['noise'\] = dist.Poisson\(rate=1.0\) is discrete",
+        ),
+        (lambda dist: dist.Uniform(-1.0, 1.0), r"has support Interval\(lower_bound=-1.0"),
+    ],
+)
+def test_12_a_noise_prior_must_be_positive_with_valid_parameters(prior, message):
+    import pyro.distributions as dist
+
+    with pytest.raises(ValueError, match=message):
+        MixtureOfExperts(2, 2, priors={"noise": prior(dist)})
+
+
+def test_12_weight_priors_are_checked_and_valid_priors_accepted():
+    import pyro.distributions as dist
+
+    bad = dist.Normal(torch.zeros(2), torch.tensor([1.0, -1.0]), validate_args=False)
+    with pytest.raises(
+        ValueError,
+        match=r"priors\['experts.bias'\] = .* invalid scale=torch.tensor\(\[1.0, -1.0\]\)",
+    ):
+        MixtureOfExperts(2, 2, priors={"experts.bias": bad})
+    for noise in (dist.Gamma(2.0, 2.0), dist.LogNormal(0.0, 1.0), dist.Uniform(0.1, 2.0)):
+        MixtureOfExperts(2, 2, priors={"noise": noise, "gate.weight": dist.Laplace(0.0, 1.0)})
+
+
+def test_12_the_pyrosample_hint_is_pasteable():
+    import pyro.distributions as dist
+    from pyro.nn import PyroSample
+
+    model = MixtureOfExperts(2, 2, noise="per_expert")
+    with pytest.raises(TypeError) as raised:
+        model.noise = PyroSample(dist.HalfNormal(torch.tensor(2.0)))
+    message = str(raised.value)
+    assert "priors={'noise': dist.HalfNormal(scale=2.0)}" in message
+    pasted = message[message.index("MixtureOfExperts(2") : message.rindex(")") + 1]
+    rebuilt = eval(pasted, {"MixtureOfExperts": MixtureOfExperts, "dist": dist})
+    assert rebuilt.noise_model == "per_expert"
+    assert float(rebuilt.prior("noise", torch.zeros(())).base_dist.scale.flatten()[0]) == 2.0
+
+
+# ----------------------------------------------------------- 13. MAP predictions (21.8)
+def test_13_predict_on_a_one_draw_fit_warns_naming_svi_and_nuts(small):
+    from pyromoe import OneDrawWarning, predict
+
+    model = MixtureOfExperts(2, 2, bias=False)
+    idata = fit_map(model, small.x, small.y, init=small.truth, num_steps=2)
+    with pytest.warns(
+        OneDrawWarning, match=r"'map'.*zero width. For intervals fit with fit_svi or run_nuts"
+    ):
+        predict(model, idata, small.x[:5])

@@ -309,7 +309,9 @@ def latent_site_shapes(model, x, y, *, init_strategy=None) -> dict[str, tuple[in
     }
 
 
-def match_noise_model(model, estimate: MoEEstimate, x=None, y=None) -> tuple[MoEEstimate, str | None]:
+def match_noise_model(
+    model, estimate: MoEEstimate, x=None, y=None
+) -> tuple[MoEEstimate, str | None]:
     """``(estimate, note)``: the estimate with the model's noise model, and what was changed.
 
     A start (or a labelling reference) may come from a fit with the other noise model, e.g.
@@ -362,7 +364,9 @@ def match_noise_model(model, estimate: MoEEstimate, x=None, y=None) -> tuple[MoE
             x = torch.as_tensor(x)
             params = estimate.params.like(x)
             with torch.no_grad():
-                weights = likelihood.responsibilities(x, torch.as_tensor(y).to(x), params, estimate.link)
+                weights = likelihood.responsibilities(
+                    x, torch.as_tensor(y).to(x), params, estimate.link
+                )
             weights = weights.mean(0).to(variances)
             how = "responsibility-weighted"
         else:

@@ -313,9 +313,7 @@ class MixtureOfExperts(PyroModule):
             if isinstance(prior, torch.distributions.Distribution):
                 shown = describe_distribution(prior, module="dist.")
             else:  # a callable PyroSample: show the default family with a scale to edit
-                shown = (
-                    "dist.HalfNormal(1.0)" if site == sites.NOISE else "dist.Normal(0.0, 1.0)"
-                )
+                shown = "dist.HalfNormal(1.0)" if site == sites.NOISE else "dist.Normal(0.0, 1.0)"
             hint = "" if site is not None else f" (the sites are {list(self.site_shapes)})"
             noise = "" if self.noise_model == "shared" else f", noise={self.noise_model!r}"
             raise TypeError(

@@ -1,7 +1,7 @@
 """NUTS speed: ``run_nuts`` with the fused potential, with the traced model, and NumPyro's NUTS.
 
 Same model (k = 2, linear experts with intercepts, the default priors), data (the demo's
-simulation settings, ``pyromoe.app.workflow.DEMO_DATA``), chain starts (the true parameters with
+simulation settings, ``pyromoe.app.demo.DEMO_DATA``), chain starts (the true parameters with
 the Laplace jitter of ``run_nuts``, in unconstrained space) and float64 for all three. Reports
 seconds of sampling, gradient evaluations (warmup included), ms per gradient evaluation and the
 minimum bulk ESS over all parameters per second.
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, machine_markdown, write_results  # noqa: E402
 
 from pyromoe import MixtureOfExperts, simulate  # noqa: E402
-from pyromoe.app.workflow import DEMO_DATA  # noqa: E402
+from pyromoe.app.demo import DEMO_DATA  # noqa: E402
 from pyromoe.bayes.fit import _chain_starts, run_nuts  # noqa: E402
 from pyromoe.bayes.model import DEFAULT_PRIOR_SCALES  # noqa: E402
 

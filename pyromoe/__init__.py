@@ -47,6 +47,13 @@ _EXPORTS: dict[str, str] = {
     "compare_experts": ".bayes.compare",
     "responsibilities": ".bayes.predict",
     "plot_predictions": ".app.plots",
+    "WRONG_BASIN_NATS": ".app.runs",
+    "compare_starts": ".app.demo",
+    "nuts_report": ".app.runs",
+    "parameter_table": ".app.report",
+    "posterior_mean_estimate": ".app.runs",
+    "relabel": ".app.runs",
+    "expert_means": ".core.likelihood",
     "read_table": ".app.table",
     "results_directory": ".app.results",
     "DATASETS": ".datasets",
@@ -61,6 +68,7 @@ _EXPORTS: dict[str, str] = {
 _MODULES: dict[str, str] = {
     "datasets": ".datasets",
     "links": ".core.links",
+    "plots": ".app.plots",
     "sites": ".core.sites",
 }
 
@@ -74,9 +82,12 @@ __all__ = [
     "MoEEstimate",
     "OneDrawWarning",
     "SimulatedData",
+    "WRONG_BASIN_NATS",
     "align_labels",
     "compare_experts",
+    "compare_starts",
     "datasets",
+    "expert_means",
     "fit_em",
     "fit_gate",
     "fit_map",
@@ -89,10 +100,15 @@ __all__ = [
     "load_dataset",
     "load_mcycle",
     "load_old_faithful",
+    "nuts_report",
     "parameter_errors",
+    "parameter_table",
     "plot_predictions",
+    "plots",
+    "posterior_mean_estimate",
     "predict",
     "read_table",
+    "relabel",
     "responsibilities",
     "results_directory",
     "run_nuts",
@@ -121,8 +137,12 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from . import datasets, sites
+    from .app import plots
+    from .app.demo import compare_starts
     from .app.plots import plot_predictions
+    from .app.report import parameter_table
     from .app.results import results_directory
+    from .app.runs import WRONG_BASIN_NATS, nuts_report, posterior_mean_estimate, relabel
     from .app.table import read_table
     from .bayes.compare import compare_experts
     from .bayes.fit import fit_map, fit_svi, run_nuts
@@ -136,6 +156,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .core.estimate import MoEEstimate, parameter_errors
     from .core.gate import fit_gate
     from .core.labels import align_labels
+    from .core.likelihood import expert_means
     from .core.links import Link, get_link
     from .datasets import (
         DATASETS,

@@ -145,7 +145,7 @@ def test_fit_figures_show_what_they_say_on_one_input(tmp_path, monkeypatch):
 
     import numpy as np
 
-    import pyromoe.app.workflow as workflow
+    import pyromoe.app.report as workflow
     from pyromoe.app.results import RESULTS_MARKER
 
     figures = {}

@@ -507,7 +507,7 @@ def mixture():
     """Three inputs, two experts: the moment start applies (so do its guard's random starts)."""
     from pyromoe import simulate
 
-    return simulate(600, 3, num_experts=2, seed=0)
+    return simulate(1000, 3, num_experts=2, seed=0)
 
 
 def test_child_seed_is_a_spawned_seed_in_range_without_arithmetic():
@@ -530,36 +530,45 @@ def test_largest_seed_works_in_initialize_and_tensor_init(mixture):
     x, y = mixture.x, mixture.y
     first = pyromoe.initialize(x, y, 2, seed=LARGEST_SEED)
     assert first.diagnostics["initializer"] == "tensor"  # the guard's random starts ran too
-    again = pyromoe.initialize(x, y, 2, seed=LARGEST_SEED)
-    assert torch.equal(first.experts_weight, again.experts_weight)
-    refined = pyromoe.tensor_init(x, y, 2, refine=True, random_starts=2, seed=LARGEST_SEED)
+    assert first.diagnostics["seed"] == LARGEST_SEED
+    refined = pyromoe.tensor_init(x, y, 2, refine=True, random_starts=1, seed=LARGEST_SEED)
     assert bool(torch.isfinite(refined.experts_weight).all())
 
 
 def test_largest_seed_works_in_compare_experts_and_compare_starts(mixture):
-    from pyromoe.app.workflow import compare_starts
+    from pyromoe.app.demo import compare_starts
     from pyromoe.bayes.compare import compare_experts
 
     x, y = mixture.x, mixture.y
-    table, fits = compare_experts(
-        x, y, (1, 2), seed=LARGEST_SEED, num_steps=20, num_samples=20, progress=False
-    )
+    table, fits = compare_experts(x, y, (1, 2), seed=LARGEST_SEED, num_steps=5, num_samples=10)
     assert sorted(fits) == ["k=1", "k=2"] and fits["k=2"].attrs["seed"] == LARGEST_SEED
     records, tensor = compare_starts(
-        x, y, 2, "linear", num_random=2, seed=LARGEST_SEED, progress=False, screen=1
+        x, y, 2, "linear", num_random=1, seed=LARGEST_SEED, progress=False, screen=1
     )
-    assert len(records) == 2 and tensor.estimate is not None
+    assert len(records) == 1 and tensor.estimate is not None
 
 
-def test_cli_runs_with_the_largest_seed(workdir, mixture, capsys):
+def test_cli_takes_the_largest_seed_through_the_start_to_the_fit(workdir, mixture, monkeypatch):
+    """The seed reaches the fit through the guarded moment start (which failed on ``seed + 1``);
+    the fit itself is stopped there, to keep the test fast."""
     import numpy as np
 
+    import pyromoe.bayes.fit
+
+    seen = {}
+
+    def stop_at_the_fit(model, x, y, *, init, seed, **kwargs):
+        seen.update(seed=seed, initializer=init.diagnostics["initializer"])
+        raise RuntimeError("stopped at the fit")
+
+    monkeypatch.setattr(pyromoe.bayes.fit, "fit_svi", stop_at_the_fit)
     table = np.column_stack([mixture.x.numpy(), mixture.y.numpy()])
-    header = "a,b,c,y\n"
-    (workdir / "mix.csv").write_text(header + "".join(",".join(map(str, r)) + "\n" for r in table))
+    rows = "".join(",".join(map(str, row)) + "\n" for row in table)
+    (workdir / "mix.csv").write_text("a,b,c,y\n" + rows)
     args = ["fit", "mix.csv", "--target", "y", "--seed", str(LARGEST_SEED), "--out", "results"]
-    assert main([*args, *FAST_SVI]) == 0, capsys.readouterr().err
-    assert "ran **tensor**" in (workdir / "results" / "summary.md").read_text()
+    assert main([*args, *FAST_SVI]) == 1  # the stub's failure, after the start
+    assert seen == {"seed": LARGEST_SEED, "initializer": "tensor"}
+    assert not (workdir / "results").exists()
     _intact(workdir)
 
 
@@ -577,12 +586,12 @@ def test_nan_in_a_memmap_or_dask_array_names_the_argument_row_and_column(tmp_pat
     with pytest.raises(ValueError, match=in_x):
         pyromoe.fit_em(xm, y, 2)
     with pytest.raises(ValueError, match=in_x):
-        pyromoe.initialize(da.from_array(x, chunks=(100, 3)), y, 2)
+        pyromoe.initialize(da.from_array(x, chunks=(500, 3)), y, 2)
     x[290, 2] = 0.5
     y[410] = np.nan
     in_y = r"y contains NaN or infinite values \(first at row 410\); drop or impute"
     with pytest.raises(ValueError, match=in_y):
-        pyromoe.tensor_init(da.from_array(x, chunks=(100, 3)), da.from_array(y, chunks=100), 2)
+        pyromoe.tensor_init(da.from_array(x, chunks=(500, 3)), da.from_array(y, chunks=500), 2)
     np.save(tmp_path / "x.npy", x)
     with pytest.raises(ValueError, match=in_y):
         pyromoe.fit_em(np.load(tmp_path / "x.npy", mmap_mode="r"), y, 2)

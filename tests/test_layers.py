@@ -167,7 +167,7 @@ def test_no_module_imports_a_later_layer():
         ("pyromoe._validation", "def f():\n    from .core.links import get_link", True),
         ("pyromoe.app.results", "def f():\n    from .. import __version__", False),
         ("pyromoe.app.results", "from .._version import __version__", True),
-        ("pyromoe.app.cli", "from .workflow import run_fit", True),
+        ("pyromoe.app.cli", "from .fitting import run_fit", True),
         ("pyromoe", "from .bayes.fit import run_nuts", True),
         ("pyromoe.core.links", "from .. import sites", False),
     ],

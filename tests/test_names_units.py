@@ -13,7 +13,7 @@ from pyromoe import MixtureOfExperts, initialize, simulate
 from pyromoe.app import plots
 from pyromoe.app.cli import main
 from pyromoe.app.results import RESULTS_MARKER
-from pyromoe.app.workflow import to_data_units
+from pyromoe.app.fitting import to_data_units
 from pyromoe.bayes.fit import fit_map, fit_svi, run_nuts
 from pyromoe.bayes.to_arviz import to_inference_data
 from pyromoe.core.labels import best_permutation
@@ -126,7 +126,7 @@ def _table(summary: str) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def linear_fit(tmp_path_factory):
     """`pyromoe fit --method svi` on a linear simulated data set with non-trivial means and sds."""
-    import pyromoe.app.workflow as workflow
+    import pyromoe.app.report as workflow
 
     data = simulate(N, 2, num_experts=2, noise=NOISE, seed=1, bias=True)
     x = data.x.numpy() * SCALE + OFFSET

@@ -36,7 +36,7 @@ from pyromoe._validation import (
     check_seed,
     num_parameters,
 )
-from pyromoe.app import workflow
+from pyromoe.app import fitting as workflow
 from pyromoe.core.em import noise_floor
 from pyromoe.estimators.tensor_init import MomentsNotApplicableError, minimum_rows
 

@@ -1,6 +1,6 @@
 """The `pyromoe` command line: argument parsing and error reporting only.
 
-The analyses themselves are :func:`pyromoe.app.workflow.run_demo` and :func:`pyromoe.app.workflow.run_fit`.
+The analyses themselves are :func:`pyromoe.app.demo.run_demo` and :func:`pyromoe.app.fitting.run_fit`.
 
 Every error a user can cause ends in one line on standard error, never a traceback:
 
@@ -29,7 +29,7 @@ def _use_agg() -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .workflow import run_demo
+    from .demo import run_demo
 
     numbers = run_demo(
         args.out,
@@ -59,7 +59,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from .workflow import run_fit
+    from .fitting import run_fit
 
     features = None
     if args.features:
@@ -155,8 +155,6 @@ def _seed(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..core.sites import LINK_NAMES
-
     parser = argparse.ArgumentParser(
         prog="pyromoe",
         description="Gated Gaussian mixtures of experts in Pyro, started in the right basin.",
@@ -164,26 +162,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pyromoe {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _add_fit(sub)
+    return parser
 
-    def common(p, out, seed=0, experts=None):
-        if experts is None:
-            p.add_argument(
-                "--experts", type=_count(2), default=2, help="number of experts (default 2)"
-            )
-        else:
-            p.add_argument("--experts", **experts)
-        p.add_argument("--link", default="linear", choices=sorted(LINK_NAMES), help="expert link")
-        p.add_argument("--seed", type=_seed, default=seed, help=f"random seed (default {seed})")
-        p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-        p.add_argument("--out", default=out, help=f"results folder (default {out}/)")
-        p.add_argument(
-            "--overwrite",
-            action="store_true",
-            help="replace the unchanged results of an earlier pyromoe run at --out (a folder "
-            "holding anything else, or an edited result, is never replaced)",
-        )
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+def _add_common(p, out, seed=0, experts=None) -> None:
+    """The options of every command: experts, link, seed, device, --out, --overwrite."""
+    from ..core.sites import LINK_NAMES
+
+    if experts is None:
+        p.add_argument("--experts", type=_count(2), default=2, help="number of experts (default 2)")
+    else:
+        p.add_argument("--experts", **experts)
+    p.add_argument("--link", default="linear", choices=sorted(LINK_NAMES), help="expert link")
+    p.add_argument("--seed", type=_seed, default=seed, help=f"random seed (default {seed})")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--out", default=out, help=f"results folder (default {out}/)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the unchanged results of an earlier pyromoe run at --out (a folder "
+        "holding anything else, or an edited result, is never replaced)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser(
         "demo",
         help="similar experts: random-start EM and default NUTS vs the tensor start",
@@ -194,10 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     # seed 3: over seeds 0-7 of this setting 9 of 160 plain random starts (6%) ended in a wrong
     # basin, on 6 of 8 data sets, seed 3 among them; fit_em's screened starts: 0 of 160 (README).
     # The tensor start applies on seed 3, and Pyro's default init strays there.
-    common(demo, "pyromoe-demo", seed=3)
+    _add_common(demo, "pyromoe-demo", seed=3)
     demo.add_argument("--quick", action="store_true", help="a small, fast run (used by CI)")
     demo.set_defaults(handler=_demo)
 
+
+def _add_fit(sub) -> None:
     fit = sub.add_parser(
         "fit",
         help="fit a mixture of experts to a CSV file",
@@ -221,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(arviz.compare); the table goes into summary.md and compare_experts.csv, and the rest "
         "of the report is for the best-ranked number",
     )
-    common(fit, "pyromoe-fit", experts=experts)
+    _add_common(fit, "pyromoe-fit", experts=experts)
     fit.add_argument(
         "--noise",
         default="shared",
@@ -245,7 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--steps", type=_count(1), default=3000, help="SVI steps (default 3000)")
     fit.set_defaults(handler=_fit)
-    return parser
 
 
 #: Errors of usage (exit 2): a bad option value, data file or output folder, found before any work.

@@ -4,7 +4,7 @@ They read ArviZ data as written by :func:`pyromoe.bayes.to_arviz.to_inference_da
 by the model's sites, dims ``chain``, ``draw``, ``expert``, ``feature``, ``obs``).
 :func:`parameter_summary` is the one table of every scalar parameter (``az.summary`` with the point
 values ArviZ cannot know) that both :func:`plot_posterior_vs_truth` and the results' Markdown
-(:func:`pyromoe.app.workflow.parameter_table`) show.
+(:func:`pyromoe.app.report.parameter_table`) show.
 """
 
 from __future__ import annotations
@@ -384,44 +384,13 @@ def plot_predictions(
         raise TypeError(f"idata must be an arviz.InferenceData; got {type(idata).__name__}")
     if "posterior" not in idata.groups():
         raise ValueError("idata has no posterior group; pass the InferenceData of a fit")
-    d, posterior = model.in_features, idata.posterior
-    names = list(range(d))
-    if "feature" in posterior.coords and posterior.sizes["feature"] == d:
-        names = [value.item() for value in posterior["feature"].values]
-    if isinstance(feature, str):
-        if feature not in names:
-            raise ValueError(f"feature must be one of the feature names {names}; got {feature!r}")
-        column = names.index(feature)
-    elif isinstance(feature, (int, np.integer)) and not isinstance(feature, (bool, np.bool_)):
-        if not 0 <= int(feature) < d:
-            raise ValueError(
-                f"feature must be a position 0 to {d - 1} or one of the feature names {names}; "
-                f"got {feature}"
-            )
-        column = int(feature)
-    else:
-        raise TypeError(
-            f"feature must be an int (a position) or a str (one of {names}); got "
-            f"{type(feature).__name__}"
-        )
+    d = model.in_features
+    names, column = _feature_column(idata.posterior, d, feature)
     if x is None:
-        if "constant_data" not in idata.groups() or "x" not in idata.constant_data:
-            raise ValueError(
-                "plot_predictions needs data: pass x (and y), or an idata with constant_data['x']"
-            )
-        x = idata.constant_data["x"].values
-        has_y = "observed_data" in idata.groups() and sites.OBS in idata.observed_data
-        y = idata.observed_data[sites.OBS].values if has_y else None
+        x, y = _fitted_data(idata)
     x, y = as_tensors(x, y, in_features=d)
     xn = x.detach().cpu().numpy().astype(float)
-    plt = _pyplot()
-    if ax is None:
-        figure, (ax_y, ax_gate) = plt.subplots(2, 1, sharex=True, figsize=(7, 6.5))
-    else:
-        axes = list(np.asarray(ax, dtype=object).ravel())
-        if len(axes) != 2 or not all(hasattr(a, "fill_between") for a in axes):
-            raise ValueError("ax must be None or two matplotlib Axes (the y and gate panels)")
-        (ax_y, ax_gate), figure = axes, axes[0].figure
+    figure, ax_y, ax_gate = _two_panels(ax)
 
     grid = np.linspace(xn[:, column].min(), xn[:, column].max(), num_points)
     x_grid = np.repeat(xn.mean(axis=0, keepdims=True), num_points, axis=0)
@@ -430,7 +399,6 @@ def plot_predictions(
     variables = predictions[["mean", "expert_mean", "gate"]]
     centre = variables.mean(("chain", "draw"))
     low, high = hdi_bounds(variables, hdi_prob)
-    percent = f"{hdi_prob * 100:g}%"
     name = names[column] if isinstance(names[column], str) else f"feature {column}"
 
     if y is not None:
@@ -464,7 +432,7 @@ def plot_predictions(
     ax_y.plot(grid, centre["mean"], color="k", lw=2, label="mixture mean E[y | x]")
     held = " (other inputs at their means)" if d > 1 else ""
     ax_y.set_ylabel("y")
-    ax_y.set_title(f"Posterior mean and {percent} HDI along {name}{held}")
+    ax_y.set_title(f"Posterior mean and {hdi_prob * 100:g}% HDI along {name}{held}")
     ax_y.legend(fontsize=8)
     ax_gate.set_ylim(-0.02, 1.02)
     ax_gate.set_ylabel("gate probability")
@@ -472,3 +440,48 @@ def plot_predictions(
     ax_gate.legend(fontsize=8)
     figure.tight_layout()
     return figure
+
+
+def _feature_column(posterior, d: int, feature) -> tuple[list, int]:
+    """The feature names (positions without names) and the column ``feature`` names."""
+    names = list(range(d))
+    if "feature" in posterior.coords and posterior.sizes["feature"] == d:
+        names = [value.item() for value in posterior["feature"].values]
+    if isinstance(feature, str):
+        if feature not in names:
+            raise ValueError(f"feature must be one of the feature names {names}; got {feature!r}")
+        return names, names.index(feature)
+    if isinstance(feature, (int, np.integer)) and not isinstance(feature, (bool, np.bool_)):
+        if not 0 <= int(feature) < d:
+            raise ValueError(
+                f"feature must be a position 0 to {d - 1} or one of the feature names {names}; "
+                f"got {feature}"
+            )
+        return names, int(feature)
+    raise TypeError(
+        f"feature must be an int (a position) or a str (one of {names}); got "
+        f"{type(feature).__name__}"
+    )
+
+
+def _fitted_data(idata):
+    """The fitted ``x`` (``constant_data``) and ``y`` (``observed_data``, or None) of ``idata``."""
+    if "constant_data" not in idata.groups() or "x" not in idata.constant_data:
+        raise ValueError(
+            "plot_predictions needs data: pass x (and y), or an idata with constant_data['x']"
+        )
+    has_y = "observed_data" in idata.groups() and sites.OBS in idata.observed_data
+    return idata.constant_data["x"].values, (
+        idata.observed_data[sites.OBS].values if has_y else None
+    )
+
+
+def _two_panels(ax):
+    """A new figure with the y and gate panels, or the two Axes given."""
+    if ax is None:
+        figure, (ax_y, ax_gate) = _pyplot().subplots(2, 1, sharex=True, figsize=(7, 6.5))
+        return figure, ax_y, ax_gate
+    axes = list(np.asarray(ax, dtype=object).ravel())
+    if len(axes) != 2 or not all(hasattr(a, "fill_between") for a in axes):
+        raise ValueError("ax must be None or two matplotlib Axes (the y and gate panels)")
+    return axes[0].figure, axes[0], axes[1]

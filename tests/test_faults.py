@@ -507,7 +507,7 @@ def mixture():
     """Three inputs, two experts: the moment start applies (so do its guard's random starts)."""
     from pyromoe import simulate
 
-    return simulate(1000, 3, num_experts=2, seed=0)
+    return simulate(1000, 3, num_experts=2, seed=1)
 
 
 def test_child_seed_is_a_spawned_seed_in_range_without_arithmetic():
@@ -535,6 +535,7 @@ def test_largest_seed_works_in_initialize_and_tensor_init(mixture):
     assert bool(torch.isfinite(refined.experts_weight).all())
 
 
+@pytest.mark.filterwarnings("ignore:Estimated shape parameter of Pareto")  # 10 SVI draws
 def test_largest_seed_works_in_compare_experts_and_compare_starts(mixture):
     from pyromoe.app.demo import compare_starts
     from pyromoe.bayes.compare import compare_experts

@@ -236,11 +236,11 @@ def test_responsibilities_csv_has_a_row_per_observation_summing_to_one(linear_fi
     _, _, out, _ = linear_fit
     frame = pd.read_csv(out / "responsibilities.csv")
     assert len(frame) == N and list(frame["obs"]) == list(range(N))
-    means = frame[["expert_0_mean", "expert_1_mean"]].to_numpy()
+    means = frame[["mean_expert_0", "mean_expert_1"]].to_numpy()
     assert np.all((means >= 0) & (means <= 1))
     np.testing.assert_allclose(means.sum(1), 1.0, atol=1e-9)
     for i in range(2):
-        low, high = frame[f"expert_{i}_hdi_low"], frame[f"expert_{i}_hdi_high"]
+        low, high = frame[f"hdi_3%_expert_{i}"], frame[f"hdi_97%_expert_{i}"]
         assert np.all((low >= 0) & (low <= high + 1e-12) & (high <= 1))
     # the experts are well separated here: most rows belong clearly to one of them
     assert np.mean(means.max(1) > 0.9) > 0.5

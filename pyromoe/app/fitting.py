@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from .results import results_directory
 from .runs import check_run_arguments, posterior_mean_estimate
 from .table import Table, read_table
 
-__all__ = ["run_fit", "standardisation_record", "to_data_units", "posterior_responsibilities"]
+__all__ = ["run_fit", "standardisation_record", "to_data_units"]
 
 #: Rows needed per model parameter by `pyromoe fit`.
 ROWS_PER_PARAMETER = 3
@@ -160,50 +159,6 @@ def data_unit_summary(
     low, high = interval_columns(hdi_prob)
     table = table[["start", "posterior mean", "sd", low, high]]
     return table.rename(columns=lambda column: f"{column} (data units)")
-
-
-def posterior_responsibilities(model, idata, x, y, hdi_prob: float = 0.94):
-    """Per observation, each expert's responsibility ``p(expert i | x_n, y_n, theta)`` averaged
-    over the posterior draws, and its ``hdi_prob`` interval over the draws.
-
-    Returns a pandas DataFrame with one row per observation (``obs``, the ``obs`` coordinate of
-    ``idata``) and, per expert ``i``, the columns ``expert_i_mean``, ``expert_i_hdi_low`` and
-    ``expert_i_hdi_high``. Computed in blocks of observations (memory ~ draws x block x k).
-    """
-    import arviz as az
-    import pandas as pd
-
-    post = idata.posterior
-    names = parameter_sites(idata)
-    num_chains, num_draws = post.sizes["chain"], post.sizes["draw"]
-    total = num_chains * num_draws
-    draws = {
-        n: torch.as_tensor(post[n].values, dtype=x.dtype, device=x.device).reshape(
-            total, *post[n].shape[2:]
-        )
-        for n in names
-    }
-    n = x.shape[0]
-    k = int(draws[sites.EXPERTS_WEIGHT].shape[-2])
-    block = max(1, (1 << 22) // (total * k))
-    means, intervals = [], []
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # az.hdi warns about a single chain or draw
-        for start in range(0, n, block):
-            part = slice(start, min(start + block, n))
-            resp = model.responsibilities(x[part], y[part], draws).cpu().numpy()
-            resp = resp.reshape(num_chains, num_draws, *resp.shape[1:])
-            means.append(resp.mean(axis=(0, 1)))
-            intervals.append(az.hdi(resp, hdi_prob=hdi_prob))
-    mean, interval = np.concatenate(means), np.concatenate(intervals)
-    observed = getattr(idata, "observed_data", None)
-    obs = observed.coords["obs"].values if observed is not None else np.arange(n)
-    columns: dict[str, Any] = {"obs": obs if len(obs) == n else np.arange(n)}
-    for i in range(k):
-        columns[f"expert_{i}_mean"] = mean[:, i]
-        columns[f"expert_{i}_hdi_low"] = interval[:, i, 0]
-        columns[f"expert_{i}_hdi_high"] = interval[:, i, 1]
-    return pd.DataFrame(columns)
 
 
 def run_fit(
@@ -387,6 +342,9 @@ class _FitRun:
 
     def report(self, folder: Path) -> dict[str, Any]:
         """Tables, responsibilities, figures and ``summary.md``; returns the summary's numbers."""
+        import pandas as pd
+
+        from ..bayes.predict import responsibilities as posterior_responsibilities
         from . import plots
 
         data, idata, estimate = self.data, self.idata, self.estimate
@@ -400,6 +358,7 @@ class _FitRun:
         )
         with self.timer("responsibilities"):
             responsibilities = posterior_responsibilities(self.model, idata, data.x, data.y)
+            responsibilities.index = pd.RangeIndex(len(responsibilities), name="obs")
         with self.timer("figures"):
             figures = {
                 "trace": plots.plot_trace(idata),
@@ -429,6 +388,6 @@ class _FitRun:
         write_text_atomic(
             folder / "standardisation.json", json.dumps(standardisation, indent=1) + "\n"
         )
-        write_text_atomic(folder / "responsibilities.csv", responsibilities.to_csv(index=False))
+        write_text_atomic(folder / "responsibilities.csv", responsibilities.to_csv())
         write_outputs(folder, idata, figures, summary)
         return numbers

@@ -281,8 +281,8 @@ sd); the model was fitted on that scale (also in `standardisation.json` and the 
 - `inference_data.nc` (ArviZ InferenceData, the standardised data and parameters).
 {comparison_file}- `standardisation.json`: the mean and sd of every input column and of the target.
 - `responsibilities.csv`: one row per data row (`obs`, from 0): each expert's responsibility
-  p(expert | x, y) averaged over the posterior draws (`expert_i_mean`) and its 94% HDI over the
-  draws (`expert_i_hdi_low`, `expert_i_hdi_high`).
+  p(expert | x, y) averaged over the posterior draws (`mean_expert_i`) and its 94% HDI over the
+  draws (`hdi_3%_expert_i`, `hdi_97%_expert_i`), as `pyromoe.responsibilities` gives them.
 - `trace.png`, `posterior.png` (posterior mean and 94% HDI of every parameter, the start marked),
   `posterior_predictive.png`.
 - `responsibilities.png`: one panel per expert, {_responsibility_panels(numbers["features"])}

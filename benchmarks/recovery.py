@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from benchmarks._common import machine_info, machine_markdown, write_results  # noqa: E402
 from pyromoe import parameter_errors, simulate  # noqa: E402
-from pyromoe.core.em import fit_em  # noqa: E402
+from pyromoe.estimators.em import fit_em  # noqa: E402
 from pyromoe.estimators.tensor_init import tensor_init  # noqa: E402
 
 LINKS = ["linear", "tanh", "relu", "leaky_relu"]

@@ -234,7 +234,7 @@ def _errors(estimate, truth) -> dict:
 def run_child(args) -> dict:
     """One measurement at one n (in its own process); returns a JSON-able dict."""
     from pyromoe import fit_em, initialize
-    from pyromoe.core.em import default_chunk_size
+    from pyromoe.core.chunks import default_chunk_size
     from pyromoe.core.links import get_link
     from pyromoe.core.sources import as_source
     from pyromoe.estimators.tensor_init import _moment_experts

@@ -32,9 +32,9 @@ import torch  # noqa: E402
 
 from benchmarks._common import machine_info, machine_markdown, write_results  # noqa: E402
 from pyromoe import parameter_errors, simulate  # noqa: E402
-from pyromoe.core.em import fit_em  # noqa: E402
 from pyromoe.core.links import get_link  # noqa: E402
 from pyromoe.core.sources import as_source  # noqa: E402
+from pyromoe.estimators.em import fit_em  # noqa: E402
 from pyromoe.estimators.tensor_init import _moment_experts, tensor_init  # noqa: E402
 
 _MEMORY_CHILD = """

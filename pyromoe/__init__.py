@@ -22,14 +22,14 @@ from ._version import __version__ as __version__
 
 #: public name -> module that defines it (relative to this package)
 _EXPORTS: dict[str, str] = {
-    "CollapseWarning": ".core.em",
-    "ConvergenceWarning": ".core.em",
+    "CollapseWarning": ".core.em.loop",
+    "ConvergenceWarning": ".core.em.loop",
     "Link": ".core.links",
     "get_link": ".core.links",
     "MoEEstimate": ".core.estimate",
     "parameter_errors": ".core.estimate",
-    "fit_em": ".core.em",
-    "fit_gate": ".core.gate",
+    "fit_em": ".estimators.em",
+    "fit_gate": ".estimators.gate",
     "initialize": ".estimators.initialize",
     "tensor_init": ".estimators.tensor_init",
     "SimulatedData": ".estimators.simulate",
@@ -152,9 +152,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .bayes.prior import sample_prior_predictive
     from .bayes.to_arviz import to_inference_data
     from .core import links
-    from .core.em import CollapseWarning, ConvergenceWarning, fit_em
+    from .core.em.loop import CollapseWarning, ConvergenceWarning
     from .core.estimate import MoEEstimate, parameter_errors
-    from .core.gate import fit_gate
     from .core.labels import align_labels
     from .core.likelihood import expert_means
     from .core.links import Link, get_link
@@ -166,6 +165,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         load_mcycle,
         load_old_faithful,
     )
+    from .estimators.em import fit_em
+    from .estimators.gate import fit_gate
     from .estimators.initialize import initialize
     from .estimators.simulate import SimulatedData, simulate
     from .estimators.tensor_init import tensor_init

@@ -12,7 +12,7 @@ import torch
 
 from pyromoe import MixtureOfExperts, parameter_errors, simulate
 from pyromoe.bayes.fit import fit_map, fit_svi, run_nuts
-from pyromoe.core.em import fit_em
+from pyromoe.estimators.em import fit_em
 from pyromoe.estimators.initialize import initialize
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,4 +1,4 @@
-"""Joint EM from random starts or a given start (pyromoe.core.em)."""
+"""Joint EM from random starts or a given start (pyromoe.fit_em, pyromoe.core.em)."""
 
 import warnings
 
@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from pyromoe import MoEEstimate, parameter_errors, simulate
-from pyromoe.core.em import SCREEN_MAX_ITER, fit_em, random_start, screened_start
-from pyromoe.core.gate import ConvergenceWarning, fit_gate
+from pyromoe.core.em.loop import ConvergenceWarning
+from pyromoe.core.em.starts import SCREEN_MAX_ITER, random_start, screened_start
 from pyromoe.core.likelihood import log_likelihood
+from pyromoe.estimators.em import fit_em
+from pyromoe.estimators.gate import fit_gate
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +133,7 @@ def test_fit_em_without_bias_keeps_offsets_at_zero(linear_k2):
     assert parameter_errors(fit, linear_k2.truth)["experts"] < 0.05
 
 
-@pytest.mark.filterwarnings("ignore::pyromoe.core.gate.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::pyromoe.core.em.loop.ConvergenceWarning")
 def test_fit_em_same_seed_same_fit(linear_k2):
     a = fit_em(linear_k2.x, linear_k2.y, 2, n_init=1, seed=7, max_iter=5)
     b = fit_em(linear_k2.x, linear_k2.y, 2, n_init=1, seed=7, max_iter=5)
@@ -318,7 +320,7 @@ def _threads_calls():
 
 
 @pytest.mark.parametrize("index", range(4), ids=["fit_em", "fit_gate", "tensor_init", "initialize"])
-@pytest.mark.filterwarnings("ignore::pyromoe.core.gate.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::pyromoe.core.em.loop.ConvergenceWarning")
 def test_num_threads_applies_to_the_call_only_and_is_checked(index, monkeypatch):
     call = _threads_calls()[index]
     seen = []

@@ -1,4 +1,4 @@
-"""Gate EM with the experts fixed (pyromoe.core.gate)."""
+"""Gate EM with the experts fixed (pyromoe.fit_gate on the loop of pyromoe.core.em)."""
 
 import math
 import warnings
@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from pyromoe import simulate
-from pyromoe.core.gate import ConvergenceWarning, GateFit, fit_gate, gate_m_step, log_prior
-from pyromoe.core.likelihood import log_likelihood
+from pyromoe.core.em.loop import ConvergenceWarning
+from pyromoe.core.em.m_step import gate_step, log_prior
+from pyromoe.core.em.statistics import pass_statistics
+from pyromoe.core.likelihood import gate_logits, log_likelihood, responsibilities
+from pyromoe.estimators.gate import GateFit, fit_gate
 
 
 @pytest.fixture(scope="module")
@@ -165,20 +168,46 @@ def test_gate_map_trace_is_the_log_posterior_per_row(small):
 
 
 # ------------------------------------------------------------------------------------- M-step
-def test_gate_m_step_recovers_logistic_weights_from_soft_labels():
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(50_000, 3, generator=generator, dtype=torch.float64)
-    w_true = torch.tensor([[1.5, -0.5, 0.0]], dtype=torch.float64)
-    p1 = torch.sigmoid(x @ w_true.T + 0.2).squeeze(-1)
-    resp = torch.stack([1 - p1, p1], dim=-1)  # exact probabilities: the optimum is the truth
-    w, c = gate_m_step(
-        x,
-        resp,
-        torch.zeros(1, 3, dtype=torch.float64),
-        torch.zeros(1, dtype=torch.float64),
-        max_steps=25,
+@pytest.mark.parametrize("k, fit_bias", [(2, True), (3, True), (3, False)])
+def test_gate_newton_system_of_a_pass_is_the_expected_log_gates_gradient_and_hessian(k, fit_bias):
+    """The gate's IRLS system summed by an EM pass is the gradient and negative Hessian of
+    ``Q(w, c) = sum_n sum_i r_ni log gate_i(x_n)``, and Newton steps from it (responsibilities
+    held, as EM's further Newton steps do) reach the maximiser of Q."""
+    data = simulate(4_000, 3, num_experts=k, seed=2)
+    truth = data.truth.params
+    start = truth._replace(
+        gate_weight=torch.zeros_like(truth.gate_weight),
+        gate_bias=torch.zeros_like(truth.gate_bias) if fit_bias else truth.gate_bias,
     )
-    assert torch.allclose(w, w_true, atol=1e-8) and float(c) == pytest.approx(0.2, abs=1e-8)
+    resp = responsibilities(data.x, data.y, start, data.truth.link)
+
+    def expected_log_gate(theta):
+        weight = theta[:, :3]
+        bias = theta[:, 3] if fit_bias else start.gate_bias
+        log_gate = torch.log_softmax(gate_logits(data.x, weight, bias), dim=-1)
+        return (resp * log_gate).sum()
+
+    def theta_of(params):
+        if not fit_bias:
+            return params.gate_weight
+        return torch.cat([params.gate_weight, params.gate_bias[:, None]], dim=-1)
+
+    theta = theta_of(start)
+    statistics = pass_statistics(data.x, data.y, start, data.truth.link, False, fit_bias)
+    gradient = torch.func.grad(expected_log_gate)(theta)
+    hessian = torch.func.hessian(expected_log_gate)(theta).reshape(theta.numel(), -1)
+    assert torch.allclose(statistics.gate_gradient, gradient, rtol=1e-10, atol=1e-8)
+    assert torch.allclose(statistics.gate_hessian, -hessian, rtol=1e-10, atol=1e-8)
+
+    params = start
+    for _ in range(25):
+        held = pass_statistics(
+            data.x, data.y, start, data.truth.link, False, fit_bias, linearise_at=params
+        )
+        params = gate_step(held, params, fit_bias=fit_bias, prior_scale=None, tol=0.0)
+    gradient = torch.func.grad(expected_log_gate)(theta_of(params))
+    assert float(gradient.abs().max()) < 1e-8 * data.x.shape[0]
+    assert float(theta_of(params).abs().max()) > 0.1  # it moved away from the flat start
 
 
 # ------------------------------------------------------------------------------------- warnings

@@ -20,8 +20,9 @@ from pyromoe.bayes.fit import _chain_starts, fit_map, fit_svi, run_nuts
 from pyromoe.bayes.init_strategy import init_to_moments
 from pyromoe.bayes.laplace import laplace_approximation
 from pyromoe.bayes.to_arviz import GROUPS, to_inference_data
-from pyromoe.core.em import ConvergenceWarning, fit_em
+from pyromoe.core.em.loop import ConvergenceWarning
 from pyromoe.core.labels import best_permutation
+from pyromoe.estimators.em import fit_em
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from pyro.infer.mcmc.util import initialize_model
 import pyromoe
 from pyromoe import MixtureOfExperts, simulate
 from pyromoe.bayes.potential import fused_potential
-from pyromoe.core.em import fit_em
 from pyromoe.core.labels import align_labels
+from pyromoe.estimators.em import fit_em
 
 NOISE = (0.3, 0.8)
 
@@ -72,7 +72,7 @@ def test_per_expert_noise_step_is_the_weighted_residual_formula(two_noises):
     """One EM iteration's noise equals sqrt(sum r_i res_i^2 / sum r_i) at the new experts."""
     x, y, truth = two_noises
     start = truth.params._replace(noise=torch.tensor([0.5, 0.5], dtype=torch.float64))
-    from pyromoe.core.em import EM
+    from pyromoe.core.em.loop import EM
     from pyromoe.core.likelihood import expert_means, responsibilities
     from pyromoe.core.sources import as_source
 

@@ -16,9 +16,10 @@ import torch
 import pyromoe
 from pyromoe import simulate
 from pyromoe.core import sources
-from pyromoe.core.em import fit_em
-from pyromoe.core.gate import fit_gate
+from pyromoe.core.chunks import default_chunk_size
 from pyromoe.core.sources import as_source, sample_rows
+from pyromoe.estimators.em import fit_em
+from pyromoe.estimators.gate import fit_gate
 
 da = pytest.importorskip("dask.array")
 
@@ -107,7 +108,7 @@ def test_memmap_passes_read_one_chunk_at_a_time(tmp_path, monkeypatch):
         pyromoe.initialize(xm, big.y.numpy(), 2, chunk_size=2_000, guard_rows=5_000)
         fit_em(xm, big.y.numpy(), 2, n_init=1, chunk_size=3_000, max_iter=3)
     summary_chunk = (1 << 19) // 4  # the summary pass: about 4 MB of rows
-    em_chunk = pyromoe.core.em.default_chunk_size(4)
+    em_chunk = default_chunk_size(4)
     assert len(sizes) > 100
     assert max(sizes) == summary_chunk < 300_000
     assert set(sizes) <= {

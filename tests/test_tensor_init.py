@@ -256,7 +256,7 @@ def test_linear_moment_estimate_is_consistent_error_shrinks_with_n():
 
 @pytest.mark.slow
 def test_refined_tensor_start_matches_best_of_five_random_em_and_is_never_stuck():
-    from pyromoe.core.em import fit_em
+    from pyromoe.estimators.em import fit_em
 
     errors, baseline = [], []
     for seed in range(3):

@@ -13,8 +13,9 @@ import torch
 
 from .._validation import child_seed
 from ..bayes.model import MixtureOfExperts
-from ..core.em import SCREEN_CANDIDATES, fit_em
+from ..core.em.starts import SCREEN_CANDIDATES
 from ..core.estimate import MoEEstimate, parameter_errors
+from ..estimators.em import fit_em
 from ..estimators.initialize import initialize
 from .report import Timer, demo_summary, parameter_table, write_outputs
 from .results import results_directory

@@ -1,8 +1,8 @@
 """The mixture-of-experts likelihood as pure torch functions of the parameters.
 
-One implementation shared by the Pyro model (:mod:`pyromoe.bayes.model`), EM (:mod:`pyromoe.core.gate`,
-:mod:`pyromoe.core.em`) and the ArviZ ``log_likelihood`` group. Parameters may carry leading batch dimensions
-(posterior draws, vectorised particles), as in :class:`pyromoe.core.params.Params`, which the
+One implementation shared by the Pyro model (:mod:`pyromoe.bayes.model`), EM
+(:mod:`pyromoe.core.em`) and the ArviZ ``log_likelihood`` group. Parameters may carry leading batch
+dimensions (posterior draws, vectorised particles), as in :class:`pyromoe.core.params.Params`, which the
 mixture functions take; results have shape ``(..., n)`` or ``(..., n, k)``.
 
 Gate convention (docs/algorithm.md section 1): expert 0 is the reference with logit 0 and expert ``i >= 1``

@@ -116,7 +116,7 @@ def whiten(t2: torch.Tensor, num_components: int, *, noise_floor: float = 0.0) -
             f"the data look like fewer than {k} experts: T2 has only {clear} clearly non-zero "
             f"eigenvalue(s) (|eigenvalues| {[round(v, 4) for v in evals[: k + 1].tolist()]} "
             f"against a sampling-noise floor of {threshold:.3g}). Use fewer experts, more rows, "
-            "or a likelihood fit (pyromoe.core.em.fit_em) instead."
+            "or a likelihood fit (pyromoe.fit_em) instead."
         )
     projection = evecs[:, :k] * kept.abs().rsqrt()
     return Whitening(

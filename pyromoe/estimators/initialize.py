@@ -1,7 +1,7 @@
 """``initialize``: a point estimate for any data (docs/algorithm.md section 4).
 
 The tensor start of :mod:`pyromoe.estimators.tensor_init` where it applies, guarded by random-start
-EM on a random subsample and a sanity check, with multi-start EM (:func:`pyromoe.core.em.fit_em`) as
+EM on a random subsample and a sanity check, with multi-start EM (:func:`pyromoe.fit_em`) as
 the fallback. On all rows the guarded path costs the moment passes plus ONE EM run from the winning
 start: the comparison with random starts never takes a full-data pass.
 """
@@ -23,17 +23,13 @@ from .._validation import (
     num_parameters,
     on_exact_scale,
 )
-from ..core.em import (
-    CollapseWarning,
-    ConvergenceWarning,
-    fit_em,
-    mean_log_likelihood,
-    warn_collapse,
-)
+from ..core.em.loop import CollapseWarning, ConvergenceWarning, warn_collapse
+from ..core.em.statistics import mean_log_likelihood
 from ..core.estimate import MoEEstimate
 from ..core.links import Link
 from ..core.sources import Source, TensorSource
 from ..core.threads import check_num_threads, torch_threads
+from .em import fit_em
 
 # tensor_init's names stay importable from here (benchmarks/speed.py reads _moment_experts)
 from .tensor_init import (  # noqa: F401

@@ -38,16 +38,10 @@ from .._validation import (
     num_parameters,
     on_exact_scale,
 )
-from ..core.em import (
-    CollapseWarning,
-    ConvergenceWarning,
-    default_chunk_size,
-    fit_em,
-    mean_log_likelihood,
-    warn_collapse,
-)
+from ..core.chunks import default_chunk_size
+from ..core.em.loop import CollapseWarning, ConvergenceWarning, warn_collapse
+from ..core.em.statistics import mean_log_likelihood
 from ..core.estimate import MoEEstimate
-from ..core.gate import fit_gate
 from ..core.links import Link, gaussian_expectation, transform_constants
 from ..core.moments import (
     choose_alpha,
@@ -60,6 +54,8 @@ from ..core.moments import (
 from ..core.sources import Source, as_source
 from ..core.tensor import expert_scales, tensor_power_method, unwhiten, whiten
 from ..core.threads import check_num_threads, torch_threads
+from .em import fit_em
+from .gate import fit_gate
 
 __all__ = ["GATE_WARM_START_ROWS", "MomentsNotApplicableError", "minimum_rows", "tensor_init"]
 
@@ -249,7 +245,7 @@ def tensor_init(
     Steps (docs/algorithm.md): standardise ``x`` (centre, whiten by its covariance); centre ``y``
     (see ``center_y``); two streaming passes give
     ``T2 = E[P2(y) S2(z)]`` and the whitened ``T3``; the tensor power method gives the expert
-    directions, scales and signs; :func:`pyromoe.core.gate.fit_gate` then fits the gate (and noise)
+    directions, scales and signs; :func:`pyromoe.fit_gate` then fits the gate (and noise)
     by EM with the experts fixed (for n > 200,000 it first runs on 50,000 random rows and finishes
     on all rows from there: the same fixed point in fewer full passes). The result is mapped back
     to the user's coordinates.
@@ -281,7 +277,7 @@ def tensor_init(
         shared sd is repeated per expert.
     refine : bool
         Run joint EM over all parameters (biases included) from this estimate
-        (:func:`pyromoe.core.em.fit_em`), plus ``random_starts`` random-start EM runs; the best
+        (:func:`pyromoe.fit_em`), plus ``random_starts`` random-start EM runs; the best
         log-likelihood wins and ``diagnostics["refine_winner"]`` says which.
     random_starts : int
         Random starts tried alongside the refinement (0 for the fastest refinement).
@@ -397,13 +393,13 @@ def _tensor_init(
     if k > d:
         raise MomentsNotApplicableError(
             f"num_experts={k} exceeds in_features={d}: the moment method needs num_experts <= "
-            "in_features (T2 has rank at most d). Use pyromoe.core.em.fit_em with several random starts."
+            "in_features (T2 has rank at most d). Use pyromoe.fit_em with several random starts."
         )
     parameters, need = num_parameters(d, k), minimum_rows(d, k)
     if parameters < n < need:  # enough rows for a point estimate, too few for the moments
         raise MomentsNotApplicableError(
             f"x has {n} rows; tensor_init needs at least {need} rows for {d} features "
-            f"(max(100, 2 d^2)) to estimate the moments. Use pyromoe.core.em.fit_em for small data."
+            f"(max(100, 2 d^2)) to estimate the moments. Use pyromoe.fit_em for small data."
         )
     check_enough_rows(
         n,

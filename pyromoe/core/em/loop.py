@@ -1,0 +1,318 @@
+"""The one EM loop (docs/algorithm.md section 4): starts x iterations, best start kept.
+
+:meth:`EM.fit` is scikit-learn's ``BaseMixture.fit_predict``: a plain double loop over starts and
+iterations, tracking the objective (mean log-likelihood per row, or log posterior / n for MAP),
+``n_iter`` and ``converged``, keeping the best start and warning (:class:`ConvergenceWarning`)
+when that start did not converge, (:class:`CollapseWarning`) when it ends collapsing.
+
+Each iteration is ONE pass over the data in chunks (:func:`pyromoe.core.em.statistics.
+pass_statistics` summed by :meth:`pyromoe.core.sources.Source.reduce`), then the M-step from the
+sums alone (:mod:`pyromoe.core.em.m_step`). The pass at the proposed parameters gives their
+objective; a step that lowered it is halved (one more pass each), so the trace never decreases.
+Extra memory is one chunk plus the sums, ``O(chunk_size (d + k) + k d^2)`` for any n, and the
+result does not depend on the chunk size beyond rounding.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..chunks import MAX_CHUNK_ROWS
+from ..links import Link
+from ..params import Params
+from ..sources import Source
+from .m_step import accept_slack, expert_step, gate_step, log_prior, noise_floor, noise_step
+from .statistics import Statistics, pass_statistics
+
+__all__ = [
+    "EM",
+    "MAX_HALVINGS",
+    "CollapseWarning",
+    "ConvergenceWarning",
+    "EMRun",
+    "warn_collapse",
+]
+
+
+class ConvergenceWarning(UserWarning):
+    """An EM run stopped at ``max_iter`` before its objective changed by less than ``tol``."""
+
+
+class CollapseWarning(UserWarning):
+    """An EM fit ended with an expert holding fewer than ``d + 1`` effective rows, or with the
+    noise at its floor: the expert is collapsing onto a few points (too many experts)."""
+
+
+def _collapse(
+    responsibility: torch.Tensor, noise, floor: float, d: int
+) -> tuple[list[float], list[int]]:
+    """Effective rows per expert (``sum_n r_ni``, shape (k,)) and the experts collapsing onto a
+    few points (see EMRun)."""
+    effective = responsibility.tolist()
+    collapsed = [i for i, rows in enumerate(effective) if rows < d + 1]
+    noise = torch.as_tensor(noise).reshape(-1)
+    if not collapsed and len(noise) > 1 and bool((noise <= floor * (1 + 1e-9)).any()):
+        return effective, [int(torch.argmin(noise))]  # per-expert noise: the expert at its floor
+    if not collapsed and float(noise.min()) <= floor * (1 + 1e-9):
+        collapsed = [min(range(len(effective)), key=effective.__getitem__)]
+    return effective, collapsed
+
+
+def warn_collapse(collapsed, effective_rows, d: int, stacklevel: int = 3) -> None:
+    """One :class:`CollapseWarning` naming the collapsing experts (nothing when there are none)."""
+    if not collapsed:
+        return
+    parts = []
+    for i in collapsed:
+        rows = effective_rows[i]
+        shown = f"{rows:.1f}" if float(f"{rows:.1f}") < d + 1 else f"{rows:.3f}"
+        if rows < d + 1:
+            parts.append(f"expert {i} holds {shown} effective rows (< d + 1 = {d + 1})")
+        else:
+            parts.append(f"expert {i} holds {shown} effective rows and the noise hit its floor")
+    subject = "it is" if len(parts) == 1 else "they are"
+    warnings.warn(
+        f"{'; '.join(parts)}: {subject} collapsing onto a few points; use fewer experts",
+        CollapseWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def _between(start: Params, end: Params, size: float) -> Params:
+    """``start + size (end - start)`` for every parameter (absent ones stay absent)."""
+    return Params(*(a if a is None else a + size * (b - a) for a, b in zip(start, end)))
+
+
+@dataclass(frozen=True)
+class EMRun:
+    """One start's EM run (:meth:`EM.fit`).
+
+    Attributes
+    ----------
+    params : Params
+        The parameters at the end (absent biases stay None).
+    trace : list of float
+        The objective at the start and after every iteration; never decreasing up to rounding.
+    converged : bool
+        Whether the objective changed by less than ``tol`` before ``max_iter`` iterations.
+    n_iter : int
+        Iterations run.
+    effective_rows : list of float
+        Each expert's summed responsibilities at the end.
+    collapsed_experts : list of int
+        Experts with fewer than ``d + 1`` effective rows (or, with the noise at its floor, the one
+        with the fewest).
+    seconds : float
+        Wall time of the run.
+    passes : int
+        Passes over the data (one per iteration, plus one per extra Newton step or step halving,
+        plus the first).
+    """
+
+    params: Params
+    trace: list[float]
+    converged: bool
+    n_iter: int
+    effective_rows: list[float]
+    collapsed_experts: list[int]
+    seconds: float
+    passes: int = 0
+
+    @property
+    def objective(self) -> float:
+        """The final objective."""
+        return self.trace[-1]
+
+
+#: Step halvings an EM iteration may try before it keeps the parameters it started from.
+MAX_HALVINGS = 30
+
+
+@dataclass(frozen=True)
+class EM:
+    """EM over a data source: which parameters move, and how far each M-step goes.
+
+    Each iteration is ONE pass over the data (:func:`pass_statistics` summed chunk by chunk) at
+    the current parameters, then an M-step from the sums alone:
+
+    * experts (unless frozen): identity link, weighted least squares per expert in closed form;
+      other links, one Gauss-Newton step per expert;
+    * gate: one Newton (IRLS) step of the weighted (multinomial) logistic regression;
+    * noise (unless fixed): ``noise^2 = sum_n sum_i r_ni (y_n - g(a_i . u_n))^2 / n``, with the
+      experts just solved (identity link: the squared error of the new experts follows from the
+      sums exactly) or, for other links, with the experts before their step (the noise is then
+      updated first: both orders are conditional maximisations).
+
+    The next pass, at the proposed parameters, gives their objective. If it fell (an overshooting
+    Newton step), the step is halved towards the previous parameters, one pass per halving: the
+    M-step direction is an ascent direction of the objective, so a small enough step raises it,
+    and the trace never decreases beyond rounding. ``newton_steps`` / ``gauss_newton_steps`` > 1
+    take further steps within one M-step, each from one more pass with the responsibilities held.
+
+    Joint EM moves everything; gate EM is ``update_experts=False``. Expert intercepts are fitted
+    when the parameters carry them (``experts_bias`` not None), gate offsets when
+    ``update_gate_bias``. MAP (``prior_scale``): ``Normal(0, s^2)`` priors on the gate's weights and
+    offsets and, when they move, the experts' (a ridge ``noise^2 / s^2`` in their least squares);
+    the noise stays maximum likelihood.
+
+    Extra memory: one chunk's ``O(chunk_size (d + k))`` plus the sums' ``O(k d^2)``, any n.
+
+    Attributes
+    ----------
+    source : Source
+    link : Link
+    update_experts, update_gate_bias, update_noise : bool
+    prior_scale : float or None
+    tol : float
+        A start has converged when its objective changes by less than ``tol`` in one iteration.
+    max_iter : int
+    newton_steps : int
+        Gate Newton steps per M-step.
+    gauss_newton_steps : int
+        Gauss-Newton steps per expert per M-step (links other than the identity).
+    chunk_size : int
+        Rows per chunk of a pass.
+    """
+
+    source: Source
+    link: Link
+    update_experts: bool = True
+    update_gate_bias: bool = True
+    update_noise: bool = True
+    prior_scale: float | None = None
+    tol: float = 1e-6
+    max_iter: int = 200
+    newton_steps: int = 1
+    gauss_newton_steps: int = 1
+    chunk_size: int = MAX_CHUNK_ROWS
+    floor: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "floor", noise_floor(self.source))
+
+    @property
+    def name(self) -> str:
+        return "EM" if self.update_experts else "gate EM"
+
+    def statistics(self, params: Params, linearise_at: Params | None = None) -> Statistics:
+        """One pass: the :class:`Statistics` at ``params`` (systems at ``linearise_at``)."""
+        return self.source.reduce(
+            pass_statistics,
+            self.chunk_size,
+            params,
+            self.link,
+            self.update_experts,
+            self.update_gate_bias,
+            linearise_at,
+        )
+
+    def objective(self, statistics: Statistics, params: Params) -> float:
+        """Mean log-likelihood per row (plus log prior / n for MAP)."""
+        experts = (params.experts_weight, params.experts_bias) if self.update_experts else ()
+        prior = log_prior(self.prior_scale, *experts, params.gate_weight, params.gate_bias)
+        return float(statistics.log_likelihood + prior) / float(statistics.rows)
+
+    def m_step(
+        self, statistics: Statistics, params: Params, *, experts: bool = True, gate: bool = True
+    ) -> Params:
+        """New parameters from the sums of one pass (experts, gate, noise; see the class and
+        :mod:`pyromoe.core.em.m_step`)."""
+        squared_error = statistics.squared_error
+        if self.update_experts and experts:
+            params, squared_error = expert_step(statistics, params, self.link, self.prior_scale)
+        if gate:
+            params = gate_step(
+                statistics,
+                params,
+                fit_bias=self.update_gate_bias,
+                prior_scale=self.prior_scale,
+                tol=self.tol,
+            )
+        if self.update_noise:
+            params = noise_step(statistics, params, squared_error, self.floor)
+        return params
+
+    def _propose(self, statistics: Statistics, params: Params) -> tuple[Params, int]:
+        """The M-step's proposal and the extra passes its further Newton steps took."""
+        proposal = self.m_step(statistics, params)
+        nonlinear = self.update_experts and not self.link.is_identity
+        extra = max(self.newton_steps, self.gauss_newton_steps if nonlinear else 1) - 1
+        for step in range(1, extra + 1):
+            held = self.statistics(params, linearise_at=proposal)
+            proposal = self.m_step(
+                held,
+                proposal,
+                experts=nonlinear and step < self.gauss_newton_steps,
+                gate=step < self.newton_steps,
+            )
+        return proposal, extra
+
+    def fit(self, starts: Sequence[Params], *, stacklevel: int = 2) -> tuple[list[EMRun], int]:
+        """EM from each start in turn; the runs and the index of the best (highest objective).
+
+        Warns (``stacklevel`` as for :func:`warnings.warn`, counted from this method) with a
+        :class:`ConvergenceWarning` when the best start did not converge, and a
+        :class:`CollapseWarning` when it ends collapsing.
+        """
+        d = self.source.in_features
+        dtype = self.source.dtype
+        runs: list[EMRun] = []
+        for start in starts:
+            began = time.perf_counter()
+            params = start
+            statistics = self.statistics(params)
+            value = self.objective(statistics, params)
+            trace, passes = [value], 1
+            converged, n_iter = False, 0
+            for n_iter in range(1, self.max_iter + 1):  # noqa: B007 (n_iter is kept)
+                proposal, extra = self._propose(statistics, params)
+                passes += extra
+                candidate, size = proposal, 1.0
+                for _ in range(MAX_HALVINGS):
+                    new_statistics = self.statistics(candidate)
+                    new_value = self.objective(new_statistics, candidate)
+                    passes += 1
+                    if new_value >= value - accept_slack(value, dtype):
+                        params, statistics, value = candidate, new_statistics, new_value
+                        break
+                    size *= 0.5
+                    candidate = _between(params, proposal, size)
+                trace.append(value)  # unchanged when no step raised the objective
+                if abs(trace[-1] - trace[-2]) < self.tol:
+                    converged = True
+                    break
+            effective_rows, collapsed = _collapse(
+                statistics.responsibility, params.noise, self.floor, d
+            )
+            runs.append(
+                EMRun(
+                    params=params,
+                    trace=trace,
+                    converged=converged,
+                    n_iter=n_iter,
+                    effective_rows=effective_rows,
+                    collapsed_experts=collapsed,
+                    seconds=time.perf_counter() - began,
+                    passes=passes,
+                )
+            )
+        best = max(range(len(runs)), key=lambda i: runs[i].objective)
+        if not runs[best].converged:
+            trace = runs[best].trace
+            which = f" for the best start (start {best} of {len(runs)}; " if len(runs) > 1 else " ("
+            warnings.warn(
+                f"{self.name} did not converge in max_iter={self.max_iter} iterations{which}last "
+                f"change of the objective {trace[-1] - trace[-2]:.3g} >= tol={self.tol:g}); "
+                "increase max_iter or tol",
+                ConvergenceWarning,
+                stacklevel=stacklevel + 1,
+            )
+        warn_collapse(
+            runs[best].collapsed_experts, runs[best].effective_rows, d, stacklevel=stacklevel + 2
+        )
+        return runs, best

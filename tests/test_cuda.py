@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyromoe import MixtureOfExperts, parameter_errors, simulate
+from pyromoe import MixtureOfExperts, parameter_errors, posterior_mean_estimate, simulate
 from pyromoe.bayes.fit import fit_map, fit_svi, run_nuts
 from pyromoe.estimators.em import fit_em
 from pyromoe.estimators.initialize import initialize
@@ -41,20 +41,10 @@ def _on_cuda(estimate) -> bool:
     )
 
 
-def _posterior_estimate(idata, like):
-    """The posterior means of a bias-free fit as an estimate (CPU, like ``like``)."""
-    import dataclasses
-
-    mean = {
-        name: torch.as_tensor(idata.posterior[name].mean(("chain", "draw")).values)
-        for name in ("experts.weight", "gate.weight", "noise")
-    }
-    return dataclasses.replace(
-        like,
-        experts_weight=mean["experts.weight"],
-        gate_weight=mean["gate.weight"],
-        noise=mean["noise"],
-        method="posterior_mean",
+def _svi_on_cuda(model, data, x, y, **extra):
+    """``fit_svi`` on CUDA from the true parameters, 100 steps, no progress bar."""
+    return fit_svi(
+        model, x, y, init=data.truth, device="cuda", num_steps=100, progress=False, **extra
     )
 
 
@@ -71,36 +61,17 @@ def test_fit_em_on_cuda(data):
 
 
 def test_fit_svi_on_cuda(data, model):
-    idata = fit_svi(
-        model,
-        data.x,
-        data.y,
-        init=data.truth,
-        device="cuda",
-        num_steps=100,
-        num_samples=50,
-        progress=False,
-    )
+    idata = _svi_on_cuda(model, data, data.x, data.y, num_samples=50)
     draws = idata.posterior["experts.weight"].values
     assert draws.shape == (1, 50, 2, D) and np.isfinite(draws).all()
     assert idata.attrs["rows_per_second"] > 0
     assert np.isfinite(idata.log_likelihood["y"].values).all()
-    estimate = _posterior_estimate(idata, data.truth)
+    estimate = posterior_mean_estimate(idata, data.truth.link)
     assert parameter_errors(estimate, data.truth)["experts"] < EXPERT_BOUND
 
 
 def test_fit_svi_on_cuda_with_the_model_s_own_mini_batches(data, model):
-    idata = fit_svi(
-        model,
-        data.x,
-        data.y,
-        init=data.truth,
-        device="cuda",
-        num_steps=100,
-        subsample_size=500,
-        num_samples=50,
-        progress=False,
-    )
+    idata = _svi_on_cuda(model, data, data.x, data.y, subsample_size=500, num_samples=50)
     assert np.isfinite(idata.posterior["experts.weight"].values).all()
 
 
@@ -109,17 +80,7 @@ def test_fit_svi_on_cuda_from_a_memmap_in_mini_batches(data, model, tmp_path):
     np.save(tmp_path / "y.npy", data.y.numpy())
     x = np.load(tmp_path / "x.npy", mmap_mode="r")
     y = np.load(tmp_path / "y.npy", mmap_mode="r")
-    idata = fit_svi(
-        model,
-        x,
-        y,
-        init=data.truth,
-        device="cuda",
-        num_steps=100,
-        subsample_size=500,
-        num_samples=50,
-        progress=False,
-    )
+    idata = _svi_on_cuda(model, data, x, y, subsample_size=500, num_samples=50)
     assert np.isfinite(idata.posterior["experts.weight"].values).all()
     assert idata.attrs["data_kind"] == "memmap"
 

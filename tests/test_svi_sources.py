@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyromoe import MixtureOfExperts, parameter_errors, simulate
+from pyromoe import MixtureOfExperts, parameter_errors, posterior_mean_estimate, simulate
 from pyromoe.bayes.fit import EVALUATION_ROWS, fit_map, fit_svi, run_nuts
 from pyromoe.core.sources import MemmapSource, sample_rows
 
@@ -60,21 +60,6 @@ def model():
     return MixtureOfExperts(D, 2, bias=False)
 
 
-def _posterior_estimate(idata, like):
-    """The posterior means as an estimate with ``like``'s link and bias-free layout."""
-    mean = {
-        name: torch.as_tensor(idata.posterior[name].mean(("chain", "draw")).values)
-        for name in ("experts.weight", "gate.weight", "noise")
-    }
-    return dataclasses.replace(
-        like,
-        experts_weight=mean["experts.weight"],
-        gate_weight=mean["gate.weight"],
-        noise=mean["noise"],
-        method="svi",
-    )
-
-
 def _posterior_moments(idata, name="experts.weight"):
     draws = idata.posterior[name]
     return draws.mean(("chain", "draw")).values, draws.std(("chain", "draw")).values
@@ -101,7 +86,7 @@ def _full_log_likelihood(data) -> float:
 
 
 def test_fit_svi_on_a_memmap_recovers_the_experts(memmap_fit, data):
-    estimate = _posterior_estimate(memmap_fit, data.truth)
+    estimate = posterior_mean_estimate(memmap_fit, data.truth.link)
     errors = parameter_errors(estimate, data.truth)
     assert errors["experts"] < EXPERT_BOUND
     assert errors["noise"] < 0.05
@@ -131,7 +116,7 @@ def test_fit_svi_on_a_dask_array_matches_the_in_memory_mini_batch_fit(
     with dask.config.set(scheduler="threads"):
         idata = fit_svi(model, x, y, init=start, seed=0, **{**SVI, "num_steps": 250})
     assert idata.attrs["data_kind"] == "dask"
-    errors = parameter_errors(_posterior_estimate(idata, data.truth), data.truth)
+    errors = parameter_errors(posterior_mean_estimate(idata, data.truth.link), data.truth)
     assert errors["experts"] < EXPERT_BOUND
     total = _full_log_likelihood(data)
     assert abs(idata.attrs["final_elbo"] - total) < 0.03 * abs(total)
@@ -144,7 +129,7 @@ def test_fit_svi_on_a_dask_array_matches_the_in_memory_mini_batch_fit(
 def test_fit_map_on_a_memmap_recovers_the_experts(memmap, model, start, data):
     x, y = memmap
     idata = fit_map(model, x, y, init=start, num_steps=300, lr=0.01, subsample_size=BATCH)
-    errors = parameter_errors(_posterior_estimate(idata, data.truth), data.truth)
+    errors = parameter_errors(posterior_mean_estimate(idata, data.truth.link), data.truth)
     assert errors["experts"] < EXPERT_BOUND
     total = _full_log_likelihood(data)
     assert abs(idata.attrs["final_elbo"] - total) < 0.03 * abs(total)

@@ -28,19 +28,21 @@ def _use_agg() -> None:
     matplotlib.use("Agg")
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    numbers = run_demo(
-        args.out,
+def _common(args: argparse.Namespace) -> dict:
+    """The options every command passes on (:func:`_add_common`), less ``--out`` and experts."""
+    return dict(
         seed=args.seed,
-        quick=args.quick,
         device=args.device,
-        num_experts=args.experts,
         link=args.link,
         progress=not args.no_progress,
         overwrite=args.overwrite,
     )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    numbers = run_demo(args.out, quick=args.quick, num_experts=args.experts, **_common(args))
     nuts = numbers["nuts"]
     error = numbers["tensor_start_expert_error"]
     print(
@@ -71,17 +73,13 @@ def _fit(args: argparse.Namespace) -> int:
         features,
         num_experts=num_experts,
         noise=args.noise,
-        link=args.link,
         out=args.out,
         method=args.method,
-        seed=args.seed,
         num_chains=args.chains,
         num_warmup=args.warmup,
         num_samples=args.samples,
         num_steps=args.steps,
-        device=args.device,
-        progress=not args.no_progress,
-        overwrite=args.overwrite,
+        **_common(args),
     )
     comparison = numbers.get("comparison")
     if comparison:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import numbers
 import os
 import secrets
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -49,10 +48,7 @@ __all__ = [
     "check_request_size",
     "check_seed",
     "child_seed",
-    "exact_scales",
     "num_parameters",
-    "on_exact_scale",
-    "rescale_estimate",
 ]
 
 #: Rule of thumb for point estimates (:func:`check_enough_rows`): below this many rows per free
@@ -757,188 +753,3 @@ def check_request_size(
             f"{name}={value} needs about {_format_bytes(needed)} for {what}, more than "
             f"{_format_bytes(bound)} ({where}); {fix} ({name} <= {largest} fits)"
         )
-
-
-# ------------------------------------------------------------------------ extreme scales
-def _extreme_bounds(dtype: torch.dtype) -> tuple[float, float]:
-    """Magnitudes beyond which products of four values over- or underflow ``dtype``."""
-    info = torch.finfo(dtype)
-    return info.max**0.25, info.tiny**0.25
-
-
-def exact_scales(x, y, link) -> tuple[torch.Tensor | None, float]:
-    """Powers of two that bring extreme columns of ``x`` (and ``y``) to magnitude ~1.
-
-    ``x``, ``y`` are tensors, or ``x`` is a :class:`pyromoe.core.sources.Source` (``y`` None):
-    its summary's largest magnitudes are used.
-
-    A column (or ``y``) is extreme when its largest magnitude is above ``finfo.max ** 0.25`` or
-    below ``finfo.tiny ** 0.25`` (1.2e77 and 1.2e-77 in float64): the moments and Gram matrices
-    take products of up to four values and would overflow (``linalg.eigh failed to converge``)
-    or underflow. Dividing by a power of two is exact, so ordinary data are never touched
-    (``(None, 1.0)``: nothing to do) and rescaled data map back exactly
-    (:func:`rescale_estimate`).
-
-    Returns
-    -------
-    (x_scale, y_scale) : Tensor (d,) or None, float
-
-    Raises
-    ------
-    ValueError
-        When ``y`` is extreme and the link is not positively homogeneous
-        (``Link.positively_homogeneous``: tanh, sigmoid): ``y`` on that scale cannot come from the
-        model; standardise it.
-    """
-    if hasattr(x, "summary"):  # a Source: the largest magnitudes of its one summary pass
-        summary = x.summary()
-        high, low = _extreme_bounds(x.dtype)
-        peak, y_peak = summary.x_absmax.to(x.dtype), summary.y_absmax
-    else:
-        high, low = _extreme_bounds(x.dtype)
-        peak, y_peak = x.abs().amax(dim=0), float(y.abs().max())
-    extreme = (peak > high) | ((peak > 0) & (peak < low))
-    x_scale = None
-    if bool(extreme.any()):
-        exponents = torch.where(extreme, torch.round(torch.log2(peak)), torch.zeros_like(peak))
-        x_scale = torch.ldexp(torch.ones_like(peak), exponents.to(torch.int32))
-    y_scale = 1.0
-    if y_peak > high or 0 < y_peak < low:
-        if not link.positively_homogeneous:
-            raise ValueError(
-                f"y reaches {y_peak:.3g}, an extreme scale the {link.name} link cannot produce "
-                f"(its outputs are bounded); standardise y (y - y.mean()) / y.std() or use "
-                "link='linear'"
-            )
-        y_scale = math.ldexp(1.0, round(math.log2(y_peak)))
-    return x_scale, y_scale
-
-
-#: How each parameter of an estimate scales (:func:`_rescale`); the gate offsets do not.
-_ESTIMATE_UNITS = {
-    "experts_weight": "experts_weight",
-    "experts_bias": "y",
-    "gate_weight": "gate_weight",
-    "noise": "y",
-}
-
-
-def rescale_estimate(estimate, x_scale: torch.Tensor | None, y_scale: float, *, to_user: bool):
-    """Map an estimate between the user's data and data rescaled by :func:`exact_scales`.
-
-    On ``x' = x / x_scale``, ``y' = y / y_scale`` the model ``y = g(a.x + b)`` with gate
-    ``w.x + c`` has ``a' = a x_scale / y_scale``, ``b' = b / y_scale``, ``w' = w x_scale``,
-    ``c' = c`` and ``noise' = noise / y_scale`` (``y_scale != 1`` only for homogeneous links).
-    ``to_user=True`` maps a fit on the rescaled data back; ``False`` maps a start forward.
-    """
-    values = {
-        name: _rescale(getattr(estimate, name), unit, x_scale, y_scale, to_user=to_user)
-        for name, unit in _ESTIMATE_UNITS.items()
-    }
-    if to_user:
-        w = estimate.experts_weight
-        xs = torch.ones_like(w[0]) if x_scale is None else x_scale.to(w)
-        diagnostics = dict(estimate.diagnostics)
-        diagnostics["input_scaling"] = {
-            "x_scale": xs.tolist(),
-            "y_scale": y_scale,
-            "note": "x and y were divided by these powers of two (exact) before fitting; "
-            "the other diagnostics refer to the rescaled data",
-        }
-        if not all(bool(torch.isfinite(value).all()) for value in values.values()):
-            raise ValueError(
-                "the estimate does not fit in "
-                f"{str(w.dtype).replace('torch.', '')} in the units of x and y (x and y differ "
-                "in scale by a factor near the largest float): standardise x and y, e.g. "
-                "(x - x.mean(0)) / x.std(0), and fit again"
-            )
-        values["diagnostics"] = diagnostics
-    return replace(estimate, **values)
-
-
-def _rescale(value, unit: str, x_scale: torch.Tensor | None, y_scale: float, *, to_user: bool):
-    """``value`` in ``unit`` mapped between the user's data and data rescaled by :func:`exact_scales`.
-
-    Units (on ``x' = x / x_scale``, ``y' = y / y_scale``): ``"y"`` (``y``, the noise, expert
-    intercepts) scales as ``1 / y_scale``; ``"experts_weight"`` as ``x_scale / y_scale``;
-    ``"gate_weight"`` as ``x_scale``; ``"estimate"`` is a whole estimate (:func:`rescale_estimate`)
-    and ``"params"`` a :class:`~pyromoe.core.params.Params` (absent entries stay absent). ``None``
-    stays ``None``.
-    """
-    if value is None:
-        return None
-    if unit == "estimate":
-        return rescale_estimate(value, x_scale, y_scale, to_user=to_user)
-    if unit == "params":
-        return value._replace(
-            **{
-                name: _rescale(getattr(value, name), part, x_scale, y_scale, to_user=to_user)
-                for name, part in _ESTIMATE_UNITS.items()
-            }
-        )
-    # one exact power-of-two operation at a time: a combined factor could underflow
-    if unit == "y":
-        return value * y_scale if to_user else value / y_scale
-    xs = torch.ones_like(value) if x_scale is None else x_scale.to(value)
-    if unit == "experts_weight":
-        return value * y_scale / xs if to_user else value * xs / y_scale
-    if unit == "gate_weight":
-        return value / xs if to_user else value * xs
-    raise ValueError(f"unknown unit {unit!r}; expected 'y', 'experts_weight', 'gate_weight'")
-
-
-def on_exact_scale(result: str | Mapping[str, str], **units: str) -> Callable:
-    """Decorate a fit so that data of extreme magnitude are fitted rescaled, and mapped back.
-
-    The decorated function takes checked tensors ``x``, ``y`` and a ``link`` (by those names), or
-    a ``source`` (a :class:`pyromoe.core.sources.Source`, read through its ``rescaled`` view).
-    When :func:`exact_scales` finds nothing extreme it is called as it is. Otherwise it runs on
-    ``x / x_scale`` and ``y / y_scale`` (exact powers of two), with each argument named in
-    ``units`` mapped to that scale (``noise="y"``, ``init="estimate"``, ...; see :func:`_rescale`),
-    and its result is mapped back: ``result="estimate"`` for an estimate
-    (:func:`rescale_estimate`, which records ``diagnostics["input_scaling"]``), or
-    ``{field: unit}`` for a dataclass whose named fields are mapped (``dataclasses.replace``).
-
-    Raises
-    ------
-    ValueError
-        As :func:`exact_scales` (extreme ``y`` for a bounded link) and :func:`rescale_estimate`.
-    """
-
-    def decorate(fit: Callable) -> Callable:
-        signature = inspect.signature(fit)
-
-        @functools.wraps(fit)
-        def wrapper(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            arguments = bound.arguments
-            if "source" in arguments:
-                source = arguments["source"]
-                x_scale, y_scale = exact_scales(source, None, arguments["link"])
-                if x_scale is None and y_scale == 1.0:
-                    return fit(*args, **kwargs)
-                arguments["source"] = source.rescaled(x_scale, y_scale)
-            else:
-                x, y = arguments["x"], arguments["y"]
-                x_scale, y_scale = exact_scales(x, y, arguments["link"])
-                if x_scale is None and y_scale == 1.0:
-                    return fit(*args, **kwargs)
-                arguments["x"] = x / (torch.ones_like(x[0]) if x_scale is None else x_scale)
-                arguments["y"] = y / y_scale
-            for name, unit in units.items():
-                if name in arguments:
-                    arguments[name] = _rescale(
-                        arguments[name], unit, x_scale, y_scale, to_user=False
-                    )
-            out = fit(*bound.args, **bound.kwargs)
-            if isinstance(result, str):
-                return _rescale(out, result, x_scale, y_scale, to_user=True)
-            mapped = {
-                name: _rescale(getattr(out, name), unit, x_scale, y_scale, to_user=True)
-                for name, unit in result.items()
-            }
-            return replace(out, **mapped)
-
-        return wrapper
-
-    return decorate

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .sources import Source, TensorSource
+from .units import AffineMap
 
 __all__ = [
     "SecondMoments",
@@ -192,7 +193,7 @@ class Standardizer:
     """The map ``z = (x - mean) @ whitening`` to standardised inputs (mean 0, identity covariance).
 
     A weight ``a_std`` acting on ``z`` is ``a_user = whitening @ a_std`` on ``x``, with the bias
-    shifted by ``- a_user . mean`` (:meth:`to_user`).
+    shifted by ``- a_user . mean`` (:meth:`to_user`, the map of :mod:`pyromoe.core.units`).
 
     Attributes
     ----------
@@ -213,24 +214,11 @@ class Standardizer:
         self, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Map rows of weights (..., d) and biases (...) on ``z`` to the user's ``x``."""
-        user = weight @ self.whitening.T
         if bias is None:
             bias = torch.zeros(weight.shape[:-1], dtype=weight.dtype, device=weight.device)
-        return user, bias - user @ self.mean
-
-    def to_standard(self, weight: torch.Tensor) -> torch.Tensor:
-        """Rows of user-coordinate weights (..., d) as weights on ``z``: ``Sigma^{1/2} a``."""
-        return (
-            weight
-            @ torch.linalg.solve(
-                self.whitening,
-                torch.eye(
-                    self.whitening.shape[0],
-                    dtype=self.whitening.dtype,
-                    device=self.whitening.device,
-                ),
-            ).T
-        )
+        units = AffineMap(x_shift=self.mean, x_matrix=self.whitening)
+        user = units.to_original({"experts_weight": weight, "experts_bias": bias})
+        return user["experts_weight"], user["experts_bias"]
 
 
 def standardize(moments: SecondMoments) -> Standardizer:

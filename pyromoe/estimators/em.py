@@ -24,7 +24,6 @@ from .._validation import (
     check_seed,
     keeps_feature_names,
     num_parameters,
-    on_exact_scale,
 )
 from ..core.chunks import default_chunk_size
 from ..core.em.loop import EM
@@ -33,6 +32,7 @@ from ..core.estimate import MoEEstimate
 from ..core.links import Link
 from ..core.sources import Source, as_source
 from ..core.threads import check_num_threads, torch_threads
+from ..core.units import on_exact_scale
 
 __all__ = ["check_em_arguments", "fit_em"]
 

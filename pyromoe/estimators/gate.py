@@ -25,7 +25,6 @@ from .._validation import (
     check_flag,
     check_num_experts,
     check_positive,
-    on_exact_scale,
 )
 from ..core.em.loop import EM
 from ..core.em.m_step import feature_scale
@@ -34,6 +33,7 @@ from ..core.links import Link
 from ..core.params import Params
 from ..core.sources import Source
 from ..core.threads import check_num_threads, torch_threads
+from ..core.units import on_exact_scale
 from .em import check_em_arguments
 
 __all__ = ["GateFit", "fit_gate"]
@@ -256,7 +256,7 @@ def fit_gate(
         return _fit_gate(source, start, link, em=em, seed=seed)
 
 
-@on_exact_scale({"gate_weight": "gate_weight", "noise": "y"}, start="params")
+@on_exact_scale({"gate_weight": "gate_weight", "noise": "noise"}, start="params")
 def _fit_gate(source: Source, start: Params, link: Link, *, em: dict, seed: int) -> GateFit:
     """:func:`fit_gate` on checked arguments: ``start`` may lack the gate weights and the noise
     (then drawn / estimated here); ``em``: the options of :class:`pyromoe.core.em.loop.EM`."""

@@ -21,7 +21,6 @@ from .._validation import (
     child_seed,
     keeps_feature_names,
     num_parameters,
-    on_exact_scale,
 )
 from ..core.em.loop import CollapseWarning, ConvergenceWarning, warn_collapse
 from ..core.em.statistics import mean_log_likelihood
@@ -29,6 +28,7 @@ from ..core.estimate import MoEEstimate
 from ..core.links import Link
 from ..core.sources import Source, TensorSource
 from ..core.threads import check_num_threads, torch_threads
+from ..core.units import on_exact_scale
 from .em import fit_em
 
 # tensor_init's names stay importable from here (benchmarks/speed.py reads _moment_experts)
@@ -220,7 +220,7 @@ def initialize(
         )
 
 
-@on_exact_scale("estimate", noise="y")
+@on_exact_scale("estimate", noise="noise")
 def _initialize(
     source, k, link, method, *, n_init, noise, chunk_size, seed, guard_rows, noise_model
 ) -> MoEEstimate:

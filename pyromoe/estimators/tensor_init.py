@@ -36,7 +36,6 @@ from .._validation import (
     child_seed,
     keeps_feature_names,
     num_parameters,
-    on_exact_scale,
 )
 from ..core.chunks import default_chunk_size
 from ..core.em.loop import CollapseWarning, ConvergenceWarning, warn_collapse
@@ -54,6 +53,7 @@ from ..core.moments import (
 from ..core.sources import Source, as_source
 from ..core.tensor import expert_scales, tensor_power_method, unwhiten, whiten
 from ..core.threads import check_num_threads, torch_threads
+from ..core.units import on_exact_scale
 from .em import fit_em
 from .gate import fit_gate
 
@@ -369,7 +369,7 @@ def tensor_init(
 
 
 # the moments would overflow on extreme magnitudes: fit on data divided by exact powers of two
-@on_exact_scale("estimate", noise="y")
+@on_exact_scale("estimate", noise="noise")
 def _tensor_init(
     source,
     k,

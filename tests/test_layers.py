@@ -74,9 +74,10 @@ MAY_IMPORT = {
     "_version": {"_version"},
     "_validation": {"_version", "_validation"},
     "core": {"_version", "_validation", "core"},
-    "estimators": {"_version", "_validation", "core", "estimators"},
-    "bayes": {"_version", "_validation", "core", "estimators", "bayes"},
-    "app": {"_version", "_validation", "core", "estimators", "bayes", "app", "datasets"},
+    "spec": {"_version", "_validation", "core", "spec"},
+    "estimators": {"_version", "_validation", "core", "spec", "estimators"},
+    "bayes": {"_version", "_validation", "core", "spec", "estimators", "bayes"},
+    "app": {"_version", "_validation", "core", "spec", "estimators", "bayes", "app", "datasets"},
     "datasets": {"_version", "datasets"},
 }
 #: the one exception: _validation checks a link name with core.links, imported inside the function

@@ -30,6 +30,8 @@ __all__ = [
     "component_log_probs",
     "log_likelihood",
     "responsibilities",
+    "draw_from_mixture",
+    "sample_mixture",
 ]
 
 
@@ -107,3 +109,60 @@ def log_likelihood(x: torch.Tensor, y: torch.Tensor, params: Params, link: Link)
 def responsibilities(x: torch.Tensor, y: torch.Tensor, params: Params, link: Link) -> torch.Tensor:
     """Posterior responsibilities ``p(expert i | x_n, y_n)``: shape ``(..., n, k)``, rows sum to 1."""
     return torch.softmax(component_log_probs(x, y, params, link), dim=-1)
+
+
+def draw_from_mixture(
+    gate: torch.Tensor, means: torch.Tensor, noise: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draw of ``y`` per row from a mixture: an expert by the gate, then its Gaussian noise.
+
+    The one mixture sampler of the package (:func:`pyromoe.simulate`, the posterior predictive of
+    :func:`pyromoe.to_inference_data` and :func:`pyromoe.predict` all draw through it). Its
+    random numbers, in this order, from ``generator``: one uniform per row (the expert, by
+    inverting the gate's cumulative probabilities), then one standard normal per row (the
+    noise); the same generator state gives the same draws.
+
+    Parameters
+    ----------
+    gate : Tensor (..., n, k)
+        Gate probabilities (rows sum to 1).
+    means : Tensor (..., n, k)
+        Each expert's mean ``g(a_i . x + b_i)``; the draws have its device and dtype.
+    noise : Tensor (..., k)
+        Each expert's noise sd (:meth:`~pyromoe.core.params.Params.expert_noise`).
+    generator : torch.Generator
+        On ``means``' device.
+
+    Returns
+    -------
+    (y, labels) : Tensor (..., n), int64 Tensor (..., n)
+        The draws and the expert that made each.
+
+    Examples
+    --------
+    >>> gate = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    >>> means = torch.tensor([[3.0, -3.0]], dtype=torch.float64)
+    >>> y, labels = draw_from_mixture(gate, means, torch.zeros(2, dtype=torch.float64),
+    ...                               torch.Generator().manual_seed(0))
+    >>> y.tolist(), labels.tolist()
+    ([3.0], [0])
+    """
+    options = dict(generator=generator, device=means.device, dtype=means.dtype)
+    uniform = torch.rand(gate.shape[:-1] + (1,), **options)
+    labels = (uniform > gate.cumsum(-1)[..., :-1]).sum(-1, keepdim=True)
+    mean = means.gather(-1, labels).squeeze(-1)
+    # the chosen expert's sd: shared, or per expert
+    noise = noise.to(dtype=means.dtype, device=means.device).unsqueeze(-2)
+    sd = noise.expand_as(means).gather(-1, labels).squeeze(-1)
+    eps = torch.randn(mean.shape, **options)
+    return mean + sd * eps, labels.squeeze(-1)
+
+
+def sample_mixture(
+    x: torch.Tensor, params: Params, link: Link, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`draw_from_mixture` at inputs ``x`` (n, d) with ``params`` (optional batch dims):
+    ``(y, labels)``, each of shape ``(..., n)``."""
+    gate = torch.softmax(gate_logits(x, params.gate_weight, params.gate_bias), dim=-1)
+    means = expert_means(x, params.experts_weight, params.experts_bias, link)
+    return draw_from_mixture(gate, means, params.expert_noise(), generator)

@@ -17,8 +17,9 @@ from .._validation import (
     check_seed,
 )
 from ..core.estimate import MoEEstimate
-from ..core.likelihood import expert_means, gate_logits
+from ..core.likelihood import sample_mixture
 from ..core.links import Link
+from ..core.params import Params
 
 __all__ = ["SimulatedData", "simulate"]
 
@@ -170,11 +171,10 @@ def simulate(
         experts_bias, gate_bias = torch.zeros(k, **cpu), torch.zeros(k - 1, **cpu)
 
     x = normal(n, d)
-    probs = torch.softmax(gate_logits(x, gate_weight, gate_bias), dim=-1)
-    uniform = torch.rand(n, 1, generator=generator, **cpu)
-    labels = (uniform > probs.cumsum(-1)[:, :-1]).sum(-1)
-    means = expert_means(x, experts_weight, experts_bias, link)
-    y = means.gather(-1, labels[:, None]).squeeze(-1) + noise * normal(n)
+    params = Params(
+        experts_weight, experts_bias, gate_weight, gate_bias, torch.tensor(noise, **cpu)
+    )
+    y, labels = sample_mixture(x, params, link, generator)
 
     truth = MoEEstimate(
         experts_weight=experts_weight,

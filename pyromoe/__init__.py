@@ -47,6 +47,8 @@ _EXPORTS: dict[str, str] = {
     "compare_experts": ".bayes.compare",
     "responsibilities": ".bayes.predict",
     "plot_predictions": ".app.plots",
+    "MoERegression": ".app.regression",
+    "load": ".app.regression",
     "WRONG_BASIN_NATS": ".app.runs",
     "compare_starts": ".app.demo",
     "nuts_report": ".app.runs",
@@ -73,6 +75,7 @@ _MODULES: dict[str, str] = {
 }
 
 __all__ = [
+    "MoERegression",
     "CollapseWarning",
     "ConvergenceWarning",
     "DATASETS",
@@ -96,6 +99,7 @@ __all__ = [
     "init_to_moments",
     "initialize",
     "links",
+    "load",
     "load_concrete",
     "load_dataset",
     "load_mcycle",
@@ -140,6 +144,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .app import plots
     from .app.demo import compare_starts
     from .app.plots import plot_predictions
+    from .app.regression import MoERegression, load
     from .app.report import parameter_table
     from .app.results import results_directory
     from .app.runs import WRONG_BASIN_NATS, nuts_report, posterior_mean_estimate, relabel

@@ -1,0 +1,459 @@
+"""`MoERegression`: a gated mixture-of-experts regression on a table, reported in the data's units.
+
+The high-level entry for modellers coming from brms, bambi or flexmix: formulas with factors
+(:class:`~pyromoe.spec.formula.ModelSpecification`), the inputs and the target z-scored inside so
+that the default priors (written for standardised data) fit any units, the start from
+:func:`~pyromoe.initialize`, then NUTS (default) or SVI; every output (coefficients, noise,
+predictions and their intervals) in the data's units. A fit saves to a results folder (the
+InferenceData as NetCDF, the specification and the model's settings as JSON; no pickle) and
+:func:`load` brings it back with predictions identical draw for draw.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .._validation import (
+    check_count,
+    check_flag,
+    check_noise_model,
+    check_num_experts,
+    check_probability,
+    check_seed,
+)
+from ..core import sites
+from ..core.units import AffineMap
+from ..spec.formula import ModelSpecification
+
+__all__ = ["MoERegression", "load", "SPECIFICATION_FILE", "MODEL_FILE"]
+
+#: The files of a saved fit beside ``inference_data.nc``.
+SPECIFICATION_FILE = "specification.json"
+MODEL_FILE = "model.json"
+_IDATA_FILE = "inference_data.nc"
+_SAVE_FORMAT = 1
+
+
+class MoERegression:
+    """A gated Gaussian mixture-of-experts regression of a table's columns, in their own units.
+
+    As bambi's ``Model`` or brms's ``brm``: give formulas, fit to a table, read the summary and
+    predict new rows, all in the data's units. Internally every design column and the target are
+    z-scored with the fitted table's means and sds (population sd), so the default priors, which
+    are weakly informative for standardised data, suit data of any scale; the posterior is mapped
+    back draw by draw.
+
+    Parameters
+    ----------
+    formula : str
+        The experts' formula, e.g. ``"y ~ x1 + np.log(x2) + C(site)"`` (formulaic's syntax:
+        factors, interactions, transforms).
+    gate : str, optional
+        The gate's one-sided formula, e.g. ``"~ z1 + C(site)"``. Default: the experts' terms.
+    num_experts : int
+        k >= 1 (1: a plain regression without a gate).
+    link : str
+        The experts' link: ``linear``, ``tanh``, ``relu``, ``leaky_relu``, ``sigmoid``.
+    noise : str
+        ``"shared"`` (one noise sd) or ``"per_expert"``.
+    priors : dict, optional
+        As :class:`~pyromoe.MixtureOfExperts`'s ``priors``, on the standardised scale (a float
+        sets a default prior's scale).
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd
+    >>> rng = np.random.default_rng(0)
+    >>> table = pd.DataFrame({"u": rng.normal(50, 10, 400), "site": rng.choice(["a", "b"], 400)})
+    >>> table["y"] = 3 + 0.2 * table["u"] + 2 * (table["site"] == "b") + rng.normal(0, 1, 400)
+    >>> fit = MoERegression("y ~ u + C(site)", num_experts=1).fit(
+    ...     table, method="svi", num_steps=500, progress=False)
+    >>> round(float(fit.summary().loc["experts.weight[0, u]", "mean"]), 1)
+    0.2
+    """
+
+    def __init__(
+        self,
+        formula: str,
+        *,
+        gate: str | None = None,
+        num_experts: int = 2,
+        link: str = "linear",
+        noise: str = "shared",
+        priors: dict | None = None,
+    ):
+        from ..core.links import get_link
+
+        if not isinstance(formula, str):
+            raise TypeError(f"formula must be a str such as 'y ~ x1 + C(site)'; got {formula!r}")
+        if gate is not None and not isinstance(gate, str):
+            raise TypeError(f"gate must be a str such as '~ z1 + C(site)' or None; got {gate!r}")
+        self.formula, self.gate = formula, gate
+        self.num_experts = check_num_experts(num_experts, minimum=1)
+        self.link = get_link(link).name if isinstance(link, str) else link
+        self.noise = check_noise_model(noise)
+        self.priors = _checked_priors(priors)
+        self.specification: ModelSpecification | None = None
+        self.model = None
+        self.idata = None
+        self.estimate = None
+
+    # --------------------------------------------------------------------------- fitting
+    def fit(
+        self,
+        data,
+        *,
+        method: str = "nuts",
+        seed: int = 0,
+        num_chains: int = 4,
+        num_warmup: int = 500,
+        num_samples: int = 500,
+        num_steps: int = 3000,
+        progress: bool = True,
+        device: str = "cpu",
+    ) -> MoERegression:
+        """Build the design from ``data``, start from :func:`~pyromoe.initialize`, then sample.
+
+        Parameters
+        ----------
+        data : pandas.DataFrame
+            The columns the formulas name (others are ignored).
+        method : str
+            ``"nuts"`` (default; ``num_chains`` x (``num_warmup`` + ``num_samples``)) or
+            ``"svi"`` (``num_steps`` steps, for large tables).
+        seed : int
+            One seed for the start and the sampler.
+
+        Returns
+        -------
+        MoERegression
+            ``self``, fitted: ``specification``, ``estimate``, ``model``, ``idata``.
+        """
+        from ..bayes.fit import fit_svi, run_nuts
+        from ..bayes.model import MixtureOfExperts
+        from ..estimators.initialize import initialize
+
+        if method not in ("nuts", "svi"):
+            raise ValueError(f"method must be 'nuts' or 'svi'; got {method!r}")
+        seed = check_seed(seed)
+        progress = check_flag(progress, "progress")
+        spec = ModelSpecification.from_data(data, self.formula, self.gate)
+        if spec.gate_columns != spec.expert_columns:
+            raise ValueError(
+                "a gate formula with other terms than the experts' is not supported yet; leave "
+                "gate=None (the gate then uses the experts' terms)"
+            )
+        design = spec.design(data)
+        x = torch.as_tensor(design.x, device=device)
+        y = torch.as_tensor(design.y, device=device)
+        names = list(spec.expert_columns)
+        estimate = initialize(
+            x, y, self.num_experts, self.link, method="auto", noise=self.noise, seed=seed
+        )
+        model = MixtureOfExperts(
+            x.shape[1],
+            self.num_experts,
+            link=self.link,
+            bias=True,
+            noise=self.noise,
+            priors=_prior_objects(self.priors),
+        )
+        if method == "nuts":
+            idata = run_nuts(
+                model,
+                x,
+                y,
+                init=estimate,
+                seed=seed,
+                progress=progress,
+                feature_names=names,
+                num_chains=check_count(num_chains, "num_chains", minimum=1),
+                num_warmup=check_count(num_warmup, "num_warmup", minimum=0),
+                num_samples=check_count(num_samples, "num_samples", minimum=4),
+            )
+        else:
+            idata = fit_svi(
+                model,
+                x,
+                y,
+                init=estimate,
+                seed=seed,
+                progress=progress,
+                feature_names=names,
+                num_steps=check_count(num_steps, "num_steps", minimum=1),
+            )
+        idata.attrs["pyromoe_specification"] = spec.to_json()
+        self.specification, self.estimate, self.model, self.idata = spec, estimate, model, idata
+        self.method = method
+        return self
+
+    def _check_fitted(self, what: str) -> ModelSpecification:
+        if self.idata is None or self.specification is None:
+            raise ValueError(f"{what} needs a fitted model: call .fit(data) first (or load one)")
+        return self.specification
+
+    # --------------------------------------------------------------------------- results
+    def draws(self) -> dict[str, np.ndarray]:
+        """The posterior draws of every site in the data's units, ``{site: (chain, draw, ...)}``.
+
+        The gate's weights act on the gate's design columns and the experts' on theirs, each in
+        the table's units (a factor's column is its 0/1 indicator); the noise is in ``y``'s
+        units. For a link whose experts have no form in ``y``'s units (tanh, sigmoid; relu with
+        a shifted ``y``), the experts map on ``x`` only: ``y = y_mean + y_sd * g(a.x + b)``.
+        """
+        spec = self._check_fitted("draws")
+        from ..core.links import get_link
+
+        link = get_link(self.link)
+        posterior = {name: np.asarray(self.idata.posterior[name].values) for name in _sites(self)}
+        experts = AffineMap(
+            x_shift=np.asarray(spec.x_mean),
+            x_scale=np.asarray(spec.x_sd),
+            y_shift=spec.y_mean,
+            y_scale=spec.y_sd,
+        )
+        if not experts.maps_experts(link):
+            experts = AffineMap(x_shift=np.asarray(spec.x_mean), x_scale=np.asarray(spec.x_sd))
+        gate = AffineMap(x_shift=np.asarray(spec.z_mean), x_scale=np.asarray(spec.z_sd))
+        noise = AffineMap(y_scale=spec.y_sd)
+        mapped: dict[str, np.ndarray] = {}
+        expert_sites = {n: v for n, v in posterior.items() if n.startswith("experts.")}
+        gate_sites = {n: v for n, v in posterior.items() if n.startswith("gate.")}
+        mapped.update(experts.to_original(expert_sites, link))
+        if gate_sites:
+            mapped.update(gate.to_original(gate_sites))
+        mapped[sites.NOISE] = noise.to_original({sites.NOISE: posterior[sites.NOISE]})[sites.NOISE]
+        return mapped
+
+    def summary(self, hdi_prob: float = 0.94) -> pd.DataFrame:
+        """ArviZ's ``az.summary`` of every parameter in the data's units (see :meth:`draws`).
+
+        Rows ``experts.weight[i, column]``, ``experts.bias[i]``, ``gate.weight[j, column]`` (gate
+        rows from 1: row j is expert j's logit against expert 0), ``gate.bias[j]``, ``noise``.
+        """
+        import arviz as az
+
+        spec = self._check_fitted("summary")
+        hdi_prob = check_probability(hdi_prob, "hdi_prob")
+        mapped = self.draws()
+        k = self.num_experts
+        coords = {
+            "expert": list(range(k)),
+            "gate_expert": list(range(1, k)),
+            "feature": list(spec.expert_columns),
+            "gate_feature": list(spec.gate_columns),
+        }
+        dims = {
+            sites.EXPERTS_WEIGHT: ["expert", "feature"],
+            sites.EXPERTS_BIAS: ["expert"],
+            sites.GATE_WEIGHT: ["gate_expert", "gate_feature"],
+            sites.GATE_BIAS: ["gate_expert"],
+            sites.NOISE: ["expert"] if self.noise == "per_expert" else [],
+        }
+        data = az.from_dict(
+            posterior={name: np.asarray(value) for name, value in mapped.items()},
+            coords=coords,
+            dims={name: dims[name] for name in mapped},
+        )
+        return az.summary(data, hdi_prob=hdi_prob)
+
+    def predict(
+        self,
+        data,
+        *,
+        interval: float = 0.9,
+        seed: int = 0,
+        num_draws: int | None = None,
+    ) -> pd.DataFrame:
+        """Predictions for the rows of ``data`` in the target's units, matched by column name.
+
+        Parameters
+        ----------
+        data : pandas.DataFrame
+            The columns the formulas' right-hand sides name (any order; the target is not needed).
+        interval : float
+            The mass of the equal-tailed predictive interval, in (0, 1).
+        seed : int
+            Seed of the predictive draws; the same seed gives the same draws (after a save and
+            :func:`load` too).
+        num_draws : int, optional
+            Evenly spaced posterior draws per chain to use (default: all).
+
+        Returns
+        -------
+        pandas.DataFrame
+            ``data``'s index; columns ``mean`` (the posterior mean of ``E[y | x]``), ``sd`` (of
+            the predictive draws of ``y``), and the interval's quantiles of the predictive draws,
+            named like ``q5%`` and ``q95%`` for ``interval=0.9``.
+
+        Raises
+        ------
+        ValueError
+            A missing column, a missing value or an unseen factor level (each named); a model
+            not fitted yet.
+        """
+        from ..bayes.predict import predict
+
+        spec = self._check_fitted("predict")
+        interval = check_probability(interval, "interval")
+        design = spec.design(data, target=False)
+        x = torch.as_tensor(design.x)
+        predictions = predict(self.model, self.idata, x, seed=check_seed(seed), num_draws=num_draws)
+        draws = np.asarray(predictions.predictions["y"].values)
+        draws = spec.y_mean + spec.y_sd * draws.reshape(-1, draws.shape[-1])
+        mean = spec.y_mean + spec.y_sd * np.asarray(
+            predictions.predictions["mean"].mean(("chain", "draw")).values
+        )
+        tail = (1.0 - interval) / 2.0
+        low, high = np.quantile(draws, [tail, 1.0 - tail], axis=0)
+        index = data.index if isinstance(data, pd.DataFrame) else pd.RangeIndex(len(mean))
+        return pd.DataFrame(
+            {
+                "mean": mean,
+                "sd": draws.std(axis=0),
+                f"q{_percent(tail)}": low,
+                f"q{_percent(1.0 - tail)}": high,
+            },
+            index=index,
+        )
+
+    # --------------------------------------------------------------------------- files
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the fit to the results folder ``path`` (reload it with :func:`load`).
+
+        The folder holds ``inference_data.nc`` (the InferenceData, on the standardised scale),
+        ``specification.json`` (formulas, factor levels, standardisation) and ``model.json`` (k,
+        link, noise model, priors). It is written as every pyromoe results folder is
+        (:func:`~pyromoe.results_directory`): atomically, never over a folder pyromoe did not
+        write, over earlier unchanged results only with ``overwrite=True``.
+        """
+        from .atomic import write_netcdf_atomic, write_text_atomic
+        from .results import results_directory
+
+        spec = self._check_fitted("save")
+        record = {
+            "format": _SAVE_FORMAT,
+            "formula": self.formula,
+            "gate": self.gate,
+            "num_experts": self.num_experts,
+            "link": self.link,
+            "noise": self.noise,
+            "priors": self.priors,
+            "method": getattr(self, "method", None),
+        }
+        with results_directory(path, overwrite=overwrite) as folder:
+            write_netcdf_atomic(self.idata, folder / _IDATA_FILE)
+            write_text_atomic(folder / SPECIFICATION_FILE, spec.to_json() + "\n")
+            write_text_atomic(folder / MODEL_FILE, json.dumps(record, indent=1) + "\n")
+        return Path(path)
+
+
+def load(path: str | os.PathLike) -> MoERegression:
+    """A fit that :meth:`MoERegression.save` wrote to the folder ``path``.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` is not such a folder (the message names the missing file).
+    ValueError
+        A file that is not what ``save`` writes.
+    """
+    import arviz as az
+
+    from ..bayes.model import MixtureOfExperts
+
+    folder = Path(path)
+    for name in (MODEL_FILE, SPECIFICATION_FILE, _IDATA_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(
+                f"'{folder}' is not a saved pyromoe fit: '{name}' is missing (a fit saved with "
+                "MoERegression.save or `pyromoe fit --formula` holds it)"
+            )
+    try:
+        record = json.loads((folder / MODEL_FILE).read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"'{folder / MODEL_FILE}' is not valid JSON: {error}") from None
+    if not isinstance(record, dict) or record.get("format") != _SAVE_FORMAT:
+        raise ValueError(f"'{folder / MODEL_FILE}' is not a model record of format {_SAVE_FORMAT}")
+    spec = ModelSpecification.from_json((folder / SPECIFICATION_FILE).read_text(encoding="utf-8"))
+    fit = MoERegression(
+        record["formula"],
+        gate=record["gate"],
+        num_experts=record["num_experts"],
+        link=record["link"],
+        noise=record["noise"],
+        priors=record["priors"],
+    )
+    idata = az.from_netcdf(folder / _IDATA_FILE)
+    for group in idata.groups():  # into memory: the file is not held open
+        getattr(idata, group).load()
+    fit.specification, fit.idata, fit.method = spec, idata, record.get("method")
+    fit.model = MixtureOfExperts(
+        len(spec.expert_columns),
+        fit.num_experts,
+        link=fit.link,
+        bias=True,
+        noise=fit.noise,
+        priors=_prior_objects(fit.priors),
+    )
+    return fit
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _sites(fit: MoERegression) -> list[str]:
+    return [name for name in fit.model.site_shapes if name in fit.idata.posterior]
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.10g}%"
+
+
+def _checked_priors(priors) -> dict[str, Any] | None:
+    """``priors`` as JSON-able data: a float scale, or a distribution's name and parameters."""
+    if priors is None:
+        return None
+    if not isinstance(priors, dict):
+        raise TypeError(f"priors must be a dict of site name -> prior or None; got {priors!r}")
+    record: dict[str, Any] = {}
+    for name, prior in priors.items():
+        if isinstance(prior, (int, float)) and not isinstance(prior, bool):
+            if not (math.isfinite(prior) and prior > 0):
+                raise ValueError(f"priors['{name}'] as a number is a scale: positive; got {prior}")
+            record[name] = float(prior)
+        elif isinstance(prior, dict) and {"distribution", "parameters"} <= set(prior):
+            record[name] = prior
+        else:
+            parameters = {
+                key: torch.as_tensor(getattr(prior, key)).tolist()
+                for key in getattr(prior, "arg_constraints", {})
+            }
+            record[name] = {"distribution": type(prior).__name__, "parameters": parameters}
+    return record
+
+
+def _prior_objects(record: dict | None) -> dict | None:
+    """The priors :func:`_checked_priors` recorded, as the model takes them."""
+    if record is None:
+        return None
+    import pyro.distributions as dist
+
+    out: dict[str, Any] = {}
+    for name, prior in record.items():
+        if isinstance(prior, float):
+            out[name] = prior
+            continue
+        family = getattr(dist, prior["distribution"], None)
+        if family is None:
+            raise ValueError(f"priors['{name}']: unknown distribution {prior['distribution']!r}")
+        out[name] = family(
+            **{key: torch.as_tensor(value) for key, value in prior["parameters"].items()}
+        )
+    return out

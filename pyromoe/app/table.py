@@ -21,7 +21,7 @@ from typing import NamedTuple, TextIO
 import numpy as np
 import pandas as pd
 
-__all__ = ["Table", "read_table", "parse_table", "MISSING_VALUE_MARKERS"]
+__all__ = ["Table", "read_table", "parse_table", "read_frame", "MISSING_VALUE_MARKERS"]
 
 #: Cell contents (after stripping spaces, compared case-insensitively) read as a missing value.
 MISSING_VALUE_MARKERS: frozenset[str] = frozenset(
@@ -187,6 +187,57 @@ def parse_table(
     x = np.ascontiguousarray(values[:, :-1])
     y = np.ascontiguousarray(values[:, -1])
     return Table(x=x, y=y, feature_names=tuple(feature_names), target_name=target)
+
+
+def read_frame(path: str | os.PathLike, *, delimiter: str | None = None) -> pd.DataFrame:
+    """Read a CSV file with a header line into a DataFrame for a formula: numbers and factors.
+
+    The file is read as :func:`read_table` reads it (delimiter, quotes, blank lines, byte-order
+    mark, the same errors for a malformed file). A column whose every present cell reads as a
+    finite number becomes float64; any other column stays text (a factor for the formulas). Empty
+    cells and the missing-value markers (``NA``, ``NaN``, ``null``, ...) become missing values,
+    which the model specification names by column and row when a formula uses the column.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "data.csv"
+    >>> _ = path.write_text("site,u,y\\na,1,3\\nb,NA,6\\n")
+    >>> frame = read_frame(path)
+    >>> frame["site"].tolist(), frame["u"].isna().tolist(), str(frame["y"].dtype)
+    (['a', 'b'], [False, True], 'float64')
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"data file '{path}' not found (looked for {path.absolute()}); check the path and the "
+            "current working directory"
+        )
+    if path.is_dir():
+        raise ValueError(f"data file '{path}' is a folder; pass the path of a CSV file inside it")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as stream:
+            header, cells, _ = _read_records(stream, str(path), delimiter)
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"data file '{path}' is not UTF-8 text ({error.reason} at byte {error.start}); "
+            "save it as UTF-8 CSV (spreadsheet programs offer 'CSV UTF-8')"
+        ) from None
+    _column_index(header, str(path))
+    columns = {}
+    for position, name in enumerate(header):
+        texts = cells.iloc[:, position].astype(str)
+        missing = texts.str.lower().isin(MISSING_VALUE_MARKERS)
+        present = texts[~missing]
+        with contextlib.suppress(ValueError):
+            values = present.to_numpy(dtype=object).astype(np.float64)
+            if np.isfinite(values).all():
+                column = np.full(len(texts), np.nan)
+                column[~missing.to_numpy()] = values
+                columns[name] = column
+                continue
+        columns[name] = texts.where(~missing, None).to_numpy(dtype=object)
+    return pd.DataFrame(columns)
 
 
 def _check_min_rows_argument(min_rows: int) -> None:

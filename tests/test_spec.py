@@ -74,7 +74,7 @@ def test_design_is_the_z_scored_columns_computed_independently(table):
 
 def test_the_gate_defaults_to_the_experts_terms(table):
     spec = ModelSpecification.from_data(table, "y ~ x1 + C(site)")
-    assert spec.gate_formula == "~ 1 + x1 + C(site)"
+    assert spec.gate_formula == "~ x1 + C(site)"
     design = spec.design(table)
     np.testing.assert_array_equal(design.x, design.z)
 
@@ -157,3 +157,22 @@ def test_from_json_refuses_other_text():
         ModelSpecification.from_json("{")
     with pytest.raises(ValueError, match="not a pyromoe model specification of format 1"):
         ModelSpecification.from_json('{"format": 99}')
+
+
+def test_column_names_with_spaces_are_quoted_with_backticks():
+    table = pd.DataFrame(
+        {
+            "my y": [1.0, 2.0, 3.0, 5.0, 4.0],
+            "a b": [3.0, 1.0, 2.0, 7.0, 5.0],
+            "the site": ["p", "q", "p", "q", "q"],
+        }
+    )
+    spec = ModelSpecification.from_data(table, "`my y` ~ `a b` + C(`the site`)")
+    assert spec.expert_columns == ("a b", "C(`the site`)[T.q]")
+    assert spec.variables == ("a b", "the site") and spec.target_variables == ("my y",)
+    assert spec.factor_levels == {"the site": ("p", "q")}
+    design = ModelSpecification.from_json(spec.to_json()).design(table)
+    y = table["my y"].to_numpy()
+    np.testing.assert_allclose(design.y, (y - y.mean()) / y.std(), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"column 'the site' has level\(s\) 'r'"):
+        spec.design(table.assign(**{"the site": ["p", "r", "p", "q", "q"]}))

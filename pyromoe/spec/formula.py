@@ -137,9 +137,11 @@ class ModelSpecification:
 
         table = _as_table(data, "data")
         experts = _parse(formula, "formula", two_sided=True)
-        gate_text = "~ " + str(experts.rhs) if gate is None else gate
+        # the user's own text of each side (formulaic's str() drops the `quotes` of odd names)
+        lhs_text, rhs_text = (part.strip() for part in formula.split("~", 1))
+        gate_text = f"~ {rhs_text}" if gate is None else gate.strip()
         gate_formula = _parse(gate_text, "gate", two_sided=False)
-        target_text = str(experts.lhs)
+        target_text = lhs_text
         lhs_spec, target_values = _materialise(Formula(f"{target_text} - 1"), table, "formula")
         x_spec, x = _materialise(experts.rhs, table, "formula")
         z_spec, z = _materialise(gate_formula, table, "gate")
@@ -158,8 +160,8 @@ class ModelSpecification:
         z_mean, z_sd = _z_scores(z, z_columns, "gate")
         y_mean, y_sd = _z_scores(target_values, [target_text], "formula", target=True)
         return cls(
-            formula=f"{target_text} ~ {experts.rhs}",
-            gate_formula=f"~ {gate_formula}",
+            formula=f"{target_text} ~ {rhs_text}",
+            gate_formula=gate_text,
             target=target_text,
             expert_columns=tuple(x_columns),
             gate_columns=tuple(z_columns),
@@ -346,14 +348,8 @@ def _materialise(formula, table: pd.DataFrame, name: str):
     import re
 
     from formulaic import model_matrix
-    from formulaic.utils.variables import get_expression_variables
 
-    names = {
-        str(variable)
-        for term in formula
-        for factor in term.factors
-        for variable in get_expression_variables(factor.expr, {})
-    }
+    names = {name for term in formula for factor in term.factors for name in _names_in(factor.expr)}
     _check_columns(table, sorted(names & set(table.columns)))
     try:
         matrix = model_matrix(formula, table, na_action="raise")
@@ -366,6 +362,26 @@ def _materialise(formula, table: pd.DataFrame, name: str):
             _check_columns(table, [unknown.group(1)])
         raise ValueError(f"{name}: cannot build the design from the data: {text}") from None
     return matrix.model_spec, matrix
+
+
+def _names_in(expr) -> set[str]:
+    """The names a factor's expression reads (a `quoted` name as the column it names)."""
+    import re
+
+    from formulaic.utils.variables import get_expression_variables
+
+    text = str(expr)
+    quoted = re.findall(r"`([^`]*)`", text)
+    for position, name in enumerate(quoted):
+        text = text.replace(f"`{name}`", f"__pyromoe_quoted_{position}__", 1)
+    try:
+        found = {str(name) for name in get_expression_variables(text, {})}
+    except SyntaxError:  # formulaic gives a plain look-up's name bare, spaces and all
+        return {str(expr)}
+    return {
+        quoted[int(name[len("__pyromoe_quoted_") : -2])] if name.startswith("__pyromoe_q") else name
+        for name in found
+    }
 
 
 def _first_line(error: Exception) -> str:
@@ -407,14 +423,11 @@ def _categorical_factors(spec) -> set[str]:
 
 def _factor_levels(spec, columns: set[str]) -> dict[str, list]:
     """Each factor's table column -> its levels in coding order."""
-    from formulaic.utils.variables import get_expression_variables
-
     levels: dict[str, list] = {}
     for expr, (kind, state) in spec.encoder_state.items():
         if getattr(kind, "value", kind) != "categorical":
             continue
-        names = [str(v) for v in get_expression_variables(expr, {}) if str(v) in columns]
-        for name in names:
+        for name in (name for name in _names_in(expr) if name in columns):
             levels[name] = [_plain(value) for value in state["categories"]]
     return levels
 

@@ -9,7 +9,7 @@ subprocess so that memory peaks do not mix:
 - ``gram_memmap``: one chunked ``x.T @ x`` over the memmap source
   (``as_source(x, y).reduce(lambda a, b: a.T @ a, chunk)``): the unit of the ratios;
 - ``gram_memory`` (n <= --memory-max): ``x.T @ x`` on the data loaded into a tensor;
-- ``moments_memmap`` / ``moments_memory``: the moment step (``_moment_experts`` on a Source: the
+- ``moments_memmap`` / ``moments_memory``: the moment step (``moment_experts`` on a Source: the
   source's summary pass, its two streaming passes and the small eigen/tensor work) over the memmap
   / over in-memory tensors;
 - ``em_iteration_memmap`` / ``em_iteration_memory``: one joint-EM iteration from the true
@@ -237,13 +237,13 @@ def run_child(args) -> dict:
     from pyromoe.core.chunks import default_chunk_size
     from pyromoe.core.links import get_link
     from pyromoe.core.sources import as_source
-    from pyromoe.estimators.tensor_init import _moment_experts
+    from pyromoe.estimators.moment_step import moment_experts
 
     torch.set_num_threads(args.threads)
     n, device = args.n, args.device
-    # 0: the library's defaults (EM passes: default_chunk_size(d); moment passes: 4096 rows)
+    # 0: the library's default for every pass (default_chunk_size(d))
     chunk = args.chunk_size or default_chunk_size(D)
-    moment_chunk = args.chunk_size or 4096
+    moment_chunk = chunk
     px, py = data_paths(Path(args.data_dir), n, args.dtype)
     x_mm, y_mm = np.load(px, mmap_mode="r"), np.load(py, mmap_mode="r")
     truth = truth_estimate()
@@ -313,7 +313,7 @@ def run_child(args) -> dict:
     def moments(xs, ys):
         # the source's summary pass (NaN check, column statistics) runs inside the call
         source = as_source(xs, ys, **_device_kwargs(device))
-        return _moment_experts(source, K, link, None, moment_chunk, 0)
+        return moment_experts(source, K, link, None, moment_chunk, 0)
 
     def init(xs, ys):
         return initialize(xs, ys, K, "linear", method="auto", seed=0, **_device_kwargs(device))

@@ -35,12 +35,13 @@ from pyromoe import parameter_errors, simulate  # noqa: E402
 from pyromoe.core.links import get_link  # noqa: E402
 from pyromoe.core.sources import as_source  # noqa: E402
 from pyromoe.estimators.em import fit_em  # noqa: E402
-from pyromoe.estimators.tensor_init import _moment_experts, tensor_init  # noqa: E402
+from pyromoe.estimators.moment_step import moment_experts  # noqa: E402
+from pyromoe.estimators.tensor_init import tensor_init  # noqa: E402
 
 _MEMORY_CHILD = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
-from pyromoe.estimators.tensor_init import _moment_experts
+from pyromoe.estimators.moment_step import moment_experts
 from pyromoe.core.links import get_link
 from pyromoe.core.sources import as_source
 n, d = {n}, {d}
@@ -56,7 +57,7 @@ def status(key):
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the RSS high-water mark (VmHWM) now that the data are in memory
 base = status("VmRSS")
-_moment_experts(as_source(x, y), 2, get_link("linear"), None, {chunk}, 0)
+moment_experts(as_source(x, y), 2, get_link("linear"), None, {chunk}, 0)
 peak = status("VmHWM")
 print(base, peak)
 """
@@ -109,7 +110,7 @@ def main(argv=None) -> None:
     link = get_link("linear")
     source = as_source(x, y)
     for chunk in (4096, 65536):
-        secs = median_time(lambda c=chunk: _moment_experts(source, k, link, None, c, 0))
+        secs = median_time(lambda c=chunk: moment_experts(source, k, link, None, c, 0))
         result[f"moment_seconds_chunk_{chunk}"] = secs
         result[f"moment_over_xtx_chunk_{chunk}"] = secs / xtx
         print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -66,6 +67,17 @@ def test_initialize_per_expert_noise(two_noises):
     noise = _noise_in_truth_order(est, truth)
     assert torch.allclose(noise, torch.tensor(NOISE, dtype=noise.dtype), rtol=0.15)
     assert pyromoe.parameter_errors(est, truth)["experts"] < 0.1
+
+
+def test_fit_em_starts_from_a_per_expert_noise_estimate(two_noises):
+    """initialize's guard hands full-data EM a per-expert start when the guard is a subsample."""
+    x, y, _ = two_noises
+    est = _quiet(pyromoe.initialize, x, y, 2, noise="per_expert", guard_rows=1_000)
+    assert est.diagnostics["guard_rows"] < 3000 and est.noise_model == "per_expert"
+    again = _quiet(fit_em, x, y, 2, init=est, noise="per_expert")
+    assert torch.allclose(again.noise, est.noise, rtol=1e-2)  # the same optimum, refined
+    with pytest.raises(ValueError, match=r"init.noise must be > 0; got \[0.5, -1.0\]"):
+        fit_em(x, y, 2, init=replace(est, noise=torch.tensor([0.5, -1.0], dtype=x.dtype)))
 
 
 def test_per_expert_noise_step_is_the_weighted_residual_formula(two_noises):

@@ -91,7 +91,8 @@ def test_source_kinds_and_memmap_stays_on_disk(on_disk):
 
 def test_memmap_passes_read_one_chunk_at_a_time(tmp_path, monkeypatch):
     """No read of a memory map is larger than a chunk (or than a subsample), so it is never
-    loaded whole."""
+    loaded whole; chunk_size is the rows of every pass (the summary, the moments, every EM
+    pass), and the default is default_chunk_size."""
     big = simulate(300_000, 4, num_experts=2, link="linear", seed=6)
     np.save(tmp_path / "x.npy", big.x.numpy())
     xm = np.load(tmp_path / "x.npy", mmap_mode="r")
@@ -107,21 +108,12 @@ def test_memmap_passes_read_one_chunk_at_a_time(tmp_path, monkeypatch):
         warnings.simplefilter("ignore")
         pyromoe.initialize(xm, big.y.numpy(), 2, chunk_size=2_000, guard_rows=5_000)
         fit_em(xm, big.y.numpy(), 2, n_init=1, chunk_size=3_000, max_iter=3)
-    summary_chunk = (1 << 19) // 4  # the summary pass: about 4 MB of rows
-    em_chunk = default_chunk_size(4)
+        fit_em(xm, big.y.numpy(), 2, n_init=1, max_iter=1)
+    default = default_chunk_size(4)
     assert len(sizes) > 100
-    assert max(sizes) == summary_chunk < 300_000
-    assert set(sizes) <= {
-        summary_chunk,
-        300_000 % summary_chunk,
-        1_024,
-        2_000,
-        3_000,
-        5_000,
-        em_chunk,
-        300_000 % em_chunk,
-        300_000 % 3_000,
-    }
+    assert max(sizes) == default < 300_000
+    pilot, subsample = 1_024, 5_000  # the first rows of the summary; guard and screening rows
+    assert set(sizes) <= {2_000, 3_000, default, 300_000 % default, pilot, subsample}
 
 
 def test_sample_rows_is_uniform_without_replacement():

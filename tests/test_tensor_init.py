@@ -14,7 +14,8 @@ from pyromoe import parameter_errors, simulate
 from pyromoe.core.likelihood import gate_logits
 from pyromoe.core.links import LINKS
 from pyromoe.core.sources import as_source
-from pyromoe.estimators.tensor_init import _moment_experts, minimum_rows, tensor_init
+from pyromoe.estimators.moment_step import moment_experts
+from pyromoe.estimators.tensor_init import minimum_rows, tensor_init
 
 
 def _fit(link, gate, k=2, d=10, n=100_000, seed=0, **kwargs):
@@ -241,7 +242,7 @@ def test_unknown_link_is_refused():
 def _moment_error(n, seed):
     data = simulate(n, 10, 2, "linear", 0.5, seed=seed)
     source = as_source(data.x, data.y)
-    weight, *_ = _moment_experts(source, 2, LINKS["linear"], None, 65536, seed)
+    weight, *_ = moment_experts(source, 2, LINKS["linear"], None, 65536, seed)
     dist = torch.cdist(weight, data.truth.experts_weight)
     return min(float(dist.diagonal().max()), float(dist.flip(0).diagonal().max()))
 

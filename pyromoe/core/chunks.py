@@ -1,18 +1,34 @@
 """The one chunk policy: how many rows each pass over the data reads at a time.
 
 ``chunk_size`` means the same everywhere in pyromoe: the rows per chunk of every pass over the
-data (the summary, the moment passes, every EM and gate-EM pass, the log-likelihood scores). It
-bounds the extra memory of a pass to one chunk, whatever n, and changes the results only by
-rounding (the sums are added in another order). :func:`default_chunk_size` is the default of
-every entry point.
+data (the summary, the two moment passes, every EM and gate-EM pass, the log-likelihood scores),
+for every source (:mod:`pyromoe.core.sources`). It bounds the extra memory of a pass to one chunk,
+whatever n, and changes the results only by rounding (the sums are added in another order).
+:func:`default_chunk_size` (about 4 MiB of float64 rows) is the default of every entry point, and
+:func:`chunk_size_for` turns an entry's ``chunk_size=`` argument into rows.
+
+On a Dask worker a block is read in pieces of at most ``chunk_size`` rows and at most
+:data:`WORKER_CHUNK_BYTES` (the same function with a smaller budget): worker threads keep freed
+memory in their own allocator arenas, so smaller pieces bound what each thread holds.
 """
 
 from __future__ import annotations
 
-__all__ = ["CHUNK_BYTES", "MAX_CHUNK_ROWS", "MIN_CHUNK_ROWS", "default_chunk_size"]
+from .._validation import check_count
+
+__all__ = [
+    "CHUNK_BYTES",
+    "MAX_CHUNK_ROWS",
+    "MIN_CHUNK_ROWS",
+    "WORKER_CHUNK_BYTES",
+    "chunk_size_for",
+    "default_chunk_size",
+]
 
 #: Memory of one chunk's rows of ``x`` and ``y`` in float64, the default target.
 CHUNK_BYTES = 1 << 22
+#: The budget of one piece of a Dask block on a worker.
+WORKER_CHUNK_BYTES = 1 << 20
 #: Fewest and most rows of a default chunk.
 MIN_CHUNK_ROWS = 1024
 MAX_CHUNK_ROWS = 65_536
@@ -33,3 +49,17 @@ def default_chunk_size(in_features: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     """
     rows = int(chunk_bytes) // (8 * (int(in_features) + 1))
     return max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, rows))
+
+
+def chunk_size_for(chunk_size: int | None, in_features: int) -> int:
+    """An entry point's ``chunk_size=`` in rows: :func:`default_chunk_size` for None, else an
+    int >= 1.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For anything but None or an int >= 1.
+    """
+    if chunk_size is None:
+        return default_chunk_size(in_features)
+    return check_count(chunk_size, "chunk_size", minimum=1)

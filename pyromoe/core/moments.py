@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .chunks import default_chunk_size
 from .sources import Source, TensorSource
 from .units import AffineMap
 
@@ -49,7 +50,9 @@ _PILOT_ROWS = 1024
 _F64 = torch.float64
 
 
-def _check_chunk_size(chunk_size) -> int:
+def _check_chunk_size(chunk_size, in_features: int) -> int:
+    if chunk_size is None:
+        return default_chunk_size(in_features)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(
             f"chunk_size must be an int >= 1 (rows per pass chunk); got {chunk_size!r}"
@@ -95,7 +98,7 @@ def second_moments(
     *,
     centre: float = 0.0,
     beta: float = 0.0,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> SecondMoments:
     """One streaming pass: mean and covariance of ``x``, ``E[P2 xc xc^T]`` and ``E[yc xc]``.
 
@@ -110,8 +113,9 @@ def second_moments(
         Subtracted from ``y`` first.
     beta : float
         Of ``P2(y) = y^2 + beta y``.
-    chunk_size : int
-        Rows per chunk: bounds the extra memory to O(chunk_size * d) and is a speed knob.
+    chunk_size : int, optional
+        Rows per chunk of the pass (default :func:`pyromoe.core.chunks.default_chunk_size`):
+        bounds the extra memory to O(chunk_size * d) and is a speed knob.
 
     Returns
     -------
@@ -124,9 +128,9 @@ def second_moments(
     >>> torch.allclose(m.mean, x.mean(0)), m.num_chunks
     (True, 4)
     """
-    chunk_size = _check_chunk_size(chunk_size)
     source = _as_source(x, y)
     n, d = source.shape
+    chunk_size = _check_chunk_size(chunk_size, d)
     dtype = source.dtype
     # Fixed pilot shift (independent of chunk_size, so that chunked == one-chunk up to rounding).
     # It only matters when the mean is large against the spread (the float64 centring afterwards
@@ -342,7 +346,7 @@ def whitened_third_moment(
     gram: torch.Tensor,
     *,
     centre: float = 0.0,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> ThirdMoment:
     """One streaming pass for ``T3(M, M, M)`` split as ``A + alpha B`` (never forms d^3).
 
@@ -360,7 +364,8 @@ def whitened_third_moment(
         ``G = M^T M``.
     centre : float
         Subtracted from ``y`` (chunk by chunk).
-    chunk_size : int
+    chunk_size : int, optional
+        Rows per chunk of the pass (default :func:`pyromoe.core.chunks.default_chunk_size`).
 
     Returns
     -------
@@ -373,9 +378,9 @@ def whitened_third_moment(
     >>> whitened_third_moment(x, x[:, 0], torch.zeros(3), eye, eye.T @ eye).cubic.shape
     torch.Size([2, 2, 2])
     """
-    chunk_size = _check_chunk_size(chunk_size)
     source = _as_source(x, y)
     n = source.num_rows
+    chunk_size = _check_chunk_size(chunk_size, source.in_features)
     k = projection.shape[1]
     device = source.device
     proj_c = projection.to(device=device, dtype=source.dtype)

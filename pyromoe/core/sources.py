@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from .._validation import as_tensors, check_device, check_x_shape, check_y_shape
+from .chunks import WORKER_CHUNK_BYTES, default_chunk_size
 
 __all__ = [
-    "DEFAULT_CHUNK_SIZE",
     "DaskSource",
     "MemmapSource",
     "Source",
@@ -46,9 +46,6 @@ __all__ = [
     "is_out_of_core",
     "sample_rows",
 ]
-
-#: Rows per chunk of an EM pass when the caller does not say (moment passes use their own).
-DEFAULT_CHUNK_SIZE = 65_536
 
 _F64 = torch.float64
 _PILOT_ROWS = 1024
@@ -214,6 +211,8 @@ class Source:
         self.dtype = dtype
         self.device = torch.device(device)
         self._summary: Summary | None = None
+        #: rows per chunk of the summary pass, once it ran
+        self.summary_chunk_size: int | None = None
 
     # ----------------------------------------------------------------- to implement
     def chunks(self, chunk_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -262,8 +261,12 @@ class Source:
             return tensors if tensors is not None else self.take(torch.arange(self.num_rows))
         return self.take(sample_rows(self.num_rows, rows, generator))
 
-    def summary(self) -> Summary:
+    def summary(self, chunk_size: int | None = None) -> Summary:
         """Means, standard deviations and largest magnitudes of ``x`` and ``y`` (one pass, cached).
+
+        The first call's ``chunk_size`` (rows per chunk; default
+        :func:`pyromoe.core.chunks.default_chunk_size`, or that of the source this one rescales)
+        sets the pass's chunks: an entry point calls it first with its own ``chunk_size``.
 
         Raises
         ------
@@ -272,10 +275,12 @@ class Source:
             row and, for ``x``, its first such column).
         """
         if self._summary is None:
-            self._summary = self._compute_summary()
+            chunk = chunk_size or self.summary_chunk_size or default_chunk_size(self.in_features)
+            self._summary = self._compute_summary(chunk)
+            self.summary_chunk_size = chunk
         return self._summary
 
-    def _compute_summary(self) -> Summary:
+    def _compute_summary(self, chunk: int) -> Summary:
         pilot_x, pilot_y = self.head(_PILOT_ROWS)
         pilot = pilot_x.to(_F64)
         shift = pilot.mean(0)
@@ -286,7 +291,6 @@ class Source:
             shift = torch.zeros_like(shift)
         y_shift = float(pilot_y.to(_F64).mean())
         y_shift = y_shift if math.isfinite(y_shift) else 0.0
-        chunk = max(1024, (1 << 19) // max(1, self.in_features))  # about 4 MB of float64 rows
         count, sx, sxx, xmax, ysums, first_bad = self._summary_pass(shift, y_shift, chunk)
         if math.isfinite(float(first_bad)):
             raise ValueError(self.non_finite_message(int(first_bad)))
@@ -373,6 +377,7 @@ class _RescaledSource(Source):
         self.kind = base.kind
         self.base = base
         self.units = units
+        self.summary_chunk_size = base.summary_chunk_size
 
     def chunks(self, chunk_size):
         for xc, yc in self.base.chunks(chunk_size):
@@ -447,10 +452,9 @@ class MemmapSource(Source):
 
 
 def _worker_chunk(chunk_size: int, in_features: int) -> int:
-    """Rows per sub-chunk on a Dask worker: at most about 1 MB of float64 rows. Worker threads
-    keep their freed memory in their own allocator arenas, so smaller pieces bound what each
-    thread holds."""
-    return max(256, min(int(chunk_size), (1 << 17) // max(1, int(in_features))))
+    """Rows per piece of a block on a Dask worker: at most ``chunk_size`` rows and
+    :data:`~pyromoe.core.chunks.WORKER_CHUNK_BYTES` (see :mod:`pyromoe.core.chunks`)."""
+    return min(int(chunk_size), default_chunk_size(in_features, WORKER_CHUNK_BYTES))
 
 
 def _block_sum(fn, xb, yb, chunk_size, dtype, args):

@@ -14,7 +14,6 @@ import time
 import torch
 
 from .._validation import (
-    check_count,
     check_enough_rows,
     check_flag,
     check_link,
@@ -25,7 +24,7 @@ from .._validation import (
     keeps_feature_names,
     num_parameters,
 )
-from ..core.chunks import default_chunk_size
+from ..core.chunks import chunk_size_for
 from ..core.em.loop import EM
 from ..core.em.starts import SCREEN_CANDIDATES, screened_start, start_params
 from ..core.estimate import MoEEstimate
@@ -54,8 +53,7 @@ def check_em_arguments(
     """The arguments :func:`fit_em` and :func:`pyromoe.estimators.gate.fit_gate` share, checked.
 
     Returns ``(source, link, seed, options)``, ``options`` the keyword arguments of :class:`EM`
-    (``chunk_size`` included: ``None`` picks
-    :func:`pyromoe.core.chunks.default_chunk_size`).
+    (``chunk_size`` included, :func:`pyromoe.core.chunks.chunk_size_for`).
 
     Raises
     ------
@@ -65,15 +63,13 @@ def check_em_arguments(
         positive number, step counts or ``chunk_size`` that are not ints >= 1, or a bad seed.
     """
     source = as_source(x, y, device=device, min_rows=2)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(source.in_features)
     options = dict(
         tol=check_positive(tol, "tol"),
         max_iter=check_positive(max_iter, "max_iter", integer=True),
         prior_scale=None if prior_scale is None else check_positive(prior_scale, "prior_scale"),
         newton_steps=check_positive(newton_steps, "newton_steps", integer=True),
         gauss_newton_steps=check_positive(gauss_newton_steps, "gauss_newton_steps", integer=True),
-        chunk_size=check_count(chunk_size, "chunk_size", minimum=1),
+        chunk_size=chunk_size_for(chunk_size, source.in_features),
     )
     return source, check_link(link), check_seed(seed), options
 
@@ -97,8 +93,8 @@ def _check_init(init, k: int, d: int, link: Link, source: Source) -> MoEEstimate
     for name in ("experts_weight", "experts_bias", "gate_weight", "gate_bias", "noise"):
         if not bool(torch.isfinite(getattr(init, name)).all()):
             raise ValueError(f"init.{name} contains NaN or infinite values")
-    if not float(init.noise) > 0:
-        raise ValueError(f"init.noise must be > 0; got {float(init.noise)}")
+    if not bool((init.noise > 0).all()):  # one shared sd or one per expert
+        raise ValueError(f"init.noise must be > 0; got {init.noise.tolist()}")
     return init
 
 
@@ -264,7 +260,7 @@ def fit_em(
     if init is not None:
         init = _check_init(init, k, d, link, source)
     with torch_threads(num_threads):
-        summary = source.summary()  # out-of-core data: the NaN check is this first pass
+        summary = source.summary(em["chunk_size"])  # out-of-core data: the NaN check is here
         if summary.y_sd == 0.0:
             raise ValueError(
                 f"y is constant (every value is {summary.y_first:g}); a mixture of experts needs "

@@ -252,7 +252,7 @@ def fit_gate(
     em.update(update_gate_bias=fit_bias, update_noise=fit_noise)
     start = Params(experts_weight, experts_bias, gate_weight, gate_bias, noise)
     with torch_threads(num_threads):
-        source.summary()  # out-of-core data: the NaN check is this first pass
+        source.summary(em["chunk_size"])  # out-of-core data: the NaN check is this first pass
         return _fit_gate(source, start, link, em=em, seed=seed)
 
 

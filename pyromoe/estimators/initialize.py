@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,12 +30,10 @@ from ..core.sources import Source, TensorSource
 from ..core.threads import check_num_threads, torch_threads
 from ..core.units import on_exact_scale
 from .em import fit_em
-
-# tensor_init's names stay importable from here (benchmarks/speed.py reads _moment_experts)
-from .tensor_init import (  # noqa: F401
+from .tensor_init import (
     RANDOM_MARGIN,
+    MomentOptions,
     MomentsNotApplicableError,
-    _moment_experts,
     _tensor_init,
     check_arguments,
     minimum_rows,
@@ -119,7 +117,7 @@ def initialize(
     *,
     n_init: int = 5,
     noise: float | str | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
     seed: int = 0,
     guard_rows: int = GUARD_ROWS,
     device=None,
@@ -152,8 +150,9 @@ def initialize(
     noise : float, "shared" or "per_expert", optional
         A known noise standard deviation for the moment step, or the noise model of the EM fits:
         ``"per_expert"`` fits one sd per expert (the moment step still assumes a shared one).
-    chunk_size : int
-        Rows per chunk of the moment passes.
+    chunk_size : int, optional
+        Rows per chunk of every pass over the data (moments, every EM fit, the scores); default
+        :func:`pyromoe.core.chunks.default_chunk_size` (about 4 MiB of float64 rows).
     seed : int or None
         ``None`` draws a fresh seed; the one used is ``diagnostics["seed"]``.
     guard_rows : int
@@ -198,34 +197,36 @@ def initialize(
     """
     if method not in ("auto", "tensor", "em"):
         raise ValueError(f"method must be 'auto', 'tensor' or 'em'; got {method!r}")
-    source, k, link, noise, noise_model, chunk_size, seed = check_arguments(
+    source, link, noise, options = check_arguments(
         x, y, num_experts, link, noise, chunk_size, seed, device, min_experts=1
     )
-    n_init = check_positive(n_init, "n_init", integer=True)
-    guard_rows = check_positive(guard_rows, "guard_rows", integer=True)
+    choice = _Choice(
+        method=method,
+        n_init=check_positive(n_init, "n_init", integer=True),
+        guard_rows=check_positive(guard_rows, "guard_rows", integer=True),
+    )
     num_threads = check_num_threads(num_threads)
     with torch_threads(num_threads):
-        source.summary()  # out-of-core data: the NaN check is this first pass
-        return _initialize(
-            source,
-            k,
-            link,
-            method,
-            n_init=n_init,
-            noise=noise,
-            chunk_size=chunk_size,
-            seed=seed,
-            guard_rows=guard_rows,
-            noise_model=noise_model,
-        )
+        source.summary(options.chunk_size)  # out-of-core data: the NaN check is this first pass
+        return _initialize(source, link, noise=noise, options=options, choice=choice)
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """What :func:`initialize` was asked to choose between (checked)."""
+
+    method: str
+    n_init: int
+    guard_rows: int
 
 
 @on_exact_scale("estimate", noise="noise")
 def _initialize(
-    source, k, link, method, *, n_init, noise, chunk_size, seed, guard_rows, noise_model
+    source: Source, link: Link, *, noise: float | None, options: MomentOptions, choice: _Choice
 ) -> MoEEstimate:
     """:func:`initialize` on checked arguments."""
     n, d = source.shape
+    k = options.num_experts
     check_enough_rows(
         n,
         num_parameters(d, k),
@@ -238,9 +239,7 @@ def _initialize(
         # returned fit only
         warnings.simplefilter("ignore", SmallDataWarning)
         warnings.simplefilter("ignore", CollapseWarning)
-        estimate = _choose(
-            source, k, link, method, n_init, noise, chunk_size, seed, guard_rows, noise_model
-        )
+        estimate = _choose(source, link, noise, options, choice)
     diagnostics = estimate.diagnostics
     warn_collapse(
         diagnostics.get("collapsed_experts", []),
@@ -251,82 +250,61 @@ def _initialize(
     return estimate
 
 
-def _choose(
-    source, k, link, method, n_init, noise, chunk_size, seed, guard_rows, noise_model="shared"
-) -> MoEEstimate:
-    """The start for :func:`initialize` (``method`` on checked, ordinary-scale data)."""
-    d = source.in_features
+def _labelled(estimate: MoEEstimate, initializer: str, reason: str, seed: int) -> MoEEstimate:
+    """``estimate`` with ``diagnostics["initializer"]``, its reason and the seed first."""
+    diagnostics = {"initializer": initializer, "initializer_reason": reason, "seed": seed}
+    diagnostics.update(estimate.diagnostics)
+    return replace(estimate, diagnostics=diagnostics)
 
-    def labelled(estimate: MoEEstimate, initializer: str, reason: str) -> MoEEstimate:
-        diagnostics = {"initializer": initializer, "initializer_reason": reason, "seed": seed}
-        diagnostics.update(estimate.diagnostics)
-        return replace(estimate, diagnostics=diagnostics)
 
-    def multistart(reason: str) -> MoEEstimate:
-        fit = fit_em(source, None, k, link, n_init=n_init, seed=seed, noise=noise_model)
-        return labelled(
-            fit,
-            "em",
-            f"{reason}; multi-start EM with n_init={n_init}, best "
-            f"log-likelihood of start {fit.diagnostics.get('best_start')} kept",
-        )
+def _multistart(source, link, options: MomentOptions, n_init: int, reason: str) -> MoEEstimate:
+    """Multi-start EM, the fallback of :func:`initialize`, labelled with why it ran."""
+    fit = fit_em(
+        source,
+        None,
+        options.num_experts,
+        link,
+        n_init=n_init,
+        seed=options.seed,
+        noise=options.noise_model,
+        chunk_size=options.chunk_size,
+    )
+    return _labelled(
+        fit,
+        "em",
+        f"{reason}; multi-start EM with n_init={n_init}, best "
+        f"log-likelihood of start {fit.diagnostics.get('best_start')} kept",
+        options.seed,
+    )
 
+
+def _choose(source, link, noise, options: MomentOptions, choice: _Choice) -> MoEEstimate:
+    """The start for :func:`initialize` (``choice.method`` on checked, ordinary-scale data)."""
+    k, d, method = options.num_experts, source.in_features, choice.method
     if method == "em":
-        return multistart("method='em' was asked for")
+        return _multistart(source, link, options, choice.n_init, "method='em' was asked for")
     if k == 1 and method == "auto":
-        return multistart("one expert is a plain regression (no mixture for the moments to split)")
+        reason = "one expert is a plain regression (no mixture for the moments to split)"
+        return _multistart(source, link, options, choice.n_init, reason)
     if method == "tensor":
-        estimate = tensor_init(
-            source,
-            None,
-            k,
-            link,
-            noise=noise_model if noise is None else noise,
-            refine=True,
-            random_starts=0,
-            chunk_size=chunk_size,
-            seed=seed,
+        estimate = _tensor_init(
+            source, link, noise=noise, options=options, refine=True, random_starts=0
         )
-        return labelled(estimate, "tensor", "method='tensor' was asked for")
+        return _labelled(estimate, "tensor", "method='tensor' was asked for", options.seed)
     if k > d:
-        return multistart(
+        reason = (
             f"the moment start needs num_experts <= in_features, got {k} experts and {d} "
             "input(s) (T2 has rank at most d)"
         )
+        return _multistart(source, link, options, choice.n_init, reason)
     try:
-        estimate, moment = _guarded(
-            source, k, link, noise, chunk_size, seed, guard_rows, noise_model
-        )
+        estimate, moment = _guarded(source, link, noise, options, choice.guard_rows)
     except MomentsNotApplicableError as error:
-        return multistart(f"the moment start could not apply ({error})")
+        reason = f"the moment start could not apply ({error})"
+        return _multistart(source, link, options, choice.n_init, reason)
     problem = _sanity_problem(estimate, source)
     if problem is not None:
-        # Typically the likelihood pushes the gate to a step function (a split that separates the
-        # data). Refit from the moment estimate as MAP with the model's default gate prior scale,
-        # which keeps the gate moderate, as the Bayesian model will.
-        estimate = fit_em(
-            source,
-            None,
-            k,
-            link,
-            init=moment,
-            prior_scale=MAP_PRIOR_SCALE,
-            seed=seed,
-            noise=noise_model,
-        )
-        second = _sanity_problem(estimate, source)
-        if second is not None:
-            return multistart(f"the tensor start -> EM estimate is not a sane seed: {problem}")
-        diagnostics = dict(moment.diagnostics)
-        diagnostics.update(estimate.diagnostics)
-        estimate = replace(estimate, method="tensor+map", diagnostics=diagnostics)
-        return labelled(
-            estimate,
-            "tensor",
-            f"k <= d and the moment step succeeded, but plain EM from it was not a sane seed "
-            f"({problem}); refitted from the moment estimate as MAP EM with a Normal(0, "
-            f"{MAP_PRIOR_SCALE:g}^2) prior on weights and biases (the model's default gate prior)",
-        )
+        return _map_refit(source, link, options, choice, moment, problem)
     diagnostics = estimate.diagnostics
     winner = diagnostics["refine_winner"]
     rows = diagnostics["guard_rows"]
@@ -336,10 +314,44 @@ def _choose(
         f"{AUTO_RANDOM_STARTS} random-start EM fits on {where}: the {winner} start had the best "
         "log-likelihood there, and EM on all rows ran from it"
     )
-    return labelled(estimate, "tensor", reason)
+    return _labelled(estimate, "tensor", reason, options.seed)
 
 
-def _guarded(source, k, link, noise, chunk_size, seed, guard_rows, noise_model="shared"):
+def _map_refit(source, link, options, choice, moment: MoEEstimate, problem: str) -> MoEEstimate:
+    """The moment start refitted as MAP EM when plain EM from it was no sane seed.
+
+    Typically the likelihood pushes the gate to a step function (a split that separates the
+    data). Refit from the moment estimate as MAP with the model's default gate prior scale, which
+    keeps the gate moderate, as the Bayesian model will.
+    """
+    estimate = fit_em(
+        source,
+        None,
+        options.num_experts,
+        link,
+        init=moment,
+        prior_scale=MAP_PRIOR_SCALE,
+        seed=options.seed,
+        noise=options.noise_model,
+        chunk_size=options.chunk_size,
+    )
+    if _sanity_problem(estimate, source) is not None:
+        reason = f"the tensor start -> EM estimate is not a sane seed: {problem}"
+        return _multistart(source, link, options, choice.n_init, reason)
+    diagnostics = dict(moment.diagnostics)
+    diagnostics.update(estimate.diagnostics)
+    estimate = replace(estimate, method="tensor+map", diagnostics=diagnostics)
+    return _labelled(
+        estimate,
+        "tensor",
+        f"k <= d and the moment step succeeded, but plain EM from it was not a sane seed "
+        f"({problem}); refitted from the moment estimate as MAP EM with a Normal(0, "
+        f"{MAP_PRIOR_SCALE:g}^2) prior on weights and biases (the model's default gate prior)",
+        options.seed,
+    )
+
+
+def _guarded(source, link, noise, options: MomentOptions, guard_rows: int):
     """The guarded tensor start of ``method="auto"``: (the estimate, the moment estimate).
 
     The moment step reads all rows (two passes); the gate EM, EM from the moment estimate and the
@@ -347,6 +359,8 @@ def _guarded(source, k, link, noise, chunk_size, seed, guard_rows, noise_model="
     chosen by mean log-likelihood; full-data EM then runs from the winner only.
     """
     began = time.perf_counter()
+    k, seed = options.num_experts, options.seed
+    em_options = dict(noise=options.noise_model, chunk_size=options.chunk_size)
     n = source.num_rows
     rows = guard_size(n, guard_rows)
     if rows < n:
@@ -354,25 +368,14 @@ def _guarded(source, k, link, noise, chunk_size, seed, guard_rows, noise_model="
         guard = TensorSource(*source.subsample(rows, generator))
     else:
         guard = source
-    moment = _tensor_init(
-        source,
-        k,
-        link,
-        noise=noise,
-        refine=False,
-        random_starts=0,
-        center_y=None,
-        chunk_size=chunk_size,
-        seed=seed,
-        gate_source=guard,
-    )
+    # the moment estimate keeps the moment step's one shared sd (EM expands it per expert)
+    shared = replace(options, noise_model="shared")
+    moment = _tensor_init(source, link, noise=noise, options=shared, gate_source=guard)
     with warnings.catch_warnings():
         # the guard's fits are not the answer: only the final fit may warn
         warnings.simplefilter("ignore", ConvergenceWarning)
         candidates = {
-            "tensor": fit_em(
-                guard, None, k, link, init=moment, n_init=1, seed=seed, noise=noise_model
-            ),
+            "tensor": fit_em(guard, None, k, link, init=moment, n_init=1, seed=seed, **em_options),
             "random": fit_em(
                 guard,
                 None,
@@ -380,12 +383,11 @@ def _guarded(source, k, link, noise, chunk_size, seed, guard_rows, noise_model="
                 link,
                 n_init=AUTO_RANDOM_STARTS,
                 seed=child_seed(seed, 1),
-                noise=noise_model,
+                **em_options,
             ),
         }
-    chunk = candidates["tensor"].diagnostics["chunk_size"]
     scores = {
-        name: mean_log_likelihood(guard, fit.params, link, chunk)
+        name: mean_log_likelihood(guard, fit.params, link, options.chunk_size)
         for name, fit in candidates.items()
     }
     # random starts must beat the tensor start by a real margin (RANDOM_MARGIN nats per row): two
@@ -396,14 +398,7 @@ def _guarded(source, k, link, noise, chunk_size, seed, guard_rows, noise_model="
         final = candidates[winner]
     else:
         final = fit_em(
-            source,
-            None,
-            k,
-            link,
-            init=candidates[winner],
-            n_init=1,
-            seed=seed,
-            noise=noise_model,
+            source, None, k, link, init=candidates[winner], n_init=1, seed=seed, **em_options
         )
     diagnostics = dict(moment.diagnostics)
     em = final.diagnostics

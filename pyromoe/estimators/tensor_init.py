@@ -16,10 +16,9 @@ chooses between this start and multi-start EM.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -37,27 +36,25 @@ from .._validation import (
     keeps_feature_names,
     num_parameters,
 )
-from ..core.chunks import default_chunk_size
+from ..core.chunks import chunk_size_for
 from ..core.em.loop import CollapseWarning, ConvergenceWarning, warn_collapse
 from ..core.em.statistics import mean_log_likelihood
 from ..core.estimate import MoEEstimate
-from ..core.links import Link, gaussian_expectation, transform_constants
-from ..core.moments import (
-    choose_alpha,
-    second_moment_tensor,
-    second_moments,
-    standardize,
-    t2_noise_floor,
-    whitened_third_moment,
-)
+from ..core.links import Link
 from ..core.sources import Source, as_source
-from ..core.tensor import expert_scales, tensor_power_method, unwhiten, whiten
 from ..core.threads import check_num_threads, torch_threads
 from ..core.units import on_exact_scale
 from .em import fit_em
 from .gate import fit_gate
+from .moment_step import moment_experts
 
-__all__ = ["GATE_WARM_START_ROWS", "MomentsNotApplicableError", "minimum_rows", "tensor_init"]
+__all__ = [
+    "GATE_WARM_START_ROWS",
+    "MomentOptions",
+    "MomentsNotApplicableError",
+    "minimum_rows",
+    "tensor_init",
+]
 
 #: Cosine (in the metric of x's covariance) between a gate row and an expert above which the
 #: assumptions of relu/leaky and k > 2 look violated.
@@ -86,9 +83,30 @@ def minimum_rows(in_features: int, num_experts: int | None = None) -> int:
     return need
 
 
+@dataclass(frozen=True)
+class MomentOptions:
+    """The checked settings :func:`tensor_init` and :func:`pyromoe.initialize` share: what the
+    private functions below them trust.
+
+    Attributes
+    ----------
+    num_experts : int
+    chunk_size : int
+        Rows per chunk of every pass over the data.
+    seed : int
+    noise_model : {"shared", "per_expert"}
+        The noise model of the EM fits (the moment step and gate EM assume one shared sd).
+    """
+
+    num_experts: int
+    chunk_size: int
+    seed: int
+    noise_model: str = "shared"
+
+
 def check_arguments(x, y, num_experts, link, noise, chunk_size, seed, device=None, min_experts=2):
     """The arguments :func:`tensor_init` and :func:`pyromoe.estimators.initialize.initialize`
-    share, checked: ``(source, num_experts, link, noise, noise_model, chunk_size, seed)``.
+    share, checked: ``(source, link, noise, options)`` with :class:`MomentOptions`.
 
     ``noise`` is a known noise sd (a positive number), None, or a noise model name
     (``"shared"`` / ``"per_expert"``: then the known sd is None).
@@ -101,8 +119,13 @@ def check_arguments(x, y, num_experts, link, noise, chunk_size, seed, device=Non
         noise_model, noise = check_noise_model(noise), None
     elif noise is not None:
         noise = check_positive(noise, "noise")
-    chunk_size = check_count(chunk_size, "chunk_size", minimum=1)
-    return source, num_experts, link, noise, noise_model, chunk_size, check_seed(seed)
+    options = MomentOptions(
+        num_experts=num_experts,
+        chunk_size=chunk_size_for(chunk_size, source.in_features),
+        seed=check_seed(seed),
+        noise_model=noise_model,
+    )
+    return source, link, noise, options
 
 
 def _metric_cosines(gate_weight, experts_weight, covariance) -> float:
@@ -113,115 +136,6 @@ def _metric_cosines(gate_weight, experts_weight, covariance) -> float:
     en = ((experts_weight.to(covariance.dtype) @ covariance) * experts_weight).sum(-1)
     en = en.clamp_min(1e-300).sqrt()
     return float((inner / gn[:, None] / en[None, :]).abs().max())
-
-
-def _y_moments(source: Source) -> tuple[float, float]:
-    """``E[y]`` and ``E[y^2]`` (divided by n) from the source's summary."""
-    summary = source.summary()
-    n = summary.num_rows
-    return summary.y_mean, summary.y_sd**2 * (n - 1) / n + summary.y_mean**2
-
-
-def _centre_of_y(
-    mean: float, second: float, link: Link, center_y: bool | None
-) -> tuple[float, bool]:
-    """The value subtracted from y before the moments, and whether it is y's mean.
-
-    Bias-free two-expert odd-link model: E[y] = E[h(x) (a_1 - a_0).x] with |h| <= 1/2, so
-    E[y]^2 <= |a_1 - a_0|^2 / (2 pi) <= (2 / pi) E[y^2]. A larger mean can only come from an
-    intercept; ``center_y=None`` centres exactly then. Centring a bias-free sample by its mean is
-    NOT harmless: with a non-orthogonal gate E[y] != 0 and E[(y - c)^2 S2] picks up
-    -2 c E[y S2] != 0, a bias that does not shrink with n.
-    """
-    offset = float(link.odd_offset or 0.0)
-    if not link.is_odd:
-        return 0.0, False  # relu/leaky: E[y] carries the expert norm, never centred
-    if center_y is None:
-        second = second - 2 * offset * mean + offset**2
-        centred = (mean - offset) ** 2 > (2 / math.pi) * second
-    else:
-        centred = bool(center_y)
-    return (mean, True) if centred else (offset, False)
-
-
-def _moment_experts(source: Source, k, link: Link, noise, chunk_size, seed, center_y=None):
-    """The moment step on a source: expert weights and biases in user coordinates, noise,
-    standardiser, diagnostics (two passes after the source's summary)."""
-    n, d = source.shape
-    mean_y, raw_second = _y_moments(source)
-    centre, centred = _centre_of_y(mean_y, raw_second, link, center_y)
-    second_y = raw_second - 2 * centre * mean_y + centre**2  # E[(y - c)^2]
-
-    alpha = beta = None
-    noise_moment = None
-    if not link.is_odd:
-        # equal norms r and an orthogonal gate (the case where relu is exact): E[y] = r E[g(t)]
-        mean_g = float(gaussian_expectation(link, 1.0, 1, 0))
-        mean_g2 = float(gaussian_expectation(link, 1.0, 2, 0))
-        r0 = (mean_y - centre) / mean_g
-        if not r0 > 0:
-            r0 = math.sqrt(second_y / mean_g2)
-        noise_moment = math.sqrt(max(second_y - r0**2 * mean_g2, 1e-3 * second_y))
-        sigma = noise if noise is not None else noise_moment
-        alpha, beta = transform_constants(link, sigma, r0)
-    else:
-        beta = 0.0
-    moments = second_moments(source, None, centre=centre, beta=beta, chunk_size=chunk_size)
-    standardizer = standardize(moments)
-    t2 = second_moment_tensor(moments, standardizer)
-    # Refuse only when the k-th eigenvalue is within sampling noise. The plain semicircle edge
-    # 2 sqrt(d E[P2^2] / n) overstated the noise (null eigenvalues at 0.4-0.65 of it at d = 5,
-    # n = 2000) and refused good starts; t2_noise_floor uses the null block's size d - k + 1 and
-    # Var(P2) (standardising removes E[P2]), which matches the measured null eigenvalues.
-    noise_floor = t2_noise_floor(moments, k)
-    whitening = whiten(t2, k, noise_floor=noise_floor)
-    projection = standardizer.whitening @ whitening.projection
-    third = whitened_third_moment(
-        source, None, moments.mean, projection, whitening.gram, centre=centre, chunk_size=chunk_size
-    )
-    ratio = None
-    if link.is_odd and not (link.is_identity and k > 2):
-        alpha, ratio = choose_alpha(third, second_y)
-    elif link.is_identity:
-        alpha = -3.0 * second_y  # exact for k > 2 with an orthogonal gate and equal norms
-        ratio = third.variance(alpha) / float(third.tensor(alpha).pow(2).sum())
-    else:
-        ratio = third.variance(alpha) / float(third.tensor(alpha).pow(2).sum())
-    t3 = third.tensor(alpha)
-    generator = torch.Generator().manual_seed(int(seed))
-    decomposition = tensor_power_method(t3, generator=generator)
-    directions = unwhiten(whitening, decomposition.eigenvectors)
-    first = standardizer.whitening.T @ moments.first  # E[yc z]
-    weight_std = expert_scales(
-        link, directions, decomposition.eigenvalues, beta=beta, first_moment=first
-    )
-    norms = weight_std.norm(dim=-1)
-    if link.is_odd:
-        mean_g2 = torch.stack([gaussian_expectation(link, float(r), 2, 0) for r in norms])
-        noise_moment = math.sqrt(max(second_y - float(mean_g2.mean()), 1e-3 * second_y))
-    # an output offset is an intercept for the linear link only (tanh cannot represent it)
-    intercept = centre if (centred and link.is_identity) else 0.0
-    bias_std = torch.full((k,), intercept, dtype=torch.float64)
-    weight, bias = standardizer.to_user(weight_std, bias_std.to(weight_std.device))
-    diagnostics = {
-        "t2_eigenvalues": whitening.eigenvalues[: k + 1].tolist(),
-        "t2_eigengap": whitening.eigengap,
-        "t2_noise_floor": whitening.noise_floor,
-        "whitening_condition_number": whitening.condition_number,
-        "x_condition_number": standardizer.condition_number,
-        "tensor_eigenvalues": decomposition.eigenvalues.tolist(),
-        "decomposition_residual": decomposition.residual,
-        "alpha": float(alpha),
-        "beta": float(beta),
-        "t3_noise_to_signal": float(ratio),
-        "noise_from_moments": noise_moment,
-        "expert_norms_standardised": norms.tolist(),
-        "y_centre": centre,
-        "y_centred_by_mean": centred,
-        "num_chunks": moments.num_chunks,
-        "passes_over_data": 2,
-    }
-    return weight, bias, noise_moment, standardizer, diagnostics
 
 
 @keeps_feature_names
@@ -235,7 +149,7 @@ def tensor_init(
     refine: bool = False,
     random_starts: int = 2,
     center_y: bool | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
     seed: int = 0,
     device=None,
     num_threads: int | None = None,
@@ -290,9 +204,10 @@ def tensor_init(
         ``y`` is larger than any bias-free two-expert model can produce
         (``mean(y)^2 > (2/pi) mean(y^2)``), i.e. when an intercept is certain;
         ``diagnostics["y_centred_by_mean"]`` says which was done.
-    chunk_size : int
-        Rows per chunk of the moment passes: bounds extra memory to O(chunk_size d). (EM passes
-        use :func:`pyromoe.core.em.default_chunk_size`.)
+    chunk_size : int, optional
+        Rows per chunk of every pass over the data (the moments, gate EM, the refinement): bounds
+        the extra memory to one chunk, O(chunk_size d). Default
+        :func:`pyromoe.core.chunks.default_chunk_size` (about 4 MiB of float64 rows).
     seed : int or None
         Seeds the tensor power method's restarts, the gate EM's start and the refinement.
         ``None`` draws a fresh seed; the one used is ``diagnostics["seed"]``.
@@ -344,7 +259,7 @@ def tensor_init(
     >>> est.experts_weight.shape, est.method
     (torch.Size([2, 5]), 'tensor')
     """
-    source, k, link, noise, noise_model, chunk_size, seed = check_arguments(
+    source, link, noise, options = check_arguments(
         x, y, num_experts, link, noise, chunk_size, seed, device
     )
     if center_y is not None and not isinstance(center_y, bool):
@@ -353,42 +268,57 @@ def tensor_init(
     random_starts = check_count(random_starts, "random_starts", minimum=0)
     num_threads = check_num_threads(num_threads)
     with torch_threads(num_threads):
-        source.summary()  # out-of-core data: the NaN check is this first pass
+        source.summary(options.chunk_size)  # out-of-core data: the NaN check is this first pass
         return _tensor_init(
             source,
-            k,
             link,
             noise=noise,
-            noise_model=noise_model,
+            options=options,
             refine=refine,
             random_starts=random_starts,
             center_y=center_y,
-            chunk_size=chunk_size,
-            seed=seed,
         )
 
 
 # the moments would overflow on extreme magnitudes: fit on data divided by exact powers of two
 @on_exact_scale("estimate", noise="noise")
 def _tensor_init(
-    source,
-    k,
-    link,
+    source: Source,
+    link: Link,
     *,
-    noise,
-    refine,
-    random_starts,
-    center_y,
-    chunk_size,
-    seed,
-    gate_source=None,
-    noise_model="shared",
+    noise: float | None,
+    options: MomentOptions,
+    refine: bool = False,
+    random_starts: int = 0,
+    center_y: bool | None = None,
+    gate_source: Source | None = None,
 ) -> MoEEstimate:
     """:func:`tensor_init` on checked arguments.
 
     ``gate_source``: rows to fit the gate on (default all rows, warm-started on a subsample when
     n is large); ``initialize``'s guard passes its subsample (already on the ordinary scale).
     """
+    k = options.num_experts
+    _check_moments_apply(source, k)
+    estimate, covariance = _moment_start(source, link, noise, options, center_y, gate_source)
+    if not refine:
+        warn_collapse(
+            estimate.diagnostics["collapsed_experts"],
+            estimate.diagnostics["effective_rows"],
+            source.in_features,
+            stacklevel=5,
+        )
+    _warn_if_biased(estimate, covariance, k)
+    if refine:
+        return _refine(source, link, estimate, options, random_starts)
+    if options.noise_model == "per_expert":  # the moment step's one sd, for each expert
+        return replace(estimate, noise=estimate.noise.expand(k).clone())
+    return estimate
+
+
+def _check_moments_apply(source: Source, k: int) -> None:
+    """Refuse data the moment step cannot use (:class:`MomentsNotApplicableError`), too few rows
+    for any estimate, and a constant ``y``."""
     n, d = source.shape
     if k > d:
         raise MomentsNotApplicableError(
@@ -406,7 +336,7 @@ def _tensor_init(
         parameters,
         k,
         model=f"a mixture of {k} experts on {d} input(s) with biases",
-        stacklevel=5,
+        stacklevel=6,
     )
     summary = source.summary()
     if not summary.y_sd > 1e-12 * (1.0 + summary.y_absmax):
@@ -415,10 +345,15 @@ def _tensor_init(
             "experts to explain. Check that y is the response column."
         )
 
+
+def _moment_start(source, link, noise, options: MomentOptions, center_y, gate_source):
+    """The moment experts and the gate fitted by EM with them fixed: the estimate (shared noise)
+    and the covariance of ``x``."""
+    n = source.num_rows
     start = time.perf_counter()
     try:
-        weight, bias, noise_moment, standardizer, diagnostics = _moment_experts(
-            source, k, link, noise, chunk_size, seed, center_y
+        weight, bias, noise_moment, standardizer, diagnostics = moment_experts(
+            source, options.num_experts, link, noise, options.chunk_size, options.seed, center_y
         )
     except ValueError as error:  # arguments are checked above: these are the data's
         raise MomentsNotApplicableError(str(error)) from error
@@ -429,7 +364,7 @@ def _tensor_init(
 
     start = time.perf_counter()
     with warnings.catch_warnings():
-        # reported below for the returned fit only (refine=True fits again)
+        # reported by the caller for the returned fit only (refine=True fits again)
         warnings.simplefilter("ignore", CollapseWarning)
         fit, warm_iter = _fit_gate_staged(
             source if gate_source is None else gate_source,
@@ -438,11 +373,8 @@ def _tensor_init(
             link,
             sigma,
             noise is None,
-            seed,
+            options,
         )
-    gate_seconds = time.perf_counter() - start
-    if not refine:
-        warn_collapse(fit.collapsed_experts, fit.effective_rows, d, stacklevel=5)
     diagnostics.update(
         {
             "gate_log_likelihood_trace": list(fit.log_likelihood_trace),
@@ -452,8 +384,8 @@ def _tensor_init(
             "gate_warm_start_rows": min(GATE_WARM_START_ROWS, n) if warm_iter else 0,
             "gate_warm_start_n_iter": warm_iter,
             "moment_seconds": moment_seconds,
-            "gate_seconds": gate_seconds,
-            "seed": seed,
+            "gate_seconds": time.perf_counter() - start,
+            "seed": options.seed,
             "effective_rows": list(fit.effective_rows),
             "collapsed_experts": list(fit.collapsed_experts),
         }
@@ -468,7 +400,14 @@ def _tensor_init(
         method="tensor",
         diagnostics=diagnostics,
     )
-    cosine = _metric_cosines(estimate.gate_weight, weight, standardizer.covariance)
+    return estimate, standardizer.covariance
+
+
+def _warn_if_biased(estimate: MoEEstimate, covariance: torch.Tensor, k: int) -> None:
+    """Warn where the moment estimate's assumptions look violated (a gate far from orthogonal to
+    the experts for relu/leaky or k > 2, unequal relu/leaky norms); records the cosine."""
+    link, diagnostics = estimate.link, estimate.diagnostics
+    cosine = _metric_cosines(estimate.gate_weight, estimate.experts_weight, covariance)
     diagnostics["max_gate_expert_cosine"] = cosine
     if (not link.is_odd or k > 2) and cosine > COSINE_WARNING:
         warnings.warn(
@@ -476,7 +415,7 @@ def _tensor_init(
             f"{COSINE_WARNING}): the moment estimate for link={link.name!r}, k={k} assumes an "
             "orthogonal gate and is biased here; use refine=True.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
     if not link.is_odd:
         norms = diagnostics["expert_norms_standardised"]
@@ -486,13 +425,8 @@ def _tensor_init(
                 "standardised inputs): the moment transform assumes equal norms and is biased "
                 "here; use refine=True.",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
-    if refine:
-        estimate = _refine(source, k, link, estimate, random_starts, seed, noise_model)
-    elif noise_model == "per_expert":  # the moment step's one sd, for each expert
-        estimate = replace(estimate, noise=estimate.noise.expand(k).clone())
-    return estimate
 
 
 #: Gate EM first runs on this many random rows when n is over 4 times larger, then finishes on all
@@ -500,12 +434,15 @@ def _tensor_init(
 GATE_WARM_START_ROWS = 50_000
 
 
-def _fit_gate_staged(source: Source, weight, bias, link, sigma, fit_noise: bool, seed: int):
+def _fit_gate_staged(
+    source: Source, weight, bias, link, sigma, fit_noise: bool, options: MomentOptions
+):
     """Gate EM with the experts fixed; on large data warm-started on a random subsample.
 
     Returns the fit on all rows and the number of warm-start iterations (0 when none ran).
     """
     n = source.num_rows
+    seed, chunk_size = options.seed, options.chunk_size
     init_weight = init_bias = None
     warm_iter = 0
     if n > 4 * GATE_WARM_START_ROWS:
@@ -516,7 +453,15 @@ def _fit_gate_staged(source: Source, weight, bias, link, sigma, fit_noise: bool,
             warnings.simplefilter("ignore", ConvergenceWarning)
             warnings.simplefilter("ignore", CollapseWarning)
             warm = fit_gate(
-                x_rows, y_rows, weight, bias, link, noise=sigma, fit_noise=fit_noise, seed=seed
+                x_rows,
+                y_rows,
+                weight,
+                bias,
+                link,
+                noise=sigma,
+                fit_noise=fit_noise,
+                seed=seed,
+                chunk_size=chunk_size,
             )
         init_weight, init_bias, warm_iter = warm.gate_weight, warm.gate_bias, int(warm.n_iter)
         if fit_noise:
@@ -532,21 +477,24 @@ def _fit_gate_staged(source: Source, weight, bias, link, sigma, fit_noise: bool,
         init_gate_weight=init_weight,
         init_gate_bias=init_bias,
         seed=seed,
+        chunk_size=chunk_size,
     )
     return fit, warm_iter
 
 
 def _refine(
-    source, k, link, estimate: MoEEstimate, random_starts: int, seed: int, noise_model="shared"
+    source, link, estimate: MoEEstimate, options: MomentOptions, random_starts: int
 ) -> MoEEstimate:
     """Joint EM from the moment estimate, against ``random_starts`` random starts; best wins."""
+    k, seed = options.num_experts, options.seed
+    em_options = dict(noise=options.noise_model, chunk_size=options.chunk_size)
     start = time.perf_counter()
     with warnings.catch_warnings():
         # only the winner's collapse is worth a warning (below); rows were checked by the caller
         warnings.simplefilter("ignore", CollapseWarning)
         warnings.simplefilter("ignore", SmallDataWarning)
         from_tensor = fit_em(
-            source, None, k, link, init=estimate, n_init=1, seed=seed, noise=noise_model
+            source, None, k, link, init=estimate, n_init=1, seed=seed, **em_options
         )
         refine_seconds = time.perf_counter() - start
         candidates = {"tensor": from_tensor}
@@ -555,12 +503,11 @@ def _refine(
             start = time.perf_counter()
             random_seed = child_seed(seed, 1)  # no arithmetic on the seed: 2**63 - 1 is valid
             candidates["random"] = fit_em(
-                source, None, k, link, n_init=random_starts, seed=random_seed, noise=noise_model
+                source, None, k, link, n_init=random_starts, seed=random_seed, **em_options
             )
             random_seconds = time.perf_counter() - start
-    chunk = default_chunk_size(source.in_features)
     scores = {
-        name: mean_log_likelihood(source, est.params, link, chunk)
+        name: mean_log_likelihood(source, est.params, link, options.chunk_size)
         for name, est in candidates.items()
     }
     # random starts must beat the tensor start by a real margin (RANDOM_MARGIN nats per row): two

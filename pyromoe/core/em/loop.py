@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..chunks import MAX_CHUNK_ROWS
+from ..chunks import default_chunk_size
 from ..links import Link
 from ..params import Params
 from ..sources import Source
@@ -175,8 +175,8 @@ class EM:
         Gate Newton steps per M-step.
     gauss_newton_steps : int
         Gauss-Newton steps per expert per M-step (links other than the identity).
-    chunk_size : int
-        Rows per chunk of a pass.
+    chunk_size : int, optional
+        Rows per chunk of a pass (default :func:`pyromoe.core.chunks.default_chunk_size`).
     """
 
     source: Source
@@ -189,11 +189,13 @@ class EM:
     max_iter: int = 200
     newton_steps: int = 1
     gauss_newton_steps: int = 1
-    chunk_size: int = MAX_CHUNK_ROWS
+    chunk_size: int | None = None
     floor: float = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "floor", noise_floor(self.source))
+        if self.chunk_size is None:
+            object.__setattr__(self, "chunk_size", default_chunk_size(self.source.in_features))
 
     @property
     def name(self) -> str:

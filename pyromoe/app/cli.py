@@ -18,6 +18,7 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
@@ -71,6 +72,8 @@ def _fit(args: argparse.Namespace) -> int:
         args.path,
         args.target,
         features,
+        formula=args.formula,
+        gate=args.gate,
         num_experts=num_experts,
         noise=args.noise,
         out=args.out,
@@ -88,6 +91,29 @@ def _fit(args: argparse.Namespace) -> int:
     print(f"initializer: {numbers['initializer']} ({numbers['initializer_reason']})")
     files = "summary.md, compare_experts.csv, " if comparison else "summary.md, "
     print(f"results written to {args.out}/ ({files}inference_data.nc, figures)")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .atomic import write_text_atomic
+    from .regression import load
+    from .table import read_frame
+
+    out = Path(args.out)
+    if out.exists() or out.is_symlink():
+        raise FileExistsError(
+            f"'{out}' exists; pyromoe never overwrites a file: choose another --out or move it"
+        )
+    fit = load(args.results)
+    frame = read_frame(args.path)
+    table = fit.predict(frame, interval=args.interval, seed=args.seed, num_draws=args.draws)
+    table.index.name = "row"
+    write_text_atomic(out, table.to_csv())
+    low, high = table.columns[2], table.columns[3]
+    print(
+        f"predictions for {len(table)} rows written to {out} (mean, sd, {args.interval:g} "
+        f"interval {low} to {high}; in the units of {fit.specification.target})"
+    )
     return 0
 
 
@@ -162,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     _add_fit(sub)
+    _add_predict(sub)
     return parser
 
 
@@ -211,11 +238,20 @@ def _add_fit(sub) -> None:
         "experts by PSIS-LOO first and reports on the best-ranked one.",
     )
     fit.add_argument("path", help="CSV file with a header line")
-    fit.add_argument("--target", required=True, help="column to predict")
+    fit.add_argument(
+        "--formula",
+        help="the experts' formula, formulaic's syntax with factors, e.g. "
+        "'y ~ x1 + np.log(x2) + C(site)' (instead of --target/--features)",
+    )
+    fit.add_argument(
+        "--gate",
+        help="the gate's one-sided formula, e.g. '~ z1 + C(site)' (default: the experts' terms)",
+    )
+    fit.add_argument("--target", help="column to predict (the shorthand of --formula)")
     fit.add_argument(
         "--features",
         nargs="+",
-        help="input columns (space or comma separated; default: all others)",
+        help="numeric input columns for --target (space or comma separated; default: all others)",
     )
     experts = dict(
         type=_expert_counts,
@@ -250,6 +286,41 @@ def _add_fit(sub) -> None:
     )
     fit.add_argument("--steps", type=_count(1), default=3000, help="SVI steps (default 3000)")
     fit.set_defaults(handler=_fit)
+
+
+def _add_predict(sub) -> None:
+    predict = sub.add_parser(
+        "predict",
+        help="predict new rows from the results folder of `pyromoe fit`",
+        description="Load a fit (pyromoe fit's results folder, or MoERegression.save's), read "
+        "a CSV file with the columns its formulas use (any order; factor levels the fit saw) and "
+        "write per row the posterior mean of E[y | x], the sd of the predictive draws and an "
+        "equal-tailed predictive interval, in the target's units.",
+    )
+    predict.add_argument("results", help="the results folder of a fit")
+    predict.add_argument("path", help="CSV file of new rows")
+    predict.add_argument("--out", required=True, help="CSV file to write (must not exist)")
+    predict.add_argument(
+        "--interval", type=_probability, default=0.9, help="interval mass (default 0.9)"
+    )
+    predict.add_argument("--seed", type=_seed, default=0, help="seed of the draws (default 0)")
+    predict.add_argument(
+        "--draws", type=_count(1), default=None, help="posterior draws per chain (default all)"
+    )
+    predict.set_defaults(handler=_predict)
+
+
+def _probability(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number between 0 and 1, got {text!r}"
+        ) from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {value:g}")
+    return value
 
 
 #: Errors of usage (exit 2): a bad option value, data file or output folder, found before any work.

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .._validation import (
@@ -23,12 +24,14 @@ from ..bayes.model import MixtureOfExperts
 from ..core import sites
 from ..core.estimate import MoEEstimate
 from ..estimators.initialize import initialize
+from ..spec.formula import ModelSpecification
 from .atomic import write_text_atomic
 from .plots import interval_columns, parameter_sites, parameter_summary
+from .regression import write_fit_record
 from .report import Timer, comparison_rows, fit_summary, write_outputs
 from .results import results_directory
 from .runs import check_run_arguments, posterior_mean_estimate
-from .table import Table, read_table
+from .table import read_frame, read_table
 
 __all__ = ["run_fit", "standardisation_record", "to_data_units"]
 
@@ -163,9 +166,11 @@ def data_unit_summary(
 
 def run_fit(
     path: str | Path,
-    target: str,
+    target: str | None = None,
     features: Sequence[str] | None = None,
     *,
+    formula: str | None = None,
+    gate: str | None = None,
     num_experts: int | Sequence[int] = 2,
     noise: str = "shared",
     link: str = "linear",
@@ -191,6 +196,13 @@ def run_fit(
     and draws), ranked by PSIS-LOO (written to ``summary.md`` and ``compare_experts.csv``), and
     the rest of the report is for the best-ranked k.
 
+    The model is given either by ``target`` and ``features`` (numeric columns: the shorthand of
+    the formula ``target ~ f1 + f2 + ...``) or by ``formula`` (formulaic's syntax, factors
+    included, e.g. ``"y ~ x1 + np.log(x2) + C(site)"``) and optionally ``gate`` (the gate's
+    one-sided formula; default: the experts' terms). The folder also holds the model's
+    specification and settings (``specification.json``, ``model.json``), so that
+    :func:`pyromoe.load` and ``pyromoe predict`` can predict new rows from it.
+
     ``out`` follows the rule of :func:`pyromoe.results_directory`: it may replace only earlier
     pyromoe results, only with ``overwrite=True``, and never the folder holding ``path`` (or one
     above it) nor the working folder. Every argument is checked before any work.
@@ -206,7 +218,7 @@ def run_fit(
     num_warmup = check_count(num_warmup, "num_warmup", minimum=0)
     num_samples = check_count(num_samples, "num_samples", minimum=4 if method == "nuts" else 1)
     num_steps = check_count(num_steps, "num_steps", minimum=1)
-    data = _standardised_table(path, target, features, max(ks), noise, device)
+    data = _standardised_table(path, target, features, formula, gate, max(ks), noise, device)
     if method == "nuts":
         fit_args = dict(num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples)
     else:
@@ -219,40 +231,80 @@ def run_fit(
 
 @dataclass
 class _StandardisedTable:
-    """A CSV table read, checked for size and z-scored; ``x``, ``y`` on the device."""
+    """A CSV table read, checked for size and z-scored through its model specification;
+    ``x``, ``y`` (the standardised design and target) on the device."""
 
     path: str
-    table: Table
+    specification: ModelSpecification
     standardisation: dict[str, Any]
     x: torch.Tensor
     y: torch.Tensor
 
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self.specification.expert_columns)
 
-def _standardised_table(path, target, features, largest: int, noise: str, device):
-    table = read_table(path, target, features, min_rows=2)
-    d = table.x.shape[1]
+    @property
+    def target_name(self) -> str:
+        return self.specification.target
+
+
+def _standardised_table(path, target, features, formula, gate, largest, noise, device):
+    frame = _read_for_model(path, target, features, formula, gate)
+    if formula is None:
+        formula = " + ".join(_quoted(name) for name in frame.columns[:-1])
+        formula = f"{_quoted(target)} ~ {formula}"
+    spec = ModelSpecification.from_data(frame, formula, gate)
+    design = spec.design(frame)
+    rows, d = design.x.shape
     parameters = _num_fit_parameters(d, largest, noise)
     needed = ROWS_PER_PARAMETER * parameters
-    if table.x.shape[0] < needed:
+    if rows < needed:
         raise ValueError(
-            f"{path} has {table.x.shape[0]} data rows; at least {needed} are needed "
+            f"{path} has {rows} data rows; at least {needed} are needed "
             f"({ROWS_PER_PARAMETER} per parameter: {largest} experts on {d} inputs have "
             f"{parameters} parameters). Use fewer experts or features."
         )
-    x_std, x_mean, x_scale = _standardize_columns(table.x, table.feature_names)
-    y_std, y_mean, y_scale = _standardize_columns(
-        table.y[:, None], [table.target_name], target=True
-    )
+    if spec.gate_columns != spec.expert_columns:
+        raise ValueError(
+            "a gate formula with other terms than the experts' is not supported yet; leave "
+            "--gate out (the gate then uses the experts' terms)"
+        )
     standardisation = standardisation_record(
-        table.feature_names, table.target_name, x_mean, x_scale, y_mean[0], y_scale[0]
+        spec.expert_columns, spec.target, spec.x_mean, spec.x_sd, spec.y_mean, spec.y_sd
     )
     return _StandardisedTable(
         str(path),
-        table,
+        spec,
         standardisation,
-        torch.as_tensor(x_std, device=device),
-        torch.as_tensor(y_std[:, 0], device=device),
+        torch.as_tensor(design.x, device=device),
+        torch.as_tensor(design.y, device=device),
     )
+
+
+def _read_for_model(path, target, features, formula, gate) -> pd.DataFrame:
+    """The table the specification is learnt from: for the shorthand, the numeric target and
+    features (read and checked by :func:`read_table`, constant columns refused by name); for a
+    formula, the whole file (:func:`read_frame`: text columns are factors)."""
+    if (formula is None) == (target is None):
+        raise ValueError(
+            "give the model either as a target (with optional features) or as a formula, "
+            "e.g. --target y --features a b, or --formula 'y ~ a + C(site)'; not both"
+        )
+    if formula is not None:
+        if features is not None:
+            raise ValueError("features go with --target; with --formula list the terms in it")
+        return read_frame(path)
+    table = read_table(path, target, features, min_rows=2)
+    _standardize_columns(table.x, table.feature_names)  # the messages of the shorthand
+    _standardize_columns(table.y[:, None], [table.target_name], target=True)
+    columns = dict(zip(table.feature_names, table.x.T))
+    return pd.DataFrame({**columns, table.target_name: table.y})
+
+
+def _quoted(name: str) -> str:
+    """A column name as a formula term: bare when it is a Python name, else in backticks."""
+    return name if name.isidentifier() else f"`{name}`"
 
 
 @dataclass
@@ -278,7 +330,7 @@ class _FitRun:
         """Compare the numbers of experts (several ks) or take the one k; start; fit."""
         from ..bayes.fit import fit_svi, run_nuts
 
-        data, names = self.data, list(self.data.table.feature_names)
+        data, names = self.data, self.data.feature_names
         self.num_experts = self.ks[0]
         if len(self.ks) > 1:
             self._compare(folder, names)
@@ -314,8 +366,6 @@ class _FitRun:
         self.idata.attrs["standardisation"] = json.dumps(data.standardisation)
 
     def _compare(self, folder: Path, names: list[str]) -> None:
-        import pandas as pd
-
         from ..bayes.compare import compare_experts
 
         listed = ", ".join(str(k) for k in self.ks)
@@ -342,13 +392,11 @@ class _FitRun:
 
     def report(self, folder: Path) -> dict[str, Any]:
         """Tables, responsibilities, figures and ``summary.md``; returns the summary's numbers."""
-        import pandas as pd
-
         from ..bayes.predict import responsibilities as posterior_responsibilities
         from . import plots
 
         data, idata, estimate = self.data, self.idata, self.estimate
-        table, standardisation = data.table, data.standardisation
+        standardisation = data.standardisation
         mean = posterior_mean_estimate(idata, estimate.link)
         rows = (
             parameter_summary(idata, {"start": estimate})
@@ -364,15 +412,16 @@ class _FitRun:
                 "trace": plots.plot_trace(idata),
                 "posterior": plots.plot_posterior_vs_truth(idata, None, estimate),
                 "responsibilities": plots.plot_responsibilities(
-                    data.x.cpu(), data.y.cpu(), mean.to("cpu"), table.feature_names
+                    data.x.cpu(), data.y.cpu(), mean.to("cpu"), data.feature_names
                 ),
                 "posterior_predictive": plots.plot_posterior_predictive(idata),
             }
         numbers = {
             "file": data.path,
-            "rows": int(table.x.shape[0]),
-            "features": list(table.feature_names),
-            "target": table.target_name,
+            "rows": int(data.x.shape[0]),
+            "features": data.feature_names,
+            "target": data.target_name,
+            "formula": data.specification.formula,
             "num_experts": self.num_experts,
             "noise": self.noise,
             "comparison": self.comparison,
@@ -389,5 +438,13 @@ class _FitRun:
             folder / "standardisation.json", json.dumps(standardisation, indent=1) + "\n"
         )
         write_text_atomic(folder / "responsibilities.csv", responsibilities.to_csv())
+        write_fit_record(
+            folder,
+            data.specification,
+            num_experts=self.num_experts,
+            link=self.link,
+            noise=self.noise,
+            method=self.method,
+        )
         write_outputs(folder, idata, figures, summary)
         return numbers

@@ -33,7 +33,7 @@ from ..core import sites
 from ..core.units import AffineMap
 from ..spec.formula import ModelSpecification
 
-__all__ = ["MoERegression", "load", "SPECIFICATION_FILE", "MODEL_FILE"]
+__all__ = ["MoERegression", "load", "write_fit_record", "SPECIFICATION_FILE", "MODEL_FILE"]
 
 #: The files of a saved fit beside ``inference_data.nc``.
 SPECIFICATION_FILE = "specification.json"
@@ -335,25 +335,54 @@ class MoERegression:
         (:func:`~pyromoe.results_directory`): atomically, never over a folder pyromoe did not
         write, over earlier unchanged results only with ``overwrite=True``.
         """
-        from .atomic import write_netcdf_atomic, write_text_atomic
+        from .atomic import write_netcdf_atomic
         from .results import results_directory
 
         spec = self._check_fitted("save")
-        record = {
-            "format": _SAVE_FORMAT,
-            "formula": self.formula,
-            "gate": self.gate,
-            "num_experts": self.num_experts,
-            "link": self.link,
-            "noise": self.noise,
-            "priors": self.priors,
-            "method": getattr(self, "method", None),
-        }
         with results_directory(path, overwrite=overwrite) as folder:
             write_netcdf_atomic(self.idata, folder / _IDATA_FILE)
-            write_text_atomic(folder / SPECIFICATION_FILE, spec.to_json() + "\n")
-            write_text_atomic(folder / MODEL_FILE, json.dumps(record, indent=1) + "\n")
+            write_fit_record(
+                folder,
+                spec,
+                num_experts=self.num_experts,
+                link=self.link,
+                noise=self.noise,
+                method=getattr(self, "method", None),
+                formula=self.formula,
+                gate=self.gate,
+                priors=self.priors,
+            )
         return Path(path)
+
+
+def write_fit_record(
+    folder: Path,
+    specification: ModelSpecification,
+    *,
+    num_experts: int,
+    link: str,
+    noise: str,
+    method: str | None,
+    formula: str | None = None,
+    gate: str | None = None,
+    priors: dict | None = None,
+) -> None:
+    """Write ``specification.json`` and ``model.json`` into a results folder being built: with
+    its ``inference_data.nc``, what :func:`load` reads back."""
+    from .atomic import write_text_atomic
+
+    record = {
+        "format": _SAVE_FORMAT,
+        "formula": specification.formula if formula is None else formula,
+        "gate": gate,
+        "num_experts": int(num_experts),
+        "link": link if isinstance(link, str) else link.name,
+        "noise": noise,
+        "priors": priors,
+        "method": method,
+    }
+    write_text_atomic(folder / SPECIFICATION_FILE, specification.to_json() + "\n")
+    write_text_atomic(folder / MODEL_FILE, json.dumps(record, indent=1) + "\n")
 
 
 def load(path: str | os.PathLike) -> MoERegression:

@@ -82,6 +82,31 @@ def test_every_source_gives_the_same_pass_and_summary(data, on_disk):
         assert torch.equal(xs, data.x[rows]) and torch.equal(ys, data.y[rows]), kind
 
 
+def test_dask_reduction_tree_honours_split_every(data, monkeypatch):
+    """Each task of a Dask pass combines dask.config's split_every partial results (dask.array's
+    default, 4, when unset), and the sums do not depend on it."""
+    import dask
+
+    source = as_source(
+        da.from_array(data.x.numpy(), chunks=(1_000, 4)), da.from_array(data.y.numpy(), 1_000)
+    )
+    widths = []
+    real = sources._combine_parts
+
+    def recording(combine, *parts):
+        widths.append(len(parts))
+        return real(combine, *parts)
+
+    monkeypatch.setattr(sources, "_combine_parts", recording)
+    expected, _, _ = as_source(data.x, data.y).reduce(_gram, 1_000)
+    for split, config in ((2, {"split_every": 2}), (5, {"split_every": 5}), (4, {})):
+        widths.clear()
+        with dask.config.set(config):
+            gram, _, rows = source.reduce(_gram, 1_000)
+        assert max(widths) == split and int(rows) == 30_000, split
+        assert _relative(gram, expected) < 1e-12, split
+
+
 def test_source_kinds_and_memmap_stays_on_disk(on_disk):
     xm, ym, _ = on_disk
     source = as_source(xm, ym)

@@ -9,17 +9,20 @@ Every estimator reads its data through a :class:`Source`, built once at the publ
   read in row chunks in order, each chunk copied to a tensor on the target device as it is used:
   the file is never read whole into memory;
 - a ``dask.array.Array``: :class:`DaskSource`; each pass is ONE Dask computation of per-block
-  partial sums, reduced by a tree of Dask tasks on whatever scheduler is active (threads,
-  processes or a ``dask.distributed`` cluster). Dask does the distribution; pyromoe only says
-  what to sum.
+  partial sums, reduced by a tree of Dask tasks (each combining ``dask.config``'s
+  ``split_every`` partial results, as dask.array's reductions do) on whatever scheduler is active
+  (threads, processes or a ``dask.distributed`` cluster). Dask does the distribution; pyromoe
+  only says what to sum.
 
 A pass over the data is :meth:`Source.reduce`: ``sum over chunks of fn(x_chunk, y_chunk, *args)``
 for a function returning a tensor or a tuple of tensors (the sufficient statistics of a moment or
 an EM step). Extra memory is that of one chunk plus the sums, whatever n.
 
-``summary()`` is one pass (cached) giving the column means, standard deviations and largest
-magnitudes of ``x`` and ``y``, and checking that every value is finite; out-of-core sources are
-checked there, in the first pass any estimator makes, rather than by an extra read.
+``summary()`` is one pass (cached, :mod:`pyromoe.core.summary`) giving the column means, standard
+deviations and largest magnitudes of ``x`` and ``y``, and checking that every value is finite;
+out-of-core sources are checked there, in the first pass any estimator makes, rather than by an
+extra read. It is a :meth:`Source.reduce` like every other pass, so every source (Dask included)
+runs the same summary code. Chunks have ``chunk_size`` rows (:mod:`pyromoe.core.chunks`).
 """
 
 from __future__ import annotations
@@ -27,13 +30,20 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .._validation import as_tensors, check_device, check_x_shape, check_y_shape
 from .chunks import WORKER_CHUNK_BYTES, default_chunk_size
+from .summary import (
+    PILOT_ROWS,
+    Summary,
+    combine_summaries,
+    pilot_shifts,
+    summary_from_sums,
+    summary_sums,
+)
 
 __all__ = [
     "DaskSource",
@@ -48,7 +58,6 @@ __all__ = [
 ]
 
 _F64 = torch.float64
-_PILOT_ROWS = 1024
 
 
 def is_dask_array(value) -> bool:
@@ -63,30 +72,6 @@ def is_out_of_core(value) -> bool:
         or is_dask_array(value)
         or (isinstance(value, Source) and not isinstance(value, TensorSource))
     )
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Column statistics of a source (float64, on the source's device).
-
-    Attributes
-    ----------
-    num_rows : int
-    x_mean, x_sd, x_absmax : Tensor (d,)
-        ``x_sd`` uses the n - 1 denominator (``torch.std``'s default).
-    y_mean, y_sd, y_absmax : float
-    y_first : float
-        ``y`` of the first row (for messages about a constant ``y``).
-    """
-
-    num_rows: int
-    x_mean: torch.Tensor
-    x_sd: torch.Tensor
-    x_absmax: torch.Tensor
-    y_mean: float
-    y_sd: float
-    y_absmax: float
-    y_first: float
 
 
 def _rebuild(like, values):
@@ -111,64 +96,6 @@ def _to(value, device: torch.device):
     if isinstance(value, tuple):
         return _rebuild(value, (_to(v, device) for v in value))
     return value
-
-
-def _summary_sums(x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, y_shift: float):
-    """Partial sums of one chunk for :meth:`Source.summary` (float64).
-
-    Few passes over the chunk: the column sums and sums of squares (of ``x - shift``, the
-    subtraction skipped when the shift is zero), the column minima and maxima in one pass. NaN or
-    infinite values make those sums non-finite, so the row-by-row finiteness check runs only then
-    (or when a square overflowed).
-    """
-    x64 = x.to(_F64)
-    xs = x64 - shift if bool(shift.any()) else x64
-    ys = y.to(_F64) - y_shift
-    sums = xs.sum(0)
-    squares = torch.linalg.vector_norm(xs, dim=0) ** 2
-    if x.shape[0]:
-        low, high = torch.aminmax(x, dim=0)
-        peak = torch.maximum(low.abs(), high.abs()).to(_F64)
-    else:
-        peak = torch.zeros(x.shape[1], dtype=_F64, device=x.device)
-    y_stats = torch.stack([ys.sum(), ys.pow(2).sum(), y.abs().max().to(_F64)])
-    first_bad = math.inf
-    if not bool(torch.isfinite(torch.cat([sums, squares, peak, y_stats])).all()):
-        finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y)
-        bad = (~finite).nonzero()
-        first_bad = float(bad[0, 0]) if bad.numel() else math.inf
-    return (
-        torch.tensor(float(x.shape[0]), dtype=_F64),
-        sums,
-        squares,
-        peak,
-        y_stats,
-        torch.tensor(first_bad, dtype=_F64),
-    )
-
-
-def _summary_over(chunks, shift: torch.Tensor, y_shift: float):
-    """:func:`_summary_sums` accumulated over ``(x, y)`` chunks in row order: (count, sums,
-    squares, maxima, y sums, first non-finite row counted from the first chunk, or inf)."""
-    total, offset, first_bad = None, 0, math.inf
-    for xc, yc in chunks:
-        count, sx, sxx, xmax, ysums, bad = _summary_sums(xc, yc, shift, y_shift)
-        if not math.isfinite(first_bad) and math.isfinite(float(bad)):
-            first_bad = offset + float(bad)
-        offset += xc.shape[0]
-        if total is None:
-            total = [count, sx, sxx, xmax, ysums]
-            continue
-        total = [
-            total[0] + count,
-            total[1] + sx,
-            total[2] + sxx,
-            torch.maximum(total[3], xmax),
-            torch.stack(
-                [total[4][0] + ysums[0], total[4][1] + ysums[1], total[4][2].maximum(ysums[2])]
-            ),
-        ]
-    return (*total, torch.tensor(first_bad, dtype=_F64))
 
 
 def sample_rows(num_rows: int, rows: int, generator: torch.Generator) -> torch.Tensor:
@@ -238,15 +165,17 @@ class Source:
         """The whole data as tensors when it is in memory already, else None."""
         return None
 
-    def reduce(self, fn: Callable, chunk_size: int, *args):
+    def reduce(self, fn: Callable, chunk_size: int, *args, combine: Callable = _add):
         """``sum over chunks of fn(x_chunk, y_chunk, *args)``: one pass over the data.
 
         ``fn`` returns a tensor or a tuple (nested tuples allowed) of tensors of fixed shapes;
-        the sum is on :attr:`device`. Chunks have at most ``chunk_size`` rows.
+        the sum is on :attr:`device`. Chunks have at most ``chunk_size`` rows. ``combine(total,
+        part)`` adds the partial results of consecutive rows, in row order (default: elementwise
+        sums; ``total`` is None at first).
         """
         total = None
         for xc, yc in self.chunks(chunk_size):
-            total = _add(total, fn(xc, yc, *args))
+            total = combine(total, fn(xc, yc, *args))
         return total
 
     def head(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,34 +210,14 @@ class Source:
         return self._summary
 
     def _compute_summary(self, chunk: int) -> Summary:
-        pilot_x, pilot_y = self.head(_PILOT_ROWS)
-        pilot = pilot_x.to(_F64)
-        shift = pilot.mean(0)
-        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-        # the shift guards the sums of squares against cancellation when a column's mean is
-        # large against its spread; otherwise it only costs a copy of every chunk
-        if not bool((shift.abs() > pilot.std(0, correction=0)).any()):
-            shift = torch.zeros_like(shift)
-        y_shift = float(pilot_y.to(_F64).mean())
-        y_shift = y_shift if math.isfinite(y_shift) else 0.0
-        count, sx, sxx, xmax, ysums, first_bad = self._summary_pass(shift, y_shift, chunk)
-        if math.isfinite(float(first_bad)):
-            raise ValueError(self.non_finite_message(int(first_bad)))
-        n = float(count)
-        mean = sx / n
-        var = (sxx - n * mean**2).clamp_min(0) / max(n - 1, 1)
-        y_mean = float(ysums[0]) / n
-        y_var = max(float(ysums[1]) - n * y_mean * y_mean, 0.0) / max(n - 1, 1)  # inf, not an error
-        return Summary(
-            num_rows=int(n),
-            x_mean=(mean + shift).to(self.device),
-            x_sd=var.sqrt().to(self.device),
-            x_absmax=xmax.to(self.device),
-            y_mean=y_mean + y_shift,
-            y_sd=math.sqrt(y_var),
-            y_absmax=float(ysums[2]),
-            y_first=float(pilot_y[0]),
+        pilot_x, pilot_y = self.head(PILOT_ROWS)
+        shift, y_shift = pilot_shifts(pilot_x, pilot_y)
+        sums = self.reduce(
+            summary_sums, chunk, shift.to(self.device), y_shift, combine=combine_summaries
         )
+        if math.isfinite(float(sums[5])):
+            raise ValueError(self.non_finite_message(int(sums[5])))
+        return summary_from_sums(sums, shift, y_shift, float(pilot_y[0]), self.device)
 
     def non_finite_message(self, row: int) -> str:
         """The message for the first row holding NaN or infinite values, ``row``: it names the
@@ -325,10 +234,6 @@ class Source:
             f"{name} contains NaN or infinite values (first at {where}); drop or impute those "
             "rows before fitting"
         )
-
-    def _summary_pass(self, shift, y_shift, chunk):
-        """The summary sums, with the first non-finite row as a global row index."""
-        return _summary_over(self.chunks(chunk), shift.to(self.device), y_shift)
 
     def rescaled(self, units) -> Source:
         """This source read through ``units`` (a :class:`pyromoe.core.units.AffineMap`, e.g. the
@@ -352,10 +257,10 @@ class TensorSource(Source):
         for start in range(0, self.num_rows, chunk_size):
             yield self.x[start : start + chunk_size], self.y[start : start + chunk_size]
 
-    def reduce(self, fn, chunk_size, *args):
+    def reduce(self, fn, chunk_size, *args, combine=_add):
         if chunk_size >= self.num_rows:  # the whole data in one call: no slicing
             return fn(self.x, self.y, *args)
-        return super().reduce(fn, chunk_size, *args)
+        return super().reduce(fn, chunk_size, *args, combine=combine)
 
     def take(self, rows):
         rows = rows.to(self.x.device)
@@ -383,8 +288,8 @@ class _RescaledSource(Source):
         for xc, yc in self.base.chunks(chunk_size):
             yield self.units.x_to_new(xc), self.units.y_to_new(yc)
 
-    def reduce(self, fn, chunk_size, *args):
-        return self.base.reduce(_rescaled_call, chunk_size, fn, self.units, *args)
+    def reduce(self, fn, chunk_size, *args, combine=_add):
+        return self.base.reduce(_rescaled_call, chunk_size, fn, self.units, *args, combine=combine)
 
     def take(self, rows):
         x, y = self.base.take(rows)
@@ -457,8 +362,8 @@ def _worker_chunk(chunk_size: int, in_features: int) -> int:
     return min(int(chunk_size), default_chunk_size(in_features, WORKER_CHUNK_BYTES))
 
 
-def _block_sum(fn, xb, yb, chunk_size, dtype, args):
-    """One Dask block's partial sum, in sub-chunks of at most ``chunk_size`` rows (runs on a
+def _block_sum(fn, xb, yb, chunk_size, dtype, args, combine):
+    """One Dask block's partial result, in pieces of at most ``chunk_size`` rows (runs on a
     worker; see :func:`_worker_chunk`)."""
     total = None
     chunk_size = _worker_chunk(chunk_size, xb.shape[1])
@@ -467,43 +372,36 @@ def _block_sum(fn, xb, yb, chunk_size, dtype, args):
         stop = start + chunk_size
         xc = _chunk_tensor(xb[start:stop], dtype, torch.device("cpu"))
         yc = _chunk_tensor(yb[start:stop], dtype, torch.device("cpu"))
-        total = _add(total, fn(xc, yc, *args))
+        total = combine(total, fn(xc, yc, *args))
     return total
 
 
-def _sum_parts(*parts):
-    total = None
-    for part in parts:
-        if part is not None:
-            total = _add(total, part)
-    return total
+def _combine_parts(combine, *parts):
+    """The partial results of consecutive blocks combined in row order (empty blocks skipped)."""
+    return functools.reduce(combine, [part for part in parts if part is not None], None)
 
 
-def _block_summary(xb, yb, shift, y_shift, dtype, chunk_size):
-    """A block's summary sums (count, sums, squares, maxima, first bad row within the block), in
-    sub-chunks (runs on a worker; see :func:`_worker_chunk`)."""
-    yb = np.asarray(yb).reshape(-1)
-    rows = _worker_chunk(chunk_size, xb.shape[1])
-    cpu = torch.device("cpu")
-    pieces = (
-        (_chunk_tensor(xb[i : i + rows], dtype, cpu), _chunk_tensor(yb[i : i + rows], dtype, cpu))
-        for i in range(0, xb.shape[0], rows)
-    )
-    return _summary_over(pieces, shift, y_shift)
+def _split_every() -> int:
+    """Partial results each task of a Dask reduction tree combines: ``dask.config``'s
+    ``split_every`` (an int, or a dict read at axis 0), else dask.array's default, 4."""
+    import dask
+
+    value = dask.config.get("split_every", None)
+    if isinstance(value, dict):
+        value = value.get(0)
+    return max(2, int(value)) if value else 4
 
 
 class DaskSource(Source):
     """A ``dask.array.Array`` (x, and y as a Dask or in-memory array): each pass one Dask
-    computation of per-block partial sums, reduced by a tree of Dask tasks on the active scheduler.
+    computation of per-block partial sums, reduced by a tree of Dask tasks on the active scheduler
+    (``dask.config``'s ``split_every`` partial results per task).
 
-    Blocks are computed on the workers (CPU, in sub-chunks of ``chunk_size`` rows); only the sums
-    travel, and are moved to :attr:`device`.
+    Blocks are computed on the workers (CPU, in pieces of at most ``chunk_size`` rows); only the
+    sums travel, and are moved to :attr:`device`.
     """
 
     kind = "dask"
-
-    #: how many partial sums each task of the reduction tree adds
-    FAN_IN = 8
 
     def __init__(self, x, y, device: torch.device):
         super().__init__(x.shape[0], x.shape[1], _numpy_dtype_to_torch(x.dtype), device)
@@ -512,25 +410,21 @@ class DaskSource(Source):
     def _blocks(self):
         return list(zip(self.x.to_delayed().ravel(), self.y.to_delayed().ravel()))
 
-    def _tree(self, parts):
-        import dask
-
-        while len(parts) > 1:
-            parts = [
-                dask.delayed(_sum_parts, pure=True)(*parts[i : i + self.FAN_IN])
-                for i in range(0, len(parts), self.FAN_IN)
-            ]
-        return parts[0]
-
-    def reduce(self, fn, chunk_size, *args):
+    def reduce(self, fn, chunk_size, *args, combine=_add):
         import dask
 
         args = _to(args, torch.device("cpu"))  # the blocks are computed on CPU workers
         parts = [
-            dask.delayed(_block_sum, pure=True)(fn, xb, yb, chunk_size, self.dtype, args)
+            dask.delayed(_block_sum, pure=True)(fn, xb, yb, chunk_size, self.dtype, args, combine)
             for xb, yb in self._blocks()
         ]
-        (total,) = dask.compute(self._tree(parts))
+        fan_in = _split_every()
+        while len(parts) > 1:  # a tree of tasks, as dask.array's reductions build
+            parts = [
+                dask.delayed(_combine_parts, pure=True)(combine, *parts[i : i + fan_in])
+                for i in range(0, len(parts), fan_in)
+            ]
+        (total,) = dask.compute(parts[0])
         return _to(total, self.device)
 
     def chunks(self, chunk_size):
@@ -555,28 +449,6 @@ class DaskSource(Source):
             _chunk_tensor(xs, self.dtype, self.device),
             _chunk_tensor(np.asarray(ys).reshape(-1), self.dtype, self.device),
         )
-
-    def _summary_pass(self, shift, y_shift, chunk):
-        import dask
-
-        shift = shift.cpu()
-        offsets = np.concatenate([[0], np.cumsum(self.x.chunks[0])[:-1]])
-        parts = [
-            dask.delayed(_block_summary, pure=True)(xb, yb, shift, y_shift, self.dtype, chunk)
-            for xb, yb in self._blocks()
-        ]
-        (parts,) = dask.compute(parts)
-        count = sum(p[0] for p in parts)
-        sx = sum(p[1] for p in parts)
-        sxx = sum(p[2] for p in parts)
-        xmax = functools.reduce(torch.maximum, [p[3] for p in parts])
-        ysum = sum(p[4][0] for p in parts)
-        ysq = sum(p[4][1] for p in parts)
-        ymax = max(float(p[4][2]) for p in parts)
-        bad = [offsets[i] + float(p[5]) for i, p in enumerate(parts) if math.isfinite(float(p[5]))]
-        first_bad = min(bad) if bad else math.inf
-        ysums = torch.tensor([float(ysum), float(ysq), ymax], dtype=_F64)
-        return count, sx, sxx, xmax, ysums, torch.tensor(first_bad, dtype=_F64)
 
 
 # ------------------------------------------------------------------------------------ the boundary

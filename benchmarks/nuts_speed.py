@@ -30,8 +30,8 @@ from _common import machine_info, machine_markdown, write_results  # noqa: E402
 
 from pyromoe import MixtureOfExperts, simulate  # noqa: E402
 from pyromoe.app.demo import DEMO_DATA  # noqa: E402
-from pyromoe.bayes.fit import _chain_starts, run_nuts  # noqa: E402
 from pyromoe.bayes.model import DEFAULT_PRIOR_SCALES  # noqa: E402
+from pyromoe.bayes.nuts import _chain_starts, run_nuts  # noqa: E402
 
 
 def _min_ess(posterior: dict[str, np.ndarray]) -> float:

@@ -37,7 +37,8 @@ import torch  # noqa: E402
 
 from benchmarks._common import machine_info, machine_markdown, write_results  # noqa: E402
 from pyromoe import MixtureOfExperts, parameter_errors, simulate, sites  # noqa: E402
-from pyromoe.bayes.fit import fit_svi, run_nuts  # noqa: E402
+from pyromoe.bayes.nuts import run_nuts  # noqa: E402
+from pyromoe.bayes.svi import fit_svi  # noqa: E402
 from pyromoe.core.estimate import MoEEstimate  # noqa: E402
 from pyromoe.core.labels import align_labels  # noqa: E402
 from pyromoe.estimators.em import fit_em  # noqa: E402

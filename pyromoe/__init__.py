@@ -37,9 +37,9 @@ _EXPORTS: dict[str, str] = {
     "MixtureOfExperts": ".bayes.model",
     "OneDrawWarning": ".bayes.predict",
     "init_to_moments": ".bayes.init_strategy",
-    "fit_map": ".bayes.fit",
-    "fit_svi": ".bayes.fit",
-    "run_nuts": ".bayes.fit",
+    "fit_map": ".bayes.svi",
+    "fit_svi": ".bayes.svi",
+    "run_nuts": ".bayes.nuts",
     "sample_prior_predictive": ".bayes.prior",
     "align_labels": ".core.labels",
     "to_inference_data": ".bayes.to_arviz",
@@ -150,11 +150,12 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .app.runs import WRONG_BASIN_NATS, nuts_report, posterior_mean_estimate, relabel
     from .app.table import read_table
     from .bayes.compare import compare_experts
-    from .bayes.fit import fit_map, fit_svi, run_nuts
     from .bayes.init_strategy import init_to_moments
     from .bayes.model import MixtureOfExperts
+    from .bayes.nuts import run_nuts
     from .bayes.predict import OneDrawWarning, predict, responsibilities
     from .bayes.prior import sample_prior_predictive
+    from .bayes.svi import fit_map, fit_svi
     from .bayes.to_arviz import to_inference_data
     from .core import links
     from .core.em.loop import CollapseWarning, ConvergenceWarning

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pyromoe import MixtureOfExperts, parameter_errors, posterior_mean_estimate, simulate
-from pyromoe.bayes.fit import fit_map, fit_svi, run_nuts
+from pyromoe.bayes.nuts import run_nuts
+from pyromoe.bayes.svi import fit_map, fit_svi
 from pyromoe.estimators.em import fit_em
 from pyromoe.estimators.initialize import initialize
 

@@ -16,9 +16,10 @@ from pyro.infer.autoguide import AutoNormal
 from scipy.stats import binom
 
 from pyromoe import MixtureOfExperts, simulate, sites
-from pyromoe.bayes.fit import _chain_starts, fit_map, fit_svi, run_nuts
 from pyromoe.bayes.init_strategy import init_to_moments
 from pyromoe.bayes.laplace import laplace_approximation
+from pyromoe.bayes.nuts import _chain_starts, run_nuts
+from pyromoe.bayes.svi import fit_map, fit_svi
 from pyromoe.bayes.to_arviz import GROUPS, to_inference_data
 from pyromoe.core.em.loop import ConvergenceWarning
 from pyromoe.core.labels import best_permutation

@@ -12,9 +12,10 @@ import torch
 from pyromoe import MixtureOfExperts, initialize, simulate
 from pyromoe.app import plots
 from pyromoe.app.cli import main
-from pyromoe.app.results import RESULTS_MARKER
 from pyromoe.app.fitting import to_data_units
-from pyromoe.bayes.fit import fit_map, fit_svi, run_nuts
+from pyromoe.app.results import RESULTS_MARKER
+from pyromoe.bayes.nuts import run_nuts
+from pyromoe.bayes.svi import fit_map, fit_svi
 from pyromoe.bayes.to_arviz import to_inference_data
 from pyromoe.core.labels import best_permutation
 

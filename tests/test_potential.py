@@ -8,7 +8,7 @@ import torch
 from pyro.infer.mcmc.util import initialize_model
 
 from pyromoe import MixtureOfExperts, simulate
-from pyromoe.bayes.fit import run_nuts
+from pyromoe.bayes.nuts import run_nuts
 from pyromoe.bayes.potential import fused_potential, unsupported_prior
 
 LINKS = ["linear", "tanh", "relu", "leaky_relu", "sigmoid"]

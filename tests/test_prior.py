@@ -14,8 +14,8 @@ import torch
 import pyromoe
 from pyromoe import MixtureOfExperts, simulate, sites
 from pyromoe.bayes import prior as prior_module
-from pyromoe.bayes.fit import run_nuts
 from pyromoe.bayes.model import DEFAULT_PRIOR_SCALES
+from pyromoe.bayes.nuts import run_nuts
 from pyromoe.bayes.prior import sample_prior_predictive
 from pyromoe.estimators.initialize import MAP_PRIOR_SCALE
 

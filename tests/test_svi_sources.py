@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from pyromoe import MixtureOfExperts, parameter_errors, posterior_mean_estimate, simulate
-from pyromoe.bayes.fit import EVALUATION_ROWS, fit_map, fit_svi, run_nuts
+from pyromoe.bayes.nuts import run_nuts
+from pyromoe.bayes.svi import EVALUATION_ROWS, fit_map, fit_svi
 from pyromoe.core.sources import MemmapSource, sample_rows
 
 N, D = 20_000, 3

@@ -138,7 +138,7 @@ def _can_run_in_parallel(x: torch.Tensor) -> bool:
 
 def _nuts_job(job):
     """One ``run_nuts`` call in a worker process (top level, so that it pickles)."""
-    from ..bayes.fit import run_nuts
+    from ..bayes.nuts import run_nuts
 
     model, x, y, kwargs = job
     torch.set_num_threads(1)
@@ -151,7 +151,7 @@ def _run_nuts_jobs(model, x, y, jobs: list[dict], parallel: bool) -> list:
     call in processes only when there are more CPUs than chains, so on a small machine the two
     independent runs are what can share the cores. The pool is terminated on any error or
     interrupt, so no worker outlives the call."""
-    from ..bayes.fit import run_nuts
+    from ..bayes.nuts import run_nuts
 
     if not parallel:
         return [run_nuts(model, x, y, **job) for job in jobs]

@@ -2,7 +2,7 @@
 
 flexmix's ``stepFlexmix(k = 1:K)`` in the Bayesian workflow: for every k the start comes from
 :func:`pyromoe.initialize` (k = 1: a plain regression by EM), the posterior from
-:func:`~pyromoe.bayes.fit.fit_svi` or :func:`~pyromoe.bayes.fit.run_nuts`, and the table from
+:func:`~pyromoe.bayes.svi.fit_svi` or :func:`~pyromoe.bayes.nuts.run_nuts`, and the table from
 :func:`arviz.compare` on the pointwise log-likelihoods. k = 1 is the regression baseline a mixture
 has to beat.
 """
@@ -22,8 +22,9 @@ from .._validation import (
     check_seed,
 )
 from ..estimators.initialize import initialize
-from .fit import fit_svi, run_nuts
 from .model import MixtureOfExperts
+from .nuts import run_nuts
+from .svi import fit_svi
 
 __all__ = ["compare_experts"]
 
@@ -66,8 +67,8 @@ def compare_experts(
         The k to compare (each >= 1, distinct, at least two).
     link : str or Link
     inference : {"svi", "nuts"}
-        :func:`~pyromoe.bayes.fit.fit_svi` (fast; LOO on the guide's draws is an approximation)
-        or :func:`~pyromoe.bayes.fit.run_nuts`.
+        :func:`~pyromoe.bayes.svi.fit_svi` (fast; LOO on the guide's draws is an approximation)
+        or :func:`~pyromoe.bayes.nuts.run_nuts`.
     noise : {"shared", "per_expert"}
         The noise model of every fit.
     bias : bool

@@ -14,7 +14,7 @@ weights with scale ``1 / sqrt(d)``, read from :meth:`MixtureOfExperts.prior` lik
 site, support real) and, on the noise, ``HalfCauchy`` and ``HalfNormal`` (support positive,
 sampled through ``exp``, as Pyro's ``biject_to`` does), with any loc / scale broadcastable to the site's shape, wrapped in ``expand`` /
 ``to_event`` as :meth:`MixtureOfExperts.prior` does. :func:`fused_potential` returns ``None`` for
-anything else (then :func:`pyromoe.bayes.fit.run_nuts` runs the traced model).
+anything else (then :func:`pyromoe.bayes.nuts.run_nuts` runs the traced model).
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ import torch
 
 from .._validation import (
     check_count,
-    check_link,
     check_noise_model,
     check_num_experts,
     num_parameters,
@@ -23,6 +22,7 @@ from .._validation import (
 from ..bayes.model import MixtureOfExperts
 from ..core import sites
 from ..core.estimate import MoEEstimate
+from ..core.links import check_link
 from ..estimators.initialize import initialize
 from ..spec.formula import ModelSpecification
 from .atomic import write_text_atomic

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .._validation import check_link
 from ..core.estimate import MoEEstimate
+from ..core.links import check_link
 from .atomic import save_figure_atomic, write_netcdf_atomic, write_text_atomic
 from .plots import parameter_summary
 from .runs import WRONG_BASIN_NATS

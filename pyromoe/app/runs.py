@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._validation import check_device, check_link, check_num_experts, check_seed
+from .._validation import check_device, check_num_experts, check_seed
 from ..core import sites
 from ..core.estimate import MoEEstimate
+from ..core.links import check_link
 from .plots import parameter_sites
 
 __all__ = [

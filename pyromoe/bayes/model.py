@@ -15,13 +15,12 @@ from torch.distributions import constraints
 
 from .._validation import (
     as_tensors,
-    check_link,
     check_noise_model,
     check_num_experts,
     check_positive,
 )
 from ..core import likelihood, sites
-from ..core.links import Link
+from ..core.links import Link, check_link
 from ..core.params import Params
 
 __all__ = [

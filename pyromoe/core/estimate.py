@@ -12,10 +12,9 @@ from typing import Any
 
 import torch
 
-from .._validation import check_link
 from . import likelihood, sites
 from .labels import best_permutation, permute_draws
-from .links import Link
+from .links import Link, check_link
 from .params import Params
 
 __all__ = ["MoEEstimate", "parameter_errors"]

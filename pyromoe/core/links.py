@@ -5,8 +5,8 @@ the rest of the package branches on, defined once here in the registry: whether 
 (the pair's moments are then gate-free; docs/algorithm.md section 2), whether ``g`` is the identity
 (experts in closed form, moments exact for any k), positively homogeneous (``y`` may be rescaled) or
 linear on either side of a kink at 0 (Gaussian expectations exact from half-Gaussian moments).
-Public entry points turn a name into a :class:`Link` once (:func:`pyromoe._validation.check_link`);
-the functions below take the :class:`Link`.
+Public entry points turn a name into a :class:`Link` once (:func:`check_link`); the functions below
+take the :class:`Link`.
 
 Available names: ``"linear"``, ``"tanh"``, ``"relu"``, ``"leaky_relu"`` (negative slope 0.1 by default;
 use :func:`leaky_relu` for another slope) and ``"sigmoid"`` (the plain logistic function, whose centred
@@ -25,6 +25,7 @@ import torch
 __all__ = [
     "Link",
     "LINKS",
+    "check_link",
     "get_link",
     "leaky_relu",
     "DEFAULT_LEAKY_SLOPE",
@@ -194,6 +195,21 @@ def get_link(link: str | Link) -> Link:
             f"link must be one of {sorted(LINKS)}; got {link!r}. "
             "For another leaky-ReLU slope use pyromoe.core.links.leaky_relu(slope)."
         ) from None
+
+
+def check_link(link: str | Link) -> Link:
+    """The :class:`Link` for ``link`` (a registry name or a Link): the boundary's link check.
+
+    The one place where a link name becomes a Link: public entry points call it once and pass the
+    Link inward, so nothing below them resolves names again (:func:`get_link` does the lookup).
+
+    Raises
+    ------
+    ValueError, TypeError
+        For an unknown name or a value that is neither a name nor a Link (the message lists the
+        links).
+    """
+    return get_link(link)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import torch
 from .._validation import (
     check_enough_rows,
     check_flag,
-    check_link,
     check_noise_model,
     check_num_experts,
     check_positive,
@@ -28,7 +27,7 @@ from ..core.chunks import chunk_size_for
 from ..core.em.loop import EM
 from ..core.em.starts import SCREEN_CANDIDATES, screened_start, start_params
 from ..core.estimate import MoEEstimate
-from ..core.links import Link
+from ..core.links import Link, check_link
 from ..core.sources import Source, as_source
 from ..core.threads import check_num_threads, torch_threads
 from ..core.units import on_exact_scale

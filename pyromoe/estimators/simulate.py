@@ -11,14 +11,13 @@ import torch
 from .._validation import (
     check_device,
     check_flag,
-    check_link,
     check_num_experts,
     check_positive,
     check_seed,
 )
 from ..core.estimate import MoEEstimate
 from ..core.likelihood import sample_mixture
-from ..core.links import Link
+from ..core.links import Link, check_link
 from ..core.params import Params
 
 __all__ = ["SimulatedData", "simulate"]

@@ -27,7 +27,6 @@ from .._validation import (
     check_count,
     check_enough_rows,
     check_flag,
-    check_link,
     check_noise_model,
     check_num_experts,
     check_positive,
@@ -40,7 +39,7 @@ from ..core.chunks import chunk_size_for
 from ..core.em.loop import CollapseWarning, ConvergenceWarning, warn_collapse
 from ..core.em.statistics import mean_log_likelihood
 from ..core.estimate import MoEEstimate
-from ..core.links import Link
+from ..core.links import Link, check_link
 from ..core.sources import Source, as_source
 from ..core.threads import check_num_threads, torch_threads
 from ..core.units import on_exact_scale

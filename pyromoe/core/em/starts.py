@@ -13,10 +13,10 @@ import warnings
 
 import torch
 
-from ..._validation import as_tensor, check_link, check_noise_model, check_positive
+from ..._validation import as_tensor, check_noise_model, check_positive
 from ..chunks import default_chunk_size
 from ..estimate import MoEEstimate
-from ..links import Link
+from ..links import Link, check_link
 from ..params import Params
 from ..sources import TensorSource, as_source
 from .loop import EM, CollapseWarning, ConvergenceWarning

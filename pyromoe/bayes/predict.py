@@ -44,7 +44,7 @@ from .._validation import (
 from ..core import likelihood, sites
 from ..core.params import Params
 from .model import MODEL_ATTR, MixtureOfExperts
-from .to_arviz import _arviz_major, _from_dict
+from .to_arviz import _arviz_major, _from_dict, chunk_slices
 
 __all__ = [
     "OneDrawWarning",
@@ -177,14 +177,12 @@ def _columns_by_name(x, names: list[str] | None, argument: str):
     repeated = sorted({column for column in columns if columns.count(column) > 1})
     unknown = [column for column in columns if column not in names]
     missing = [name for name in names if name not in columns]
-    if repeated or unknown or missing:
-        problems = []
-        if unknown:
-            problems.append(f"unknown columns {unknown}")
-        if missing:
-            problems.append(f"missing columns {missing}")
-        if repeated:
-            problems.append(f"repeated columns {repeated}")
+    problems = [
+        f"{kind} columns {labels}"
+        for kind, labels in (("unknown", unknown), ("missing", missing), ("repeated", repeated))
+        if labels
+    ]
+    if problems:
         raise ValueError(
             f"{argument} has {', '.join(problems)}; its columns are matched by name to the "
             f"features the model was fitted on, {names}. Pass {argument}[{names!r}] (after "
@@ -278,11 +276,6 @@ def _flat_params(model, values: Mapping[str, np.ndarray], like: torch.Tensor) ->
 
 def _draws(params: Params, part: slice) -> Params:
     return Params(*(None if value is None else value[part] for value in params))
-
-
-def _chunks(total: int, size: int):
-    for start in range(0, total, size):
-        yield slice(start, min(start + size, total))
 
 
 def _check_x_new(x_new, model: MixtureOfExperts) -> torch.Tensor:
@@ -432,7 +425,7 @@ def predict(
     generator = torch.Generator(device=x.device).manual_seed(int(seed))
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in PREDICTION_VARIABLES}
     with torch.no_grad():
-        for part in _chunks(num_chains * num_kept, chunk_draws):
+        for part in chunk_slices(num_chains * num_kept, chunk_draws):
             for name, value in _predict_chunk(model, x, _draws(params, part), generator).items():
                 parts[name].append(value.cpu())
     k = parts["gate"][0].shape[-1]
@@ -470,16 +463,8 @@ def _predict_chunk(model, x: torch.Tensor, params: Params, generator: torch.Gene
     gate = torch.softmax(likelihood.gate_logits(x, params.gate_weight, params.gate_bias), dim=-1)
     expert_mean = likelihood.expert_means(x, params.experts_weight, params.experts_bias, model.link)
     mean = (gate * expert_mean).sum(-1)
-    # an expert per (draw, row) by inverting the gate's cumulative probabilities
-    uniform = torch.rand(
-        gate.shape[:-1] + (1,), generator=generator, device=x.device, dtype=x.dtype
-    )
-    labels = (uniform > gate.cumsum(-1)[..., :-1]).sum(-1, keepdim=True)
-    noise = params.expert_noise().to(dtype=x.dtype, device=x.device).unsqueeze(-2)
-    loc = expert_mean.gather(-1, labels).squeeze(-1)
-    scale = noise.expand_as(expert_mean).gather(-1, labels).squeeze(-1)
-    eps = torch.randn(loc.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return {sites.OBS: loc + scale * eps, "mean": mean, "expert_mean": expert_mean, "gate": gate}
+    y, _ = likelihood.draw_from_mixture(gate, expert_mean, params.expert_noise(), generator)
+    return {sites.OBS: y, "mean": mean, "expert_mean": expert_mean, "gate": gate}
 
 
 # ------------------------------------------------------------------------------------ responsibilities
@@ -551,13 +536,13 @@ def responsibilities(
 
     Examples
     --------
-    >>> from pyromoe import MixtureOfExperts, fit_map, simulate
+    >>> from pyromoe import MixtureOfExperts, simulate, to_inference_data
     >>> data = simulate(200, 2, seed=0)
     >>> model = MixtureOfExperts(2, 2, bias=False)
-    >>> idata = fit_map(model, data.x, data.y, init=data.truth, num_steps=20)
-    >>> import warnings
-    >>> with warnings.catch_warnings(record=True):  # one draw: OneDrawWarning
-    ...     table = responsibilities(model, idata)
+    >>> truth = data.truth.site_values(bias=False)
+    >>> draws = {k: v.expand(1, 4, *v.shape) for k, v in truth.items()}  # 4 draws at the truth
+    >>> idata = to_inference_data(model, data.x, data.y, draws)
+    >>> table = responsibilities(model, idata)
     >>> list(table.columns[:3])
     ['mean_expert_0', 'hdi_3%_expert_0', 'hdi_97%_expert_0']
     >>> table.shape
@@ -596,7 +581,7 @@ def responsibilities(
         chunk_rows = max(1, RESPONSIBILITY_BLOCK_ELEMENTS // (num_chains * num_draws * k))
     means, lows, highs = [], [], []
     with torch.no_grad():
-        for rows in _chunks(n, chunk_rows):
+        for rows in chunk_slices(n, chunk_rows):
             block = likelihood.responsibilities(x[rows], y[rows], params, model.link)
             block = block.cpu().numpy().reshape(num_chains, num_draws, *block.shape[1:])
             data = xr.Dataset({"r": (("chain", "draw", "obs", "expert"), block)})

@@ -90,7 +90,8 @@ def _numpy(value: torch.Tensor) -> np.ndarray:
     return value.detach().cpu().numpy()
 
 
-def _chunks(total: int, size: int):
+def chunk_slices(total: int, size: int):
+    """``slice``s of at most ``size`` consecutive indices covering ``range(total)``."""
     for start in range(0, total, size):
         yield slice(start, min(start + size, total))
 
@@ -181,13 +182,7 @@ def to_inference_data(
     >>> idata.posterior["experts.weight"].dims
     ('chain', 'draw', 'expert', 'feature')
     """
-    if isinstance(model, type):
-        check_model(model)  # the class, not an instance: say so
-    if not callable(getattr(model, "log_likelihood", None)) or not hasattr(model, "link"):
-        raise TypeError(
-            "model must be a pyromoe.MixtureOfExperts (with .log_likelihood(x, y, params) and .link); "
-            f"got {type(model).__name__}"
-        )
+    _check_model(model)
     seed = check_seed(seed)
     chunk_size = check_count(chunk_size, "chunk_size", minimum=1)
     log_likelihood = check_flag(log_likelihood, "log_likelihood")
@@ -197,40 +192,105 @@ def to_inference_data(
     if y is None:
         raise ValueError("y must be given (the observed outputs)")
     feature_names = check_feature_names(feature_names, x.shape[1], frame)
-    site_shapes = getattr(model, "site_shapes", None)
-    draws = check_samples(samples, x, site_shapes)
-    n, d = x.shape
+    draws = check_samples(samples, x, getattr(model, "site_shapes", None))
     num_chains, num_draws = draws[next(iter(draws))].shape[:2]
-    record: dict[str, Any] = {"labels_aligned": 0}
+    draws, record = _relabel(model, draws, align, x, y)
     settings_json = getattr(model, "settings_json", None)
-    # the model the draws come from, for predict and responsibilities to check
-    model_record = {MODEL_ATTR: settings_json(feature_names)} if callable(settings_json) else {}
-    if align is not None:
-        # a reference with the other noise model labels the draws as well (its noise is unused)
-        align, _ = match_noise_model(model, align, x, y)
-        draws, info = align_labels(draws, align)
-        record = {
-            "labels_aligned": 1,
-            "label_alignment": "optimal assignment of experts.weight to the reference estimate",
-            "label_reference": align.method,
-            "num_draws_relabelled": info["num_draws_relabelled"],
-            "num_draws_relabelled_per_chain": info["num_draws_relabelled_per_chain"],
-        }
-
-    # pointwise log-likelihood and predictions, chunk by chunk over the flattened draws
-    flat = {name: value.reshape(-1, *value.shape[2:]) for name, value in draws.items()}
-    total = num_chains * num_draws
+    if callable(settings_json):  # the model the draws come from, for predict to check
+        record[MODEL_ATTR] = settings_json(feature_names)
     generator = torch.Generator(device=x.device).manual_seed(int(seed))
+    pointwise, predicted = _evaluate(
+        model, x, y, draws, chunk_size, generator if posterior_predictive else None
+    )
+    total_log_likelihood = pointwise.sum(-1)
+    stats = _sample_stats(sample_stats, num_chains, num_draws)
+    stats["log_likelihood_total"] = _numpy(total_log_likelihood)
+    chain_means = total_log_likelihood.mean(-1)
+    all_attrs = {
+        "chain_mean_log_likelihood": chain_means.tolist(),
+        "chain_log_likelihood_gap": (chain_means.max() - chain_means).tolist(),
+        **record,
+        **({"posterior_predictive_seed": seed} if posterior_predictive else {}),
+        **dict(attrs or {}),
+    }
+    groups = {
+        "posterior": {name: _numpy(value) for name, value in draws.items()},
+        "sample_stats": stats,
+        "log_likelihood": {sites.OBS: _numpy(pointwise)} if log_likelihood else None,
+        "posterior_predictive": {sites.OBS: _numpy(predicted)} if posterior_predictive else None,
+        "observed_data": {sites.OBS: _numpy(y)},
+        "constant_data": {"x": _numpy(x)},
+    }
+    coords, dims = _coords_and_dims(draws, x, feature_names, obs_index)
+    return _from_dict(groups, coords=coords, dims=dims, attrs=all_attrs)
+
+
+def _check_model(model) -> None:
+    if isinstance(model, type):
+        check_model(model)  # the class, not an instance: say so
+    if not callable(getattr(model, "log_likelihood", None)) or not hasattr(model, "link"):
+        raise TypeError(
+            "model must be a pyromoe.MixtureOfExperts (with .log_likelihood(x, y, params) and "
+            f".link); got {type(model).__name__}"
+        )
+
+
+def _relabel(model, draws: dict, align: MoEEstimate | None, x, y) -> tuple[dict, dict]:
+    """``(draws, attrs)``: the draws relabelled to ``align`` when given, and the record of it."""
+    if align is None:
+        return draws, {"labels_aligned": 0}
+    # a reference with the other noise model labels the draws as well (its noise is unused)
+    align, _ = match_noise_model(model, align, x, y)
+    draws, info = align_labels(draws, align)
+    return draws, {
+        "labels_aligned": 1,
+        "label_alignment": "optimal assignment of experts.weight to the reference estimate",
+        "label_reference": align.method,
+        "num_draws_relabelled": info["num_draws_relabelled"],
+        "num_draws_relabelled_per_chain": info["num_draws_relabelled_per_chain"],
+    }
+
+
+def _evaluate(model, x, y, draws: dict, chunk_size: int, generator: torch.Generator | None):
+    """``(pointwise log-likelihood, posterior predictive y or None)``, each (chain, draw, n):
+    chunk by chunk over the flattened draws, one draw of y per parameter draw from
+    :func:`pyromoe.core.likelihood.sample_mixture` when a ``generator`` is given."""
+    num_chains, num_draws = draws[next(iter(draws))].shape[:2]
+    flat = {name: value.reshape(-1, *value.shape[2:]) for name, value in draws.items()}
     pointwise, predicted = [], []
-    for part in _chunks(total, chunk_size):
+    for part in chunk_slices(num_chains * num_draws, chunk_size):
         params = {name: value[part] for name, value in flat.items()}
         pointwise.append(model.log_likelihood(x, y, params))
-        if posterior_predictive:
-            predicted.append(_predict(model, x, params, generator))
-    pointwise = torch.cat(pointwise).reshape(num_chains, num_draws, n)
-    total_log_likelihood = pointwise.sum(-1)
+        if generator is not None:
+            y_draws, _ = likelihood.sample_mixture(
+                x, model.params(params, x), model.link, generator
+            )
+            predicted.append(y_draws)
+    shape = (num_chains, num_draws, x.shape[0])
+    return (
+        torch.cat(pointwise).reshape(shape),
+        torch.cat(predicted).reshape(shape) if predicted else None,
+    )
 
-    k = int(draws[sites.EXPERTS_WEIGHT].shape[-2]) if sites.EXPERTS_WEIGHT in draws else None
+
+def _sample_stats(sample_stats: Mapping | None, num_chains: int, num_draws: int) -> dict:
+    """The sampler's statistics as numpy arrays, each checked to be (chain, draw)."""
+    stats = {
+        name: np.asarray(_numpy(value) if isinstance(value, torch.Tensor) else value)
+        for name, value in (sample_stats or {}).items()
+    }
+    for name, value in stats.items():
+        if value.shape[:2] != (num_chains, num_draws):
+            raise ValueError(
+                f"sample_stats[{name!r}] must have shape (chain, draw) = {(num_chains, num_draws)}; "
+                f"got {value.shape}"
+            )
+    return stats
+
+
+def _coords_and_dims(draws: dict, x, feature_names, obs_index) -> tuple[dict, dict]:
+    """The ``coords`` and ``dims`` of the groups (table in the module docstring)."""
+    n, d = x.shape
     if obs_index is not None:
         obs_index = np.asarray(obs_index)
         if obs_index.shape != (n,):
@@ -239,60 +299,12 @@ def to_inference_data(
         "obs": np.arange(n) if obs_index is None else obs_index,
         "feature": np.asarray(feature_names) if feature_names is not None else np.arange(d),
     }
-    if k is not None:
+    if sites.EXPERTS_WEIGHT in draws:
+        k = int(draws[sites.EXPERTS_WEIGHT].shape[-2])
         coords["expert"] = np.arange(k)
         coords["gate"] = np.arange(1, k)
     dims = {name: SITE_DIMS[name] for name in draws if name in SITE_DIMS}
     if sites.NOISE in draws and np.ndim(draws[sites.NOISE]) == 3:
         dims[sites.NOISE] = ["expert"]  # one noise sd per expert: (chain, draw, expert)
     dims.update({sites.OBS: ["obs"], "x": ["obs", "feature"]})
-
-    stats = {
-        name: np.asarray(_numpy(torch.as_tensor(v)) if isinstance(v, torch.Tensor) else v)
-        for name, v in (sample_stats or {}).items()
-    }
-    for name, value in stats.items():
-        if value.shape[:2] != (num_chains, num_draws):
-            raise ValueError(
-                f"sample_stats[{name!r}] must have shape (chain, draw) = {(num_chains, num_draws)}; "
-                f"got {value.shape}"
-            )
-    stats["log_likelihood_total"] = _numpy(total_log_likelihood)
-    chain_means = total_log_likelihood.mean(-1)
-    all_attrs = {
-        "chain_mean_log_likelihood": chain_means.tolist(),
-        "chain_log_likelihood_gap": (chain_means.max() - chain_means).tolist(),
-        **record,
-        **model_record,
-        **({"posterior_predictive_seed": seed} if posterior_predictive else {}),
-        **dict(attrs or {}),
-    }
-    groups = {
-        "posterior": {name: _numpy(value) for name, value in draws.items()},
-        "sample_stats": stats,
-        "log_likelihood": {sites.OBS: _numpy(pointwise)} if log_likelihood else None,
-        "posterior_predictive": (
-            {sites.OBS: _numpy(torch.cat(predicted).reshape(num_chains, num_draws, n))}
-            if posterior_predictive
-            else None
-        ),
-        "observed_data": {sites.OBS: _numpy(y)},
-        "constant_data": {"x": _numpy(x)},
-    }
-    return _from_dict(groups, coords=coords, dims=dims, attrs=all_attrs)
-
-
-def _predict(model, x, params, generator: torch.Generator) -> torch.Tensor:
-    """One draw of ``y`` per parameter draw: pick an expert from the gate, add Gaussian noise."""
-    p = model.params(params, x)
-    gate = torch.softmax(likelihood.gate_logits(x, p.gate_weight, p.gate_bias), dim=-1)  # (S, n, k)
-    means = likelihood.expert_means(x, p.experts_weight, p.experts_bias, model.link)
-    uniform = torch.rand(
-        gate.shape[:-1] + (1,), generator=generator, device=x.device, dtype=x.dtype
-    )
-    labels = (uniform > gate.cumsum(-1)[..., :-1]).sum(-1, keepdim=True)
-    mean = means.gather(-1, labels).squeeze(-1)
-    # the chosen expert's sd: shared, or per expert
-    sd = p.expert_noise().unsqueeze(-2).expand_as(means).gather(-1, labels).squeeze(-1)
-    eps = torch.randn(mean.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return mean + sd * eps
+    return coords, dims

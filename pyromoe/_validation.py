@@ -379,14 +379,6 @@ def keeps_feature_names(fit: Callable) -> Callable:
     return wrapper
 
 
-def check_link(link):
-    """Temporary: :func:`pyromoe.core.links.check_link`, for modules not yet switched to it
-    (bayes/compare.py); to be deleted with the layer test's inside-function exception."""
-    from .core.links import check_link as links_check_link
-
-    return links_check_link(link)
-
-
 def check_num_experts(num_experts, minimum: int = 2) -> int:
     """Check that ``num_experts`` is an integer >= ``minimum`` and return it.
 

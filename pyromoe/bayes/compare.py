@@ -16,11 +16,11 @@ import arviz as az
 from .._validation import (
     as_tensors,
     check_flag,
-    check_link,
     check_noise_model,
     check_num_experts,
     check_seed,
 )
+from ..core.links import check_link
 from ..estimators.initialize import initialize
 from .model import MixtureOfExperts
 from .nuts import run_nuts

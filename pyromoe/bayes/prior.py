@@ -25,10 +25,10 @@ from .._validation import (
     check_request_size,
     check_seed,
 )
-from ..core import sites
+from ..core import likelihood, sites
 from ._rng import seeded_rng
 from .model import MODEL_ATTR, MixtureOfExperts
-from .to_arviz import SITE_DIMS, _from_dict, _numpy, _predict
+from .to_arviz import SITE_DIMS, _from_dict, _numpy, chunk_slices
 
 __all__ = ["sample_prior_predictive", "PREDICTIVE_CHUNK_ELEMENTS"]
 
@@ -116,15 +116,10 @@ def sample_prior_predictive(model, x, y=None, *, num_samples: int = 500, seed: i
             }
         generator = torch.Generator(device=x.device).manual_seed(seed)
         chunk = max(1, PREDICTIVE_CHUNK_ELEMENTS // (n * k))
-        predicted = [
-            _predict(
-                model,
-                x,
-                {name: value[start : start + chunk] for name, value in draws.items()},
-                generator,
-            )
-            for start in range(0, num_samples, chunk)
-        ]
+        predicted = []
+        for part in chunk_slices(num_samples, chunk):
+            params = model.params({name: value[part] for name, value in draws.items()}, x)
+            predicted.append(likelihood.sample_mixture(x, params, model.link, generator)[0])
     coords: dict[str, Any] = {
         "obs": np.arange(n),
         "feature": np.arange(d),

@@ -143,6 +143,57 @@ def test_no_module_imports_a_later_layer():
     assert violations == []
 
 
+def _runtime_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement that runs (those under ``if TYPE_CHECKING:`` do not)."""
+    typing_only = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and ast.unparse(block.test).endswith("TYPE_CHECKING")
+        for statement in block.body
+        for node in ast.walk(statement)
+    }
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in typing_only
+    ]
+
+
+def test_no_import_circle():
+    """No module imports itself back through others (lazy imports inside functions included):
+    the modules form a strict order, as the flow of the data does."""
+    paths = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {}
+    for module, path in paths.items():
+        targets = set()
+        for node in _runtime_imports(ast.parse(path.read_text(encoding="utf-8"))):
+            for target in _imported(node, module, path.name == "__init__.py"):
+                names = [alias.name for alias in getattr(node, "names", [])]
+                submodules = {f"{target}.{name}" for name in names} & set(paths)
+                targets |= submodules or ({target} & set(paths))
+        graph[module] = targets - {module, "pyromoe"}
+
+    def circle_from(start: str) -> list[str] | None:
+        path, seen = [start], set()
+
+        def walk(module: str) -> list[str] | None:
+            for target in sorted(graph[module]):
+                if target == start:
+                    return [*path, start]
+                if target not in seen:
+                    seen.add(target)
+                    path.append(target)
+                    if found := walk(target):
+                        return found
+                    path.pop()
+            return None
+
+        return walk(start)
+
+    circles = [found for module in sorted(graph) if (found := circle_from(module))]
+    assert circles == []
+
+
 @pytest.mark.parametrize(
     "module, source, allowed",
     [

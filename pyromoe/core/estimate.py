@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .._validation import as_tensors, check_device
 from . import likelihood, sites
 from .labels import best_permutation, permute_draws
 from .links import Link, check_link
@@ -109,8 +110,6 @@ class MoEEstimate:
         CUDA/MPS).
         """
         if device is not None and (isinstance(device, str) or device != self.experts_weight.device):
-            from .._validation import check_device
-
             device = check_device(device)
         moved = {
             name: getattr(self, name).to(device=device, dtype=dtype)
@@ -180,30 +179,22 @@ class MoEEstimate:
 
     def log_likelihood(self, x, y) -> torch.Tensor:
         """Per-observation log-likelihood ``log p(y_n | x_n)`` under this estimate, shape (n,)."""
-        from .._validation import as_tensors
-
         x, y = as_tensors(x, y, in_features=self.in_features)
         return likelihood.log_likelihood(x, y, self.params.like(x), self.link)
 
     def responsibilities(self, x, y) -> torch.Tensor:
         """Posterior responsibilities ``p(expert | x_n, y_n)`` under this estimate, shape (n, k)."""
-        from .._validation import as_tensors
-
         x, y = as_tensors(x, y, in_features=self.in_features)
         return likelihood.responsibilities(x, y, self.params.like(x), self.link)
 
     def gate_probabilities(self, x) -> torch.Tensor:
         """Gate probabilities ``gate_i(x_n)``, shape (n, k)."""
-        from .._validation import as_tensors
-
         x, _ = as_tensors(x, in_features=self.in_features)
         p = self.params.like(x)
         return torch.softmax(likelihood.gate_logits(x, p.gate_weight, p.gate_bias), dim=-1)
 
     def predict(self, x) -> torch.Tensor:
         """Mean prediction ``E[y | x] = sum_i gate_i(x) g(a_i . x + b_i)``, shape (n,)."""
-        from .._validation import as_tensors
-
         x, _ = as_tensors(x, in_features=self.in_features)
         p = self.params.like(x)
         gate = torch.softmax(likelihood.gate_logits(x, p.gate_weight, p.gate_bias), dim=-1)

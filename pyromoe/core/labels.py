@@ -207,9 +207,10 @@ def align_labels(
     >>> info["num_draws_relabelled"]
     10
     """
-    from .estimate import MoEEstimate
-
-    if not isinstance(estimate, MoEEstimate):
+    # what an estimate offers, checked by its attributes: labels stays below core/estimate.py
+    if not all(
+        hasattr(estimate, name) for name in ("num_experts", "experts_weight", "site_values")
+    ):
         raise TypeError(f"estimate must be a pyromoe.MoEEstimate; got {type(estimate).__name__}")
     # one expert has no gate and no labels to switch
     needed = (sites.EXPERTS_WEIGHT,) + ((sites.GATE_WEIGHT,) if estimate.num_experts > 1 else ())

@@ -7,15 +7,21 @@ import random
 
 import arviz as az
 import numpy as np
+import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.infer import MCMC
+from pyro.infer.mcmc.util import initialize_model
 
 import pyromoe
 from pyromoe import MixtureOfExperts, simulate, sites
 from pyromoe.bayes import prior as prior_module
+from pyromoe.bayes._rng import seeded_rng
 from pyromoe.bayes.model import DEFAULT_PRIOR_SCALES
 from pyromoe.bayes.nuts import run_nuts
+from pyromoe.bayes.nuts_kernel import CountedPotential, RecordingNUTS, record_draw
+from pyromoe.bayes.potential import fused_potential
 from pyromoe.bayes.prior import sample_prior_predictive
 from pyromoe.estimators.initialize import MAP_PRIOR_SCALE
 
@@ -262,3 +268,68 @@ def test_energy_is_the_same_with_the_fused_and_the_traced_potential(nuts_runs):
     fused, traced = (nuts_runs[name].sample_stats for name in ("fused", "traced"))
     for name in ("energy", "lp", "acceptance_rate"):
         np.testing.assert_allclose(fused[name].values, traced[name].values, rtol=1e-6, err_msg=name)
+
+
+# ------------------------------------------------------------------------------ Pyro's own values
+class _PyroMomentum(pyro.poutine.messenger.Messenger):
+    """Test only: the momentum Pyro's NUTS draws, read off its private ``r_t=...`` sample sites."""
+
+    def __enter__(self):
+        self.values = []
+        return super().__enter__()
+
+    def _pyro_post_sample(self, msg):
+        if str(msg["name"]).startswith("r_t="):
+            self.values.append(msg["value"].detach())
+
+
+class _WithPyrosValues(RecordingNUTS):
+    """RecordingNUTS that also keeps, per transition, what Pyro knows but does not publish: the
+    kinetic energy of the fresh momentum and its running mean acceptance probability."""
+
+    def sample(self, params):
+        before = self._mean_accept_prob
+        with _PyroMomentum() as momentum:
+            state = super().sample(params)
+        kinetic = 0.5 * sum(float((r * r).sum()) for r in momentum.values)
+        self.pyro_values.append((kinetic, before, self._mean_accept_prob))
+        return state
+
+
+@pytest.mark.parametrize("full_mass", [False, True])
+def test_energy_and_acceptance_equal_pyros_private_values(full_mass):
+    """The pin for pyromoe's public-interface energy and acceptance_rate (trajectory_statistics,
+    from positions, gradients, step size and mass matrix): they equal what Pyro computes inside
+    NUTS, read here from its private momentum sites and running mean. When a Pyro release
+    changes its integrator (or these internals), this test fails first."""
+    data = simulate(200, 2, num_experts=2, noise=0.3, seed=0)
+    model = MixtureOfExperts(2, 2, bias=True)
+    x, y = data.x, data.y
+    with seeded_rng(0):
+        initial, _, transforms, _ = initialize_model(model, model_args=(x, y), max_plate_nesting=1)
+        potential = CountedPotential(
+            model, (x, y), transforms, False, fused=fused_potential(model, x, y)
+        )
+        kernel = _WithPyrosValues(potential, full_mass=full_mass)
+        kernel.pyro_values = []
+        num_warmup, num_samples = 30, 40
+        mcmc = MCMC(
+            kernel,
+            num_samples=num_samples,
+            warmup_steps=num_warmup,
+            initial_params=initial,
+            hook_fn=record_draw,
+            disable_progbar=True,
+        )
+        mcmc.run()
+    stats = {name: np.asarray(value) for name, value in kernel.draw_stats.items()}
+    kinetic, before, after = (np.asarray(v) for v in zip(*kernel.pyro_values[num_warmup:]))
+    # energy[t] = U(start of t) + K_t, and draw t starts where draw t - 1 ended: U = -lp[t - 1]
+    np.testing.assert_allclose(
+        stats["energy"][1:] + stats["lp"][:-1], kinetic[1:], rtol=0, atol=1e-10
+    )
+    # Pyro's running mean over the kept draws, m_n = m_{n-1} + (a_n - m_{n-1}) / n
+    n = np.arange(1, num_samples + 1)
+    per_draw = np.where(n == 1, after, n * after - (n - 1) * before)
+    np.testing.assert_allclose(stats["acceptance_rate"], per_draw, rtol=0, atol=1e-10)
+    assert np.unique(stats["acceptance_rate"]).size > 10

@@ -125,50 +125,16 @@ def simulate(
             f"dtype must be a floating torch dtype (e.g. torch.float64 or torch.float32); got "
             f"{dtype!r}"
         )
-    if isinstance(gate_norm, bool) or not isinstance(gate_norm, numbers.Real):
-        raise TypeError(f"gate_norm must be a number >= 0; got {type(gate_norm).__name__}")
-    gate_norm = float(gate_norm)
-    if not (gate_norm >= 0 and math.isfinite(gate_norm)):
-        raise ValueError(f"gate_norm must be a finite number >= 0; got {gate_norm}")
-    if gate not in ("random", "orthogonal"):
-        raise ValueError(f"gate must be 'random' or 'orthogonal'; got {gate!r}")
-    if expert_cosine is not None and not 0.0 <= float(expert_cosine) < 1.0:
-        raise ValueError(f"expert_cosine must be in [0, 1); got {expert_cosine}")
-    directions = k + 1 if expert_cosine is not None else k
-    if expert_cosine is not None and directions > d:
-        raise ValueError(
-            f"expert_cosine needs in_features >= num_experts + 1 = {directions}; got in_features={d}"
-        )
-    if gate == "orthogonal" and d <= directions:
-        raise ValueError(
-            f"gate='orthogonal' needs in_features > {directions} (room for a gate orthogonal to the "
-            f"experts); got in_features={d}. Use gate='random' or more features."
-        )
-
+    gate_norm = _check_shape_of_truth(d, k, gate, gate_norm, expert_cosine)
     generator = torch.Generator().manual_seed(int(seed))
     cpu = dict(dtype=torch.float64)
 
     def normal(*shape):
         return torch.randn(*shape, generator=generator, **cpu)
 
-    if expert_cosine is None:
-        experts_weight = _unit_rows(normal(k, d))
-    else:
-        basis, _ = torch.linalg.qr(normal(d, k + 1))  # orthonormal columns
-        c = float(expert_cosine)
-        experts_weight = math.sqrt(c) * basis[:, :1].T + math.sqrt(1 - c) * basis[:, 1:].T
-
-    raw_gate = normal(k - 1, d)
-    if gate == "orthogonal":
-        q, _ = torch.linalg.qr(experts_weight.T)  # basis of span(experts)
-        raw_gate = raw_gate - (raw_gate @ q) @ q.T
-    gate_weight = gate_norm * _unit_rows(raw_gate)
-
-    if bias:
-        experts_bias, gate_bias = 0.5 * normal(k), 0.5 * normal(k - 1)
-    else:
-        experts_bias, gate_bias = torch.zeros(k, **cpu), torch.zeros(k - 1, **cpu)
-
+    experts_weight, experts_bias, gate_weight, gate_bias = _draw_parameters(
+        normal, d, k, gate, gate_norm, expert_cosine, bias
+    )
     x = normal(n, d)
     params = Params(
         experts_weight, experts_bias, gate_weight, gate_bias, torch.tensor(noise, **cpu)
@@ -191,3 +157,52 @@ def simulate(
         truth=truth,
         seed=seed,
     )
+
+
+def _check_shape_of_truth(d: int, k: int, gate: str, gate_norm, expert_cosine) -> float:
+    """The gate's and the experts' settings of :func:`simulate`, checked: the gate norm."""
+    if isinstance(gate_norm, bool) or not isinstance(gate_norm, numbers.Real):
+        raise TypeError(f"gate_norm must be a number >= 0; got {type(gate_norm).__name__}")
+    gate_norm = float(gate_norm)
+    if not (gate_norm >= 0 and math.isfinite(gate_norm)):
+        raise ValueError(f"gate_norm must be a finite number >= 0; got {gate_norm}")
+    if gate not in ("random", "orthogonal"):
+        raise ValueError(f"gate must be 'random' or 'orthogonal'; got {gate!r}")
+    if expert_cosine is not None and not 0.0 <= float(expert_cosine) < 1.0:
+        raise ValueError(f"expert_cosine must be in [0, 1); got {expert_cosine}")
+    directions = k + 1 if expert_cosine is not None else k
+    if expert_cosine is not None and directions > d:
+        raise ValueError(
+            f"expert_cosine needs in_features >= num_experts + 1 = {directions}; got in_features={d}"
+        )
+    if gate == "orthogonal" and d <= directions:
+        raise ValueError(
+            f"gate='orthogonal' needs in_features > {directions} (room for a gate orthogonal to the "
+            f"experts); got in_features={d}. Use gate='random' or more features."
+        )
+    return gate_norm
+
+
+def _draw_parameters(normal, d: int, k: int, gate: str, gate_norm: float, expert_cosine, bias):
+    """The true experts (unit rows, or pairwise cosine ``expert_cosine``), gate (norm
+    ``gate_norm``, orthogonal to the experts for ``gate="orthogonal"``) and biases, drawn by
+    ``normal(*shape)`` in this order."""
+    if expert_cosine is None:
+        experts_weight = _unit_rows(normal(k, d))
+    else:
+        basis, _ = torch.linalg.qr(normal(d, k + 1))  # orthonormal columns
+        c = float(expert_cosine)
+        experts_weight = math.sqrt(c) * basis[:, :1].T + math.sqrt(1 - c) * basis[:, 1:].T
+
+    raw_gate = normal(k - 1, d)
+    if gate == "orthogonal":
+        q, _ = torch.linalg.qr(experts_weight.T)  # basis of span(experts)
+        raw_gate = raw_gate - (raw_gate @ q) @ q.T
+    gate_weight = gate_norm * _unit_rows(raw_gate)
+
+    if bias:
+        experts_bias, gate_bias = 0.5 * normal(k), 0.5 * normal(k - 1)
+    else:
+        experts_bias = torch.zeros(k, dtype=torch.float64)
+        gate_bias = torch.zeros(k - 1, dtype=torch.float64)
+    return experts_weight, experts_bias, gate_weight, gate_bias

@@ -196,11 +196,8 @@ def run_nuts(
     init : MoEEstimate, callable or None
         ``MoEEstimate``: seeded start. ``None``: Pyro's default (``init_to_uniform``). A callable:
         any Pyro init strategy (no jitter added).
-        An estimate with the other noise model is reconciled before any work
-        (:func:`~pyromoe.bayes.init_strategy.match_noise_model`: a shared sd repeated for a
-        per-expert model, per-expert sds pooled for a shared one), recorded in
-        ``attrs["init_noise_conversion"]``; one with another number of experts or inputs is
-        refused.
+        An estimate is reconciled with the model's noise model as in
+        :func:`~pyromoe.fit_map`.
     num_chains : int
         Chains (>= 1).
     num_warmup, num_samples : int
@@ -247,9 +244,7 @@ def run_nuts(
         estimate given as ``init``) are moved there. Chains of CUDA data in worker processes use
         the ``"spawn"`` context.
     feature_names : list of str, optional
-        Names of the inputs, the ``feature`` coordinates of the output (``d`` distinct strings).
-        Default: the column labels of ``x`` when it is a pandas DataFrame with string labels,
-        else 0..d-1.
+        As in :func:`~pyromoe.fit_map`.
 
     Returns
     -------
@@ -270,8 +265,9 @@ def run_nuts(
     ------
     ValueError
         ``num_chains < 1``, ``target_accept_prob`` outside (0, 1), ``max_tree_depth < 1``, a
-        ``device`` that does not exist and other invalid arguments (all checked before any work), an estimate that does not fit the
-        model (names the site), a model without the expected sites.
+        ``device`` that does not exist and other invalid arguments (all checked before any
+        work), an estimate that does not fit the model (names the site), a model without the
+        expected sites.
     TypeError
         If ``model`` is not a model instance (e.g. the class itself), or arguments of the wrong type.
 

@@ -31,7 +31,13 @@ from pyro.infer import NUTS
 from pyro.infer.autoguide.initialization import init_to_feasible
 from pyro.infer.mcmc.util import initialize_model
 
-__all__ = ["CountedPotential", "RecordingNUTS", "record_draw", "trajectory_statistics"]
+__all__ = [
+    "CountedPotential",
+    "Evaluation",
+    "RecordingNUTS",
+    "record_draw",
+    "trajectory_statistics",
+]
 
 #: how far (relative to the step) a predicted leapfrog position may be from the evaluated one
 _POSITION_TOLERANCE = 1e-6
@@ -193,19 +199,16 @@ def trajectory_statistics(
     """
     metric, eps = _Metric(inverse_mass), float(step_size)
     z0, g0 = metric.flat(start.position), metric.flat(start.grads)
-    points = [
-        (metric.flat(leaf.position), leaf.potential, metric.flat(leaf.grads)) for leaf in leaves
-    ]
+    points = [_flat_evaluation(leaf, metric) for leaf in leaves]
     if not points:
         return math.nan, math.nan
-    half = metric.momentum((points[0][0] - z0) / eps)
-    r0 = half + 0.5 * eps * g0
+    r0 = metric.momentum((points[0][0] - z0) / eps) + 0.5 * eps * g0
     energy = start.potential + metric.kinetic(r0)
-    # each end of the trajectory: (direction, position, forward momentum, gradient)
+    # the ends of the trajectory by direction (-1 left, +1 right): position, forward momentum,
+    # gradient; the first step goes right from the start
     ends = {-1: (z0, r0, g0)}
+    direction, previous = 1, ends[-1]
     hamiltonians = []
-    direction = 1
-    previous = (z0, r0, g0)
     for index, (z, potential, grads) in enumerate(points):
         if index > 0 and ((index + 1) & index) == 0:  # the first step of doubling 1, 2, 3, ...
             direction = _extended_end(ends, z, eps, metric)
@@ -227,6 +230,14 @@ def trajectory_statistics(
     hamiltonians = torch.where(torch.isnan(hamiltonians), math.inf, hamiltonians)
     acceptance = torch.exp(energy - hamiltonians).clamp(max=1.0).mean()
     return float(energy), float(acceptance)
+
+
+def _flat_evaluation(evaluation: Evaluation, metric: _Metric) -> tuple:
+    """``(position, potential, gradient)`` flat; a NaN gradient where the potential failed."""
+    position = metric.flat(evaluation.position)
+    if not evaluation.grads:
+        return position, evaluation.potential, torch.full_like(position, math.nan)
+    return position, evaluation.potential, metric.flat(evaluation.grads)
 
 
 def _extended_end(ends: dict, z: torch.Tensor, eps: float, metric: _Metric) -> int:

@@ -440,11 +440,7 @@ def fit_svi(
     y : the same kinds (n,)
     init : MoEEstimate, callable or None
         Start of the guide's location (``None``: the autoguide's own default).
-        An estimate with the other noise model is reconciled before any work
-        (:func:`~pyromoe.bayes.init_strategy.match_noise_model`: a shared sd repeated for a
-        per-expert model, per-expert sds pooled for a shared one), recorded in
-        ``attrs["init_noise_conversion"]``; one with another number of experts or inputs is
-        refused.
+        An estimate is reconciled with the model's noise model as in :func:`fit_map`.
     guide : {"normal", "lowrank", "mvn"} or AutoGuide
         :class:`~pyro.infer.autoguide.AutoNormal` (mean field), :class:`~pyro.infer.autoguide.
         AutoLowRankMultivariateNormal`, :class:`~pyro.infer.autoguide.AutoMultivariateNormal`
@@ -465,9 +461,7 @@ def fit_svi(
     posterior_predictive : bool
         Add the posterior predictive group.
     feature_names : list of str, optional
-        Names of the inputs, the ``feature`` coordinates of the output (``d`` distinct strings).
-        Default: the column labels of ``x`` when it is a pandas DataFrame with string labels,
-        else 0..d-1.
+        As in :func:`fit_map`.
 
     Returns
     -------

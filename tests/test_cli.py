@@ -123,12 +123,12 @@ def test_fit_bad_input_has_a_clear_message_and_no_output(tmp_path, capsys, make_
 
 
 def test_fit_that_fails_midway_leaves_no_partial_output(tmp_path, monkeypatch):
-    import pyromoe.bayes.fit
+    import pyromoe.bayes.nuts
 
     def broken(*args, **kwargs):
         raise RuntimeError("sampler crashed")
 
-    monkeypatch.setattr(pyromoe.bayes.fit, "run_nuts", broken)
+    monkeypatch.setattr(pyromoe.bayes.nuts, "run_nuts", broken)
     out = tmp_path / "results"
     path = datasets.dataset_path("old_faithful")
     assert main(["fit", str(path), "--target", "waiting", "--out", str(out), *SMALL_NUTS]) == 1

@@ -185,12 +185,12 @@ def test_version(capsys):
 
 
 def test_failure_inside_the_fit_is_one_line_and_exit_1(workdir, capsys, monkeypatch):
-    import pyromoe.bayes.fit
+    import pyromoe.bayes.svi
 
     def broken(*args, **kwargs):
         raise RuntimeError("sampler crashed")
 
-    monkeypatch.setattr(pyromoe.bayes.fit, "fit_svi", broken)
+    monkeypatch.setattr(pyromoe.bayes.svi, "fit_svi", broken)
     assert _fit("--out", "results", *FAST_SVI) == 1
     error = capsys.readouterr().err
     assert error == (
@@ -554,7 +554,7 @@ def test_cli_takes_the_largest_seed_through_the_start_to_the_fit(workdir, mixtur
     the fit itself is stopped there, to keep the test fast."""
     import numpy as np
 
-    import pyromoe.bayes.fit
+    import pyromoe.bayes.svi
 
     seen = {}
 
@@ -562,7 +562,7 @@ def test_cli_takes_the_largest_seed_through_the_start_to_the_fit(workdir, mixtur
         seen.update(seed=seed, initializer=init.diagnostics["initializer"])
         raise RuntimeError("stopped at the fit")
 
-    monkeypatch.setattr(pyromoe.bayes.fit, "fit_svi", stop_at_the_fit)
+    monkeypatch.setattr(pyromoe.bayes.svi, "fit_svi", stop_at_the_fit)
     table = np.column_stack([mixture.x.numpy(), mixture.y.numpy()])
     rows = "".join(",".join(map(str, row)) + "\n" for row in table)
     (workdir / "mix.csv").write_text("a,b,c,y\n" + rows)

@@ -328,7 +328,8 @@ class _FitRun:
 
     def fit(self, folder: Path) -> None:
         """Compare the numbers of experts (several ks) or take the one k; start; fit."""
-        from ..bayes.fit import fit_svi, run_nuts
+        from ..bayes.nuts import run_nuts
+        from ..bayes.svi import fit_svi
 
         data, names = self.data, self.data.feature_names
         self.num_experts = self.ks[0]

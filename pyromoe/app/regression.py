@@ -137,8 +137,9 @@ class MoERegression:
         MoERegression
             ``self``, fitted: ``specification``, ``estimate``, ``model``, ``idata``.
         """
-        from ..bayes.fit import fit_svi, run_nuts
         from ..bayes.model import MixtureOfExperts
+        from ..bayes.nuts import run_nuts
+        from ..bayes.svi import fit_svi
         from ..estimators.initialize import initialize
 
         if method not in ("nuts", "svi"):

@@ -46,17 +46,18 @@ import torch  # noqa: E402
 
 import pyromoe  # noqa: E402
 from benchmarks._common import machine_info, machine_markdown, write_results  # noqa: E402
+from pyromoe.core import moments as moments_module  # noqa: E402
 from pyromoe.core.chunks import default_chunk_size  # noqa: E402
 from pyromoe.core.labels import best_permutation  # noqa: E402
 from pyromoe.core.sources import as_source  # noqa: E402
-from pyromoe.estimators import moment_step as moment_step_module  # noqa: E402
+from pyromoe.estimators.moment_step import moment_experts  # noqa: E402
 
 NS = (150, 500, 2000, 20000, 200000)
 COSINES = (0.0, 0.5, 0.8, 0.95)
 TARGET = (2, 0.8, 2000, 5)  # k, cosine, n, d
 EXTRA_D = [(2, 0.8, n, 20) for n in (2000, 20000, 200000)]
 NOISE = 0.5
-FLOOR_FACTOR = inspect.signature(moment_step_module.t2_noise_floor).parameters["factor"].default
+FLOOR_FACTOR = inspect.signature(moments_module.t2_noise_floor).parameters["factor"].default
 EM_CHECK_MAX_ROWS = 20000
 WRONG_NATS = 5.0  # as benchmarks/random_starts.py
 
@@ -129,7 +130,7 @@ def one_run(n, d, k, cosine, seed, null, link):
     x, y, truth = data_set(n, d, k, cosine, seed, null)
     seen = {}
 
-    original = moment_step_module.t2_noise_floor
+    original = moments_module.t2_noise_floor
 
     def no_floor(moments, num_components):
         # the library's floor is FACTOR * 2 sqrt(m) * s: record s, refuse nothing
@@ -137,16 +138,16 @@ def one_run(n, d, k, cosine, seed, null, link):
         seen["s"] = original(moments, num_components) / (FLOOR_FACTOR * 2.0 * math.sqrt(m))
         return 0.0
 
-    moment_step_module.t2_noise_floor = no_floor
+    moments_module.t2_noise_floor = no_floor
     try:
-        weight, _, _, _, diagnostics = moment_step_module.moment_experts(
+        weight, _, _, _, diagnostics = moment_experts(
             as_source(x, y), k, link, None, default_chunk_size(x.shape[1]), seed
         )
         right_basin = None
         if truth is not None and n <= EM_CHECK_MAX_ROWS:
             right_basin = basin_check(x, y, k, truth, seed)
     finally:
-        moment_step_module.t2_noise_floor = original
+        moments_module.t2_noise_floor = original
     eigenvalues = [abs(v) for v in diagnostics["t2_eigenvalues"]]
     row = {
         "n": n,

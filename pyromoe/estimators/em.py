@@ -10,6 +10,7 @@ tensor start of :mod:`pyromoe.estimators.tensor_init` avoids; started from that 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -32,37 +33,23 @@ from ..core.sources import Source, as_source
 from ..core.threads import check_num_threads, torch_threads
 from ..core.units import on_exact_scale
 
-__all__ = ["check_em_arguments", "fit_em"]
+__all__ = ["em_options", "fit_em"]
 
 
-def check_em_arguments(
-    x,
-    y,
-    link,
-    seed,
-    tol,
-    max_iter,
-    prior_scale,
-    newton_steps,
-    gauss_newton_steps=1,
-    *,
-    chunk_size=None,
-    device=None,
-) -> tuple[Source, Link, int, dict]:
-    """The arguments :func:`fit_em` and :func:`pyromoe.estimators.gate.fit_gate` share, checked.
-
-    Returns ``(source, link, seed, options)``, ``options`` the keyword arguments of :class:`EM`
-    (``chunk_size`` included, :func:`pyromoe.core.chunks.chunk_size_for`).
+def em_options(
+    source: Source, tol, max_iter, prior_scale, newton_steps, gauss_newton_steps, chunk_size
+) -> dict:
+    """The options of :class:`~pyromoe.core.em.loop.EM` that :func:`fit_em` and
+    :func:`pyromoe.estimators.gate.fit_gate` share, checked (``chunk_size`` by
+    :func:`pyromoe.core.chunks.chunk_size_for`).
 
     Raises
     ------
     ValueError, TypeError
-        As :func:`pyromoe.core.sources.as_source` (at least 2 rows) and
-        :func:`pyromoe._validation.check_link`; for a ``tol`` or ``prior_scale`` that is not a
-        positive number, step counts or ``chunk_size`` that are not ints >= 1, or a bad seed.
+        For a ``tol`` or ``prior_scale`` that is not a positive number, step counts or
+        ``chunk_size`` that are not ints >= 1.
     """
-    source = as_source(x, y, device=device, min_rows=2)
-    options = dict(
+    return dict(
         tol=check_positive(tol, "tol"),
         max_iter=check_positive(max_iter, "max_iter", integer=True),
         prior_scale=None if prior_scale is None else check_positive(prior_scale, "prior_scale"),
@@ -70,7 +57,6 @@ def check_em_arguments(
         gauss_newton_steps=check_positive(gauss_newton_steps, "gauss_newton_steps", integer=True),
         chunk_size=chunk_size_for(chunk_size, source.in_features),
     )
-    return source, check_link(link), check_seed(seed), options
 
 
 def _check_init(init, k: int, d: int, link: Link, source: Source) -> MoEEstimate:
@@ -95,6 +81,18 @@ def _check_init(init, k: int, d: int, link: Link, source: Source) -> MoEEstimate
     if not bool((init.noise > 0).all()):  # one shared sd or one per expert
         raise ValueError(f"init.noise must be > 0; got {init.noise.tolist()}")
     return init
+
+
+@dataclass(frozen=True)
+class _StartPlan:
+    """The starts of :func:`fit_em` and the model they fit (checked)."""
+
+    num_experts: int
+    n_init: int
+    bias: bool
+    seed: int
+    per_expert: bool
+    screen: int
 
 
 @keeps_feature_names
@@ -234,19 +232,10 @@ def fit_em(
     >>> fit.method, len(fit.diagnostics["log_likelihood_per_start"])
     ('em', 2)
     """
-    source, link, seed, em = check_em_arguments(
-        x,
-        y,
-        link,
-        seed,
-        tol,
-        max_iter,
-        prior_scale,
-        newton_steps,
-        gauss_newton_steps,
-        chunk_size=chunk_size,
-        device=device,
-    )
+    source = as_source(x, y, device=device, min_rows=2)
+    steps = (newton_steps, gauss_newton_steps)
+    em = em_options(source, tol, max_iter, prior_scale, *steps, chunk_size)
+    link, seed = check_link(link), check_seed(seed)
     n, d = source.shape
     k = check_num_experts(num_experts, minimum=1)
     bias = check_flag(bias, "bias")
@@ -265,26 +254,18 @@ def fit_em(
                 f"y is constant (every value is {summary.y_first:g}); a mixture of experts needs "
                 "varying y"
             )
-        return _fit_em(
-            source,
-            k,
-            link,
-            init=init,
-            n_init=n_init,
-            bias=bias,
-            seed=seed,
-            em=em,
-            per_expert=per_expert,
-            screen=screen,
-        )
+        plan = _StartPlan(k, n_init, bias, seed, per_expert, screen)
+        return _fit_em(source, link, init=init, plan=plan, em=em)
 
 
 @on_exact_scale("estimate", init="estimate")
 def _fit_em(
-    source, k, link, *, init, n_init, bias, seed, em, per_expert=False, screen=SCREEN_CANDIDATES
+    source: Source, link: Link, *, init: MoEEstimate | None, plan: _StartPlan, em: dict
 ) -> MoEEstimate:
     """:func:`fit_em` on checked arguments; ``em``: the options of :class:`EM`."""
     n, d = source.shape
+    k, bias, seed, per_expert = plan.num_experts, plan.bias, plan.seed, plan.per_expert
+    n_init, screen = plan.n_init, plan.screen
     check_enough_rows(
         n,
         num_parameters(d, k, bias),

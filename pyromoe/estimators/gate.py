@@ -25,16 +25,17 @@ from .._validation import (
     check_flag,
     check_num_experts,
     check_positive,
+    check_seed,
 )
 from ..core.em.loop import EM
 from ..core.em.m_step import feature_scale
 from ..core.likelihood import expert_means
-from ..core.links import Link
+from ..core.links import Link, check_link
 from ..core.params import Params
-from ..core.sources import Source
+from ..core.sources import Source, as_source
 from ..core.threads import check_num_threads, torch_threads
 from ..core.units import on_exact_scale
-from .em import check_em_arguments
+from .em import em_options
 
 __all__ = ["GateFit", "fit_gate"]
 
@@ -157,11 +158,8 @@ def fit_gate(
     chunk_size : int, optional
         Rows per chunk of every pass over the data (default
         :func:`pyromoe.core.chunks.default_chunk_size`).
-    device : str or torch.device, optional
-        Where to compute (default: ``x``'s device, or the CPU for arrays).
-    num_threads : int, optional
-        torch threads for the call (None: leave torch's setting; 1 is fastest for small data on a
-        shared machine).
+    device, num_threads
+        As in :func:`pyromoe.fit_em`.
 
     Returns
     -------
@@ -198,18 +196,9 @@ def fit_gate(
     >>> fit.converged, fit.gate_weight.shape
     (True, torch.Size([1, 3]))
     """
-    source, link, seed, em = check_em_arguments(
-        x,
-        y,
-        link,
-        seed,
-        tol,
-        max_iter,
-        prior_scale,
-        newton_steps,
-        chunk_size=chunk_size,
-        device=device,
-    )
+    source = as_source(x, y, device=device, min_rows=2)
+    em = em_options(source, tol, max_iter, prior_scale, newton_steps, 1, chunk_size)
+    link, seed = check_link(link), check_seed(seed)
     n, d = source.shape
     x = torch.empty(0, dtype=source.dtype, device=source.device)  # device and dtype to follow
     experts_weight = as_tensor(experts_weight, "experts_weight", like=x)

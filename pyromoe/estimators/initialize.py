@@ -107,6 +107,15 @@ def _sanity_problem(estimate: MoEEstimate, source: Source) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Choice:
+    """What :func:`initialize` was asked to choose between (checked)."""
+
+    method: str
+    n_init: int
+    guard_rows: int
+
+
 @keeps_feature_names
 def initialize(
     x,
@@ -158,11 +167,8 @@ def initialize(
     guard_rows : int
         Largest guard subsample (``method="auto"``): all rows when n is at most this, else 5% of
         n within ``[min(guard_rows, 5000), guard_rows]`` (:func:`guard_size`).
-    device : str or torch.device, optional
-        Where to compute (default: ``x``'s device, or the CPU for arrays).
-    num_threads : int, optional
-        torch threads for the call (None: leave torch's setting; 1 is fastest for small data on a
-        shared machine).
+    device, num_threads
+        As in :func:`pyromoe.fit_em`.
 
     Returns
     -------
@@ -209,15 +215,6 @@ def initialize(
     with torch_threads(num_threads):
         source.summary(options.chunk_size)  # out-of-core data: the NaN check is this first pass
         return _initialize(source, link, noise=noise, options=options, choice=choice)
-
-
-@dataclass(frozen=True)
-class _Choice:
-    """What :func:`initialize` was asked to choose between (checked)."""
-
-    method: str
-    n_init: int
-    guard_rows: int
 
 
 @on_exact_scale("estimate", noise="noise")

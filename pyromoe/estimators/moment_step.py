@@ -13,15 +13,8 @@ import math
 
 import torch
 
+from ..core import moments
 from ..core.links import Link, gaussian_expectation, transform_constants
-from ..core.moments import (
-    choose_alpha,
-    second_moment_tensor,
-    second_moments,
-    standardize,
-    t2_noise_floor,
-    whitened_third_moment,
-)
 from ..core.sources import Source
 from ..core.tensor import expert_scales, tensor_power_method, unwhiten, whiten
 
@@ -79,22 +72,22 @@ def moment_experts(source: Source, k, link: Link, noise, chunk_size, seed, cente
         alpha, beta = transform_constants(link, sigma, r0)
     else:
         beta = 0.0
-    moments = second_moments(source, None, centre=centre, beta=beta, chunk_size=chunk_size)
-    standardizer = standardize(moments)
-    t2 = second_moment_tensor(moments, standardizer)
+    second = moments.second_moments(source, None, centre=centre, beta=beta, chunk_size=chunk_size)
+    standardizer = moments.standardize(second)
+    t2 = moments.second_moment_tensor(second, standardizer)
     # Refuse only when the k-th eigenvalue is within sampling noise. The plain semicircle edge
     # 2 sqrt(d E[P2^2] / n) overstated the noise (null eigenvalues at 0.4-0.65 of it at d = 5,
     # n = 2000) and refused good starts; t2_noise_floor uses the null block's size d - k + 1 and
     # Var(P2) (standardising removes E[P2]), which matches the measured null eigenvalues.
-    noise_floor = t2_noise_floor(moments, k)
+    noise_floor = moments.t2_noise_floor(second, k)
     whitening = whiten(t2, k, noise_floor=noise_floor)
     projection = standardizer.whitening @ whitening.projection
-    third = whitened_third_moment(
-        source, None, moments.mean, projection, whitening.gram, centre=centre, chunk_size=chunk_size
+    third = moments.whitened_third_moment(
+        source, None, second.mean, projection, whitening.gram, centre=centre, chunk_size=chunk_size
     )
     ratio = None
     if link.is_odd and not (link.is_identity and k > 2):
-        alpha, ratio = choose_alpha(third, second_y)
+        alpha, ratio = moments.choose_alpha(third, second_y)
     elif link.is_identity:
         alpha = -3.0 * second_y  # exact for k > 2 with an orthogonal gate and equal norms
         ratio = third.variance(alpha) / float(third.tensor(alpha).pow(2).sum())
@@ -104,7 +97,7 @@ def moment_experts(source: Source, k, link: Link, noise, chunk_size, seed, cente
     generator = torch.Generator().manual_seed(int(seed))
     decomposition = tensor_power_method(t3, generator=generator)
     directions = unwhiten(whitening, decomposition.eigenvectors)
-    first = standardizer.whitening.T @ moments.first  # E[yc z]
+    first = standardizer.whitening.T @ second.first  # E[yc z]
     weight_std = expert_scales(
         link, directions, decomposition.eigenvalues, beta=beta, first_moment=first
     )
@@ -131,7 +124,7 @@ def moment_experts(source: Source, k, link: Link, noise, chunk_size, seed, cente
         "expert_norms_standardised": norms.tolist(),
         "y_centre": centre,
         "y_centred_by_mean": centred,
-        "num_chunks": moments.num_chunks,
+        "num_chunks": second.num_chunks,
         "passes_over_data": 2,
     }
     return weight, bias, noise_moment, standardizer, diagnostics

@@ -210,12 +210,8 @@ def tensor_init(
     seed : int or None
         Seeds the tensor power method's restarts, the gate EM's start and the refinement.
         ``None`` draws a fresh seed; the one used is ``diagnostics["seed"]``.
-    device : str or torch.device, optional
-        Where to compute (default: ``x``'s device, or the CPU for arrays); chunks of a memory map
-        are moved there as they are read.
-    num_threads : int, optional
-        torch threads for the call (None: leave torch's setting; 1 is fastest for small data on a
-        shared machine).
+    device, num_threads
+        As in :func:`pyromoe.fit_em`.
 
     Returns
     -------

@@ -147,12 +147,8 @@ def screened_start(
 
     Parameters
     ----------
-    x : Tensor (n, d), or a Source (then ``y`` is ignored)
-    y : Tensor (n,)
-    num_experts : int
-    link : str or Link
-    generator : torch.Generator
-        CPU generator.
+    x, y, num_experts, link, generator
+        As in :func:`random_start`.
     candidates : int
         Random draws screened (1: the plain :func:`random_start`, no EM).
     rows : int

@@ -96,10 +96,7 @@ class _Batches:
         finite = torch.isfinite(x).all(dim=1) & torch.isfinite(y)
         if not bool(finite.all()):
             row = int(rows[(~finite).nonzero()[0, 0].cpu()])
-            raise ValueError(
-                f"x or y contains NaN or infinite values (at row {row}); drop or impute those "
-                "rows before fitting"
-            )
+            raise ValueError(self.source.non_finite_message(row))
         return (x, y), {"num_rows": n}
 
     def evaluation_data(self, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -365,3 +365,15 @@ def test_predict_draws_use_each_experts_own_noise_when_it_has_one():
     residual = (out[sites.OBS] - out["expert_mean"][..., 1]).numpy()
     # sd of a sample sd over 500 draws: 0.01 / sqrt(2 * 500) = 3e-4; 100 would be far off
     assert np.std(residual) == pytest.approx(0.01, abs=0.002)
+
+
+def test_predictions_beyond_memory_are_refused_before_any_draw(monkeypatch):
+    import pyromoe._validation as validation
+    from pyromoe import MixtureOfExperts, fit_map, predict, simulate
+
+    data = simulate(200, 2, seed=0)
+    model = MixtureOfExperts(2, 2, bias=False)
+    idata = fit_map(model, data.x, data.y, init=data.truth, num_steps=5)
+    monkeypatch.setattr(validation, "memory_bound", lambda device=None: (10_000, "a test bound"))
+    with pytest.raises(ValueError, match=r"num_draws=1 needs about .* for predictions, more than"):
+        predict(model, idata, data.x)

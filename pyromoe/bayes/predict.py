@@ -39,6 +39,7 @@ from .._validation import (
     as_tensors,
     check_count,
     check_probability,
+    check_request_size,
     check_seed,
 )
 from ..core import likelihood, sites
@@ -422,6 +423,9 @@ def predict(
     num_chains, num_kept = chains.size, draws.size
     _warn_one_draw(num_chains * num_kept, idata, "predict")
     m, d = x.shape
+    per_draw = 2 * 8 * m * (2 * model.num_experts + 2)  # float64 y, mean, experts, gate; twice
+    fix = "pass fewer num_draws (per chain) or fewer rows of x_new"
+    check_request_size("num_draws", num_chains * num_kept, per_draw, what="predictions", fix=fix)
     generator = torch.Generator(device=x.device).manual_seed(int(seed))
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in PREDICTION_VARIABLES}
     with torch.no_grad():

@@ -14,7 +14,7 @@ import contextlib
 import csv
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple, TextIO
 
@@ -114,6 +114,22 @@ def read_table(
     >>> x.shape, y.tolist(), names
     ((2, 2), [3.0, 6.0], ('a', 'b'))
     """
+    return _read_file(
+        path,
+        lambda stream: parse_table(
+            stream,
+            target,
+            features,
+            source=str(path),
+            min_rows=min_rows,
+            min_rows_reason=min_rows_reason,
+            delimiter=delimiter,
+        ),
+    )
+
+
+def _read_file(path, read: Callable[[TextIO], object]):
+    """``read(stream)`` of the UTF-8 text file ``path``, with errors that name it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
@@ -124,15 +140,7 @@ def read_table(
         raise ValueError(f"data file '{path}' is a folder; pass the path of a CSV file inside it")
     try:
         with open(path, encoding="utf-8-sig", newline="") as stream:
-            return parse_table(
-                stream,
-                target,
-                features,
-                source=str(path),
-                min_rows=min_rows,
-                min_rows_reason=min_rows_reason,
-                delimiter=delimiter,
-            )
+            return read(stream)
     except UnicodeDecodeError as error:
         raise ValueError(
             f"data file '{path}' is not UTF-8 text ({error.reason} at byte {error.start}); "
@@ -207,22 +215,7 @@ def read_frame(path: str | os.PathLike, *, delimiter: str | None = None) -> pd.D
     >>> frame["site"].tolist(), frame["u"].isna().tolist(), str(frame["y"].dtype)
     (['a', 'b'], [False, True], 'float64')
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"data file '{path}' not found (looked for {path.absolute()}); check the path and the "
-            "current working directory"
-        )
-    if path.is_dir():
-        raise ValueError(f"data file '{path}' is a folder; pass the path of a CSV file inside it")
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as stream:
-            header, cells, _ = _read_records(stream, str(path), delimiter)
-    except UnicodeDecodeError as error:
-        raise ValueError(
-            f"data file '{path}' is not UTF-8 text ({error.reason} at byte {error.start}); "
-            "save it as UTF-8 CSV (spreadsheet programs offer 'CSV UTF-8')"
-        ) from None
+    header, cells, _ = _read_file(path, lambda stream: _read_records(stream, str(path), delimiter))
     _column_index(header, str(path))
     columns = {}
     for position, name in enumerate(header):

@@ -8,7 +8,7 @@ mixture functions take; results have shape ``(..., n)`` or ``(..., n, k)``.
 Gate convention (docs/algorithm.md section 1): expert 0 is the reference with logit 0 and expert ``i >= 1``
 has logit ``gate_weight[i - 1] . x + gate_bias[i - 1]``; for k = 2 this is
 ``P(expert 1 | x) = sigmoid(w . x + c)``. ``link`` is a :class:`~pyromoe.core.links.Link` (public
-entry points resolve names once, with :func:`pyromoe._validation.check_link`).
+entry points resolve names once, with :func:`pyromoe.core.links.check_link`).
 """
 
 from __future__ import annotations

@@ -12,13 +12,42 @@ from typing import Any
 
 import torch
 
-from .._validation import as_tensors, check_device
+from .._validation import as_tensor, as_tensors, check_device
 from . import likelihood, sites
 from .labels import best_permutation, permute_draws
 from .links import Link, check_link
 from .params import Params
 
-__all__ = ["MoEEstimate", "parameter_errors"]
+__all__ = ["MoEEstimate", "parameter_errors", "gate_covariates"]
+
+
+def gate_covariates(z, x: torch.Tensor, gate_features: int | None = None) -> torch.Tensor:
+    """The gate's own covariates ``z`` (n, gate_features) checked against the design ``x`` (n, d)
+    and on its device and dtype, to be appended after ``x`` (``[x | z]``, see
+    :mod:`pyromoe.core.likelihood`).
+
+    Raises
+    ------
+    ValueError
+        ``z`` not 2-D, without columns, with another number of rows than ``x`` or of columns than
+        ``gate_features``, or with NaN or infinite values.
+    """
+    z = as_tensor(z, "z", like=x)
+    if z.dim() != 2 or z.shape[1] == 0:
+        raise ValueError(
+            f"z (the gate's covariates) must be a 2-D array of shape (n, d_z) with d_z >= 1; got "
+            f"shape {tuple(z.shape)}"
+        )
+    if z.shape[0] != x.shape[0]:
+        raise ValueError(f"z must have one row per row of x ({x.shape[0]}); got {z.shape[0]}")
+    if gate_features is not None and z.shape[1] != gate_features:
+        raise ValueError(f"z must have gate_features={gate_features} columns; got {z.shape[1]}")
+    if not bool(torch.isfinite(z).all()):
+        row = int((~torch.isfinite(z)).any(dim=1).nonzero()[0, 0])
+        raise ValueError(
+            f"z contains NaN or infinite values (first at row {row}); drop or impute those rows"
+        )
+    return z
 
 
 @dataclass(frozen=True, repr=False)
@@ -64,9 +93,11 @@ class MoEEstimate:
                 f"got {getattr(w, 'shape', type(w).__name__)}"
             )
         k, d = w.shape
+        gate = self.gate_weight
+        gate_width = gate.shape[-1] if isinstance(gate, torch.Tensor) and gate.dim() == 2 else d
         expected = {
             "experts_bias": [(k,)],
-            "gate_weight": [(k - 1, d)],
+            "gate_weight": [(k - 1, gate_width)],
             "gate_bias": [(k - 1,)],
             "noise": [(), (k,)],
         }
@@ -89,6 +120,25 @@ class MoEEstimate:
     @property
     def in_features(self) -> int:
         return self.experts_weight.shape[1]
+
+    @property
+    def gate_features(self) -> int:
+        """Width of the gate's weights: ``in_features`` when the gate reads the experts' inputs,
+        else the number of the gate's own covariates ``z``."""
+        return self.gate_weight.shape[1]
+
+    def design(self, x, z=None) -> torch.Tensor:
+        """The checked design the likelihood reads: ``x`` (n, in_features), or ``[x | z]`` with the
+        gate's covariates ``z`` (n, gate_features) after the experts' inputs."""
+        if z is None:
+            if self.gate_features != self.in_features:
+                raise ValueError(
+                    f"this estimate's gate reads {self.gate_features} covariates of its own; pass "
+                    "them as z (n, gate_features)"
+                )
+            return as_tensors(x, in_features=self.in_features)[0]
+        x, _ = as_tensors(x, in_features=self.in_features)
+        return torch.cat([x, gate_covariates(z, x, self.gate_features)], dim=-1)
 
     @property
     def feature_names(self) -> list[str] | None:
@@ -177,25 +227,33 @@ class MoEEstimate:
             diagnostics={} if diagnostics is None else diagnostics,
         )
 
-    def log_likelihood(self, x, y) -> torch.Tensor:
-        """Per-observation log-likelihood ``log p(y_n | x_n)`` under this estimate, shape (n,)."""
-        x, y = as_tensors(x, y, in_features=self.in_features)
+    def _design_and_y(self, x, y, z):
+        design = self.design(x, z)
+        _, y = as_tensors(design, y)
+        return design, y
+
+    def log_likelihood(self, x, y, z=None) -> torch.Tensor:
+        """Per-observation log-likelihood ``log p(y_n | x_n, z_n)`` under this estimate, shape (n,).
+
+        ``z``: the gate's own covariates, when the estimate has them (:meth:`design`)."""
+        x, y = self._design_and_y(x, y, z)
         return likelihood.log_likelihood(x, y, self.params.like(x), self.link)
 
-    def responsibilities(self, x, y) -> torch.Tensor:
+    def responsibilities(self, x, y, z=None) -> torch.Tensor:
         """Posterior responsibilities ``p(expert | x_n, y_n)`` under this estimate, shape (n, k)."""
-        x, y = as_tensors(x, y, in_features=self.in_features)
+        x, y = self._design_and_y(x, y, z)
         return likelihood.responsibilities(x, y, self.params.like(x), self.link)
 
-    def gate_probabilities(self, x) -> torch.Tensor:
-        """Gate probabilities ``gate_i(x_n)``, shape (n, k)."""
-        x, _ = as_tensors(x, in_features=self.in_features)
+    def gate_probabilities(self, x, z=None) -> torch.Tensor:
+        """Gate probabilities ``gate_i(x_n)`` (of ``z_n`` when the gate has covariates of its own),
+        shape (n, k)."""
+        x = self.design(x, z)
         p = self.params.like(x)
         return torch.softmax(likelihood.gate_logits(x, p.gate_weight, p.gate_bias), dim=-1)
 
-    def predict(self, x) -> torch.Tensor:
+    def predict(self, x, z=None) -> torch.Tensor:
         """Mean prediction ``E[y | x] = sum_i gate_i(x) g(a_i . x + b_i)``, shape (n,)."""
-        x, _ = as_tensors(x, in_features=self.in_features)
+        x = self.design(x, z)
         p = self.params.like(x)
         gate = torch.softmax(likelihood.gate_logits(x, p.gate_weight, p.gate_bias), dim=-1)
         return (gate * likelihood.expert_means(x, p.experts_weight, p.experts_bias, self.link)).sum(
@@ -222,13 +280,18 @@ class MoEEstimate:
             lines.append(
                 f"  expert {i}: weight [{weights}]  bias {float(self.experts_bias[i]):+.3f}"
             )
+        gate_names = self.diagnostics.get("gate_feature_names")
         for i in range(self.num_experts - 1):
             weights = row(self.gate_weight[i])
+            if self.gate_features != self.in_features or gate_names is not None:
+                values = self.gate_weight[i].tolist()
+                labels = gate_names or [f"z{j}" for j in range(self.gate_features)]
+                weights = ", ".join(f"{name} {v:+.3f}" for name, v in zip(labels, values))
             lines.append(
                 f"  gate {i + 1} vs 0: weight [{weights}]  bias {float(self.gate_bias[i]):+.3f}"
             )
         for key, value in self.diagnostics.items():
-            if key != "feature_names":  # shown with the weights
+            if key not in ("feature_names", "gate_feature_names"):  # shown with the weights
                 lines.append(f"  {key}: {_format_value(value)}")
         return "\n".join(lines)
 

@@ -23,6 +23,8 @@ from .params import Params
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 __all__ = [
+    "expert_columns",
+    "gate_columns",
     "linear_predictors",
     "log_probs_from_predictors",
     "expert_means",
@@ -35,14 +37,41 @@ __all__ = [
 ]
 
 
+def _layout(total: int, experts: int, gate: int) -> bool:
+    """Whether a design of ``total`` columns is split (experts' columns, then the gate's) for
+    weights of widths ``experts`` and ``gate``; False when both parts read every column."""
+    if experts == total and gate == total:
+        return False
+    if experts + gate == total:
+        return True
+    raise ValueError(
+        f"the design has {total} columns but the experts' weights read {experts} and the gate's "
+        f"{gate}: pass the experts' columns then the gate's (x = [x | z], {experts + gate} "
+        "columns), or one design for both"
+    )
+
+
+def expert_columns(x: torch.Tensor, experts_width: int, gate_width: int) -> torch.Tensor:
+    """The experts' columns of the design ``x`` (n, D): all of it, or the first ``experts_width``."""
+    return x[..., :experts_width] if _layout(x.shape[-1], experts_width, gate_width) else x
+
+
+def gate_columns(x: torch.Tensor, experts_width: int, gate_width: int) -> torch.Tensor:
+    """The gate's columns of the design ``x`` (n, D): all of it, or the last ``gate_width``."""
+    if _layout(x.shape[-1], experts_width, gate_width):
+        return x[..., x.shape[-1] - gate_width :]
+    return x
+
+
 def expert_means(
     x: torch.Tensor,
     experts_weight: torch.Tensor,
     experts_bias: torch.Tensor | None,
     link: Link,
 ) -> torch.Tensor:
-    """Each expert's mean ``g(a_i . x + b_i)``: shape ``(..., n, k)``."""
-    z = torch.einsum("nd,...kd->...nk", x, experts_weight)
+    """Each expert's mean ``g(a_i . x + b_i)``: shape ``(..., n, k)``; ``x`` is the whole design or
+    the experts' columns of it (its first ``experts_weight.shape[-1]`` columns are read)."""
+    z = torch.einsum("nd,...kd->...nk", x[..., : experts_weight.shape[-1]], experts_weight)
     if experts_bias is not None:
         z = z + experts_bias.unsqueeze(-2)
     return link(z)
@@ -51,8 +80,11 @@ def expert_means(
 def gate_logits(
     x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """Gate logits with the reference expert's zero column first: shape ``(..., n, k)``."""
-    free = torch.einsum("nd,...kd->...nk", x, gate_weight)
+    """Gate logits with the reference expert's zero column first: shape ``(..., n, k)``; ``x`` is
+    the whole design or the gate's columns of it (its last ``gate_weight.shape[-1]`` are read)."""
+    free = torch.einsum(
+        "nd,...kd->...nk", x[..., x.shape[-1] - gate_weight.shape[-1] :], gate_weight
+    )
     if gate_bias is not None:
         free = free + gate_bias.unsqueeze(-2)
     return torch.cat([free.new_zeros(*free.shape[:-1], 1), free], dim=-1)
@@ -63,7 +95,11 @@ def linear_predictors(x: torch.Tensor, params: Params) -> tuple[torch.Tensor, to
     zero first), shapes ``(..., n, k)`` each, from ONE product of ``x`` with the stacked expert
     and gate weights."""
     k = params.num_experts
-    weights = torch.cat([params.experts_weight, params.gate_weight], dim=-2)  # (..., 2k - 1, d)
+    experts, gate = params.experts_weight, params.gate_weight
+    if _layout(x.shape[-1], experts.shape[-1], gate.shape[-1]):  # x = [x | z]: pad with zeros
+        experts = torch.cat([experts, experts.new_zeros(*experts.shape[:-1], gate.shape[-1])], -1)
+        gate = torch.cat([gate.new_zeros(*gate.shape[:-1], params.in_features), gate], -1)
+    weights = torch.cat([experts, gate], dim=-2)  # (..., 2k - 1, D)
     z = torch.einsum("nd,...kd->...nk", x, weights)
     experts, free = z[..., :k], z[..., k:]
     if params.experts_bias is not None:

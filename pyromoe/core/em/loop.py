@@ -261,7 +261,6 @@ class EM:
         :class:`ConvergenceWarning` when the best start did not converge, and a
         :class:`CollapseWarning` when it ends collapsing.
         """
-        d = self.source.in_features
         dtype = self.source.dtype
         runs: list[EMRun] = []
         for start in starts:
@@ -289,7 +288,7 @@ class EM:
                     converged = True
                     break
             effective_rows, collapsed = _collapse(
-                statistics.responsibility, params.noise, self.floor, d
+                statistics.responsibility, params.noise, self.floor, params.in_features
             )
             runs.append(
                 EMRun(
@@ -315,6 +314,9 @@ class EM:
                 stacklevel=stacklevel + 1,
             )
         warn_collapse(
-            runs[best].collapsed_experts, runs[best].effective_rows, d, stacklevel=stacklevel + 2
+            runs[best].collapsed_experts,
+            runs[best].effective_rows,
+            runs[best].params.in_features,
+            stacklevel=stacklevel + 2,
         )
         return runs, best

@@ -41,6 +41,7 @@ def random_start(
     generator: torch.Generator,
     *,
     bias: bool = True,
+    gate_features: int | None = None,
 ) -> MoEEstimate:
     """A random starting point for EM, scaled to the data.
 
@@ -62,6 +63,9 @@ def random_start(
         CPU generator.
     bias : bool
         Whether the model has offsets.
+    gate_features : int, optional
+        The gate's own covariates are the last ``gate_features`` columns of ``x`` (the experts'
+        the others, :mod:`pyromoe.core.likelihood`); default: both read every column.
 
     Returns
     -------
@@ -76,23 +80,26 @@ def random_start(
     source = as_source(x, y)
     summary = source.summary()
     like = torch.empty(0, dtype=source.dtype, device=source.device)
-    d = source.in_features
+    total = source.in_features
+    d = total if gate_features is None else total - gate_features
+    d_gate = total if gate_features is None else gate_features
     k = num_experts
     link = check_link(link)
     scale = feature_scale(source).to(like)
     y_sd = torch.tensor(max(summary.y_sd, noise_floor(source))).to(like)
     x_mean = summary.x_mean.to(like)
+    experts_scale, gate_scale = scale[:d], scale[total - d_gate :]
 
     def normal(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64).to(like)
 
-    experts_weight = normal(k, d) * (y_sd / d**0.5) / scale
-    gate_weight = normal(k - 1, d) * (0.1 / d**0.5) / scale
+    experts_weight = normal(k, d) * (y_sd / d**0.5) / experts_scale
+    gate_weight = normal(k - 1, d_gate) * (0.1 / d_gate**0.5) / gate_scale
     if bias:
-        experts_bias = -(experts_weight @ x_mean)
+        experts_bias = -(experts_weight @ x_mean[:d])
         if link.is_identity:
             experts_bias = experts_bias + summary.y_mean
-        gate_bias = -(gate_weight @ x_mean)
+        gate_bias = -(gate_weight @ x_mean[total - d_gate :])
     else:
         experts_bias = like.new_zeros(k)
         gate_bias = like.new_zeros(k - 1)
@@ -134,6 +141,7 @@ def screened_start(
     noise: str = "shared",
     prior_scale: float | None = None,
     chunk_size: int | None = None,
+    gate_features: int | None = None,
 ) -> MoEEstimate:
     """The best of ``candidates`` random starts after short EM runs on a random subsample.
 
@@ -154,6 +162,8 @@ def screened_start(
     rows : int
         Rows of the screening subsample.
     bias, noise, prior_scale : as in :func:`pyromoe.fit_em`
+    gate_features : int, optional
+        As in :func:`random_start`.
     chunk_size : int, optional
         Rows per chunk of the screening passes (default :func:`default_chunk_size`).
 
@@ -178,7 +188,9 @@ def screened_start(
     rows = check_positive(rows, "rows", integer=True)
     per_expert = check_noise_model(noise) == "per_expert"
     draws = [
-        random_start(source, None, num_experts, link, generator, bias=bias)
+        random_start(
+            source, None, num_experts, link, generator, bias=bias, gate_features=gate_features
+        )
         for _ in range(candidates)
     ]
     if candidates == 1 or num_experts == 1:

@@ -14,7 +14,13 @@ from typing import NamedTuple
 
 import torch
 
-from ..likelihood import linear_predictors, log_likelihood, log_probs_from_predictors
+from ..likelihood import (
+    expert_columns,
+    gate_columns,
+    linear_predictors,
+    log_likelihood,
+    log_probs_from_predictors,
+)
 from ..links import Link
 from ..params import Params
 from ..sources import Source
@@ -122,6 +128,9 @@ def pass_statistics(
     of ``x`` itself (intercepts as sums), so no design matrix is copied.
     """
     f64 = torch.float64
+    # the experts' and the gate's columns of the design (the same tensor when they share it)
+    x_experts = expert_columns(x, params.in_features, params.gate_weight.shape[-1])
+    x_gate = gate_columns(x, params.in_features, params.gate_weight.shape[-1])
     predictors, logits = linear_predictors(x, params)
     log_probs = log_probs_from_predictors(y, predictors, logits, params, link)
     log_lik = torch.logsumexp(log_probs, dim=-1)
@@ -136,30 +145,32 @@ def pass_statistics(
     matrix = vector = y_square = None
     if update_experts:
         if link.is_identity:
-            matrix = torch.stack([_weighted_gram(x, resp[:, i], intercept) for i in range(k)])
-            vector = _weighted_sums(x, resp * y[:, None], intercept)
+            matrix = torch.stack(
+                [_weighted_gram(x_experts, resp[:, i], intercept) for i in range(k)]
+            )
+            vector = _weighted_sums(x_experts, resp * y[:, None], intercept)
             y_square = (resp * (y * y)[:, None]).sum(0).to(f64)
         else:
             derivative = link.derivative(predictors)  # J_i = g'(z_i) u: weights g'^2 r, g' r res
             matrix = torch.stack(
                 [
-                    _weighted_gram(x, resp[:, i] * derivative[:, i].pow(2), intercept)
+                    _weighted_gram(x_experts, resp[:, i] * derivative[:, i].pow(2), intercept)
                     for i in range(k)
                 ]
             )
-            vector = _weighted_sums(x, derivative * resp * residual, intercept)
+            vector = _weighted_sums(x_experts, derivative * resp * residual, intercept)
         matrix, vector = matrix.to(f64), vector.to(f64)
-    width = x.shape[1] + (1 if gate_bias else 0)
+    width = x_gate.shape[1] + (1 if gate_bias else 0)
     if k == 1:  # one expert: no gate
         gradient = x.new_zeros(0, width)
         hessian = x.new_zeros(0, 0)
     else:
         probs = torch.softmax(logits, dim=-1)[:, 1:]
-        gradient = _weighted_sums(x, resp[:, 1:] - probs, gate_bias)
+        gradient = _weighted_sums(x_gate, resp[:, 1:] - probs, gate_bias)
         if k == 2:
-            hessian = _weighted_gram(x, probs[:, 0] * (1 - probs[:, 0]), gate_bias)
+            hessian = _weighted_gram(x_gate, probs[:, 0] * (1 - probs[:, 0]), gate_bias)
         else:
-            hessian = _negative_hessian(_with_intercept(x, gate_bias), probs)
+            hessian = _negative_hessian(_with_intercept(x_gate, gate_bias), probs)
     return Statistics(
         rows=torch.tensor(float(x.shape[0]), dtype=f64, device=x.device),
         log_likelihood=log_lik.sum().to(f64),

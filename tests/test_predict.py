@@ -368,7 +368,7 @@ def test_predict_draws_use_each_experts_own_noise_when_it_has_one():
 
 
 def test_predictions_beyond_memory_are_refused_before_any_draw(monkeypatch):
-    import pyromoe._validation as validation
+    import pyromoe._validation.values as validation
     from pyromoe import MixtureOfExperts, fit_map, predict, simulate
 
     data = simulate(200, 2, seed=0)

@@ -26,6 +26,7 @@ __all__ = [
     "Link",
     "LINKS",
     "check_link",
+    "link_rule",
     "get_link",
     "leaky_relu",
     "DEFAULT_LEAKY_SLOPE",
@@ -210,6 +211,12 @@ def check_link(link: str | Link) -> Link:
         links).
     """
     return get_link(link)
+
+
+def link_rule(value: str | Link, name: str = "link") -> Link:
+    """:func:`check_link` as a rule of a public entry's table
+    (:func:`pyromoe._validation.rules.validate`): the link becomes a Link once per call."""
+    return check_link(value)
 
 
 # ---------------------------------------------------------------------------------------------

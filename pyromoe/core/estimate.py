@@ -12,42 +12,14 @@ from typing import Any
 
 import torch
 
-from .._validation import as_tensor, as_tensors, check_device
+from .._validation import as_tensors, check_device
 from . import likelihood, sites
 from .labels import best_permutation, permute_draws
 from .links import Link, check_link
 from .params import Params
+from .sources import gate_covariates
 
-__all__ = ["MoEEstimate", "parameter_errors", "gate_covariates"]
-
-
-def gate_covariates(z, x: torch.Tensor, gate_features: int | None = None) -> torch.Tensor:
-    """The gate's own covariates ``z`` (n, gate_features) checked against the design ``x`` (n, d)
-    and on its device and dtype, to be appended after ``x`` (``[x | z]``, see
-    :mod:`pyromoe.core.likelihood`).
-
-    Raises
-    ------
-    ValueError
-        ``z`` not 2-D, without columns, with another number of rows than ``x`` or of columns than
-        ``gate_features``, or with NaN or infinite values.
-    """
-    z = as_tensor(z, "z", like=x)
-    if z.dim() != 2 or z.shape[1] == 0:
-        raise ValueError(
-            f"z (the gate's covariates) must be a 2-D array of shape (n, d_z) with d_z >= 1; got "
-            f"shape {tuple(z.shape)}"
-        )
-    if z.shape[0] != x.shape[0]:
-        raise ValueError(f"z must have one row per row of x ({x.shape[0]}); got {z.shape[0]}")
-    if gate_features is not None and z.shape[1] != gate_features:
-        raise ValueError(f"z must have gate_features={gate_features} columns; got {z.shape[1]}")
-    if not bool(torch.isfinite(z).all()):
-        row = int((~torch.isfinite(z)).any(dim=1).nonzero()[0, 0])
-        raise ValueError(
-            f"z contains NaN or infinite values (first at row {row}); drop or impute those rows"
-        )
-    return z
+__all__ = ["MoEEstimate", "parameter_errors"]
 
 
 @dataclass(frozen=True, repr=False)

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from .._validation import as_tensors, check_device, check_x_shape, check_y_shape
+from .._validation import as_tensor, as_tensors, check_device, check_x_shape, check_y_shape
 from .chunks import WORKER_CHUNK_BYTES, default_chunk_size
 from .summary import (
     PILOT_ROWS,
@@ -51,7 +51,9 @@ __all__ = [
     "Source",
     "Summary",
     "TensorSource",
+    "as_design_source",
     "as_source",
+    "gate_covariates",
     "is_dask_array",
     "is_out_of_core",
     "sample_rows",
@@ -557,3 +559,85 @@ def as_source(
     if target is not None and x.device != target:
         x, y = x.to(target), y.to(target)
     return TensorSource(x, y)
+
+
+def as_design_source(
+    x,
+    y,
+    z=None,
+    *,
+    device=None,
+    in_features: int | None = None,
+    min_rows: int = 1,
+) -> tuple[Source, int | None]:
+    """:func:`as_source` of the design ``x``, or of ``[x | z]`` with the gate's own covariates
+    ``z`` (n, d_z) after the experts' inputs (:mod:`pyromoe.core.likelihood`).
+
+    Returns
+    -------
+    (Source, gate_features)
+        ``gate_features`` is ``d_z``, or None when the gate reads ``x`` (no ``z``).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`as_source`; for ``z``: a memory map (pass ``x`` and ``z`` as Dask arrays, or in
+        memory), a Dask ``z`` with an in-memory ``x`` or the reverse, a shape other than
+        (n, d_z), NaN or infinite values (named as ``z``).
+    """
+    if z is None:
+        return as_source(x, y, device=device, in_features=in_features, min_rows=min_rows), None
+    if isinstance(x, Source) or isinstance(z, np.memmap) or isinstance(x, np.memmap):
+        raise TypeError(
+            "z (the gate's covariates) goes with x in memory or as Dask arrays; for memory maps "
+            "pass x and z as dask.array.from_array(...) (or join them into one design [x | z] "
+            "and use gate_features)"
+        )
+    if is_dask_array(x) != is_dask_array(z):
+        raise TypeError("x and z must both be Dask arrays, or both in memory")
+    if is_dask_array(x):
+        import dask.array as da
+
+        if z.ndim != 2 or z.shape[1] == 0 or z.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"z must be a 2-D array of shape (n, d_z) with the rows of x ({x.shape[0]}); "
+                f"got shape {tuple(z.shape)}"
+            )
+        x_source = as_source(x, y, device=device, in_features=in_features, min_rows=min_rows)
+        design = da.concatenate([x, z.rechunk({0: x.chunks[0]})], axis=1)
+        return as_source(design, y, device=x_source.device, min_rows=min_rows), int(z.shape[1])
+    x, y = as_tensors(x, y, in_features=in_features, min_rows=min_rows)
+    if y is None:
+        raise ValueError("y is required: pass the outputs y of shape (n,)")
+    z = gate_covariates(z, x)
+    source = as_source(torch.cat([x, z], dim=1), y, device=device)
+    return source, int(z.shape[1])
+
+
+def gate_covariates(z, x: torch.Tensor, gate_features: int | None = None) -> torch.Tensor:
+    """The gate's own covariates ``z`` (n, gate_features) checked against the design ``x`` (n, d)
+    and on its device and dtype, to be appended after ``x`` (``[x | z]``, see
+    :mod:`pyromoe.core.likelihood`).
+
+    Raises
+    ------
+    ValueError
+        ``z`` not 2-D, without columns, with another number of rows than ``x`` or of columns than
+        ``gate_features``, or with NaN or infinite values.
+    """
+    z = as_tensor(z, "z", like=x)
+    if z.dim() != 2 or z.shape[1] == 0:
+        raise ValueError(
+            f"z (the gate's covariates) must be a 2-D array of shape (n, d_z) with d_z >= 1; got "
+            f"shape {tuple(z.shape)}"
+        )
+    if z.shape[0] != x.shape[0]:
+        raise ValueError(f"z must have one row per row of x ({x.shape[0]}); got {z.shape[0]}")
+    if gate_features is not None and z.shape[1] != gate_features:
+        raise ValueError(f"z must have gate_features={gate_features} columns; got {z.shape[1]}")
+    if not bool(torch.isfinite(z).all()):
+        row = int((~torch.isfinite(z)).any(dim=1).nonzero()[0, 0])
+        raise ValueError(
+            f"z contains NaN or infinite values (first at row {row}); drop or impute those rows"
+        )
+    return z

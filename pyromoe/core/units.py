@@ -199,7 +199,16 @@ class AffineMap:
             "map for every link"
         )
 
-    def _weight_through_x(self, weight, inverse: bool = False):
+    def _part(self, vector, weight, part: str):
+        """The entries of a per-column ``vector`` that a ``part``'s weight of this width reads:
+        all of them, or (a design ``[x | z]``, :mod:`pyromoe.core.likelihood`) the experts' first
+        columns or the gate's last ones."""
+        width = weight.shape[-1]
+        if vector.shape[-1] == width:
+            return vector
+        return vector[..., :width] if part == "experts" else vector[..., vector.shape[-1] - width :]
+
+    def _weight_through_x(self, weight, inverse: bool = False, part: str = "experts"):
         """``A a`` for rows ``a`` (``A^{-1} a`` when ``inverse``), one exact operation at a time."""
         if self.x_matrix is not None:
             matrix = self.x_matrix.to(weight)
@@ -209,11 +218,14 @@ class AffineMap:
             return weight @ matrix.T
         if self.x_scale is None:
             return weight
-        return weight * self.x_scale.to(weight) if inverse else weight / self.x_scale.to(weight)
+        scale = self._part(self.x_scale, weight, part).to(weight)
+        return weight * scale if inverse else weight / scale
 
-    def _shift_term(self, weight):
+    def _shift_term(self, weight, part: str = "experts"):
         """``a . x_shift`` per row of ``weight`` (0 without a shift)."""
-        return None if self.x_shift is None else weight @ self.x_shift.to(weight)
+        if self.x_shift is None:
+            return None
+        return weight @ self._part(self.x_shift, weight, part).to(weight)
 
     def _field_to_original(self, name: str, value, fields: dict):
         if value is None:
@@ -222,11 +234,16 @@ class AffineMap:
         if name == "noise":
             return value if s_y == 1.0 else value * s_y
         if name == "gate_weight":
-            return self._weight_through_x(value)
+            return self._weight_through_x(value, part="gate")
         if name == "experts_weight":  # s_y first, then A: the order of the exact rescaling
             return self._weight_through_x(value if s_y == 1.0 else value * s_y)
         weight = self._weight_of(name, fields)
-        shift = None if weight is None else self._shift_term(self._weight_through_x(weight))
+        part = "gate" if name == "gate_bias" else "experts"
+        shift = (
+            None
+            if weight is None
+            else self._shift_term(self._weight_through_x(weight, part=part), part)
+        )
         if shift is not None:
             value = value - shift
         if name == "gate_bias":
@@ -241,14 +258,15 @@ class AffineMap:
         if name == "noise":
             return value if s_y == 1.0 else value / s_y
         if name == "gate_weight":
-            return self._weight_through_x(value, inverse=True)
+            return self._weight_through_x(value, inverse=True, part="gate")
         if name == "experts_weight":
             value = self._weight_through_x(value, inverse=True)
             return value if s_y == 1.0 else value / s_y
         weight = self._weight_of(name, fields)
         if name == "experts_bias" and self.y_shift != 0.0:
             value = value - self.y_shift
-        shift = None if weight is None else self._shift_term(weight)
+        part = "gate" if name == "gate_bias" else "experts"
+        shift = None if weight is None else self._shift_term(weight, part)
         if shift is not None:
             value = value + shift
         return value if name == "gate_bias" or s_y == 1.0 else value / s_y

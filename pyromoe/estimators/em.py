@@ -29,7 +29,7 @@ from ..core.em.loop import EM
 from ..core.em.starts import SCREEN_CANDIDATES, screened_start, start_params
 from ..core.estimate import MoEEstimate
 from ..core.links import Link, check_link
-from ..core.sources import Source, as_source
+from ..core.sources import Source, as_design_source
 from ..core.threads import check_num_threads, torch_threads
 from ..core.units import on_exact_scale
 
@@ -59,7 +59,9 @@ def em_options(
     )
 
 
-def _check_init(init, k: int, d: int, link: Link, source: Source) -> MoEEstimate:
+def _check_init(
+    init, k: int, d: int, link: Link, source: Source, gate_features: int | None = None
+) -> MoEEstimate:
     if not isinstance(init, MoEEstimate):
         raise TypeError(
             f"init must be a pyromoe.MoEEstimate (e.g. from tensor_init); got {type(init).__name__}"
@@ -68,6 +70,11 @@ def _check_init(init, k: int, d: int, link: Link, source: Source) -> MoEEstimate
         raise ValueError(
             f"init must have num_experts={k} and in_features={d} to match the fit; got "
             f"num_experts={init.num_experts}, in_features={init.in_features}"
+        )
+    if init.gate_features != (d if gate_features is None else gate_features):
+        raise ValueError(
+            f"init's gate reads {init.gate_features} covariates but the fit's gate reads "
+            f"{d if gate_features is None else gate_features} ({'z' if gate_features else 'x'})"
         )
     if (init.link.name, init.link.negative_slope) != (link.name, link.negative_slope):
         raise ValueError(
@@ -93,6 +100,7 @@ class _StartPlan:
     seed: int
     per_expert: bool
     screen: int
+    gate_features: int | None = None
 
 
 @keeps_feature_names
@@ -102,6 +110,7 @@ def fit_em(
     num_experts: int = 2,
     link: str | Link = "linear",
     *,
+    z=None,
     init: MoEEstimate | None = None,
     n_init: int | None = None,
     screen: int = SCREEN_CANDIDATES,
@@ -131,6 +140,9 @@ def fit_em(
         baseline of a comparison).
     link : str or Link
         Expert link (must match ``init.link`` when ``init`` is given).
+    z : Tensor, ndarray, DataFrame or dask.array.Array (n, d_z), optional
+        Covariates of the gate's own (flexmix's concomitant variables): the gate is
+        ``softmax(w . z + c)`` while the experts read ``x``. Default: the gate reads ``x``.
     init : MoEEstimate, optional
         A starting point (e.g. :func:`pyromoe.tensor_init`); the first start.
     n_init : int, optional
@@ -232,11 +244,12 @@ def fit_em(
     >>> fit.method, len(fit.diagnostics["log_likelihood_per_start"])
     ('em', 2)
     """
-    source = as_source(x, y, device=device, min_rows=2)
+    source, gate_features = as_design_source(x, y, z, device=device, min_rows=2)
     steps = (newton_steps, gauss_newton_steps)
     em = em_options(source, tol, max_iter, prior_scale, *steps, chunk_size)
     link, seed = check_link(link), check_seed(seed)
     n, d = source.shape
+    d -= gate_features or 0  # the experts' inputs
     k = check_num_experts(num_experts, minimum=1)
     bias = check_flag(bias, "bias")
     per_expert = check_noise_model(noise) == "per_expert"
@@ -246,7 +259,7 @@ def fit_em(
     screen = check_positive(screen, "screen", integer=True)
     num_threads = check_num_threads(num_threads)
     if init is not None:
-        init = _check_init(init, k, d, link, source)
+        init = _check_init(init, k, d, link, source, gate_features)
     with torch_threads(num_threads):
         summary = source.summary(em["chunk_size"])  # out-of-core data: the NaN check is here
         if summary.y_sd == 0.0:
@@ -254,7 +267,7 @@ def fit_em(
                 f"y is constant (every value is {summary.y_first:g}); a mixture of experts needs "
                 "varying y"
             )
-        plan = _StartPlan(k, n_init, bias, seed, per_expert, screen)
+        plan = _StartPlan(k, n_init, bias, seed, per_expert, screen, gate_features)
         return _fit_em(source, link, init=init, plan=plan, em=em)
 
 
@@ -265,12 +278,17 @@ def _fit_em(
     """:func:`fit_em` on checked arguments; ``em``: the options of :class:`EM`."""
     n, d = source.shape
     k, bias, seed, per_expert = plan.num_experts, plan.bias, plan.seed, plan.per_expert
-    n_init, screen = plan.n_init, plan.screen
+    n_init, screen, gate_features = plan.n_init, plan.screen, plan.gate_features
+    d -= gate_features or 0
+    # the gate's own covariates: (k - 1) d_z gate weights instead of (k - 1) d
+    gate_change = 0 if gate_features is None else (k - 1) * (gate_features - d)
+    covariates = "" if gate_features is None else f" and a gate on {gate_features} covariate(s)"
     check_enough_rows(
         n,
-        num_parameters(d, k, bias),
+        num_parameters(d, k, bias) + gate_change,
         k,
-        model=f"a mixture of {k} experts on {d} input(s){' with biases' if bias else ''}",
+        model=f"a mixture of {k} experts on {d} input(s){covariates}"
+        f"{' with biases' if bias else ''}",
         stacklevel=5,
     )
     starts, kinds = [], []
@@ -291,6 +309,7 @@ def _fit_em(
             noise="per_expert" if per_expert else "shared",
             prior_scale=em["prior_scale"],
             chunk_size=em["chunk_size"],
+            gate_features=gate_features,
         )
         starts.append(start)
         kinds.append("random")

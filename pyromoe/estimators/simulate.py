@@ -11,13 +11,17 @@ import torch
 from .._validation import (
     check_device,
     check_flag,
-    check_num_experts,
     check_positive,
     check_seed,
+    count_rule,
+    num_experts_rule,
+    one_of,
+    optional,
+    validate,
 )
 from ..core.estimate import MoEEstimate
 from ..core.likelihood import sample_mixture
-from ..core.links import Link, check_link
+from ..core.links import Link, link_rule
 from ..core.params import Params
 
 __all__ = ["SimulatedData", "simulate"]
@@ -53,6 +57,41 @@ def _unit_rows(t: torch.Tensor) -> torch.Tensor:
     return t / t.norm(dim=-1, keepdim=True)
 
 
+def _dtype_rule(dtype, name: str) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"{name} must be a floating torch dtype (e.g. torch.float64 or torch.float32); got "
+            f"{dtype!r}"
+        )
+    return dtype
+
+
+def _gate_norm_rule(gate_norm, name: str) -> float:
+    if isinstance(gate_norm, bool) or not isinstance(gate_norm, numbers.Real):
+        raise TypeError(f"{name} must be a number >= 0; got {type(gate_norm).__name__}")
+    gate_norm = float(gate_norm)
+    if not (gate_norm >= 0 and math.isfinite(gate_norm)):
+        raise ValueError(f"{name} must be a finite number >= 0; got {gate_norm}")
+    return gate_norm
+
+
+#: how :func:`simulate` checks its arguments, once per call (:func:`pyromoe._validation.validate`)
+SIMULATE_RULES = {
+    "n": count_rule(minimum=1),
+    "in_features": count_rule(minimum=1),
+    "num_experts": num_experts_rule(minimum=2),
+    "link": link_rule,
+    "noise": check_positive,
+    "seed": check_seed,
+    "bias": check_flag,
+    "device": optional(check_device),
+    "dtype": _dtype_rule,
+    "gate_norm": _gate_norm_rule,
+    "gate": one_of("random", "orthogonal"),
+}
+
+
+@validate(SIMULATE_RULES)
 def simulate(
     n: int,
     in_features: int,
@@ -111,21 +150,8 @@ def simulate(
     >>> data.x.shape, data.truth.experts_weight.shape
     (torch.Size([1000, 5]), torch.Size([2, 5]))
     """
-    n = check_positive(n, "n", integer=True)
-    d = check_positive(in_features, "in_features", integer=True)
-    k = check_num_experts(num_experts)
-    link = check_link(link)
-    noise = check_positive(noise, "noise")
-    seed = check_seed(seed)
-    bias = check_flag(bias, "bias")
-    if device is not None:
-        device = check_device(device)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(
-            f"dtype must be a floating torch dtype (e.g. torch.float64 or torch.float32); got "
-            f"{dtype!r}"
-        )
-    gate_norm = _check_shape_of_truth(d, k, gate, gate_norm, expert_cosine)
+    d, k = in_features, num_experts
+    _check_shape_of_truth(d, k, gate, expert_cosine)
     generator = torch.Generator().manual_seed(int(seed))
     cpu = dict(dtype=torch.float64)
 
@@ -159,15 +185,9 @@ def simulate(
     )
 
 
-def _check_shape_of_truth(d: int, k: int, gate: str, gate_norm, expert_cosine) -> float:
-    """The gate's and the experts' settings of :func:`simulate`, checked: the gate norm."""
-    if isinstance(gate_norm, bool) or not isinstance(gate_norm, numbers.Real):
-        raise TypeError(f"gate_norm must be a number >= 0; got {type(gate_norm).__name__}")
-    gate_norm = float(gate_norm)
-    if not (gate_norm >= 0 and math.isfinite(gate_norm)):
-        raise ValueError(f"gate_norm must be a finite number >= 0; got {gate_norm}")
-    if gate not in ("random", "orthogonal"):
-        raise ValueError(f"gate must be 'random' or 'orthogonal'; got {gate!r}")
+def _check_shape_of_truth(d: int, k: int, gate: str, expert_cosine) -> None:
+    """The experts' cosine and the gate's kind of :func:`simulate`, checked against ``d`` and
+    ``k``."""
     if expert_cosine is not None and not 0.0 <= float(expert_cosine) < 1.0:
         raise ValueError(f"expert_cosine must be in [0, 1); got {expert_cosine}")
     directions = k + 1 if expert_cosine is not None else k
@@ -180,7 +200,6 @@ def _check_shape_of_truth(d: int, k: int, gate: str, gate_norm, expert_cosine) -
             f"gate='orthogonal' needs in_features > {directions} (room for a gate orthogonal to the "
             f"experts); got in_features={d}. Use gate='random' or more features."
         )
-    return gate_norm
 
 
 def _draw_parameters(normal, d: int, k: int, gate: str, gate_norm: float, expert_cosine, bias):

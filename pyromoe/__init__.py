@@ -64,6 +64,7 @@ _EXPORTS: dict[str, str] = {
     "load_dataset": ".datasets",
     "load_mcycle": ".datasets",
     "load_old_faithful": ".datasets",
+    "load_penguins": ".datasets",
 }
 
 #: public submodules, by their short names
@@ -104,6 +105,7 @@ __all__ = [
     "load_dataset",
     "load_mcycle",
     "load_old_faithful",
+    "load_penguins",
     "nuts_report",
     "parameter_errors",
     "parameter_table",
@@ -170,6 +172,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         load_dataset,
         load_mcycle,
         load_old_faithful,
+        load_penguins,
     )
     from .estimators.em import fit_em
     from .estimators.gate import fit_gate

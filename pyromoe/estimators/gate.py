@@ -32,7 +32,7 @@ from ..core.em.m_step import feature_scale
 from ..core.likelihood import expert_means
 from ..core.links import Link, check_link
 from ..core.params import Params
-from ..core.sources import Source, as_source
+from ..core.sources import Source, as_design_source
 from ..core.threads import check_num_threads, torch_threads
 from ..core.units import on_exact_scale
 from .em import em_options
@@ -96,6 +96,7 @@ def fit_gate(
     experts_bias,
     link: str | Link,
     *,
+    z=None,
     noise=None,
     init_gate_weight=None,
     init_gate_bias=None,
@@ -130,11 +131,13 @@ def fit_gate(
         Fixed expert intercepts (``None``: zeros).
     link : str or Link
         Expert link.
+    z : Tensor, ndarray, DataFrame or dask.array.Array (n, d_z), optional
+        The gate's own covariates (the gate is then ``softmax(w . z + c)``); default: ``x``.
     noise : float or 0-d Tensor, optional
         Starting noise standard deviation (the fixed one when ``fit_noise=False``). Default: the
         root-mean-square residual of each row's best-fitting expert (biased low when experts overlap;
         EM corrects it).
-    init_gate_weight : Tensor or ndarray (k - 1, d), optional
+    init_gate_weight : Tensor or ndarray (k - 1, d) (or (k - 1, d_z) with ``z``), optional
         Starting gate weights. Default: random, ``N(0, 0.25 / d)`` per weight divided by the column's
         standard deviation, from a ``torch.Generator`` seeded with ``seed``.
     init_gate_bias : Tensor or ndarray (k - 1,), optional
@@ -196,10 +199,12 @@ def fit_gate(
     >>> fit.converged, fit.gate_weight.shape
     (True, torch.Size([1, 3]))
     """
-    source = as_source(x, y, device=device, min_rows=2)
+    source, gate_features = as_design_source(x, y, z, device=device, min_rows=2)
     em = em_options(source, tol, max_iter, prior_scale, newton_steps, 1, chunk_size)
     link, seed = check_link(link), check_seed(seed)
     n, d = source.shape
+    d_gate = d if gate_features is None else gate_features
+    d -= gate_features or 0  # the experts' inputs
     x = torch.empty(0, dtype=source.dtype, device=source.device)  # device and dtype to follow
     experts_weight = as_tensor(experts_weight, "experts_weight", like=x)
     if experts_weight.dim() != 2 or experts_weight.shape[1] != d:
@@ -223,7 +228,11 @@ def fit_gate(
     gate_weight = init_gate_weight
     if gate_weight is not None:
         gate_weight = _check_matrix(
-            gate_weight, "init_gate_weight", (k - 1, d), x, "num_experts - 1 rows, d columns"
+            gate_weight,
+            "init_gate_weight",
+            (k - 1, d_gate),
+            x,
+            "num_experts - 1 rows, a column per input of the gate",
         )
     if init_gate_bias is None:
         gate_bias = torch.zeros(k - 1, dtype=x.dtype, device=x.device)
@@ -249,8 +258,9 @@ def fit_gate(
 def _fit_gate(source: Source, start: Params, link: Link, *, em: dict, seed: int) -> GateFit:
     """:func:`fit_gate` on checked arguments: ``start`` may lack the gate weights and the noise
     (then drawn / estimated here); ``em``: the options of :class:`pyromoe.core.em.loop.EM`."""
-    n, d = source.shape
+    n, total = source.shape
     k = start.num_experts
+    d = total - start.in_features or total  # the gate's inputs: its own columns, or all of x
     width = d + 1 if em["update_gate_bias"] else d
     parameters = (k - 1) * width + (1 if em["update_noise"] else 0)
     check_enough_rows(
@@ -261,7 +271,7 @@ def _fit_gate(source: Source, start: Params, link: Link, *, em: dict, seed: int)
     if start.gate_weight is None:
         generator = torch.Generator().manual_seed(seed)
         raw = torch.randn(k - 1, d, generator=generator, dtype=torch.float64)
-        scale = feature_scale(source).to(like)
+        scale = feature_scale(source).to(like)[total - d :]
         start = start._replace(gate_weight=raw.to(like) * (0.5 / math.sqrt(d)) / scale)
     if start.noise is None:
         # each row's best-fitting expert: biased low when experts overlap; EM corrects it

@@ -27,6 +27,7 @@ runs the same summary code. Chunks have ``chunk_size`` rows (:mod:`pyromoe.core.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterator
@@ -241,6 +242,54 @@ class Source:
         """This source read through ``units`` (a :class:`pyromoe.core.units.AffineMap`, e.g. the
         exact powers of two of :func:`pyromoe.core.units.exact_scales`)."""
         return _RescaledSource(self, units)
+
+    def columns(self, index) -> Source:
+        """This source with only the columns ``index`` of ``x`` (a sequence of positions), read
+        chunk by chunk; its summary is the base's, restricted (no further pass)."""
+        index = [int(i) for i in index]
+        if not index or not all(0 <= i < self.in_features for i in index):
+            raise ValueError(f"columns must be positions 0 to {self.in_features - 1}; got {index}")
+        if index == list(range(self.in_features)):
+            return self
+        return _ColumnSource(self, index)
+
+
+class _ColumnSource(Source):
+    """Some columns of ``x`` of a source (e.g. the experts' continuous inputs for the moments)."""
+
+    def __init__(self, base: Source, index: list[int]):
+        super().__init__(base.num_rows, len(index), base.dtype, base.device)
+        self.kind = base.kind
+        self.base = base
+        self.index = torch.tensor(index, device=base.device)
+
+    def chunks(self, chunk_size):
+        for xc, yc in self.base.chunks(chunk_size):
+            yield xc.index_select(1, self.index.to(xc.device)), yc
+
+    def reduce(self, fn, chunk_size, *args, combine=_add):
+        return self.base.reduce(_columns_call, chunk_size, fn, self.index, *args, combine=combine)
+
+    def take(self, rows):
+        x, y = self.base.take(rows)
+        return x.index_select(1, self.index.to(x.device)), y
+
+    def summary(self, chunk_size: int | None = None) -> Summary:
+        if self._summary is None:
+            base = self.base.summary(chunk_size)
+            index = self.index.to(base.x_mean.device)
+            self._summary = dataclasses.replace(
+                base,
+                x_mean=base.x_mean[index],
+                x_sd=base.x_sd[index],
+                x_absmax=base.x_absmax[index],
+            )
+            self.summary_chunk_size = self.base.summary_chunk_size
+        return self._summary
+
+
+def _columns_call(x, y, fn, index, *args):
+    return fn(x.index_select(1, index.to(x.device)), y, *args)
 
 
 class TensorSource(Source):
@@ -566,12 +615,16 @@ def as_design_source(
     y,
     z=None,
     *,
+    gate_features: int | None = None,
     device=None,
     in_features: int | None = None,
     min_rows: int = 1,
 ) -> tuple[Source, int | None]:
     """:func:`as_source` of the design ``x``, or of ``[x | z]`` with the gate's own covariates
     ``z`` (n, d_z) after the experts' inputs (:mod:`pyromoe.core.likelihood`).
+
+    ``gate_features``: instead of ``z``, ``x`` already holds the joined design and its last
+    ``gate_features`` columns are the gate's (any source kind, memory maps included).
 
     Returns
     -------
@@ -585,6 +638,19 @@ def as_design_source(
         memory), a Dask ``z`` with an in-memory ``x`` or the reverse, a shape other than
         (n, d_z), NaN or infinite values (named as ``z``).
     """
+    if gate_features is not None:
+        if z is not None:
+            raise ValueError("pass z or gate_features, not both")
+        source = as_source(x, y, device=device, min_rows=min_rows)
+        if isinstance(gate_features, bool) or not isinstance(gate_features, int):
+            raise TypeError(f"gate_features must be an int; got {type(gate_features).__name__}")
+        if not 1 <= gate_features < source.in_features:
+            raise ValueError(
+                f"gate_features must be between 1 and {source.in_features - 1} (x's last "
+                f"gate_features columns are the gate's, the others the experts'); got "
+                f"{gate_features}"
+            )
+        return source, gate_features
     if z is None:
         return as_source(x, y, device=device, in_features=in_features, min_rows=min_rows), None
     if isinstance(x, Source) or isinstance(z, np.memmap) or isinstance(x, np.memmap):

@@ -111,6 +111,7 @@ def fit_em(
     link: str | Link = "linear",
     *,
     z=None,
+    gate_features: int | None = None,
     init: MoEEstimate | None = None,
     n_init: int | None = None,
     screen: int = SCREEN_CANDIDATES,
@@ -143,6 +144,9 @@ def fit_em(
     z : Tensor, ndarray, DataFrame or dask.array.Array (n, d_z), optional
         Covariates of the gate's own (flexmix's concomitant variables): the gate is
         ``softmax(w . z + c)`` while the experts read ``x``. Default: the gate reads ``x``.
+    gate_features : int, optional
+        Instead of ``z``: ``x`` holds the joined design ``[x | z]`` and its last
+        ``gate_features`` columns are the gate's (e.g. one memory map of both).
     init : MoEEstimate, optional
         A starting point (e.g. :func:`pyromoe.tensor_init`); the first start.
     n_init : int, optional
@@ -244,7 +248,9 @@ def fit_em(
     >>> fit.method, len(fit.diagnostics["log_likelihood_per_start"])
     ('em', 2)
     """
-    source, gate_features = as_design_source(x, y, z, device=device, min_rows=2)
+    source, gate_features = as_design_source(
+        x, y, z, gate_features=gate_features, device=device, min_rows=2
+    )
     steps = (newton_steps, gauss_newton_steps)
     em = em_options(source, tol, max_iter, prior_scale, *steps, chunk_size)
     link, seed = check_link(link), check_seed(seed)

@@ -97,6 +97,7 @@ def fit_gate(
     link: str | Link,
     *,
     z=None,
+    gate_features: int | None = None,
     noise=None,
     init_gate_weight=None,
     init_gate_bias=None,
@@ -133,6 +134,9 @@ def fit_gate(
         Expert link.
     z : Tensor, ndarray, DataFrame or dask.array.Array (n, d_z), optional
         The gate's own covariates (the gate is then ``softmax(w . z + c)``); default: ``x``.
+    gate_features : int, optional
+        Instead of ``z``: ``x`` holds the joined design ``[x | z]`` and its last
+        ``gate_features`` columns are the gate's (e.g. one memory map of both).
     noise : float or 0-d Tensor, optional
         Starting noise standard deviation (the fixed one when ``fit_noise=False``). Default: the
         root-mean-square residual of each row's best-fitting expert (biased low when experts overlap;
@@ -199,7 +203,9 @@ def fit_gate(
     >>> fit.converged, fit.gate_weight.shape
     (True, torch.Size([1, 3]))
     """
-    source, gate_features = as_design_source(x, y, z, device=device, min_rows=2)
+    source, gate_features = as_design_source(
+        x, y, z, gate_features=gate_features, device=device, min_rows=2
+    )
     em = em_options(source, tol, max_iter, prior_scale, newton_steps, 1, chunk_size)
     link, seed = check_link(link), check_seed(seed)
     n, d = source.shape

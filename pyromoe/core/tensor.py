@@ -265,6 +265,7 @@ def expert_scales(
     *,
     beta: float = 0.0,
     first_moment: torch.Tensor | None = None,
+    free_mixing: bool = False,
 ) -> torch.Tensor:
     """Expert weights on the standardised inputs from the un-whitened tensor components.
 
@@ -272,8 +273,11 @@ def expert_scales(
     ``u_i``, per-norm constants from :func:`pyromoe.core.links.gaussian_expectation`, mixing weight
     ``1/k``), the un-whitened component is ``d_i = sign(kappa3) sqrt(|kappa2|) u_i``:
 
-    - linear: ``a_i = d_i`` for k = 2 (``kappa2 = |a|^2``: exact) and ``a_i = d_i lambda_i / 3``
-      for k > 2 (``kappa2 = 2 p_i |a|^2``, ``kappa3 = 6 p_i |a|^3``: exact from lambda);
+    - linear: ``a_i = d_i`` for k = 2 (``kappa2 = |a|^2``: exact with the paper's odd gate,
+      whose mixing weights are 1/2) and ``a_i = d_i lambda_i / 3`` for k > 2 or with
+      ``free_mixing`` (``kappa2 = 2 p_i |a|^2``, ``kappa3 = 6 p_i |a|^3``: exact from lambda
+      whatever the mixing weights ``p_i``, e.g. a gate on covariates independent of ``x``,
+      docs/algorithm.md section 7);
     - relu / leaky_relu: ``kappa3 > 0`` gives the sign; ``|a_i|`` solves the 1-D equation
       ``|kappa2(r)| = |d_i|^2`` (smallest root) with the ``beta`` used in ``P2``;
     - tanh / sigmoid (``kappa2`` is not monotone in the norm): signed scales from the first-order
@@ -291,6 +295,8 @@ def expert_scales(
         The ``beta`` of ``P2(y) = y^2 + beta y``.
     first_moment : Tensor (d,), optional
         ``E[y z]`` (centred ``y``, standardised ``z``); needed for tanh and sigmoid.
+    free_mixing : bool
+        The mixing weights need not be equal (linear link: scales from ``lambda`` for any k).
 
     Returns
     -------
@@ -298,7 +304,7 @@ def expert_scales(
     """
     k = directions.shape[0]
     if link.is_identity:
-        if k == 2:
+        if k == 2 and not free_mixing:
             return directions
         return directions * (eigenvalues / 3).unsqueeze(-1)
     norms = directions.norm(dim=-1).clamp_min(1e-300)

@@ -37,6 +37,7 @@ from .tensor_init import (
     _tensor_init,
     check_arguments,
     minimum_rows,
+    moment_source,
     tensor_init,
 )
 
@@ -96,6 +97,7 @@ def _sanity_problem(estimate: MoEEstimate, source: Source) -> str | None:
     if not all(bool(torch.isfinite(v).all()) for v in values):
         return "it has non-finite parameters"
     scale = source.summary().x_sd.to(estimate.gate_weight).clamp_min(1e-12)
+    scale = scale[scale.shape[0] - estimate.gate_features :]  # the gate's columns
     gate_norm = float((estimate.gate_weight * scale).norm(dim=-1).max())
     if gate_norm > MAX_SANE_GATE_NORM:
         return (
@@ -124,6 +126,9 @@ def initialize(
     link: str | Link = "linear",
     method: str = "auto",
     *,
+    z=None,
+    gate_features: int | None = None,
+    moment_columns=None,
     n_init: int = 5,
     noise: float | str | None = None,
     chunk_size: int | None = None,
@@ -203,8 +208,9 @@ def initialize(
     """
     if method not in ("auto", "tensor", "em"):
         raise ValueError(f"method must be 'auto', 'tensor' or 'em'; got {method!r}")
+    layout = dict(z=z, gate_features=gate_features, moment_columns=moment_columns)
     source, link, noise, options = check_arguments(
-        x, y, num_experts, link, noise, chunk_size, seed, device, min_experts=1
+        x, y, num_experts, link, noise, chunk_size, seed, device, min_experts=1, layout=layout
     )
     choice = _Choice(
         method=method,
@@ -224,11 +230,14 @@ def _initialize(
     """:func:`initialize` on checked arguments."""
     n, d = source.shape
     k = options.num_experts
+    d_gate = d if options.gate_features is None else options.gate_features
+    d -= options.gate_features or 0  # the experts' inputs
+    covariates = "" if options.gate_features is None else f", a gate on {d_gate} covariate(s)"
     check_enough_rows(
         n,
-        num_parameters(d, k),
+        num_parameters(d, k) + (k - 1) * (d_gate - d),
         k,
-        model=f"a mixture of {k} experts on {d} input(s) with biases",
+        model=f"a mixture of {k} experts on {d} input(s){covariates} with biases",
         stacklevel=5,
     )
     with warnings.catch_warnings():
@@ -265,6 +274,7 @@ def _multistart(source, link, options: MomentOptions, n_init: int, reason: str) 
         seed=options.seed,
         noise=options.noise_model,
         chunk_size=options.chunk_size,
+        **options.layout,
     )
     return _labelled(
         fit,
@@ -277,7 +287,8 @@ def _multistart(source, link, options: MomentOptions, n_init: int, reason: str) 
 
 def _choose(source, link, noise, options: MomentOptions, choice: _Choice) -> MoEEstimate:
     """The start for :func:`initialize` (``choice.method`` on checked, ordinary-scale data)."""
-    k, d, method = options.num_experts, source.in_features, choice.method
+    k, method = options.num_experts, choice.method
+    d = moment_source(source, options).in_features  # the inputs the moments can read
     if method == "em":
         return _multistart(source, link, options, choice.n_init, "method='em' was asked for")
     if k == 1 and method == "auto":
@@ -331,6 +342,7 @@ def _map_refit(source, link, options, choice, moment: MoEEstimate, problem: str)
         seed=options.seed,
         noise=options.noise_model,
         chunk_size=options.chunk_size,
+        **options.layout,
     )
     if _sanity_problem(estimate, source) is not None:
         reason = f"the tensor start -> EM estimate is not a sane seed: {problem}"
@@ -357,7 +369,7 @@ def _guarded(source, link, noise, options: MomentOptions, guard_rows: int):
     """
     began = time.perf_counter()
     k, seed = options.num_experts, options.seed
-    em_options = dict(noise=options.noise_model, chunk_size=options.chunk_size)
+    em_options = dict(noise=options.noise_model, chunk_size=options.chunk_size, **options.layout)
     n = source.num_rows
     rows = guard_size(n, guard_rows)
     if rows < n:

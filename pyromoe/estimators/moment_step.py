@@ -50,9 +50,13 @@ def _centre_of_y(
     return (mean, True) if centred else (offset, False)
 
 
-def moment_experts(source: Source, k, link: Link, noise, chunk_size, seed, center_y=None):
+def moment_experts(
+    source: Source, k, link: Link, noise, chunk_size, seed, center_y=None, free_mixing=False
+):
     """The moment step on a source: expert weights and biases in user coordinates, noise,
-    standardiser, diagnostics (two passes after the source's summary)."""
+    standardiser, diagnostics (two passes after the source's summary). ``free_mixing``: the
+    mixing weights need not be equal (a gate on covariates of its own), see
+    :func:`pyromoe.core.tensor.expert_scales`."""
     n, d = source.shape
     mean_y, raw_second = _y_moments(source)
     centre, centred = _centre_of_y(mean_y, raw_second, link, center_y)
@@ -99,7 +103,12 @@ def moment_experts(source: Source, k, link: Link, noise, chunk_size, seed, cente
     directions = unwhiten(whitening, decomposition.eigenvectors)
     first = standardizer.whitening.T @ second.first  # E[yc z]
     weight_std = expert_scales(
-        link, directions, decomposition.eigenvalues, beta=beta, first_moment=first
+        link,
+        directions,
+        decomposition.eigenvalues,
+        beta=beta,
+        first_moment=first,
+        free_mixing=free_mixing,
     )
     norms = weight_std.norm(dim=-1)
     if link.is_odd:

@@ -20,6 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from .._validation import (
@@ -40,7 +41,7 @@ from ..core.em.loop import CollapseWarning, ConvergenceWarning, warn_collapse
 from ..core.em.statistics import mean_log_likelihood
 from ..core.estimate import MoEEstimate
 from ..core.links import Link, check_link
-from ..core.sources import Source, as_source
+from ..core.sources import Source, as_design_source
 from ..core.threads import check_num_threads, torch_threads
 from ..core.units import on_exact_scale
 from .em import fit_em
@@ -95,22 +96,53 @@ class MomentOptions:
     seed : int
     noise_model : {"shared", "per_expert"}
         The noise model of the EM fits (the moment step and gate EM assume one shared sd).
+    gate_features : int or None
+        The design's last ``gate_features`` columns are the gate's own covariates (None: the
+        gate reads the experts' inputs).
+    moment_columns : tuple of int or None
+        The experts' columns the moment step reads (None: all of them); the others start at 0.
     """
 
     num_experts: int
     chunk_size: int
     seed: int
     noise_model: str = "shared"
+    gate_features: int | None = None
+    moment_columns: tuple[int, ...] | None = None
+
+    @property
+    def layout(self) -> dict:
+        """The keyword that tells :func:`~pyromoe.fit_em` / :func:`~pyromoe.fit_gate` the
+        design's layout (``gate_features``)."""
+        return {"gate_features": self.gate_features}
 
 
-def check_arguments(x, y, num_experts, link, noise, chunk_size, seed, device=None, min_experts=2):
+def check_arguments(
+    x,
+    y,
+    num_experts,
+    link,
+    noise,
+    chunk_size,
+    seed,
+    device=None,
+    min_experts=2,
+    layout: dict | None = None,
+):
     """The arguments :func:`tensor_init` and :func:`pyromoe.estimators.initialize.initialize`
     share, checked: ``(source, link, noise, options)`` with :class:`MomentOptions`.
 
     ``noise`` is a known noise sd (a positive number), None, or a noise model name
-    (``"shared"`` / ``"per_expert"``: then the known sd is None).
+    (``"shared"`` / ``"per_expert"``: then the known sd is None). ``layout``: ``z``,
+    ``gate_features`` and ``moment_columns`` as the entries take them.
     """
-    source = as_source(x, y, device=device)
+    layout = layout or {}
+    source, gate_features = as_design_source(
+        x, y, layout.get("z"), gate_features=layout.get("gate_features"), device=device
+    )
+    moment_columns = _check_moment_columns(
+        layout.get("moment_columns"), source.in_features - (gate_features or 0)
+    )
     num_experts = check_num_experts(num_experts, minimum=min_experts)
     link = check_link(link)
     noise_model = "shared"
@@ -123,8 +155,46 @@ def check_arguments(x, y, num_experts, link, noise, chunk_size, seed, device=Non
         chunk_size=chunk_size_for(chunk_size, source.in_features),
         seed=check_seed(seed),
         noise_model=noise_model,
+        gate_features=gate_features,
+        moment_columns=moment_columns,
     )
     return source, link, noise, options
+
+
+def _check_moment_columns(columns, experts_width: int) -> tuple[int, ...] | None:
+    """``moment_columns`` as a tuple of distinct positions among the experts' inputs, or None
+    (all of them)."""
+    if columns is None:
+        return None
+    if isinstance(columns, (str, bytes)) or not hasattr(columns, "__iter__"):
+        raise TypeError(f"moment_columns must be a sequence of column positions; got {columns!r}")
+    values = list(columns)
+    if values and all(isinstance(v, (bool, np.bool_)) for v in values):  # a boolean mask
+        if len(values) != experts_width:
+            raise ValueError(
+                f"moment_columns as a mask needs one flag per input of the experts "
+                f"({experts_width}); got {len(values)}"
+            )
+        values = [i for i, flag in enumerate(values) if flag]
+    if not values:
+        raise ValueError(
+            "moment_columns selects no column: the moment step needs at least one continuous "
+            "input (use method='em' when every input is a factor)"
+        )
+    positions = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"moment_columns must hold int positions; got {value!r}")
+        if not 0 <= int(value) < experts_width:
+            raise ValueError(
+                f"moment_columns must be positions 0 to {experts_width - 1}; got {int(value)}"
+            )
+        positions.append(int(value))
+    if len(set(positions)) != len(positions):
+        raise ValueError(f"moment_columns must not repeat a position; got {positions}")
+    if positions == list(range(experts_width)):
+        return None
+    return tuple(positions)
 
 
 def _metric_cosines(gate_weight, experts_weight, covariance) -> float:
@@ -144,6 +214,9 @@ def tensor_init(
     num_experts: int = 2,
     link: str | Link = "linear",
     *,
+    z=None,
+    gate_features: int | None = None,
+    moment_columns=None,
     noise: float | str | None = None,
     refine: bool = False,
     random_starts: int = 2,
@@ -182,6 +255,14 @@ def tensor_init(
         ``k``, with ``2 <= k <= d`` (the moments cannot separate more experts than features).
     link : str or Link
         The experts' link.
+    z, gate_features
+        The gate's own covariates, as in :func:`pyromoe.fit_em`: the moments read the experts'
+        inputs only; the gate is fitted on ``z``.
+    moment_columns : sequence of int or of bool, optional
+        The experts' inputs the moment step reads (positions, or one flag per input), e.g. the
+        continuous ones when others are a factor's 0/1 columns (Stein's lemma needs Gaussian
+        inputs, docs/algorithm.md section 7). The other inputs' weights start at 0 (EM fits them
+        with ``refine=True``). Default: every input.
     noise : float, "shared" or "per_expert", optional
         Noise standard deviation if known: then used for the transform constants and kept fixed
         in the gate fit. Default: estimated from ``E[y^2] - E[g(a.z)^2]`` and refined by gate EM.
@@ -254,8 +335,9 @@ def tensor_init(
     >>> est.experts_weight.shape, est.method
     (torch.Size([2, 5]), 'tensor')
     """
+    layout = dict(z=z, gate_features=gate_features, moment_columns=moment_columns)
     source, link, noise, options = check_arguments(
-        x, y, num_experts, link, noise, chunk_size, seed, device
+        x, y, num_experts, link, noise, chunk_size, seed, device, layout=layout
     )
     if center_y is not None and not isinstance(center_y, bool):
         raise TypeError(f"center_y must be True, False or None; got {type(center_y).__name__}")
@@ -294,16 +376,17 @@ def _tensor_init(
     n is large); ``initialize``'s guard passes its subsample (already on the ordinary scale).
     """
     k = options.num_experts
-    _check_moments_apply(source, k)
+    _check_moments_apply(moment_source(source, options), k)
     estimate, covariance = _moment_start(source, link, noise, options, center_y, gate_source)
     if not refine:
         warn_collapse(
             estimate.diagnostics["collapsed_experts"],
             estimate.diagnostics["effective_rows"],
-            source.in_features,
+            estimate.in_features,
             stacklevel=5,
         )
-    _warn_if_biased(estimate, covariance, k)
+    if options.gate_features is None and options.moment_columns is None:
+        _warn_if_biased(estimate, covariance, k)
     if refine:
         return _refine(source, link, estimate, options, random_starts)
     if options.noise_model == "per_expert":  # the moment step's one sd, for each expert
@@ -341,20 +424,41 @@ def _check_moments_apply(source: Source, k: int) -> None:
         )
 
 
+def moment_source(source: Source, options: MomentOptions) -> Source:
+    """The columns the moment step reads: the experts' inputs (not the gate's own covariates),
+    restricted to ``options.moment_columns``."""
+    experts = source.in_features - (options.gate_features or 0)
+    columns = range(experts) if options.moment_columns is None else options.moment_columns
+    return source.columns(columns)
+
+
 def _moment_start(source, link, noise, options: MomentOptions, center_y, gate_source):
     """The moment experts and the gate fitted by EM with them fixed: the estimate (shared noise)
-    and the covariance of ``x``."""
+    and the covariance of the columns the moments read."""
     n = source.num_rows
     start = time.perf_counter()
     try:
         weight, bias, noise_moment, standardizer, diagnostics = moment_experts(
-            source, options.num_experts, link, noise, options.chunk_size, options.seed, center_y
+            moment_source(source, options),
+            options.num_experts,
+            link,
+            noise,
+            options.chunk_size,
+            options.seed,
+            center_y,
+            free_mixing=options.gate_features is not None,
         )
     except ValueError as error:  # arguments are checked above: these are the data's
         raise MomentsNotApplicableError(str(error)) from error
     moment_seconds = time.perf_counter() - start
     weight = weight.to(device=source.device, dtype=source.dtype)
     bias = bias.to(device=source.device, dtype=source.dtype)
+    if options.moment_columns is not None:  # the other inputs' weights start at 0
+        experts = source.in_features - (options.gate_features or 0)
+        full = weight.new_zeros(weight.shape[0], experts)
+        full[:, list(options.moment_columns)] = weight
+        weight = full
+        diagnostics["moment_columns"] = list(options.moment_columns)
     sigma = noise if noise is not None else noise_moment
 
     start = time.perf_counter()
@@ -453,6 +557,7 @@ def _fit_gate_staged(
                 weight,
                 bias,
                 link,
+                **options.layout,
                 noise=sigma,
                 fit_noise=fit_noise,
                 seed=seed,
@@ -467,6 +572,7 @@ def _fit_gate_staged(
         weight,
         bias,
         link,
+        **options.layout,
         noise=sigma,
         fit_noise=fit_noise,
         init_gate_weight=init_weight,
@@ -482,7 +588,7 @@ def _refine(
 ) -> MoEEstimate:
     """Joint EM from the moment estimate, against ``random_starts`` random starts; best wins."""
     k, seed = options.num_experts, options.seed
-    em_options = dict(noise=options.noise_model, chunk_size=options.chunk_size)
+    em_options = dict(noise=options.noise_model, chunk_size=options.chunk_size, **options.layout)
     start = time.perf_counter()
     with warnings.catch_warnings():
         # only the winner's collapse is worth a warning (below); rows were checked by the caller
@@ -530,7 +636,7 @@ def _refine(
     warn_collapse(
         diagnostics["collapsed_experts"],
         diagnostics["effective_rows"],
-        source.in_features,
+        best.in_features,
         stacklevel=6,
     )
     return replace(

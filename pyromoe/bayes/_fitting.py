@@ -2,10 +2,12 @@
 
 Each fit takes ``init``: an :class:`pyromoe.MoEEstimate` (seeded start, via
 :func:`pyromoe.init_to_moments`), ``None`` (Pyro's own default initialisation, for comparisons) or
-any Pyro init strategy. Its arguments are checked once, before any work, by one table of rules
-(:data:`_RULES`); the data come in through :func:`pyromoe.core.sources.as_source` on the requested
-``device``; the output is InferenceData from :func:`pyromoe.bayes.to_arviz.to_inference_data`,
-relabelled to the estimate, with ``attrs["init"]`` and ``attrs["seed"]``.
+any Pyro init strategy. Its arguments are checked once, before any work, by its table of rules
+(:func:`fit_rules`: the rules the fits share, :data:`RULES`, by name, and its own) and the
+decorator :func:`pyromoe._validation.validate`; the data come in through
+:func:`pyromoe.core.sources.as_source` on the requested ``device`` (:func:`fit_source`); the output
+is InferenceData from :func:`pyromoe.bayes.to_arviz.inference_data_of`, relabelled to the
+estimate, with ``attrs["init"]`` and ``attrs["seed"]``.
 """
 
 from __future__ import annotations
@@ -14,28 +16,31 @@ from collections.abc import Callable
 from typing import Any
 
 from .._validation import (
-    check_count,
+    Rule,
     check_flag,
-    check_model,
     check_positive,
     check_probability,
     check_seed,
+    count_rule,
+    model_rule,
+    optional,
 )
 from ..core.estimate import MoEEstimate
 from ..core.sources import Source, as_source
 from ..core.threads import check_num_threads
 from .init_strategy import check_estimate_fits_model, init_to_moments, match_noise_model
-from .to_arviz import to_inference_data
+from .to_arviz import inference_data_of
 
-#: how each fit's argument is checked, by name: one table for every fit
-_RULES: dict[str, Callable[[Any, str], Any]] = {
+#: how the fits check their arguments, by name: each fit's table takes its own from here
+RULES: dict[str, Rule] = {
+    "model": model_rule,
     "seed": check_seed,
-    "num_threads": lambda value, name: check_num_threads(value, name),
-    "subsample_size": lambda value, name: None if value is None else check_count(value, name, 1),
-    "num_steps": lambda value, name: check_count(value, name, minimum=1),
-    "num_chains": lambda value, name: check_count(value, name, minimum=1),
-    "num_warmup": lambda value, name: check_count(value, name, minimum=0),
-    "max_tree_depth": lambda value, name: check_count(value, name, minimum=1),
+    "num_threads": check_num_threads,
+    "subsample_size": optional(count_rule(minimum=1)),
+    "num_steps": count_rule(minimum=1),
+    "num_chains": count_rule(minimum=1),
+    "num_warmup": count_rule(minimum=0),
+    "max_tree_depth": count_rule(minimum=1),
     "lr": check_positive,
     "target_accept_prob": check_probability,
     **{
@@ -45,20 +50,23 @@ _RULES: dict[str, Callable[[Any, str], Any]] = {
 }
 
 
-def check_arguments(model, x, y, device=None, **arguments) -> tuple[Source, dict]:
-    """``(source, {name: checked value})``: the model, the device and the data
-    (:func:`pyromoe.core.sources.as_source`), then each argument by its rule in :data:`_RULES`,
-    all before any work."""
-    check_model(model)
+def fit_rules(*names: str, **own: Rule) -> dict[str, Rule]:
+    """One fit's table of rules: the model's, then the shared :data:`RULES` of ``names``, then the
+    fit's ``own``, in this order (the order of the checks)."""
+    return {"model": RULES["model"], **{name: RULES[name] for name in names}, **own}
+
+
+def fit_source(model, x, y, device=None, subsample_size: int | None = None) -> Source:
+    """The fit's data as a :class:`~pyromoe.core.sources.Source` on ``device``
+    (:func:`~pyromoe.core.sources.as_source`, ``x`` with the model's ``in_features`` columns), and
+    a checked ``subsample_size`` of at most its rows."""
     source = as_source(x, y, device=device, in_features=getattr(model, "in_features", None))
-    checked = {name: _RULES[name](value, name) for name, value in arguments.items()}
-    subsample_size = checked.get("subsample_size")
     if subsample_size is not None and subsample_size > source.num_rows:
         raise ValueError(
             f"subsample_size must be at most the number of rows n={source.num_rows}; got "
             f"{subsample_size}. Pass subsample_size=None for full-batch steps."
         )
-    return source, checked
+    return source
 
 
 def prepare_init(model, init, x, y) -> tuple[Any, dict]:
@@ -93,7 +101,7 @@ def inference_data(model, x, y, samples, init, align, seed, attrs, **kwargs):
     """InferenceData of any fit: relabelled to ``init`` when it is an estimate and ``align``;
     ``attrs`` gain how the fit was started (``init``) and its ``seed``."""
     started = "pyro_default" if init is None else getattr(init, "method", "strategy")
-    return to_inference_data(
+    return inference_data_of(
         model,
         x,
         y,

@@ -242,7 +242,9 @@ def init_to_moments(
     >>> bool(torch.allclose(guide.median()["noise"], data.truth.noise))
     True
     """
-    seed = check_seed(seed)  # None: a fresh seed, not a draw from the global generator
+    # a seed given is checked; None is drawn (not from the global generator) only for a jitter:
+    # a strategy without one, as the fits build and Pyro calls per site, checks no seed
+    seed = None if seed is None else check_seed(seed)
     if fallback is not None and not callable(fallback):
         raise TypeError(
             "fallback must be a Pyro init strategy (a callable, e.g. init_to_median) or None; "
@@ -254,6 +256,7 @@ def init_to_moments(
         scales = _check_jitter(jitter, values)
         if scales is None:
             return functools.partial(init_to_moments, estimate=estimate, fallback=fallback)
+        seed = check_seed(seed) if seed is None else seed
         return init_to_generated(generate=_Generate(values, scales, seed, fallback))
 
     estimate = check_estimate(estimate)
@@ -263,6 +266,7 @@ def init_to_moments(
         if site["name"] not in values:
             return _fallback(site, fallback)
         return _match_site(site, values[site["name"]])
+    seed = check_seed(seed) if seed is None else seed
     return _Generate(values, scales, seed, fallback)()(site)
 
 

@@ -297,7 +297,7 @@ class MixtureOfExperts(PyroModule):
         self.in_features = check_positive(in_features, "in_features", integer=True)
         self.num_experts = check_num_experts(num_experts, minimum=1)
         self.noise_model = check_noise_model(noise)
-        self.link = check_link(link)
+        self.link = link if isinstance(link, Link) else check_link(link)  # a Link is checked
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be True or False; got {type(bias).__name__}")
         self.bias = bias

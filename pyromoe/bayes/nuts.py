@@ -23,10 +23,10 @@ from pyro.infer import MCMC
 from pyro.infer.autoguide.initialization import init_to_uniform
 from pyro.infer.mcmc.util import initialize_model
 
-from .._validation import check_count, check_feature_names, child_seed
+from .._validation import check_feature_names, child_seed, count_rule, one_of, validate
 from ..core.estimate import MoEEstimate
 from ..core.threads import torch_threads
-from ._fitting import check_arguments, inference_data, prepare_init, strategy_for
+from ._fitting import fit_rules, fit_source, inference_data, prepare_init, strategy_for
 from ._rng import seeded_rng
 from .laplace import laplace_approximation
 from .model import MixtureOfExperts
@@ -37,9 +37,8 @@ __all__ = ["run_nuts"]
 
 
 def _choose_potential(potential: str, model, x, y) -> FusedPotential | None:
-    """The fused potential for ``potential="auto"`` / ``"fused"`` when the model has one, else None."""
-    if potential not in ("auto", "fused", "traced"):
-        raise ValueError(f"potential must be 'auto', 'fused' or 'traced'; got {potential!r}")
+    """The fused potential for ``potential="auto"`` / ``"fused"`` when the model has one, else None
+    (``potential`` checked by :data:`RUN_NUTS_RULES`)."""
     if potential == "traced":
         return None
     known = isinstance(model, MixtureOfExperts)
@@ -97,17 +96,19 @@ def _nuts_sample_stats(mcmc: MCMC, num_chains: int, num_samples: int) -> tuple[d
     return stats, attrs
 
 
-def _check_options(jitter, mp_context: str | None, potential: str) -> None:
-    """Check the options of :func:`run_nuts` that the table of rules does not cover."""
+def _jitter_rule(jitter, name: str) -> bool | float:
     if isinstance(jitter, bool):
-        pass
-    elif not isinstance(jitter, (int, float)) or not (jitter >= 0 and math.isfinite(jitter)):
-        raise ValueError(f"jitter must be True, False or a finite float >= 0; got {jitter!r}")
+        return jitter
+    if not isinstance(jitter, (int, float)) or not (jitter >= 0 and math.isfinite(jitter)):
+        raise ValueError(f"{name} must be True, False or a finite float >= 0; got {jitter!r}")
+    return jitter
+
+
+def _mp_context_rule(mp_context, name: str) -> str | None:
     methods = multiprocessing.get_all_start_methods()
     if mp_context is not None and mp_context not in methods:
-        raise ValueError(f"mp_context must be None or one of {methods}; got {mp_context!r}")
-    if potential not in ("auto", "fused", "traced"):
-        _choose_potential(potential, model=None, x=None, y=None)  # raises, naming the choices
+        raise ValueError(f"{name} must be None or one of {methods}; got {mp_context!r}")
+    return mp_context
 
 
 def _sample(model, x, y, init, fused, checked: dict, jitter, mp_context) -> tuple[MCMC, float]:
@@ -158,6 +159,26 @@ def _sample(model, x, y, init, fused, checked: dict, jitter, mp_context) -> tupl
         return mcmc, time.perf_counter() - start
 
 
+#: how :func:`run_nuts` checks its arguments, once per call (:func:`pyromoe._validation.validate`)
+RUN_NUTS_RULES = fit_rules(
+    "seed",
+    "num_threads",
+    "progress",
+    "jit_compile",
+    "align",
+    "posterior_predictive",
+    "num_chains",
+    "num_warmup",
+    "target_accept_prob",
+    "max_tree_depth",
+    num_samples=count_rule(minimum=4),
+    jitter=_jitter_rule,
+    mp_context=_mp_context_rule,
+    potential=one_of("auto", "fused", "traced"),
+)
+
+
+@validate(RUN_NUTS_RULES)
 def run_nuts(
     model,
     x,
@@ -281,26 +302,11 @@ def run_nuts(
     >>> idata.posterior["experts.weight"].dims
     ('chain', 'draw', 'expert', 'feature')
     """
-    source, checked = check_arguments(
-        model,
-        x,
-        y,
-        device=device,
-        seed=seed,
-        num_threads=num_threads,
-        progress=progress,
-        jit_compile=jit_compile,
-        align=align,
-        posterior_predictive=posterior_predictive,
-        num_chains=num_chains,
-        num_warmup=num_warmup,
-        target_accept_prob=target_accept_prob,
-        max_tree_depth=max_tree_depth,
-    )
+    source = fit_source(model, x, y, device)
     feature_names = check_feature_names(feature_names, source.in_features, x)
-    num_samples = checked["num_samples"] = check_count(num_samples, "num_samples", minimum=4)
-    _check_options(jitter, mp_context, potential)
-    num_chains, seed = checked["num_chains"], checked["seed"]
+    checked = dict(seed=seed, num_threads=num_threads, progress=progress, jit_compile=jit_compile)
+    checked.update(num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples)
+    checked.update(target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth)
     tensors = source.tensors()
     x, y = tensors if tensors is not None else source.take(torch.arange(source.num_rows))
     init, init_attrs = prepare_init(model, init, x, y)

@@ -23,7 +23,6 @@ variable           dims                         meaning
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Mapping
 
@@ -34,17 +33,19 @@ import torch
 import xarray as xr
 
 from .._validation import (
-    _is_pandas,
     as_tensor,
     as_tensors,
-    check_count,
     check_probability,
     check_request_size,
     check_seed,
+    count_rule,
+    optional,
+    validate,
 )
 from ..core import likelihood, sites
 from ..core.params import Params
 from .model import MODEL_ATTR, MixtureOfExperts
+from .record import check_model_matches, columns_by_name, recorded_feature_names
 from .to_arviz import _arviz_major, _from_dict, chunk_slices
 
 __all__ = [
@@ -68,130 +69,12 @@ PREDICTION_VARIABLES: dict[str, list[str]] = {
 RESPONSIBILITY_BLOCK_ELEMENTS = 2**22
 
 
-#: the settings of the model that change what the posterior's draws mean: a model that differs
-#: from the recorded one in any of them is refused
-_STRUCTURAL_SETTINGS = ("num_experts", "in_features", "link", "bias", "noise")
-
-
 class OneDrawWarning(UserWarning):
     """The posterior has one draw (a MAP fit): predictions carry no parameter uncertainty and
     intervals over the draws have zero width."""
 
 
 # ------------------------------------------------------------------------------------ checks
-def _recorded_model(idata) -> dict | None:
-    """The model settings ``idata.attrs[MODEL_ATTR]`` records (a dict), or None for an idata
-    written before pyromoe recorded them (or by something else)."""
-    attrs = getattr(idata, "attrs", None)
-    text = attrs.get(MODEL_ATTR) if isinstance(attrs, Mapping) else None
-    if text is None:
-        return None
-    try:
-        record = json.loads(text)
-    except (TypeError, ValueError):
-        record = None
-    if not isinstance(record, dict):
-        raise ValueError(
-            f"idata.attrs[{MODEL_ATTR!r}] must be the JSON record of the fit's model that "
-            f"pyromoe writes; got {str(text)[:80]!r}. Delete the attribute to skip the check "
-            f"(del idata.attrs[{MODEL_ATTR!r}])"
-        )
-    return record
-
-
-def _constructor(record: Mapping) -> str:
-    """``MixtureOfExperts(...)`` with the recorded settings, as a hint."""
-    link = record.get("link")
-    shown = f"link={link!r}"
-    if isinstance(link, str) and link.startswith("leaky_relu("):
-        shown = f"link=pyromoe.core.links.leaky_relu({link[len('leaky_relu(') : -1]})"
-    return (
-        f"MixtureOfExperts({record.get('in_features')}, {record.get('num_experts')}, {shown}, "
-        f"bias={record.get('bias')}, noise={record.get('noise')!r})"
-    )
-
-
-def _check_model_matches(model: MixtureOfExperts, idata) -> dict | None:
-    """Refuse a model whose settings differ from those ``idata`` records; return the record.
-
-    The settings that change what the draws mean (:data:`_STRUCTURAL_SETTINGS`) must be equal;
-    other priors only warn (the posterior's draws are what they are; predictions do not use the
-    priors). An idata without a record (an older file) is not checked.
-    """
-    record = _recorded_model(idata)
-    if record is None:
-        return None
-    mine = model.settings()
-    differing = [
-        f"{key}: the fit's model has {record[key]!r}, this model has {mine[key]!r}"
-        for key in _STRUCTURAL_SETTINGS
-        if key in record and record[key] != mine[key]
-    ]
-    if differing:
-        raise ValueError(
-            f"model differs from the model idata was fitted with ({'; '.join(differing)}). Pass "
-            f"the fit's model, {_constructor(record)} (recorded in "
-            f"idata.attrs[{MODEL_ATTR!r}])"
-        )
-    priors = record.get("priors")
-    if isinstance(priors, Mapping):
-        changed = [
-            f"{site}: fitted with {priors[site]}, this model has {mine['priors'][site]}"
-            for site in mine["priors"]
-            if site in priors and priors[site] != mine["priors"][site]
-        ]
-        if changed:
-            warnings.warn(
-                f"model's priors differ from those idata was fitted with ({'; '.join(changed)}); "
-                "the results use idata's posterior draws, which came from the recorded priors",
-                UserWarning,
-                stacklevel=3,
-            )
-    return record
-
-
-def _recorded_feature_names(record: Mapping | None, posterior) -> list[str] | None:
-    """The inputs' names of the fit: recorded with the model, else the posterior's ``feature``
-    coords when they are strings; None when the fit had no names."""
-    names = None if record is None else record.get("feature_names")
-    if names is None and "feature" in posterior.coords:
-        coords = [value.item() for value in posterior["feature"].values]
-        if coords and all(isinstance(value, str) for value in coords):
-            names = coords
-    return None if names is None else [str(name) for name in names]
-
-
-def _columns_by_name(x, names: list[str] | None, argument: str):
-    """A DataFrame ``x`` with string column labels, its columns put in the fit's order ``names``;
-    anything else (arrays, tensors, unnamed columns, a fit without names) as it is: by position.
-
-    Raises
-    ------
-    ValueError
-        The labels are not the fit's names: unknown or missing ones (named), or repeated ones.
-    """
-    if names is None or not (_is_pandas(x) and hasattr(x, "columns")):
-        return x
-    columns = list(x.columns)
-    if not columns or not all(isinstance(column, str) for column in columns):
-        return x  # no names to match: by position, as for an array
-    repeated = sorted({column for column in columns if columns.count(column) > 1})
-    unknown = [column for column in columns if column not in names]
-    missing = [name for name in names if name not in columns]
-    problems = [
-        f"{kind} columns {labels}"
-        for kind, labels in (("unknown", unknown), ("missing", missing), ("repeated", repeated))
-        if labels
-    ]
-    if problems:
-        raise ValueError(
-            f"{argument} has {', '.join(problems)}; its columns are matched by name to the "
-            f"features the model was fitted on, {names}. Pass {argument}[{names!r}] (after "
-            "renaming), or a numpy array to match by position"
-        )
-    return x if columns == names else x[names]
-
-
 def _warn_one_draw(num_draws: int, idata, caller: str) -> None:
     """:class:`OneDrawWarning` when ``caller`` has one posterior draw to work with."""
     if num_draws != 1:
@@ -204,18 +87,18 @@ def _warn_one_draw(num_draws: int, idata, caller: str) -> None:
         "estimate, without parameter uncertainty, and intervals over chain and draw (az.hdi) "
         "have zero width. For intervals fit with fit_svi or run_nuts.",
         OneDrawWarning,
-        stacklevel=3,
+        stacklevel=4,  # the caller of predict or responsibilities (validate adds a frame)
     )
 
 
-def _check_model(model) -> MixtureOfExperts:
+def _model_rule(model, name: str) -> MixtureOfExperts:
     if isinstance(model, type):
         raise TypeError(
-            f"model must be a MixtureOfExperts instance, e.g. MixtureOfExperts(in_features=..., "
+            f"{name} must be a MixtureOfExperts instance, e.g. MixtureOfExperts(in_features=..., "
             f"num_experts=...); got the class {model.__name__}"
         )
     if not isinstance(model, MixtureOfExperts):
-        raise TypeError(f"model must be a pyromoe.MixtureOfExperts; got {type(model).__name__}")
+        raise TypeError(f"{name} must be a pyromoe.MixtureOfExperts; got {type(model).__name__}")
     return model
 
 
@@ -249,7 +132,6 @@ def _posterior_draws(model: MixtureOfExperts, idata, num_draws: int | None):
         )
     draw_index = np.arange(posterior.sizes.get("draw", 0))
     if num_draws is not None:
-        num_draws = check_count(num_draws, "num_draws", minimum=1)
         if num_draws < draw_index.size:
             draw_index = np.linspace(0, draw_index.size - 1, num_draws).round().astype(int)
     values = {}
@@ -319,6 +201,16 @@ def hdi_bounds(data: xr.Dataset, hdi_prob: float) -> tuple[xr.Dataset, xr.Datase
 
 
 # ------------------------------------------------------------------------------------ predict
+#: how :func:`predict` checks its arguments, once per call (:func:`pyromoe._validation.validate`)
+PREDICT_RULES = {
+    "model": _model_rule,
+    "seed": check_seed,
+    "chunk_draws": count_rule(minimum=1),
+    "num_draws": optional(count_rule(minimum=1)),
+}
+
+
+@validate(PREDICT_RULES)
 def predict(
     model: MixtureOfExperts,
     idata,
@@ -410,13 +302,10 @@ def predict(
     >>> pred.predictions["y"].shape
     (1, 1, 5)
     """
-    model = _check_model(model)
-    seed = check_seed(seed)
-    chunk_draws = check_count(chunk_draws, "chunk_draws", minimum=1)
-    record = _check_model_matches(model, idata)
+    record = check_model_matches(model, idata)
     posterior = _group(idata, "posterior")
     if posterior is not None:
-        x_new = _columns_by_name(x_new, _recorded_feature_names(record, posterior), "x_new")
+        x_new = columns_by_name(x_new, recorded_feature_names(record, posterior), "x_new")
     x = _check_x_new(x_new, model)
     values, chains, draws, posterior = _posterior_draws(model, idata, num_draws)
     params = _flat_params(model, values, x)
@@ -480,6 +369,15 @@ def responsibility_columns(num_experts: int, hdi_prob: float = 0.94) -> list[str
     return [f"{column}_expert_{i}" for i in range(num_experts) for column in ("mean", low, high)]
 
 
+#: how :func:`responsibilities` checks its arguments, once per call
+RESPONSIBILITIES_RULES = {
+    "model": _model_rule,
+    "hdi_prob": check_probability,
+    "chunk_rows": optional(count_rule(minimum=1)),
+}
+
+
+@validate(RESPONSIBILITIES_RULES)
 def responsibilities(
     model: MixtureOfExperts,
     idata,
@@ -552,11 +450,7 @@ def responsibilities(
     >>> table.shape
     (200, 6)
     """
-    model = _check_model(model)
-    hdi_prob = check_probability(hdi_prob, "hdi_prob")
-    if chunk_rows is not None:
-        chunk_rows = check_count(chunk_rows, "chunk_rows", minimum=1)
-    record = _check_model_matches(model, idata)
+    record = check_model_matches(model, idata)
     values, chains, draws, posterior = _posterior_draws(model, idata, None)
     if (x is None) != (y is None):
         raise ValueError(
@@ -574,7 +468,7 @@ def responsibilities(
         x, y = np.asarray(constant["x"].values), np.asarray(observed[sites.OBS].values)
         x, y = as_tensors(x, y, in_features=model.in_features)
     else:
-        x = _columns_by_name(x, _recorded_feature_names(record, posterior), "x")
+        x = columns_by_name(x, recorded_feature_names(record, posterior), "x")
         x, y = as_tensors(x, y, in_features=model.in_features)
         index = pd.RangeIndex(x.shape[0], name="obs")
     params = _flat_params(model, values, x)

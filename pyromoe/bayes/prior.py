@@ -20,10 +20,11 @@ import torch
 
 from .._validation import (
     as_tensors,
-    check_count,
     check_model,
     check_request_size,
     check_seed,
+    count_rule,
+    validate,
 )
 from ..core import likelihood, sites
 from ._rng import seeded_rng
@@ -37,6 +38,25 @@ __all__ = ["sample_prior_predictive", "PREDICTIVE_CHUNK_ELEMENTS"]
 PREDICTIVE_CHUNK_ELEMENTS = 2**22
 
 
+def _prior_model_rule(model, name: str) -> MixtureOfExperts:
+    check_model(model)
+    if not isinstance(model, MixtureOfExperts):
+        raise TypeError(
+            f"{name} must be a pyromoe.MixtureOfExperts (its priors are drawn through "
+            f".prior(name, x)); got {type(model).__name__}"
+        )
+    return model
+
+
+#: how :func:`sample_prior_predictive` checks its arguments, once per call
+SAMPLE_PRIOR_PREDICTIVE_RULES = {
+    "model": _prior_model_rule,
+    "num_samples": count_rule(minimum=1),
+    "seed": check_seed,
+}
+
+
+@validate(SAMPLE_PRIOR_PREDICTIVE_RULES)
 def sample_prior_predictive(model, x, y=None, *, num_samples: int = 500, seed: int | None = 0):
     """Draw parameters from the model's priors and ``y`` given ``x``; return ArviZ ``InferenceData``.
 
@@ -87,15 +107,7 @@ def sample_prior_predictive(model, x, y=None, *, num_samples: int = 500, seed: i
     >>> idata.prior_predictive["y"].shape
     (1, 100, 40)
     """
-    check_model(model)
-    if not isinstance(model, MixtureOfExperts):
-        raise TypeError(
-            "model must be a pyromoe.MixtureOfExperts (its priors are drawn through "
-            f".prior(name, x)); got {type(model).__name__}"
-        )
     x, y = as_tensors(x, y, in_features=model.in_features)
-    num_samples = check_count(num_samples, "num_samples", minimum=1)
-    seed = check_seed(seed)
     n, d = x.shape
     k = model.num_experts
     # per draw: the parameter sites, and y for every row twice (the chunks and their concatenation)

@@ -34,12 +34,12 @@ from pyro.infer.autoguide import (
     AutoNormal,
 )
 
-from .._validation import check_count, check_feature_names, child_seed
+from .._validation import check_feature_names, child_seed, count_rule, validate
 from ..core import sites
 from ..core.estimate import MoEEstimate
 from ..core.sources import Source, sample_rows
 from ..core.threads import torch_threads
-from ._fitting import check_arguments, inference_data, prepare_init, strategy_for
+from ._fitting import fit_rules, fit_source, inference_data, prepare_init, strategy_for
 from ._rng import seeded_rng
 from .init_strategy import latent_site_shapes
 
@@ -272,6 +272,13 @@ def _fit(model, source: Source, init, guide, checked: dict, feature_names, *, nu
 
 
 # ------------------------------------------------------------------------------------ MAP
+#: how :func:`fit_map` checks its arguments, once per call (:func:`pyromoe._validation.validate`)
+FIT_MAP_RULES = fit_rules(
+    "seed", "subsample_size", "num_threads", "gate_only", "progress", "align", "num_steps", "lr"
+)
+
+
+@validate(FIT_MAP_RULES)
 def fit_map(
     model,
     x,
@@ -373,26 +380,16 @@ def fit_map(
     >>> idata.posterior["noise"].shape
     (1, 1)
     """
-    source, checked = check_arguments(
-        model,
-        x,
-        y,
-        device=device,
-        seed=seed,
-        subsample_size=subsample_size,
-        num_threads=num_threads,
-        gate_only=gate_only,
-        progress=progress,
-        align=align,
-        num_steps=num_steps,
-        lr=lr,
-    )
+    source = fit_source(model, x, y, device, subsample_size)
     feature_names = check_feature_names(feature_names, source.in_features, x)
     if gate_only and not isinstance(init, MoEEstimate):
         raise ValueError(
             "gate_only=True fixes the experts at an estimate: init must be a MoEEstimate; "
             f"got {type(init).__name__}"
         )
+    checked = dict(seed=seed, subsample_size=subsample_size, num_threads=num_threads)
+    checked.update(gate_only=gate_only, progress=progress, align=align)
+    checked.update(num_steps=num_steps, lr=lr)
     return _fit(model, source, init, AutoDelta, checked, feature_names, num_samples=1, kind="map")
 
 
@@ -405,6 +402,30 @@ _GUIDES: dict[str, type[AutoGuide]] = {
 }
 
 
+def _guide_rule(guide, name: str):
+    if not isinstance(guide, AutoGuide) and guide not in _GUIDES:
+        raise ValueError(
+            f"{name} must be 'normal', 'lowrank', 'mvn' or a pyro AutoGuide instance; got {guide!r}"
+        )
+    return guide
+
+
+#: how :func:`fit_svi` checks its arguments, once per call (:func:`pyromoe._validation.validate`)
+FIT_SVI_RULES = fit_rules(
+    "seed",
+    "subsample_size",
+    "num_threads",
+    "progress",
+    "align",
+    "posterior_predictive",
+    "num_steps",
+    "lr",
+    num_samples=count_rule(minimum=1),
+    guide=_guide_rule,
+)
+
+
+@validate(FIT_SVI_RULES)
 def fit_svi(
     model,
     x,
@@ -486,26 +507,11 @@ def fit_svi(
     >>> idata.posterior["experts.weight"].shape
     (1, 10, 2, 2)
     """
-    source, checked = check_arguments(
-        model,
-        x,
-        y,
-        device=device,
-        seed=seed,
-        subsample_size=subsample_size,
-        num_threads=num_threads,
-        progress=progress,
-        align=align,
-        posterior_predictive=posterior_predictive,
-        num_steps=num_steps,
-        lr=lr,
-    )
+    source = fit_source(model, x, y, device, subsample_size)
     feature_names = check_feature_names(feature_names, source.in_features, x)
-    num_samples = check_count(num_samples, "num_samples", minimum=1)
-    if not isinstance(guide, AutoGuide) and guide not in _GUIDES:
-        raise ValueError(
-            f"guide must be 'normal', 'lowrank', 'mvn' or a pyro AutoGuide instance; got {guide!r}"
-        )
+    checked = dict(seed=seed, subsample_size=subsample_size, num_threads=num_threads)
+    checked.update(progress=progress, align=align, posterior_predictive=posterior_predictive)
+    checked.update(num_steps=num_steps, lr=lr)
     guide = guide if isinstance(guide, AutoGuide) else _GUIDES[guide]
     return _fit(
         model, source, init, guide, checked, feature_names, num_samples=num_samples, kind="svi"

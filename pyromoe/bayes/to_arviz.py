@@ -39,11 +39,12 @@ import torch
 
 from .._validation import (
     as_tensors,
-    check_count,
     check_feature_names,
     check_flag,
     check_model,
     check_seed,
+    count_rule,
+    validate,
 )
 from ..core import likelihood, sites
 from ..core.estimate import MoEEstimate
@@ -106,6 +107,29 @@ def chain_log_likelihood(idata) -> np.ndarray:
     return np.asarray(idata.attrs["chain_mean_log_likelihood"], dtype=float)
 
 
+def _model_rule(model, name: str):
+    """A model with ``log_likelihood`` and ``link`` (a class is refused with the fix)."""
+    if isinstance(model, type):
+        check_model(model)  # the class, not an instance: say so
+    if not callable(getattr(model, "log_likelihood", None)) or not hasattr(model, "link"):
+        raise TypeError(
+            f"{name} must be a pyromoe.MixtureOfExperts (with .log_likelihood(x, y, params) and "
+            f".link); got {type(model).__name__}"
+        )
+    return model
+
+
+#: how :func:`to_inference_data` checks its arguments, once per call
+TO_INFERENCE_DATA_RULES = {
+    "model": _model_rule,
+    "seed": check_seed,
+    "chunk_size": count_rule(minimum=1),
+    "log_likelihood": check_flag,
+    "posterior_predictive": check_flag,
+}
+
+
+@validate(TO_INFERENCE_DATA_RULES)
 def to_inference_data(
     model,
     x,
@@ -182,16 +206,46 @@ def to_inference_data(
     >>> idata.posterior["experts.weight"].dims
     ('chain', 'draw', 'expert', 'feature')
     """
-    _check_model(model)
-    seed = check_seed(seed)
-    chunk_size = check_count(chunk_size, "chunk_size", minimum=1)
-    log_likelihood = check_flag(log_likelihood, "log_likelihood")
-    posterior_predictive = check_flag(posterior_predictive, "posterior_predictive")
     frame = x
     x, y = as_tensors(x, y, in_features=getattr(model, "in_features", None))
     if y is None:
         raise ValueError("y must be given (the observed outputs)")
     feature_names = check_feature_names(feature_names, x.shape[1], frame)
+    return inference_data_of(
+        model,
+        x,
+        y,
+        samples,
+        sample_stats=sample_stats,
+        log_likelihood=log_likelihood,
+        posterior_predictive=posterior_predictive,
+        align=align,
+        seed=seed,
+        attrs=attrs,
+        feature_names=feature_names,
+        chunk_size=chunk_size,
+        obs_index=obs_index,
+    )
+
+
+def inference_data_of(
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    samples: Mapping[str, Any],
+    *,
+    seed: int,
+    sample_stats: Mapping[str, Any] | None = None,
+    log_likelihood: bool = True,
+    posterior_predictive: bool = True,
+    align: MoEEstimate | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    feature_names: list[str] | None = None,
+    chunk_size: int = 256,
+    obs_index=None,
+):
+    """:func:`to_inference_data` on checked arguments and checked tensors ``x``, ``y`` (what the
+    fits call: their data and arguments were checked once, at their own entry)."""
     draws = check_samples(samples, x, getattr(model, "site_shapes", None))
     num_chains, num_draws = draws[next(iter(draws))].shape[:2]
     draws, record = _relabel(model, draws, align, x, y)
@@ -223,16 +277,6 @@ def to_inference_data(
     }
     coords, dims = _coords_and_dims(draws, x, feature_names, obs_index)
     return _from_dict(groups, coords=coords, dims=dims, attrs=all_attrs)
-
-
-def _check_model(model) -> None:
-    if isinstance(model, type):
-        check_model(model)  # the class, not an instance: say so
-    if not callable(getattr(model, "log_likelihood", None)) or not hasattr(model, "link"):
-        raise TypeError(
-            "model must be a pyromoe.MixtureOfExperts (with .log_likelihood(x, y, params) and "
-            f".link); got {type(model).__name__}"
-        )
 
 
 def _relabel(model, draws: dict, align: MoEEstimate | None, x, y) -> tuple[dict, dict]:

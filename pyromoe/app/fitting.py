@@ -20,9 +20,9 @@ from .._validation import (
     num_parameters,
 )
 from ..bayes.model import MixtureOfExperts
-from ..core import sites
 from ..core.estimate import MoEEstimate
 from ..core.links import check_link
+from ..core.units import AffineMap
 from ..estimators.initialize import initialize
 from ..spec.formula import ModelSpecification
 from .atomic import write_text_atomic
@@ -120,24 +120,19 @@ def to_data_units(
     ``c - sum_j w_j m_j / s_j``. For any other link the experts have no data-unit form (the link
     sits between the two scales), so only the noise and the gate are returned.
     """
-    m = np.array([column["mean"] for column in standardisation["inputs"]])
-    s = np.array([column["sd"] for column in standardisation["inputs"]])
-    y_mean, y_sd = standardisation["target"]["mean"], standardisation["target"]["sd"]
-    out: dict[str, np.ndarray] = {}
-    if sites.NOISE in values:
-        out[sites.NOISE] = y_sd * np.asarray(values[sites.NOISE])
-    if sites.GATE_WEIGHT in values:
-        gate = np.asarray(values[sites.GATE_WEIGHT])
-        out[sites.GATE_WEIGHT] = gate / s
-        if sites.GATE_BIAS in values:
-            out[sites.GATE_BIAS] = np.asarray(values[sites.GATE_BIAS]) - (gate * (m / s)).sum(-1)
-    if check_link(link).is_identity and sites.EXPERTS_WEIGHT in values:
-        weight = np.asarray(values[sites.EXPERTS_WEIGHT])
-        out[sites.EXPERTS_WEIGHT] = y_sd * weight / s
-        if sites.EXPERTS_BIAS in values:
-            bias = np.asarray(values[sites.EXPERTS_BIAS])
-            out[sites.EXPERTS_BIAS] = y_sd * (bias - (weight * (m / s)).sum(-1)) + y_mean
-    return out
+    units = AffineMap(
+        x_shift=np.array([column["mean"] for column in standardisation["inputs"]]),
+        x_scale=np.array([column["sd"] for column in standardisation["inputs"]]),
+        y_shift=standardisation["target"]["mean"],
+        y_scale=standardisation["target"]["sd"],
+    )
+    link = check_link(link)
+    kept = {
+        name: np.asarray(value)
+        for name, value in values.items()
+        if units.maps_experts(link) or not name.startswith("experts.")
+    }
+    return units.to_original(kept, link)
 
 
 def data_unit_summary(

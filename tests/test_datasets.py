@@ -267,6 +267,25 @@ def test_penguins_counts_and_regimes_as_described():
     np.testing.assert_allclose([sd_g, sd_o, sd_all], [276, 304, 356], atol=0.5)
 
 
+def test_penguins_bill_shape_predicts_the_regime_as_described():
+    from scipy.optimize import minimize
+
+    frame = load_penguins().frame
+    gentoo = (frame["species"] == "Gentoo").to_numpy(dtype=np.float64)
+    errors = []
+    for columns in (["bill_depth_mm"], ["bill_length_mm", "bill_depth_mm"]):
+        z = frame[columns].to_numpy()
+        design = np.column_stack([np.ones(len(z)), (z - z.mean(0)) / z.std(0)])
+
+        def loss(coef, design=design):  # logistic regression, a whisper of ridge for separation
+            logits = design @ coef
+            return np.logaddexp(0.0, logits).sum() - gentoo @ logits + 1e-3 * coef @ coef
+
+        coef = minimize(loss, np.zeros(design.shape[1]), method="BFGS").x
+        errors.append(int(((design @ coef > 0) != (gentoo > 0)).sum()))
+    assert errors == [15, 6]
+
+
 def test_penguins_csv_reads_back_with_read_frame():
     data = load_penguins()
     frame = read_frame(dataset_path("penguins"))
@@ -282,13 +301,20 @@ def test_penguins_csv_reads_back_with_read_frame():
 def test_penguins_frame_builds_the_suggested_formulas():
     frame = load_penguins().frame
     spec = ModelSpecification.from_data(
-        frame, "body_mass_g ~ flipper_length_mm + C(sex)", gate="~ bill_depth_mm + C(island)"
+        frame,
+        "body_mass_g ~ flipper_length_mm + C(sex)",
+        gate="~ bill_length_mm + bill_depth_mm + C(island)",
     )
     assert spec.expert_columns == ("flipper_length_mm", "C(sex)[T.male]")
-    assert spec.gate_columns == ("bill_depth_mm", "C(island)[T.Dream]", "C(island)[T.Torgersen]")
+    assert spec.gate_columns == (
+        "bill_length_mm",
+        "bill_depth_mm",
+        "C(island)[T.Dream]",
+        "C(island)[T.Torgersen]",
+    )
     assert spec.factor_levels == {
         "island": ("Biscoe", "Dream", "Torgersen"),
         "sex": ("female", "male"),
     }
     design = spec.design(frame)
-    assert design.x.shape == (333, 2) and design.z.shape == (333, 3) and design.y.shape == (333,)
+    assert design.x.shape == (333, 2) and design.z.shape == (333, 4) and design.y.shape == (333,)

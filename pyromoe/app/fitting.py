@@ -341,6 +341,7 @@ class _FitRun:
                 method="auto",
                 noise=self.noise,
                 seed=self.seed,
+                moment_columns=list(data.specification.expert_continuous),
             )
         d = data.x.shape[1]
         self.model = MixtureOfExperts(

@@ -157,7 +157,14 @@ class MoERegression:
         y = torch.as_tensor(design.y, device=device)
         names = list(spec.expert_columns)
         estimate = initialize(
-            x, y, self.num_experts, self.link, method="auto", noise=self.noise, seed=seed
+            x,
+            y,
+            self.num_experts,
+            self.link,
+            method="auto",
+            noise=self.noise,
+            seed=seed,
+            moment_columns=list(spec.expert_continuous),
         )
         model = MixtureOfExperts(
             x.shape[1],

@@ -288,7 +288,10 @@ def _multistart(source, link, options: MomentOptions, n_init: int, reason: str) 
 def _choose(source, link, noise, options: MomentOptions, choice: _Choice) -> MoEEstimate:
     """The start for :func:`initialize` (``choice.method`` on checked, ordinary-scale data)."""
     k, method = options.num_experts, choice.method
-    d = moment_source(source, options).in_features  # the inputs the moments can read
+    if options.moment_columns == () and method == "auto":
+        reason = "the experts have no continuous input for the moment step (moment_columns)"
+        return _multistart(source, link, options, choice.n_init, reason)
+    d = moment_source(source, options).in_features if options.moment_columns != () else 0
     if method == "em":
         return _multistart(source, link, options, choice.n_init, "method='em' was asked for")
     if k == 1 and method == "auto":

@@ -176,11 +176,8 @@ def _check_moment_columns(columns, experts_width: int) -> tuple[int, ...] | None
                 f"({experts_width}); got {len(values)}"
             )
         values = [i for i, flag in enumerate(values) if flag]
-    if not values:
-        raise ValueError(
-            "moment_columns selects no column: the moment step needs at least one continuous "
-            "input (use method='em' when every input is a factor)"
-        )
+    if not values:  # every input is, e.g., a factor's column: no moment step (initialize: EM)
+        return ()
     positions = []
     for value in values:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -429,6 +426,11 @@ def moment_source(source: Source, options: MomentOptions) -> Source:
     restricted to ``options.moment_columns``."""
     experts = source.in_features - (options.gate_features or 0)
     columns = range(experts) if options.moment_columns is None else options.moment_columns
+    if not columns:
+        raise MomentsNotApplicableError(
+            "moment_columns selects no input: the moment step needs continuous (Gaussian-like) "
+            "inputs and every input here is left out (e.g. a factor's 0/1 columns)"
+        )
     return source.columns(columns)
 
 

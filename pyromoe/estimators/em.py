@@ -18,17 +18,20 @@ from .._validation import (
     check_enough_rows,
     check_flag,
     check_noise_model,
-    check_num_experts,
     check_positive,
     check_seed,
+    count_rule,
     keeps_feature_names,
+    num_experts_rule,
     num_parameters,
+    optional,
+    validate,
 )
-from ..core.chunks import chunk_size_for
+from ..core.chunks import default_chunk_size
 from ..core.em.loop import EM
 from ..core.em.starts import SCREEN_CANDIDATES, screened_start, start_params
 from ..core.estimate import MoEEstimate
-from ..core.links import Link, check_link
+from ..core.links import Link, link_rule
 from ..core.sources import Source, as_design_source
 from ..core.threads import check_num_threads, torch_threads
 from ..core.units import on_exact_scale
@@ -36,26 +39,30 @@ from ..core.units import on_exact_scale
 __all__ = ["em_options", "fit_em"]
 
 
+#: how the options of EM that :func:`fit_em` and :func:`pyromoe.fit_gate` share are checked
+EM_RULES = {
+    "tol": check_positive,
+    "max_iter": count_rule(minimum=1),
+    "prior_scale": optional(check_positive),
+    "newton_steps": count_rule(minimum=1),
+}
+
+
 def em_options(
     source: Source, tol, max_iter, prior_scale, newton_steps, gauss_newton_steps, chunk_size
 ) -> dict:
     """The options of :class:`~pyromoe.core.em.loop.EM` that :func:`fit_em` and
-    :func:`pyromoe.estimators.gate.fit_gate` share, checked (``chunk_size`` by
-    :func:`pyromoe.core.chunks.chunk_size_for`).
-
-    Raises
-    ------
-    ValueError, TypeError
-        For a ``tol`` or ``prior_scale`` that is not a positive number, step counts or
-        ``chunk_size`` that are not ints >= 1.
-    """
+    :func:`pyromoe.estimators.gate.fit_gate` share, from their checked arguments (``chunk_size``
+    None: :func:`pyromoe.core.chunks.default_chunk_size`)."""
+    if chunk_size is None:
+        chunk_size = default_chunk_size(source.in_features)
     return dict(
-        tol=check_positive(tol, "tol"),
-        max_iter=check_positive(max_iter, "max_iter", integer=True),
-        prior_scale=None if prior_scale is None else check_positive(prior_scale, "prior_scale"),
-        newton_steps=check_positive(newton_steps, "newton_steps", integer=True),
-        gauss_newton_steps=check_positive(gauss_newton_steps, "gauss_newton_steps", integer=True),
-        chunk_size=chunk_size_for(chunk_size, source.in_features),
+        tol=tol,
+        max_iter=max_iter,
+        prior_scale=prior_scale,
+        newton_steps=newton_steps,
+        gauss_newton_steps=gauss_newton_steps,
+        chunk_size=chunk_size,
     )
 
 
@@ -103,7 +110,24 @@ class _StartPlan:
     gate_features: int | None = None
 
 
+#: how :func:`fit_em` checks its arguments, once per call (:func:`pyromoe._validation.validate`)
+FIT_EM_RULES = {
+    **EM_RULES,
+    "gauss_newton_steps": count_rule(minimum=1),
+    "chunk_size": optional(count_rule(minimum=1)),
+    "link": link_rule,
+    "seed": check_seed,
+    "num_experts": num_experts_rule(minimum=1),
+    "bias": check_flag,
+    "noise": check_noise_model,
+    "n_init": optional(count_rule(minimum=1)),
+    "screen": count_rule(minimum=1),
+    "num_threads": check_num_threads,
+}
+
+
 @keeps_feature_names
+@validate(FIT_EM_RULES)
 def fit_em(
     x,
     y,
@@ -253,17 +277,11 @@ def fit_em(
     )
     steps = (newton_steps, gauss_newton_steps)
     em = em_options(source, tol, max_iter, prior_scale, *steps, chunk_size)
-    link, seed = check_link(link), check_seed(seed)
     n, d = source.shape
     d -= gate_features or 0  # the experts' inputs
-    k = check_num_experts(num_experts, minimum=1)
-    bias = check_flag(bias, "bias")
-    per_expert = check_noise_model(noise) == "per_expert"
+    k, per_expert = num_experts, noise == "per_expert"
     if n_init is None:
         n_init = 1 if init is not None else 5
-    n_init = check_positive(n_init, "n_init", integer=True)
-    screen = check_positive(screen, "screen", integer=True)
-    num_threads = check_num_threads(num_threads)
     if init is not None:
         init = _check_init(init, k, d, link, source, gate_features)
     with torch_threads(num_threads):

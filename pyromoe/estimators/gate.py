@@ -26,16 +26,19 @@ from .._validation import (
     check_num_experts,
     check_positive,
     check_seed,
+    count_rule,
+    optional,
+    validate,
 )
 from ..core.em.loop import EM
 from ..core.em.m_step import feature_scale
 from ..core.likelihood import expert_means
-from ..core.links import Link, check_link
+from ..core.links import Link, link_rule
 from ..core.params import Params
 from ..core.sources import Source, as_design_source
 from ..core.threads import check_num_threads, torch_threads
 from ..core.units import on_exact_scale
-from .em import em_options
+from .em import EM_RULES, em_options
 
 __all__ = ["GateFit", "fit_gate"]
 
@@ -89,6 +92,32 @@ class GateFit:
     collapsed_experts: list[int] = field(default_factory=list)
 
 
+def _noise_rule(noise, name: str) -> float | None:
+    """A known noise sd: None, or a positive number (a one-element tensor or array too)."""
+    if noise is None:
+        return None
+    if isinstance(noise, torch.Tensor) or hasattr(noise, "__array__"):
+        shape = tuple(getattr(noise, "shape", ()))
+        if math.prod(shape) != 1:
+            raise ValueError(f"{name} must be a positive scalar; got shape {shape}")
+        noise = noise.item() if hasattr(noise, "item") else float(noise)
+    return check_positive(noise, name)
+
+
+#: how :func:`fit_gate` checks its arguments, once per call (:func:`pyromoe._validation.validate`)
+FIT_GATE_RULES = {
+    **EM_RULES,
+    "chunk_size": optional(count_rule(minimum=1)),
+    "link": link_rule,
+    "seed": check_seed,
+    "fit_bias": check_flag,
+    "fit_noise": check_flag,
+    "num_threads": check_num_threads,
+    "noise": _noise_rule,
+}
+
+
+@validate(FIT_GATE_RULES)
 def fit_gate(
     x,
     y,
@@ -207,7 +236,6 @@ def fit_gate(
         x, y, z, gate_features=gate_features, device=device, min_rows=2
     )
     em = em_options(source, tol, max_iter, prior_scale, newton_steps, 1, chunk_size)
-    link, seed = check_link(link), check_seed(seed)
     n, d = source.shape
     d_gate = d if gate_features is None else gate_features
     d -= gate_features or 0  # the experts' inputs
@@ -228,9 +256,6 @@ def fit_gate(
         experts_bias = torch.zeros(k, dtype=x.dtype, device=x.device)
     else:
         experts_bias = _check_matrix(experts_bias, "experts_bias", (k,), x, "one per expert")
-    fit_bias = check_flag(fit_bias, "fit_bias")
-    fit_noise = check_flag(fit_noise, "fit_noise")
-    num_threads = check_num_threads(num_threads)
     gate_weight = init_gate_weight
     if gate_weight is not None:
         gate_weight = _check_matrix(
@@ -247,12 +272,7 @@ def fit_gate(
             init_gate_bias, "init_gate_bias", (k - 1,), x, "one per non-reference expert"
         )
     if noise is not None:
-        if isinstance(noise, torch.Tensor) or hasattr(noise, "__array__"):
-            shape = tuple(getattr(noise, "shape", ()))
-            if math.prod(shape) != 1:
-                raise ValueError(f"noise must be a positive scalar; got shape {shape}")
-            noise = noise.item() if hasattr(noise, "item") else float(noise)
-        noise = torch.tensor(check_positive(noise, "noise"), dtype=x.dtype, device=x.device)
+        noise = torch.tensor(noise, dtype=x.dtype, device=x.device)
     em.update(update_gate_bias=fit_bias, update_noise=fit_noise)
     start = Params(experts_weight, experts_bias, gate_weight, gate_bias, noise)
     with torch_threads(num_threads):

@@ -57,7 +57,8 @@ class MoEEstimate:
     diagnostics: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "link", check_link(self.link))
+        if not isinstance(self.link, Link):  # a name is checked once; a Link is taken as it is
+            object.__setattr__(self, "link", check_link(self.link))
         w = self.experts_weight
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[0] < 1:
             raise ValueError(

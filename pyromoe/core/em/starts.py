@@ -16,7 +16,7 @@ import torch
 from ..._validation import as_tensor, check_noise_model, check_positive
 from ..chunks import default_chunk_size
 from ..estimate import MoEEstimate
-from ..links import Link, check_link
+from ..links import Link, get_link
 from ..params import Params
 from ..sources import TensorSource, as_source
 from .loop import EM, CollapseWarning, ConvergenceWarning
@@ -84,7 +84,7 @@ def random_start(
     d = total if gate_features is None else total - gate_features
     d_gate = total if gate_features is None else gate_features
     k = num_experts
-    link = check_link(link)
+    link = get_link(link)  # a name from a direct caller; the fits pass a Link, taken as it is
     scale = feature_scale(source).to(like)
     y_sd = torch.tensor(max(summary.y_sd, noise_floor(source))).to(like)
     x_mean = summary.x_mean.to(like)
@@ -183,7 +183,7 @@ def screened_start(
     (4, 500)
     """
     source = as_source(x, y)
-    link = check_link(link)
+    link = get_link(link)  # a name from a direct caller; the fits pass a Link, taken as it is
     candidates = check_positive(candidates, "candidates", integer=True)
     rows = check_positive(rows, "rows", integer=True)
     per_expert = check_noise_model(noise) == "per_expert"

@@ -14,13 +14,17 @@ from collections.abc import Sequence
 import arviz as az
 
 from .._validation import (
-    as_tensors,
     check_flag,
+    check_forwarded,
     check_noise_model,
     check_num_experts,
     check_seed,
+    one_of,
+    pandas_feature_names,
+    validate,
 )
-from ..core.links import check_link
+from ..core.links import link_rule
+from ..core.sources import as_source
 from ..estimators.initialize import initialize
 from .model import MixtureOfExperts
 from .nuts import run_nuts
@@ -31,20 +35,33 @@ __all__ = ["compare_experts"]
 _INFERENCE = ("svi", "nuts")
 
 
-def _check_num_experts(num_experts) -> list[int]:
+def _num_experts_rule(num_experts, name: str) -> list[int]:
     if isinstance(num_experts, (str, bytes)) or not isinstance(num_experts, Sequence):
         raise TypeError(
-            "num_experts must be a sequence of ints, e.g. num_experts=(1, 2, 3); got "
+            f"{name} must be a sequence of ints, e.g. {name}=(1, 2, 3); got "
             f"{type(num_experts).__name__}"
         )
     values = [check_num_experts(k, minimum=1) for k in num_experts]
     if len(values) < 2:
-        raise ValueError(f"num_experts must list at least two values to compare; got {values}")
+        raise ValueError(f"{name} must list at least two values to compare; got {values}")
     if len(set(values)) != len(values):
-        raise ValueError(f"num_experts must not repeat a value; got {values}")
+        raise ValueError(f"{name} must not repeat a value; got {values}")
     return values
 
 
+#: how :func:`compare_experts` checks its arguments, once per call (the fit's own arguments,
+#: ``**fit_kwargs``, by the fit's rules)
+COMPARE_EXPERTS_RULES = {
+    "num_experts": _num_experts_rule,
+    "inference": one_of(*_INFERENCE),
+    "noise": check_noise_model,
+    "bias": check_flag,
+    "link": link_rule,
+    "seed": check_seed,
+}
+
+
+@validate(COMPARE_EXPERTS_RULES)
 def compare_experts(
     x,
     y,
@@ -101,21 +118,18 @@ def compare_experts(
     >>> sorted(fits)
     ['k=1', 'k=2']
     """
-    ks = _check_num_experts(num_experts)
-    if inference not in _INFERENCE:
-        raise ValueError(f"inference must be 'svi' or 'nuts'; got {inference!r}")
-    noise = check_noise_model(noise)
-    bias = check_flag(bias, "bias")
-    link = check_link(link)
-    seed = check_seed(seed)
-    x_checked, _ = as_tensors(x, y, min_rows=2)
-    d = x_checked.shape[1]
     fit = fit_svi if inference == "svi" else run_nuts
     fit_kwargs.setdefault("progress", False)
+    fit_kwargs = check_forwarded(fit, fit_kwargs)
+    if fit_kwargs.get("feature_names") is None:
+        fit_kwargs["feature_names"] = pandas_feature_names(x)
+    source = as_source(x, y, min_rows=2)  # the data, checked once for every start and fit
+    # on another device the fit moves the data there (the starts stay on x's device)
+    fit_data = (source, None) if fit_kwargs.get("device") is None else (x, y)
     fits = {}
-    for k in ks:
-        estimate = initialize(x, y, k, link, noise=noise, seed=seed)
-        model = MixtureOfExperts(d, k, link, bias=bias, noise=noise)
-        fits[f"k={k}"] = fit(model, x, y, init=estimate, seed=seed, **fit_kwargs)
+    for k in num_experts:
+        estimate = initialize.unchecked(source, None, k, link, noise=noise, seed=seed)
+        model = MixtureOfExperts(source.in_features, k, link, bias=bias, noise=noise)
+        fits[f"k={k}"] = fit.unchecked(model, *fit_data, init=estimate, seed=seed, **fit_kwargs)
     table = az.compare(fits)
     return table, fits

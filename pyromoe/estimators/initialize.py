@@ -17,15 +17,20 @@ import torch
 from .._validation import (
     SmallDataWarning,
     check_enough_rows,
-    check_positive,
+    check_seed,
     child_seed,
+    count_rule,
     keeps_feature_names,
+    num_experts_rule,
     num_parameters,
+    one_of,
+    optional,
+    validate,
 )
 from ..core.em.loop import CollapseWarning, ConvergenceWarning, warn_collapse
 from ..core.em.statistics import mean_log_likelihood
 from ..core.estimate import MoEEstimate
-from ..core.links import Link
+from ..core.links import Link, link_rule
 from ..core.sources import Source, TensorSource
 from ..core.threads import check_num_threads, torch_threads
 from ..core.units import on_exact_scale
@@ -35,9 +40,10 @@ from .tensor_init import (
     MomentOptions,
     MomentsNotApplicableError,
     _tensor_init,
-    check_arguments,
     minimum_rows,
+    moment_arguments,
     moment_source,
+    noise_rule,
     tensor_init,
 )
 
@@ -118,7 +124,22 @@ class _Choice:
     guard_rows: int
 
 
+#: how :func:`initialize` checks its arguments, once per call (:func:`pyromoe._validation.validate`)
+INITIALIZE_RULES = {
+    "method": one_of("auto", "tensor", "em"),
+    "num_experts": num_experts_rule(minimum=1),
+    "link": link_rule,
+    "noise": noise_rule,
+    "chunk_size": optional(count_rule(minimum=1)),
+    "seed": check_seed,
+    "n_init": count_rule(minimum=1),
+    "guard_rows": count_rule(minimum=1),
+    "num_threads": check_num_threads,
+}
+
+
 @keeps_feature_names
+@validate(INITIALIZE_RULES)
 def initialize(
     x,
     y,
@@ -206,18 +227,11 @@ def initialize(
     >>> initialize(data.x, data.y, 2).diagnostics["initializer"]
     'em'
     """
-    if method not in ("auto", "tensor", "em"):
-        raise ValueError(f"method must be 'auto', 'tensor' or 'em'; got {method!r}")
     layout = dict(z=z, gate_features=gate_features, moment_columns=moment_columns)
-    source, link, noise, options = check_arguments(
-        x, y, num_experts, link, noise, chunk_size, seed, device, min_experts=1, layout=layout
+    source, noise, options = moment_arguments(
+        x, y, num_experts, noise, chunk_size, seed, device, layout=layout
     )
-    choice = _Choice(
-        method=method,
-        n_init=check_positive(n_init, "n_init", integer=True),
-        guard_rows=check_positive(guard_rows, "guard_rows", integer=True),
-    )
-    num_threads = check_num_threads(num_threads)
+    choice = _Choice(method=method, n_init=n_init, guard_rows=guard_rows)
     with torch_threads(num_threads):
         source.summary(options.chunk_size)  # out-of-core data: the NaN check is this first pass
         return _initialize(source, link, noise=noise, options=options, choice=choice)
@@ -265,7 +279,7 @@ def _labelled(estimate: MoEEstimate, initializer: str, reason: str, seed: int) -
 
 def _multistart(source, link, options: MomentOptions, n_init: int, reason: str) -> MoEEstimate:
     """Multi-start EM, the fallback of :func:`initialize`, labelled with why it ran."""
-    fit = fit_em(
+    fit = fit_em.unchecked(
         source,
         None,
         options.num_experts,
@@ -335,7 +349,7 @@ def _map_refit(source, link, options, choice, moment: MoEEstimate, problem: str)
     data). Refit from the moment estimate as MAP with the model's default gate prior scale, which
     keeps the gate moderate, as the Bayesian model will.
     """
-    estimate = fit_em(
+    estimate = fit_em.unchecked(
         source,
         None,
         options.num_experts,
@@ -387,8 +401,10 @@ def _guarded(source, link, noise, options: MomentOptions, guard_rows: int):
         # the guard's fits are not the answer: only the final fit may warn
         warnings.simplefilter("ignore", ConvergenceWarning)
         candidates = {
-            "tensor": fit_em(guard, None, k, link, init=moment, n_init=1, seed=seed, **em_options),
-            "random": fit_em(
+            "tensor": fit_em.unchecked(
+                guard, None, k, link, init=moment, n_init=1, seed=seed, **em_options
+            ),
+            "random": fit_em.unchecked(
                 guard,
                 None,
                 k,
@@ -409,7 +425,7 @@ def _guarded(source, link, noise, options: MomentOptions, guard_rows: int):
     if guard is source:
         final = candidates[winner]
     else:
-        final = fit_em(
+        final = fit_em.unchecked(
             source, None, k, link, init=candidates[winner], n_init=1, seed=seed, **em_options
         )
     diagnostics = dict(moment.diagnostics)

@@ -16,7 +16,6 @@ from .._validation import (
     count_rule,
     num_experts_rule,
     one_of,
-    optional,
     validate,
 )
 from ..core.estimate import MoEEstimate
@@ -66,6 +65,10 @@ def _dtype_rule(dtype, name: str) -> torch.dtype:
     return dtype
 
 
+def _device_rule(device, name: str) -> torch.device | None:
+    return None if device is None else check_device(device)
+
+
 def _gate_norm_rule(gate_norm, name: str) -> float:
     if isinstance(gate_norm, bool) or not isinstance(gate_norm, numbers.Real):
         raise TypeError(f"{name} must be a number >= 0; got {type(gate_norm).__name__}")
@@ -84,7 +87,7 @@ SIMULATE_RULES = {
     "noise": check_positive,
     "seed": check_seed,
     "bias": check_flag,
-    "device": optional(check_device),
+    "device": _device_rule,
     "dtype": _dtype_rule,
     "gate_norm": _gate_norm_rule,
     "gate": one_of("random", "orthogonal"),

@@ -25,22 +25,24 @@ import torch
 
 from .._validation import (
     SmallDataWarning,
-    check_count,
     check_enough_rows,
     check_flag,
     check_noise_model,
-    check_num_experts,
     check_positive,
     check_seed,
     child_seed,
+    count_rule,
     keeps_feature_names,
+    num_experts_rule,
     num_parameters,
+    optional,
+    validate,
 )
-from ..core.chunks import chunk_size_for
+from ..core.chunks import default_chunk_size
 from ..core.em.loop import CollapseWarning, ConvergenceWarning, warn_collapse
 from ..core.em.statistics import mean_log_likelihood
 from ..core.estimate import MoEEstimate
-from ..core.links import Link, check_link
+from ..core.links import Link, link_rule
 from ..core.sources import Source, as_design_source
 from ..core.threads import check_num_threads, torch_threads
 from ..core.units import on_exact_scale
@@ -117,24 +119,30 @@ class MomentOptions:
         return {"gate_features": self.gate_features}
 
 
-def check_arguments(
+def noise_rule(noise, name: str) -> float | str | None:
+    """``noise`` of :func:`tensor_init` and :func:`pyromoe.initialize`: a known noise sd (a number
+    > 0), None, or a noise model name (``"shared"`` / ``"per_expert"``)."""
+    if isinstance(noise, str):
+        return check_noise_model(noise, name)
+    return None if noise is None else check_positive(noise, name)
+
+
+def moment_arguments(
     x,
     y,
-    num_experts,
-    link,
-    noise,
-    chunk_size,
-    seed,
+    num_experts: int,
+    noise: float | str | None,
+    chunk_size: int | None,
+    seed: int,
     device=None,
-    min_experts=2,
     layout: dict | None = None,
 ):
-    """The arguments :func:`tensor_init` and :func:`pyromoe.estimators.initialize.initialize`
-    share, checked: ``(source, link, noise, options)`` with :class:`MomentOptions`.
+    """The data and settings :func:`tensor_init` and :func:`pyromoe.estimators.initialize.initialize`
+    share, from their checked arguments: ``(source, noise, options)`` with :class:`MomentOptions`.
 
-    ``noise`` is a known noise sd (a positive number), None, or a noise model name
-    (``"shared"`` / ``"per_expert"``: then the known sd is None). ``layout``: ``z``,
-    ``gate_features`` and ``moment_columns`` as the entries take them.
+    ``noise`` checked by :func:`noise_rule`: a model name gives the options' ``noise_model`` and
+    a known sd of None. ``layout``: ``z``, ``gate_features`` and ``moment_columns`` as the
+    entries take them (checked here, with the data).
     """
     layout = layout or {}
     source, gate_features = as_design_source(
@@ -143,22 +151,18 @@ def check_arguments(
     moment_columns = _check_moment_columns(
         layout.get("moment_columns"), source.in_features - (gate_features or 0)
     )
-    num_experts = check_num_experts(num_experts, minimum=min_experts)
-    link = check_link(link)
     noise_model = "shared"
     if isinstance(noise, str):
-        noise_model, noise = check_noise_model(noise), None
-    elif noise is not None:
-        noise = check_positive(noise, "noise")
+        noise_model, noise = noise, None
     options = MomentOptions(
         num_experts=num_experts,
-        chunk_size=chunk_size_for(chunk_size, source.in_features),
-        seed=check_seed(seed),
+        chunk_size=default_chunk_size(source.in_features) if chunk_size is None else chunk_size,
+        seed=seed,
         noise_model=noise_model,
         gate_features=gate_features,
         moment_columns=moment_columns,
     )
-    return source, link, noise, options
+    return source, noise, options
 
 
 def _check_moment_columns(columns, experts_width: int) -> tuple[int, ...] | None:
@@ -204,7 +208,28 @@ def _metric_cosines(gate_weight, experts_weight, covariance) -> float:
     return float((inner / gn[:, None] / en[None, :]).abs().max())
 
 
+def _center_y_rule(center_y, name: str) -> bool | None:
+    if center_y is not None and not isinstance(center_y, bool):
+        raise TypeError(f"{name} must be True, False or None; got {type(center_y).__name__}")
+    return center_y
+
+
+#: how :func:`tensor_init` checks its arguments, once per call (:func:`pyromoe._validation.validate`)
+TENSOR_INIT_RULES = {
+    "num_experts": num_experts_rule(minimum=2),
+    "link": link_rule,
+    "noise": noise_rule,
+    "chunk_size": optional(count_rule(minimum=1)),
+    "seed": check_seed,
+    "center_y": _center_y_rule,
+    "refine": check_flag,
+    "random_starts": count_rule(minimum=0),
+    "num_threads": check_num_threads,
+}
+
+
 @keeps_feature_names
+@validate(TENSOR_INIT_RULES)
 def tensor_init(
     x,
     y,
@@ -333,14 +358,9 @@ def tensor_init(
     (torch.Size([2, 5]), 'tensor')
     """
     layout = dict(z=z, gate_features=gate_features, moment_columns=moment_columns)
-    source, link, noise, options = check_arguments(
-        x, y, num_experts, link, noise, chunk_size, seed, device, layout=layout
+    source, noise, options = moment_arguments(
+        x, y, num_experts, noise, chunk_size, seed, device, layout=layout
     )
-    if center_y is not None and not isinstance(center_y, bool):
-        raise TypeError(f"center_y must be True, False or None; got {type(center_y).__name__}")
-    refine = check_flag(refine, "refine")
-    random_starts = check_count(random_starts, "random_starts", minimum=0)
-    num_threads = check_num_threads(num_threads)
     with torch_threads(num_threads):
         source.summary(options.chunk_size)  # out-of-core data: the NaN check is this first pass
         return _tensor_init(
@@ -553,7 +573,7 @@ def _fit_gate_staged(
             # a warm start that stops early (or looks collapsed) is finished on all rows below
             warnings.simplefilter("ignore", ConvergenceWarning)
             warnings.simplefilter("ignore", CollapseWarning)
-            warm = fit_gate(
+            warm = fit_gate.unchecked(
                 x_rows,
                 y_rows,
                 weight,
@@ -568,7 +588,7 @@ def _fit_gate_staged(
         init_weight, init_bias, warm_iter = warm.gate_weight, warm.gate_bias, int(warm.n_iter)
         if fit_noise:
             sigma = float(warm.noise)
-    fit = fit_gate(
+    fit = fit_gate.unchecked(
         source,
         None,
         weight,
@@ -596,7 +616,7 @@ def _refine(
         # only the winner's collapse is worth a warning (below); rows were checked by the caller
         warnings.simplefilter("ignore", CollapseWarning)
         warnings.simplefilter("ignore", SmallDataWarning)
-        from_tensor = fit_em(
+        from_tensor = fit_em.unchecked(
             source, None, k, link, init=estimate, n_init=1, seed=seed, **em_options
         )
         refine_seconds = time.perf_counter() - start
@@ -605,7 +625,7 @@ def _refine(
         if random_starts > 0:
             start = time.perf_counter()
             random_seed = child_seed(seed, 1)  # no arithmetic on the seed: 2**63 - 1 is valid
-            candidates["random"] = fit_em(
+            candidates["random"] = fit_em.unchecked(
                 source, None, k, link, n_init=random_starts, seed=random_seed, **em_options
             )
             random_seconds = time.perf_counter() - start

@@ -831,3 +831,99 @@ def test_13_predict_on_a_one_draw_fit_warns_naming_svi_and_nuts(small):
         OneDrawWarning, match=r"'map'.*zero width. For intervals fit with fit_svi or run_nuts"
     ):
         predict(model, idata, small.x[:5])
+
+
+# ------------------------------------------ 14. validated once, at the public boundary (issue 22)
+def _count_checks(call):
+    """``(result, {"check_link": n, "check_seed": n})``: how many times each check ran during
+    ``call()``, counted by the code objects of the frames entered (whatever name imported them)."""
+    import sys
+
+    from pyromoe.core.links import check_link
+
+    names = {check_link.__code__: "check_link", check_seed.__code__: "check_seed"}
+    counts = dict.fromkeys(names.values(), 0)
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code in names:
+            counts[names[frame.f_code]] += 1
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        result = call()
+    finally:
+        sys.setprofile(previous)
+    return result, counts
+
+
+def test_14_initialize_checks_its_link_and_seed_once():
+    data = simulate(3000, 4, seed=0)  # k <= d and enough rows: the moment step and the guard run
+    estimate, counts = _count_checks(lambda: initialize(data.x, data.y, 2, seed=0))
+    assert estimate.diagnostics["initializer"] == "tensor"
+    assert estimate.diagnostics["guard_rows"] == 3000 and "refine_winner" in estimate.diagnostics
+    assert counts == {"check_link": 1, "check_seed": 1}
+
+
+@pytest.mark.parametrize(
+    ("fit", "options"),
+    [
+        (fit_svi, dict(num_steps=5, num_samples=5)),
+        (run_nuts, dict(num_chains=1, num_warmup=5, num_samples=5, jit_compile=False)),
+    ],
+)
+def test_14_a_bayesian_fit_checks_its_seed_once_and_takes_the_models_link(small, fit, options):
+    model = MixtureOfExperts(2, 2, link="linear")  # the name becomes a Link here, once
+    call = lambda: fit(model, small.x, small.y, init=small.truth, progress=False, **options)  # noqa: E731
+    idata, counts = _count_checks(call)
+    assert idata.attrs["seed"] == 0 and idata.posterior.sizes["draw"] == 5
+    assert counts == {"check_link": 0, "check_seed": 1}
+    _, counts = _count_checks(lambda: MixtureOfExperts(2, 2, link="linear"))
+    assert counts == {"check_link": 1, "check_seed": 0}
+
+
+ENTRIES = [
+    "fit_em",
+    "fit_gate",
+    "tensor_init",
+    "initialize",
+    "simulate",
+    "run_nuts",
+    "fit_svi",
+    "fit_map",
+    "predict",
+    "responsibilities",
+    "compare_experts",
+    "sample_prior_predictive",
+    "to_inference_data",
+]
+
+
+@pytest.mark.parametrize("name", ENTRIES)
+def test_14_every_public_entry_has_one_table_of_rules_and_an_unchecked_body(name):
+    import inspect
+
+    import pyromoe
+
+    entry = getattr(pyromoe, name)
+    parameters = inspect.signature(entry).parameters
+    assert entry.rules and set(entry.rules) <= set(parameters)
+    assert "seed" not in parameters or entry.rules["seed"] is check_seed
+    assert callable(entry.unchecked) and entry.unchecked is not entry
+
+
+def test_14_the_checked_values_reach_the_function_and_a_bad_call_keeps_pythons_message():
+    from pyromoe._validation import count_rule, validate
+    from pyromoe.core.links import Link, link_rule
+
+    @validate({"link": link_rule, "seed": check_seed, "num_steps": count_rule(minimum=1)})
+    def fit(link="linear", *, num_steps=3, seed=None):
+        return link, num_steps, seed
+
+    link, num_steps, seed = fit(num_steps=np.int64(2))
+    assert isinstance(link, Link) and type(num_steps) is int and 0 <= seed < 2**63
+    assert fit.unchecked(link="tanh", seed=None) == ("tanh", 3, None)
+    with pytest.raises(TypeError, match=r"fit\(\) takes from 0 to 1 positional arguments"):
+        fit("linear", 2)
+    with pytest.raises(ValueError, match=r"num_steps must be >= 1; got 0"):
+        fit(num_steps=0)

@@ -17,6 +17,7 @@ from typing import Any
 
 from .._validation import (
     Rule,
+    check_feature_names,
     check_flag,
     check_positive,
     check_probability,
@@ -24,9 +25,10 @@ from .._validation import (
     count_rule,
     model_rule,
     optional,
+    pandas_feature_names,
 )
 from ..core.estimate import MoEEstimate
-from ..core.sources import Source, as_source
+from ..core.sources import Source, as_design_source, as_source
 from ..core.threads import check_num_threads
 from .init_strategy import check_estimate_fits_model, init_to_moments, match_noise_model
 from .to_arviz import inference_data_of
@@ -56,11 +58,26 @@ def fit_rules(*names: str, **own: Rule) -> dict[str, Rule]:
     return {"model": RULES["model"], **{name: RULES[name] for name in names}, **own}
 
 
-def fit_source(model, x, y, device=None, subsample_size: int | None = None) -> Source:
+def fit_source(model, x, y, device=None, subsample_size: int | None = None, z=None) -> Source:
     """The fit's data as a :class:`~pyromoe.core.sources.Source` on ``device``
-    (:func:`~pyromoe.core.sources.as_source`, ``x`` with the model's ``in_features`` columns), and
-    a checked ``subsample_size`` of at most its rows."""
-    source = as_source(x, y, device=device, in_features=getattr(model, "in_features", None))
+    (:func:`~pyromoe.core.sources.as_source`, ``x`` with the model's ``in_features`` columns, or
+    its whole design ``[x | z]`` when the model's gate has covariates of its own, which ``z``
+    gives apart), and a checked ``subsample_size`` of at most its rows."""
+    gate_features = getattr(model, "gate_features", None)
+    if z is not None:
+        if gate_features is None:
+            raise ValueError(
+                "z is given but the model's gate reads x; build the model with "
+                "MixtureOfExperts(..., gate_features=z.shape[1])"
+            )
+        source, width = as_design_source(
+            x, y, z, device=device, in_features=getattr(model, "in_features", None)
+        )
+        if width != gate_features:
+            raise ValueError(f"z must have gate_features={gate_features} columns; got {width}")
+    else:
+        width = getattr(model, "design_features", getattr(model, "in_features", None))
+        source = as_source(x, y, device=device, in_features=width)
     if subsample_size is not None and subsample_size > source.num_rows:
         raise ValueError(
             f"subsample_size must be at most the number of rows n={source.num_rows}; got "
@@ -111,3 +128,24 @@ def inference_data(model, x, y, samples, init, align, seed, attrs, **kwargs):
         attrs={**attrs, "init": started, "seed": seed},
         **kwargs,
     )
+
+
+def design_feature_names(feature_names, model, x, z=None) -> list[str] | None:
+    """The names of the design's columns: the experts' inputs, then (a model whose gate has
+    covariates of its own) the gate's. Given names are checked part by part (each part's names
+    distinct); else the labels of DataFrames ``x`` and ``z``."""
+    gate_features = getattr(model, "gate_features", None)
+    d = getattr(model, "in_features", None)
+    if gate_features is None:
+        return check_feature_names(feature_names, d if d is not None else x.shape[1], x)
+    if feature_names is None:
+        experts = pandas_feature_names(x)
+        gate = pandas_feature_names(z) if z is not None else None
+        return experts + gate if experts is not None and gate is not None else None
+    names = list(feature_names)
+    if len(names) != d + gate_features:
+        raise ValueError(
+            f"feature_names must name the {d} inputs of the experts and the {gate_features} "
+            f"covariates of the gate ({d + gate_features} names); got {len(names)}"
+        )
+    return check_feature_names(names[:d], d) + check_feature_names(names[d:], gate_features)

@@ -341,9 +341,11 @@ def match_noise_model(
     """
     check_estimate(estimate)
     k, d = getattr(model, "num_experts", None), getattr(model, "in_features", None)
+    gate = getattr(model, "gate_features", None)
     for name, mine, theirs in (
         ("num_experts", k, estimate.num_experts),
         ("in_features", d, estimate.in_features),
+        ("gate_features", gate if gate is not None else d, estimate.gate_features),
     ):
         if mine is not None and mine != theirs:
             raise ValueError(

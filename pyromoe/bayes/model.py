@@ -241,6 +241,11 @@ class MixtureOfExperts(PyroModule):
     noise : {"shared", "per_expert"}
         One noise sd ``sigma`` for every expert (site shape ()), or one per expert ``sigma_i``
         (shape (k,), ArviZ dim ``expert``; the experts' normals get their own scales).
+    gate_features : int, optional
+        The gate reads covariates of its own, ``z`` with ``gate_features`` columns (flexmix's
+        concomitant variables), while the experts read ``x``: the model's design is then
+        ``[x | z]`` (``torch.cat([x, z], 1)``; the fits and ``predict`` take ``z=`` apart), and
+        ``gate.weight`` has shape (k - 1, gate_features). Default: the gate reads ``x``.
     priors : mapping, optional
         Replace a default prior, by site name: a float (the scale of the default family, see
         :data:`DEFAULT_PRIOR_SCALES`; for ``experts.weight`` the prior sd of ``a_i . x``, so each
@@ -292,9 +297,15 @@ class MixtureOfExperts(PyroModule):
         bias: bool = True,
         priors: Mapping[str, float | dist.Distribution] | None = None,
         noise: str = "shared",
+        gate_features: int | None = None,
     ) -> None:
         super().__init__()
         self.in_features = check_positive(in_features, "in_features", integer=True)
+        self.gate_features = (
+            None
+            if gate_features is None
+            else check_positive(gate_features, "gate_features", integer=True)
+        )
         self.num_experts = check_num_experts(num_experts, minimum=1)
         self.noise_model = check_noise_model(noise)
         self.link = link if isinstance(link, Link) else check_link(link)  # a Link is checked
@@ -327,11 +338,22 @@ class MixtureOfExperts(PyroModule):
 
     # ------------------------------------------------------------------ sites and priors
     @property
+    def design_features(self) -> int:
+        """Columns of the design ``x`` the model reads: ``in_features``, or ``in_features +
+        gate_features`` (the experts' inputs, then the gate's own covariates ``z``)."""
+        return self.in_features + (self.gate_features or 0)
+
+    @property
     def site_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of each latent sample site, by name."""
         k, d = self.num_experts, self.in_features
+        d_gate = d if self.gate_features is None else self.gate_features
         noise = (k,) if self.noise_model == "per_expert" else ()
-        shapes = {sites.EXPERTS_WEIGHT: (k, d), sites.GATE_WEIGHT: (k - 1, d), sites.NOISE: noise}
+        shapes = {
+            sites.EXPERTS_WEIGHT: (k, d),
+            sites.GATE_WEIGHT: (k - 1, d_gate),
+            sites.NOISE: noise,
+        }
         if self.bias:
             shapes[sites.EXPERTS_BIAS] = (k,)
             shapes[sites.GATE_BIAS] = (k - 1,)
@@ -413,6 +435,7 @@ class MixtureOfExperts(PyroModule):
             "model": type(self).__name__,
             "num_experts": self.num_experts,
             "in_features": self.in_features,
+            "gate_features": self.gate_features,
             "link": link,
             "bias": self.bias,
             "noise": self.noise_model,
@@ -454,7 +477,7 @@ class MixtureOfExperts(PyroModule):
         ValueError
             ``subsample_size`` above ``n``, ``num_rows`` below ``n``, or both given.
         """
-        x, y = as_tensors(x, y, in_features=self.in_features)
+        x, y = as_tensors(x, y, in_features=self.design_features)
         n = x.shape[0]
         if subsample_size is not None:
             subsample_size = check_positive(subsample_size, "subsample_size", integer=True)
@@ -513,16 +536,17 @@ class MixtureOfExperts(PyroModule):
         ``params`` maps site names to values with optional leading batch dims (e.g. draws of shape
         ``(chains, draws, k, d)``), as returned by ``MCMC.get_samples(group_by_chain=True)``.
         """
-        x, y = as_tensors(x, y, in_features=self.in_features)
+        x, y = as_tensors(x, y, in_features=self.design_features)
         return likelihood.log_likelihood(x, y, self.params(params, x), self.link)
 
     def responsibilities(self, x, y, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Posterior responsibilities ``p(expert i | x_n, y_n, params)``, shape ``(..., n, k)``."""
-        x, y = as_tensors(x, y, in_features=self.in_features)
+        x, y = as_tensors(x, y, in_features=self.design_features)
         return likelihood.responsibilities(x, y, self.params(params, x), self.link)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, num_experts={self.num_experts}, "
             f"link={self.link!r}, bias={self.bias}, noise={self.noise_model!r}"
+            + ("" if self.gate_features is None else f", gate_features={self.gate_features}")
         )

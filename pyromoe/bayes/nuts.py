@@ -23,10 +23,17 @@ from pyro.infer import MCMC
 from pyro.infer.autoguide.initialization import init_to_uniform
 from pyro.infer.mcmc.util import initialize_model
 
-from .._validation import check_feature_names, child_seed, count_rule, one_of, validate
+from .._validation import child_seed, count_rule, one_of, validate
 from ..core.estimate import MoEEstimate
 from ..core.threads import torch_threads
-from ._fitting import fit_rules, fit_source, inference_data, prepare_init, strategy_for
+from ._fitting import (
+    design_feature_names,
+    fit_rules,
+    fit_source,
+    inference_data,
+    prepare_init,
+    strategy_for,
+)
 from ._rng import seeded_rng
 from .laplace import laplace_approximation
 from .model import MixtureOfExperts
@@ -201,6 +208,7 @@ def run_nuts(
     potential: str = "auto",
     device: str | torch.device | None = None,
     feature_names: list[str] | None = None,
+    z=None,
 ):
     """NUTS with every chain started at ``init`` (jittered), returned as ArviZ ``InferenceData``.
 
@@ -264,6 +272,9 @@ def run_nuts(
         Where to sample. ``None``: ``x``'s device (a tensor), else the CPU; the data (and an
         estimate given as ``init``) are moved there. Chains of CUDA data in worker processes use
         the ``"spawn"`` context.
+    z : Tensor, ndarray, DataFrame or dask.array.Array (n, gate_features), optional
+        The gate's own covariates, for a model built with ``gate_features`` (or pass the joined
+        design ``[x | z]`` as ``x``); ``feature_names`` then name the joined columns.
     feature_names : list of str, optional
         As in :func:`~pyromoe.fit_map`.
 
@@ -302,8 +313,8 @@ def run_nuts(
     >>> idata.posterior["experts.weight"].dims
     ('chain', 'draw', 'expert', 'feature')
     """
-    source = fit_source(model, x, y, device)
-    feature_names = check_feature_names(feature_names, source.in_features, x)
+    source = fit_source(model, x, y, device, z=z)
+    feature_names = design_feature_names(feature_names, model, x, z)
     checked = dict(seed=seed, num_threads=num_threads, progress=progress, jit_compile=jit_compile)
     checked.update(num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples)
     checked.update(target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth)

@@ -104,6 +104,12 @@ class FusedPotential:
         self.bias = model.bias
         self.link = model.link
         self.x, self.y = x, y
+        # the gate's own covariates: x = [x_experts | z] (pyromoe.core.likelihood)
+        self.d_gate = getattr(model, "gate_features", None) or self.d
+        self.shared_design = getattr(model, "gate_features", None) is None
+        self.x_experts, self.x_gate = (
+            (x, x) if self.shared_design else (x[:, : self.d], x[:, self.d :])
+        )
         self.names = [name for name in _ORDER if name in model.site_shapes]
         self.shapes = {name: model.site_shapes[name] for name in self.names}
         self.sizes = [math.prod(self.shapes[name]) for name in self.names]
@@ -174,10 +180,12 @@ class FusedPotential:
             log_noise = torch.log(u)
             grad_u = torch.zeros_like(u)
         # likelihood: one product for the experts and the free gate rows (none for one expert)
-        rows = [parts[sites.EXPERTS_WEIGHT].reshape(k, d)]
-        if k > 1:
-            rows.append(parts[sites.GATE_WEIGHT].reshape(k - 1, d))
-        z = self.x @ torch.cat(rows).T
+        experts_rows = parts[sites.EXPERTS_WEIGHT].reshape(k, d)
+        gate_rows = parts[sites.GATE_WEIGHT].reshape(k - 1, self.d_gate) if k > 1 else None
+        if self.shared_design:
+            z = self.x @ torch.cat([experts_rows] + ([gate_rows] if k > 1 else [])).T
+        else:
+            z = torch.cat([self.x_experts @ experts_rows.T, self.x_gate @ gate_rows.T], dim=1)
         if self.bias:
             offsets = [parts[sites.EXPERTS_BIAS]] + ([parts[sites.GATE_BIAS]] if k > 1 else [])
             z = z + torch.cat(offsets)
@@ -200,7 +208,11 @@ class FusedPotential:
         # gradient of the log-likelihood in z (experts' predictors, then the free logits)
         d_predictors = resp * residual / noise * self.link.derivative(predictors)
         d_z = torch.cat([d_predictors, (resp - gate)[:, 1:]], dim=1)
-        d_weights = d_z.T @ self.x  # (2k - 1, d)
+        if self.shared_design:
+            d_weights = d_z.T @ self.x  # (2k - 1, d)
+            d_experts, d_gate = d_weights[:k], d_weights[k:]
+        else:
+            d_experts, d_gate = d_z[:, :k].T @ self.x_experts, d_z[:, k:].T @ self.x_gate
         d_offsets = d_z.sum(0)
         weighted = resp * residual * residual
         d_log_noise = weighted.sum() - n if shared else weighted.sum(0) - resp.sum(0)
@@ -209,8 +221,8 @@ class FusedPotential:
         else:
             grad_u = grad_u + d_log_noise / u
         grads = {
-            sites.EXPERTS_WEIGHT: d_weights[:k],
-            sites.GATE_WEIGHT: d_weights[k:],
+            sites.EXPERTS_WEIGHT: d_experts,
+            sites.GATE_WEIGHT: d_gate,
             sites.NOISE: grad_u,
         }
         if self.bias:

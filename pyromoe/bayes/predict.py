@@ -44,6 +44,7 @@ from .._validation import (
 )
 from ..core import likelihood, sites
 from ..core.params import Params
+from ..core.sources import gate_covariates
 from .model import MODEL_ATTR, MixtureOfExperts
 from .record import check_model_matches, columns_by_name, recorded_feature_names
 from .to_arviz import _arviz_major, _from_dict, chunk_slices
@@ -87,7 +88,7 @@ def _warn_one_draw(num_draws: int, idata, caller: str) -> None:
         "estimate, without parameter uncertainty, and intervals over chain and draw (az.hdi) "
         "have zero width. For intervals fit with fit_svi or run_nuts.",
         OneDrawWarning,
-        stacklevel=4,  # the caller of predict or responsibilities (validate adds a frame)
+        stacklevel=user_stacklevel(),
     )
 
 
@@ -183,9 +184,9 @@ def _check_x_new(x_new, model: MixtureOfExperts) -> torch.Tensor:
     return x
 
 
-def _feature_coords(posterior, d: int) -> np.ndarray:
-    if "feature" in posterior.coords and posterior.sizes.get("feature") == d:
-        return np.asarray(posterior["feature"].values)
+def _feature_coords(posterior, d: int, dim: str = "feature") -> np.ndarray:
+    if dim in posterior.coords and posterior.sizes.get(dim) == d:
+        return np.asarray(posterior[dim].values)
     return np.arange(d)
 
 
@@ -216,6 +217,7 @@ def predict(
     idata,
     x_new,
     *,
+    z_new=None,
     seed: int | None = 0,
     num_draws: int | None = None,
     chunk_draws: int = 256,
@@ -250,6 +252,9 @@ def predict(
         the model, or string ``feature`` coords of the posterior), is matched by name: its
         columns are put in the fit's order; unknown, missing or repeated names are refused.
         Arrays, tensors and frames with other labels are taken by position.
+    z_new : Tensor, ndarray or DataFrame (m, gate_features), optional
+        The gate's own covariates at the new rows, for a model built with ``gate_features``
+        (required then; a DataFrame is matched by the recorded names like ``x_new``).
     seed : int or None
         Seed of the generator for the draws of y; the same seed (and ``chunk_draws``) gives the
         same draws. ``None``: a fresh seed, recorded in ``attrs["prediction_seed"]``.
@@ -303,14 +308,12 @@ def predict(
     (1, 1, 5)
     """
     record = check_model_matches(model, idata)
-    posterior = _group(idata, "posterior")
-    if posterior is not None:
-        x_new = columns_by_name(x_new, recorded_feature_names(record, posterior), "x_new")
-    x = _check_x_new(x_new, model)
+    x, z = _new_design(model, record, _group(idata, "posterior"), x_new, z_new)
     values, chains, draws, posterior = _posterior_draws(model, idata, num_draws)
     params = _flat_params(model, values, x)
     num_chains, num_kept = chains.size, draws.size
     _warn_one_draw(num_chains * num_kept, idata, "predict")
+    design = x if z is None else torch.cat([x, z], dim=1)
     m, d = x.shape
     per_draw = 2 * 8 * m * (2 * model.num_experts + 2)  # float64 y, mean, experts, gate; twice
     fix = "pass fewer num_draws (per chain) or fewer rows of x_new"
@@ -319,7 +322,8 @@ def predict(
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in PREDICTION_VARIABLES}
     with torch.no_grad():
         for part in chunk_slices(num_chains * num_kept, chunk_draws):
-            for name, value in _predict_chunk(model, x, _draws(params, part), generator).items():
+            chunk = _predict_chunk(model, design, _draws(params, part), generator)
+            for name, value in chunk.items():
                 parts[name].append(value.cpu())
     k = parts["gate"][0].shape[-1]
     predictions = {
@@ -344,11 +348,34 @@ def predict(
         attrs["inference"] = inference
     if record is not None:
         attrs[MODEL_ATTR] = idata.attrs[MODEL_ATTR]
-    groups = {
-        "predictions": predictions,
-        "predictions_constant_data": {"x_new": x.detach().cpu().numpy()},
-    }
+    constant = {"x_new": x.detach().cpu().numpy()}
+    if z is not None:
+        constant["z_new"] = z.detach().cpu().numpy()
+        coords["gate_feature"] = _feature_coords(posterior, z.shape[1], "gate_feature")
+        dims["z_new"] = ["obs", "gate_feature"]
+    groups = {"predictions": predictions, "predictions_constant_data": constant}
     return _from_dict(groups, coords=coords, dims=dims, attrs=attrs)
+
+
+def _new_design(model, record, posterior, x_new, z_new):
+    """``(x, z)``: the new inputs checked (DataFrames by the recorded names), and the gate's own
+    covariates for a model whose gate has them (else None)."""
+    names = None if posterior is None else recorded_feature_names(record, posterior)
+    gate_features = getattr(model, "gate_features", None)
+    if gate_features is None:
+        if z_new is not None:
+            raise ValueError("z_new is given but the model's gate reads x_new; leave z_new out")
+        return _check_x_new(columns_by_name(x_new, names, "x_new"), model), None
+    if z_new is None:
+        raise ValueError(
+            f"the model's gate reads {gate_features} covariate(s) of its own: pass them as "
+            f"z_new (m, {gate_features})"
+        )
+    d = model.in_features
+    joined = names is not None and len(names) == d + gate_features
+    x = _check_x_new(columns_by_name(x_new, names[:d] if joined else None, "x_new"), model)
+    z = columns_by_name(z_new, names[d:] if joined else None, "z_new")
+    return x, gate_covariates(z, x, gate_features)
 
 
 def _predict_chunk(model, x: torch.Tensor, params: Params, generator: torch.Generator) -> dict:
@@ -386,6 +413,7 @@ def responsibilities(
     *,
     hdi_prob: float = 0.94,
     chunk_rows: int | None = None,
+    z=None,
 ) -> pd.DataFrame:
     """Posterior mean and HDI of each observation's responsibilities ``p(expert i | x_n, y_n)``.
 
@@ -466,11 +494,17 @@ def responsibilities(
             )
         index = pd.Index(np.asarray(constant["obs"].values), name="obs")
         x, y = np.asarray(constant["x"].values), np.asarray(observed[sites.OBS].values)
-        x, y = as_tensors(x, y, in_features=model.in_features)
+        z = np.asarray(constant["z"].values) if "z" in constant else None
     else:
+        index = pd.RangeIndex(len(x), name="obs")
+    if getattr(model, "gate_features", None) is None:
+        if z is not None:
+            raise ValueError("z is given but the model's gate reads x; leave z out")
         x = columns_by_name(x, recorded_feature_names(record, posterior), "x")
         x, y = as_tensors(x, y, in_features=model.in_features)
-        index = pd.RangeIndex(x.shape[0], name="obs")
+    else:  # the gate's own covariates: x and z checked as predict checks them, then joined
+        x, z = _new_design(model, record, posterior, x, z)
+        x, y = as_tensors(torch.cat([x, z], dim=1), y)
     params = _flat_params(model, values, x)
     num_chains, num_draws = chains.size, draws.size
     _warn_one_draw(num_chains * num_draws, idata, "responsibilities")

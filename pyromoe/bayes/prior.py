@@ -107,7 +107,7 @@ def sample_prior_predictive(model, x, y=None, *, num_samples: int = 500, seed: i
     >>> idata.prior_predictive["y"].shape
     (1, 100, 40)
     """
-    x, y = as_tensors(x, y, in_features=model.in_features)
+    x, y = as_tensors(x, y, in_features=model.design_features)
     n, d = x.shape
     k = model.num_experts
     # per draw: the parameter sites, and y for every row twice (the chunks and their concatenation)

@@ -19,7 +19,7 @@ __all__ = ["check_model_matches", "columns_by_name", "recorded_feature_names"]
 
 #: the settings of the model that change what the posterior's draws mean: a model that differs
 #: from the recorded one in any of them is refused
-_STRUCTURAL_SETTINGS = ("num_experts", "in_features", "link", "bias", "noise")
+_STRUCTURAL_SETTINGS = ("num_experts", "in_features", "gate_features", "link", "bias", "noise")
 
 
 def _recorded_model(idata) -> dict | None:
@@ -50,7 +50,8 @@ def _constructor(record: Mapping) -> str:
         shown = f"link=pyromoe.core.links.leaky_relu({link[len('leaky_relu(') : -1]})"
     return (
         f"MixtureOfExperts({record.get('in_features')}, {record.get('num_experts')}, {shown}, "
-        f"bias={record.get('bias')}, noise={record.get('noise')!r})"
+        f"bias={record.get('bias')}, noise={record.get('noise')!r}"
+        + (f", gate_features={record['gate_features']})" if record.get("gate_features") else ")")
     )
 
 
@@ -88,7 +89,7 @@ def check_model_matches(model: MixtureOfExperts, idata) -> dict | None:
                 f"model's priors differ from those idata was fitted with ({'; '.join(changed)}); "
                 "the results use idata's posterior draws, which came from the recorded priors",
                 UserWarning,
-                stacklevel=4,  # the caller of predict or responsibilities (validate adds a frame)
+                stacklevel=user_stacklevel(),
             )
     return record
 

@@ -34,12 +34,19 @@ from pyro.infer.autoguide import (
     AutoNormal,
 )
 
-from .._validation import check_feature_names, child_seed, count_rule, validate
+from .._validation import child_seed, count_rule, validate
 from ..core import sites
 from ..core.estimate import MoEEstimate
 from ..core.sources import Source, sample_rows
 from ..core.threads import torch_threads
-from ._fitting import fit_rules, fit_source, inference_data, prepare_init, strategy_for
+from ._fitting import (
+    design_feature_names,
+    fit_rules,
+    fit_source,
+    inference_data,
+    prepare_init,
+    strategy_for,
+)
 from ._rng import seeded_rng
 from .init_strategy import latent_site_shapes
 
@@ -295,6 +302,7 @@ def fit_map(
     num_threads: int | None = None,
     device: str | torch.device | None = None,
     feature_names: list[str] | None = None,
+    z=None,
 ):
     """MAP estimate with :class:`~pyro.infer.autoguide.AutoDelta`, started at ``init``.
 
@@ -343,6 +351,9 @@ def fit_map(
         Where to compute. ``None``: ``x``'s device (a tensor), else the CPU. In-memory data are
         moved there whole, out-of-core mini-batches one at a time; an estimate given as ``init``
         is moved there too. Everything runs in ``x``'s dtype.
+    z : Tensor, ndarray, DataFrame or dask.array.Array (n, gate_features), optional
+        The gate's own covariates, for a model built with ``gate_features`` (or pass the joined
+        design ``[x | z]`` as ``x``); ``feature_names`` then name the joined columns.
     feature_names : list of str, optional
         Names of the inputs, the ``feature`` coordinates of the output (``d`` distinct strings).
         Default: the column labels of ``x`` when it is a pandas DataFrame with string labels,
@@ -380,8 +391,8 @@ def fit_map(
     >>> idata.posterior["noise"].shape
     (1, 1)
     """
-    source = fit_source(model, x, y, device, subsample_size)
-    feature_names = check_feature_names(feature_names, source.in_features, x)
+    source = fit_source(model, x, y, device, subsample_size, z=z)
+    feature_names = design_feature_names(feature_names, model, x, z)
     if gate_only and not isinstance(init, MoEEstimate):
         raise ValueError(
             "gate_only=True fixes the experts at an estimate: init must be a MoEEstimate; "
@@ -444,6 +455,7 @@ def fit_svi(
     num_threads: int | None = None,
     device: str | torch.device | None = None,
     feature_names: list[str] | None = None,
+    z=None,
 ):
     """Variational inference with an autoguide started at ``init``; posterior draws from the guide.
 
@@ -478,6 +490,9 @@ def fit_svi(
         Relabel the draws to ``init`` when it is an estimate.
     posterior_predictive : bool
         Add the posterior predictive group.
+    z : Tensor, ndarray, DataFrame or dask.array.Array (n, gate_features), optional
+        The gate's own covariates, for a model built with ``gate_features`` (or pass the joined
+        design ``[x | z]`` as ``x``); ``feature_names`` then name the joined columns.
     feature_names : list of str, optional
         As in :func:`fit_map`.
 
@@ -507,8 +522,8 @@ def fit_svi(
     >>> idata.posterior["experts.weight"].shape
     (1, 10, 2, 2)
     """
-    source = fit_source(model, x, y, device, subsample_size)
-    feature_names = check_feature_names(feature_names, source.in_features, x)
+    source = fit_source(model, x, y, device, subsample_size, z=z)
+    feature_names = design_feature_names(feature_names, model, x, z)
     checked = dict(seed=seed, subsample_size=subsample_size, num_threads=num_threads)
     checked.update(progress=progress, align=align, posterior_predictive=posterior_predictive)
     checked.update(num_steps=num_steps, lr=lr)

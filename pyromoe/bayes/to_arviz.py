@@ -16,6 +16,10 @@ variable               dims                        coords
 ``noise``              chain, draw
 ``y``                  (chain, draw,) obs            obs = 0..n-1
 ``x``                  obs, feature
+``z``                  obs, gate_feature             only for a model whose gate has covariates of
+                                                     its own (``gate_features``): then the gate's
+                                                     weights have dims chain, draw, gate,
+                                                     gate_feature and ``x`` holds the experts' inputs
 =====================  ==========================  ================================================
 
 Label switching (docs/algorithm.md section 5): :func:`align_labels` relabels the experts of every draw to
@@ -207,7 +211,9 @@ def to_inference_data(
     ('chain', 'draw', 'expert', 'feature')
     """
     frame = x
-    x, y = as_tensors(x, y, in_features=getattr(model, "in_features", None))
+    x, y = as_tensors(
+        x, y, in_features=getattr(model, "design_features", getattr(model, "in_features", None))
+    )
     if y is None:
         raise ValueError("y must be given (the observed outputs)")
     feature_names = check_feature_names(feature_names, x.shape[1], frame)
@@ -273,9 +279,11 @@ def inference_data_of(
         "log_likelihood": {sites.OBS: _numpy(pointwise)} if log_likelihood else None,
         "posterior_predictive": {sites.OBS: _numpy(predicted)} if posterior_predictive else None,
         "observed_data": {sites.OBS: _numpy(y)},
-        "constant_data": {"x": _numpy(x)},
+        "constant_data": _constant_data(model, x),
     }
-    coords, dims = _coords_and_dims(draws, x, feature_names, obs_index)
+    coords, dims = _coords_and_dims(
+        draws, x, feature_names, obs_index, getattr(model, "gate_features", None)
+    )
     return _from_dict(groups, coords=coords, dims=dims, attrs=all_attrs)
 
 
@@ -332,17 +340,35 @@ def _sample_stats(sample_stats: Mapping | None, num_chains: int, num_draws: int)
     return stats
 
 
-def _coords_and_dims(draws: dict, x, feature_names, obs_index) -> tuple[dict, dict]:
+def _constant_data(model, x: torch.Tensor) -> dict:
+    """``x`` (obs, feature); with a gate on covariates of its own, ``x`` the experts' inputs and
+    ``z`` (obs, gate_feature) the gate's."""
+    gate_features = getattr(model, "gate_features", None)
+    if gate_features is None:
+        return {"x": _numpy(x)}
+    d = x.shape[1] - gate_features
+    return {"x": _numpy(x[:, :d]), "z": _numpy(x[:, d:])}
+
+
+def _coords_and_dims(
+    draws: dict, x, feature_names, obs_index, gate_features: int | None = None
+) -> tuple[dict, dict]:
     """The ``coords`` and ``dims`` of the groups (table in the module docstring)."""
-    n, d = x.shape
+    n, total = x.shape
     if obs_index is not None:
         obs_index = np.asarray(obs_index)
         if obs_index.shape != (n,):
             raise ValueError(f"obs_index must have n={n} entries; got shape {obs_index.shape}")
+    names = np.asarray(feature_names) if feature_names is not None else np.arange(total)
+    d = total - (gate_features or 0)
     coords: dict[str, Any] = {
         "obs": np.arange(n) if obs_index is None else obs_index,
-        "feature": np.asarray(feature_names) if feature_names is not None else np.arange(d),
+        "feature": names[:d],
     }
+    if gate_features is not None:
+        coords["gate_feature"] = (
+            names[d:] if feature_names is not None else np.arange(gate_features)
+        )
     if sites.EXPERTS_WEIGHT in draws:
         k = int(draws[sites.EXPERTS_WEIGHT].shape[-2])
         coords["expert"] = np.arange(k)
@@ -351,4 +377,7 @@ def _coords_and_dims(draws: dict, x, feature_names, obs_index) -> tuple[dict, di
     if sites.NOISE in draws and np.ndim(draws[sites.NOISE]) == 3:
         dims[sites.NOISE] = ["expert"]  # one noise sd per expert: (chain, draw, expert)
     dims.update({sites.OBS: ["obs"], "x": ["obs", "feature"]})
+    if gate_features is not None:
+        dims[sites.GATE_WEIGHT] = ["gate", "gate_feature"]
+        dims["z"] = ["obs", "gate_feature"]
     return coords, dims

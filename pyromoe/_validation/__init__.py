@@ -31,6 +31,7 @@ from .rules import (
     num_experts_rule,
     one_of,
     optional,
+    user_stacklevel,
     validate,
 )
 from .values import (
@@ -96,5 +97,6 @@ __all__ = [
     "one_of",
     "optional",
     "pandas_feature_names",
+    "user_stacklevel",
     "validate",
 ]

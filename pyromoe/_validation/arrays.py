@@ -17,6 +17,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from .rules import user_stacklevel
 from .values import _DEVICE_TYPES, SUPPORTED_DEVICES
 
 __all__ = [
@@ -59,7 +60,7 @@ def _to_tensor(value, name: str, like: torch.Tensor | None = None):
                 f"(half precision is too coarse for the moments and Cholesky factors). Pass "
                 f"{name}.float() to silence this.",
                 UserWarning,
-                stacklevel=5,
+                stacklevel=user_stacklevel(),
             )
             tensor = tensor.float()
         if tensor.device.type not in _DEVICE_TYPES:
@@ -87,7 +88,7 @@ def _to_tensor(value, name: str, like: torch.Tensor | None = None):
                 f"for the moments and Cholesky factors). Pass {name}.astype('float64') to "
                 "silence this.",
                 UserWarning,
-                stacklevel=5,
+                stacklevel=user_stacklevel(),
             )
             array = array.astype(np.float64)
         with warnings.catch_warnings():

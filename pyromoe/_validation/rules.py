@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -43,6 +44,7 @@ __all__ = [
     "num_experts_rule",
     "one_of",
     "optional",
+    "user_stacklevel",
     "validate",
 ]
 
@@ -164,3 +166,25 @@ def model_rule(value, name: str = "model"):
     """A model instance (:func:`~pyromoe._validation.values.check_model`), returned as it is."""
     check_model(value)
     return value
+
+
+def user_stacklevel(below: int = 0) -> int:
+    """The ``stacklevel`` that makes a warning name the user's line: the first frame outside
+    pyromoe above the function calling this one.
+
+    Counted, not written by hand: a public entry is one or two wrappers deep (:func:`validate`,
+    ``keeps_feature_names``) and an internal caller reaches the same body through ``unchecked``,
+    so no fixed number is right on both paths.
+
+    Parameters
+    ----------
+    below : int
+        How many frames below the caller ``warnings.warn`` runs: 0 when the caller warns itself
+        (or passes the level to ``EM.fit``, which counts it from its caller), 1 when it passes
+        the level to a function that hands it to ``warnings.warn`` (``check_enough_rows``,
+        ``warn_collapse``).
+    """
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("pyromoe."):
+        frame, level = frame.f_back, level + 1
+    return level + below

@@ -40,6 +40,7 @@ from .._validation import (
     check_seed,
     count_rule,
     optional,
+    user_stacklevel,
     validate,
 )
 from ..core import likelihood, sites

@@ -12,7 +12,7 @@ import json
 import warnings
 from collections.abc import Mapping
 
-from .._validation import _is_pandas
+from .._validation import _is_pandas, user_stacklevel
 from .model import MODEL_ATTR, MixtureOfExperts
 
 __all__ = ["check_model_matches", "columns_by_name", "recorded_feature_names"]

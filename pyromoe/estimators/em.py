@@ -25,6 +25,7 @@ from .._validation import (
     num_experts_rule,
     num_parameters,
     optional,
+    user_stacklevel,
     validate,
 )
 from ..core.chunks import default_chunk_size
@@ -313,7 +314,7 @@ def _fit_em(
         k,
         model=f"a mixture of {k} experts on {d} input(s){covariates}"
         f"{' with biases' if bias else ''}",
-        stacklevel=5,
+        stacklevel=user_stacklevel(1),
     )
     starts, kinds = [], []
     if init is not None:
@@ -340,7 +341,9 @@ def _fit_em(
     screen_seconds = time.perf_counter() - began
     like = torch.empty(0, dtype=source.dtype, device=source.device)
     starts = [start_params(start, like, bias, per_expert) for start in starts]
-    runs, best = EM(source, link, update_gate_bias=bias, **em).fit(starts, stacklevel=4)
+    runs, best = EM(source, link, update_gate_bias=bias, **em).fit(
+        starts, stacklevel=user_stacklevel()
+    )
     run = runs[best]
     diagnostics = {
         "n_init": len(runs),

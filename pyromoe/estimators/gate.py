@@ -28,6 +28,7 @@ from .._validation import (
     check_seed,
     count_rule,
     optional,
+    user_stacklevel,
     validate,
 )
 from ..core.em.loop import EM
@@ -290,7 +291,11 @@ def _fit_gate(source: Source, start: Params, link: Link, *, em: dict, seed: int)
     width = d + 1 if em["update_gate_bias"] else d
     parameters = (k - 1) * width + (1 if em["update_noise"] else 0)
     check_enough_rows(
-        n, parameters, k, model=f"the gate of {k} experts on {d} input(s)", stacklevel=5
+        n,
+        parameters,
+        k,
+        model=f"the gate of {k} experts on {d} input(s)",
+        stacklevel=user_stacklevel(1),
     )
     gate_em = EM(source, link, update_experts=False, **em)
     like = torch.empty(0, dtype=source.dtype, device=source.device)
@@ -304,7 +309,7 @@ def _fit_gate(source: Source, start: Params, link: Link, *, em: dict, seed: int)
         total = source.reduce(_best_squared_residual, em["chunk_size"], start, link)
         best_residual = (total / n).sqrt().to(like)
         start = start._replace(noise=best_residual.clamp_min(gate_em.floor))
-    runs, _ = gate_em.fit([start], stacklevel=4)
+    runs, _ = gate_em.fit([start], stacklevel=user_stacklevel())
     run = runs[0]
     return GateFit(
         gate_weight=run.params.gate_weight,

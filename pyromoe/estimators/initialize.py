@@ -25,6 +25,7 @@ from .._validation import (
     num_parameters,
     one_of,
     optional,
+    user_stacklevel,
     validate,
 )
 from ..core.em.loop import CollapseWarning, ConvergenceWarning, warn_collapse
@@ -252,7 +253,7 @@ def _initialize(
         num_parameters(d, k) + (k - 1) * (d_gate - d),
         k,
         model=f"a mixture of {k} experts on {d} input(s){covariates} with biases",
-        stacklevel=5,
+        stacklevel=user_stacklevel(1),
     )
     with warnings.catch_warnings():
         # the rows were checked (and warned about) once, here; collapse is reported for the
@@ -265,7 +266,7 @@ def _initialize(
         diagnostics.get("collapsed_experts", []),
         diagnostics.get("effective_rows", []),
         d,
-        stacklevel=5,
+        stacklevel=user_stacklevel(1),
     )
     return estimate
 

@@ -36,6 +36,7 @@ from .._validation import (
     num_experts_rule,
     num_parameters,
     optional,
+    user_stacklevel,
     validate,
 )
 from ..core.chunks import default_chunk_size
@@ -400,7 +401,7 @@ def _tensor_init(
             estimate.diagnostics["collapsed_experts"],
             estimate.diagnostics["effective_rows"],
             estimate.in_features,
-            stacklevel=5,
+            stacklevel=user_stacklevel(1),
         )
     if options.gate_features is None and options.moment_columns is None:
         _warn_if_biased(estimate, covariance, k)
@@ -431,7 +432,7 @@ def _check_moments_apply(source: Source, k: int) -> None:
         parameters,
         k,
         model=f"a mixture of {k} experts on {d} input(s) with biases",
-        stacklevel=6,
+        stacklevel=user_stacklevel(1),
     )
     summary = source.summary()
     if not summary.y_sd > 1e-12 * (1.0 + summary.y_absmax):
@@ -536,7 +537,7 @@ def _warn_if_biased(estimate: MoEEstimate, covariance: torch.Tensor, k: int) -> 
             f"{COSINE_WARNING}): the moment estimate for link={link.name!r}, k={k} assumes an "
             "orthogonal gate and is biased here; use refine=True.",
             UserWarning,
-            stacklevel=5,
+            stacklevel=user_stacklevel(),
         )
     if not link.is_odd:
         norms = diagnostics["expert_norms_standardised"]
@@ -546,7 +547,7 @@ def _warn_if_biased(estimate: MoEEstimate, covariance: torch.Tensor, k: int) -> 
                 "standardised inputs): the moment transform assumes equal norms and is biased "
                 "here; use refine=True.",
                 UserWarning,
-                stacklevel=5,
+                stacklevel=user_stacklevel(),
             )
 
 
@@ -659,7 +660,7 @@ def _refine(
         diagnostics["collapsed_experts"],
         diagnostics["effective_rows"],
         best.in_features,
-        stacklevel=6,
+        stacklevel=user_stacklevel(1),
     )
     return replace(
         best, method="tensor+em" if winner == "tensor" else "em", diagnostics=diagnostics

@@ -308,7 +308,7 @@ class MixtureOfExperts(PyroModule):
         )
         self.num_experts = check_num_experts(num_experts, minimum=1)
         self.noise_model = check_noise_model(noise)
-        self.link = link if isinstance(link, Link) else check_link(link)  # a Link is checked
+        self.link = link if isinstance(link, Link) else check_link(link)  # a name, once
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be True or False; got {type(bias).__name__}")
         self.bias = bias

@@ -4,8 +4,9 @@
 data (the summary, the two moment passes, every EM and gate-EM pass, the log-likelihood scores),
 for every source (:mod:`pyromoe.core.sources`). It bounds the extra memory of a pass to one chunk,
 whatever n, and changes the results only by rounding (the sums are added in another order).
-:func:`default_chunk_size` (about 4 MiB of float64 rows) is the default of every entry point, and
-:func:`chunk_size_for` turns an entry's ``chunk_size=`` argument into rows.
+:func:`default_chunk_size` (about 4 MiB of float64 rows) is the default of every entry point (an
+entry's own ``chunk_size=``, an int >= 1, is checked by its table of rules,
+:func:`pyromoe._validation.validate`).
 
 On a Dask worker a block is read in pieces of at most ``chunk_size`` rows and at most
 :data:`WORKER_CHUNK_BYTES` (the same function with a smaller budget): worker threads keep freed
@@ -14,14 +15,11 @@ memory in their own allocator arenas, so smaller pieces bound what each thread h
 
 from __future__ import annotations
 
-from .._validation import check_count
-
 __all__ = [
     "CHUNK_BYTES",
     "MAX_CHUNK_ROWS",
     "MIN_CHUNK_ROWS",
     "WORKER_CHUNK_BYTES",
-    "chunk_size_for",
     "default_chunk_size",
 ]
 
@@ -49,17 +47,3 @@ def default_chunk_size(in_features: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     """
     rows = int(chunk_bytes) // (8 * (int(in_features) + 1))
     return max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, rows))
-
-
-def chunk_size_for(chunk_size: int | None, in_features: int) -> int:
-    """An entry point's ``chunk_size=`` in rows: :func:`default_chunk_size` for None, else an
-    int >= 1.
-
-    Raises
-    ------
-    TypeError, ValueError
-        For anything but None or an int >= 1.
-    """
-    if chunk_size is None:
-        return default_chunk_size(in_features)
-    return check_count(chunk_size, "chunk_size", minimum=1)

@@ -36,17 +36,15 @@ from ..core.sources import Source, TensorSource
 from ..core.threads import check_num_threads, torch_threads
 from ..core.units import on_exact_scale
 from .em import fit_em
-from .tensor_init import (
-    RANDOM_MARGIN,
+from .moment_setup import (
     MomentOptions,
     MomentsNotApplicableError,
-    _tensor_init,
     minimum_rows,
     moment_arguments,
     moment_source,
     noise_rule,
-    tensor_init,
 )
+from .tensor_init import RANDOM_MARGIN, _tensor_init, tensor_init
 
 __all__ = ["MomentsNotApplicableError", "guard_size", "initialize", "minimum_rows", "tensor_init"]
 

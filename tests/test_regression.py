@@ -107,7 +107,7 @@ def test_cli_formula_fit_then_predict_covers_held_out_rows(tmp_path, capsys):
     train.to_csv(tmp_path / "train.csv", index=False)
     held.drop(columns="y").to_csv(tmp_path / "new.csv", index=False)
     out, predictions = tmp_path / "results", tmp_path / "predictions.csv"
-    args = ["fit", str(tmp_path / "train.csv"), "--formula", "y ~ u + v + C(site)"]
+    args = ["fit", str(tmp_path / "train.csv"), "--formula", "y ~ u + C(site)", "--gate", "~ v"]
     assert (
         main([*args, "--method", "svi", "--steps", "1500", "--no-progress", "--out", str(out)]) == 0
     )
@@ -130,3 +130,23 @@ def test_cli_formula_and_target_are_one_or_the_other(tmp_path, capsys):
     assert "either as a target" in capsys.readouterr().err
     assert main(args) == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_a_gate_formula_of_its_own_recovers_the_gate_in_data_units():
+    table = _table(2000, seed=4)
+    fit = pyromoe.MoERegression("y ~ u + C(site)", gate="~ v", num_experts=2)
+    fit.fit(table, method="svi", num_steps=1500, seed=0, progress=False)
+    assert fit.model.gate_features == 1
+    summary = fit.summary()
+    assert "gate.weight[1, v]" in summary.index and "gate.weight[1, u]" not in summary.index
+    order = _expert_order(summary)
+    sign = 1.0 if order == [0, 1] else -1.0
+    # logit of the second expert = 0.2 (v - 100): sampling sd of the slope ~ 0.01 at n = 2000
+    assert abs(sign * summary.loc["gate.weight[1, v]", "mean"] - 0.2) < 0.05
+    assert abs(sign * summary.loc["gate.bias[1]", "mean"] + 20) < 5
+    new = _table(20, seed=8).drop(columns="y")
+    pd.testing.assert_frame_equal(
+        fit.predict(new, seed=1), fit.predict(new[["v", "site", "u"]], seed=1)
+    )
+    with pytest.raises(ValueError, match="data has no column 'v'"):
+        fit.predict(new.drop(columns="v"))

@@ -120,19 +120,29 @@ def to_data_units(
     ``c - sum_j w_j m_j / s_j``. For any other link the experts have no data-unit form (the link
     sits between the two scales), so only the noise and the gate are returned.
     """
-    units = AffineMap(
-        x_shift=np.array([column["mean"] for column in standardisation["inputs"]]),
-        x_scale=np.array([column["sd"] for column in standardisation["inputs"]]),
-        y_shift=standardisation["target"]["mean"],
-        y_scale=standardisation["target"]["sd"],
-    )
+
+    def columns(part: str) -> dict:
+        inputs = standardisation[part]
+        return {
+            "x_shift": np.array([column["mean"] for column in inputs]),
+            "x_scale": np.array([column["sd"] for column in inputs]),
+        }
+
+    target = standardisation["target"]
+    units = AffineMap(**columns("inputs"), y_shift=target["mean"], y_scale=target["sd"])
     link = check_link(link)
     kept = {
         name: np.asarray(value)
         for name, value in values.items()
         if units.maps_experts(link) or not name.startswith("experts.")
     }
-    return units.to_original(kept, link)
+    if "gate_inputs" not in standardisation:  # the gate reads the experts' inputs
+        return units.to_original(kept, link)
+    gate = {name: value for name, value in kept.items() if name.startswith("gate.")}
+    rest = {name: value for name, value in kept.items() if not name.startswith("gate.")}
+    mapped = units.to_original(rest, link)
+    mapped.update(AffineMap(**columns("gate_inputs")).to_original(gate) if gate else {})
+    return {name: mapped[name] for name in kept}
 
 
 def data_unit_summary(
@@ -234,10 +244,21 @@ class _StandardisedTable:
     standardisation: dict[str, Any]
     x: torch.Tensor
     y: torch.Tensor
+    z: torch.Tensor | None = None
 
     @property
     def feature_names(self) -> list[str]:
         return list(self.specification.expert_columns)
+
+    @property
+    def gate_features(self) -> int | None:
+        return None if self.z is None else self.z.shape[1]
+
+    @property
+    def design_names(self) -> list[str]:
+        """The names of the model's design: the experts' columns, then the gate's own."""
+        gate = [] if self.z is None else list(self.specification.gate_columns)
+        return self.feature_names + gate
 
     @property
     def target_name(self) -> str:
@@ -260,20 +281,23 @@ def _standardised_table(path, target, features, formula, gate, largest, noise, d
             f"({ROWS_PER_PARAMETER} per parameter: {largest} experts on {d} inputs have "
             f"{parameters} parameters). Use fewer experts or features."
         )
-    if spec.gate_columns != spec.expert_columns:
-        raise ValueError(
-            "a gate formula with other terms than the experts' is not supported yet; leave "
-            "--gate out (the gate then uses the experts' terms)"
-        )
     standardisation = standardisation_record(
         spec.expert_columns, spec.target, spec.x_mean, spec.x_sd, spec.y_mean, spec.y_sd
     )
+    z = None
+    if spec.gate_columns != spec.expert_columns:  # the gate's own covariates
+        standardisation["gate_inputs"] = [
+            {"column": str(name), "mean": float(m), "sd": float(sd)}
+            for name, m, sd in zip(spec.gate_columns, spec.z_mean, spec.z_sd)
+        ]
+        z = torch.as_tensor(design.z, device=device)
     return _StandardisedTable(
         str(path),
         spec,
         standardisation,
         torch.as_tensor(design.x, device=device),
         torch.as_tensor(design.y, device=device),
+        z,
     )
 
 
@@ -326,9 +350,14 @@ class _FitRun:
         from ..bayes.nuts import run_nuts
         from ..bayes.svi import fit_svi
 
-        data, names = self.data, self.data.feature_names
+        data, names = self.data, self.data.design_names
         self.num_experts = self.ks[0]
         if len(self.ks) > 1:
+            if data.z is not None:
+                raise ValueError(
+                    "--experts with several numbers and --gate are not supported together yet; "
+                    "fit each number of experts on its own"
+                )
             self._compare(folder, names)
         # with a comparison this is the start compare_experts gave the best-ranked k (the same
         # call, so the same estimate): the report's start column and initializer section
@@ -341,11 +370,17 @@ class _FitRun:
                 method="auto",
                 noise=self.noise,
                 seed=self.seed,
+                z=data.z,
                 moment_columns=list(data.specification.expert_continuous),
             )
         d = data.x.shape[1]
         self.model = MixtureOfExperts(
-            d, self.num_experts, link=self.link, bias=True, noise=self.noise
+            d,
+            self.num_experts,
+            link=self.link,
+            bias=True,
+            noise=self.noise,
+            gate_features=data.gate_features,
         )
         if self.idata is None:
             with self.timer(f"{self.method.upper()} seeded from the estimate"):
@@ -354,6 +389,7 @@ class _FitRun:
                     self.model,
                     data.x,
                     data.y,
+                    z=data.z,
                     init=self.estimate,
                     seed=self.seed,
                     progress=self.progress,
@@ -402,14 +438,20 @@ class _FitRun:
             .to_dict("records")
         )
         with self.timer("responsibilities"):
-            responsibilities = posterior_responsibilities(self.model, idata, data.x, data.y)
+            responsibilities = posterior_responsibilities(
+                self.model, idata, data.x, data.y, z=data.z
+            )
             responsibilities.index = pd.RangeIndex(len(responsibilities), name="obs")
         with self.timer("figures"):
             figures = {
                 "trace": plots.plot_trace(idata),
                 "posterior": plots.plot_posterior_vs_truth(idata, None, estimate),
                 "responsibilities": plots.plot_responsibilities(
-                    data.x.cpu(), data.y.cpu(), mean.to("cpu"), data.feature_names
+                    data.x.cpu(),
+                    data.y.cpu(),
+                    mean.to("cpu"),
+                    data.feature_names,
+                    z=None if data.z is None else data.z.cpu(),
                 ),
                 "posterior_predictive": plots.plot_posterior_predictive(idata),
             }

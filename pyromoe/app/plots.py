@@ -47,7 +47,7 @@ def parameter_sites(idata) -> list[str]:
 def _position_text(dim: str, position: int, value=None) -> str:
     """One index of a label: a feature by its name when it has one, else by position; gate row
     j gives the logit of expert j (expert 0 is the reference), so gate rows are numbered from 1."""
-    if dim == "feature" and isinstance(value, str):
+    if dim in ("feature", "gate_feature") and isinstance(value, str):
         return value
     return str(position + 1 if dim == "gate" else position)
 
@@ -238,7 +238,9 @@ def plot_random_starts(
     return figure
 
 
-def plot_responsibilities(x, y, estimate: MoEEstimate, feature_names: Sequence[str] | None = None):
+def plot_responsibilities(
+    x, y, estimate: MoEEstimate, feature_names: Sequence[str] | None = None, z=None
+):
     """The data coloured by posterior responsibility, with each expert's fitted predictions.
 
     One panel per expert, its points coloured by that expert's responsibility
@@ -250,7 +252,7 @@ def plot_responsibilities(x, y, estimate: MoEEstimate, feature_names: Sequence[s
     x = torch.as_tensor(x)
     y = torch.as_tensor(y, dtype=x.dtype)
     est = estimate.to(dtype=x.dtype, device=x.device)
-    resp = est.responsibilities(x, y).cpu().numpy()
+    resp = est.responsibilities(x, y, z).cpu().numpy()
     means = likelihood.expert_means(x, est.experts_weight, est.experts_bias, est.link).cpu().numpy()
     xn, yn = x.cpu().numpy(), y.cpu().numpy()
     k = est.num_experts

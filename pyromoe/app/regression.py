@@ -137,7 +137,6 @@ class MoERegression:
         MoERegression
             ``self``, fitted: ``specification``, ``estimate``, ``model``, ``idata``.
         """
-        from ..bayes.model import MixtureOfExperts
         from ..bayes.nuts import run_nuts
         from ..bayes.svi import fit_svi
         from ..estimators.initialize import initialize
@@ -147,15 +146,11 @@ class MoERegression:
         seed = check_seed(seed)
         progress = check_flag(progress, "progress")
         spec = ModelSpecification.from_data(data, self.formula, self.gate)
-        if spec.gate_columns != spec.expert_columns:
-            raise ValueError(
-                "a gate formula with other terms than the experts' is not supported yet; leave "
-                "gate=None (the gate then uses the experts' terms)"
-            )
         design = spec.design(data)
         x = torch.as_tensor(design.x, device=device)
         y = torch.as_tensor(design.y, device=device)
-        names = list(spec.expert_columns)
+        z = _gate_design(spec, design, device)
+        names = list(spec.expert_columns) + ([] if z is None else list(spec.gate_columns))
         estimate = initialize(
             x,
             y,
@@ -164,21 +159,16 @@ class MoERegression:
             method="auto",
             noise=self.noise,
             seed=seed,
+            z=z,
             moment_columns=list(spec.expert_continuous),
         )
-        model = MixtureOfExperts(
-            x.shape[1],
-            self.num_experts,
-            link=self.link,
-            bias=True,
-            noise=self.noise,
-            priors=_prior_objects(self.priors),
-        )
+        model = _model(self, spec)
         if method == "nuts":
             idata = run_nuts(
                 model,
                 x,
                 y,
+                z=z,
                 init=estimate,
                 seed=seed,
                 progress=progress,
@@ -192,6 +182,7 @@ class MoERegression:
                 model,
                 x,
                 y,
+                z=z,
                 init=estimate,
                 seed=seed,
                 progress=progress,
@@ -314,7 +305,14 @@ class MoERegression:
         interval = check_probability(interval, "interval")
         design = spec.design(data, target=False)
         x = torch.as_tensor(design.x)
-        predictions = predict(self.model, self.idata, x, seed=check_seed(seed), num_draws=num_draws)
+        predictions = predict(
+            self.model,
+            self.idata,
+            x,
+            z_new=_gate_design(spec, design, x.device),
+            seed=check_seed(seed),
+            num_draws=num_draws,
+        )
         draws = np.asarray(predictions.predictions["y"].values)
         draws = spec.y_mean + spec.y_sd * draws.reshape(-1, draws.shape[-1])
         mean = spec.y_mean + spec.y_sd * np.asarray(
@@ -405,8 +403,6 @@ def load(path: str | os.PathLike) -> MoERegression:
     """
     import arviz as az
 
-    from ..bayes.model import MixtureOfExperts
-
     folder = Path(path)
     for name in (MODEL_FILE, SPECIFICATION_FILE, _IDATA_FILE):
         if not (folder / name).is_file():
@@ -433,18 +429,36 @@ def load(path: str | os.PathLike) -> MoERegression:
     for group in idata.groups():  # into memory: the file is not held open
         getattr(idata, group).load()
     fit.specification, fit.idata, fit.method = spec, idata, record.get("method")
-    fit.model = MixtureOfExperts(
+    fit.model = _model(fit, spec)
+    return fit
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _separate_gate(spec: ModelSpecification) -> bool:
+    """Whether the gate has a design of its own (other terms than the experts')."""
+    return spec.gate_columns != spec.expert_columns
+
+
+def _gate_design(spec: ModelSpecification, design, device) -> torch.Tensor | None:
+    """The gate's own covariates ``z`` of a design, or None when the gate reads ``x``."""
+    return torch.as_tensor(design.z, device=device) if _separate_gate(spec) else None
+
+
+def _model(fit: MoERegression, spec: ModelSpecification):
+    """The Pyro model of ``fit`` on the specification's design."""
+    from ..bayes.model import MixtureOfExperts
+
+    return MixtureOfExperts(
         len(spec.expert_columns),
         fit.num_experts,
         link=fit.link,
         bias=True,
         noise=fit.noise,
         priors=_prior_objects(fit.priors),
+        gate_features=len(spec.gate_columns) if _separate_gate(spec) else None,
     )
-    return fit
 
 
-# ------------------------------------------------------------------------------------ helpers
 def _sites(fit: MoERegression) -> list[str]:
     return [name for name in fit.model.site_shapes if name in fit.idata.posterior]
 

@@ -235,7 +235,9 @@ def test_non_finite_rows_of_an_out_of_core_source_are_named(data, model, tmp_pat
     x = data.x[:2000].numpy().copy()
     x[:, 0] = np.nan
     np.save(tmp_path / "x.npy", x)
-    with pytest.raises(ValueError, match=r"x contains NaN or infinite values \(first at row \d+, column 0\)"):
+    with pytest.raises(
+        ValueError, match=r"x contains NaN or infinite values \(first at row \d+, column 0\)"
+    ):
         fit_map(
             model,
             np.load(tmp_path / "x.npy", mmap_mode="r"),

@@ -27,8 +27,9 @@ from .._validation import (
     optional,
     pandas_feature_names,
 )
+from ..core.design import as_design_source
 from ..core.estimate import MoEEstimate
-from ..core.sources import Source, as_design_source, as_source
+from ..core.sources import Source, as_source
 from ..core.threads import check_num_threads
 from .init_strategy import check_estimate_fits_model, init_to_moments, match_noise_model
 from .to_arviz import inference_data_of

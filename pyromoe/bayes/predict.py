@@ -44,8 +44,8 @@ from .._validation import (
     validate,
 )
 from ..core import likelihood, sites
+from ..core.design import gate_covariates
 from ..core.params import Params
-from ..core.sources import gate_covariates
 from .model import MODEL_ATTR, MixtureOfExperts
 from .record import check_model_matches, columns_by_name, recorded_feature_names
 from .to_arviz import _arviz_major, _from_dict, chunk_slices

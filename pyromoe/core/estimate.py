@@ -14,10 +14,10 @@ import torch
 
 from .._validation import as_tensors, check_device
 from . import likelihood, sites
+from .design import gate_covariates
 from .labels import best_permutation, permute_draws
 from .links import Link, check_link
 from .params import Params
-from .sources import gate_covariates
 
 __all__ = ["MoEEstimate", "parameter_errors"]
 

@@ -27,7 +27,6 @@ runs the same summary code. Chunks have ``chunk_size`` rows (:mod:`pyromoe.core.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from .._validation import as_tensor, as_tensors, check_device, check_x_shape, check_y_shape
+from .._validation import as_tensors, check_device, check_x_shape, check_y_shape
 from .chunks import WORKER_CHUNK_BYTES, default_chunk_size
 from .summary import (
     PILOT_ROWS,
@@ -52,9 +51,7 @@ __all__ = [
     "Source",
     "Summary",
     "TensorSource",
-    "as_design_source",
     "as_source",
-    "gate_covariates",
     "is_dask_array",
     "is_out_of_core",
     "sample_rows",
@@ -242,54 +239,6 @@ class Source:
         """This source read through ``units`` (a :class:`pyromoe.core.units.AffineMap`, e.g. the
         exact powers of two of :func:`pyromoe.core.units.exact_scales`)."""
         return _RescaledSource(self, units)
-
-    def columns(self, index) -> Source:
-        """This source with only the columns ``index`` of ``x`` (a sequence of positions), read
-        chunk by chunk; its summary is the base's, restricted (no further pass)."""
-        index = [int(i) for i in index]
-        if not index or not all(0 <= i < self.in_features for i in index):
-            raise ValueError(f"columns must be positions 0 to {self.in_features - 1}; got {index}")
-        if index == list(range(self.in_features)):
-            return self
-        return _ColumnSource(self, index)
-
-
-class _ColumnSource(Source):
-    """Some columns of ``x`` of a source (e.g. the experts' continuous inputs for the moments)."""
-
-    def __init__(self, base: Source, index: list[int]):
-        super().__init__(base.num_rows, len(index), base.dtype, base.device)
-        self.kind = base.kind
-        self.base = base
-        self.index = torch.tensor(index, device=base.device)
-
-    def chunks(self, chunk_size):
-        for xc, yc in self.base.chunks(chunk_size):
-            yield xc.index_select(1, self.index.to(xc.device)), yc
-
-    def reduce(self, fn, chunk_size, *args, combine=_add):
-        return self.base.reduce(_columns_call, chunk_size, fn, self.index, *args, combine=combine)
-
-    def take(self, rows):
-        x, y = self.base.take(rows)
-        return x.index_select(1, self.index.to(x.device)), y
-
-    def summary(self, chunk_size: int | None = None) -> Summary:
-        if self._summary is None:
-            base = self.base.summary(chunk_size)
-            index = self.index.to(base.x_mean.device)
-            self._summary = dataclasses.replace(
-                base,
-                x_mean=base.x_mean[index],
-                x_sd=base.x_sd[index],
-                x_absmax=base.x_absmax[index],
-            )
-            self.summary_chunk_size = self.base.summary_chunk_size
-        return self._summary
-
-
-def _columns_call(x, y, fn, index, *args):
-    return fn(x.index_select(1, index.to(x.device)), y, *args)
 
 
 class TensorSource(Source):
@@ -608,102 +557,3 @@ def as_source(
     if target is not None and x.device != target:
         x, y = x.to(target), y.to(target)
     return TensorSource(x, y)
-
-
-def as_design_source(
-    x,
-    y,
-    z=None,
-    *,
-    gate_features: int | None = None,
-    device=None,
-    in_features: int | None = None,
-    min_rows: int = 1,
-) -> tuple[Source, int | None]:
-    """:func:`as_source` of the design ``x``, or of ``[x | z]`` with the gate's own covariates
-    ``z`` (n, d_z) after the experts' inputs (:mod:`pyromoe.core.likelihood`).
-
-    ``gate_features``: instead of ``z``, ``x`` already holds the joined design and its last
-    ``gate_features`` columns are the gate's (any source kind, memory maps included).
-
-    Returns
-    -------
-    (Source, gate_features)
-        ``gate_features`` is ``d_z``, or None when the gate reads ``x`` (no ``z``).
-
-    Raises
-    ------
-    TypeError, ValueError
-        As :func:`as_source`; for ``z``: a memory map (pass ``x`` and ``z`` as Dask arrays, or in
-        memory), a Dask ``z`` with an in-memory ``x`` or the reverse, a shape other than
-        (n, d_z), NaN or infinite values (named as ``z``).
-    """
-    if gate_features is not None:
-        if z is not None:
-            raise ValueError("pass z or gate_features, not both")
-        source = as_source(x, y, device=device, min_rows=min_rows)
-        if isinstance(gate_features, bool) or not isinstance(gate_features, int):
-            raise TypeError(f"gate_features must be an int; got {type(gate_features).__name__}")
-        if not 1 <= gate_features < source.in_features:
-            raise ValueError(
-                f"gate_features must be between 1 and {source.in_features - 1} (x's last "
-                f"gate_features columns are the gate's, the others the experts'); got "
-                f"{gate_features}"
-            )
-        return source, gate_features
-    if z is None:
-        return as_source(x, y, device=device, in_features=in_features, min_rows=min_rows), None
-    if isinstance(x, Source) or isinstance(z, np.memmap) or isinstance(x, np.memmap):
-        raise TypeError(
-            "z (the gate's covariates) goes with x in memory or as Dask arrays; for memory maps "
-            "pass x and z as dask.array.from_array(...) (or join them into one design [x | z] "
-            "and use gate_features)"
-        )
-    if is_dask_array(x) != is_dask_array(z):
-        raise TypeError("x and z must both be Dask arrays, or both in memory")
-    if is_dask_array(x):
-        import dask.array as da
-
-        if z.ndim != 2 or z.shape[1] == 0 or z.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"z must be a 2-D array of shape (n, d_z) with the rows of x ({x.shape[0]}); "
-                f"got shape {tuple(z.shape)}"
-            )
-        x_source = as_source(x, y, device=device, in_features=in_features, min_rows=min_rows)
-        design = da.concatenate([x, z.rechunk({0: x.chunks[0]})], axis=1)
-        return as_source(design, y, device=x_source.device, min_rows=min_rows), int(z.shape[1])
-    x, y = as_tensors(x, y, in_features=in_features, min_rows=min_rows)
-    if y is None:
-        raise ValueError("y is required: pass the outputs y of shape (n,)")
-    z = gate_covariates(z, x)
-    source = as_source(torch.cat([x, z], dim=1), y, device=device)
-    return source, int(z.shape[1])
-
-
-def gate_covariates(z, x: torch.Tensor, gate_features: int | None = None) -> torch.Tensor:
-    """The gate's own covariates ``z`` (n, gate_features) checked against the design ``x`` (n, d)
-    and on its device and dtype, to be appended after ``x`` (``[x | z]``, see
-    :mod:`pyromoe.core.likelihood`).
-
-    Raises
-    ------
-    ValueError
-        ``z`` not 2-D, without columns, with another number of rows than ``x`` or of columns than
-        ``gate_features``, or with NaN or infinite values.
-    """
-    z = as_tensor(z, "z", like=x)
-    if z.dim() != 2 or z.shape[1] == 0:
-        raise ValueError(
-            f"z (the gate's covariates) must be a 2-D array of shape (n, d_z) with d_z >= 1; got "
-            f"shape {tuple(z.shape)}"
-        )
-    if z.shape[0] != x.shape[0]:
-        raise ValueError(f"z must have one row per row of x ({x.shape[0]}); got {z.shape[0]}")
-    if gate_features is not None and z.shape[1] != gate_features:
-        raise ValueError(f"z must have gate_features={gate_features} columns; got {z.shape[1]}")
-    if not bool(torch.isfinite(z).all()):
-        row = int((~torch.isfinite(z)).any(dim=1).nonzero()[0, 0])
-        raise ValueError(
-            f"z contains NaN or infinite values (first at row {row}); drop or impute those rows"
-        )
-    return z

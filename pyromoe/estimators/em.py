@@ -29,11 +29,12 @@ from .._validation import (
     validate,
 )
 from ..core.chunks import default_chunk_size
+from ..core.design import as_design_source
 from ..core.em.loop import EM
 from ..core.em.starts import SCREEN_CANDIDATES, screened_start, start_params
 from ..core.estimate import MoEEstimate
 from ..core.links import Link, link_rule
-from ..core.sources import Source, as_design_source
+from ..core.sources import Source
 from ..core.threads import check_num_threads, torch_threads
 from ..core.units import on_exact_scale
 

@@ -31,12 +31,13 @@ from .._validation import (
     user_stacklevel,
     validate,
 )
+from ..core.design import as_design_source
 from ..core.em.loop import EM
 from ..core.em.m_step import feature_scale
 from ..core.likelihood import expert_means
 from ..core.links import Link, link_rule
 from ..core.params import Params
-from ..core.sources import Source, as_design_source
+from ..core.sources import Source
 from ..core.threads import check_num_threads, torch_threads
 from ..core.units import on_exact_scale
 from .em import EM_RULES, em_options

@@ -17,7 +17,8 @@ from .._validation import (
     user_stacklevel,
 )
 from ..core.chunks import default_chunk_size
-from ..core.sources import Source, as_design_source
+from ..core.design import as_design_source, select_columns
+from ..core.sources import Source
 
 __all__ = [
     "MomentOptions",
@@ -201,4 +202,4 @@ def moment_source(source: Source, options: MomentOptions) -> Source:
             "moment_columns selects no input: the moment step needs continuous (Gaussian-like) "
             "inputs and every input here is left out (e.g. a factor's 0/1 columns)"
         )
-    return source.columns(columns)
+    return select_columns(source, columns)

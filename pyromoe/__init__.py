@@ -48,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "responsibilities": ".bayes.predict",
     "plot_predictions": ".app.plots",
     "MoERegression": ".app.regression",
+    "UnstandardisedDataWarning": ".bayes._fitting",
     "load": ".app.regression",
     "WRONG_BASIN_NATS": ".app.runs",
     "compare_starts": ".app.demo",
@@ -76,6 +77,7 @@ _MODULES: dict[str, str] = {
 }
 
 __all__ = [
+    "UnstandardisedDataWarning",
     "MoERegression",
     "CollapseWarning",
     "ConvergenceWarning",
@@ -151,6 +153,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .app.results import results_directory
     from .app.runs import WRONG_BASIN_NATS, nuts_report, posterior_mean_estimate, relabel
     from .app.table import read_table
+    from .bayes._fitting import UnstandardisedDataWarning
     from .bayes.compare import compare_experts
     from .bayes.init_strategy import init_to_moments
     from .bayes.model import MixtureOfExperts

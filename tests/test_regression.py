@@ -150,3 +150,22 @@ def test_a_gate_formula_of_its_own_recovers_the_gate_in_data_units():
     )
     with pytest.raises(ValueError, match="data has no column 'v'"):
         fit.predict(new.drop(columns="v"))
+
+
+def test_the_raw_model_warns_on_data_far_from_standardised():
+    import warnings
+
+    table = _table(300, seed=9)
+    x, y = table[["u", "v"]].to_numpy(), table["y"].to_numpy()
+    model = pyromoe.MixtureOfExperts(2, 2)
+    with pytest.warns(pyromoe.UnstandardisedDataWarning) as caught:
+        pyromoe.fit_map(model, x, y, num_steps=2)
+    message = str(caught[0].message)
+    assert "x column(s) 0 (mean 45" in message and "y (mean" in message
+    assert "pyromoe.MoERegression" in message and caught[0].filename == __file__
+    z_scores = (x - x.mean(0)) / x.std(0), (y - y.mean()) / y.std()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pyromoe.UnstandardisedDataWarning)
+        pyromoe.fit_map(model, *z_scores, num_steps=2)  # standardised: no warning
+        priors = {name: 100.0 for name in model.site_shapes}
+        pyromoe.fit_map(pyromoe.MixtureOfExperts(2, 2, priors=priors), x, y, num_steps=2)

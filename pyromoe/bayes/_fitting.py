@@ -12,6 +12,7 @@ estimate, with ``attrs["init"]`` and ``attrs["seed"]``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ from .._validation import (
     model_rule,
     optional,
     pandas_feature_names,
+    user_stacklevel,
 )
 from ..core.design import as_design_source
 from ..core.estimate import MoEEstimate
@@ -84,7 +86,54 @@ def fit_source(model, x, y, device=None, subsample_size: int | None = None, z=No
             f"subsample_size must be at most the number of rows n={source.num_rows}; got "
             f"{subsample_size}. Pass subsample_size=None for full-batch steps."
         )
+    warn_if_unstandardised(model, source)
     return source
+
+
+class UnstandardisedDataWarning(UserWarning):
+    """The data are far from standardised while the model keeps default priors, which are weakly
+    informative for standardised data only (:data:`pyromoe.bayes.model.DEFAULT_PRIOR_SCALES`)."""
+
+
+#: A column (or y) counts as standardised when its sd lies in this range and its mean within
+#: :data:`STANDARDISED_MEAN` of 0; beyond, the default priors pull the fit (the intercepts' and the
+#: noise's most).
+STANDARDISED_SD = (0.1, 10.0)
+STANDARDISED_MEAN = 10.0
+
+
+def warn_if_unstandardised(model, source: Source) -> None:
+    """Warn (:class:`UnstandardisedDataWarning`) when a default prior meets data far from
+    standardised: a column of ``x`` or ``y`` with sd outside :data:`STANDARDISED_SD` or mean
+    beyond :data:`STANDARDISED_MEAN`. The message names them and the two fixes."""
+    priors = getattr(model, "priors", None)
+    shapes = getattr(model, "site_shapes", None)
+    if priors is None or shapes is None or all(name in priors for name in shapes):
+        return
+    summary = source.summary()
+    low, high = STANDARDISED_SD
+
+    def off(mean: float, sd: float) -> bool:
+        return not (low <= sd <= high) or abs(mean) > STANDARDISED_MEAN
+
+    means, sds = summary.x_mean.tolist(), summary.x_sd.tolist()
+    columns = [j for j, (mean, sd) in enumerate(zip(means, sds)) if off(mean, sd)]
+    parts = []
+    if columns:
+        shown = ", ".join(f"{j} (mean {means[j]:.3g}, sd {sds[j]:.3g})" for j in columns[:4])
+        parts.append(f"x column(s) {shown}{', ...' if len(columns) > 4 else ''}")
+    if off(summary.y_mean, summary.y_sd):
+        parts.append(f"y (mean {summary.y_mean:.3g}, sd {summary.y_sd:.3g})")
+    if parts:
+        warnings.warn(
+            f"the data are far from standardised ({'; '.join(parts)}) but the model keeps "
+            "default priors, which are written for standardised data (each column and y with "
+            "mean 0 and sd 1) and pull this fit: standardise x and y, fit in the data's own units "
+            "with pyromoe.MoERegression (it standardises inside and reports in data units), or "
+            "set priors= for this scale",
+            UnstandardisedDataWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 
 def prepare_init(model, init, x, y) -> tuple[Any, dict]:

@@ -132,3 +132,12 @@ def test_gate_features_must_leave_columns_for_the_experts():
         pyromoe.fit_em(torch.cat([x, z], 1), y, 2, gate_features=5)
     with pytest.raises(ValueError, match="pass z or gate_features, not both"):
         pyromoe.fit_em(x, y, 2, z=z, gate_features=2)
+
+
+def test_compare_experts_with_gate_covariates_ranks_the_true_k_first():
+    x, y, z = mixed_regression(1500, seed=6)
+    table, fits = pyromoe.compare_experts(x, y, (1, 2), z=z, num_steps=200, num_samples=100)
+    assert table.index[0] == "k=2"
+    assert fits["k=2"].posterior["gate.weight"].dims[-1] == "gate_feature"
+    assert fits["k=2"].constant_data["z"].shape == (1500, 2)
+    assert "gate.weight" not in fits["k=1"].posterior

@@ -353,11 +353,6 @@ class _FitRun:
         data, names = self.data, self.data.design_names
         self.num_experts = self.ks[0]
         if len(self.ks) > 1:
-            if data.z is not None:
-                raise ValueError(
-                    "--experts with several numbers and --gate are not supported together yet; "
-                    "fit each number of experts on its own"
-                )
             self._compare(folder, names)
         # with a comparison this is the start compare_experts gave the best-ranked k (the same
         # call, so the same estimate): the report's start column and initializer section
@@ -409,6 +404,7 @@ class _FitRun:
                 self.ks,
                 self.link,
                 inference=self.method,
+                z=self.data.z,
                 noise=self.noise,
                 bias=True,
                 seed=self.seed,

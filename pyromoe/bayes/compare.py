@@ -23,8 +23,8 @@ from .._validation import (
     pandas_feature_names,
     validate,
 )
+from ..core.design import as_design_source
 from ..core.links import link_rule
-from ..core.sources import as_source
 from ..estimators.initialize import initialize
 from .model import MixtureOfExperts
 from .nuts import run_nuts
@@ -72,6 +72,7 @@ def compare_experts(
     noise: str = "shared",
     bias: bool = True,
     seed: int = 0,
+    z=None,
     **fit_kwargs,
 ):
     """Fit one mixture per number of experts and rank them by expected log predictive density.
@@ -92,6 +93,9 @@ def compare_experts(
         Expert intercepts and gate offsets.
     seed : int or None
         Seeds every start and fit (the one used is ``fits[label].attrs["seed"]``).
+    z : Tensor, ndarray or DataFrame (n, d_z), optional
+        The gate's own covariates (as in :func:`~pyromoe.fit_em`), for every fit with k >= 2
+        (k = 1 has no gate).
     **fit_kwargs
         Passed to the fitting function (``num_steps``, ``num_samples``, ``num_chains``,
         ``num_warmup``, ``progress``, ...). ``progress`` defaults to False.
@@ -122,14 +126,22 @@ def compare_experts(
     fit_kwargs.setdefault("progress", False)
     fit_kwargs = check_forwarded(fit, fit_kwargs)
     if fit_kwargs.get("feature_names") is None:
-        fit_kwargs["feature_names"] = pandas_feature_names(x)
-    source = as_source(x, y, min_rows=2)  # the data, checked once for every start and fit
+        names = [pandas_feature_names(x)] + ([] if z is None else [pandas_feature_names(z)])
+        fit_kwargs["feature_names"] = None if None in names else sum(names, [])
+    # the data, checked once for every start and fit
+    source, gate_features = as_design_source(x, y, z, min_rows=2)
     # on another device the fit moves the data there (the starts stay on x's device)
     fit_data = (source, None) if fit_kwargs.get("device") is None else (x, y)
+    fit_z = z if fit_kwargs.get("device") is not None else None
+    d = source.in_features - (gate_features or 0)
     fits = {}
     for k in num_experts:
-        estimate = initialize.unchecked(source, None, k, link, noise=noise, seed=seed)
-        model = MixtureOfExperts(source.in_features, k, link, bias=bias, noise=noise)
-        fits[f"k={k}"] = fit.unchecked(model, *fit_data, init=estimate, seed=seed, **fit_kwargs)
+        estimate = initialize.unchecked(
+            source, None, k, link, noise=noise, seed=seed, gate_features=gate_features
+        )
+        model = MixtureOfExperts(d, k, link, bias=bias, noise=noise, gate_features=gate_features)
+        fits[f"k={k}"] = fit.unchecked(
+            model, *fit_data, z=fit_z, init=estimate, seed=seed, **fit_kwargs
+        )
     table = az.compare(fits)
     return table, fits

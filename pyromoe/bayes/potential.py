@@ -184,6 +184,8 @@ class FusedPotential:
         gate_rows = parts[sites.GATE_WEIGHT].reshape(k - 1, self.d_gate) if k > 1 else None
         if self.shared_design:
             z = self.x @ torch.cat([experts_rows] + ([gate_rows] if k > 1 else [])).T
+        elif k == 1:  # no gate: the gate's covariates are not read
+            z = self.x_experts @ experts_rows.T
         else:
             z = torch.cat([self.x_experts @ experts_rows.T, self.x_gate @ gate_rows.T], dim=1)
         if self.bias:
@@ -212,7 +214,8 @@ class FusedPotential:
             d_weights = d_z.T @ self.x  # (2k - 1, d)
             d_experts, d_gate = d_weights[:k], d_weights[k:]
         else:
-            d_experts, d_gate = d_z[:, :k].T @ self.x_experts, d_z[:, k:].T @ self.x_gate
+            d_experts = d_z[:, :k].T @ self.x_experts
+            d_gate = d_z[:, k:].T @ self.x_gate if k > 1 else None
         d_offsets = d_z.sum(0)
         weighted = resp * residual * residual
         d_log_noise = weighted.sum() - n if shared else weighted.sum(0) - resp.sum(0)

@@ -53,14 +53,12 @@ def _layout(total: int, experts: int, gate: int) -> bool:
 
 def expert_columns(x: torch.Tensor, experts_width: int, gate_width: int) -> torch.Tensor:
     """The experts' columns of the design ``x`` (n, D): all of it, or the first ``experts_width``."""
-    return x[..., :experts_width] if _layout(x.shape[-1], experts_width, gate_width) else x
+    return x if experts_width == x.shape[-1] else x[..., :experts_width]
 
 
 def gate_columns(x: torch.Tensor, experts_width: int, gate_width: int) -> torch.Tensor:
     """The gate's columns of the design ``x`` (n, D): all of it, or the last ``gate_width``."""
-    if _layout(x.shape[-1], experts_width, gate_width):
-        return x[..., x.shape[-1] - gate_width :]
-    return x
+    return x if gate_width == x.shape[-1] else x[..., x.shape[-1] - gate_width :]
 
 
 def expert_means(
@@ -96,6 +94,11 @@ def linear_predictors(x: torch.Tensor, params: Params) -> tuple[torch.Tensor, to
     and gate weights."""
     k = params.num_experts
     experts, gate = params.experts_weight, params.gate_weight
+    if k == 1:  # no gate: the experts' columns only (a design [x | z] keeps z unread)
+        z = torch.einsum("nd,...kd->...nk", x[..., : experts.shape[-1]], experts)
+        if params.experts_bias is not None:
+            z = z + params.experts_bias.unsqueeze(-2)
+        return z, z.new_zeros(z.shape)
     if _layout(x.shape[-1], experts.shape[-1], gate.shape[-1]):  # x = [x | z]: pad with zeros
         experts = torch.cat([experts, experts.new_zeros(*experts.shape[:-1], gate.shape[-1])], -1)
         gate = torch.cat([gate.new_zeros(*gate.shape[:-1], params.in_features), gate], -1)

@@ -169,3 +169,20 @@ def test_the_raw_model_warns_on_data_far_from_standardised():
         pyromoe.fit_map(model, *z_scores, num_steps=2)  # standardised: no warning
         priors = {name: 100.0 for name in model.site_shapes}
         pyromoe.fit_map(pyromoe.MixtureOfExperts(2, 2, priors=priors), x, y, num_steps=2)
+
+
+def test_plot_predictions_along_a_column_in_data_units(fitted):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    table, fit = fitted
+    figure = fit.plot_predictions("u", table, num_points=20)
+    top, gate = figure.axes[:2]
+    assert top.get_ylabel() == "y" and gate.get_xlabel() == "u"
+    mixture = [line for line in top.get_lines() if line.get_label().startswith("mixture")][0]
+    x_values = mixture.get_xdata()
+    assert x_values.min() == pytest.approx(table["u"].min()) and len(x_values) == 20
+    # the mixture mean is in y's units: within the data's range
+    assert table["y"].min() < mixture.get_ydata().mean() < table["y"].max()
+    with pytest.raises(ValueError, match="feature must be a numeric column the formulas read"):
+        fit.plot_predictions("site", table)

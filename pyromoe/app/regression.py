@@ -331,6 +331,74 @@ class MoERegression:
             index=index,
         )
 
+    def plot_predictions(
+        self, feature: str, data, *, num_points: int = 100, hdi_prob: float = 0.94, seed: int = 0
+    ):
+        """Conditional predictions along one numeric column, in the data's units.
+
+        As brms's ``conditional_effects``: ``num_points`` values spanning ``feature`` in
+        ``data``, every other numeric column at its mean and every factor at its most common
+        level; the top panel shows the data, each expert's mean ``g(a_i . x + b_i)`` and the
+        mixture mean ``E[y | x]`` with their ``hdi_prob`` bands, the bottom panel each expert's
+        gate probability; the axes carry the columns' names.
+
+        Parameters
+        ----------
+        feature : str
+            A numeric column of ``data`` that the formulas read.
+        data : pandas.DataFrame
+            The table to take the range, the means, the levels and the points from (e.g. the
+            fitted table).
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+        """
+        from ..bayes.predict import hdi_bounds, predict
+        from .plots import _two_panels
+
+        spec = self._check_fitted("plot_predictions")
+        grid, values = _grid(spec, data, feature, check_count(num_points, "num_points", minimum=2))
+        design = spec.design(grid, target=False)
+        x = torch.as_tensor(design.x)
+        z = _gate_design(spec, design, x.device)
+        predicted = predict(self.model, self.idata, x, z_new=z, seed=check_seed(seed)).predictions
+        variables = predicted[["mean", "expert_mean", "gate"]]
+        for name in ("mean", "expert_mean"):  # to the target's units
+            variables[name] = variables[name] * spec.y_sd + spec.y_mean
+        centre = variables.mean(("chain", "draw"))
+        low, high = hdi_bounds(variables, check_probability(hdi_prob, "hdi_prob"))
+        figure, ax_y, ax_gate = _two_panels(None)
+        if all(name in data for name in spec.target_variables):
+            target = spec.design(data).y * spec.y_sd + spec.y_mean
+            ax_y.scatter(data[feature], target, s=6, color="0.6", alpha=0.5, label="data")
+        for i in range(variables.sizes["expert"]):
+            part, colour = {"expert": i}, f"C{i}"
+            ax_y.fill_between(
+                values,
+                low["expert_mean"][part],
+                high["expert_mean"][part],
+                color=colour,
+                alpha=0.2,
+                lw=0,
+            )
+            ax_y.plot(values, centre["expert_mean"][part], color=colour, label=f"expert {i}")
+            ax_gate.fill_between(
+                values, low["gate"][part], high["gate"][part], color=colour, alpha=0.2, lw=0
+            )
+            ax_gate.plot(values, centre["gate"][part], color=colour, label=f"gate_{i}")
+        ax_y.fill_between(values, low["mean"], high["mean"], color="k", alpha=0.15, lw=0)
+        ax_y.plot(values, centre["mean"], color="k", lw=2, label="mixture mean E[y | x]")
+        ax_y.set_ylabel(spec.target)
+        ax_y.set_title(f"Posterior mean and {hdi_prob * 100:g}% HDI along {feature}")
+        ax_y.legend(fontsize=8)
+        ax_gate.set_ylim(-0.02, 1.02)
+        ax_gate.set_ylabel("gate probability")
+        ax_gate.set_xlabel(feature)
+        ax_gate.legend(fontsize=8)
+        figure.tight_layout()
+        return figure
+
     # --------------------------------------------------------------------------- files
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the fit to the results folder ``path`` (reload it with :func:`load`).
@@ -434,6 +502,28 @@ def load(path: str | os.PathLike) -> MoERegression:
 
 
 # ------------------------------------------------------------------------------------ helpers
+def _grid(spec: ModelSpecification, data, feature: str, num_points: int):
+    """Rows along ``feature`` (its range in ``data``), the other columns held at their mean (numbers)
+    or most common level (factors); and the feature's values."""
+    if not isinstance(data, pd.DataFrame):
+        raise TypeError(f"data must be a pandas DataFrame; got {type(data).__name__}")
+    if feature not in spec.variables or feature in spec.factor_levels:
+        numeric = [name for name in spec.variables if name not in spec.factor_levels]
+        raise ValueError(
+            f"feature must be a numeric column the formulas read, one of {numeric}; got {feature!r}"
+        )
+    columns = {}
+    for name in spec.variables:
+        if name not in data:
+            raise ValueError(f"data has no column {name!r}, which the formulas read")
+        column = data[name]
+        held = column.mode().iloc[0] if name in spec.factor_levels else float(column.mean())
+        columns[name] = [held] * num_points
+    values = np.linspace(float(data[feature].min()), float(data[feature].max()), num_points)
+    columns[feature] = values
+    return pd.DataFrame(columns), values
+
+
 def _separate_gate(spec: ModelSpecification) -> bool:
     """Whether the gate has a design of its own (other terms than the experts')."""
     return spec.gate_columns != spec.expert_columns

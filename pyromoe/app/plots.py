@@ -413,9 +413,23 @@ def plot_predictions(
             label="data",
             zorder=0,
         )
-    for i in range(variables.sizes["expert"]):
-        colour = f"C{i}"
-        part = {"expert": i}
+    draw_conditional(ax_y, ax_gate, grid, centre, low, high)
+    held = " (other inputs at their means)" if d > 1 else ""
+    ax_y.set_ylabel("y")
+    ax_y.set_title(f"Posterior mean and {hdi_prob * 100:g}% HDI along {name}{held}")
+    ax_y.legend(fontsize=8)
+    ax_gate.set_xlabel(name)
+    ax_gate.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def draw_conditional(ax_y, ax_gate, grid, centre, low, high) -> None:
+    """The bands and lines of a conditional-predictions figure: each expert's mean and the mixture
+    mean in ``ax_y``, each expert's gate probability in ``ax_gate`` (``centre``, ``low``,
+    ``high``: datasets with ``mean``, ``expert_mean`` (grid, expert) and ``gate``)."""
+    for i in range(centre.sizes["expert"]):
+        colour, part = f"C{i}", {"expert": i}
         ax_y.fill_between(
             grid, low["expert_mean"][part], high["expert_mean"][part], color=colour, alpha=0.2, lw=0
         )
@@ -432,16 +446,8 @@ def plot_predictions(
         ax_gate.plot(grid, centre["gate"][part], color=colour, lw=1.5, label=f"gate_{i}(x)")
     ax_y.fill_between(grid, low["mean"], high["mean"], color="k", alpha=0.15, lw=0)
     ax_y.plot(grid, centre["mean"], color="k", lw=2, label="mixture mean E[y | x]")
-    held = " (other inputs at their means)" if d > 1 else ""
-    ax_y.set_ylabel("y")
-    ax_y.set_title(f"Posterior mean and {hdi_prob * 100:g}% HDI along {name}{held}")
-    ax_y.legend(fontsize=8)
     ax_gate.set_ylim(-0.02, 1.02)
     ax_gate.set_ylabel("gate probability")
-    ax_gate.set_xlabel(name)
-    ax_gate.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
 
 
 def _feature_column(posterior, d: int, feature) -> tuple[list, int]:

@@ -164,31 +164,27 @@ class MoERegression:
         )
         model = _model(self, spec)
         if method == "nuts":
-            idata = run_nuts(
-                model,
-                x,
-                y,
-                z=z,
-                init=estimate,
-                seed=seed,
-                progress=progress,
-                feature_names=names,
-                num_chains=check_count(num_chains, "num_chains", minimum=1),
-                num_warmup=check_count(num_warmup, "num_warmup", minimum=0),
-                num_samples=check_count(num_samples, "num_samples", minimum=4),
+            fit, settings = (
+                run_nuts,
+                dict(
+                    num_chains=check_count(num_chains, "num_chains", minimum=1),
+                    num_warmup=check_count(num_warmup, "num_warmup", minimum=0),
+                    num_samples=check_count(num_samples, "num_samples", minimum=4),
+                ),
             )
         else:
-            idata = fit_svi(
-                model,
-                x,
-                y,
-                z=z,
-                init=estimate,
-                seed=seed,
-                progress=progress,
-                feature_names=names,
-                num_steps=check_count(num_steps, "num_steps", minimum=1),
-            )
+            fit, settings = fit_svi, dict(num_steps=check_count(num_steps, "num_steps", minimum=1))
+        idata = fit(
+            model,
+            x,
+            y,
+            z=z,
+            init=estimate,
+            seed=seed,
+            progress=progress,
+            feature_names=names,
+            **settings,
+        )
         idata.attrs["pyromoe_specification"] = spec.to_json()
         self.specification, self.estimate, self.model, self.idata = spec, estimate, model, idata
         self.method = method
@@ -355,7 +351,7 @@ class MoERegression:
         matplotlib.figure.Figure
         """
         from ..bayes.predict import hdi_bounds, predict
-        from .plots import _two_panels
+        from .plots import _two_panels, draw_conditional
 
         spec = self._check_fitted("plot_predictions")
         grid, values = _grid(spec, data, feature, check_count(num_points, "num_points", minimum=2))
@@ -372,28 +368,10 @@ class MoERegression:
         if all(name in data for name in spec.target_variables):
             target = spec.design(data).y * spec.y_sd + spec.y_mean
             ax_y.scatter(data[feature], target, s=6, color="0.6", alpha=0.5, label="data")
-        for i in range(variables.sizes["expert"]):
-            part, colour = {"expert": i}, f"C{i}"
-            ax_y.fill_between(
-                values,
-                low["expert_mean"][part],
-                high["expert_mean"][part],
-                color=colour,
-                alpha=0.2,
-                lw=0,
-            )
-            ax_y.plot(values, centre["expert_mean"][part], color=colour, label=f"expert {i}")
-            ax_gate.fill_between(
-                values, low["gate"][part], high["gate"][part], color=colour, alpha=0.2, lw=0
-            )
-            ax_gate.plot(values, centre["gate"][part], color=colour, label=f"gate_{i}")
-        ax_y.fill_between(values, low["mean"], high["mean"], color="k", alpha=0.15, lw=0)
-        ax_y.plot(values, centre["mean"], color="k", lw=2, label="mixture mean E[y | x]")
+        draw_conditional(ax_y, ax_gate, values, centre, low, high)
         ax_y.set_ylabel(spec.target)
         ax_y.set_title(f"Posterior mean and {hdi_prob * 100:g}% HDI along {feature}")
         ax_y.legend(fontsize=8)
-        ax_gate.set_ylim(-0.02, 1.02)
-        ax_gate.set_ylabel("gate probability")
         ax_gate.set_xlabel(feature)
         ax_gate.legend(fontsize=8)
         figure.tight_layout()

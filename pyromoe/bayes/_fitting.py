@@ -180,6 +180,13 @@ def inference_data(model, x, y, samples, init, align, seed, attrs, **kwargs):
     )
 
 
+def fit_data(model, x, y, z, device, subsample_size=None, feature_names=None):
+    """``(source, feature_names)``: :func:`fit_source` and :func:`design_feature_names`, what
+    every fit checks of its data first."""
+    source = fit_source(model, x, y, device, subsample_size, z=z)
+    return source, design_feature_names(feature_names, model, x, z)
+
+
 def design_feature_names(feature_names, model, x, z=None) -> list[str] | None:
     """The names of the design's columns: the experts' inputs, then (a model whose gate has
     covariates of its own) the gate's. Given names are checked part by part (each part's names

@@ -27,9 +27,8 @@ from .._validation import child_seed, count_rule, one_of, validate
 from ..core.estimate import MoEEstimate
 from ..core.threads import torch_threads
 from ._fitting import (
-    design_feature_names,
+    fit_data,
     fit_rules,
-    fit_source,
     inference_data,
     prepare_init,
     strategy_for,
@@ -313,8 +312,7 @@ def run_nuts(
     >>> idata.posterior["experts.weight"].dims
     ('chain', 'draw', 'expert', 'feature')
     """
-    source = fit_source(model, x, y, device, z=z)
-    feature_names = design_feature_names(feature_names, model, x, z)
+    source, feature_names = fit_data(model, x, y, z, device, feature_names=feature_names)
     checked = dict(seed=seed, num_threads=num_threads, progress=progress, jit_compile=jit_compile)
     checked.update(num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples)
     checked.update(target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth)

@@ -40,9 +40,8 @@ from ..core.estimate import MoEEstimate
 from ..core.sources import Source, sample_rows
 from ..core.threads import torch_threads
 from ._fitting import (
-    design_feature_names,
+    fit_data,
     fit_rules,
-    fit_source,
     inference_data,
     prepare_init,
     strategy_for,
@@ -391,8 +390,7 @@ def fit_map(
     >>> idata.posterior["noise"].shape
     (1, 1)
     """
-    source = fit_source(model, x, y, device, subsample_size, z=z)
-    feature_names = design_feature_names(feature_names, model, x, z)
+    source, feature_names = fit_data(model, x, y, z, device, subsample_size, feature_names)
     if gate_only and not isinstance(init, MoEEstimate):
         raise ValueError(
             "gate_only=True fixes the experts at an estimate: init must be a MoEEstimate; "
@@ -522,8 +520,7 @@ def fit_svi(
     >>> idata.posterior["experts.weight"].shape
     (1, 10, 2, 2)
     """
-    source = fit_source(model, x, y, device, subsample_size, z=z)
-    feature_names = design_feature_names(feature_names, model, x, z)
+    source, feature_names = fit_data(model, x, y, z, device, subsample_size, feature_names)
     checked = dict(seed=seed, subsample_size=subsample_size, num_threads=num_threads)
     checked.update(progress=progress, align=align, posterior_predictive=posterior_predictive)
     checked.update(num_steps=num_steps, lr=lr)

@@ -182,12 +182,7 @@ class FusedPotential:
         # likelihood: one product for the experts and the free gate rows (none for one expert)
         experts_rows = parts[sites.EXPERTS_WEIGHT].reshape(k, d)
         gate_rows = parts[sites.GATE_WEIGHT].reshape(k - 1, self.d_gate) if k > 1 else None
-        if self.shared_design:
-            z = self.x @ torch.cat([experts_rows] + ([gate_rows] if k > 1 else [])).T
-        elif k == 1:  # no gate: the gate's covariates are not read
-            z = self.x_experts @ experts_rows.T
-        else:
-            z = torch.cat([self.x_experts @ experts_rows.T, self.x_gate @ gate_rows.T], dim=1)
+        z = self._predictors(experts_rows, gate_rows)
         if self.bias:
             offsets = [parts[sites.EXPERTS_BIAS]] + ([parts[sites.GATE_BIAS]] if k > 1 else [])
             z = z + torch.cat(offsets)
@@ -210,12 +205,7 @@ class FusedPotential:
         # gradient of the log-likelihood in z (experts' predictors, then the free logits)
         d_predictors = resp * residual / noise * self.link.derivative(predictors)
         d_z = torch.cat([d_predictors, (resp - gate)[:, 1:]], dim=1)
-        if self.shared_design:
-            d_weights = d_z.T @ self.x  # (2k - 1, d)
-            d_experts, d_gate = d_weights[:k], d_weights[k:]
-        else:
-            d_experts = d_z[:, :k].T @ self.x_experts
-            d_gate = d_z[:, k:].T @ self.x_gate if k > 1 else None
+        d_experts, d_gate = self._weight_gradients(d_z)
         d_offsets = d_z.sum(0)
         weighted = resp * residual * residual
         d_log_noise = weighted.sum() - n if shared else weighted.sum(0) - resp.sum(0)
@@ -237,6 +227,23 @@ class FusedPotential:
             grads[name] = grads[name].reshape(-1) + part
         grad = torch.cat([grads[name].reshape(-1) for name in self.names])
         return -(log_joint + log_lik), -grad
+
+    def _predictors(self, experts_rows: torch.Tensor, gate_rows: torch.Tensor | None):
+        """The experts' predictors and the free gate logits, (n, 2k - 1), in one product when the
+        gate reads ``x``; without a gate (k = 1) the gate's covariates are not read."""
+        if self.shared_design:
+            return self.x @ torch.cat([experts_rows] + ([gate_rows] if self.k > 1 else [])).T
+        if gate_rows is None:
+            return self.x_experts @ experts_rows.T
+        return torch.cat([self.x_experts @ experts_rows.T, self.x_gate @ gate_rows.T], dim=1)
+
+    def _weight_gradients(self, d_z: torch.Tensor):
+        """The gradients of the experts' and the gate's weights from those of the predictors."""
+        k = self.k
+        if self.shared_design:
+            d_weights = d_z.T @ self.x  # (2k - 1, d)
+            return d_weights[:k], d_weights[k:]
+        return d_z[:, :k].T @ self.x_experts, (d_z[:, k:].T @ self.x_gate if k > 1 else None)
 
     def __call__(self, params: dict) -> torch.Tensor:
         return self.flat(self.to_flat(params))

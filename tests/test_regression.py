@@ -186,3 +186,34 @@ def test_plot_predictions_along_a_column_in_data_units(fitted):
     assert table["y"].min() < mixture.get_ydata().mean() < table["y"].max()
     with pytest.raises(ValueError, match="feature must be a numeric column the formulas read"):
         fit.plot_predictions("site", table)
+
+
+@pytest.mark.slow
+def test_nuts_in_raw_units_puts_the_truth_within_three_posterior_sds():
+    # the setting: n = 400, inputs around 45 / 100 / 70, y around 20 +- 5, intercepts
+    # -7.0 and 17.5 at zero inputs, noise 2.5; the gate on x2
+    rng = np.random.default_rng(11)
+    n = 400
+    table = pd.DataFrame(
+        {"x1": rng.normal(45, 5, n), "x2": rng.normal(100, 10, n), "x3": rng.normal(70, 8, n)}
+    )
+    slopes = np.array([[0.3, 0.05, -0.1], [-0.1, 0.05, 0.05]])
+    intercepts = np.array([-7.0, 17.5])
+    second = rng.uniform(size=n) < 1 / (1 + np.exp(-0.3 * (table["x2"] - 100)))
+    means = table[["x1", "x2", "x3"]].to_numpy() @ slopes.T + intercepts
+    table["y"] = np.where(second, means[:, 1], means[:, 0]) + rng.normal(0, 2.5, n)
+    fit = pyromoe.MoERegression("y ~ x1 + x2 + x3", num_experts=2)
+    fit.fit(
+        table, method="nuts", num_chains=2, num_warmup=300, num_samples=300, seed=0, progress=False
+    )
+    summary = fit.summary()
+    slope = [summary.loc[f"experts.weight[{i}, x1]", "mean"] for i in (0, 1)]
+    order = [0, 1] if slope[0] > slope[1] else [1, 0]  # expert 0 of the truth has slope 0.3
+    for truth_index, i in enumerate(order):
+        for j, column in enumerate(("x1", "x2", "x3")):
+            row = summary.loc[f"experts.weight[{i}, {column}]"]
+            assert abs(row["mean"] - slopes[truth_index, j]) < 3 * row["sd"], (i, column)
+        row = summary.loc[f"experts.bias[{i}]"]
+        assert abs(row["mean"] - intercepts[truth_index]) < 3 * row["sd"], i
+    row = summary.loc["noise"]
+    assert abs(row["mean"] - 2.5) < 3 * row["sd"]

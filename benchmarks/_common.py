@@ -1,4 +1,6 @@
-"""Shared helpers of the benchmark scripts: machine info and result writing (no maths here)."""
+"""Shared helpers of the benchmark scripts: the ``--threads`` option, runs of the samplers as the
+benchmarks make them, machine info and its section of a results page, and result writing (no
+maths here)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,25 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def add_threads_argument(parser) -> None:
+    """The scripts' ``--threads`` option: torch threads, default 1."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared machine multi-threaded timings are noise)",
+    )
+
+
+def quiet_fit(fit, model, x, y, init, **options):
+    """``fit(model, x, y, init=init, **options)``, ``fit`` being ``pyromoe.run_nuts`` or
+    ``pyromoe.fit_svi``, as the benchmarks run them: no progress bar, the draws not relabelled
+    (``align=False``: a benchmark measures label switching itself) and no posterior predictive."""
+    return fit(
+        model, x, y, init=init, progress=False, align=False, posterior_predictive=False, **options
+    )
 
 
 def machine_info() -> dict:
@@ -42,6 +63,11 @@ def machine_info() -> dict:
 
 def machine_markdown(info: dict) -> str:
     return "\n".join(f"- {key}: {value}" for key, value in info.items())
+
+
+def machine_section(info: dict, heading: str = "## Machine") -> list[str]:
+    """The closing lines of a results page: a blank line, ``heading`` and the machine's list."""
+    return ["", heading, "", machine_markdown(info), ""]
 
 
 def write_results(name: str, payload: dict, markdown: str, figure=None) -> list[Path]:

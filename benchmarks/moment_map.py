@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import pyromoe  # noqa: E402
-from benchmarks._common import machine_info, machine_markdown, write_results  # noqa: E402
+from benchmarks._common import machine_info, machine_section, write_results  # noqa: E402
 from pyromoe.core import moments as moments_module  # noqa: E402
 from pyromoe.core.chunks import default_chunk_size  # noqa: E402
 from pyromoe.core.labels import best_permutation  # noqa: E402
@@ -340,7 +340,7 @@ def markdown(result: dict, info: dict, command: str) -> str:
         lines.append(
             f"- m = {m}: " + ", ".join(f"{name} {value:.2f}" for name, value in rules(m).items())
         )
-    lines += ["", "## Machine", "", machine_markdown(info), ""]
+    lines += machine_section(info)
     return "\n".join(lines)
 
 

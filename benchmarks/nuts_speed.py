@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, machine_markdown, write_results  # noqa: E402
+from _common import machine_info, machine_section, write_results  # noqa: E402
 
 from pyromoe import MixtureOfExperts, simulate  # noqa: E402
 from pyromoe.app.demo import DEMO_DATA  # noqa: E402
@@ -194,11 +194,7 @@ def _markdown(payload) -> str:
         "Pyro seconds are `MCMC.run` (the fused potential needs no compilation; the traced one "
         "is `jit_compile=True`, compiled inside the run). NumPyro seconds include JAX "
         "compilation; its gradients are leapfrog steps (warmup included, step-size search not).",
-        "",
-        "## Machine",
-        "",
-        machine_markdown(payload["machine"]),
-        "",
+        *machine_section(payload["machine"]),
     ]
     return "\n".join(lines)
 

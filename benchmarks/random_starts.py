@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import pyromoe  # noqa: E402
-from benchmarks._common import machine_info, machine_markdown, write_results  # noqa: E402
+from benchmarks._common import machine_info, machine_section, write_results  # noqa: E402
 from pyromoe.core import em  # noqa: E402
 from pyromoe.core.sources import as_source  # noqa: E402
 
@@ -153,7 +153,7 @@ def markdown(result: dict, info: dict, command: str) -> str:
             f"| {r['expert_cosine']} | {r['k']} | {r['n']} | {r['d']} | {r['kind']} | "
             f"{r['wrong']}/{r['starts']} | {r['rate']:.3f} ({r['se']:.3f}) | {r['seconds']:.1f} |"
         )
-    lines += ["", "## Machine", "", machine_markdown(info), ""]
+    lines += machine_section(info)
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks._common import machine_info, machine_markdown, write_results  # noqa: E402
+from benchmarks._common import add_threads_argument, machine_info, machine_section, write_results  # noqa: E402
 from pyromoe import parameter_errors, simulate  # noqa: E402
 from pyromoe.estimators.em import fit_em  # noqa: E402
 from pyromoe.estimators.tensor_init import tensor_init  # noqa: E402
@@ -129,7 +129,7 @@ def markdown(table: list[dict], info: dict, args) -> str:
             f" | {e['tensor_seconds']:.2f} | {e['tensor+em_seconds']:.2f} | "
             f"{e['em x1_seconds']:.2f} | {e['em x5_seconds']:.2f} | {e['tensor_refused']} |"
         )
-    lines += ["", "Machine:", "", machine_markdown(info), ""]
+    lines += machine_section(info, "Machine:")
     return "\n".join(lines)
 
 
@@ -164,7 +164,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="n <= 1e4, k = 2, 3 (about a minute)")
     parser.add_argument("--full", action="store_true", help="n up to 1e6 and 3 seeds (long)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:

@@ -49,7 +49,7 @@ import torch  # noqa: E402
 from pyro import poutine  # noqa: E402
 
 import pyromoe  # noqa: E402
-from benchmarks._common import RESULTS, machine_info, machine_markdown, write_results  # noqa: E402
+from benchmarks._common import RESULTS, machine_info, machine_section, quiet_fit, write_results  # noqa: E402
 from pyromoe.core import likelihood  # noqa: E402
 
 METHODS = ("nuts", "svi_normal", "svi_lowrank", "svi_mvn")
@@ -118,39 +118,16 @@ def run_one(
     init = pyromoe.initialize(x, y, k, seed=seed, num_threads=1)
     record = {"method": method, "rep": rep, "seed": seed, "init": init.method}
     if method == "nuts":
-        idata = pyromoe.run_nuts(
-            model,
-            x,
-            y,
-            init=init,
-            num_chains=1,
-            num_warmup=warmup,
-            num_samples=samples,
-            seed=seed,
-            progress=False,
-            posterior_predictive=False,
-            align=False,
-        )
+        draws = dict(num_chains=1, num_warmup=warmup, num_samples=samples)
+        idata = quiet_fit(pyromoe.run_nuts, model, x, y, init, seed=seed, **draws)
         stats = idata.sample_stats
         record["divergences"] = int(np.asarray(stats["diverging"]).sum())
         if "tree_depth" in stats:
             record["mean_tree_depth"] = float(np.asarray(stats["tree_depth"]).mean())
     else:
         kwargs = {} if steps is None else {"num_steps": steps}
-        idata = pyromoe.fit_svi(
-            model,
-            x,
-            y,
-            init=init,
-            guide=GUIDES[method],
-            num_samples=samples,
-            seed=seed,
-            progress=False,
-            posterior_predictive=False,
-            align=False,
-            num_threads=1,
-            **kwargs,
-        )
+        kwargs.update(guide=GUIDES[method], num_samples=samples, seed=seed, num_threads=1)
+        idata = quiet_fit(pyromoe.fit_svi, model, x, y, init, **kwargs)
     record["seconds"] = time.perf_counter() - began
     draws = quantities(posterior_draws(idata, model, x), model.link, x, y)  # (S, Q)
     true = quantities(truth, model.link, x, y)  # (Q,)
@@ -352,11 +329,7 @@ def _markdown(result: dict, info: dict) -> str:
         "`**`: below the Bonferroni threshold.",
         "",
         "![ranks](sbc.png)",
-        "",
-        "## Machine",
-        "",
-        machine_markdown(info),
-        "",
+        *machine_section(info),
     ]
     return "\n".join(lines)
 

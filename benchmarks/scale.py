@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks._common import RESULTS, machine_info, machine_markdown  # noqa: E402
+from benchmarks._common import RESULTS, add_threads_argument, machine_info, machine_section  # noqa: E402
 
 D, K, NOISE, GATE_NORM, COSINE = 50, 2, 0.5, 2.0, 0.5
 GEN_CHUNK = 1 << 16  # rows per generation chunk (fixed, so the data do not depend on --chunk-size)
@@ -641,7 +641,7 @@ def markdown(payload: dict, command: str) -> str:
             f"{_fmt(r.get('peak_extra_rss_anon_mib'), '.0f')} | "
             f"{r.get('error', r.get('rows_per_second_attr_error', ''))} |",
         ]
-    lines += ["", "Machine:", "", machine_markdown(payload["machine"]), ""]
+    lines += machine_section(payload["machine"], "Machine:")
     return "\n".join(lines)
 
 
@@ -797,7 +797,7 @@ def main(argv=None) -> None:
         default=0,
         help="rows per chunk of the Gram and moment passes (0: the library's defaults)",
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    add_threads_argument(parser)
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each Gram pass (median)")
     parser.add_argument(
         "--memory-max", type=float, default=1e6, help="largest n for in-memory rows"

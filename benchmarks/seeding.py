@@ -35,7 +35,7 @@ import arviz as az  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks._common import machine_info, machine_markdown, write_results  # noqa: E402
+from benchmarks._common import machine_info, machine_section, quiet_fit, write_results  # noqa: E402
 from pyromoe import MixtureOfExperts, parameter_errors, simulate, sites  # noqa: E402
 from pyromoe.bayes.nuts import run_nuts  # noqa: E402
 from pyromoe.bayes.svi import fit_svi  # noqa: E402
@@ -80,19 +80,8 @@ def _max_rhat(samples: dict) -> float:
 
 
 def nuts_row(model, data, init, num_warmup, num_samples, seed) -> dict:
-    idata = run_nuts(
-        model,
-        data.x,
-        data.y,
-        init=init,
-        num_chains=4,
-        num_warmup=num_warmup,
-        num_samples=num_samples,
-        seed=seed,
-        progress=False,
-        align=False,
-        posterior_predictive=False,
-    )
+    draws = dict(num_chains=4, num_warmup=num_warmup, num_samples=num_samples)
+    idata = quiet_fit(run_nuts, model, data.x, data.y, init, seed=seed, **draws)
     raw = {name: torch.as_tensor(idata.posterior[name].values) for name in model.site_shapes}
     aligned, info = align_labels(raw, data.truth)
     chain_ll = np.asarray(idata.attrs["chain_mean_log_likelihood"])
@@ -122,19 +111,8 @@ def nuts_row(model, data, init, num_warmup, num_samples, seed) -> dict:
 
 
 def svi_row(model, data, init, num_steps, seed) -> dict:
-    idata = fit_svi(
-        model,
-        data.x,
-        data.y,
-        init=init,
-        num_steps=num_steps,
-        lr=0.01,
-        num_samples=200,
-        seed=seed,
-        progress=False,
-        align=False,
-        posterior_predictive=False,
-    )
+    steps = dict(num_steps=num_steps, lr=0.01, num_samples=200)
+    idata = quiet_fit(fit_svi, model, data.x, data.y, init, seed=seed, **steps)
     raw = {name: torch.as_tensor(idata.posterior[name].values) for name in model.site_shapes}
     aligned, _ = align_labels(raw, data.truth)
     mean = aligned[sites.EXPERTS_WEIGHT].mean((0, 1))
@@ -249,11 +227,7 @@ def markdown(result: dict, info: dict) -> str:
             f"{r['seed_expert_error']:.3f})"
             for r in result["rows"]
         ),
-        "",
-        "## Machine",
-        "",
-        machine_markdown(info),
-        "",
+        *machine_section(info),
     ]
     return "\n".join(lines)
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks._common import machine_info, machine_markdown, write_results  # noqa: E402
+from benchmarks._common import add_threads_argument, machine_info, machine_section, write_results  # noqa: E402
 from pyromoe import parameter_errors, simulate  # noqa: E402
 from pyromoe.core.links import get_link  # noqa: E402
 from pyromoe.core.sources import as_source  # noqa: E402
@@ -90,12 +90,7 @@ def memory_row(n: int, d: int, chunk: int) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="n = 2e5 instead of 1e6")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads (default 1: on a shared machine multi-threaded timings are noise)",
-    )
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     n = 200_000 if args.quick else 1_000_000
@@ -206,7 +201,7 @@ def main(argv=None) -> None:
             f"| {row['n']:.0e} | {row['x_mib']:.0f} | {row['rss_with_data_mib']:.0f} | "
             f"{row['extra_peak_mib']:.0f} |"
         )
-    md += ["", "Machine:", "", machine_markdown(info), ""]
+    md += machine_section(info, "Machine:")
 
     import matplotlib
 

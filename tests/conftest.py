@@ -26,3 +26,30 @@ def _fresh_pyro_state():
     pyro.set_rng_seed(0)
     yield
     pyro.clear_param_store()
+
+
+@pytest.fixture(scope="session")
+def quick_nuts():
+    """``run_nuts`` for a short test run: ``quick_nuts(model, x, y, init, num_chains=..,
+    num_warmup=.., num_samples=.., **overrides)``.
+
+    Each test gives its own chains, warmup and draws; the defaults are what a test rarely wants
+    from a sampler run: no progress bar and no posterior predictive (``overrides`` may set either,
+    or any other ``run_nuts`` argument).
+    """
+    from pyromoe import run_nuts
+
+    def run(model, x, y, init, *, num_chains, num_warmup, num_samples, **overrides):
+        options = {"progress": False, "posterior_predictive": False, **overrides}
+        return run_nuts(
+            model,
+            x,
+            y,
+            init=init,
+            num_chains=num_chains,
+            num_warmup=num_warmup,
+            num_samples=num_samples,
+            **options,
+        )
+
+    return run

@@ -39,6 +39,15 @@ def _gate_error(fit, truth):
     return float((fit.gate_weight - truth.gate_weight).norm(dim=-1).max())
 
 
+def _log_likelihood_of_fit(data, fit):
+    """Per-row log-likelihood of ``data`` at the true experts with the fit's gate and noise."""
+    truth = data.truth
+    params = truth.params._replace(
+        gate_weight=fit.gate_weight, gate_bias=fit.gate_bias, noise=fit.noise
+    )
+    return log_likelihood(data.x, data.y, params, truth.link)
+
+
 # ------------------------------------------------------------------------------------- recovery
 def test_gate_em_recovers_k2_gate_and_noise_from_random_start(data_k2):
     # Reference: gate error 0.02-0.05 at n = 1e5 (docs/algorithm.md section 4); the noise estimate's
@@ -69,16 +78,8 @@ def test_gate_em_trace_is_non_decreasing():
 
 
 def test_gate_em_trace_is_the_mean_log_likelihood(small):
-    truth = small.truth
     fit = _fit_true_experts(small)
-    ll = log_likelihood(
-        small.x,
-        small.y,
-        truth.params._replace(
-            gate_weight=fit.gate_weight, gate_bias=fit.gate_bias, noise=fit.noise
-        ),
-        truth.link,
-    )
+    ll = _log_likelihood_of_fit(small, fit)
     assert fit.log_likelihood_trace[-1] == pytest.approx(float(ll.mean()), abs=1e-12)
 
 
@@ -148,17 +149,9 @@ def test_gate_map_with_tight_prior_shrinks_the_gate(small):
 
 
 def test_gate_map_trace_is_the_log_posterior_per_row(small):
-    truth = small.truth
     scale = 0.1
     fit = _fit_true_experts(small, prior_scale=scale)
-    ll = log_likelihood(
-        small.x,
-        small.y,
-        truth.params._replace(
-            gate_weight=fit.gate_weight, gate_bias=fit.gate_bias, noise=fit.noise
-        ),
-        truth.link,
-    ).sum()
+    ll = _log_likelihood_of_fit(small, fit).sum()
     params = torch.cat([fit.gate_weight.reshape(-1), fit.gate_bias])
     prior = float(
         (-0.5 * (params / scale) ** 2 - math.log(scale) - 0.5 * math.log(2 * math.pi)).sum()

@@ -219,7 +219,7 @@ def test_nuts_per_expert_noise_recovers_both_levels(two_noises):
     assert idata.attrs["potential"] == "fused"
 
 
-def test_one_expert_model_runs_in_svi_and_nuts():
+def test_one_expert_model_runs_in_svi_and_nuts(quick_nuts):
     data = simulate(800, 2, seed=4)
     est = _quiet(pyromoe.initialize, data.x, data.y, 1)
     model = MixtureOfExperts(2, 1)
@@ -234,17 +234,8 @@ def test_one_expert_model_runs_in_svi_and_nuts():
         progress=False,
     )
     assert "gate.weight" not in svi.posterior
-    nuts = _quiet(
-        pyromoe.run_nuts,
-        model,
-        data.x,
-        data.y,
-        init=est,
-        num_warmup=30,
-        num_samples=30,
-        num_chains=1,
-        progress=False,
-    )
+    counts = dict(num_warmup=30, num_samples=30, num_chains=1)
+    nuts = _quiet(quick_nuts, model, data.x, data.y, est, posterior_predictive=True, **counts)
     weight = nuts.posterior["experts.weight"].mean(("chain", "draw")).values[0]
     assert np.allclose(weight, est.experts_weight[0].numpy(), atol=0.1)
     assert nuts.log_likelihood["y"].shape[-1] == 800

@@ -119,20 +119,13 @@ def test_run_nuts_fused_gives_sensible_draws():
     assert all(count > 0 for count in idata.attrs["num_gradient_evaluations"])
 
 
-def test_fused_and_traced_runs_give_the_same_draws():
+def test_fused_and_traced_runs_give_the_same_draws(quick_nuts):
     """Same seed: same Laplace-jittered starts, same random stream, so the same trajectories."""
     data = simulate(200, 2, seed=0, noise=0.5)
     model = MixtureOfExperts(2, 2, bias=True)
-    kwargs = dict(
-        init=data.truth,
-        num_chains=2,
-        num_warmup=10,
-        num_samples=5,
-        progress=False,
-        posterior_predictive=False,
-    )
-    fused = run_nuts(model, data.x, data.y, potential="fused", **kwargs)
-    traced = run_nuts(model, data.x, data.y, potential="traced", **kwargs)
+    kwargs = dict(num_chains=2, num_warmup=10, num_samples=5)
+    fused = quick_nuts(model, data.x, data.y, data.truth, potential="fused", **kwargs)
+    traced = quick_nuts(model, data.x, data.y, data.truth, potential="traced", **kwargs)
     assert (fused.attrs["potential"], traced.attrs["potential"]) == ("fused", "traced")
     assert fused.attrs["num_gradient_evaluations"] == traced.attrs["num_gradient_evaluations"]
     for name in model.site_shapes:

@@ -11,7 +11,7 @@ import torch
 from matplotlib.figure import Figure
 
 import pyromoe
-from pyromoe import MixtureOfExperts, fit_map, fit_svi, run_nuts, simulate, sites
+from pyromoe import MixtureOfExperts, fit_map, fit_svi, simulate, sites
 from pyromoe.bayes.to_arviz import to_inference_data
 from pyromoe.core import likelihood
 from pyromoe.core.params import Params
@@ -55,18 +55,10 @@ def map_idata(model, data, train):
 
 
 @pytest.fixture(scope="module")
-def nuts_idata(model, data, train):
+def nuts_idata(model, data, train, quick_nuts):
     x, y = train
-    return run_nuts(
-        model,
-        x[:200],
-        y[:200],
-        init=data.truth,
-        num_chains=2,
-        num_warmup=20,
-        num_samples=10,
-        progress=False,
-        posterior_predictive=False,
+    return quick_nuts(
+        model, x[:200], y[:200], data.truth, num_chains=2, num_warmup=20, num_samples=10
     )
 
 

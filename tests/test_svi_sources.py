@@ -248,20 +248,12 @@ def test_non_finite_rows_of_an_out_of_core_source_are_named(data, model, tmp_pat
         )
 
 
-def test_run_nuts_reads_a_small_memmap_into_memory(data, model, tmp_path):
+def test_run_nuts_reads_a_small_memmap_into_memory(data, model, tmp_path, quick_nuts):
     np.save(tmp_path / "x.npy", data.x[:200].numpy())
     x = np.load(tmp_path / "x.npy", mmap_mode="r")
-    idata = run_nuts(
-        model,
-        x,
-        data.y[:200].numpy(),
-        init=data.truth,
-        num_chains=1,
-        num_warmup=10,
-        num_samples=5,
-        progress=False,
-        posterior_predictive=False,
-        device="cpu",
+    y = data.y[:200].numpy()
+    idata = quick_nuts(
+        model, x, y, data.truth, num_chains=1, num_warmup=10, num_samples=5, device="cpu"
     )
     assert np.isfinite(idata.posterior["experts.weight"].values).all()
 

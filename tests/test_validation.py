@@ -706,7 +706,7 @@ def test_10_other_priors_warn_and_an_idata_without_a_record_works_as_before(name
 
 
 # -------------------------------------------------- 11. seeding across noise models (21.4)
-def test_11_a_shared_estimate_seeds_a_per_expert_model_by_repeating_its_sigma(small):
+def test_11_a_shared_estimate_seeds_a_per_expert_model_by_repeating_its_sigma(small, quick_nuts):
     model = MixtureOfExperts(2, 2, bias=False, noise="per_expert")
     sigma = float(small.truth.noise)
     # a tiny step: the MAP point is the start, which is the repeated sigma
@@ -716,16 +716,10 @@ def test_11_a_shared_estimate_seeds_a_per_expert_model_by_repeating_its_sigma(sm
         "shared noise sd 0.3 starts each of the 2 experts' noise"
         in (idata.attrs["init_noise_conversion"])
     )
-    nuts = run_nuts(
-        model,
-        small.x[:60],
-        small.y[:60],
-        init=small.truth,
-        num_chains=1,
-        num_warmup=2,
-        num_samples=4,
-        jitter=False,
-        progress=False,
+    x, y = small.x[:60], small.y[:60]
+    options = dict(jitter=False, posterior_predictive=True)
+    nuts = quick_nuts(
+        model, x, y, small.truth, num_chains=1, num_warmup=2, num_samples=4, **options
     )
     assert nuts.posterior["noise"].shape == (1, 4, 2)
     assert nuts.posterior["noise"].dims == ("chain", "draw", "expert")

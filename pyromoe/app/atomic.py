@@ -136,7 +136,8 @@ def _naming(error: OSError, path: Path, temporary: Path) -> OSError:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically: the file holds either the old or the new text.
+    """Write ``text`` to ``path`` atomically and return ``path``: the file holds either the old or
+    the new text.
 
     The new contents are written and flushed to disk under a temporary name in the same folder,
     then renamed onto ``path``.
@@ -148,11 +149,6 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "ut
     text : str
         The full contents.
     encoding : str, default "utf-8"
-
-    Returns
-    -------
-    pathlib.Path
-        ``path``.
 
     Raises
     ------
@@ -180,7 +176,7 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "ut
 
 
 def save_figure_atomic(figure, path: str | os.PathLike, **savefig_kwargs) -> Path:
-    """Save a matplotlib figure to ``path`` atomically (see :func:`atomic_path`).
+    """Save a matplotlib figure to ``path`` atomically (see :func:`atomic_path`); return ``path``.
 
     Parameters
     ----------
@@ -191,11 +187,6 @@ def save_figure_atomic(figure, path: str | os.PathLike, **savefig_kwargs) -> Pat
         passed.
     **savefig_kwargs
         Passed to ``figure.savefig`` (e.g. ``dpi=150``, ``bbox_inches="tight"``).
-
-    Returns
-    -------
-    pathlib.Path
-        ``path``.
 
     Raises
     ------
@@ -348,7 +339,7 @@ def _write_isolated(write: Callable[[Path], object], path: Path, name: Path) -> 
 
 
 def write_netcdf_atomic(idata, path: str | os.PathLike) -> Path:
-    """Write ArviZ ``InferenceData`` to ``path`` as NetCDF, atomically.
+    """Write ArviZ ``InferenceData`` to ``path`` as NetCDF, atomically; return ``path``.
 
     The file is written and closed under a temporary name (in a child process on Linux, see
     below), then renamed onto ``path``. A failed write (full disk, file-size limit, no permission)
@@ -360,11 +351,6 @@ def write_netcdf_atomic(idata, path: str | os.PathLike) -> Path:
     idata : arviz.InferenceData
     path : str or os.PathLike
         Destination, e.g. ``"inference_data.nc"``.
-
-    Returns
-    -------
-    pathlib.Path
-        ``path``.
 
     Raises
     ------

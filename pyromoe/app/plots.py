@@ -413,21 +413,18 @@ def plot_predictions(
             label="data",
             zorder=0,
         )
-    draw_conditional(ax_y, ax_gate, grid, centre, low, high)
     held = " (other inputs at their means)" if d > 1 else ""
-    ax_y.set_ylabel("y")
-    ax_y.set_title(f"Posterior mean and {hdi_prob * 100:g}% HDI along {name}{held}")
-    ax_y.legend(fontsize=8)
-    ax_gate.set_xlabel(name)
-    ax_gate.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
+    title = f"Posterior mean and {hdi_prob * 100:g}% HDI along {name}{held}"
+    return draw_conditional(
+        ax_y, ax_gate, grid, (centre, low, high), y_label="y", x_label=name, title=title
+    )
 
 
-def draw_conditional(ax_y, ax_gate, grid, centre, low, high) -> None:
-    """The bands and lines of a conditional-predictions figure: each expert's mean and the mixture
-    mean in ``ax_y``, each expert's gate probability in ``ax_gate`` (``centre``, ``low``,
-    ``high``: datasets with ``mean``, ``expert_mean`` (grid, expert) and ``gate``)."""
+def draw_conditional(ax_y, ax_gate, grid, bands, *, y_label: str, x_label: str, title: str):
+    """A conditional-predictions figure: each expert's mean and the mixture mean in ``ax_y``, each
+    expert's gate probability in ``ax_gate``; ``bands`` is ``(centre, low, high)``, datasets with
+    ``mean``, ``expert_mean`` (grid, expert) and ``gate``. Returns the figure, laid out."""
+    centre, low, high = bands
     for i in range(centre.sizes["expert"]):
         colour, part = f"C{i}", {"expert": i}
         ax_y.fill_between(
@@ -448,6 +445,14 @@ def draw_conditional(ax_y, ax_gate, grid, centre, low, high) -> None:
     ax_y.plot(grid, centre["mean"], color="k", lw=2, label="mixture mean E[y | x]")
     ax_gate.set_ylim(-0.02, 1.02)
     ax_gate.set_ylabel("gate probability")
+    ax_y.set_ylabel(y_label)
+    ax_y.set_title(title)
+    ax_y.legend(fontsize=8)
+    ax_gate.set_xlabel(x_label)
+    ax_gate.legend(fontsize=8)
+    figure = ax_y.figure
+    figure.tight_layout()
+    return figure
 
 
 def _feature_column(posterior, d: int, feature) -> tuple[list, int]:

@@ -368,14 +368,16 @@ class MoERegression:
         if all(name in data for name in spec.target_variables):
             target = spec.design(data).y * spec.y_sd + spec.y_mean
             ax_y.scatter(data[feature], target, s=6, color="0.6", alpha=0.5, label="data")
-        draw_conditional(ax_y, ax_gate, values, centre, low, high)
-        ax_y.set_ylabel(spec.target)
-        ax_y.set_title(f"Posterior mean and {hdi_prob * 100:g}% HDI along {feature}")
-        ax_y.legend(fontsize=8)
-        ax_gate.set_xlabel(feature)
-        ax_gate.legend(fontsize=8)
-        figure.tight_layout()
-        return figure
+        title = f"Posterior mean and {hdi_prob * 100:g}% HDI along {feature}"
+        return draw_conditional(
+            ax_y,
+            ax_gate,
+            values,
+            (centre, low, high),
+            y_label=spec.target,
+            x_label=feature,
+            title=title,
+        )
 
     # --------------------------------------------------------------------------- files
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -71,7 +71,7 @@ def test_fit_one_input_data_set_uses_the_em_fallback(tmp_path):
     summary = _check_results(
         out, ["trace", "posterior", "responsibilities", "posterior_predictive"]
     )
-    assert "ran **em**: the moment start needs num_experts <= in_features" in summary
+    assert "ran **em**: the moment start needs num_experts <= its inputs" in summary
     assert "Inputs and target were standardised" in summary
 
 

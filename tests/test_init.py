@@ -22,6 +22,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_mean
 from pyro.infer.mcmc.util import initialize_model
 from pyro.poutine.util import site_is_subsample
 
+import pyromoe
 from pyromoe import MixtureOfExperts, simulate, sites
 from pyromoe.bayes.init_strategy import init_to_moments
 from pyromoe.bayes.laplace import laplace_approximation, laplace_scales
@@ -220,3 +221,16 @@ def test_non_numeric_jitter_is_refused(data):
 def test_jitter_for_an_unknown_site_is_refused(data):
     with pytest.raises(ValueError, match="jitter has scales for unknown sites"):
         init_to_moments(estimate=data.truth, jitter={"gate.weights": 0.1})
+
+
+def test_an_em_fallback_with_a_step_function_gate_is_refitted_as_map():
+    # one input, two regimes split exactly at x = 0: the likelihood's optimum is a step gate
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 1, generator=g, dtype=torch.float64)
+    noise = 0.3 * torch.randn(2000, generator=g, dtype=torch.float64)
+    y = torch.where(x[:, 0] > 0, 3.0 + 0.5 * x[:, 0], -3.0 - 0.5 * x[:, 0]) + noise
+    estimate = pyromoe.initialize(x, y, 2, seed=0)
+    assert estimate.diagnostics["initializer"] == "em" and estimate.method == "em+map"
+    assert "its gate weights are huge" in estimate.diagnostics["em_problem"]
+    assert "refitted as MAP EM" in estimate.diagnostics["initializer_reason"]
+    assert float(estimate.gate_weight.abs().max()) < 100  # the plain EM gate was ~3e4

@@ -289,13 +289,35 @@ def _multistart(source, link, options: MomentOptions, n_init: int, reason: str) 
         chunk_size=options.chunk_size,
         **options.layout,
     )
-    return _labelled(
-        fit,
-        "em",
+    reason = (
         f"{reason}; multi-start EM with n_init={n_init}, best "
-        f"log-likelihood of start {fit.diagnostics.get('best_start')} kept",
-        options.seed,
+        f"log-likelihood of start {fit.diagnostics.get('best_start')} kept"
     )
+    problem = _sanity_problem(fit, source)
+    if problem is not None and options.num_experts > 1:
+        # the likelihood's own optimum can be a step-function gate (a split that separates the
+        # data): no sane seed for NUTS or SVI. The MAP refit keeps the gate moderate, as the
+        # model's prior does.
+        refit = fit_em.unchecked(
+            source,
+            None,
+            options.num_experts,
+            link,
+            init=fit,
+            prior_scale=MAP_PRIOR_SCALE,
+            seed=options.seed,
+            noise=options.noise_model,
+            chunk_size=options.chunk_size,
+            **options.layout,
+        )
+        diagnostics = {**fit.diagnostics, **refit.diagnostics, "em_problem": problem}
+        fit = replace(refit, method="em+map", diagnostics=diagnostics)
+        reason = (
+            f"{reason}; that estimate was not a sane seed ({problem}), so it was refitted as "
+            f"MAP EM with a Normal(0, {MAP_PRIOR_SCALE:g}^2) prior on weights and biases (the "
+            "model's default gate prior)"
+        )
+    return _labelled(fit, "em", reason, options.seed)
 
 
 def _choose(source, link, noise, options: MomentOptions, choice: _Choice) -> MoEEstimate:
@@ -316,9 +338,10 @@ def _choose(source, link, noise, options: MomentOptions, choice: _Choice) -> MoE
         )
         return _labelled(estimate, "tensor", "method='tensor' was asked for", options.seed)
     if k > d:
+        inputs = "input(s)" if options.moment_columns is None else "continuous input(s)"
         reason = (
-            f"the moment start needs num_experts <= in_features, got {k} experts and {d} "
-            "input(s) (T2 has rank at most d)"
+            f"the moment start needs num_experts <= its inputs, got {k} experts and {d} "
+            f"{inputs} (T2 has rank at most d)"
         )
         return _multistart(source, link, options, choice.n_init, reason)
     try:

@@ -217,3 +217,13 @@ def test_nuts_in_raw_units_puts_the_truth_within_three_posterior_sds():
         assert abs(row["mean"] - intercepts[truth_index]) < 3 * row["sd"], i
     row = summary.loc["noise"]
     assert abs(row["mean"] - 2.5) < 3 * row["sd"]
+
+
+def test_responsibilities_of_table_rows_keep_their_index(fitted):
+    table, fit = fitted
+    rows = table.iloc[[5, 17, 42]]
+    result = fit.responsibilities(rows)
+    assert list(result.index) == [5, 17, 42]
+    means = result[["mean_expert_0", "mean_expert_1"]].to_numpy()
+    np.testing.assert_allclose(means.sum(1), 1.0, atol=1e-9)
+    assert len(fit.responsibilities()) == len(table)

@@ -258,7 +258,31 @@ class MoERegression:
             coords=coords,
             dims={name: dims[name] for name in mapped},
         )
-        return az.summary(data, hdi_prob=hdi_prob)
+        # one chain (SVI, MAP): no r_hat or ess to compute, only the statistics
+        kind = "all" if data.posterior.sizes["chain"] > 1 else "stats"
+        return az.summary(data, hdi_prob=hdi_prob, kind=kind)
+
+    def responsibilities(self, data=None, *, hdi_prob: float = 0.94) -> pd.DataFrame:
+        """Each row's posterior responsibilities ``p(expert i | x, z, y)``: their posterior mean
+        and HDI per expert (:func:`pyromoe.responsibilities`), for the rows of ``data`` (with
+        its index; the target is needed) or, without it, the fitted rows."""
+        from ..bayes.predict import responsibilities
+
+        spec = self._check_fitted("responsibilities")
+        if data is None:
+            return responsibilities(self.model, self.idata, hdi_prob=hdi_prob)
+        design = spec.design(data)
+        x = torch.as_tensor(design.x)
+        table = responsibilities(
+            self.model,
+            self.idata,
+            x,
+            torch.as_tensor(design.y),
+            z=_gate_design(spec, design, x.device),
+            hdi_prob=hdi_prob,
+        )
+        table.index = data.index if isinstance(data, pd.DataFrame) else table.index
+        return table
 
     def predict(
         self,

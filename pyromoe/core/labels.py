@@ -172,10 +172,12 @@ def align_labels(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Relabel the experts of every draw to match ``estimate`` (undo label switching).
 
-    For each draw the permutation of experts minimising the summed squared distance of expert
-    weights to the estimate's is found (:func:`best_permutations`, the criterion
-    :func:`pyromoe.parameter_errors` uses too), and the draw is relabelled with
-    :func:`permute_draws` (gate re-referenced).
+    For each draw the permutation of experts minimising the summed squared distance of the
+    experts' coefficients (weights, and intercepts when the draws have them) to the estimate's is
+    found (:func:`best_permutations`), and the draw is relabelled with :func:`permute_draws`
+    (gate re-referenced). The intercepts count: experts with similar slopes are often told apart
+    by their levels (e.g. two species' body mass at the same flipper length), where weights alone
+    swap ordinary draws.
 
     Parameters
     ----------
@@ -228,10 +230,15 @@ def align_labels(
     }
     tensors = check_samples(samples, like, shapes)
     reference = estimate.experts_weight.to(device=like.device, dtype=like.dtype)
+    draws = tensors[sites.EXPERTS_WEIGHT]
+    if sites.EXPERTS_BIAS in tensors:  # each expert's whole coefficients: weights and intercept
+        bias = estimate.experts_bias.to(device=like.device, dtype=like.dtype)
+        reference = torch.cat([reference, bias[:, None]], dim=-1)
+        draws = torch.cat([draws, tensors[sites.EXPERTS_BIAS][..., None]], dim=-1)
     if estimate.num_experts == 1:
         perms = torch.zeros(*tensors[sites.EXPERTS_WEIGHT].shape[:-2], 1, dtype=torch.long)
     else:
-        perms = best_permutations(tensors[sites.EXPERTS_WEIGHT], reference)
+        perms = best_permutations(draws, reference)
     identity = torch.arange(estimate.num_experts, device=perms.device)
     changed = (perms != identity).any(-1)  # (chain, draw)
     aligned = permute_draws(tensors, perms)

@@ -293,8 +293,8 @@ def _multistart(source, link, options: MomentOptions, n_init: int, reason: str) 
         f"{reason}; multi-start EM with n_init={n_init}, best "
         f"log-likelihood of start {fit.diagnostics.get('best_start')} kept"
     )
-    problem = _sanity_problem(fit, source)
-    if problem is not None and options.num_experts > 1:
+    problem = _sanity_problem(fit, source) if options.num_experts > 1 else None
+    if problem is not None:
         # the likelihood's own optimum can be a step-function gate (a split that separates the
         # data): no sane seed for NUTS or SVI. The MAP refit keeps the gate moderate, as the
         # model's prior does.

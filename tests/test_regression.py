@@ -135,7 +135,7 @@ def test_cli_formula_and_target_are_one_or_the_other(tmp_path, capsys):
 def test_a_gate_formula_of_its_own_recovers_the_gate_in_data_units():
     table = _table(2000, seed=4)
     fit = pyromoe.MoERegression("y ~ u + C(site)", gate="~ v", num_experts=2)
-    fit.fit(table, method="svi", num_steps=1500, seed=0, progress=False)
+    fit.fit(table, method="svi", num_steps=800, seed=0, progress=False)
     assert fit.model.gate_features == 1
     summary = fit.summary()
     assert "gate.weight[1, v]" in summary.index and "gate.weight[1, u]" not in summary.index

@@ -292,8 +292,12 @@ def _seeded_and_default_nuts(model, x, y, estimate, sizes, seed, progress, timer
         max(seeded.attrs["chain_mean_log_likelihood"]),
         max(default.attrs["chain_mean_log_likelihood"]),
     )
+    ran = estimate.diagnostics.get("initializer", estimate.method)
+    seeded_label = (
+        "seeded (tensor start -> EM)" if ran == "tensor" else f"seeded ({ran}: multi-start EM)"
+    )
     reports = {
-        "seeded (tensor start -> EM)": nuts_report(seeded, estimate, best),
+        seeded_label: nuts_report(seeded, estimate, best),
         "Pyro default (init_to_uniform)": nuts_report(default, estimate, best),
     }
     return reports, seeded

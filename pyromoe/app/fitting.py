@@ -26,8 +26,8 @@ from ..core.units import AffineMap
 from ..estimators.initialize import initialize
 from ..spec.formula import ModelSpecification
 from .atomic import write_text_atomic
+from .fit_record import write_fit_record
 from .plots import interval_columns, parameter_sites, parameter_summary
-from .regression import write_fit_record
 from .report import Timer, comparison_rows, fit_summary, write_outputs
 from .results import results_directory
 from .runs import check_run_arguments, posterior_mean_estimate

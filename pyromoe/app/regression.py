@@ -12,10 +12,8 @@ InferenceData as NetCDF, the specification and the model's settings as JSON; no 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,14 +30,18 @@ from .._validation import (
 from ..core import sites
 from ..core.units import AffineMap
 from ..spec.formula import ModelSpecification
+from .fit_record import (
+    MODEL_FILE,
+    SAVE_FORMAT,
+    SPECIFICATION_FILE,
+    _checked_priors,
+    _prior_objects,
+    write_fit_record,
+)
 
-__all__ = ["MoERegression", "load", "write_fit_record", "SPECIFICATION_FILE", "MODEL_FILE"]
+__all__ = ["MoERegression", "load"]
 
-#: The files of a saved fit beside ``inference_data.nc``.
-SPECIFICATION_FILE = "specification.json"
-MODEL_FILE = "model.json"
 _IDATA_FILE = "inference_data.nc"
-_SAVE_FORMAT = 1
 
 
 class MoERegression:
@@ -433,36 +435,6 @@ class MoERegression:
         return Path(path)
 
 
-def write_fit_record(
-    folder: Path,
-    specification: ModelSpecification,
-    *,
-    num_experts: int,
-    link: str,
-    noise: str,
-    method: str | None,
-    formula: str | None = None,
-    gate: str | None = None,
-    priors: dict | None = None,
-) -> None:
-    """Write ``specification.json`` and ``model.json`` into a results folder being built: with
-    its ``inference_data.nc``, what :func:`load` reads back."""
-    from .atomic import write_text_atomic
-
-    record = {
-        "format": _SAVE_FORMAT,
-        "formula": specification.formula if formula is None else formula,
-        "gate": gate,
-        "num_experts": int(num_experts),
-        "link": link if isinstance(link, str) else link.name,
-        "noise": noise,
-        "priors": priors,
-        "method": method,
-    }
-    write_text_atomic(folder / SPECIFICATION_FILE, specification.to_json() + "\n")
-    write_text_atomic(folder / MODEL_FILE, json.dumps(record, indent=1) + "\n")
-
-
 def load(path: str | os.PathLike) -> MoERegression:
     """A fit that :meth:`MoERegression.save` wrote to the folder ``path``.
 
@@ -486,8 +458,8 @@ def load(path: str | os.PathLike) -> MoERegression:
         record = json.loads((folder / MODEL_FILE).read_text(encoding="utf-8"))
     except ValueError as error:
         raise ValueError(f"'{folder / MODEL_FILE}' is not valid JSON: {error}") from None
-    if not isinstance(record, dict) or record.get("format") != _SAVE_FORMAT:
-        raise ValueError(f"'{folder / MODEL_FILE}' is not a model record of format {_SAVE_FORMAT}")
+    if not isinstance(record, dict) or record.get("format") != SAVE_FORMAT:
+        raise ValueError(f"'{folder / MODEL_FILE}' is not a model record of format {SAVE_FORMAT}")
     spec = ModelSpecification.from_json((folder / SPECIFICATION_FILE).read_text(encoding="utf-8"))
     fit = MoERegression(
         record["formula"],
@@ -559,46 +531,3 @@ def _sites(fit: MoERegression) -> list[str]:
 
 def _percent(value: float) -> str:
     return f"{100 * value:.10g}%"
-
-
-def _checked_priors(priors) -> dict[str, Any] | None:
-    """``priors`` as JSON-able data: a float scale, or a distribution's name and parameters."""
-    if priors is None:
-        return None
-    if not isinstance(priors, dict):
-        raise TypeError(f"priors must be a dict of site name -> prior or None; got {priors!r}")
-    record: dict[str, Any] = {}
-    for name, prior in priors.items():
-        if isinstance(prior, (int, float)) and not isinstance(prior, bool):
-            if not (math.isfinite(prior) and prior > 0):
-                raise ValueError(f"priors['{name}'] as a number is a scale: positive; got {prior}")
-            record[name] = float(prior)
-        elif isinstance(prior, dict) and {"distribution", "parameters"} <= set(prior):
-            record[name] = prior
-        else:
-            parameters = {
-                key: torch.as_tensor(getattr(prior, key)).tolist()
-                for key in getattr(prior, "arg_constraints", {})
-            }
-            record[name] = {"distribution": type(prior).__name__, "parameters": parameters}
-    return record
-
-
-def _prior_objects(record: dict | None) -> dict | None:
-    """The priors :func:`_checked_priors` recorded, as the model takes them."""
-    if record is None:
-        return None
-    import pyro.distributions as dist
-
-    out: dict[str, Any] = {}
-    for name, prior in record.items():
-        if isinstance(prior, float):
-            out[name] = prior
-            continue
-        family = getattr(dist, prior["distribution"], None)
-        if family is None:
-            raise ValueError(f"priors['{name}']: unknown distribution {prior['distribution']!r}")
-        out[name] = family(
-            **{key: torch.as_tensor(value) for key, value in prior["parameters"].items()}
-        )
-    return out

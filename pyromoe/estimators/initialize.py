@@ -298,18 +298,7 @@ def _multistart(source, link, options: MomentOptions, n_init: int, reason: str) 
         # the likelihood's own optimum can be a step-function gate (a split that separates the
         # data): no sane seed for NUTS or SVI. The MAP refit keeps the gate moderate, as the
         # model's prior does.
-        refit = fit_em.unchecked(
-            source,
-            None,
-            options.num_experts,
-            link,
-            init=fit,
-            prior_scale=MAP_PRIOR_SCALE,
-            seed=options.seed,
-            noise=options.noise_model,
-            chunk_size=options.chunk_size,
-            **options.layout,
-        )
+        refit = _map_em(source, link, options, fit)
         diagnostics = {**fit.diagnostics, **refit.diagnostics, "em_problem": problem}
         fit = replace(refit, method="em+map", diagnostics=diagnostics)
         reason = (
@@ -364,6 +353,23 @@ def _choose(source, link, noise, options: MomentOptions, choice: _Choice) -> MoE
     return _labelled(estimate, "tensor", reason, options.seed)
 
 
+def _map_em(source, link, options: MomentOptions, start: MoEEstimate) -> MoEEstimate:
+    """MAP EM from ``start`` with the model's default gate prior scale on every weight and bias:
+    what keeps a step-function gate moderate, as the Bayesian model will."""
+    return fit_em.unchecked(
+        source,
+        None,
+        options.num_experts,
+        link,
+        init=start,
+        prior_scale=MAP_PRIOR_SCALE,
+        seed=options.seed,
+        noise=options.noise_model,
+        chunk_size=options.chunk_size,
+        **options.layout,
+    )
+
+
 def _map_refit(source, link, options, choice, moment: MoEEstimate, problem: str) -> MoEEstimate:
     """The moment start refitted as MAP EM when plain EM from it was no sane seed.
 
@@ -371,18 +377,7 @@ def _map_refit(source, link, options, choice, moment: MoEEstimate, problem: str)
     data). Refit from the moment estimate as MAP with the model's default gate prior scale, which
     keeps the gate moderate, as the Bayesian model will.
     """
-    estimate = fit_em.unchecked(
-        source,
-        None,
-        options.num_experts,
-        link,
-        init=moment,
-        prior_scale=MAP_PRIOR_SCALE,
-        seed=options.seed,
-        noise=options.noise_model,
-        chunk_size=options.chunk_size,
-        **options.layout,
-    )
+    estimate = _map_em(source, link, options, moment)
     if _sanity_problem(estimate, source) is not None:
         reason = f"the tensor start -> EM estimate is not a sane seed: {problem}"
         return _multistart(source, link, options, choice.n_init, reason)

@@ -39,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     "init_to_moments": ".bayes.init_strategy",
     "fit_map": ".bayes.svi",
     "fit_svi": ".bayes.svi",
+    "trained_guide": ".bayes.trained",
     "run_nuts": ".bayes.nuts",
     "sample_prior_predictive": ".bayes.prior",
     "align_labels": ".core.labels",
@@ -125,6 +126,7 @@ __all__ = [
     "sites",
     "tensor_init",
     "to_inference_data",
+    "trained_guide",
 ]
 
 
@@ -162,6 +164,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .bayes.prior import sample_prior_predictive
     from .bayes.svi import fit_map, fit_svi
     from .bayes.to_arviz import to_inference_data
+    from .bayes.trained import trained_guide
     from .core import links
     from .core.em.loop import CollapseWarning, ConvergenceWarning
     from .core.estimate import MoEEstimate, parameter_errors

@@ -7,6 +7,9 @@ run with the global random generators seeded from ``seed`` and restored afterwar
 (:func:`pyromoe.bayes._rng.seeded_rng`: results follow from the seed, the caller's own random
 stream is left as it was) and inside a private Pyro parameter store
 (``pyro.get_param_store().scope()``), so fits neither see nor leave parameters in the global store.
+The trained guide keeps its parameters itself (a ``PyroModule``, under a name of its own) and is
+handed back by :func:`pyromoe.trained_guide` from the returned InferenceData
+(:mod:`pyromoe.bayes.trained`).
 
 Data come in through :func:`pyromoe.core.sources.as_source` on the requested ``device``: in memory
 (tensors, numpy arrays: used whole) or out of core (numpy memory maps, Dask arrays). Out-of-core
@@ -32,6 +35,7 @@ from pyro.infer.autoguide import (
     AutoLowRankMultivariateNormal,
     AutoMultivariateNormal,
     AutoNormal,
+    init_to_value,
 )
 
 from .._validation import child_seed, count_rule, validate
@@ -48,6 +52,7 @@ from ._fitting import (
 )
 from ._rng import seeded_rng
 from .init_strategy import latent_site_shapes
+from .trained import register, unique_name
 
 __all__ = ["EVALUATION_ROWS", "fit_map", "fit_svi"]
 
@@ -243,6 +248,7 @@ def _fit(model, source: Source, init, guide, checked: dict, feature_names, *, nu
         fitted_model = poutine.condition(model, data=fixed) if fixed else model
         if not isinstance(guide, AutoGuide):
             guide = guide(fitted_model, **({} if strategy is None else {"init_loc_fn": strategy}))
+            unique_name(guide)  # its parameters never meet another guide's in the global store
         point = kind == "map"  # the delta guide's one draw: its point
         latent = None if point else latent_site_shapes(model, x, y)
         start = time.perf_counter()
@@ -262,6 +268,11 @@ def _fit(model, source: Source, init, guide, checked: dict, feature_names, *, nu
             else:
                 draws = _guide_draws(guide, latent, num_samples, x, y)
                 draws = {name: draws[name] for name in latent}
+        if fixed:  # hand back a point over all of the model's sites, the experts' included
+            point_values = {**{name: value[0] for name, value in draws.items()}, **fixed}
+            guide = AutoDelta(model, init_loc_fn=init_to_value(values=point_values))
+            unique_name(guide)
+            guide(x, y)  # sets its parameters up at the point, inside the fit's private store
     samples = {name: value.detach()[None] for name, value in draws.items()}
     samples.update({name: value[None, None] for name, value in fixed.items()})
     if point:
@@ -274,7 +285,9 @@ def _fit(model, source: Source, init, guide, checked: dict, feature_names, *, nu
         "rows_per_second": len(losses) * batches.rows_per_step / max(seconds, 1e-12),
         **init_attrs,
     }
-    return _optimised_idata(model, batches, samples, init, checked, attrs, feature_names)
+    idata = _optimised_idata(model, batches, samples, init, checked, attrs, feature_names)
+    register(idata, guide)  # pyromoe.trained_guide(idata) hands it back
+    return idata
 
 
 # ------------------------------------------------------------------------------------ MAP
@@ -369,7 +382,10 @@ def fit_map(
         ``attrs["chain_mean_log_likelihood"]``) are computed on ``min(n, EVALUATION_ROWS)``
         distinct random rows, the same for every fit with the same ``seed``; their ``obs``
         coordinate and ``attrs["evaluation_rows"]`` are those rows' indices, and ``attrs`` add
-        ``data_kind``, ``num_rows``, ``subsample_size`` and ``num_evaluation_rows``.
+        ``data_kind``, ``num_rows``, ``subsample_size`` and ``num_evaluation_rows``. The trained
+        ``AutoDelta`` is handed back by :func:`~pyromoe.trained_guide` (with ``gate_only``: an
+        ``AutoDelta`` over all of the model's sites, the experts at the estimate), for
+        ``pyro.infer.Predictive(model, guide=...)`` or your own Pyro code.
 
     Raises
     ------
@@ -502,6 +518,11 @@ def fit_svi(
         ``attrs["rows_per_second"]`` as in :func:`fit_map`. Out of core, the groups that need the
         data are computed on a fixed random subsample of at most :data:`EVALUATION_ROWS` rows,
         recorded as in :func:`fit_map`; the ``posterior`` group is always the guide's draws.
+        The trained guide itself: ``pyromoe.trained_guide(idata)``, e.g.
+        ``pyro.infer.Predictive(model, guide=pyromoe.trained_guide(idata), num_samples=500)(x_new)``
+        for predictive draws on new rows. It holds its parameters (``pyro.clear_param_store()``
+        leaves it intact) and lives with this object in this process only (a copy or a file
+        loaded back has none).
 
     Raises
     ------

@@ -38,7 +38,7 @@ from pyro.infer.autoguide import (
     init_to_value,
 )
 
-from .._validation import child_seed, count_rule, validate
+from .._validation import check_flag, child_seed, count_rule, validate
 from ..core import sites
 from ..core.estimate import MoEEstimate
 from ..core.sources import Source, sample_rows
@@ -52,6 +52,8 @@ from ._fitting import (
 )
 from ._rng import seeded_rng
 from .init_strategy import latent_site_shapes
+from .pointwise import pointwise_rule
+from .psis import psis_of_guide
 from .trained import register, unique_name
 
 __all__ = ["EVALUATION_ROWS", "fit_map", "fit_svi"]
@@ -211,6 +213,7 @@ def _optimised_idata(model, batches: _Batches, samples, init, checked, attrs, fe
         checked["seed"],
         attrs,
         posterior_predictive=checked.get("posterior_predictive", True),
+        pointwise=checked["pointwise"],
         **kwargs,
     )
 
@@ -262,12 +265,17 @@ def _fit(model, source: Source, init, guide, checked: dict, feature_names, *, nu
             desc,
         )
         seconds = time.perf_counter() - start
+        psis_attrs = {}  # fit_svi: PSIS k-hat of the draws, maybe resampled (pyromoe.bayes.psis)
         with torch.no_grad():
             if point:
                 draws = {name: value[None] for name, value in guide.median(x, y).items()}
             else:
                 draws = _guide_draws(guide, latent, num_samples, x, y)
                 draws = {name: draws[name] for name in latent}
+                draws, psis_attrs = psis_of_guide(
+                    model, guide, draws, source, (x, y),
+                    resample=checked["importance_resample"], seed=checked["seed"],
+                )  # fmt: skip
         if fixed:  # hand back a point over all of the model's sites, the experts' included
             point_values = {**{name: value[0] for name, value in draws.items()}, **fixed}
             guide = AutoDelta(model, init_loc_fn=init_to_value(values=point_values))
@@ -284,6 +292,7 @@ def _fit(model, source: Source, init, guide, checked: dict, feature_names, *, nu
         "seconds": seconds,
         "rows_per_second": len(losses) * batches.rows_per_step / max(seconds, 1e-12),
         **init_attrs,
+        **psis_attrs,
     }
     idata = _optimised_idata(model, batches, samples, init, checked, attrs, feature_names)
     register(idata, guide)  # pyromoe.trained_guide(idata) hands it back
@@ -293,7 +302,15 @@ def _fit(model, source: Source, init, guide, checked: dict, feature_names, *, nu
 # ------------------------------------------------------------------------------------ MAP
 #: how :func:`fit_map` checks its arguments, once per call (:func:`pyromoe._validation.validate`)
 FIT_MAP_RULES = fit_rules(
-    "seed", "subsample_size", "num_threads", "gate_only", "progress", "align", "num_steps", "lr"
+    "seed",
+    "subsample_size",
+    "num_threads",
+    "gate_only",
+    "progress",
+    "align",
+    "num_steps",
+    "lr",
+    pointwise=pointwise_rule,
 )
 
 
@@ -305,6 +322,7 @@ def fit_map(
     init: MoEEstimate | Callable | None = None,
     *,
     gate_only: bool = False,
+    pointwise: str | int = "auto",
     num_steps: int = 1000,
     lr: float = 0.01,
     subsample_size: int | None = None,
@@ -363,6 +381,11 @@ def fit_map(
         Where to compute. ``None``: ``x``'s device (a tensor), else the CPU. In-memory data are
         moved there whole, out-of-core mini-batches one at a time; an estimate given as ``init``
         is moved there too. Everything runs in ``x``'s dtype.
+    pointwise : "auto", "all" or int
+        The rows the pointwise groups keep (:mod:`pyromoe.bayes.pointwise`): every row up to
+        ``POINTWISE_CELLS`` draws x rows, beyond it a seeded random subsample in float32
+        (``"auto"``), at most that many rows (an int) or every row (``"all"``; out of core: every
+        evaluation row).
     z : Tensor, ndarray, DataFrame or dask.array.Array (n, gate_features), optional
         The gate's own covariates, for a model built with ``gate_features`` (or pass the joined
         design ``[x | z]`` as ``x``); ``feature_names`` then name the joined columns.
@@ -414,7 +437,7 @@ def fit_map(
         )
     checked = dict(seed=seed, subsample_size=subsample_size, num_threads=num_threads)
     checked.update(gate_only=gate_only, progress=progress, align=align)
-    checked.update(num_steps=num_steps, lr=lr)
+    checked.update(num_steps=num_steps, lr=lr, pointwise=pointwise)
     return _fit(model, source, init, AutoDelta, checked, feature_names, num_samples=1, kind="map")
 
 
@@ -447,6 +470,8 @@ FIT_SVI_RULES = fit_rules(
     "lr",
     num_samples=count_rule(minimum=1),
     guide=_guide_rule,
+    pointwise=pointwise_rule,
+    importance_resample=check_flag,
 )
 
 
@@ -462,10 +487,12 @@ def fit_svi(
     lr: float = 0.01,
     subsample_size: int | None = None,
     num_samples: int = 1000,
+    importance_resample: bool = False,
     seed: int = 0,
     progress: bool = True,
     align: bool = True,
     posterior_predictive: bool = True,
+    pointwise: str | int = "auto",
     num_threads: int | None = None,
     device: str | torch.device | None = None,
     feature_names: list[str] | None = None,
@@ -498,12 +525,18 @@ def fit_svi(
         ``subsample_size`` is required for out-of-core data).
     num_samples : int
         Posterior draws taken from the fitted guide.
+    importance_resample : bool
+        Return the draws resampled with their Pareto-smoothed importance weights against the model
+        (:mod:`pyromoe.bayes.psis`) when k-hat is at most 0.7; above, the guide's draws with a
+        :class:`~pyromoe.PSISWarning`. Either way ``attrs["psis_khat"]`` is recorded.
     progress : bool
         tqdm progress bar over the steps.
     align : bool
         Relabel the draws to ``init`` when it is an estimate.
     posterior_predictive : bool
         Add the posterior predictive group.
+    pointwise : "auto", "all" or int
+        As in :func:`fit_map`.
     z : Tensor, ndarray, DataFrame or dask.array.Array (n, gate_features), optional
         The gate's own covariates, for a model built with ``gate_features`` (or pass the joined
         design ``[x | z]`` as ``x``); ``feature_names`` then name the joined columns.
@@ -515,7 +548,10 @@ def fit_svi(
     arviz.InferenceData
         One chain of ``num_samples`` draws; ``attrs["final_elbo"]`` (mean of the last 10% of the
         steps), ``attrs["elbo"]`` (per step), ``attrs["seconds"]`` and
-        ``attrs["rows_per_second"]`` as in :func:`fit_map`. Out of core, the groups that need the
+        ``attrs["rows_per_second"]`` as in :func:`fit_map`; ``attrs["psis_khat"]`` (Pareto k-hat of
+        the draws' importance weights, one pass over every row; above 0.7 a
+        :class:`~pyromoe.PSISWarning`: prefer :func:`run_nuts`), ``psis_ess`` and ``psis_draws``
+        (``"guide"`` or ``"importance_resampled"``). Out of core, the groups that need the
         data are computed on a fixed random subsample of at most :data:`EVALUATION_ROWS` rows,
         recorded as in :func:`fit_map`; the ``posterior`` group is always the guide's draws.
         The trained guide itself: ``pyromoe.trained_guide(idata)``, e.g.
@@ -544,7 +580,8 @@ def fit_svi(
     source, feature_names = fit_data(model, x, y, z, device, subsample_size, feature_names)
     checked = dict(seed=seed, subsample_size=subsample_size, num_threads=num_threads)
     checked.update(progress=progress, align=align, posterior_predictive=posterior_predictive)
-    checked.update(num_steps=num_steps, lr=lr)
+    checked.update(pointwise=pointwise)
+    checked.update(num_steps=num_steps, lr=lr, importance_resample=importance_resample)
     guide = guide if isinstance(guide, AutoGuide) else _GUIDES[guide]
     return _fit(
         model, source, init, guide, checked, feature_names, num_samples=num_samples, kind="svi"

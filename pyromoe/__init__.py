@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "simulate": ".estimators.simulate",
     "MixtureOfExperts": ".bayes.model",
     "OneDrawWarning": ".bayes.predict",
+    "PSISWarning": ".bayes.psis",
     "init_to_moments": ".bayes.init_strategy",
     "fit_map": ".bayes.svi",
     "fit_svi": ".bayes.svi",
@@ -88,6 +89,7 @@ __all__ = [
     "MixtureOfExperts",
     "MoEEstimate",
     "OneDrawWarning",
+    "PSISWarning",
     "SimulatedData",
     "WRONG_BASIN_NATS",
     "align_labels",
@@ -162,6 +164,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .bayes.nuts import run_nuts
     from .bayes.predict import OneDrawWarning, predict, responsibilities
     from .bayes.prior import sample_prior_predictive
+    from .bayes.psis import PSISWarning
     from .bayes.svi import fit_map, fit_svi
     from .bayes.to_arviz import to_inference_data
     from .bayes.trained import trained_guide

@@ -16,6 +16,7 @@ import torch
 
 from pyromoe import MixtureOfExperts, parameter_errors, posterior_mean_estimate, simulate
 from pyromoe.bayes.nuts import run_nuts
+from pyromoe.bayes.pointwise import POINTWISE_CELLS
 from pyromoe.bayes.svi import EVALUATION_ROWS, fit_map, fit_svi
 from pyromoe.core.sources import MemmapSource, sample_rows
 
@@ -192,9 +193,10 @@ def test_out_of_core_fits_are_reproducible_from_the_seed(memmap, model, start):
     assert not np.array_equal(draws, other.posterior["experts.weight"].values)
 
 
-def test_in_memory_data_keep_the_whole_data_groups(in_memory_fit):
-    assert in_memory_fit.log_likelihood["y"].shape == (1, 200, N)
-    assert "evaluation_rows" not in in_memory_fit.attrs
+def test_in_memory_data_keep_the_pointwise_budgets_rows(in_memory_fit):
+    # N rows x 200 draws is over the budget: POINTWISE_CELLS // 200 rows (all rows count in totals)
+    assert in_memory_fit.log_likelihood["y"].shape == (1, 200, POINTWISE_CELLS // 200)
+    assert in_memory_fit.attrs["num_rows"] == N and "evaluation_rows" not in in_memory_fit.attrs
 
 
 def test_sample_rows_gives_distinct_sorted_uniform_rows():

@@ -27,7 +27,7 @@ from .._validation import child_seed, count_rule, one_of, validate
 from ..core.estimate import MoEEstimate
 from ..core.threads import torch_threads
 from ._fitting import (
-    fit_data,
+    fit_model_data,
     fit_rules,
     inference_data,
     prepare_init,
@@ -37,7 +37,9 @@ from ._rng import seeded_rng
 from .laplace import laplace_approximation
 from .model import MixtureOfExperts
 from .nuts_kernel import CountedPotential, RecordingNUTS, record_draw
+from .pointwise import pointwise_rule
 from .potential import FusedPotential, fused_potential, unsupported_prior
+from .user_model import UserModel, model_or_mixture_rule
 
 __all__ = ["run_nuts"]
 
@@ -50,11 +52,12 @@ def _choose_potential(potential: str, model, x, y) -> FusedPotential | None:
     known = isinstance(model, MixtureOfExperts)
     fused = fused_potential(model, x, y) if known else None
     if fused is None and potential == "fused":
-        reason = (
-            f"the prior of {unsupported_prior(model, x)!r} is not one it knows"
-            if known
-            else f"got a {type(model).__name__}, not a MixtureOfExperts"
-        )
+        if known:
+            reason = f"the prior of {unsupported_prior(model, x)!r} is not one it knows"
+        elif isinstance(model, UserModel):
+            reason = "got a model of your own around one (its log joint is Pyro's to trace)"
+        else:
+            reason = f"got a {type(model).__name__}, not a MixtureOfExperts"
         raise ValueError(
             "potential='fused' needs a MixtureOfExperts with Normal priors (HalfCauchy or "
             f"HalfNormal on the noise); {reason}. Use potential='auto' or 'traced'."
@@ -181,6 +184,7 @@ RUN_NUTS_RULES = fit_rules(
     jitter=_jitter_rule,
     mp_context=_mp_context_rule,
     potential=one_of("auto", "fused", "traced"),
+    pointwise=pointwise_rule,
 )
 
 
@@ -202,6 +206,7 @@ def run_nuts(
     max_tree_depth: int = 10,
     align: bool = True,
     posterior_predictive: bool = True,
+    pointwise: str | int = "auto",
     mp_context: str | None = None,
     num_threads: int | None = 1,
     potential: str = "auto",
@@ -254,6 +259,10 @@ def run_nuts(
         Relabel every draw to the estimate (when ``init`` is one).
     posterior_predictive : bool
         Add the posterior predictive group.
+    pointwise : "auto", "all" or int
+        The rows the pointwise groups keep, as in :func:`~pyromoe.fit_map`
+        (:mod:`pyromoe.bayes.pointwise`): by default every row up to ``POINTWISE_CELLS`` draws x
+        rows (chains x draws), beyond it a seeded random subsample in float32.
     mp_context : str, optional
         Multiprocessing context for parallel chains (``"spawn"`` is used for CUDA tensors).
     num_threads : int or None
@@ -312,7 +321,9 @@ def run_nuts(
     >>> idata.posterior["experts.weight"].dims
     ('chain', 'draw', 'expert', 'feature')
     """
-    source, feature_names = fit_data(model, x, y, z, device, feature_names=feature_names)
+    model, source, feature_names = fit_model_data(
+        model, x, y, z, device, feature_names=feature_names
+    )
     checked = dict(seed=seed, num_threads=num_threads, progress=progress, jit_compile=jit_compile)
     checked.update(num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples)
     checked.update(target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth)
@@ -347,5 +358,6 @@ def run_nuts(
         attrs,
         sample_stats=stats,
         posterior_predictive=posterior_predictive,
+        pointwise=pointwise,
         feature_names=feature_names,
     )

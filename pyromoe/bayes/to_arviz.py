@@ -35,7 +35,7 @@ here (it needs Python >= 3.12).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import arviz as az
 import numpy as np
@@ -50,11 +50,12 @@ from .._validation import (
     count_rule,
     validate,
 )
-from ..core import likelihood, sites
+from ..core import sites
 from ..core.estimate import MoEEstimate
 from ..core.labels import align_labels, check_samples
 from .init_strategy import match_noise_model
 from .model import MODEL_ATTR
+from .pointwise import evaluate, pointwise_rows, pointwise_rule
 
 __all__ = ["to_inference_data", "chain_log_likelihood"]
 
@@ -130,6 +131,7 @@ TO_INFERENCE_DATA_RULES = {
     "chunk_size": count_rule(minimum=1),
     "log_likelihood": check_flag,
     "posterior_predictive": check_flag,
+    "pointwise": pointwise_rule,
 }
 
 
@@ -149,6 +151,7 @@ def to_inference_data(
     feature_names: list[str] | None = None,
     chunk_size: int = 256,
     obs_index=None,
+    pointwise: str | int = "auto",
 ):
     """Posterior draws of :class:`pyromoe.MixtureOfExperts` as ArviZ ``InferenceData``.
 
@@ -178,10 +181,20 @@ def to_inference_data(
         Coordinates of the ``feature`` dim: ``d`` distinct strings. Default: the column labels of
         ``x`` when it is a pandas DataFrame with string labels, else 0..d-1.
     chunk_size : int
-        Draws per chunk when computing the log-likelihood and predictions (memory ~ chunk * n * k).
+        Draws per chunk when computing the log-likelihood and predictions (at most
+        :data:`~pyromoe.bayes.pointwise.BLOCK_CELLS` draws x rows at once: memory ~ that * k).
     obs_index : array of int (n,), optional
         Coordinates of the ``obs`` dim (default 0..n-1): the row numbers of ``x`` in a larger
         data set when ``x`` is a subsample of it.
+    pointwise : "auto", "all" or int
+        The rows the pointwise groups (``log_likelihood``, ``posterior_predictive``) and the
+        data groups (``observed_data``, ``constant_data``) keep (:mod:`pyromoe.bayes.pointwise`):
+        ``"auto"`` every row up to :data:`~pyromoe.bayes.pointwise.POINTWISE_CELLS` draws x
+        rows, beyond it a random subsample of ``POINTWISE_CELLS // draws`` rows; an int ``m`` at
+        most ``m`` rows; ``"all"`` every row. A subsample is seeded from ``seed``, stored in
+        float32, and its rows (their numbers in ``x``, or ``obs_index`` of them) are the ``obs``
+        coordinate and ``attrs["pointwise_rows"]``. Every row counts in the totals
+        (``log_likelihood_total``, ``chain_mean_log_likelihood``) whatever ``pointwise`` is.
 
     Returns
     -------
@@ -190,7 +203,9 @@ def to_inference_data(
         model's settings and ``feature_names`` as a JSON string,
         :meth:`pyromoe.MixtureOfExperts.settings`, which :func:`pyromoe.predict` and
         :func:`pyromoe.responsibilities` check the model against) and, with ``align``, the
-        relabelling record; ``sample_stats`` gains ``log_likelihood_total`` (chain, draw).
+        relabelling record, and the pointwise record: ``num_rows`` (n), ``pointwise`` (the
+        setting), ``pointwise_num_rows`` (rows kept), ``pointwise_dtype`` and, for a subsample,
+        ``pointwise_rows``; ``sample_stats`` gains ``log_likelihood_total`` (chain, draw).
 
     Raises
     ------
@@ -231,6 +246,7 @@ def to_inference_data(
         feature_names=feature_names,
         chunk_size=chunk_size,
         obs_index=obs_index,
+        pointwise=pointwise,
     )
 
 
@@ -249,6 +265,7 @@ def inference_data_of(
     feature_names: list[str] | None = None,
     chunk_size: int = 256,
     obs_index=None,
+    pointwise: str | int = "auto",
 ):
     """:func:`to_inference_data` on checked arguments and checked tensors ``x``, ``y`` (what the
     fits call: their data and arguments were checked once, at their own entry)."""
@@ -259,13 +276,22 @@ def inference_data_of(
     if callable(settings_json):  # the model the draws come from, for predict to check
         record[MODEL_ATTR] = settings_json(feature_names)
     generator = torch.Generator(device=x.device).manual_seed(int(seed))
-    pointwise, predicted = _evaluate(
-        model, x, y, draws, chunk_size, generator if posterior_predictive else None
+    kept = _pointwise(
+        model,
+        x,
+        y,
+        draws,
+        pointwise,
+        seed,
+        chunk_size,
+        log_likelihood,
+        generator if posterior_predictive else None,
+        obs_index,
     )
-    total_log_likelihood = pointwise.sum(-1)
+    record.update(kept.record)
     stats = _sample_stats(sample_stats, num_chains, num_draws)
-    stats["log_likelihood_total"] = _numpy(total_log_likelihood)
-    chain_means = total_log_likelihood.mean(-1)
+    stats["log_likelihood_total"] = _numpy(kept.totals)
+    chain_means = kept.totals.mean(-1)
     all_attrs = {
         "chain_mean_log_likelihood": chain_means.tolist(),
         "chain_log_likelihood_gap": (chain_means.max() - chain_means).tolist(),
@@ -276,13 +302,13 @@ def inference_data_of(
     groups = {
         "posterior": {name: _numpy(value) for name, value in draws.items()},
         "sample_stats": stats,
-        "log_likelihood": {sites.OBS: _numpy(pointwise)} if log_likelihood else None,
-        "posterior_predictive": {sites.OBS: _numpy(predicted)} if posterior_predictive else None,
-        "observed_data": {sites.OBS: _numpy(y)},
-        "constant_data": _constant_data(model, x),
+        "log_likelihood": {sites.OBS: kept.pointwise} if log_likelihood else None,
+        "posterior_predictive": {sites.OBS: kept.predicted} if posterior_predictive else None,
+        "observed_data": {sites.OBS: _numpy(kept.y)},
+        "constant_data": _constant_data(model, kept.x),
     }
     coords, dims = _coords_and_dims(
-        draws, x, feature_names, obs_index, getattr(model, "gate_features", None)
+        draws, kept.x, feature_names, kept.obs_index, getattr(model, "gate_features", None)
     )
     return _from_dict(groups, coords=coords, dims=dims, attrs=all_attrs)
 
@@ -303,25 +329,59 @@ def _relabel(model, draws: dict, align: MoEEstimate | None, x, y) -> tuple[dict,
     }
 
 
-def _evaluate(model, x, y, draws: dict, chunk_size: int, generator: torch.Generator | None):
-    """``(pointwise log-likelihood, posterior predictive y or None)``, each (chain, draw, n):
-    chunk by chunk over the flattened draws, one draw of y per parameter draw from
-    :func:`pyromoe.core.likelihood.sample_mixture` when a ``generator`` is given."""
+class _Kept(NamedTuple):
+    """What :func:`_pointwise` keeps: the per-draw totals (chain, draw) over every row, the kept
+    rows' data, their ``obs`` coordinates, the pointwise arrays (chain, draw, kept rows) or None,
+    and the attrs recording the choice."""
+
+    totals: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    obs_index: np.ndarray | None
+    pointwise: np.ndarray | None
+    predicted: np.ndarray | None
+    record: dict
+
+
+def _pointwise(
+    model, x, y, draws: dict, pointwise, seed, chunk_size, keep, generator, obs_index
+) -> _Kept:
+    """The totals over every row and the pointwise groups on the rows ``pointwise`` keeps
+    (:func:`~pyromoe.bayes.pointwise.pointwise_rows`): all of them in ``x``'s dtype, or a
+    subsample, evaluated on its own (never draws x n at once) and kept in float32."""
     num_chains, num_draws = draws[next(iter(draws))].shape[:2]
     flat = {name: value.reshape(-1, *value.shape[2:]) for name, value in draws.items()}
-    pointwise, predicted = [], []
-    for part in chunk_slices(num_chains * num_draws, chunk_size):
-        params = {name: value[part] for name, value in flat.items()}
-        pointwise.append(model.log_likelihood(x, y, params))
-        if generator is not None:
-            y_draws, _ = likelihood.sample_mixture(
-                x, model.params(params, x), model.link, generator
-            )
-            predicted.append(y_draws)
+    n = x.shape[0]
+    rows = pointwise_rows(pointwise, n, num_chains * num_draws, seed)
+    options = dict(chunk_size=chunk_size, keep=keep, generator=generator)
+    if obs_index is not None:
+        obs_index = np.asarray(obs_index)
+        if obs_index.shape != (n,):
+            raise ValueError(f"obs_index must have n={n} entries; got shape {obs_index.shape}")
+    record = {"num_rows": n, "pointwise": str(pointwise)}
+    if rows is None:
+        dtype = _numpy(x[:0]).dtype
+        totals, values, predicted = evaluate(model, x, y, flat, dtype=dtype, **options)
+    else:
+        totals, _, _ = evaluate(
+            model, x, y, flat, chunk_size=chunk_size, keep=False, generator=None, dtype=np.float32
+        )
+        index = rows.to(x.device)
+        x, y = x.index_select(0, index), y.index_select(0, index)
+        dtype = np.dtype(np.float32)
+        _, values, predicted = evaluate(model, x, y, flat, dtype=dtype, **options)
+        obs_index = rows.numpy() if obs_index is None else obs_index[rows.numpy()]
+        record["pointwise_rows"] = obs_index.tolist()
+    record.update(pointwise_num_rows=int(x.shape[0]), pointwise_dtype=str(dtype))
     shape = (num_chains, num_draws, x.shape[0])
-    return (
-        torch.cat(pointwise).reshape(shape),
-        torch.cat(predicted).reshape(shape) if predicted else None,
+    return _Kept(
+        totals.reshape(num_chains, num_draws),
+        x,
+        y,
+        obs_index,
+        None if values is None else values.reshape(shape),
+        None if predicted is None else predicted.reshape(shape),
+        record,
     )
 
 
@@ -355,10 +415,6 @@ def _coords_and_dims(
 ) -> tuple[dict, dict]:
     """The ``coords`` and ``dims`` of the groups (table in the module docstring)."""
     n, total = x.shape
-    if obs_index is not None:
-        obs_index = np.asarray(obs_index)
-        if obs_index.shape != (n,):
-            raise ValueError(f"obs_index must have n={n} entries; got shape {obs_index.shape}")
     names = np.asarray(feature_names) if feature_names is not None else np.arange(total)
     d = total - (gate_features or 0)
     coords: dict[str, Any] = {

@@ -79,7 +79,8 @@ def unsupported_prior(model, like: torch.Tensor) -> str | None:
     """The first site whose prior the fused potential does not know (``None``: all known)."""
     for name, shape in model.site_shapes.items():
         prior = model.prior(name, like)
-        if _prior_terms(prior, shape, like) is None:
+        terms = _prior_terms(prior, shape, like)
+        if terms is None or (name == sites.NOISE and terms[0] == "normal"):
             return name
         support = prior.support
         while isinstance(support, constraints.independent):
@@ -95,8 +96,13 @@ class FusedPotential:
 
     Call it on Pyro's dict of unconstrained site values (``NUTS(potential_fn=...)``) or use
     :meth:`flat` on the flat vector (site order experts.weight, experts.bias, gate.weight,
-    gate.bias, noise; absent biases left out; noise as its unconstrained value, ``log noise`` for a
-    positive prior). No argument checks: it runs once per leapfrog step.
+    gate.bias, noise; absent biases left out; the noise as ``log noise``). No argument checks: it
+    runs once per leapfrog step.
+
+    The data are held once, transposed, with a row of ones for the biases: every per-row tensor
+    is ``(experts, n)``, so the sums over the experts (the mixture's and the gate's normalisers)
+    are elementwise operations between contiguous rows, and the weights and biases of the experts
+    and the gate are one matrix ``(2k - 1, d + 1)`` (one product forward, one for the gradient).
     """
 
     def __init__(self, model, x: torch.Tensor, y: torch.Tensor, priors: dict):
@@ -104,23 +110,46 @@ class FusedPotential:
         self.bias = model.bias
         self.link = model.link
         self.x, self.y = x, y
+        self.n = y.shape[0]
         # the gate's own covariates: x = [x_experts | z] (pyromoe.core.likelihood)
         self.d_gate = getattr(model, "gate_features", None) or self.d
         self.shared_design = getattr(model, "gate_features", None) is None
-        self.x_experts, self.x_gate = (
-            (x, x) if self.shared_design else (x[:, : self.d], x[:, self.d :])
-        )
         self.names = [name for name in _ORDER if name in model.site_shapes]
         self.shapes = {name: model.site_shapes[name] for name in self.names}
         self.sizes = [math.prod(self.shapes[name]) for name in self.names]
         self.priors = priors
         self.constant = sum(terms[3] for terms in priors.values())
-        self.noise_positive = priors[sites.NOISE][0] != "normal"
-        # the priors as flat vectors in site order, to evaluate all Normal terms at once
-        normal = [name for name in self.names if priors[name][0] == "normal"]
-        self.normal_names = normal
+        # every site but the noise has a Normal prior (unsupported_prior): one vector of them
+        normal = self.names[:-1]
+        self.num_main = sum(self.sizes[:-1])
         self.normal_loc = torch.cat([priors[n][1].reshape(-1) for n in normal])
         self.normal_inv_scale = torch.cat([1 / priors[n][2].reshape(-1) for n in normal])
+        self.noise_family = priors[sites.NOISE][0]
+        self.noise_inv_scale = 1 / priors[sites.NOISE][2].reshape(self.shapes[sites.NOISE])
+        self._layout(x)
+
+    def _layout(self, x: torch.Tensor) -> None:
+        """The transposed designs (with a row of ones for the biases) and the map between the
+        flat vector's weights and biases and the rows ``[weights | bias]`` of the matrix."""
+        k, d, n = self.k, self.d, self.n
+        ones = [torch.ones(1, n, dtype=x.dtype, device=x.device)] if self.bias else []
+        experts_x, gate_x = (x, x) if self.shared_design else (x[:, :d], x[:, d:])
+        self.design_experts = torch.cat([experts_x.T] + ones).contiguous()
+        self.design_gate = None
+        if k > 1 and not self.shared_design:
+            self.design_gate = torch.cat([gate_x.T] + ones).contiguous()
+        index = self.from_flat(torch.arange(self.num_params, device=x.device))
+        columns = [index[sites.EXPERTS_WEIGHT]]
+        columns += [index[sites.EXPERTS_BIAS][:, None]] if self.bias else []
+        rows = [torch.cat(columns, dim=1).reshape(-1)]
+        if k > 1:
+            columns = [index[sites.GATE_WEIGHT]]
+            columns += [index[sites.GATE_BIAS][:, None]] if self.bias else []
+            rows.append(torch.cat(columns, dim=1).reshape(-1))
+        order = torch.cat(rows)
+        self.experts_size = k * (d + self.bias)
+        self.order = None if not self.bias else order
+        self.inverse = None if not self.bias else torch.argsort(order)
 
     @property
     def num_params(self) -> int:
@@ -146,104 +175,97 @@ class FusedPotential:
     def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The potential energy at ``theta`` and its gradient, in closed form.
 
-        With ``a_ni = logit_i - (y_n - g(z_ni))^2 / (2 sigma_i^2) - log sigma_i`` and the
-        responsibilities ``R = softmax(a)``, gate probabilities ``P = softmax(logits)``, the
-        log-likelihood's derivatives are ``R_ni (y_n - g) / sigma_i^2 g'(z_ni)`` in ``z_ni`` (the
-        experts' predictors), ``R_ni - P_ni`` in the free logits and ``R_ni (r_ni^2 - 1)`` in
-        ``log sigma_i`` (summed over the experts for a shared sigma); the priors' and the
-        Jacobian's are those of their closed forms.
+        The priors' and the noise Jacobian's terms are those of their closed forms; the
+        likelihood's are :meth:`_log_likelihood`'s.
         """
-        k, d = self.k, self.d
         theta = theta.detach()
-        parts = dict(zip(self.names, torch.split(theta, self.sizes)))
-        # prior: all Normal sites in one expression, then the noise
-        normal = torch.cat([parts[name] for name in self.normal_names])
-        standard = (normal - self.normal_loc) * self.normal_inv_scale
-        log_joint = self.constant - 0.5 * (standard * standard).sum()
-        grad_normal = -standard * self.normal_inv_scale
-        u = parts[sites.NOISE].reshape(self.shapes[sites.NOISE])  # () shared, (k,) per expert
-        if self.noise_positive:
-            noise = torch.exp(u)
-            family, _, scale, _ = self.priors[sites.NOISE]
-            ratio2 = (noise / scale.reshape(u.shape)) ** 2
-            if family == "halfcauchy":
-                log_joint = log_joint - torch.log1p(ratio2).sum()
-                grad_u = -2 * ratio2 / (1 + ratio2)
-            else:
-                log_joint = log_joint - 0.5 * ratio2.sum()
-                grad_u = -ratio2
-            log_joint = log_joint + u.sum()  # log |d noise / d u|
-            grad_u = grad_u + 1
-            log_noise = u
+        main, u = theta[: self.num_main], theta[self.num_main :]
+        u = u.reshape(self.shapes[sites.NOISE])  # log noise: () shared, (k,) per expert
+        standard = (main - self.normal_loc) * self.normal_inv_scale
+        ratio2 = torch.exp(2 * u) * self.noise_inv_scale**2  # (noise / scale)^2
+        if self.noise_family == "halfcauchy":
+            log_noise_prior, grad_u = -torch.log1p(ratio2).sum(), -2 * ratio2 / (1 + ratio2)
         else:
-            noise = u
-            log_noise = torch.log(u)
-            grad_u = torch.zeros_like(u)
-        # likelihood: one product for the experts and the free gate rows (none for one expert)
-        experts_rows = parts[sites.EXPERTS_WEIGHT].reshape(k, d)
-        gate_rows = parts[sites.GATE_WEIGHT].reshape(k - 1, self.d_gate) if k > 1 else None
-        z = self._predictors(experts_rows, gate_rows)
-        if self.bias:
-            offsets = [parts[sites.EXPERTS_BIAS]] + ([parts[sites.GATE_BIAS]] if k > 1 else [])
-            z = z + torch.cat(offsets)
-        predictors = z[:, :k]
-        means = self.link(predictors)
-        logits = torch.cat([torch.zeros_like(z[:, :1]), z[:, k:]], dim=1)
-        residual = (self.y.unsqueeze(-1) - means) / noise
-        n = self.y.shape[0]
-        shared = u.dim() == 0
-        scores = logits - 0.5 * residual * residual
-        if not shared:
-            scores = scores - log_noise
-        joint = torch.logsumexp(scores, dim=1)
-        normaliser = torch.logsumexp(logits, dim=1)
-        log_lik = (joint - normaliser).sum() - 0.5 * n * _LOG_2PI
-        if shared:
-            log_lik = log_lik - n * log_noise
-        resp = torch.exp(scores - joint[:, None])
-        gate = torch.exp(logits - normaliser[:, None])
-        # gradient of the log-likelihood in z (experts' predictors, then the free logits)
-        d_predictors = resp * residual / noise * self.link.derivative(predictors)
-        d_z = torch.cat([d_predictors, (resp - gate)[:, 1:]], dim=1)
-        d_experts, d_gate = self._weight_gradients(d_z)
-        d_offsets = d_z.sum(0)
-        weighted = resp * residual * residual
-        d_log_noise = weighted.sum() - n if shared else weighted.sum(0) - resp.sum(0)
-        if self.noise_positive:
-            grad_u = grad_u + d_log_noise  # log sigma = u
+            log_noise_prior, grad_u = -0.5 * ratio2.sum(), -ratio2
+        # + u: log |d noise / d u|
+        log_prior = self.constant - 0.5 * torch.dot(standard, standard) + log_noise_prior + u.sum()
+        log_lik, grad_main, d_u = self._log_likelihood(main, u)
+        grad_main = grad_main - standard * self.normal_inv_scale
+        grad = torch.cat([grad_main, (grad_u + 1 + d_u).reshape(-1)])
+        return -(log_prior + log_lik), -grad
+
+    def _log_likelihood(self, main: torch.Tensor, u: torch.Tensor):
+        """``(log-likelihood, its gradient in the weights and biases, in log noise)``.
+
+        With ``a_in = logit_in - r_in^2 / 2 - log sigma_i``, ``r_in = (y_n - g(z_in)) / sigma_i``,
+        the responsibilities ``R = softmax_i(a)`` and the gate ``P = softmax_i(logits)``, the
+        derivatives are ``R r / sigma g'(z)`` in the experts' predictors ``z``, ``R - P`` in
+        the free logits and ``R (r^2 - 1)`` in ``log sigma_i`` (summed over the experts for a
+        shared sigma); those in the weights are products with the design.
+        """
+        k, n = self.k, self.n
+        weights = main if self.order is None else main[self.order]
+        predictors, logits = self._predictors(weights)
+        inv_noise = torch.exp(-u)
+        if u.dim() == 1:
+            inv_noise = inv_noise[:, None]
+        residual = (self.y - self.link(predictors)) * inv_noise  # (k, n)
+        square = residual * residual
+        scores = square * -0.5
+        if k > 1:
+            scores[1:] += logits
+        if u.dim() == 1:
+            scores -= u[:, None]
+        top = scores.amax(0)
+        exp_scores = torch.exp(scores - top)
+        total = exp_scores.sum(0)
+        resp = exp_scores / total  # responsibilities
+        log_lik = top.sum() + torch.log(total).sum() - 0.5 * n * _LOG_2PI
+        if u.dim() == 0:
+            log_lik = log_lik - n * u
+        d_predictors = resp * residual * inv_noise
+        if not self.link.is_identity:
+            d_predictors = d_predictors * self.link.derivative(predictors)
+        if k > 1:
+            normaliser, gate = self._gate(logits)
+            log_lik = log_lik - normaliser
+            d_z = torch.cat([d_predictors, resp[1:] - gate])
         else:
-            grad_u = grad_u + d_log_noise / u
-        grads = {
-            sites.EXPERTS_WEIGHT: d_experts,
-            sites.GATE_WEIGHT: d_gate,
-            sites.NOISE: grad_u,
-        }
-        if self.bias:
-            grads[sites.EXPERTS_BIAS] = d_offsets[:k]
-            grads[sites.GATE_BIAS] = d_offsets[k:]
-        # the Normal priors' part, in their own order
-        sizes = [self.sizes[self.names.index(name)] for name in self.normal_names]
-        for name, part in zip(self.normal_names, torch.split(grad_normal, sizes)):
-            grads[name] = grads[name].reshape(-1) + part
-        grad = torch.cat([grads[name].reshape(-1) for name in self.names])
-        return -(log_joint + log_lik), -grad
+            d_z = d_predictors
+        grad = self._weight_gradients(d_z)
+        weighted = resp * square
+        d_u = weighted.sum() - n if u.dim() == 0 else weighted.sum(1) - resp.sum(1)
+        return log_lik, grad if self.inverse is None else grad[self.inverse], d_u
 
-    def _predictors(self, experts_rows: torch.Tensor, gate_rows: torch.Tensor | None):
-        """The experts' predictors and the free gate logits, (n, 2k - 1), in one product when the
-        gate reads ``x``; without a gate (k = 1) the gate's covariates are not read."""
-        if self.shared_design:
-            return self.x @ torch.cat([experts_rows] + ([gate_rows] if self.k > 1 else [])).T
-        if gate_rows is None:
-            return self.x_experts @ experts_rows.T
-        return torch.cat([self.x_experts @ experts_rows.T, self.x_gate @ gate_rows.T], dim=1)
+    def _gate(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum_n log sum_i exp(logit_in), the free experts' gate probabilities)``; expert 0's
+        logit is 0."""
+        if self.k == 2:
+            zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+            return torch.logaddexp(logits, zero).sum(), torch.sigmoid(logits)
+        top = logits.amax(0).clamp(min=0)
+        exp_logits = torch.exp(logits - top)
+        total = torch.exp(-top) + exp_logits.sum(0)
+        return top.sum() + torch.log(total).sum(), exp_logits / total
 
-    def _weight_gradients(self, d_z: torch.Tensor):
-        """The gradients of the experts' and the gate's weights from those of the predictors."""
+    def _predictors(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The experts' predictors ``(k, n)`` and the free gate logits ``(k - 1, n)`` (``None``
+        for one expert), in one product when the gate reads the experts' design."""
         k = self.k
-        if self.shared_design:
-            d_weights = d_z.T @ self.x  # (2k - 1, d)
-            return d_weights[:k], d_weights[k:]
-        return d_z[:, :k].T @ self.x_experts, (d_z[:, k:].T @ self.x_gate if k > 1 else None)
+        if self.design_gate is None:
+            z = weights.view(-1, self.design_experts.shape[0]) @ self.design_experts
+            return z[:k], (z[k:] if k > 1 else None)
+        size = self.experts_size
+        predictors = weights[:size].view(k, -1) @ self.design_experts
+        return predictors, weights[size:].view(k - 1, -1) @ self.design_gate
+
+    def _weight_gradients(self, d_z: torch.Tensor) -> torch.Tensor:
+        """The gradient in the matrix ``[weights | bias]`` (flat) from that in the predictors."""
+        if self.design_gate is None:
+            return (d_z @ self.design_experts.T).reshape(-1)
+        k = self.k
+        experts = (d_z[:k] @ self.design_experts.T).reshape(-1)
+        return torch.cat([experts, (d_z[k:] @ self.design_gate.T).reshape(-1)])
 
     def __call__(self, params: dict) -> torch.Tensor:
         return self.flat(self.to_flat(params))

@@ -82,6 +82,7 @@ def _fit(args: argparse.Namespace) -> int:
         num_warmup=args.warmup,
         num_samples=args.samples,
         num_steps=args.steps,
+        pointwise=args.pointwise,
         **_common(args),
     )
     comparison = numbers.get("comparison")
@@ -166,6 +167,24 @@ def _expert_counts(text: str) -> tuple[int, ...]:
 
 
 _expert_counts.__name__ = "number(s) of experts"
+
+
+def _pointwise(text: str) -> str | int:
+    """An argparse type: ``auto``, ``all`` or a number of rows >= 1."""
+    if text in ("auto", "all"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected auto, all or a number of rows; got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a number of rows must be >= 1, got {value}")
+    return value
+
+
+_pointwise.__name__ = "auto, all or a number of rows"
 
 
 def _seed(text: str) -> int:
@@ -285,6 +304,16 @@ def _add_fit(sub) -> None:
         "--samples", type=_count(4), default=500, help="NUTS draws per chain, >= 4 (default 500)"
     )
     fit.add_argument("--steps", type=_count(1), default=3000, help="SVI steps (default 3000)")
+    fit.add_argument(
+        "--pointwise",
+        type=_pointwise,
+        default="auto",
+        metavar="auto|all|ROWS",
+        help="rows kept in the pointwise groups of inference_data.nc (log_likelihood, "
+        "posterior_predictive) and in responsibilities.csv: auto (default) every row up to "
+        "2**21 draws x rows, beyond it a seeded random subsample (float32); a number of rows; "
+        "or all",
+    )
     fit.set_defaults(handler=_fit)
 
 

@@ -20,6 +20,7 @@ from .._validation import (
     num_parameters,
 )
 from ..bayes.model import MixtureOfExperts
+from ..bayes.pointwise import pointwise_rule
 from ..core.estimate import MoEEstimate
 from ..core.links import check_link
 from ..core.units import AffineMap
@@ -189,6 +190,7 @@ def run_fit(
     device: str = "cpu",
     progress: bool = True,
     overwrite: bool = False,
+    pointwise: str | int = "auto",
 ) -> dict[str, Any]:
     """Fit a mixture of experts to a CSV file: standardise, initialize (``method="auto"``), then
     seeded NUTS (``method="nuts"``) or SVI (``method="svi"``, for large n); write ``out``.
@@ -208,6 +210,12 @@ def run_fit(
     specification and settings (``specification.json``, ``model.json``), so that
     :func:`pyromoe.load` and ``pyromoe predict`` can predict new rows from it.
 
+    ``pointwise`` is the rows the fit's pointwise groups keep (:mod:`pyromoe.bayes.pointwise`:
+    ``"auto"``, every row up to ``POINTWISE_CELLS`` draws x rows and beyond it a seeded random
+    subsample; a number of rows; ``"all"``); ``inference_data.nc``, ``responsibilities.csv`` and
+    the responsibilities figure hold those rows (their row numbers in the file are the ``obs``
+    coordinate and the CSV's index), so the folder stays bounded whatever the number of rows.
+
     ``out`` follows the rule of :func:`pyromoe.results_directory`: it may replace only earlier
     pyromoe results, only with ``overwrite=True``, and never the folder holding ``path`` (or one
     above it) nor the working folder. Every argument is checked before any work.
@@ -223,11 +231,13 @@ def run_fit(
     num_warmup = check_count(num_warmup, "num_warmup", minimum=0)
     num_samples = check_count(num_samples, "num_samples", minimum=4 if method == "nuts" else 1)
     num_steps = check_count(num_steps, "num_steps", minimum=1)
+    pointwise = pointwise_rule(pointwise, "pointwise")
     data = _standardised_table(path, target, features, formula, gate, max(ks), noise, device)
     if method == "nuts":
         fit_args = dict(num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples)
     else:
         fit_args = dict(num_steps=num_steps)
+    fit_args["pointwise"] = pointwise
     run = _FitRun(data, ks, noise, link, method, seed, progress, fit_args)
     with results_directory(out, overwrite=overwrite, inputs=[path]) as folder:
         run.fit(folder)
@@ -337,7 +347,7 @@ class _FitRun:
     method: str
     seed: int
     progress: bool
-    fit_args: dict[str, int]
+    fit_args: dict[str, Any]
     timer: Timer = field(default_factory=Timer)
     comparison: list[dict[str, Any]] | None = None
     idata: Any = None
@@ -433,27 +443,30 @@ class _FitRun:
             .reset_index()
             .to_dict("records")
         )
+        # the rows the fit kept (every row, or the pointwise budget's subsample): the obs coords
+        rows = torch.as_tensor(np.asarray(idata.constant_data["obs"].values), device=data.x.device)
         with self.timer("responsibilities"):
             responsibilities = posterior_responsibilities(
-                self.model, idata, data.x, data.y, z=data.z
+                self.model, idata, data.x[rows], data.y[rows], z=_rows(data.z, rows)
             )
-            responsibilities.index = pd.RangeIndex(len(responsibilities), name="obs")
+            responsibilities.index = pd.Index(rows.cpu().numpy(), name="obs")
         with self.timer("figures"):
             figures = {
                 "trace": plots.plot_trace(idata),
                 "posterior": plots.plot_posterior_vs_truth(idata, None, estimate),
                 "responsibilities": plots.plot_responsibilities(
-                    data.x.cpu(),
-                    data.y.cpu(),
+                    data.x[rows].cpu(),
+                    data.y[rows].cpu(),
                     mean.to("cpu"),
                     data.feature_names,
-                    z=None if data.z is None else data.z.cpu(),
+                    z=_rows(data.z, rows, cpu=True),
                 ),
                 "posterior_predictive": plots.plot_posterior_predictive(idata),
             }
         numbers = {
             "file": data.path,
             "rows": int(data.x.shape[0]),
+            "pointwise_rows": int(rows.numel()),
             "features": data.feature_names,
             "target": data.target_name,
             "formula": data.specification.formula,
@@ -483,3 +496,10 @@ class _FitRun:
         )
         write_outputs(folder, idata, figures, summary)
         return numbers
+
+
+def _rows(z: torch.Tensor | None, rows: torch.Tensor, cpu: bool = False) -> torch.Tensor | None:
+    """The gate covariates ``z`` of ``rows`` (None without them), on the CPU with ``cpu``."""
+    if z is None:
+        return None
+    return z[rows].cpu() if cpu else z[rows]

@@ -121,6 +121,7 @@ class MoERegression:
         num_steps: int = 3000,
         progress: bool = True,
         device: str = "cpu",
+        pointwise: str | int = "auto",
     ) -> MoERegression:
         """Build the design from ``data``, start from :func:`~pyromoe.initialize`, then sample.
 
@@ -133,6 +134,12 @@ class MoERegression:
             ``"svi"`` (``num_steps`` steps, for large tables).
         seed : int
             One seed for the start and the sampler.
+        pointwise : "auto", "all" or int
+            The rows ``idata``'s pointwise groups and data groups keep
+            (:mod:`pyromoe.bayes.pointwise`): ``"auto"`` every row up to ``POINTWISE_CELLS``
+            draws x rows, beyond it a seeded random subsample (float32); a number of rows;
+            ``"all"``. They are also the fitted rows of :meth:`responsibilities` without data,
+            and what :meth:`save` writes.
 
         Returns
         -------
@@ -140,6 +147,7 @@ class MoERegression:
             ``self``, fitted: ``specification``, ``estimate``, ``model``, ``idata``.
         """
         from ..bayes.nuts import run_nuts
+        from ..bayes.pointwise import pointwise_rule
         from ..bayes.svi import fit_svi
         from ..estimators.initialize import initialize
 
@@ -147,6 +155,7 @@ class MoERegression:
             raise ValueError(f"method must be 'nuts' or 'svi'; got {method!r}")
         seed = check_seed(seed)
         progress = check_flag(progress, "progress")
+        pointwise = pointwise_rule(pointwise, "pointwise")
         spec = ModelSpecification.from_data(data, self.formula, self.gate)
         design = spec.design(data)
         x = torch.as_tensor(design.x, device=device)
@@ -185,6 +194,7 @@ class MoERegression:
             seed=seed,
             progress=progress,
             feature_names=names,
+            pointwise=pointwise,
             **settings,
         )
         idata.attrs["pyromoe_specification"] = spec.to_json()
@@ -267,7 +277,8 @@ class MoERegression:
     def responsibilities(self, data=None, *, hdi_prob: float = 0.94) -> pd.DataFrame:
         """Each row's posterior responsibilities ``p(expert i | x, z, y)``: their posterior mean
         and HDI per expert (:func:`pyromoe.responsibilities`), for the rows of ``data`` (with
-        its index; the target is needed) or, without it, the fitted rows."""
+        its index; the target is needed) or, without it, the fitted rows ``idata`` keeps (every
+        row, or the pointwise budget's subsample of :meth:`fit`, indexed by row number)."""
         from ..bayes.predict import responsibilities
 
         spec = self._check_fitted("responsibilities")

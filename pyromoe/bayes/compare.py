@@ -98,7 +98,13 @@ def compare_experts(
         (k = 1 has no gate).
     **fit_kwargs
         Passed to the fitting function (``num_steps``, ``num_samples``, ``num_chains``,
-        ``num_warmup``, ``progress``, ...). ``progress`` defaults to False.
+        ``num_warmup``, ``progress``, ``pointwise``, ...). ``progress`` defaults to False.
+        ``pointwise`` (default ``"auto"``, :mod:`pyromoe.bayes.pointwise`) bounds the rows of
+        every fit's ``log_likelihood``; with the same seed, rows and draws every fit keeps the
+        same rows, so the fits are compared row for row. Over the budget the table's
+        ``elpd_loo`` and ``se`` are sums over those ``attrs["pointwise_num_rows"]`` rows: divide
+        by it for the elpd per row, or multiply by ``num_rows / pointwise_num_rows`` for an
+        estimate over every row (its se, so scaled, includes the subsampling error).
 
     Returns
     -------

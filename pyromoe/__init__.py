@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "fit_map": ".bayes.svi",
     "fit_svi": ".bayes.svi",
     "trained_guide": ".bayes.trained",
+    "GateGuide": ".bayes.gate_guide",
     "run_nuts": ".bayes.nuts",
     "sample_prior_predictive": ".bayes.prior",
     "align_labels": ".core.labels",
@@ -85,6 +86,7 @@ __all__ = [
     "ConvergenceWarning",
     "DATASETS",
     "Dataset",
+    "GateGuide",
     "Link",
     "MixtureOfExperts",
     "MoEEstimate",
@@ -159,6 +161,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .app.table import read_table
     from .bayes._fitting import UnstandardisedDataWarning
     from .bayes.compare import compare_experts
+    from .bayes.gate_guide import GateGuide
     from .bayes.init_strategy import init_to_moments
     from .bayes.model import MixtureOfExperts
     from .bayes.nuts import run_nuts

@@ -35,6 +35,7 @@ from ..core.sources import Source, as_source
 from ..core.threads import check_num_threads
 from .init_strategy import check_estimate_fits_model, init_to_moments, match_noise_model
 from .to_arviz import inference_data_of
+from .user_model import UserModel, find_mixture, is_mixture
 
 #: how the fits check their arguments, by name: each fit's table takes its own from here
 RULES: dict[str, Rule] = {
@@ -168,6 +169,8 @@ def inference_data(model, x, y, samples, init, align, seed, attrs, **kwargs):
     """InferenceData of any fit: relabelled to ``init`` when it is an estimate and ``align``;
     ``attrs`` gain how the fit was started (``init``) and its ``seed``."""
     started = "pyro_default" if init is None else getattr(init, "method", "strategy")
+    if isinstance(model, UserModel):  # what the fit's model was, beside its mixture's record
+        attrs = {**model.attrs(), **attrs}
     return inference_data_of(
         model,
         x,
@@ -185,6 +188,32 @@ def fit_data(model, x, y, z, device, subsample_size=None, feature_names=None):
     every fit checks of its data first."""
     source = fit_source(model, x, y, device, subsample_size, z=z)
     return source, design_feature_names(feature_names, model, x, z)
+
+
+#: rows of out-of-core data a user's model is traced on to find its mixture
+_TRACE_ROWS = 256
+
+
+def fit_model_data(model, x, y, z, device, subsample_size=None, feature_names=None):
+    """``(model, source, feature_names)``: :func:`fit_data` for a mixture; for a user's model
+    around one, the model as a :class:`~pyromoe.bayes.user_model.UserModel` (its mixture found
+    by tracing it on the data, :func:`~pyromoe.bayes.user_model.find_mixture`), its data
+    checked against the mixture. A user's model is called as ``model(x, y)``: ``z`` and
+    ``subsample_size`` (keyword arguments it may not take) are refused."""
+    if is_mixture(model):
+        return model, *fit_data(model, x, y, z, device, subsample_size, feature_names)
+    for given, what in ((z, "z"), (subsample_size, "subsample_size")):
+        if given is not None:
+            raise ValueError(
+                f"{what}= is for a bare MixtureOfExperts: your own model is called as "
+                "model(x, y) with all rows (for a gate with covariates of its own pass the "
+                "joined design torch.cat([x, z], 1) as x)"
+            )
+    source = as_source(x, y, device=device)
+    tensors = source.tensors()
+    found = find_mixture(model, *(tensors if tensors is not None else source.head(_TRACE_ROWS)))
+    source = fit_source(found, x, y, device)
+    return found, source, design_feature_names(feature_names, found, x)
 
 
 def design_feature_names(feature_names, model, x, z=None) -> list[str] | None:

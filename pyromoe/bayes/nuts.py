@@ -185,6 +185,7 @@ RUN_NUTS_RULES = fit_rules(
     mp_context=_mp_context_rule,
     potential=one_of("auto", "fused", "traced"),
     pointwise=pointwise_rule,
+    model=model_or_mixture_rule,
 )
 
 

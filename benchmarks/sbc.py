@@ -16,7 +16,11 @@ of the replication's data, ``sum_n log p(y_n | x_n, theta)``.
 Methods: ``nuts`` (:func:`pyromoe.run_nuts`, one chain, ``--warmup`` + ``--samples``, seeded),
 ``svi_normal``, ``svi_lowrank``, ``svi_mvn`` (:func:`pyromoe.fit_svi` with AutoNormal,
 AutoLowRankMultivariateNormal, AutoMultivariateNormal at its defaults, started at the same
-estimate). Thinning: NUTS draws ``4, 8, ..., 396`` of 400 (autocorrelated draws would make the
+estimate), ``svi_psis`` (``svi_mvn`` with ``importance_resample=True``: the guide's draws resampled
+with their Pareto-smoothed importance weights where k-hat <= 0.7, :mod:`pyromoe.bayes.psis`; each
+line also records k-hat and the ranks and coverages of as many fresh draws from the same trained
+guide, uncorrected, so the report compares the two on the same fits, over all replications and
+over those with k-hat < 0.7). Thinning: NUTS draws ``4, 8, ..., 396`` of 400 (autocorrelated draws would make the
 rank histogram U-shaped); the guides' draws are independent and thinned the same way.
 
 Resumable: every replication appends one JSON line to ``benchmarks/results/sbc/<method>.jsonl``
@@ -47,13 +51,14 @@ import numpy as np  # noqa: E402
 import pyro  # noqa: E402
 import torch  # noqa: E402
 from pyro import poutine  # noqa: E402
+from pyro.infer import Predictive  # noqa: E402
 
 import pyromoe  # noqa: E402
 from benchmarks._common import RESULTS, machine_info, machine_section, quiet_fit, write_results  # noqa: E402
 from pyromoe.core import likelihood  # noqa: E402
 
-METHODS = ("nuts", "svi_normal", "svi_lowrank", "svi_mvn")
-GUIDES = {"svi_normal": "normal", "svi_lowrank": "lowrank", "svi_mvn": "mvn"}
+METHODS = ("nuts", "svi_normal", "svi_lowrank", "svi_mvn", "svi_psis")
+GUIDES = {"svi_normal": "normal", "svi_lowrank": "lowrank", "svi_mvn": "mvn", "svi_psis": "mvn"}
 #: The three fixed points x* (d = 2; for other d the first two coordinates, the rest zero).
 POINTS = ((0.0, 0.0), (1.0, -1.0), (-1.5, 0.5))
 THIN = 4
@@ -109,6 +114,32 @@ def posterior_draws(idata, model, x) -> object:
     return model.params(flat, x)
 
 
+def rank_record(draws: torch.Tensor, true: torch.Tensor, prefix: str = "") -> dict:
+    """Ranks of ``true`` (Q,) among the thinned ``draws`` (S, Q) and the 50% / 90% coverages."""
+    thinned = draws[THIN::THIN]
+    record = {
+        "num_thinned": int(thinned.shape[0]),
+        f"{prefix}ranks": (thinned < true).sum(0).tolist(),
+    }
+    for level in (0.5, 0.9):
+        lo = torch.quantile(draws, (1 - level) / 2, dim=0)
+        hi = torch.quantile(draws, (1 + level) / 2, dim=0)
+        record[f"{prefix}covered_{int(level * 100)}"] = ((lo <= true) & (true <= hi)).tolist()
+    return record
+
+
+def psis_record(idata, model, x, y, seed: int, samples: int) -> tuple[dict, torch.Tensor]:
+    """What ``svi_psis`` adds: the fit's PSIS attrs and, for the uncorrected comparison, the
+    quantities of ``samples`` fresh draws from the same trained guide."""
+    record = {key: idata.attrs[key] for key in ("psis_khat", "psis_ess", "psis_draws")}
+    pyro.set_rng_seed(seed)
+    guide = pyromoe.trained_guide(idata)
+    with torch.no_grad():
+        fresh = Predictive(guide, num_samples=samples, return_sites=list(model.site_shapes))(x, y)
+    params = model.params({name: fresh[name] for name in model.site_shapes}, x)
+    return record, quantities(params, model.link, x, y)
+
+
 def run_one(
     method: str, rep: int, *, n: int, d: int, k: int, warmup: int, samples: int, steps: int | None
 ) -> dict:
@@ -127,17 +158,17 @@ def run_one(
     else:
         kwargs = {} if steps is None else {"num_steps": steps}
         kwargs.update(guide=GUIDES[method], num_samples=samples, seed=seed, num_threads=1)
+        if method == "svi_psis":
+            kwargs["importance_resample"] = True
         idata = quiet_fit(pyromoe.fit_svi, model, x, y, init, **kwargs)
     record["seconds"] = time.perf_counter() - began
     draws = quantities(posterior_draws(idata, model, x), model.link, x, y)  # (S, Q)
     true = quantities(truth, model.link, x, y)  # (Q,)
-    thinned = draws[THIN::THIN]
-    record["num_thinned"] = int(thinned.shape[0])
-    record["ranks"] = (thinned < true).sum(0).tolist()
-    for level in (0.5, 0.9):
-        lo = torch.quantile(draws, (1 - level) / 2, dim=0)
-        hi = torch.quantile(draws, (1 + level) / 2, dim=0)
-        record[f"covered_{int(level * 100)}"] = ((lo <= true) & (true <= hi)).tolist()
+    record.update(rank_record(draws, true))
+    if method == "svi_psis":
+        psis, guide_draws = psis_record(idata, model, x, y, seed, samples)
+        record.update(psis)
+        record.update(rank_record(guide_draws, true, prefix="guide_"))
     record["truth"] = true.tolist()
     return record
 
@@ -158,9 +189,10 @@ def read_runs(path: Path) -> list[dict]:
     return records
 
 
-def run(methods, reps: int, settings: dict, out_dir: Path | None = None) -> None:
-    """Replications ``0..reps-1`` of each method not yet in its file, replication by replication
-    (so interrupted runs leave every method with about as many)."""
+def run(methods, reps: int, settings: dict, out_dir: Path | None = None, first: int = 0) -> None:
+    """Replications ``first..reps-1`` of each method not yet in its file, replication by
+    replication (so interrupted runs leave every method with about as many). Processes given
+    disjoint ranges (``--first``) can append to the same file at once."""
     paths = {m: runs_file(m) if out_dir is None else out_dir / f"{m}.jsonl" for m in methods}
     done = {}
     for method, path in paths.items():
@@ -172,7 +204,7 @@ def run(methods, reps: int, settings: dict, out_dir: Path | None = None) -> None
                 "settings to resume, or move the file away to start afresh"
             )
         done[method] = {r["rep"] for r in records}
-    for rep in range(reps):
+    for rep in range(first, reps):
         for method in methods:
             path = paths[method]
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -338,6 +370,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--first", type=int, default=0, help="first replication to run")
     parser.add_argument("--n", type=int, default=150)
     parser.add_argument("--d", type=int, default=2)
     parser.add_argument("--k", type=int, default=2)
@@ -357,7 +390,7 @@ def main() -> None:
         n=args.n, d=args.d, k=args.k, warmup=args.warmup, samples=args.samples, steps=args.steps
     )
     if not args.report_only:
-        run(methods, args.reps, settings)
+        run(methods, args.reps, settings, first=args.first)
     if args.report or args.report_only:
         report(METHODS)
         print("wrote", RESULTS / "sbc.md")

@@ -256,6 +256,8 @@ def psis_of_guide(
     start = time.perf_counter()
     attrs = {"psis_khat": math.nan, "psis_ess": math.nan, "psis_draws": "guide"}
     attrs["psis_khat_threshold"] = PSIS_KHAT_THRESHOLD
+    if not callable(getattr(model, "prior", None)):  # a user's model: no log joint here
+        return draws, attrs
     if not isinstance(guide, (AutoNormal, AutoContinuous)):
         if resample:
             warnings.warn(

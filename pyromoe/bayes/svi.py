@@ -45,6 +45,7 @@ from ..core.sources import Source, sample_rows
 from ..core.threads import torch_threads
 from ._fitting import (
     fit_data,
+    fit_model_data,
     fit_rules,
     inference_data,
     prepare_init,
@@ -54,7 +55,8 @@ from ._rng import seeded_rng
 from .init_strategy import latent_site_shapes
 from .pointwise import pointwise_rule
 from .psis import psis_of_guide
-from .trained import register, unique_name
+from .trained import register, trained_guide, unique_name
+from .user_model import UserModel, model_or_mixture_rule
 
 __all__ = ["EVALUATION_ROWS", "fit_map", "fit_svi"]
 
@@ -470,6 +472,7 @@ FIT_SVI_RULES = fit_rules(
     "lr",
     num_samples=count_rule(minimum=1),
     guide=_guide_rule,
+    model=model_or_mixture_rule,
     pointwise=pointwise_rule,
     importance_resample=check_flag,
 )
@@ -577,12 +580,22 @@ def fit_svi(
     >>> idata.posterior["experts.weight"].shape
     (1, 10, 2, 2)
     """
-    source, feature_names = fit_data(model, x, y, z, device, subsample_size, feature_names)
+    model, source, feature_names = fit_model_data(
+        model, x, y, z, device, subsample_size, feature_names
+    )
+    if isinstance(model, UserModel) and importance_resample:
+        raise ValueError(
+            "importance_resample=True weighs the draws by a bare MixtureOfExperts' log joint; "
+            "your own model's is not computed here (its psis_khat is nan): leave it False"
+        )
     checked = dict(seed=seed, subsample_size=subsample_size, num_threads=num_threads)
     checked.update(progress=progress, align=align, posterior_predictive=posterior_predictive)
     checked.update(pointwise=pointwise)
     checked.update(num_steps=num_steps, lr=lr, importance_resample=importance_resample)
     guide = guide if isinstance(guide, AutoGuide) else _GUIDES[guide]
-    return _fit(
+    idata = _fit(
         model, source, init, guide, checked, feature_names, num_samples=num_samples, kind="svi"
     )
+    if isinstance(model, UserModel):  # the guide for the user's model, under its site names
+        register(idata, model.user_guide(trained_guide(idata)))
+    return idata

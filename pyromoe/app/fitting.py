@@ -444,29 +444,29 @@ class _FitRun:
             .to_dict("records")
         )
         # the rows the fit kept (every row, or the pointwise budget's subsample): the obs coords
-        rows = torch.as_tensor(np.asarray(idata.constant_data["obs"].values), device=data.x.device)
+        kept = torch.as_tensor(np.asarray(idata.constant_data["obs"].values), device=data.x.device)
         with self.timer("responsibilities"):
             responsibilities = posterior_responsibilities(
-                self.model, idata, data.x[rows], data.y[rows], z=_rows(data.z, rows)
+                self.model, idata, data.x[kept], data.y[kept], z=_rows(data.z, kept)
             )
-            responsibilities.index = pd.Index(rows.cpu().numpy(), name="obs")
+            responsibilities.index = pd.Index(kept.cpu().numpy(), name="obs")
         with self.timer("figures"):
             figures = {
                 "trace": plots.plot_trace(idata),
                 "posterior": plots.plot_posterior_vs_truth(idata, None, estimate),
                 "responsibilities": plots.plot_responsibilities(
-                    data.x[rows].cpu(),
-                    data.y[rows].cpu(),
+                    data.x[kept].cpu(),
+                    data.y[kept].cpu(),
                     mean.to("cpu"),
                     data.feature_names,
-                    z=_rows(data.z, rows, cpu=True),
+                    z=_rows(data.z, kept, cpu=True),
                 ),
                 "posterior_predictive": plots.plot_posterior_predictive(idata),
             }
         numbers = {
             "file": data.path,
             "rows": int(data.x.shape[0]),
-            "pointwise_rows": int(rows.numel()),
+            "pointwise_rows": int(kept.numel()),
             "features": data.feature_names,
             "target": data.target_name,
             "formula": data.specification.formula,

@@ -45,12 +45,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     numbers = run_demo(args.out, quick=args.quick, num_experts=args.experts, **_common(args))
     nuts = numbers["nuts"]
-    error = numbers["tensor_start_expert_error"]
-    print(
-        f"random-start EM fits in a wrong basin: {numbers['random_starts_in_wrong_basin']} of "
-        f"{numbers['num_random_starts']}; tensor start -> EM expert error: "
-        + ("moment step failed" if error is None else f"{error:.3f}")
-    )
+    print("\n".join(numbers["console"]))
     for label, report in nuts.items():
         print(
             f"NUTS {label}: max r_hat {report['max_rhat_raw']:.3f} as sampled, "

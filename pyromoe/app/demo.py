@@ -17,7 +17,8 @@ from ..core.em.starts import SCREEN_CANDIDATES
 from ..core.estimate import MoEEstimate, parameter_errors
 from ..estimators.em import fit_em
 from ..estimators.initialize import initialize
-from .report import Timer, demo_summary, parameter_table, write_outputs
+from .demo_report import console_lines, demo_summary, initialize_cost_line
+from .report import Timer, parameter_table, write_outputs
 from .results import results_directory
 from .runs import (
     WRONG_BASIN_NATS,
@@ -27,7 +28,14 @@ from .runs import (
     relabel,
 )
 
-__all__ = ["StartRecord", "compare_starts", "run_demo", "DEMO_DATA"]
+__all__ = [
+    "StartRecord",
+    "compare_starts",
+    "mark_wrong_basins",
+    "nuts_labels",
+    "run_demo",
+    "DEMO_DATA",
+]
 
 
 @dataclass
@@ -71,40 +79,59 @@ def compare_starts(
     A fit is in a wrong basin when its log-likelihood is more than :data:`WRONG_BASIN_NATS` below
     the best of all fits (and, with ``truth``, its expert error is also over twice the best fit's).
     """
+    records = _em_fits(x, y, num_experts, link, num_random, bias, seed, truth, progress, screen)
+    tensor_record = _tensor_fit(x, y, num_experts, link, seed, truth)
+    mark_wrong_basins([*records, tensor_record])
+    return records, tensor_record
+
+
+def _em_fits(
+    x, y, num_experts, link, num, bias, seed, truth, progress, screen, label="random", branch=2
+):
+    """``num`` single-start ``fit_em`` fits labelled ``"{label} r"``, start ``r`` seeded by
+    ``child_seed(seed, branch, r)``."""
     from tqdm.auto import tqdm
 
     records = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # non-converged random starts are part of the story
-        for r in tqdm(range(num_random), desc="random-start EM", disable=not progress, leave=False):
+        for r in tqdm(range(num), desc=f"{label} EM", disable=not progress, leave=False):
             start = time.perf_counter()
-            start_seed = child_seed(seed, 2, r)  # random start r: no arithmetic on the seed
+            start_seed = child_seed(seed, branch, r)  # no arithmetic on the seed
             fit = fit_em(
                 x, y, num_experts, link, n_init=1, bias=bias, seed=start_seed, screen=screen
             )
             seconds = time.perf_counter() - start
-            records.append(_record(f"random {r}", fit, seconds, x, y, truth))
-        start = time.perf_counter()
+            records.append(_record(f"{label} {r}", fit, seconds, x, y, truth))
+    return records
+
+
+def _tensor_fit(x, y, num_experts, link, seed, truth) -> StartRecord:
+    """``initialize(method="tensor")`` as a record; when the moment step cannot apply, the record
+    says why and has no estimate."""
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
             tensor = initialize(x, y, num_experts, link, method="tensor", seed=seed)
         except ValueError as error:  # the moments cannot apply here: say so, don't crash the demo
-            tensor = None
-            reason = str(error)
-        seconds = time.perf_counter() - start
-    if tensor is None:
-        tensor_record = StartRecord(
-            f"tensor -> EM: moment step failed ({reason})", float("nan"), seconds, 0, False
-        )
-    else:
-        tensor_record = _record("tensor -> EM", tensor, seconds, x, y, truth)
-    everyone = [r for r in (*records, tensor_record) if r.estimate is not None]
+            seconds = time.perf_counter() - start
+            label = f"tensor -> EM: moment step failed ({error})"
+            return StartRecord(label, float("nan"), seconds, 0, False)
+    return _record("tensor -> EM", tensor, time.perf_counter() - start, x, y, truth)
+
+
+def mark_wrong_basins(records: list[StartRecord]) -> None:
+    """Set each record's ``wrong_basin``: its log-likelihood more than :data:`WRONG_BASIN_NATS`
+    below the best of ``records`` and (with expert errors) its error over twice the best one.
+    A record without an estimate (a failed tensor start) stays ``wrong_basin=False``."""
+    everyone = [r for r in records if r.estimate is not None]
     best = max(r.log_likelihood for r in everyone)
     best_error = min((r.expert_error for r in everyone if r.expert_error is not None), default=None)
-    for r in everyone:  # a failed tensor start has no estimate and stays wrong_basin=False
+    for r in everyone:
         low = r.log_likelihood < best - WRONG_BASIN_NATS
         far = best_error is None or r.expert_error > 2 * best_error
         r.wrong_basin = bool(low and far)
-    return records, tensor_record
 
 
 def _record(label, fit: MoEEstimate, seconds, x, y, truth) -> StartRecord:
@@ -204,7 +231,6 @@ def run_demo(
 
 def _run_demo(out, seed, quick, device, num_experts, link, progress, overwrite) -> dict[str, Any]:
     from ..estimators.simulate import simulate
-    from . import plots
 
     sizes = {**DEMO_FULL, **(DEMO_QUICK if quick else {})}
     data_args = {**DEMO_DATA, "n": sizes.get("n", DEMO_DATA["n"])}
@@ -217,61 +243,86 @@ def _run_demo(out, seed, quick, device, num_experts, link, progress, overwrite) 
                 num_experts=num_experts, link=link, seed=seed, device=device, **data_args
             )
         x, y, truth = data.x, data.y, data.truth
-        with timer("random-start EM and tensor start"):
-            random_records, tensor_record = compare_starts(
-                x,
-                y,
-                num_experts,
-                link,
-                num_random=sizes["num_random"],
-                seed=seed,
-                truth=truth,
-                progress=progress,
-            )
-        with timer("initialize (auto: tensor start, guarded by random EM starts)"):
+        with timer("EM from plain random draws, from screened starts and from the tensor start"):
+            starts = _three_kinds_of_start(x, y, num_experts, link, sizes, seed, truth, progress)
+        with timer("initialize(method='auto')"):
             estimate = initialize(x, y, num_experts, link, method="auto", seed=seed)
         model = MixtureOfExperts(data_args["in_features"], num_experts, link=link, bias=True)
-        reports, seeded = _seeded_and_default_nuts(
+        runs, reports = _seeded_and_default_nuts(
             model, x, y, estimate, sizes, seed, progress, timer
         )
+        seeded = next(iter(runs.values()))
         # present everything in the truth's labels
         estimate_t = estimate.permute(parameter_errors(estimate, truth)["permutation"])
         posterior = relabel(seeded, estimate_t)
         posterior.attrs["pyromoe_demo"] = "posterior relabelled to the truth's expert labels"
-        mean = posterior_mean_estimate(posterior, estimate.link)
         rows = parameter_table(posterior, {"truth": truth, "start": estimate_t})
         with timer("figures"):
-            figures = {
-                "trace": plots.plot_trace(posterior),
-                "posterior_vs_truth": plots.plot_posterior_vs_truth(posterior, truth, estimate_t),
-                "random_starts": plots.plot_random_starts(
-                    [r.expert_error for r in random_records],
-                    [r.log_likelihood for r in random_records],
-                    tensor_record.expert_error,
-                    tensor_record.log_likelihood,
-                ),
-                "responsibilities": plots.plot_responsibilities(x.cpu(), y.cpu(), mean.to("cpu")),
-                "posterior_predictive": plots.plot_posterior_predictive(posterior),
-            }
-        wrong = sum(r.wrong_basin for r in random_records)
+            figures = _figures(x, y, posterior, truth, estimate_t, starts, runs)
+        plain, screened, tensor_record = starts.values()
         numbers = {
             "data": {**data_args, "num_experts": num_experts, "link": link, "seed": seed},
-            "random_starts_in_wrong_basin": wrong,
-            "num_random_starts": len(random_records),
+            "plain_draws_in_wrong_basin": sum(r.wrong_basin for r in plain),
+            "num_plain_draws": len(plain),
+            "random_starts_in_wrong_basin": sum(r.wrong_basin for r in screened),
+            "num_random_starts": len(screened),
             "tensor_start_in_wrong_basin": tensor_record.wrong_basin,
             "tensor_start_expert_error": tensor_record.expert_error,
             "initializer": estimate.diagnostics.get("initializer", estimate.method),
             "nuts": reports,
+            "initialize_cost": initialize_cost_line(),
             "seconds": timer.seconds,
         }
-        summary = demo_summary(numbers, random_records, tensor_record, rows, estimate, reports)
+        numbers["console"] = console_lines(numbers)
+        summary = demo_summary(numbers, starts, rows, estimate, reports)
         write_outputs(folder, posterior, figures, summary)
     return numbers
 
 
+def _three_kinds_of_start(x, y, num_experts, link, sizes, seed, truth, progress) -> dict:
+    """EM from plain random draws, from ``fit_em``'s screened starts and from the tensor start,
+    each fit's wrong basin judged against the best of them all."""
+    fits = dict(bias=True, seed=seed, truth=truth, progress=progress)
+    num = sizes["num_random"]
+    plain = _em_fits(x, y, num_experts, link, num, **fits, screen=1, label="plain draw")
+    screened = _em_fits(
+        x, y, num_experts, link, num, **fits, screen=SCREEN_CANDIDATES, label="screened", branch=4
+    )
+    tensor_record = _tensor_fit(x, y, num_experts, link, seed, truth)
+    mark_wrong_basins([*plain, *screened, tensor_record])
+    return {"plain": plain, "screened": screened, "tensor": tensor_record}
+
+
+def _figures(x, y, posterior, truth, estimate_t, starts, runs) -> dict:
+    from . import plots
+
+    plain, screened, tensor_record = starts.values()
+
+    def points(records):
+        return [r.log_likelihood for r in records], [r.expert_error for r in records]
+
+    mean = posterior_mean_estimate(posterior, estimate_t.link)
+    return {
+        "trace": plots.plot_trace(posterior),
+        "posterior_vs_truth": plots.plot_posterior_vs_truth(posterior, truth, estimate_t),
+        "random_starts": plots.plot_random_starts(
+            {
+                "plain random draw -> EM": points(plain),
+                f"screened start -> EM (best of {SCREEN_CANDIDATES} short runs)": points(screened),
+                "tensor start -> EM": points([tensor_record]),
+            },
+            WRONG_BASIN_NATS,
+        ),
+        "chain_log_likelihood": plots.plot_chain_log_likelihoods(runs, WRONG_BASIN_NATS),
+        "responsibilities": plots.plot_responsibilities(x.cpu(), y.cpu(), mean.to("cpu")),
+        "posterior_predictive": plots.plot_posterior_predictive(posterior),
+    }
+
+
 def _seeded_and_default_nuts(model, x, y, estimate, sizes, seed, progress, timer):
-    """NUTS seeded from ``estimate`` and from Pyro's default init; their reports, and the seeded
-    InferenceData. A chain's wrong mode is judged against the best chain of either run."""
+    """NUTS seeded from ``estimate`` and from Pyro's default init: the two InferenceData by label
+    (seeded first, :func:`nuts_labels`) and their reports. A chain's wrong mode is judged against
+    the best chain of either run."""
     nuts_args = dict(
         num_chains=sizes["num_chains"],
         num_warmup=sizes["num_warmup"],
@@ -292,12 +343,27 @@ def _seeded_and_default_nuts(model, x, y, estimate, sizes, seed, progress, timer
         max(seeded.attrs["chain_mean_log_likelihood"]),
         max(default.attrs["chain_mean_log_likelihood"]),
     )
-    ran = estimate.diagnostics.get("initializer", estimate.method)
-    seeded_label = (
-        "seeded (tensor start -> EM)" if ran == "tensor" else f"seeded ({ran}: multi-start EM)"
-    )
-    reports = {
-        seeded_label: nuts_report(seeded, estimate, best),
-        "Pyro default (init_to_uniform)": nuts_report(default, estimate, best),
-    }
-    return reports, seeded
+    labels = nuts_labels(estimate)
+    runs = dict(zip(labels, (seeded, default)))
+    reports = {label: nuts_report(run, estimate, best) for label, run in runs.items()}
+    return runs, reports
+
+
+def nuts_labels(estimate: MoEEstimate) -> tuple[str, str]:
+    """The labels of the seeded and the default NUTS runs. The seeded one names what seeded it,
+    from ``estimate.diagnostics``: the tensor start -> EM (or -> MAP EM when plain EM from it was
+    refitted), a random start -> EM when one beat the tensor start in ``initialize``'s guard, or
+    the multi-start EM fallback when the moment step could not apply."""
+    diagnostics = estimate.diagnostics
+    ran = diagnostics.get("initializer", estimate.method)
+    if ran == "em":
+        seeded = "seeded (EM fallback: multi-start EM)"
+    elif ran != "tensor":
+        seeded = f"seeded ({ran})"
+    elif diagnostics.get("refine_winner", "tensor") != "tensor":
+        seeded = "seeded (random start -> EM: it beat the tensor start)"
+    elif estimate.method == "tensor+map":
+        seeded = "seeded (tensor start -> MAP EM)"
+    else:
+        seeded = "seeded (tensor start -> EM)"
+    return seeded, "Pyro default (init_to_uniform)"

@@ -4,7 +4,8 @@ They read ArviZ data as written by :func:`pyromoe.bayes.to_arviz.to_inference_da
 by the model's sites, dims ``chain``, ``draw``, ``expert``, ``feature``, ``obs``).
 :func:`parameter_summary` is the one table of every scalar parameter (``az.summary`` with the point
 values ArviZ cannot know) that both :func:`plot_posterior_vs_truth` and the results' Markdown
-(:func:`pyromoe.app.report.parameter_table`) show.
+(:func:`pyromoe.app.report.parameter_table`) show. The demo's figures about starts
+(:func:`plot_random_starts`, :func:`plot_chain_log_likelihoods`) live in :mod:`.demo_plots`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from ..core import likelihood, sites
 from ..core.estimate import MoEEstimate
+from .demo_plots import plot_chain_log_likelihoods, plot_random_starts
 
 __all__ = [
     "parameter_sites",
@@ -26,6 +28,7 @@ __all__ = [
     "plot_trace",
     "plot_posterior_vs_truth",
     "plot_random_starts",
+    "plot_chain_log_likelihoods",
     "plot_responsibilities",
     "plot_posterior_predictive",
     "plot_predictions",
@@ -200,42 +203,6 @@ def posterior_title(truth: bool, start: bool, hdi_prob: float = 0.94) -> str:
         return "Posterior vs truth"
     shown = f"Posterior mean and {hdi_prob * 100:g}% HDI"
     return f"{shown}, with the start" if start else shown
-
-
-def plot_random_starts(
-    random_errors: Sequence[float],
-    random_log_likelihoods: Sequence[float],
-    tensor_error: float | None,
-    tensor_log_likelihood: float | None,
-):
-    """Each random-start EM fit's expert error against its final log-likelihood, with the tensor
-    start -> EM fit marked (when it ran): wrong basins show as low log-likelihood, high error."""
-    plt = _pyplot()
-    figure, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(
-        random_log_likelihoods,
-        random_errors,
-        color="C0",
-        alpha=0.7,
-        label=f"random-start EM ({len(random_errors)} fits)",
-    )
-    if tensor_error is not None and tensor_log_likelihood is not None:
-        ax.scatter(
-            [tensor_log_likelihood],
-            [tensor_error],
-            marker="*",
-            s=250,
-            color="C3",
-            edgecolor="k",
-            label="tensor start -> EM",
-        )
-    ax.set_xlabel("final log-likelihood (total)")
-    ax.set_ylabel("expert error  max_i ||a_i - a_i*||")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.set_title("Where each start ended")
-    figure.tight_layout()
-    return figure
 
 
 def plot_responsibilities(

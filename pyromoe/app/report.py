@@ -1,6 +1,7 @@
 """The Markdown reports of the demo and fit runs: tables, texts, the timings, the files written.
 
-Templates and formatting only: the numbers come from :mod:`.demo`, :mod:`.fitting` and :mod:`.runs`.
+Templates and formatting only: the numbers come from :mod:`.fitting` and :mod:`.runs` (the
+demo's own report is :mod:`.demo_report`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,10 +20,6 @@ from ..core.estimate import MoEEstimate
 from ..core.links import check_link
 from .atomic import save_figure_atomic, write_netcdf_atomic, write_text_atomic
 from .plots import parameter_summary
-from .runs import WRONG_BASIN_NATS
-
-if TYPE_CHECKING:
-    from .demo import StartRecord
 
 __all__ = ["markdown_table", "machine_info", "parameter_table", "comparison_rows"]
 
@@ -91,36 +88,6 @@ class Timer:
         return _Step()
 
 
-def _starts_rows(records: Sequence[StartRecord]) -> list[dict[str, Any]]:
-    return [
-        {
-            "start": r.label,
-            "log-likelihood": r.log_likelihood,
-            "expert error": float("nan") if r.expert_error is None else r.expert_error,
-            "EM iterations": r.n_iter,
-            "seconds": r.seconds,
-            "wrong basin": r.wrong_basin,
-        }
-        for r in records
-    ]
-
-
-def _nuts_rows(reports: dict[str, dict]) -> list[dict[str, Any]]:
-    return [
-        {
-            "NUTS init": label,
-            "max r_hat (as sampled)": rep["max_rhat_raw"],
-            "max r_hat (relabelled)": rep["max_rhat_aligned"],
-            "min ESS bulk": rep["min_ess_bulk_aligned"],
-            "divergences": rep["divergences"],
-            "chains in a wrong mode": rep["chains_in_wrong_mode"],
-            "chain mean log-lik": ", ".join(f"{v:.1f}" for v in rep["chain_mean_log_likelihood"]),
-            "seconds": rep["seconds"],
-        }
-        for label, rep in reports.items()
-    ]
-
-
 def write_outputs(folder: Path, idata, figures: dict[str, Any], summary: str) -> None:
     import matplotlib.pyplot as plt
 
@@ -129,71 +96,6 @@ def write_outputs(folder: Path, idata, figures: dict[str, Any], summary: str) ->
         save_figure_atomic(figure, folder / f"{name}.png", dpi=90)
         plt.close(figure)
     write_text_atomic(folder / "summary.md", summary)
-
-
-def demo_summary(numbers, random_records, tensor_record, rows, estimate, reports) -> str:
-    d = numbers["data"]
-    seconds_rows = [{"step": k, "seconds": v} for k, v in numbers["seconds"].items()]
-    wrong_text = (
-        f"{numbers['random_starts_in_wrong_basin']} of {numbers['num_random_starts']} random-start "
-        f"EM fits ended in a wrong basin (log-likelihood more than {WRONG_BASIN_NATS:g} nats below "
-        "the best fit and expert error over twice the best fit's)."
-    )
-    return f"""# pyromoe demo
-
-Data: `simulate(n={d["n"]}, in_features={d["in_features"]}, num_experts={d["num_experts"]},
-link={d["link"]!r}, noise={d["noise"]}, expert_cosine={d["expert_cosine"]}, gate={d["gate"]!r},
-gate_norm={d["gate_norm"]}, seed={d["seed"]})`: experts with pairwise cosine {d["expert_cosine"]},
-where likelihood fits from random starts can settle in a wrong basin.
-
-Machine: {machine_info()}.
-
-## Random-start EM against the tensor start
-
-{wrong_text} {_tensor_text(numbers)} Expert error = max over experts of ||a_i - a_i*||,
-experts matched by the best permutation.
-
-{markdown_table(_starts_rows([*random_records, tensor_record]))}
-## NUTS seeded from the estimate against Pyro's default init
-
-The seed is `pyromoe.initialize(method="auto")`: {_initializer_text(estimate)}
-Each seeded chain starts at a draw from the Laplace approximation at the estimate (dispersed starts,
-so that r_hat means something). A chain is in a wrong mode when its mean log-likelihood is more than
-{WRONG_BASIN_NATS:g} nats below the best chain of either run. r_hat "relabelled" is computed after
-matching every draw's experts to the estimate (label switching undone).
-
-{markdown_table(_nuts_rows(reports))}
-## Parameters: truth, start, posterior (seeded NUTS, relabelled to the truth's labels)
-
-{_PARAMETER_COLUMNS}
-
-{markdown_table(rows)}
-## Time of each step
-
-{markdown_table(seconds_rows, digits=2)}
-## Files
-
-- `inference_data.nc`: the seeded posterior as ArviZ InferenceData (`az.from_netcdf`), with
-  posterior, sample_stats, log_likelihood, posterior_predictive, observed_data, constant_data.
-- `trace.png`, `posterior_vs_truth.png`, `random_starts.png`, `posterior_predictive.png`.
-- `responsibilities.png`: y against each expert's fitted value g(a_i.x + b_i) at the posterior
-  mean, coloured by that expert's responsibility p(expert | x, y) (d > 1: no 1-D projection).
-"""
-
-
-def _tensor_text(numbers) -> str:
-    error = numbers["tensor_start_expert_error"]
-    if error is None:
-        return "The tensor start could not run on these data (see the table)."
-    where = "a wrong" if numbers["tensor_start_in_wrong_basin"] else "the right"
-    return f"The tensor start -> EM fit landed in {where} basin (expert error {error:.3f})."
-
-
-def _initializer_text(estimate: MoEEstimate) -> str:
-    diag = estimate.diagnostics
-    return (
-        f"ran `{diag.get('initializer', estimate.method)}` ({diag.get('initializer_reason', '')})."
-    )
 
 
 #: The columns of :func:`arviz.compare`'s table that `pyromoe fit --experts 1,2,...` reports.

@@ -104,16 +104,16 @@ def one_size(n: int, seed: int, max_steps: int, repeats: int) -> dict:
     fixed = {name: estimate.site_values()[name].to(x) for name in OTHER_SITES}
     model = MixtureOfExperts(D, K)
     conditioned = poutine.condition(model, data=fixed)
-    zero = {
-        sites.GATE_WEIGHT: torch.zeros(K - 1, D, dtype=x.dtype),
-        sites.GATE_BIAS: torch.zeros(K - 1, dtype=x.dtype),
-    }
 
     def em():
         guide = GateGuide(model, init=fixed, fixed=list(fixed))
         return lambda: guide.em_step(x, y), lambda: guide.median(x, y)
 
     def autodelta(lr: float):
+        zero = {  # fresh tensors: AutoDelta's parameters are the start's tensors, moved in place
+            sites.GATE_WEIGHT: torch.zeros(K - 1, D, dtype=x.dtype),
+            sites.GATE_BIAS: torch.zeros(K - 1, dtype=x.dtype),
+        }
         delta = AutoDelta(conditioned, init_loc_fn=init_to_value(values=zero))
         svi = SVI(conditioned, delta, Adam({"lr": lr}), Trace_ELBO())
         return lambda: svi.step(x, y), lambda: delta.median(x, y)

@@ -53,11 +53,15 @@ def test_demo_quick_writes_every_output(tmp_path, capsys):
             "trace",
             "posterior_vs_truth",
             "random_starts",
+            "chain_log_likelihood",
             "responsibilities",
             "posterior_predictive",
         ],
     )
-    assert "| start | log-likelihood | expert error |" in summary
+    assert "| start | log-likelihood | below best (nats) | expert error |" in summary
+    # the seeded NUTS row names the initializer that ran
+    seeded = "(EM fallback: multi-start EM)" if "ran `em`" in summary else "(tensor start -> "
+    assert f"| seeded {seeded}" in summary
     assert "| NUTS init | max r_hat (as sampled) | max r_hat (relabelled) |" in summary
     assert "| parameter | truth | start | posterior mean | sd | 94% low | 94% high |" in summary
     assert "| step | seconds |" in summary

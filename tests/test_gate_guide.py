@@ -191,6 +191,20 @@ def test_others_autonormal_is_built_over_the_sites_left(problem):
     )
 
 
+def test_training_leaves_the_start_unchanged(problem):
+    data, estimate, _, _ = problem
+    before = {name: value.clone() for name, value in estimate.site_values().items()}
+    model = pyromoe.MixtureOfExperts(2, 2)
+    guide = GateGuide(model, init=estimate, fixed=[sites.NOISE], others=AutoDelta, update="map")
+    svi = SVI(model, guide, Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(3):
+        svi.step(data.x, data.y)
+    moved = guide.median(data.x, data.y)
+    assert not torch.equal(moved[sites.EXPERTS_BIAS], before[sites.EXPERTS_BIAS])
+    for name, value in estimate.site_values().items():  # the guide's points are copies
+        assert torch.equal(value, before[name]), name
+
+
 def test_predictive_with_the_gate_guide_draws_from_the_mixture_at_its_point(problem):
     data, estimate, reference, start = problem
     model = pyromoe.MixtureOfExperts(2, 2)

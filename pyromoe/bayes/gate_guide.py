@@ -338,7 +338,7 @@ class GateGuide(AutoGuide):
         if self._others_class is not None:
             blocked = poutine.block(self.model, hide=list(self.point_sites))
             start = {
-                name: self._start[name].to(nodes[name]["value"])
+                name: self._start[name].to(nodes[name]["value"]).clone()  # never moved in place
                 for name in self._rest
                 if name in self._start
             }

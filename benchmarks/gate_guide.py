@@ -147,8 +147,10 @@ def markdown(results: list[dict], info: dict, command: str, max_steps: int) -> s
         "`initialize`'s estimate; reference: `fit_gate` (MAP, Normal(0, 2.5) gate prior, noise "
         "fixed, tol 1e-13). From a zero gate, steps until every gate weight and offset is within "
         f"0.1/sqrt(n) of the reference (`-`: not within {max_steps} steps). Seconds: the steps "
-        "alone, the fastest of `--repeats` runs. Timings were taken on a shared machine under load (other processes running): "
-        "compare them within a row, not across runs.",
+        "alone, the fastest of `--repeats` runs. The step counts are deterministic; the "
+        "timings were taken on a shared machine under load (the load average is in the "
+        "machine section), where equal work can take several times as long from one run to "
+        "the next: read them as orders of magnitude.",
         "",
         "| n | method | steps to tol | seconds | ms per step | distance after last step |",
         "|---|---|---|---|---|---|",

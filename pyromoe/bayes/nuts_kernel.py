@@ -24,12 +24,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from contextlib import contextmanager
 
 import torch
 from pyro.infer import NUTS
 from pyro.infer.autoguide.initialization import init_to_feasible
 from pyro.infer.mcmc.util import initialize_model
+
+from .potential import with_gradient
 
 __all__ = [
     "CountedPotential",
@@ -43,35 +45,73 @@ __all__ = [
 _POSITION_TOLERANCE = 1e-6
 
 
-class Evaluation(NamedTuple):
-    """One evaluation of the potential: the unconstrained position (site -> tensor), the
-    potential energy there, and its gradient (site -> tensor; filled in when autograd computes
-    it, empty for an evaluation without one)."""
+#: the one site Pyro's NUTS sees: every site of the model in one flat vector (:class:`FlatSites`)
+FLAT = "_flat"
 
-    position: dict
-    potential: torch.Tensor
-    grads: dict
+
+class FlatSites:
+    """The model's sites as one flat vector, in Pyro's order (sorted names).
+
+    Pyro's NUTS loops over the sites of a position in Python at every leapfrog step (the
+    integrator, the mass matrix, the U-turn check); given one site it does each once. Its diagonal
+    (or dense) mass matrix is one block over the sites in sorted order either way, and its momentum
+    is drawn for that block as one vector, so a flat position in the same order gives the same
+    trajectories.
+    """
+
+    def __init__(self, shapes: dict):
+        self.names = sorted(shapes)
+        self.shapes = {name: tuple(shapes[name]) for name in self.names}
+        self.sizes = [math.prod(self.shapes[name]) for name in self.names]
+
+    def flat(self, params: dict) -> torch.Tensor:
+        """The sites' values as one vector (leading batch dimensions, e.g. chains, kept)."""
+        parts = []
+        for name in self.names:
+            value = params[name]
+            parts.append(value.reshape(value.shape[: value.dim() - len(self.shapes[name])] + (-1,)))
+        return torch.cat(parts, dim=-1)
+
+    def unflat(self, flat: torch.Tensor) -> dict:
+        parts = torch.split(flat, self.sizes)
+        return {name: part.reshape(self.shapes[name]) for name, part in zip(self.names, parts)}
+
+
+class Evaluation:
+    """One evaluation of the potential: the flat unconstrained position, the potential energy
+    there, and its gradient (flat; ``None`` until autograd computes it, and for an evaluation
+    without one)."""
+
+    __slots__ = ("position", "potential", "grad")
+
+    def __init__(self, position: torch.Tensor, potential: torch.Tensor, grad=None):
+        self.position, self.potential, self.grad = position, potential, grad
 
 
 class CountedPotential:
-    """The model's potential energy, counting its evaluations (and recording them on request).
+    """The model's potential energy on :data:`FLAT`, counting its evaluations (and recording them
+    on request).
 
     The potential is the fused one of :mod:`pyromoe.bayes.potential` when ``fused`` is given
-    (a :class:`~pyromoe.bayes.potential.FusedPotential`), else ``initialize_model``'s
-    ``potential_fn`` on the traced model (``jit_compile`` as asked). NUTS evaluates it with its
-    gradient once per leapfrog step, and in warmup also to search for a step size, so
+    (a :class:`~pyromoe.bayes.potential.FusedPotential`, which computes its gradient with its
+    value: the autograd graph is one node), else ``initialize_model``'s ``potential_fn`` on the
+    traced model (``jit_compile`` as asked) of the flat vector's sites. NUTS evaluates it with
+    its gradient once per leapfrog step, and in warmup also to search for a step size, so
     :attr:`count` is the sampler's cost in gradient evaluations. While :attr:`evaluations` is a
-    list, each call appends an :class:`Evaluation`, its gradient caught by a tensor hook when
-    Pyro differentiates (no extra work). The traced potential is built where it is first used and
-    not pickled: Pyro wraps the model in closures that pickle cannot carry, so each spawned worker
-    process builds its own, as Pyro's ``NUTS(model)`` does in ``setup``. The fused one is plain
-    tensors and pickles as it is.
+    list, each call appends an :class:`Evaluation` (the traced potential's gradient caught by a
+    tensor hook when Pyro differentiates: no extra work). The traced potential is built where it
+    is first used and not pickled: Pyro wraps the model in closures that pickle cannot carry, so
+    each spawned worker process builds its own, as Pyro's ``NUTS(model)`` does in ``setup``. The
+    fused one is plain tensors and pickles as it is.
     """
 
     def __init__(self, model, model_args: tuple, transforms: dict, jit_compile: bool, fused=None):
         self.model, self.model_args = model, model_args
         self.transforms, self.jit_compile = transforms, jit_compile
         self.fused = fused
+        self.sites = FlatSites(model.site_shapes)
+        if fused is not None and list(fused.names) != self.sites.names:
+            raise ValueError("the fused potential's flat order must be the sorted site names")
         self.count = 0
         self.evaluations: list[Evaluation] | None = None
         self._potential_fn: Callable | None = None
@@ -84,100 +124,109 @@ class CountedPotential:
     def __getstate__(self):
         return {**self.__dict__, "_potential_fn": None, "evaluations": None}
 
-    def energy(self, params: dict) -> torch.Tensor:
-        """The potential energy at unconstrained ``params``, not counted."""
+    def _traced(self) -> Callable:
         if self._potential_fn is None:
-            if self.fused is not None:
-                self._potential_fn = self.fused
-            else:
-                # tracing the model samples its priors: keep those draws off the chain's random
-                # stream, so that both potentials give the same draws from the same seed
-                device = self.model_args[0].device
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    _, self._potential_fn, _, _ = initialize_model(
-                        self.model,
-                        model_args=self.model_args,
-                        transforms=self.transforms,
-                        max_plate_nesting=1,
-                        jit_compile=self.jit_compile,
-                        skip_jit_warnings=True,
-                        init_strategy=init_to_feasible,
-                    )
-        return self._potential_fn(params)
+            # tracing the model samples its priors: keep those draws off the chain's random
+            # stream, so that both potentials give the same draws from the same seed
+            device = self.model_args[0].device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                _, self._potential_fn, _, _ = initialize_model(
+                    self.model,
+                    model_args=self.model_args,
+                    transforms=self.transforms,
+                    max_plate_nesting=1,
+                    jit_compile=self.jit_compile,
+                    skip_jit_warnings=True,
+                    init_strategy=init_to_feasible,
+                )
+        return self._potential_fn
 
-    def energy_and_grads(self, params: dict) -> Evaluation:
-        """The potential energy and its gradient at ``params``, not counted."""
-        position = {name: value.detach().requires_grad_(True) for name, value in params.items()}
+    def energy(self, theta: torch.Tensor) -> torch.Tensor:
+        """The potential energy at the flat unconstrained ``theta``, not counted."""
+        if self.fused is not None:
+            return self.fused.flat(theta)
+        return self._traced()(self.sites.unflat(theta))
+
+    def energy_and_grad(self, theta: torch.Tensor) -> Evaluation:
+        """The potential energy and its gradient at ``theta``, not counted."""
+        theta = theta.detach()
+        if self.fused is not None:
+            return Evaluation(theta, *self.fused.value_and_grad(theta))
+        position = theta.clone().requires_grad_(True)
         with torch.enable_grad():
             potential = self.energy(position)
-            grads = torch.autograd.grad(potential, list(position.values()))
-        position = {name: value.detach() for name, value in position.items()}
-        return Evaluation(position, potential.detach(), dict(zip(position, grads)))
+            (grad,) = torch.autograd.grad(potential, [position])
+        return Evaluation(theta, potential.detach(), grad)
 
     def __call__(self, params: dict) -> torch.Tensor:
         self.count += 1
+        theta = params[FLAT]
+        if self.fused is not None:
+            value, grad = self.fused.value_and_grad(theta)
+            if self.evaluations is not None:
+                self.evaluations.append(Evaluation(theta.detach(), value, grad))
+            return with_gradient(theta, value, grad)
         if self.evaluations is None:
-            return self.energy(params)
-        grads: dict[str, torch.Tensor] = {}
-        position = {name: value.detach() for name, value in params.items()}
+            return self.energy(theta)
+        position = theta.detach()
         try:
-            potential = self.energy(params)
+            potential = self.energy(theta)
         except Exception:
             # Pyro may handle the error (a NaN leaf); the trajectory still has this position
-            self.evaluations.append(Evaluation(position, torch.tensor(math.nan), grads))
+            self.evaluations.append(Evaluation(position, torch.tensor(math.nan), None))
             raise
-        for name, value in params.items():
-            if value.requires_grad:
-                value.register_hook(_keep_grad(grads, name))
-        self.evaluations.append(Evaluation(position, potential.detach(), grads))
+        evaluation = Evaluation(position, potential.detach())
+        self.evaluations.append(evaluation)
+        if theta.requires_grad:
+            theta.register_hook(_keep_grad(evaluation))
         return potential
 
 
-def _keep_grad(grads: dict, name: str) -> Callable:
+def _keep_grad(evaluation: Evaluation) -> Callable:
     def hook(grad: torch.Tensor) -> None:
-        grads[name] = grad.detach()
+        evaluation.grad = grad.detach()
 
     return hook
 
 
 # ------------------------------------------------------------------------------------ trajectory
 class _Metric:
-    """The kinetic energy's metric: the inverse mass matrix by blocks of sites, as the kernel's
-    public ``inverse_mass_matrix`` gives it (``{site names: (size,) diagonal or (size, size)}``),
-    with positions, momenta and gradients flattened in its site order."""
+    """The kinetic energy's metric: the inverse mass matrix by blocks, as the kernel's public
+    ``inverse_mass_matrix`` gives it (``{site names: (size,) diagonal or (size, size)}``; one
+    block over :data:`FLAT` for :class:`RecordingNUTS`), on flat vectors or rows of them."""
 
     def __init__(self, inverse_mass: dict):
-        self.names = [name for block in inverse_mass for name in block]
         self.blocks = [matrix.detach() for matrix in inverse_mass.values()]
         self.sizes = [matrix.shape[0] for matrix in self.blocks]
 
-    def flat(self, values: dict) -> torch.Tensor:
-        return torch.cat([values[name].reshape(-1) for name in self.names])
-
     def _by_block(self, vector: torch.Tensor, diagonal: Callable, dense: Callable) -> torch.Tensor:
-        parts = torch.split(vector, self.sizes)
+        if len(self.blocks) == 1:
+            block = self.blocks[0]
+            return diagonal(block, vector) if block.dim() == 1 else dense(block, vector)
+        parts = torch.split(vector, self.sizes, dim=-1)
         return torch.cat(
             [
                 diagonal(block, part) if block.dim() == 1 else dense(block, part)
                 for block, part in zip(self.blocks, parts)
-            ]
+            ],
+            dim=-1,
         )
 
     def velocity(self, momentum: torch.Tensor) -> torch.Tensor:
-        """``M^-1 r``."""
-        return self._by_block(momentum, torch.mul, torch.mv)
+        """``M^-1 r`` (per row)."""
+        return self._by_block(momentum, torch.mul, lambda block, part: part @ block.T)
 
     def momentum(self, velocity: torch.Tensor) -> torch.Tensor:
-        """``M v``."""
+        """``M v`` (per row)."""
         return self._by_block(
             velocity,
             lambda block, part: part / block,
-            lambda block, part: torch.linalg.solve(block, part),
+            lambda block, part: torch.linalg.solve(block, part.unsqueeze(-1)).squeeze(-1),
         )
 
     def kinetic(self, momentum: torch.Tensor) -> torch.Tensor:
-        """``0.5 r^T M^-1 r``."""
-        return 0.5 * torch.dot(momentum, self.velocity(momentum))
+        """``0.5 r^T M^-1 r`` (per row)."""
+        return 0.5 * (momentum * self.velocity(momentum)).sum(-1)
 
 
 def trajectory_statistics(
@@ -192,26 +241,31 @@ def trajectory_statistics(
     fresh momentum ``r_0 = M (z_1 - z_0) / eps + eps / 2 * g_0`` and ``energy = U_0 + K(r_0)``,
     the Hamiltonian at the start of the trajectory (what ``az.bfmi`` needs). Each later tree
     doubling extends one end of the trajectory: the one whose next leapfrog position is the
-    doubling's first position; along it every step's momentum is fixed by the same relation.
-    ``acceptance`` is the mean over the steps of ``min(1, exp(energy - H_i))`` (NaN ``H_i``: 0),
-    the acceptance statistic NUTS adapts its step size to. Both are NaN, with a
-    :class:`RuntimeWarning`, when the positions do not follow a leapfrog trajectory.
+    doubling's first position; along it every step's momentum is fixed by the same relation
+    (one batched expression per doubling). ``acceptance`` is the mean over the steps of
+    ``min(1, exp(energy - H_i))`` (NaN ``H_i``: 0), the acceptance statistic NUTS adapts its step
+    size to. Both are NaN, with a :class:`RuntimeWarning`, when the positions do not follow a
+    leapfrog trajectory.
     """
-    metric, eps = _Metric(inverse_mass), float(step_size)
-    z0, g0 = metric.flat(start.position), metric.flat(start.grads)
-    points = [_flat_evaluation(leaf, metric) for leaf in leaves]
-    if not points:
+    if not leaves:
         return math.nan, math.nan
-    r0 = metric.momentum((points[0][0] - z0) / eps) + 0.5 * eps * g0
+    metric, eps = _Metric(inverse_mass), float(step_size)
+    z0, g0 = start.position, start.grad
+    positions = torch.stack([leaf.position for leaf in leaves])
+    potentials = torch.stack([torch.as_tensor(leaf.potential).to(z0) for leaf in leaves])
+    nan = torch.full_like(z0, math.nan)  # the gradient where the potential failed
+    grads = torch.stack([nan if leaf.grad is None else leaf.grad for leaf in leaves])
+    r0 = metric.momentum((positions[0] - z0) / eps) + 0.5 * eps * g0
     energy = start.potential + metric.kinetic(r0)
     # the ends of the trajectory by direction (-1 left, +1 right): position, forward momentum,
     # gradient; the first step goes right from the start
     ends = {-1: (z0, r0, g0)}
-    direction, previous = 1, ends[-1]
     hamiltonians = []
-    for index, (z, potential, grads) in enumerate(points):
-        if index > 0 and ((index + 1) & index) == 0:  # the first step of doubling 1, 2, 3, ...
-            direction = _extended_end(ends, z, eps, metric)
+    first, direction = 0, 1
+    while first < len(leaves):  # doubling j: leaves 2^j - 1 to 2^(j+1) - 2
+        last = min(2 * first + 1, len(leaves))
+        if first > 0:
+            direction = _extended_end(ends, positions[first], eps, metric)
             if direction == 0:
                 warnings.warn(
                     "pyromoe could not follow this NUTS trajectory (has Pyro's integrator "
@@ -220,24 +274,17 @@ def trajectory_statistics(
                     stacklevel=2,
                 )
                 return math.nan, math.nan
-            previous = ends[direction]
-        momentum = (
-            metric.momentum(direction * (z - previous[0]) / eps) - direction * 0.5 * eps * grads
-        )
-        previous = ends[direction] = (z, momentum, grads)
-        hamiltonians.append(potential + metric.kinetic(momentum))
-    hamiltonians = torch.stack(hamiltonians)
+        end = z0 if first == 0 else ends[direction][0]  # the first step leaves the start
+        previous = torch.cat([end[None], positions[first : last - 1]])
+        steps = direction * (positions[first:last] - previous) / eps
+        momenta = metric.momentum(steps) - direction * 0.5 * eps * grads[first:last]
+        ends[direction] = (positions[last - 1], momenta[-1], grads[last - 1])
+        hamiltonians.append(potentials[first:last] + metric.kinetic(momenta))
+        first = last
+    hamiltonians = torch.cat(hamiltonians)
     hamiltonians = torch.where(torch.isnan(hamiltonians), math.inf, hamiltonians)
     acceptance = torch.exp(energy - hamiltonians).clamp(max=1.0).mean()
     return float(energy), float(acceptance)
-
-
-def _flat_evaluation(evaluation: Evaluation, metric: _Metric) -> tuple:
-    """``(position, potential, gradient)`` flat; a NaN gradient where the potential failed."""
-    position = metric.flat(evaluation.position)
-    if not evaluation.grads:
-        return position, evaluation.potential, torch.full_like(position, math.nan)
-    return position, evaluation.potential, metric.flat(evaluation.grads)
 
 
 def _extended_end(ends: dict, z: torch.Tensor, eps: float, metric: _Metric) -> int:
@@ -272,43 +319,74 @@ class RecordingNUTS(NUTS):
     STATS = ("step_size", "n_steps", "tree_depth", "lp", "energy", "acceptance_rate")
 
     def __init__(self, potential: CountedPotential, **kwargs):
+        if not isinstance(kwargs.get("full_mass", False), bool):
+            raise ValueError("RecordingNUTS takes full_mass=True or False (one block of all sites)")
         super().__init__(potential_fn=potential, **kwargs)
         self.potential = potential
+        self.sites = potential.sites
+        self._inside = False
+
+    # MCMC gives and reads positions by site; Pyro's NUTS inside works on the flat one
+    @property
+    def initial_params(self):
+        params = self._initial_params
+        if params and not self._inside:
+            return self.sites.unflat(params[FLAT])
+        return params
+
+    @initial_params.setter
+    def initial_params(self, params):
+        if params and FLAT not in params:
+            params = {FLAT: self.sites.flat(params)}
+        self._initial_params = params
+
+    @contextmanager
+    def _flat(self):
+        self._inside = True
+        try:
+            yield
+        finally:
+            self._inside = False
 
     def setup(self, warmup_steps, *args, **kwargs):
         self.draw_stats: dict[str, list] = {name: [] for name in self.STATS}
         self.count_at_setup = self.potential.count
         self.state: Evaluation | None = None
-        super().setup(warmup_steps, *args, **kwargs)
+        with self._flat():
+            super().setup(warmup_steps, *args, **kwargs)
         self.count_at_last_draw = self.potential.count
 
     def sample(self, params):
-        start = self.state if self.state is not None and _same(self.state, params) else None
+        theta = self.sites.flat(params)
+        start = self.state if self.state is not None and _at(self.state, theta) else None
         self.potential.evaluations = evaluations = []
         try:
-            state = super().sample(params)
+            with self._flat():
+                state = super().sample({FLAT: theta})[FLAT]
         finally:
             self.potential.evaluations = None
         # the leading evaluations at the start are Pyro recomputing it, not leapfrog steps
         leaves = evaluations
-        while leaves and _same(leaves[0], params):
+        while leaves and _at(leaves[0], theta):
             start, leaves = leaves[0], leaves[1:]
-        self.transition = (params, start, leaves)
-        self.state = next((leaf for leaf in reversed(leaves) if _same(leaf, state)), None)
-        if self.state is None and start is not None and _same(start, state):
+        self.transition = (theta, start, leaves)
+        self.state = next((leaf for leaf in reversed(leaves) if _at(leaf, state)), None)
+        if self.state is None and start is not None and _at(start, state):
             self.state = start
-        return state
+        return self.sites.unflat(state)
 
     def record_draw(self, params: dict, stage: str) -> None:
         count = self.potential.count
         n_steps, self.count_at_last_draw = count - self.count_at_last_draw, count
         if not stage.lower().startswith("sample"):
             return
-        start_params, start, leaves = self.transition
+        theta, start, leaves = self.transition
         with torch.no_grad():
-            if start is None or not start.grads:
-                start = self.potential.energy_and_grads(start_params)
-            lp = -float(self.potential.energy(params))
+            if start is None or start.grad is None:
+                start = self.potential.energy_and_grad(theta)
+            state = self.state
+            if state is None:  # not among the evaluations (cannot happen with Pyro's NUTS)
+                state = self.potential.energy_and_grad(self.sites.flat(params))
             energy, acceptance = trajectory_statistics(
                 start, leaves, self.step_size, self.inverse_mass_matrix
             )
@@ -316,7 +394,7 @@ class RecordingNUTS(NUTS):
         stats["step_size"].append(float(self.step_size))
         stats["n_steps"].append(n_steps)
         stats["tree_depth"].append(math.ceil(math.log2(n_steps + 1)))
-        stats["lp"].append(lp)
+        stats["lp"].append(-float(state.potential))
         stats["energy"].append(energy)
         stats["acceptance_rate"].append(acceptance)
 
@@ -327,9 +405,9 @@ class RecordingNUTS(NUTS):
         return out
 
 
-def _same(evaluation: Evaluation, params: dict) -> bool:
-    """Whether ``evaluation`` was made at exactly ``params``."""
-    return all(torch.equal(evaluation.position[name], value) for name, value in params.items())
+def _at(evaluation: Evaluation, theta: torch.Tensor) -> bool:
+    """Whether ``evaluation`` was made at exactly ``theta``."""
+    return torch.equal(evaluation.position, theta)
 
 
 def record_draw(kernel, params, stage, i) -> None:

@@ -27,11 +27,9 @@ from torch.distributions import constraints
 
 from ..core import sites
 
-__all__ = ["FusedPotential", "fused_potential", "unsupported_prior"]
+__all__ = ["FusedPotential", "fused_potential", "unsupported_prior", "with_gradient"]
 
 _LOG_2PI = math.log(2 * math.pi)
-#: site order of the flat vector
-_ORDER = (sites.EXPERTS_WEIGHT, sites.EXPERTS_BIAS, sites.GATE_WEIGHT, sites.GATE_BIAS, sites.NOISE)
 #: prior families the fused path knows, by exact type (subclasses may change ``log_prob``)
 _FAMILIES = {
     dist.Normal: "normal",
@@ -95,9 +93,9 @@ class FusedPotential:
     """Potential energy ``-log p(theta, y | x)`` in unconstrained space, fused into one expression.
 
     Call it on Pyro's dict of unconstrained site values (``NUTS(potential_fn=...)``) or use
-    :meth:`flat` on the flat vector (site order experts.weight, experts.bias, gate.weight,
-    gate.bias, noise; absent biases left out; the noise as ``log noise``). No argument checks: it
-    runs once per leapfrog step.
+    :meth:`flat` on the flat vector (the sites in sorted order, as Pyro's mass matrix takes them:
+    experts.bias, experts.weight, gate.bias, gate.weight, noise; absent sites left out; the noise
+    as ``log noise``). No argument checks: it runs once per leapfrog step.
 
     The data are held once, transposed, with a row of ones for the biases: every per-row tensor
     is ``(experts, n)``, so the sums over the experts (the mixture's and the gate's normalisers)
@@ -114,7 +112,8 @@ class FusedPotential:
         # the gate's own covariates: x = [x_experts | z] (pyromoe.core.likelihood)
         self.d_gate = getattr(model, "gate_features", None) or self.d
         self.shared_design = getattr(model, "gate_features", None) is None
-        self.names = [name for name in _ORDER if name in model.site_shapes]
+        # Pyro's order (sorted names, as its mass matrix and pyromoe's NUTS kernel): noise last
+        self.names = sorted(model.site_shapes)
         self.shapes = {name: model.site_shapes[name] for name in self.names}
         self.sizes = [math.prod(self.shapes[name]) for name in self.names]
         self.priors = priors
@@ -169,7 +168,7 @@ class FusedPotential:
         not autograd through the expression: half the cost of a NUTS gradient evaluation here.
         """
         if theta.requires_grad and torch.is_grad_enabled():
-            return _Potential.apply(theta, self)
+            return with_gradient(theta, *self.value_and_grad(theta))
         return self.value_and_grad(theta)[0]
 
     def value_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,19 +270,26 @@ class FusedPotential:
         return self.flat(self.to_flat(params))
 
 
-class _Potential(torch.autograd.Function):
-    """The fused potential with its closed-form gradient as the backward pass."""
+class _WithGradient(torch.autograd.Function):
+    """A value whose gradient is known: the backward pass scales it."""
 
     @staticmethod
-    def forward(ctx, theta, potential):
-        value, grad = potential.value_and_grad(theta)
+    def forward(ctx, theta, value, grad):
         ctx.save_for_backward(grad)
         return value
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return grad_output * grad, None
+        return grad_output * grad, None, None
+
+
+def with_gradient(theta: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``value`` (computed from ``theta`` without autograd) with ``grad`` as its gradient in
+    ``theta``: one node of the autograd graph when ``theta`` requires a gradient."""
+    if theta.requires_grad and torch.is_grad_enabled():
+        return _WithGradient.apply(theta, value, grad)
+    return value
 
 
 def fused_potential(model, x: torch.Tensor, y: torch.Tensor) -> FusedPotential | None:

@@ -67,7 +67,6 @@ _MIXTURE_ATTRIBUTES = frozenset(
         "link",
         "bias",
         "priors",
-        "site_shapes",
         "log_likelihood",
         "responsibilities",
         "params",
@@ -104,8 +103,9 @@ class UserModel:
     """A user's model with its mixture's sites under the mixture's own names.
 
     Calling it runs ``model(*args, **kwargs)`` inside :class:`RenameSites`; the attributes the
-    fits read of a mixture (:data:`_MIXTURE_ATTRIBUTES`) are the mixture's. It pickles when the
-    user's model does (chains in worker processes).
+    fits read of a mixture (:data:`_MIXTURE_ATTRIBUTES`) are the mixture's, and
+    :attr:`site_shapes` has every latent site (the mixture's, then the user's). It pickles when
+    the user's model does (chains in worker processes).
 
     Attributes
     ----------
@@ -132,6 +132,12 @@ class UserModel:
         if name in _MIXTURE_ATTRIBUTES and "mixture" in self.__dict__:
             return getattr(self.__dict__["mixture"], name)
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    @property
+    def site_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of each latent sample site, by name: the mixture's (its own names), then the
+        user's."""
+        return {**self.mixture.site_shapes, **self.user_sites}
 
     @property
     def renamed(self) -> bool:

@@ -28,8 +28,8 @@ from .._validation import (
     user_stacklevel,
     validate,
 )
-from ..core.em.loop import CollapseWarning, ConvergenceWarning, warn_collapse
-from ..core.em.statistics import mean_log_likelihood
+from ..core.em.loop import EM, CollapseWarning, ConvergenceWarning, warn_collapse
+from ..core.em.starts import SCREEN_ROWS, random_start, start_params
 from ..core.estimate import MoEEstimate
 from ..core.links import Link, link_rule
 from ..core.sources import Source, TensorSource
@@ -394,66 +394,128 @@ def _map_refit(source, link, options, choice, moment: MoEEstimate, problem: str)
     )
 
 
+#: The guard's stop rule (:func:`_cannot_win`) waits this many iterations of a random start, and
+#: extrapolates only a run converging faster than this rate per iteration.
+STOP_MIN_ITER = 5
+STOP_MAX_RATE = 0.95
+
+
+def _cannot_win(target: float):
+    """The guard's ``stop`` rule for a random start's EM run (:meth:`EM.fit`): True once the run,
+    extrapolated to its limit, cannot beat ``target`` by ``RANDOM_MARGIN``.
+
+    EM converges linearly near an optimum: increments shrink by a rate ``r`` per iteration, so
+    the run has at most ``delta r / (1 - r)`` left to gain; twice that bound is used. Runs still
+    speeding up, or slower than :data:`STOP_MAX_RATE` (a plateau, e.g. near a saddle), go on.
+    """
+
+    def stop(trace: list[float]) -> bool:
+        if len(trace) <= STOP_MIN_ITER:
+            return False
+        last, before = trace[-1] - trace[-2], trace[-2] - trace[-3]
+        if last < 0 or before <= 0 or last / before >= STOP_MAX_RATE:
+            return False
+        rate = last / before
+        return trace[-1] + 2.0 * last * rate / (1.0 - rate) < target + RANDOM_MARGIN
+
+    return stop
+
+
+def _random_runs(source, rows: Source, link, options: MomentOptions, target: float):
+    """EM on ``rows`` from :data:`AUTO_RANDOM_STARTS` random draws, each stopped once it cannot
+    beat ``target`` (:func:`_cannot_win`): the runs and the index of the best."""
+    k = options.num_experts
+    generator = torch.Generator().manual_seed(child_seed(options.seed, 1))
+    like = torch.empty(0, dtype=source.dtype, device=source.device)
+    per_expert = options.noise_model == "per_expert"
+    starts = [
+        start_params(
+            random_start(source, None, k, link, generator, gate_features=options.gate_features),
+            like,
+            True,
+            per_expert,
+        )
+        for _ in range(AUTO_RANDOM_STARTS)
+    ]
+    em = EM(rows, link, chunk_size=options.chunk_size)
+    with warnings.catch_warnings():
+        # the guard's fits are not the answer: only the final fit may warn
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return em.fit(starts, stop=_cannot_win(target))
+
+
+def _subsample(source: Source, rows: int, seed: int) -> Source:
+    """A random subsample of ``rows`` rows of ``source`` (``source`` itself when it has no more)."""
+    if rows >= source.num_rows:
+        return source
+    generator = torch.Generator().manual_seed(int(seed))
+    return TensorSource(*source.subsample(rows, generator))
+
+
 def _guarded(source, link, noise, options: MomentOptions, guard_rows: int):
     """The guarded tensor start of ``method="auto"``: (the estimate, the moment estimate).
 
-    The moment step reads all rows (two passes); the gate EM, EM from the moment estimate and the
-    random-start EM fits run on a random subsample of ``guard_rows`` rows, where the winner is
-    chosen by mean log-likelihood; full-data EM then runs from the winner only.
+    The moment step reads all rows (two passes). On a random subsample of :data:`SCREEN_ROWS`
+    rows the gate is fitted with the moment experts fixed, then joint EM runs from that start,
+    and :data:`AUTO_RANDOM_STARTS` random-start EM runs there are each stopped as soon as they
+    cannot beat it (:func:`_cannot_win`). EM then runs from the winner only, on the guard's
+    subsample of ``guard_size(n, guard_rows)`` rows and on all rows (each warm-started from the
+    last); the seconds of each step are ``diagnostics["time_split"]``.
     """
     began = time.perf_counter()
     k, seed = options.num_experts, options.seed
     em_options = dict(noise=options.noise_model, chunk_size=options.chunk_size, **options.layout)
-    n = source.num_rows
-    rows = guard_size(n, guard_rows)
-    if rows < n:
-        generator = torch.Generator().manual_seed(int(seed))
-        guard = TensorSource(*source.subsample(rows, generator))
-    else:
-        guard = source
+    guard = _subsample(source, guard_size(source.num_rows, guard_rows), seed)
+    screen = _subsample(guard, SCREEN_ROWS, child_seed(seed, 2))
     # the moment estimate keeps the moment step's one shared sd (EM expands it per expert)
     shared = replace(options, noise_model="shared")
-    moment = _tensor_init(source, link, noise=noise, options=shared, gate_source=guard)
+    moment = _tensor_init(source, link, noise=noise, options=shared, gate_source=screen)
+    clock = time.perf_counter()
     with warnings.catch_warnings():
-        # the guard's fits are not the answer: only the final fit may warn
         warnings.simplefilter("ignore", ConvergenceWarning)
-        candidates = {
-            "tensor": fit_em.unchecked(
-                guard, None, k, link, init=moment, n_init=1, seed=seed, **em_options
-            ),
-            "random": fit_em.unchecked(
-                guard,
-                None,
-                k,
-                link,
-                n_init=AUTO_RANDOM_STARTS,
-                seed=child_seed(seed, 1),
-                **em_options,
-            ),
-        }
-    scores = {
-        name: mean_log_likelihood(guard, fit.params, link, options.chunk_size)
-        for name, fit in candidates.items()
-    }
+        tensor = fit_em.unchecked(screen, None, k, link, init=moment, seed=seed, **em_options)
+    tensor_seconds = time.perf_counter() - clock
+    scores = {"tensor": tensor.diagnostics["log_likelihood_per_start"][0]}
+    clock = time.perf_counter()
+    runs, best = _random_runs(source, screen, link, options, scores["tensor"])
+    random_seconds = time.perf_counter() - clock
+    scores["random"] = runs[best].objective
     # random starts must beat the tensor start by a real margin (RANDOM_MARGIN nats per row): two
     # runs converging to the same optimum differ in the last digits and that is not a "win"
     winner = "random" if scores["random"] > scores["tensor"] + RANDOM_MARGIN else "tensor"
     guard_seconds = time.perf_counter() - began
-    if guard is source:
-        final = candidates[winner]
-    else:
-        final = fit_em.unchecked(
-            source, None, k, link, init=candidates[winner], n_init=1, seed=seed, **em_options
-        )
+    # the winner's fit and the rows it was fitted on (a random run is refitted: fit_em's report)
+    final, fitted = tensor, screen.num_rows
+    if winner == "random":
+        final, fitted = _run_estimate(runs[best], link, options), 0
+    stages = {}
+    for name, rows in (("guard_em", guard), ("final_em", source)):
+        clock = time.perf_counter()
+        if rows.num_rows > fitted:
+            final = fit_em.unchecked(rows, None, k, link, init=final, seed=seed, **em_options)
+            fitted = rows.num_rows
+        stages[name] = time.perf_counter() - clock
     diagnostics = dict(moment.diagnostics)
     em = final.diagnostics
+    split = {
+        "moments": diagnostics["moment_seconds"],
+        "gate_em": diagnostics["gate_seconds"],
+        "guard_tensor_em": tensor_seconds,
+        "guard_random_em": [run.seconds for run in runs],
+        **stages,
+    }
     diagnostics.update(
         {
             "refined": True,
             "refine_winner": winner,
             "refine_log_likelihoods": scores,
             "guard_rows": guard.num_rows,
+            "guard_screen_rows": screen.num_rows,
             "guard_seconds": guard_seconds,
+            "guard_random_seconds": random_seconds,
+            "guard_random_n_iter": [run.n_iter for run in runs],
+            "guard_random_stopped": [run.stopped for run in runs],
+            "time_split": split,
             "refine_converged": em.get("converged"),
             "refine_n_iter": em.get("n_iter"),
             "refine_passes": em.get("passes_per_start", [None])[0],
@@ -465,3 +527,11 @@ def _guarded(source, link, noise, options: MomentOptions, guard_rows: int):
     )
     method = "tensor+em" if winner == "tensor" else "em"
     return replace(final, method=method, diagnostics=diagnostics), moment
+
+
+def _run_estimate(run, link: Link, options: MomentOptions) -> MoEEstimate:
+    """An EM run's parameters as an estimate (the noise shaped by the fit's noise model)."""
+    k = options.num_experts
+    per_expert = options.noise_model == "per_expert"
+    params = run.params._replace(noise=run.params.noise.reshape((k,) if per_expert else ()))
+    return MoEEstimate.from_params(params, link, method="em")

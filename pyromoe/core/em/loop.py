@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -112,6 +112,8 @@ class EMRun:
     passes : int
         Passes over the data (one per iteration, plus one per extra Newton step or step halving,
         plus the first).
+    stopped : bool
+        Whether the caller's ``stop`` rule (:meth:`EM.fit`) ended the run before convergence.
     """
 
     params: Params
@@ -122,6 +124,7 @@ class EMRun:
     collapsed_experts: list[int]
     seconds: float
     passes: int = 0
+    stopped: bool = False
 
     @property
     def objective(self) -> float:
@@ -254,9 +257,17 @@ class EM:
             )
         return proposal, extra
 
-    def fit(self, starts: Sequence[Params], *, stacklevel: int = 2) -> tuple[list[EMRun], int]:
+    def fit(
+        self,
+        starts: Sequence[Params],
+        *,
+        stacklevel: int = 2,
+        stop: Callable[[list[float]], bool] | None = None,
+    ) -> tuple[list[EMRun], int]:
         """EM from each start in turn; the runs and the index of the best (highest objective).
 
+        ``stop``, called with a run's trace after each iteration, ends that run early when it
+        returns True (``EMRun.stopped``): e.g. once a start can no longer beat a rival.
         Warns (``stacklevel`` as for :func:`warnings.warn`, counted from this method) with a
         :class:`ConvergenceWarning` when the best start did not converge, and a
         :class:`CollapseWarning` when it ends collapsing.
@@ -269,7 +280,7 @@ class EM:
             statistics = self.statistics(params)
             value = self.objective(statistics, params)
             trace, passes = [value], 1
-            converged, n_iter = False, 0
+            converged, stopped, n_iter = False, False, 0
             for n_iter in range(1, self.max_iter + 1):  # noqa: B007 (n_iter is kept)
                 proposal, extra = self._propose(statistics, params)
                 passes += extra
@@ -287,6 +298,9 @@ class EM:
                 if abs(trace[-1] - trace[-2]) < self.tol:
                     converged = True
                     break
+                if stop is not None and stop(trace):
+                    stopped = True
+                    break
             effective_rows, collapsed = _collapse(
                 statistics.responsibility, params.noise, self.floor, params.in_features
             )
@@ -300,6 +314,7 @@ class EM:
                     collapsed_experts=collapsed,
                     seconds=time.perf_counter() - began,
                     passes=passes,
+                    stopped=stopped,
                 )
             )
         best = max(range(len(runs)), key=lambda i: runs[i].objective)

@@ -152,7 +152,8 @@ def expert_step(
     gram, vector = statistics.expert_matrix, statistics.expert_vector
     if link.is_identity:
         coefficients = solve_linear_experts((gram, vector), ridge)
-        quadratic = torch.einsum("iw,iwv,iv->i", coefficients, gram, coefficients)
+        # c_i' G_i c_i (a batched product: einsum plans its contraction on every call)
+        quadratic = ((gram @ coefficients[:, :, None])[:, :, 0] * coefficients).sum(-1)
         squared_error = (
             statistics.y_square - 2 * (coefficients * vector).sum(-1) + quadratic
         ).clamp_min(0)

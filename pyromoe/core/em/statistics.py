@@ -103,10 +103,63 @@ def _weighted_gram(x: torch.Tensor, weight: torch.Tensor, intercept: bool) -> to
     return torch.cat([top, torch.cat([edge, weight.sum()[None]])[None]], dim=0)
 
 
+def _weighted_grams(x: torch.Tensor, weights: torch.Tensor, intercept: bool) -> torch.Tensor:
+    """:func:`_weighted_gram` for each column of ``weights`` (n, m): shape (m, w, w). One GEMM
+    per column: a single GEMM of the stacked weighted copies (n, m d) with ``x`` measured slower
+    on a CPU (benchmarks/results/pass_cost.md)."""
+    return torch.stack(
+        [_weighted_gram(x, weights[:, i], intercept) for i in range(weights.shape[1])]
+    )
+
+
 def _weighted_sums(x: torch.Tensor, weights: torch.Tensor, intercept: bool) -> torch.Tensor:
     """``sum_n w_ni u_n`` for each column ``i`` of ``weights`` (n, m): shape (m, w)."""
     sums = weights.T @ x
     return torch.cat([sums, weights.sum(0)[:, None]], dim=1) if intercept else sums
+
+
+def _gate_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """The free experts' gate probabilities (n, k - 1); k = 2: a sigmoid (a softmax over two
+    columns is many times slower on a CPU)."""
+    if logits.shape[1] == 2:
+        return torch.sigmoid(logits[:, 1:] - logits[:, :1])
+    return torch.softmax(logits, dim=-1)[:, 1:]
+
+
+def _expert_system(x, y, resp, predictors, residual, link: Link, intercept: bool, gate_probs):
+    """The experts' weighted Gram matrices (or Gauss-Newton systems), their right-hand sides and
+    ``sum r y^2``, in one GEMM for all experts; with ``gate_probs`` (k = 2, the gate on the same
+    design) the gate's IRLS Gram joins that GEMM and is returned too (else None)."""
+    f64 = torch.float64
+    y_square = None
+    if link.is_identity:
+        gram_weights = resp
+        vector = _weighted_sums(x, resp * y[:, None], intercept)
+        y_square = (resp * (y * y)[:, None]).sum(0).to(f64)
+    else:
+        derivative = link.derivative(predictors)  # J_i = g'(z_i) u: weights g'^2 r, g' r res
+        gram_weights = resp * derivative.pow(2)
+        vector = _weighted_sums(x, derivative * resp * residual, intercept)
+    k = resp.shape[1]
+    if gate_probs is not None:
+        gram_weights = torch.cat([gram_weights, gate_probs * (1 - gate_probs)], dim=1)
+    matrix = _weighted_grams(x, gram_weights, intercept)
+    gate_hessian = matrix[k] if gate_probs is not None else None
+    return matrix[:k].to(f64), vector.to(f64), y_square, gate_hessian
+
+
+def _gate_system(x, resp, probs, gate_bias: bool, hessian):
+    """The gate's IRLS gradient and negative Hessian (``hessian`` when already computed)."""
+    width = x.shape[1] + (1 if gate_bias else 0)
+    if probs is None:  # one expert: no gate
+        return x.new_zeros(0, width), x.new_zeros(0, 0)
+    gradient = _weighted_sums(x, resp[:, 1:] - probs, gate_bias)
+    if hessian is None:
+        if probs.shape[1] == 1:
+            hessian = _weighted_gram(x, probs[:, 0] * (1 - probs[:, 0]), gate_bias)
+        else:
+            hessian = _negative_hessian(_with_intercept(x, gate_bias), probs)
+    return gradient, hessian
 
 
 def pass_statistics(
@@ -142,35 +195,15 @@ def pass_statistics(
     intercept = at.experts_bias is not None
     residual = y[:, None] - link(predictors)
     k = resp.shape[1]
-    matrix = vector = y_square = None
+    probs = _gate_probabilities(logits) if k > 1 else None
+    # k = 2 with one design and one intercept rule: the gate's IRLS Gram joins the experts' GEMM
+    fuse_gate = k == 2 and update_experts and x_gate is x_experts and gate_bias == intercept
+    matrix = vector = y_square = hessian = None
     if update_experts:
-        if link.is_identity:
-            matrix = torch.stack(
-                [_weighted_gram(x_experts, resp[:, i], intercept) for i in range(k)]
-            )
-            vector = _weighted_sums(x_experts, resp * y[:, None], intercept)
-            y_square = (resp * (y * y)[:, None]).sum(0).to(f64)
-        else:
-            derivative = link.derivative(predictors)  # J_i = g'(z_i) u: weights g'^2 r, g' r res
-            matrix = torch.stack(
-                [
-                    _weighted_gram(x_experts, resp[:, i] * derivative[:, i].pow(2), intercept)
-                    for i in range(k)
-                ]
-            )
-            vector = _weighted_sums(x_experts, derivative * resp * residual, intercept)
-        matrix, vector = matrix.to(f64), vector.to(f64)
-    width = x_gate.shape[1] + (1 if gate_bias else 0)
-    if k == 1:  # one expert: no gate
-        gradient = x.new_zeros(0, width)
-        hessian = x.new_zeros(0, 0)
-    else:
-        probs = torch.softmax(logits, dim=-1)[:, 1:]
-        gradient = _weighted_sums(x_gate, resp[:, 1:] - probs, gate_bias)
-        if k == 2:
-            hessian = _weighted_gram(x_gate, probs[:, 0] * (1 - probs[:, 0]), gate_bias)
-        else:
-            hessian = _negative_hessian(_with_intercept(x_gate, gate_bias), probs)
+        matrix, vector, y_square, hessian = _expert_system(
+            x_experts, y, resp, predictors, residual, link, intercept, probs if fuse_gate else None
+        )
+    gradient, hessian = _gate_system(x_gate, resp, probs, gate_bias, hessian)
     return Statistics(
         rows=torch.tensor(float(x.shape[0]), dtype=f64, device=x.device),
         log_likelihood=log_lik.sum().to(f64),

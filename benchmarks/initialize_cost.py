@@ -1,0 +1,202 @@
+"""What ``initialize`` costs against EM from random starts (issue 26 item 1).
+
+On ``simulate(n, d, 2, expert_cosine=0.8, gate_norm=2, noise=0.5, bias=True)`` (similar experts,
+the setting of benchmarks/random_starts.py), one torch thread, in memory, float64:
+
+- ``initialize_s``: ``pyromoe.initialize(x, y, 2)`` (default ``method="auto"``);
+- ``em_start_s``: one default (screened) ``fit_em`` start, ``fit_em(x, y, 2, n_init=1)``;
+- ``multi_start_em_s``: pyromoe's default multi-start ``fit_em(x, y, 2)`` (5 screened starts);
+
+each the median of ``--repeats`` runs taken in turn (initialize, one start, multi-start) after one
+warm-up call, all in one process; ratios are of medians within the run. ``same_optimum``: the
+mean log-likelihood per row of ``initialize``'s estimate is within ``TOLERANCE`` of the better
+of the two EM fits (or above it). The time split of ``initialize`` is its
+``diagnostics["time_split"]`` (last run). The large rows (``--large``, d = 50) compare
+``initialize`` with one random-start EM fit only (a multi-start fit there takes minutes).
+
+Run: ``python benchmarks/initialize_cost.py`` (n = 2000, 2e4, 2e5; a few minutes), add
+``--sizes 2000 2e4 2e5 2e6`` and ``--large 1e6`` for the bigger settings. Writes
+benchmarks/results/initialize_cost.{json,md}. Timings on a shared, loaded machine are noisy: read
+the ratios, which were measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks._common import (  # noqa: E402
+    add_threads_argument,
+    machine_info,
+    machine_section,
+    write_results,
+)
+from pyromoe import fit_em, initialize, simulate  # noqa: E402
+from pyromoe.core.em.statistics import mean_log_likelihood  # noqa: E402
+from pyromoe.core.sources import TensorSource  # noqa: E402
+
+#: Largest shortfall of initialize's mean log-likelihood per row behind EM's that still counts as
+#: the same optimum.
+TOLERANCE = 1e-6
+K, COSINE, NOISE, GATE_NORM, DATA_SEED = 2, 0.8, 0.5, 2.0, 11
+
+
+def _timed(call):
+    began = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = call()
+    return result, time.perf_counter() - began
+
+
+def _score(data, estimate) -> float:
+    source = TensorSource(data.x, data.y)
+    return mean_log_likelihood(source, estimate.params, estimate.link, 65_536)
+
+
+def measure(n: int, d: int, repeats: int, multi_start: bool) -> dict:
+    data = simulate(
+        n,
+        d,
+        K,
+        noise=NOISE,
+        gate="random",
+        seed=DATA_SEED,
+        expert_cosine=COSINE,
+        gate_norm=GATE_NORM,
+        bias=True,
+    )
+    x, y = data.x, data.y
+    calls = {
+        "initialize_s": lambda: initialize(x, y, K, seed=0),
+        "em_start_s": lambda: fit_em(x, y, K, n_init=1, seed=0),
+    }
+    if multi_start:
+        calls["multi_start_em_s"] = lambda: fit_em(x, y, K, seed=0)
+    if n <= 200_000:  # warm-up (imports, allocator) where it is cheap
+        for call in calls.values():
+            _timed(call)
+    times = {name: [] for name in calls}
+    fits = {}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            fits[name], seconds = _timed(call)
+            times[name].append(seconds)
+    scores = {name: _score(data, fit) for name, fit in fits.items()}
+    best_em = max(value for name, value in scores.items() if name != "initialize_s")
+    row = {name: statistics.median(values) for name, values in times.items()}
+    diagnostics = fits["initialize_s"].diagnostics
+    row.update(
+        {
+            "n": n,
+            "d": d,
+            "k": K,
+            "same_optimum": bool(scores["initialize_s"] >= best_em - TOLERANCE),
+            "log_likelihood_per_row": scores,
+            "initialize_minus_best_em": scores["initialize_s"] - best_em,
+            "initializer": diagnostics.get("initializer"),
+            "refine_winner": diagnostics.get("refine_winner"),
+            "time_split": diagnostics.get("time_split"),
+            "guard_random_n_iter": diagnostics.get("guard_random_n_iter"),
+            "final_em_n_iter": diagnostics.get("refine_n_iter", diagnostics.get("n_iter")),
+            "em_start_n_iter": fits["em_start_s"].diagnostics["n_iter"],
+            "repeats": repeats,
+            "seconds_per_repeat": times,
+            "ratio_to_em_start": row["initialize_s"] / row["em_start_s"],
+        }
+    )
+    if multi_start:
+        row["ratio_to_multi_start_em"] = row["initialize_s"] / row["multi_start_em_s"]
+    return row
+
+
+def _split_text(split: dict | None) -> str:
+    if not split:
+        return "(no guard: multi-start EM fallback)"
+    parts = []
+    for name, value in split.items():
+        if isinstance(value, list):
+            parts.append(f"{name} {' + '.join(f'{v:.3f}' for v in value)}")
+        else:
+            parts.append(f"{name} {value:.3f}")
+    return "; ".join(parts)
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# initialize cost (issue 26 item 1)",
+        "",
+        f"`simulate(n, d, 2, expert_cosine={COSINE}, gate_norm={GATE_NORM}, noise={NOISE}, "
+        f"bias=True, seed={DATA_SEED})`, float64 in memory, {result['threads']} torch thread(s); "
+        "medians of the repeats, all in one run. **Timings were taken on a shared 2-core machine "
+        "under load from other jobs**: absolute seconds are noisy, compare the ratios.",
+        "",
+        "Targets: `initialize` at most 1.0x one default (screened) `fit_em` start from n = 2e5 "
+        "(d = 10), at most 1.5x it at n = 2000, at most 0.25x one random-start EM fit at n = 1e6 "
+        "(d = 50), with the same optimum (mean log-likelihood within 1e-6 per row).",
+        "",
+        "| n | d | initializer | initialize (s) | one EM start (s) | multi-start EM (s) | "
+        "ratio to one start | ratio to multi-start | same optimum | init - best EM LL/row |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"] + result["large_rows"]:
+        multi = row.get("multi_start_em_s")
+        ratio_multi = row.get("ratio_to_multi_start_em")
+        lines.append(
+            f"| {row['n']:,} | {row['d']} | {row['initializer']} | {row['initialize_s']:.3f} | "
+            f"{row['em_start_s']:.3f} | {'-' if multi is None else f'{multi:.3f}'} | "
+            f"{row['ratio_to_em_start']:.2f} | "
+            f"{'-' if ratio_multi is None else f'{ratio_multi:.2f}'} | {row['same_optimum']} | "
+            f"{row['initialize_minus_best_em']:.2e} |"
+        )
+    lines += ["", "## Where initialize spends its time (seconds, last run)", ""]
+    for row in result["rows"] + result["large_rows"]:
+        lines.append(
+            f"- n = {row['n']:,}, d = {row['d']}: {_split_text(row['time_split'])}; final EM "
+            f"{row['final_em_n_iter']} iterations (one EM start: {row['em_start_n_iter']}); "
+            f"random guard runs stopped after {row['guard_random_n_iter']} iterations"
+        )
+    lines += machine_section(result["machine_info"])
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", type=float, default=[2000, 2e4, 2e5])
+    parser.add_argument("--large", nargs="*", type=float, default=[], help="n at d = 50")
+    parser.add_argument("--repeats", type=int, default=5)
+    add_threads_argument(parser)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for n in args.sizes:
+        repeats = args.repeats if n <= 2e5 else 1
+        rows.append(measure(int(n), 10, repeats, multi_start=True))
+        print(rows[-1]["n"], {k: rows[-1][k] for k in ("initialize_s", "em_start_s")}, flush=True)
+    large = [measure(int(n), 50, 1, multi_start=False) for n in args.large]
+    info = machine_info()
+    result = {
+        "machine": f"{info['cpu']}, {info['cpu_count']} cores, {args.threads} torch thread(s)",
+        "date": datetime.date.today().isoformat(),
+        "rows": rows,
+        "large_rows": large,
+        "threads": args.threads,
+        "tolerance_per_row": TOLERANCE,
+        "timing_note": "shared 2-core machine under load from other jobs; medians, one run",
+        "machine_info": info,
+    }
+    for path in write_results("initialize_cost", result, markdown(result)):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -277,3 +277,20 @@ def test_misuse_at_run_time_names_the_fix(problem):
     overlapping = GateGuide(model, init=estimate, others=AutoNormal(model))  # not blocked
     with pytest.raises(ValueError, match=r"build it on poutine\.block\(model, hide="):
         overlapping(data.x, data.y)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_guide_follows_the_data_to_cuda():
+    data = pyromoe.simulate(500, 2, seed=0, bias=True, device="cuda")
+    model = pyromoe.MixtureOfExperts(2, 2)
+    truth = data.truth.site_values()
+    start = {name: truth[name] for name in EVERY_OTHER_SITE}
+    em = GateGuide(model, init=start, fixed=EVERY_OTHER_SITE)
+    for _ in range(10):
+        em.em_step(data.x, data.y)
+    svi_guide = GateGuide(model, init=start, fixed=EVERY_OTHER_SITE, update="map")
+    SVI(model, svi_guide, Adam({"lr": 0.05}), Trace_ELBO()).step(data.x, data.y)
+    for guide in (em, svi_guide):
+        for value in guide.median(data.x, data.y).values():
+            assert value.device.type == "cuda" and value.dtype == data.x.dtype

@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "fit_map": ".bayes.svi",
     "fit_svi": ".bayes.svi",
     "trained_guide": ".bayes.trained",
+    "mixture_priors": ".bayes.user_model",
     "GateGuide": ".bayes.gate_guide",
     "run_nuts": ".bayes.nuts",
     "sample_prior_predictive": ".bayes.prior",
@@ -113,6 +114,7 @@ __all__ = [
     "load_mcycle",
     "load_old_faithful",
     "load_penguins",
+    "mixture_priors",
     "nuts_report",
     "parameter_errors",
     "parameter_table",
@@ -171,6 +173,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .bayes.svi import fit_map, fit_svi
     from .bayes.to_arviz import to_inference_data
     from .bayes.trained import trained_guide
+    from .bayes.user_model import mixture_priors
     from .core import links
     from .core.em.loop import CollapseWarning, ConvergenceWarning
     from .core.estimate import MoEEstimate, parameter_errors

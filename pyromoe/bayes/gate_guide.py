@@ -45,7 +45,7 @@ from ..core.estimate import MoEEstimate
 from .init_strategy import match_noise_model
 from .model import MixtureOfExperts, describe_distribution
 
-__all__ = ["GATE_SITES", "GateGuide"]
+__all__ = ["GATE_SITES", "GateGuide", "gate_prior_scale"]
 
 #: The gate's sample sites, the ones :class:`GateGuide` fits (a model without ``bias`` lacks the
 #: second).
@@ -220,6 +220,11 @@ class GateGuide(AutoGuide):
     ``poutine.block(model, hide=gate_guide.point_sites)``). A model with separate gate covariates
     (``gate_features``) works alike: the guide, like the model, takes the joined design
     ``[x | z]``.
+
+    With ``update="map"`` the gate's values are Pyro parameters named ``GateGuide.gate_weight``
+    and ``GateGuide.gate_bias`` in Pyro's parameter store, as an autoguide's are: a second such
+    guide in the same store takes them over (``pyro.clear_param_store()`` between fits, as for
+    Pyro's autoguides). With ``update="em"`` they are buffers of the guide, in no store.
 
     Parameters
     ----------

@@ -2,9 +2,9 @@
 
 The tensor start of :mod:`pyromoe.estimators.tensor_init` where it applies, guarded by random-start
 EM on a random subsample and a sanity check, with multi-start EM (:func:`pyromoe.fit_em`) as
-the fallback. On all rows the guarded path costs the moment passes plus ONE EM run from the winning
-start: the comparison with random starts never takes a full-data pass.
-"""
+the fallback. On all rows the guarded path costs the summary and moment passes plus ONE EM run
+from the winning start: the comparison with random starts never takes a full-data pass, and a
+random start's run stops as soon as it cannot beat the tensor start."""
 
 from __future__ import annotations
 
@@ -173,12 +173,13 @@ def initialize(
         errors where the moments cannot apply (``k > d``, too few rows, T2 rank below k).
         ``"em"``: joint EM from ``n_init`` random starts, best log-likelihood wins.
         ``"auto"``: when ``k <= d`` and the moment step (on all rows) succeeds, a guard on a random
-        subsample (:func:`guard_size`): the gate is fitted there, EM from the tensor start is
-        compared with :data:`AUTO_RANDOM_STARTS` random-start EM fits by mean log-likelihood on
-        that subsample (a seed in the wrong place is worse than none; random starts must win by
-        ``RANDOM_MARGIN`` nats per row), and full-data EM then runs from the winner only; a sanity
-        check follows (finite parameters, gate weights below :data:`MAX_SANE_GATE_NORM` per sd of
-        x). Otherwise multi-start EM with ``n_init`` starts.
+        subsample of :data:`~pyromoe.core.em.starts.SCREEN_ROWS` rows: the gate is fitted there
+        and EM from the tensor start is compared with :data:`AUTO_RANDOM_STARTS` random-start EM
+        runs by mean log-likelihood (a seed in the wrong place is worse than none; random starts
+        must win by ``RANDOM_MARGIN`` nats per row, and each stops once it cannot); EM then runs
+        from the winner only, on the guard subsample (:func:`guard_size`) and on all rows; a
+        sanity check follows (finite parameters, gate weights below :data:`MAX_SANE_GATE_NORM`
+        per sd of x). Otherwise multi-start EM with ``n_init`` starts.
     n_init : int
         Random starts of the EM fallback (``method="em"``, or ``"auto"`` when it falls back).
     noise : float, "shared" or "per_expert", optional
@@ -201,8 +202,10 @@ def initialize(
         With ``diagnostics["initializer"]`` (``"tensor"``: the moment start ran, with EM after it;
         ``"em"``: multi-start EM only), ``diagnostics["initializer_reason"]`` (why, and for
         ``"auto"`` which start won: ``diagnostics["refine_winner"]``, with the subsample's
-        ``refine_log_likelihoods``, ``guard_rows`` and ``guard_seconds``), and the diagnostics of
-        the method that ran (shown by ``summary()``).
+        ``refine_log_likelihoods`` on the screening rows, ``guard_rows``, ``guard_screen_rows``,
+        ``guard_seconds`` and ``time_split``: the seconds of the summary pass, the moment passes,
+        gate EM, each guard fit and the final EM), and the diagnostics of the method that ran
+        (shown by ``summary()``).
 
     Raises
     ------
@@ -232,8 +235,15 @@ def initialize(
     )
     choice = _Choice(method=method, n_init=n_init, guard_rows=guard_rows)
     with torch_threads(num_threads):
+        began = time.perf_counter()
         source.summary(options.chunk_size)  # out-of-core data: the NaN check is this first pass
-        return _initialize(source, link, noise=noise, options=options, choice=choice)
+        summary_seconds = time.perf_counter() - began
+        estimate = _initialize(source, link, noise=noise, options=options, choice=choice)
+    split = estimate.diagnostics.get("time_split")
+    if split is not None:  # the guarded tensor start ran: its split, with the summary pass
+        total = time.perf_counter() - began
+        estimate.diagnostics["time_split"] = {"summary": summary_seconds, **split, "total": total}
+    return estimate
 
 
 @on_exact_scale("estimate", noise="noise")
@@ -343,11 +353,11 @@ def _choose(source, link, noise, options: MomentOptions, choice: _Choice) -> MoE
         return _map_refit(source, link, options, choice, moment, problem)
     diagnostics = estimate.diagnostics
     winner = diagnostics["refine_winner"]
-    rows = diagnostics["guard_rows"]
+    rows = diagnostics["guard_screen_rows"]
     where = "all rows" if rows == source.num_rows else f"a random subsample of {rows} rows"
     reason = (
         f"k <= d and the moment step succeeded; tensor start -> EM checked against "
-        f"{AUTO_RANDOM_STARTS} random-start EM fits on {where}: the {winner} start had the best "
+        f"{AUTO_RANDOM_STARTS} random-start EM runs on {where}: the {winner} start had the best "
         "log-likelihood there, and EM on all rows ran from it"
     )
     return _labelled(estimate, "tensor", reason, options.seed)

@@ -1,0 +1,164 @@
+"""initialize's lean guard (issue 26 item 1) and the sums of one EM pass against an independent
+computation (issue 26 item 2)."""
+
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+
+import pyromoe
+from pyromoe import simulate
+from pyromoe.core.em.statistics import pass_statistics
+from pyromoe.core.likelihood import component_log_probs, gate_logits
+from pyromoe.core.links import get_link
+from pyromoe.estimators import initialize as init_module
+from pyromoe.estimators.initialize import STOP_MIN_ITER, _cannot_win
+from pyromoe.estimators.tensor_init import RANDOM_MARGIN
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------- the stop rule
+def _geometric(limit: float, gap: float, rate: float, length: int) -> list[float]:
+    """A trace converging linearly: ``limit - gap rate^t``."""
+    return [limit - gap * rate**t for t in range(length)]
+
+
+def test_stop_rule_ends_a_run_converging_below_the_target_at_the_derived_iteration():
+    target, gap, rate = -1.0, 0.1, 0.7
+    stop = _cannot_win(target)
+    # limit = target: value + 2 last r / (1 - r) = limit + gap r^t, so the rule fires at the first
+    # t > STOP_MIN_ITER with gap r^t < RANDOM_MARGIN (t = 20 for these numbers)
+    fired = next(t for t in range(1, 60) if stop(_geometric(target, gap, rate, t + 1)))
+    expected = next(
+        t for t in range(STOP_MIN_ITER + 1, 60) if gap * rate**t < RANDOM_MARGIN * (1 - 1e-12)
+    )
+    assert fired == expected == 20
+
+
+def test_stop_rule_never_ends_a_run_heading_above_the_target():
+    target = -1.0
+    stop = _cannot_win(target)
+    trace = _geometric(target + 10 * RANDOM_MARGIN, 0.1, 0.7, 60)
+    assert not any(stop(trace[: t + 1]) for t in range(60))
+
+
+def test_stop_rule_waits_on_slow_runs_and_rising_steps():
+    stop = _cannot_win(0.0)
+    slow = _geometric(-1.0, 0.1, 0.97, 30)  # rate over STOP_MAX_RATE: a plateau, not stopped
+    assert not stop(slow)
+    speeding = [-1.0 - 0.1 * 0.5**t for t in range(10)][::-1]  # increments growing
+    assert not stop([-2.0, *speeding])
+
+
+# ----------------------------------------------------------------------------------- the guard
+@pytest.fixture(scope="module")
+def similar():
+    # similar experts (cosine 0.8) and more rows than the guard's subsample
+    return simulate(30_000, 5, 2, expert_cosine=0.8, gate_norm=2.0, noise=0.5, bias=True, seed=11)
+
+
+def test_initialize_reaches_the_optimum_of_em_from_the_truth_and_records_its_time(similar):
+    est = _quiet(pyromoe.initialize, similar.x, similar.y, 2, seed=0)
+    reference = _quiet(pyromoe.fit_em, similar.x, similar.y, 2, init=similar.truth)
+    diagnostics = est.diagnostics
+    assert diagnostics["initializer"] == "tensor" and diagnostics["refine_winner"] == "tensor"
+    assert diagnostics["guard_screen_rows"] == 5_000 < similar.x.shape[0]
+    # both runs stop when the objective changes by less than tol = 1e-6 per iteration: with EM's
+    # linear rate (about 0.7 here) each is within tol r / (1 - r) < 3e-6 of the optimum
+    own = float(est.log_likelihood(similar.x, similar.y).mean())
+    best = float(reference.log_likelihood(similar.x, similar.y).mean())
+    assert abs(own - best) < 6e-6
+    split = diagnostics["time_split"]
+    steps = ["summary", "moments", "gate_em", "guard_tensor_em", "guard_random_em", "guard_em"]
+    assert list(split) == [*steps, "final_em", "total"]
+    parts = sum(sum(v) if isinstance(v, list) else v for k, v in split.items() if k != "total")
+    assert 0 < parts <= split["total"]
+    # the random starts reach the tensor start's optimum here, so each stops once it cannot beat it
+    assert diagnostics["guard_random_stopped"] == [True] * init_module.AUTO_RANDOM_STARTS
+
+
+def test_random_starts_win_the_guard_when_the_moment_start_is_in_the_wrong_place(
+    similar, monkeypatch
+):
+    real = init_module._tensor_init
+
+    def symmetric(*args, **kwargs):
+        # both experts equal and a flat gate: EM cannot leave this point (a saddle), so the
+        # tensor start's EM ends one regression below the mixture's optimum
+        moment = real(*args, **kwargs)
+        mean = moment.experts_weight.mean(0, keepdim=True).expand_as(moment.experts_weight)
+        return replace(
+            moment,
+            experts_weight=mean.clone(),
+            experts_bias=moment.experts_bias.mean().expand(2).clone(),
+            gate_weight=torch.zeros_like(moment.gate_weight),
+            gate_bias=torch.zeros_like(moment.gate_bias),
+        )
+
+    monkeypatch.setattr(init_module, "_tensor_init", symmetric)
+    est = _quiet(pyromoe.initialize, similar.x, similar.y, 2, seed=0)
+    scores = est.diagnostics["refine_log_likelihoods"]
+    assert est.diagnostics["refine_winner"] == "random" and est.method == "em"
+    assert scores["random"] > scores["tensor"] + RANDOM_MARGIN
+    reference = _quiet(pyromoe.fit_em, similar.x, similar.y, 2, init=similar.truth)
+    own = float(est.log_likelihood(similar.x, similar.y).mean())
+    assert abs(own - float(reference.log_likelihood(similar.x, similar.y).mean())) < 6e-6
+
+
+# ------------------------------------------------------------------ one pass's sums, checked
+def _explicit_statistics(x, y, params, link):
+    """The sums of one pass from the explicit design ``u = (x, 1)``, expert by expert."""
+    log_probs = component_log_probs(x, y, params, link)
+    resp = torch.softmax(log_probs, dim=-1)
+    u = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+    z = x @ params.experts_weight.T + params.experts_bias
+    k = resp.shape[1]
+    if link.is_identity:
+        weights = resp
+        vectors = torch.stack([(resp[:, i] * y) @ u for i in range(k)])
+    else:
+        g = link.derivative(z)
+        weights = resp * g**2
+        vectors = torch.stack([(g[:, i] * resp[:, i] * (y - link(z[:, i]))) @ u for i in range(k)])
+    matrices = torch.stack([(u * weights[:, i : i + 1]).T @ u for i in range(k)])
+    probs = torch.softmax(gate_logits(x, params.gate_weight, params.gate_bias), -1)[:, 1:]
+    free = k - 1
+    hessian = torch.zeros(free * u.shape[1], free * u.shape[1], dtype=x.dtype)
+    for a in range(free):
+        for b in range(free):
+            w = probs[:, a] * (float(a == b) - probs[:, b])
+            block = (u * w[:, None]).T @ u
+            hessian[
+                a * u.shape[1] : (a + 1) * u.shape[1], b * u.shape[1] : (b + 1) * u.shape[1]
+            ] = block
+    gradient = torch.stack([(resp[:, a + 1] - probs[:, a]) @ u for a in range(free)])
+    return matrices, vectors, hessian, gradient, torch.logsumexp(log_probs, -1).sum()
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("link_name", ["linear", "tanh"])
+def test_pass_statistics_equal_the_explicit_design_to_1e_10(k, link_name):
+    data = simulate(3_000, 6, k, link=link_name, bias=True, seed=5)
+    link = get_link(link_name)
+    params = data.truth.params
+    params = params._replace(experts_weight=params.experts_weight * 0.9)  # off the truth
+    stats = pass_statistics(data.x, data.y, params, link, True, True)
+    matrices, vectors, hessian, gradient, log_lik = _explicit_statistics(
+        data.x, data.y, params, link
+    )
+    scale = float(data.x.shape[0])  # sums over n rows: relative error 1e-10 of their size
+    for ours, theirs in [
+        (stats.expert_matrix, matrices),
+        (stats.expert_vector, vectors),
+        (stats.gate_hessian, hessian),
+        (stats.gate_gradient, gradient),
+    ]:
+        assert ours.shape == theirs.shape
+        assert float((ours - theirs).abs().max()) < 1e-10 * scale
+    assert abs(float(stats.log_likelihood - log_lik)) < 1e-10 * scale

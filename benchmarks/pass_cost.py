@@ -1,0 +1,230 @@
+"""What one pass over the data costs, as a multiple of a Gram pass (issue 26 item 2).
+
+For each source (in memory; a ``np.load(..., mmap_mode="r")`` memory map) and each chunk size
+(the default :func:`pyromoe.core.chunks.default_chunk_size`, 4,096 rows as in
+benchmarks/results/scale.md, and 65,536 rows), in one run, the median seconds of:
+
+- ``gram``: one chunked pass of ``x.T @ x`` (the reference, 1.0);
+- ``summary``: the summary pass (means, sds, maxima, the NaN check);
+- ``second_moments`` and ``third_moment``: the moment step's two passes, and ``moment_step``:
+  the whole moment step (``moment_experts``: both passes, T2, whitening, the tensor power
+  method; what ``tensor_init`` reports as ``moment_seconds``);
+- ``em_k2_linear``, ``em_k3_linear``, ``em_k2_tanh``, ``em_k3_tanh``: one EM iteration (one pass
+  of :func:`pyromoe.core.em.statistics.pass_statistics` and the M-step);
+- ``gate_irls``: one pass of gate EM (experts frozen: the gate's IRLS system only);
+
+each also divided by the Gram pass of the same source and chunk size. Default n = 1e6, d = 50,
+float64 (``--quick``: n = 2e5); ``--device cuda --dtype float32`` runs it on a GPU.
+
+Run: ``python benchmarks/pass_cost.py [--quick]``; writes benchmarks/results/pass_cost.{json,md}
+(``--name`` / ``--out`` for another place). On a shared machine timings are noisy: medians of
+``--repeats`` runs, ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks._common import add_threads_argument, machine_info, machine_section  # noqa: E402
+from pyromoe import simulate  # noqa: E402
+from pyromoe.core.chunks import default_chunk_size  # noqa: E402
+from pyromoe.core.em.loop import EM  # noqa: E402
+from pyromoe.core.em.starts import random_start, start_params  # noqa: E402
+from pyromoe.core.links import get_link  # noqa: E402
+from pyromoe.core.moments import second_moments, whitened_third_moment  # noqa: E402
+from pyromoe.core.sources import as_source  # noqa: E402
+from pyromoe.estimators.moment_step import moment_experts  # noqa: E402
+
+EM_SETTINGS = [(2, "linear"), (3, "linear"), (2, "tanh"), (3, "tanh")]
+
+
+def _gram(x, y):
+    return x.T @ x
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _em_step(source, chunk: int, k: int, link_name: str, update_experts: bool = True):
+    link = get_link(link_name)
+    generator = torch.Generator().manual_seed(0)
+    like = torch.empty(0, dtype=source.dtype, device=source.device)
+    params = start_params(random_start(source, None, k, link, generator), like, True)
+    em = EM(source, link, update_experts=update_experts, chunk_size=chunk)
+
+    def step():
+        em.m_step(em.statistics(params), params)
+
+    return step
+
+
+def passes(source, chunk: int) -> dict:
+    """The measured calls for one source and chunk size, by name."""
+    link = get_link("linear")
+    mean = source.summary().x_mean
+    d = source.in_features
+    projection = torch.eye(d, 2, dtype=torch.float64, device=source.device)
+    gram2 = projection.T @ projection
+    calls = {
+        "gram": lambda: source.reduce(_gram, chunk),
+        "summary": lambda: source._compute_summary(chunk),
+        "second_moments": lambda: second_moments(source, None, chunk_size=chunk),
+        "third_moment": lambda: whitened_third_moment(
+            source, None, mean, projection, gram2, chunk_size=chunk
+        ),
+        "moment_step": lambda: moment_experts(source, 2, link, None, chunk, 0),
+    }
+    for k, name in EM_SETTINGS:
+        calls[f"em_k{k}_{name}"] = _em_step(source, chunk, k, name)
+    calls["gate_irls"] = _em_step(source, chunk, 2, "linear", update_experts=False)
+    return calls
+
+
+def measure(source, chunk: int, repeats: int, budget_end: float) -> dict:
+    device = source.device
+    seconds = {}
+    for name, call in passes(source, chunk).items():
+        if time.perf_counter() > budget_end:
+            seconds[name] = None  # not run: the time budget was spent
+            continue
+        call()  # warm-up
+        _synchronise(device)
+        runs = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            call()
+            _synchronise(device)
+            runs.append(time.perf_counter() - began)
+        seconds[name] = statistics.median(runs)
+    gram = seconds["gram"]
+    ratios = {
+        name: (None if value is None or gram is None else value / gram)
+        for name, value in seconds.items()
+    }
+    return {"chunk_size": chunk, "seconds": seconds, "gram_passes": ratios}
+
+
+def markdown(result: dict) -> str:
+    names = list(result["rows"][0]["seconds"])
+    lines = [
+        f"# Pass cost: n = {result['n']:,}, d = {result['d']}, {result['dtype']}, "
+        f"{result['device']}",
+        "",
+        "Seconds of one pass (median of the repeats) as multiples of one chunked Gram pass "
+        "`x.T @ x` of the same source and chunk size, all measured in one run. "
+        f"Default chunk size: {result['default_chunk_size']:,} rows. "
+        + result["timing_note"],
+        "",
+        "Targets (issue 26): moment step <= 3 Gram passes, one EM iteration (k = 2, linear, "
+        "d = 50) <= 3.5, at n = 1e6 and the default chunk size.",
+        "",
+        "| source | chunk | Gram s | " + " | ".join(names[1:]) + " |",
+        "|---|---|---|" + "---|" * (len(names) - 1),
+    ]
+    for row in result["rows"]:
+        cells = [
+            "-" if row["gram_passes"][name] is None else f"{row['gram_passes'][name]:.2f}"
+            for name in names[1:]
+        ]
+        gram = row["seconds"]["gram"]
+        lines.append(
+            f"| {row['source']} | {row['chunk_size']:,} | "
+            f"{'-' if gram is None else f'{gram:.4f}'} | " + " | ".join(cells) + " |"
+        )
+    lines += [
+        "",
+        "`moment_step` is the whole moment step (both moment passes and the small maths after "
+        "them; the summary pass is separate, run once per source and cached). `em_*` is one EM "
+        "iteration (pass and M-step), `gate_irls` one pass of gate EM with the experts frozen.",
+    ]
+    lines += machine_section(result["machine_info"])
+    return "\n".join(lines)
+
+
+def _sources(x, y, device, kinds, folder: Path) -> dict:
+    sources = {}
+    if "memory" in kinds:
+        sources["memory"] = as_source(x.to(device), y.to(device))
+    if "memmap" in kinds:
+        np.save(folder / "x.npy", x.numpy())
+        np.save(folder / "y.npy", y.numpy())
+        xm = np.load(folder / "x.npy", mmap_mode="r")
+        ym = np.load(folder / "y.npy", mmap_mode="r")
+        sources["memmap"] = as_source(xm, ym, device=device)
+    return sources
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=float, default=1e6)
+    parser.add_argument("--d", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="n = 2e5")
+    parser.add_argument("--chunks", nargs="+", type=int, default=None)
+    parser.add_argument("--sources", nargs="+", default=["memory", "memmap"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--budget", type=float, default=1e9, help="seconds; later passes skipped")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--name", default="pass_cost")
+    add_threads_argument(parser)
+    args = parser.parse_args()
+    began = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    n = int(2e5 if args.quick else args.n)
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    default = default_chunk_size(args.d)
+    chunks = args.chunks or sorted({default, 4096, 65_536})
+    data = simulate(n, args.d, 2, seed=0, dtype=dtype)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        sources = _sources(data.x, data.y, device, args.sources, Path(folder))
+        del data
+        for kind, source in sources.items():
+            source.summary()
+            for chunk in chunks:
+                row = measure(source, chunk, args.repeats, began + args.budget)
+                row["source"] = kind
+                rows.append(row)
+                print(kind, chunk, {k: v and round(v, 2) for k, v in row["gram_passes"].items()})
+        del sources
+    result = {
+        "n": n,
+        "d": args.d,
+        "dtype": args.dtype,
+        "device": str(device),
+        "default_chunk_size": default,
+        "repeats": args.repeats,
+        "rows": rows,
+        "timing_note": (
+            "Timings on a shared 2-core machine under load from other jobs: medians, ratios "
+            "within one run."
+            if device.type == "cpu"
+            else "Timings on one GPU (torch.cuda.synchronize after each call)."
+        ),
+        "seconds_total": time.perf_counter() - began,
+        "machine_info": machine_info(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    import json
+
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{args.name}.md").write_text(markdown(result))
+    print(args.out / f"{args.name}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -222,7 +222,14 @@ def run_nuts(
 
     Parameters
     ----------
-    model : MixtureOfExperts
+    model : MixtureOfExperts or a Pyro model around one
+        A bare mixture, or a model function or ``PyroModule`` of your own that calls exactly one
+        ``MixtureOfExperts`` as ``mixture(x, y)`` (its sites under any names, e.g. a
+        ``pyro.contrib.autoname.scope`` prefix, beside sites of its own): it is called as
+        ``model(x, y)``. The estimate seeds the mixture's sites, ``init_to_median`` the others;
+        the draws are relabelled on the mixture's sites, which the output names as a bare
+        mixture's (:mod:`pyromoe.bayes.user_model`; the model's own sites pass through to
+        ``posterior``). Such a model takes no ``z`` and the traced potential only.
     x : Tensor or ndarray (n, d)
         Or a numpy memory map / ``dask.array.Array``: NUTS evaluates the likelihood of every row
         at every leapfrog step, so such data are read into memory (on ``device``) once.
@@ -308,7 +315,7 @@ def run_nuts(
         ``num_chains < 1``, ``target_accept_prob`` outside (0, 1), ``max_tree_depth < 1``, a
         ``device`` that does not exist and other invalid arguments (all checked before any
         work), an estimate that does not fit the model (names the site), a model without the
-        expected sites.
+        expected sites, a model of your own that calls no ``MixtureOfExperts`` or more than one.
     TypeError
         If ``model`` is not a model instance (e.g. the class itself), or arguments of the wrong type.
 

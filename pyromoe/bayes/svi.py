@@ -509,7 +509,12 @@ def fit_svi(
 
     Parameters
     ----------
-    model : MixtureOfExperts
+    model : MixtureOfExperts or a Pyro model around one
+        As in :func:`~pyromoe.run_nuts`: a model of your own that calls one ``MixtureOfExperts``
+        is called as ``model(x, y)`` (all rows: no ``subsample_size`` or out-of-core data, no
+        ``z``); the guide covers all its sites, the posterior has the mixture's sites under their
+        own names and the model's own sites, :func:`~pyromoe.trained_guide` gives the guide
+        under the model's site names, and PSIS is skipped (``psis_khat`` nan).
     x : Tensor, ndarray, numpy memmap or dask.array.Array (n, d)
     y : the same kinds (n,)
     init : MoEEstimate, callable or None

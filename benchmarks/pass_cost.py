@@ -24,6 +24,7 @@ Run: ``python benchmarks/pass_cost.py [--quick]``; writes benchmarks/results/pas
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -103,6 +104,8 @@ def measure(source, chunk: int, repeats: int, budget_end: float) -> dict:
         _synchronise(device)
         runs = []
         for _ in range(repeats):
+            if runs and time.perf_counter() > budget_end:
+                break  # fewer repeats rather than none
             began = time.perf_counter()
             call()
             _synchronise(device)
@@ -124,8 +127,7 @@ def markdown(result: dict) -> str:
         "",
         "Seconds of one pass (median of the repeats) as multiples of one chunked Gram pass "
         "`x.T @ x` of the same source and chunk size, all measured in one run. "
-        f"Default chunk size: {result['default_chunk_size']:,} rows. "
-        + result["timing_note"],
+        f"Default chunk size: {result['default_chunk_size']:,} rows. " + result["timing_note"],
         "",
         "Targets (issue 26): moment step <= 3 Gram passes, one EM iteration (k = 2, linear, "
         "d = 50) <= 3.5, at n = 1e6 and the default chunk size.",
@@ -158,8 +160,8 @@ def _sources(x, y, device, kinds, folder: Path) -> dict:
     if "memory" in kinds:
         sources["memory"] = as_source(x.to(device), y.to(device))
     if "memmap" in kinds:
-        np.save(folder / "x.npy", x.numpy())
-        np.save(folder / "y.npy", y.numpy())
+        np.save(folder / "x.npy", x.cpu().numpy())
+        np.save(folder / "y.npy", y.cpu().numpy())
         xm = np.load(folder / "x.npy", mmap_mode="r")
         ym = np.load(folder / "y.npy", mmap_mode="r")
         sources["memmap"] = as_source(xm, ym, device=device)
@@ -187,9 +189,36 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     default = default_chunk_size(args.d)
-    chunks = args.chunks or sorted({default, 4096, 65_536})
-    data = simulate(n, args.d, 2, seed=0, dtype=dtype)
+    # the default chunk size is always measured
+    chunks = sorted({default, *(args.chunks or [4096, 65_536])})
+    # drawn on the device unless a memory map (a file on the host) is measured too
+    where = torch.device("cpu") if "memmap" in args.sources else device
+    data = simulate(n, args.d, 2, seed=0, dtype=dtype, device=where)
     rows = []
+    info = machine_info()
+
+    def write() -> None:  # after every row: a run stopped by a timeout keeps what it measured
+        result = {
+            "n": n,
+            "d": args.d,
+            "dtype": args.dtype,
+            "device": str(device),
+            "default_chunk_size": default,
+            "repeats": args.repeats,
+            "rows": rows,
+            "timing_note": (
+                "Timings on a shared 2-core machine under load from other jobs: medians, ratios "
+                "within one run."
+                if device.type == "cpu"
+                else "Timings on one GPU (torch.cuda.synchronize after each call)."
+            ),
+            "seconds_total": time.perf_counter() - began,
+            "machine_info": info,
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / f"{args.name}.md").write_text(markdown(result))
+
     with tempfile.TemporaryDirectory() as folder:
         sources = _sources(data.x, data.y, device, args.sources, Path(folder))
         del data
@@ -199,30 +228,9 @@ def main() -> None:
                 row = measure(source, chunk, args.repeats, began + args.budget)
                 row["source"] = kind
                 rows.append(row)
+                write()
                 print(kind, chunk, {k: v and round(v, 2) for k, v in row["gram_passes"].items()})
         del sources
-    result = {
-        "n": n,
-        "d": args.d,
-        "dtype": args.dtype,
-        "device": str(device),
-        "default_chunk_size": default,
-        "repeats": args.repeats,
-        "rows": rows,
-        "timing_note": (
-            "Timings on a shared 2-core machine under load from other jobs: medians, ratios "
-            "within one run."
-            if device.type == "cpu"
-            else "Timings on one GPU (torch.cuda.synchronize after each call)."
-        ),
-        "seconds_total": time.perf_counter() - began,
-        "machine_info": machine_info(),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    import json
-
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{args.name}.md").write_text(markdown(result))
     print(args.out / f"{args.name}.md")
 
 

@@ -23,7 +23,7 @@ from pyro.infer import MCMC
 from pyro.infer.autoguide.initialization import init_to_uniform
 from pyro.infer.mcmc.util import initialize_model
 
-from .._validation import child_seed, count_rule, one_of, validate
+from .._validation import check_flag, child_seed, count_rule, one_of, validate
 from ..core.estimate import MoEEstimate
 from ..core.threads import torch_threads
 from ._fitting import (
@@ -151,6 +151,7 @@ def _sample(model, x, y, init, fused, checked: dict, jitter, mp_context) -> tupl
             CountedPotential(model, (x, y), transforms, checked["jit_compile"], fused=fused),
             target_accept_prob=checked["target_accept_prob"],
             max_tree_depth=checked["max_tree_depth"],
+            full_mass=checked["full_mass"],
         )
         mcmc = MCMC(
             kernel,
@@ -183,6 +184,7 @@ RUN_NUTS_RULES = fit_rules(
     num_samples=count_rule(minimum=4),
     jitter=_jitter_rule,
     mp_context=_mp_context_rule,
+    full_mass=check_flag,
     potential=one_of("auto", "fused", "traced"),
     pointwise=pointwise_rule,
     model=model_or_mixture_rule,
@@ -205,6 +207,7 @@ def run_nuts(
     jit_compile: bool = True,
     target_accept_prob: float = 0.8,
     max_tree_depth: int = 10,
+    full_mass: bool = False,
     align: bool = True,
     posterior_predictive: bool = True,
     pointwise: str | int = "auto",
@@ -263,6 +266,9 @@ def run_nuts(
         saved in a run (benchmarks/README.md, NUTS speed).
     target_accept_prob, max_tree_depth
         NUTS settings: a probability strictly in (0, 1) and an int >= 1.
+    full_mass : bool
+        Adapt a dense mass matrix (one block of every site, Pyro's ``full_mass``) instead of a
+        diagonal one: for correlated posteriors (docs/algorithm.md section 5, k = 3 posteriors).
     align : bool
         Relabel every draw to the estimate (when ``init`` is one).
     posterior_predictive : bool
@@ -335,6 +341,7 @@ def run_nuts(
     checked = dict(seed=seed, num_threads=num_threads, progress=progress, jit_compile=jit_compile)
     checked.update(num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples)
     checked.update(target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth)
+    checked["full_mass"] = full_mass
     tensors = source.tensors()
     x, y = tensors if tensors is not None else source.take(torch.arange(source.num_rows))
     init, init_attrs = prepare_init(model, init, x, y)

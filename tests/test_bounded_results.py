@@ -183,27 +183,19 @@ def test_a_bad_pointwise_is_refused_naming_the_argument(data, model, draws, bad)
         fit_svi(model, data.x, data.y, init=data.truth, num_steps=1, pointwise=bad)
 
 
-def test_fit_svi_and_fit_map_apply_the_budget(data, model):
+def test_fit_svi_and_fit_map_apply_the_budget(data, model, monkeypatch):
+    monkeypatch.setattr(pointwise_module, "POINTWISE_CELLS", 100 * 400)  # 100 draws: 400 rows
     svi = fit_svi(
-        model, data.x, data.y, init=data.truth, num_steps=5, num_samples=NUM_DRAWS, progress=False
+        model, data.x, data.y, init=data.truth, num_steps=5, num_samples=100, progress=False
     )
-    assert svi.log_likelihood["y"].shape == (1, NUM_DRAWS, KEPT)
-    assert svi.attrs["pointwise_dtype"] == "float32"
-    # one draw: 2500 cells, far within the budget: every row as computed
+    assert svi.log_likelihood["y"].shape == (1, 100, 400)
+    assert svi.attrs["pointwise_dtype"] == "float32" and svi.attrs["num_rows"] == N
+    # one draw: 2500 cells, within the budget: every row as computed
     point = fit_map(model, data.x, data.y, init=data.truth, num_steps=5)
     assert point.log_likelihood["y"].shape == (1, 1, N)
     assert point.log_likelihood["y"].dtype == np.float64
-    every = fit_svi(
-        model,
-        data.x,
-        data.y,
-        init=data.truth,
-        num_steps=5,
-        num_samples=20,
-        progress=False,
-        pointwise=30,
-    )
-    assert every.posterior_predictive["y"].shape == (1, 20, 30)
+    few = fit_svi(model, data.x, data.y, init=data.truth, num_steps=5, num_samples=20, pointwise=30)
+    assert few.posterior_predictive["y"].shape == (1, 20, 30)
 
 
 def test_run_nuts_applies_the_budget(data, model, quick_nuts):
@@ -214,12 +206,11 @@ def test_run_nuts_applies_the_budget(data, model, quick_nuts):
     assert idata.attrs["pointwise_num_rows"] == 40 and len(idata.attrs["pointwise_rows"]) == 40
 
 
-def test_compare_experts_compares_the_fits_on_the_same_rows(data):
-    table, fits = compare_experts(
-        data.x, data.y, (1, 2), num_steps=5, num_samples=NUM_DRAWS, seed=2
-    )
+def test_compare_experts_compares_the_fits_on_the_same_rows(data, monkeypatch):
+    monkeypatch.setattr(pointwise_module, "POINTWISE_CELLS", 100 * 400)  # 100 draws: 400 rows
+    table, fits = compare_experts(data.x, data.y, (1, 2), num_steps=5, num_samples=100, seed=2)
     rows = [fit.log_likelihood["obs"].values for fit in fits.values()]
-    assert rows[0].shape == (KEPT,)
+    assert rows[0].shape == (400,)
     np.testing.assert_array_equal(rows[0], rows[1])
     assert set(table.index) == {"k=1", "k=2"}
 

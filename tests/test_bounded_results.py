@@ -194,7 +194,16 @@ def test_fit_svi_and_fit_map_apply_the_budget(data, model, monkeypatch):
     point = fit_map(model, data.x, data.y, init=data.truth, num_steps=5)
     assert point.log_likelihood["y"].shape == (1, 1, N)
     assert point.log_likelihood["y"].dtype == np.float64
-    few = fit_svi(model, data.x, data.y, init=data.truth, num_steps=5, num_samples=20, pointwise=30)
+    few = fit_svi(
+        model,
+        data.x,
+        data.y,
+        init=data.truth,
+        num_steps=5,
+        num_samples=20,
+        pointwise=30,
+        progress=False,
+    )
     assert few.posterior_predictive["y"].shape == (1, 20, 30)
 
 

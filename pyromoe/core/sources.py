@@ -29,6 +29,9 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+import uuid
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -320,10 +323,37 @@ def _check_numeric(dtype, name: str) -> None:
         )
 
 
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return np.dtype(np.float32 if dtype == torch.float32 else np.float64)
+
+
+#: torch.from_numpy warns that a read-only array (a memory map opened with mode "r") gives a
+#: tensor it cannot protect from writes; pyromoe only reads the chunks it wraps. The warning is
+#: silenced around that call alone, under a lock (``warnings.catch_warnings`` is not thread-safe
+#: and Dask's threaded scheduler converts blocks on several threads).
+_READ_ONLY_LOCK = threading.Lock()
+
+
 def _chunk_tensor(block, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A copy of a numpy block (a memmap slice) as a tensor on ``device``."""
-    array = np.array(block, dtype=np.float32 if dtype == torch.float32 else np.float64)
-    return torch.from_numpy(array).to(device)
+    """A numpy block (a memmap slice, a piece of a Dask block) as a tensor on ``device``.
+
+    No copy when the block already holds ``dtype`` in native byte order (a view of the block:
+    float64 stays float64, and a memmap's pages are read in place); otherwise one converting copy.
+    On another device, one copy there.
+    """
+    target = _numpy_dtype(dtype)
+    array = np.asarray(block)
+    if array.dtype != target or any(stride < 0 for stride in array.strides):
+        array = (
+            np.asarray(array, dtype=target, order="C") if array.dtype != target else array.copy()
+        )
+    if array.flags.writeable:
+        tensor = torch.from_numpy(array)
+    else:
+        with _READ_ONLY_LOCK, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            tensor = torch.from_numpy(array)
+    return tensor.to(device)
 
 
 class MemmapSource(Source):
@@ -362,23 +392,34 @@ def _worker_chunk(chunk_size: int, in_features: int) -> int:
     return min(int(chunk_size), default_chunk_size(in_features, WORKER_CHUNK_BYTES))
 
 
-def _block_sum(fn, xb, yb, chunk_size, dtype, args, combine):
-    """One Dask block's partial result, in pieces of at most ``chunk_size`` rows (runs on a
-    worker; see :func:`_worker_chunk`)."""
+class _BlockPass:
+    """What one pass computes on a Dask block (shipped inside each task of the pass's graph):
+    ``fn(x_piece, y_piece, *args)`` over the block's rows in pieces of at most ``rows`` rows,
+    each piece a tensor view of the block (:func:`_chunk_tensor`), the results combined in row
+    order. A block is never converted whole: the pieces bound the memory of a thread."""
+
+    __slots__ = ("args", "combine", "dtype", "fn", "rows")
+
+    def __init__(self, fn, args, combine, rows: int, dtype: torch.dtype):
+        self.fn, self.args, self.combine, self.rows, self.dtype = fn, args, combine, rows, dtype
+
+
+def _block_sum(spec: _BlockPass, xb, yb):
+    """One Dask block's partial result (runs on a worker, CPU)."""
     total = None
-    chunk_size = _worker_chunk(chunk_size, xb.shape[1])
+    cpu = torch.device("cpu")
     yb = np.asarray(yb).reshape(-1)
-    for start in range(0, xb.shape[0], chunk_size):
-        stop = start + chunk_size
-        xc = _chunk_tensor(xb[start:stop], dtype, torch.device("cpu"))
-        yc = _chunk_tensor(yb[start:stop], dtype, torch.device("cpu"))
-        total = combine(total, fn(xc, yc, *args))
+    for start in range(0, xb.shape[0], spec.rows):
+        stop = start + spec.rows
+        xc = _chunk_tensor(xb[start:stop], spec.dtype, cpu)
+        yc = _chunk_tensor(yb[start:stop], spec.dtype, cpu)
+        total = spec.combine(total, spec.fn(xc, yc, *spec.args))
     return total
 
 
-def _combine_parts(combine, *parts):
+def _combine_parts(spec: _BlockPass, *parts):
     """The partial results of consecutive blocks combined in row order (empty blocks skipped)."""
-    return functools.reduce(combine, [part for part in parts if part is not None], None)
+    return functools.reduce(spec.combine, [part for part in parts if part is not None], None)
 
 
 def _split_every() -> int:
@@ -392,20 +433,61 @@ def _split_every() -> int:
     return max(2, int(value)) if value else 4
 
 
-class DaskSource(Source):
-    """A ``dask.array.Array`` (x, and y as a Dask or in-memory array): each pass one Dask
-    computation of per-block partial sums, reduced by a tree of Dask tasks on the active scheduler
-    (``dask.config``'s ``split_every`` partial results per task).
+def _pass_graph(x, y, spec: _BlockPass):
+    """One pass as one Dask graph: a task per block (``x``'s and ``y``'s blocks as its inputs,
+    no copy of them) and a tree of combining tasks, ``split_every`` partial results each, as
+    dask.array's reductions build. Returns a ``Delayed`` of the total.
 
-    Blocks are computed on the workers (CPU, in pieces of at most ``chunk_size`` rows); only the
-    sums travel, and are moved to :attr:`device`.
+    The keys are named by a fresh id rather than a hash of the arguments: hashing the
+    parameters of every pass (dask's ``pure=True``) cost more than the tasks it could share.
+    """
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
+    from dask.task_spec import Task, TaskRef
+
+    name = f"pyromoe-pass-{uuid.uuid4().hex}"
+    layer = {}
+    keys = []
+    for i, (xk, yk) in enumerate(zip(_block_keys(x), _block_keys(y))):
+        key = (name, 0, i)
+        layer[key] = Task(key, _block_sum, spec, TaskRef(xk), TaskRef(yk))
+        keys.append(key)
+    fan_in, level = _split_every(), 0
+    while len(keys) > 1:
+        level += 1
+        merged = []
+        for j in range(0, len(keys), fan_in):
+            key = (name, level, j // fan_in)
+            refs = [TaskRef(k) for k in keys[j : j + fan_in]]
+            layer[key] = Task(key, _combine_parts, spec, *refs)
+            merged.append(key)
+        keys = merged
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[x, y])
+    return Delayed(keys[0], graph, layer=name)
+
+
+def _block_keys(array) -> list:
+    """The keys of ``array``'s blocks in row order (one block per row chunk)."""
+    return [key if array.ndim == 1 else key[0] for key in array.__dask_keys__()]
+
+
+class DaskSource(Source):
+    """A ``dask.array.Array`` (x, and y as a Dask or in-memory array): each pass one Dask graph
+    (:func:`_pass_graph`) of per-block partial sums, reduced by a tree of Dask tasks on the active
+    scheduler (``dask.config``'s ``split_every`` partial results per task).
+
+    Blocks are computed on the workers (CPU) and read there in pieces of at most ``chunk_size``
+    rows (:func:`_worker_chunk`), each piece a tensor view of the block; only the sums travel,
+    and are moved to :attr:`device`. The arrays' graphs are optimised once, here, not per pass.
     """
 
     kind = "dask"
 
     def __init__(self, x, y, device: torch.device):
+        import dask
+
         super().__init__(x.shape[0], x.shape[1], _numpy_dtype_to_torch(x.dtype), device)
-        self.x, self.y = x, y
+        self.x, self.y = dask.optimize(x, y)
 
     def _blocks(self):
         return list(zip(self.x.to_delayed().ravel(), self.y.to_delayed().ravel()))
@@ -414,17 +496,9 @@ class DaskSource(Source):
         import dask
 
         args = _to(args, torch.device("cpu"))  # the blocks are computed on CPU workers
-        parts = [
-            dask.delayed(_block_sum, pure=True)(fn, xb, yb, chunk_size, self.dtype, args, combine)
-            for xb, yb in self._blocks()
-        ]
-        fan_in = _split_every()
-        while len(parts) > 1:  # a tree of tasks, as dask.array's reductions build
-            parts = [
-                dask.delayed(_combine_parts, pure=True)(combine, *parts[i : i + fan_in])
-                for i in range(0, len(parts), fan_in)
-            ]
-        (total,) = dask.compute(parts[0])
+        rows = _worker_chunk(chunk_size, self.in_features)
+        spec = _BlockPass(fn, args, combine, rows, self.dtype)
+        (total,) = dask.compute(_pass_graph(self.x, self.y, spec))
         return _to(total, self.device)
 
     def chunks(self, chunk_size):

@@ -86,6 +86,7 @@ def execute_notebook(path: Path, timeout: int = CELL_TIMEOUT_S) -> float:
         notebook,
         timeout=timeout,
         kernel_name="python3",
+        record_timing=False,  # no per-cell timestamps: a re-run changes only what the code printed
         resources={"metadata": {"path": str(path.parent)}},
     )
     start = time.perf_counter()

@@ -132,7 +132,11 @@ def fit_summary(numbers, estimate, idata, rows, scaling, method) -> str:
             "below the others sits in a wrong mode).\n"
         )
     else:
-        extra = f"SVI: final ELBO {float(idata.attrs.get('final_elbo', float('nan'))):.2f}.\n"
+        extra = (
+            f"SVI: final ELBO {float(idata.attrs.get('final_elbo', float('nan'))):.2f}; PSIS "
+            f"k-hat {float(idata.attrs.get('psis_khat', float('nan'))):.2f} (above 0.7 the "
+            "guide is too far from the posterior to trust its intervals: use NUTS).\n"
+        )
     seconds_rows = [{"step": k, "seconds": v} for k, v in numbers["seconds"].items()]
     k = numbers["num_experts"]
     if k == 1:

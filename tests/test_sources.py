@@ -15,7 +15,7 @@ import torch
 
 import pyromoe
 from pyromoe import simulate
-from pyromoe.core import sources
+from pyromoe.core import blocks, sources
 from pyromoe.core.chunks import default_chunk_size
 from pyromoe.core.sources import as_source, sample_rows
 from pyromoe.estimators.em import fit_em
@@ -91,13 +91,13 @@ def test_dask_reduction_tree_honours_split_every(data, monkeypatch):
         da.from_array(data.x.numpy(), chunks=(1_000, 4)), da.from_array(data.y.numpy(), 1_000)
     )
     widths = []
-    real = sources._combine_parts
+    real = blocks.combine_parts
 
-    def recording(combine, *parts):
+    def recording(spec, *parts):
         widths.append(len(parts))
-        return real(combine, *parts)
+        return real(spec, *parts)
 
-    monkeypatch.setattr(sources, "_combine_parts", recording)
+    monkeypatch.setattr(blocks, "combine_parts", recording)
     expected, _, _ = as_source(data.x, data.y).reduce(_gram, 1_000)
     for split, config in ((2, {"split_every": 2}), (5, {"split_every": 5}), (4, {})):
         widths.clear()

@@ -6,13 +6,15 @@ Every estimator reads its data through a :class:`Source`, built once at the publ
 - a torch tensor or an in-memory numpy array (or pandas object): :class:`TensorSource`, the data
   as one tensor on the target device; chunks are views, so the chunked code path costs nothing;
 - a numpy memory map (``np.memmap``, ``np.load(path, mmap_mode="r")``): :class:`MemmapSource`,
-  read in row chunks in order, each chunk copied to a tensor on the target device as it is used:
-  the file is never read whole into memory;
-- a ``dask.array.Array``: :class:`DaskSource`; each pass is ONE Dask computation of per-block
+  read in row chunks in order, each chunk a tensor as it is used (on the CPU a view of the
+  mapped pages when the file holds the dtype already; elsewhere copied to the device): the file
+  is never read whole into memory;
+- a ``dask.array.Array``: :class:`DaskSource`; each pass is ONE Dask graph of per-block
   partial sums, reduced by a tree of Dask tasks (each combining ``dask.config``'s
   ``split_every`` partial results, as dask.array's reductions do) on whatever scheduler is active
-  (threads, processes or a ``dask.distributed`` cluster). Dask does the distribution; pyromoe
-  only says what to sum.
+  (threads, processes or a ``dask.distributed`` cluster). Each block is read in pieces of a
+  few MiB, each a tensor view of the block (:mod:`pyromoe.core.blocks`), so a large block is
+  never converted whole. Dask does the distribution; pyromoe only says what to sum.
 
 A pass over the data is :meth:`Source.reduce`: ``sum over chunks of fn(x_chunk, y_chunk, *args)``
 for a function returning a tensor or a tuple of tensors (the sufficient statistics of a moment or
@@ -27,18 +29,16 @@ runs the same summary code. Chunks have ``chunk_size`` rows (:mod:`pyromoe.core.
 
 from __future__ import annotations
 
-import functools
 import math
-import threading
-import uuid
-import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
 from .._validation import as_tensors, check_device, check_x_shape, check_y_shape
-from .chunks import WORKER_CHUNK_BYTES, default_chunk_size
+from .blocks import BlockPass, pass_graph, worker_chunk
+from .blocks import chunk_tensor as _chunk_tensor
+from .chunks import default_chunk_size
 from .summary import (
     PILOT_ROWS,
     Summary,
@@ -323,44 +323,12 @@ def _check_numeric(dtype, name: str) -> None:
         )
 
 
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    return np.dtype(np.float32 if dtype == torch.float32 else np.float64)
-
-
-#: torch.from_numpy warns that a read-only array (a memory map opened with mode "r") gives a
-#: tensor it cannot protect from writes; pyromoe only reads the chunks it wraps. The warning is
-#: silenced around that call alone, under a lock (``warnings.catch_warnings`` is not thread-safe
-#: and Dask's threaded scheduler converts blocks on several threads).
-_READ_ONLY_LOCK = threading.Lock()
-
-
-def _chunk_tensor(block, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A numpy block (a memmap slice, a piece of a Dask block) as a tensor on ``device``.
-
-    No copy when the block already holds ``dtype`` in native byte order (a view of the block:
-    float64 stays float64, and a memmap's pages are read in place); otherwise one converting copy.
-    On another device, one copy there.
-    """
-    target = _numpy_dtype(dtype)
-    array = np.asarray(block)
-    if array.dtype != target or any(stride < 0 for stride in array.strides):
-        array = (
-            np.asarray(array, dtype=target, order="C") if array.dtype != target else array.copy()
-        )
-    if array.flags.writeable:
-        tensor = torch.from_numpy(array)
-    else:
-        with _READ_ONLY_LOCK, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            tensor = torch.from_numpy(array)
-    return tensor.to(device)
-
-
 class MemmapSource(Source):
     """A numpy memory map (or any numpy array) read in row chunks, never whole.
 
-    ``y`` may be a memory map too, or any 1-D array or tensor. Each chunk is copied into a tensor
-    on the target device, so the extra memory is one chunk.
+    ``y`` may be a memory map too, or any 1-D array or tensor. Each chunk becomes a tensor on the
+    target device (:func:`pyromoe.core.blocks.chunk_tensor`: on the CPU a view of the mapped
+    pages when the dtype matches, else a copy), so the extra memory is at most one chunk.
     """
 
     kind = "memmap"
@@ -386,98 +354,13 @@ class MemmapSource(Source):
         )
 
 
-def _worker_chunk(chunk_size: int, in_features: int) -> int:
-    """Rows per piece of a block on a Dask worker: at most ``chunk_size`` rows and
-    :data:`~pyromoe.core.chunks.WORKER_CHUNK_BYTES` (see :mod:`pyromoe.core.chunks`)."""
-    return min(int(chunk_size), default_chunk_size(in_features, WORKER_CHUNK_BYTES))
-
-
-class _BlockPass:
-    """What one pass computes on a Dask block (shipped inside each task of the pass's graph):
-    ``fn(x_piece, y_piece, *args)`` over the block's rows in pieces of at most ``rows`` rows,
-    each piece a tensor view of the block (:func:`_chunk_tensor`), the results combined in row
-    order. A block is never converted whole: the pieces bound the memory of a thread."""
-
-    __slots__ = ("args", "combine", "dtype", "fn", "rows")
-
-    def __init__(self, fn, args, combine, rows: int, dtype: torch.dtype):
-        self.fn, self.args, self.combine, self.rows, self.dtype = fn, args, combine, rows, dtype
-
-
-def _block_sum(spec: _BlockPass, xb, yb):
-    """One Dask block's partial result (runs on a worker, CPU)."""
-    total = None
-    cpu = torch.device("cpu")
-    yb = np.asarray(yb).reshape(-1)
-    for start in range(0, xb.shape[0], spec.rows):
-        stop = start + spec.rows
-        xc = _chunk_tensor(xb[start:stop], spec.dtype, cpu)
-        yc = _chunk_tensor(yb[start:stop], spec.dtype, cpu)
-        total = spec.combine(total, spec.fn(xc, yc, *spec.args))
-    return total
-
-
-def _combine_parts(spec: _BlockPass, *parts):
-    """The partial results of consecutive blocks combined in row order (empty blocks skipped)."""
-    return functools.reduce(spec.combine, [part for part in parts if part is not None], None)
-
-
-def _split_every() -> int:
-    """Partial results each task of a Dask reduction tree combines: ``dask.config``'s
-    ``split_every`` (an int, or a dict read at axis 0), else dask.array's default, 4."""
-    import dask
-
-    value = dask.config.get("split_every", None)
-    if isinstance(value, dict):
-        value = value.get(0)
-    return max(2, int(value)) if value else 4
-
-
-def _pass_graph(x, y, spec: _BlockPass):
-    """One pass as one Dask graph: a task per block (``x``'s and ``y``'s blocks as its inputs,
-    no copy of them) and a tree of combining tasks, ``split_every`` partial results each, as
-    dask.array's reductions build. Returns a ``Delayed`` of the total.
-
-    The keys are named by a fresh id rather than a hash of the arguments: hashing the
-    parameters of every pass (dask's ``pure=True``) cost more than the tasks it could share.
-    """
-    from dask.delayed import Delayed
-    from dask.highlevelgraph import HighLevelGraph
-    from dask.task_spec import Task, TaskRef
-
-    name = f"pyromoe-pass-{uuid.uuid4().hex}"
-    layer = {}
-    keys = []
-    for i, (xk, yk) in enumerate(zip(_block_keys(x), _block_keys(y))):
-        key = (name, 0, i)
-        layer[key] = Task(key, _block_sum, spec, TaskRef(xk), TaskRef(yk))
-        keys.append(key)
-    fan_in, level = _split_every(), 0
-    while len(keys) > 1:
-        level += 1
-        merged = []
-        for j in range(0, len(keys), fan_in):
-            key = (name, level, j // fan_in)
-            refs = [TaskRef(k) for k in keys[j : j + fan_in]]
-            layer[key] = Task(key, _combine_parts, spec, *refs)
-            merged.append(key)
-        keys = merged
-    graph = HighLevelGraph.from_collections(name, layer, dependencies=[x, y])
-    return Delayed(keys[0], graph, layer=name)
-
-
-def _block_keys(array) -> list:
-    """The keys of ``array``'s blocks in row order (one block per row chunk)."""
-    return [key if array.ndim == 1 else key[0] for key in array.__dask_keys__()]
-
-
 class DaskSource(Source):
     """A ``dask.array.Array`` (x, and y as a Dask or in-memory array): each pass one Dask graph
-    (:func:`_pass_graph`) of per-block partial sums, reduced by a tree of Dask tasks on the active
+    (:func:`pyromoe.core.blocks.pass_graph`) of per-block partial sums, reduced by a tree of Dask tasks on the active
     scheduler (``dask.config``'s ``split_every`` partial results per task).
 
     Blocks are computed on the workers (CPU) and read there in pieces of at most ``chunk_size``
-    rows (:func:`_worker_chunk`), each piece a tensor view of the block; only the sums travel,
+    rows (:func:`pyromoe.core.blocks.worker_chunk`), each piece a tensor view of the block; only the sums travel,
     and are moved to :attr:`device`. The arrays' graphs are optimised once, here, not per pass.
     """
 
@@ -496,9 +379,9 @@ class DaskSource(Source):
         import dask
 
         args = _to(args, torch.device("cpu"))  # the blocks are computed on CPU workers
-        rows = _worker_chunk(chunk_size, self.in_features)
-        spec = _BlockPass(fn, args, combine, rows, self.dtype)
-        (total,) = dask.compute(_pass_graph(self.x, self.y, spec))
+        rows = worker_chunk(chunk_size, self.in_features)
+        spec = BlockPass(fn, args, combine, rows, self.dtype)
+        (total,) = dask.compute(pass_graph(self.x, self.y, spec))
         return _to(total, self.device)
 
     def chunks(self, chunk_size):

@@ -19,6 +19,14 @@ with the same seed, rows and draws keeps the same rows: the fits of
 rows are evaluated for these groups: nothing of size draws x n is ever held. The per-draw totals
 (``sample_stats.log_likelihood_total``, ``attrs["chain_mean_log_likelihood"]``) still sum over
 every row, in blocks of at most :data:`BLOCK_CELLS` draws x rows.
+
+The kept rows are recorded twice: as the ``obs`` coordinate of every group that has it (their row
+numbers in the data) and, for a subsample, as ``attrs["pointwise_rows"]``; ``attrs`` also hold
+``num_rows`` (n), ``pointwise`` (the setting), ``pointwise_num_rows`` (m) and ``pointwise_dtype``.
+LOO on a subsample: :func:`arviz.loo` gives the elpd summed over the m kept rows; ``elpd / m`` is
+the elpd per row, and ``elpd * n / m`` (its se times ``n / m`` too, which then counts the
+subsampling error as well) estimates the total over all n rows. ``benchmarks/results_size.py``
+measures what LOO loses to float32 and to the subsample.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ variable               dims                        coords
                                                      gives (expert 0 is the reference, logit 0)
 ``gate.bias``          chain, draw, gate
 ``noise``              chain, draw
-``y``                  (chain, draw,) obs            obs = 0..n-1
+``y``                  (chain, draw,) obs            obs = 0..n-1, or the rows the pointwise
+                                                     budget keeps (:mod:`pyromoe.bayes.pointwise`)
 ``x``                  obs, feature
 ``z``                  obs, gate_feature             only for a model whose gate has covariates of
                                                      its own (``gate_features``): then the gate's

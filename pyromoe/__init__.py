@@ -37,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     "MixtureOfExperts": ".bayes.model",
     "OneDrawWarning": ".bayes.predict",
     "PSISWarning": ".bayes.psis",
+    "NUTSConvergenceWarning": ".bayes.convergence",
+    "check_convergence": ".bayes.convergence",
     "init_to_moments": ".bayes.init_strategy",
     "fit_map": ".bayes.svi",
     "fit_svi": ".bayes.svi",
@@ -91,8 +93,10 @@ __all__ = [
     "Link",
     "MixtureOfExperts",
     "MoEEstimate",
+    "NUTSConvergenceWarning",
     "OneDrawWarning",
     "PSISWarning",
+    "check_convergence",
     "SimulatedData",
     "WRONG_BASIN_NATS",
     "align_labels",
@@ -163,6 +167,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .app.table import read_table
     from .bayes._fitting import UnstandardisedDataWarning
     from .bayes.compare import compare_experts
+    from .bayes.convergence import NUTSConvergenceWarning, check_convergence
     from .bayes.gate_guide import GateGuide
     from .bayes.init_strategy import init_to_moments
     from .bayes.model import MixtureOfExperts

@@ -34,6 +34,7 @@ from ._fitting import (
     strategy_for,
 )
 from ._rng import seeded_rng
+from .convergence import record_convergence
 from .laplace import laplace_approximation
 from .model import MixtureOfExperts
 from .nuts_kernel import CountedPotential, RecordingNUTS, record_draw
@@ -313,7 +314,14 @@ def run_nuts(
         ``num_divergences``, ``num_gradient_evaluations`` (per chain, warmup included: a cost
         measure that does not depend on machine load), ``acceptance_rate`` (per chain: Pyro's
         share of draws that moved), ``chain_mean_log_likelihood``, ``seconds``, the relabelling
-        record.
+        record, ``convergence`` (JSON: :func:`pyromoe.bayes.convergence.check_convergence` on the
+        mixture's sites: r_hat, divergent share, chains in a lower mode, which chains, advice).
+
+    Warns
+    -----
+    NUTSConvergenceWarning
+        When that check fails (r_hat > 1.01, over 1% divergent draws, or a chain's mean
+        log-likelihood over 5 nats below the best chain's).
 
     Raises
     ------
@@ -362,7 +370,7 @@ def run_nuts(
         "parallel_chains": int(1 < num_chains <= max(multiprocessing.cpu_count() - 1, 1)),
         **init_attrs,
     }
-    return inference_data(
+    idata = inference_data(
         model,
         x,
         y,
@@ -376,3 +384,5 @@ def run_nuts(
         pointwise=pointwise,
         feature_names=feature_names,
     )
+    record_convergence(idata)  # attrs['convergence'], NUTSConvergenceWarning when it failed
+    return idata

@@ -1,29 +1,48 @@
-"""NUTS speed: ``run_nuts`` with the fused potential, with the traced model, and NumPyro's NUTS.
+"""NUTS speed: seeded ``run_nuts`` (fused potential) against NumPyro's NUTS, compile excluded and
+included.
 
 Same model (k = 2, linear experts with intercepts, the default priors), data (the demo's
-simulation settings, ``pyromoe.app.demo.DEMO_DATA``), chain starts (the true parameters with
-the Laplace jitter of ``run_nuts``, in unconstrained space) and float64 for all three. Reports
-seconds of sampling, gradient evaluations (warmup included), ms per gradient evaluation and the
-minimum bulk ESS over all parameters per second.
+simulation settings, ``pyromoe.app.demo.DEMO_DATA``, at n = 2000, d = 5 and n = 20000, d = 10),
+chain starts (the true parameters with the Laplace jitter of ``run_nuts``, in unconstrained
+space), float64 and one thread for both (``torch.set_num_threads(1)``; XLA's CPU client with one
+intra-op thread). Chains run one after the other in both.
+
+Both engines run twice in the same process, alternately (NumPyro, pyromoe, NumPyro, pyromoe), so
+that a busy machine slows both alike: NumPyro's first run includes JAX's compilation ("compile
+included"), its second run reuses the compiled sampler ("compile excluded"); pyromoe compiles
+nothing, so its first run is the "included" one and its second the "excluded" one. Reports, per
+run, the seconds (pyromoe: the whole ``run_nuts`` call, and ``MCMC.run`` alone; NumPyro: warmup
+and sampling), the gradient evaluations (leapfrog steps, warmup included; pyromoe also counts its
+step-size search), ms per gradient inside the sampler, the minimum bulk ESS over all parameters and
+ESS per second. It also times one potential-and-gradient evaluation alone (pyromoe's
+``FusedPotential.value_and_grad`` against ``jax.jit(jax.value_and_grad(potential_fn))`` of the
+NumPyro model), alternately, median of repeated blocks.
 
 NumPyro (``pip install numpyro jax``, the ``bench`` extra) is skipped with a message when it is not
-installed. Its seconds include JAX's compilation (a normal run pays it), and its gradient count is
-the sum of its trees' leapfrog steps (warmup included, its step-size search not).
+installed. ``--traced`` adds ``run_nuts(potential="traced")`` (Pyro's traced model) once.
 
-    .venv/bin/python benchmarks/nuts_speed.py            # demo (n=2000, d=5) and n=20000, d=10
-    .venv/bin/python benchmarks/nuts_speed.py --quick    # 2 chains x 60 + 60
+    .venv/bin/python benchmarks/nuts_speed.py                # both settings, 4 chains x 250 + 250
+    .venv/bin/python benchmarks/nuts_speed.py --only demo    # one setting
+    .venv/bin/python benchmarks/nuts_speed.py --quick        # 2 chains x 60 + 60
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
 
-import arviz as az
-import numpy as np
-import torch
+# one XLA intra-op thread, set before JAX is imported (the torch side uses one thread too)
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+)
+
+import arviz as az  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, machine_section, write_results  # noqa: E402
@@ -32,6 +51,7 @@ from pyromoe import MixtureOfExperts, simulate  # noqa: E402
 from pyromoe.app.demo import DEMO_DATA  # noqa: E402
 from pyromoe.bayes.model import DEFAULT_PRIOR_SCALES  # noqa: E402
 from pyromoe.bayes.nuts import _chain_starts, run_nuts  # noqa: E402
+from pyromoe.bayes.potential import fused_potential  # noqa: E402
 
 
 def _min_ess(posterior: dict[str, np.ndarray]) -> float:
@@ -40,7 +60,8 @@ def _min_ess(posterior: dict[str, np.ndarray]) -> float:
     return float(min(float(ess[name].min()) for name in ess.data_vars))
 
 
-def _pyro(model, data, potential, chains, warmup, samples, seed):
+def _pyromoe(model, data, potential, chains, warmup, samples, seed):
+    start = time.perf_counter()
     idata = run_nuts(
         model,
         data.x,
@@ -54,32 +75,28 @@ def _pyro(model, data, potential, chains, warmup, samples, seed):
         posterior_predictive=False,
         potential=potential,
     )
+    seconds = time.perf_counter() - start
     posterior = {name: idata.posterior[name].values for name in model.site_shapes}
     return {
-        "potential": idata.attrs["potential"],
-        "seconds": float(idata.attrs["seconds"]),
+        "engine": f"pyromoe ({idata.attrs['potential']})",
+        "seconds": seconds,
+        "sampler_seconds": float(idata.attrs["seconds"]),
         "gradients": int(sum(idata.attrs["num_gradient_evaluations"])),
         "divergences": int(idata.attrs["num_divergences"]),
         "min_ess": _min_ess(posterior),
     }
 
 
-def _numpyro(model, data, starts, chains, warmup, samples, seed):
-    try:
-        import jax
-        import jax.numpy as jnp
-        import numpyro
-        import numpyro.distributions as ndist
-        from numpyro.infer import MCMC, NUTS
-    except ImportError as error:
-        return {"skipped": f"NumPyro not installed ({error}); pip install numpyro jax"}
-    numpyro.enable_x64()
-    jax.config.update("jax_platform_name", "cpu")
-    k, d = model.num_experts, model.in_features
-    x, y = jnp.asarray(np.asarray(data.x)), jnp.asarray(np.asarray(data.y))
+def _numpyro_model(k, d):
+    """The NumPyro twin of ``MixtureOfExperts(d, k, link="linear", bias=True)``."""
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as ndist
+
     scales = DEFAULT_PRIOR_SCALES
 
-    def np_model(x, y):
+    def model(x, y):
         a = numpyro.sample(
             "experts.weight",
             # the model's default: the scale of a_i . x, so d ** -0.5 per coefficient
@@ -101,58 +118,134 @@ def _numpyro(model, data, starts, chains, warmup, samples, seed):
         log_normal = ndist.Normal(means, sigma).log_prob(y[:, None])
         numpyro.factor("y", jax.scipy.special.logsumexp(log_gate + log_normal, axis=1).sum())
 
-    init = {name: jnp.asarray(value.detach().cpu().numpy()) for name, value in starts.items()}
-    mcmc = MCMC(
-        NUTS(np_model),
-        num_warmup=warmup,
-        num_samples=samples,
-        num_chains=chains,
-        chain_method="sequential",
-        progress_bar=False,
-    )
-    start = time.perf_counter()
-    mcmc.warmup(
-        jax.random.PRNGKey(seed),
-        x,
-        y,
-        init_params=init,
-        extra_fields=("num_steps",),
-        collect_warmup=True,
-    )
-    warm_steps = int(np.asarray(mcmc.get_extra_fields()["num_steps"]).sum())
-    mcmc.run(mcmc.post_warmup_state.rng_key, x, y, extra_fields=("num_steps", "diverging"))
-    draws = mcmc.get_samples(group_by_chain=True)
-    jax.block_until_ready(draws)
-    seconds = time.perf_counter() - start
-    extra = mcmc.get_extra_fields()
-    steps = warm_steps + int(np.asarray(extra["num_steps"]).sum())
-    divergences = int(np.asarray(extra["diverging"]).sum())
-    return {
-        "potential": "numpyro",
-        "seconds": seconds,
-        "gradients": steps,
-        "divergences": divergences,
-        "min_ess": _min_ess({name: np.asarray(v) for name, v in draws.items()}),
-    }
+    return model
 
 
-def run_setting(name, n, d, chains, warmup, samples, seed, skip_traced=False):
+class _NumPyro:
+    """One NumPyro ``MCMC`` object, run again and again (its compiled sampler is cached)."""
+
+    def __init__(self, model, data, starts, chains, warmup, samples, seed):
+        import jax
+        import jax.numpy as jnp
+        import numpyro
+        from numpyro.infer import MCMC, NUTS
+
+        numpyro.enable_x64()
+        jax.config.update("jax_platform_name", "cpu")
+        self.jax = jax
+        self.np_model = _numpyro_model(model.num_experts, model.in_features)
+        self.x = jnp.asarray(np.asarray(data.x))
+        self.y = jnp.asarray(np.asarray(data.y))
+        self.init = {k: jnp.asarray(v.detach().cpu().numpy()) for k, v in starts.items()}
+        self.seed = seed
+        self.mcmc = MCMC(
+            NUTS(self.np_model),
+            num_warmup=warmup,
+            num_samples=samples,
+            num_chains=chains,
+            chain_method="sequential",
+            progress_bar=False,
+        )
+
+    def run(self):
+        jax, mcmc = self.jax, self.mcmc
+        start = time.perf_counter()
+        mcmc.warmup(
+            jax.random.PRNGKey(self.seed),
+            self.x,
+            self.y,
+            init_params=self.init,
+            extra_fields=("num_steps",),
+            collect_warmup=True,
+        )
+        warm_steps = int(np.asarray(mcmc.get_extra_fields()["num_steps"]).sum())
+        mcmc.run(
+            mcmc.post_warmup_state.rng_key,
+            self.x,
+            self.y,
+            extra_fields=("num_steps", "diverging"),
+        )
+        draws = mcmc.get_samples(group_by_chain=True)
+        jax.block_until_ready(draws)
+        seconds = time.perf_counter() - start
+        extra = mcmc.get_extra_fields()
+        return {
+            "engine": "numpyro",
+            "seconds": seconds,
+            "sampler_seconds": seconds,
+            "gradients": warm_steps + int(np.asarray(extra["num_steps"]).sum()),
+            "divergences": int(np.asarray(extra["diverging"]).sum()),
+            "min_ess": _min_ess({name: np.asarray(v) for name, v in draws.items()}),
+        }
+
+    def gradient_fn(self):
+        """``theta -> (potential, gradient)`` of the model, compiled, and its argument."""
+        from numpyro.infer.util import initialize_model
+
+        info = initialize_model(
+            self.jax.random.PRNGKey(0), self.np_model, model_args=(self.x, self.y)
+        )
+        fn = self.jax.jit(self.jax.value_and_grad(info.potential_fn))
+        point = {name: value[0] for name, value in self.init.items()}
+        self.jax.block_until_ready(fn(point))  # compiled here
+        return lambda: self.jax.block_until_ready(fn(point))
+
+
+def _gradient_timings(model, data, starts, numpyro, repeats=7, calls=200):
+    """ms per potential-and-gradient evaluation alone, pyromoe and NumPyro alternately: the
+    median over ``repeats`` blocks of ``calls`` evaluations each."""
+    x, y = torch.as_tensor(data.x), torch.as_tensor(data.y)
+    fused = fused_potential(model, x, y)
+    theta = fused.to_flat({name: value[0] for name, value in starts.items()})
+    engines = {"pyromoe": lambda: fused.value_and_grad(theta)}
+    if numpyro is not None:
+        engines["numpyro"] = numpyro.gradient_fn()
+    times = {name: [] for name in engines}
+    for _ in range(repeats):
+        for name, fn in engines.items():
+            fn()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append(1e3 * (time.perf_counter() - start) / calls)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _numpyro_or_reason(model, data, starts, chains, warmup, samples, seed):
+    try:
+        return _NumPyro(model, data, starts, chains, warmup, samples, seed), None
+    except ImportError as error:
+        return None, f"NumPyro not installed ({error}); pip install numpyro jax"
+
+
+def run_setting(name, n, d, chains, warmup, samples, seed, traced=False):
     data_args = {**DEMO_DATA, "n": n, "in_features": d}
     data = simulate(num_experts=2, link="linear", seed=seed, bias=True, **data_args)
     model = MixtureOfExperts(d, 2, link="linear", bias=True)
     x = torch.as_tensor(data.x)
     starts = _chain_starts(model, x, torch.as_tensor(data.y), data.truth, chains, True, seed)
-    rows = {"fused": _pyro(model, data, "fused", chains, warmup, samples, seed)}
-    if skip_traced:
-        rows["traced"] = {"skipped": "--skip-traced"}
-    else:
-        rows["traced"] = _pyro(model, data, "traced", chains, warmup, samples, seed)
-    rows["numpyro"] = _numpyro(model, data, starts, chains, warmup, samples, seed)
-    for row in rows.values():
-        if "seconds" in row:
-            row["ms_per_gradient"] = 1e3 * row["seconds"] / max(row["gradients"], 1)
-            row["min_ess_per_second"] = row["min_ess"] / row["seconds"]
-        print(name, row, flush=True)
+    numpyro, reason = _numpyro_or_reason(model, data, starts, chains, warmup, samples, seed)
+    runs = []
+    for label in ("compile included", "compile excluded"):  # alternately, same process
+        if numpyro is not None:
+            runs.append({"run": label, "load": os.getloadavg()[0], **numpyro.run()})
+            print(name, runs[-1], flush=True)
+        runs.append(
+            {
+                "run": label,
+                "load": os.getloadavg()[0],
+                **_pyromoe(model, data, "fused", chains, warmup, samples, seed),
+            }
+        )
+        print(name, runs[-1], flush=True)
+    if traced:
+        row = _pyromoe(model, data, "traced", chains, warmup, samples, seed)
+        runs.append({"run": "compile included", "load": os.getloadavg()[0], **row})
+    for row in runs:
+        row["ms_per_gradient"] = 1e3 * row["sampler_seconds"] / max(row["gradients"], 1)
+        row["min_ess_per_second"] = row["min_ess"] / row["seconds"]
+    gradient_ms = _gradient_timings(model, data, starts, numpyro)
+    print(name, "ms per gradient alone", gradient_ms, flush=True)
     return {
         "setting": name,
         "n": n,
@@ -161,39 +254,76 @@ def run_setting(name, n, d, chains, warmup, samples, seed, skip_traced=False):
         "chains": chains,
         "warmup": warmup,
         "samples": samples,
-        "results": rows,
+        "numpyro_skipped": reason,
+        "runs": runs,
+        "gradient_ms_alone": gradient_ms,
+        "ratios": _ratios(runs, gradient_ms),
     }
+
+
+def _ratios(runs, gradient_ms) -> dict:
+    """pyromoe (fused) over NumPyro: seconds and ms per gradient, per run."""
+    rows = {(row["engine"], row["run"]): row for row in runs}
+    out = {}
+    for label in ("compile included", "compile excluded"):
+        ours, theirs = rows.get(("pyromoe (fused)", label)), rows.get(("numpyro", label))
+        if ours is None or theirs is None:
+            continue
+        key = label.replace(" ", "_")
+        out[f"seconds_{key}"] = ours["seconds"] / theirs["seconds"]
+        out[f"ms_per_gradient_{key}"] = ours["ms_per_gradient"] / theirs["ms_per_gradient"]
+        out[f"ess_per_second_{key}"] = ours["min_ess_per_second"] / theirs["min_ess_per_second"]
+    if "numpyro" in gradient_ms:
+        out["gradient_alone"] = gradient_ms["pyromoe"] / gradient_ms["numpyro"]
+    return out
 
 
 def _markdown(payload) -> str:
     lines = [
-        "# NUTS speed: fused potential vs traced model vs NumPyro",
+        "# NUTS speed: seeded run_nuts (fused potential) vs NumPyro",
         "",
-        f"Run: `benchmarks/nuts_speed.py{payload['flags']}`, seed "
-        f"{payload['seed']}, float64, one torch thread, chains one after the other.",
+        f"Run: `benchmarks/nuts_speed.py{payload['flags']}`, seed {payload['seed']}, float64, "
+        "one thread for torch and for XLA, chains one after the other, both engines in one "
+        "process, alternately (NumPyro, pyromoe, NumPyro, pyromoe). **Timed on a shared 2-core "
+        "machine under load from other jobs** (`load` is the 1-minute load average when each "
+        "run started): compare the engines within one setting, not across runs of the script.",
         "",
-        "| setting | sampler | seconds | gradients | ms / gradient | min ESS | min ESS / s |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | engine | run | load | seconds | sampler s | gradients | ms / gradient "
+        "| min ESS | min ESS / s | divergences |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting in payload["settings"]:
         label = (
             f"n={setting['n']}, d={setting['d']}, "
             f"{setting['chains']}x({setting['warmup']}+{setting['samples']})"
         )
-        for sampler, row in setting["results"].items():
-            if "skipped" in row:
-                lines.append(f"| {label} | {sampler} | skipped: {row['skipped']} | | | | |")
-                continue
+        for row in setting["runs"]:
             lines.append(
-                f"| {label} | {sampler} | {row['seconds']:.1f} | {row['gradients']} | "
+                f"| {label} | {row['engine']} | {row['run']} | {row['load']:.1f} | "
+                f"{row['seconds']:.1f} | {row['sampler_seconds']:.1f} | {row['gradients']} | "
                 f"{row['ms_per_gradient']:.3f} | {row['min_ess']:.0f} | "
-                f"{row['min_ess_per_second']:.2f} |"
+                f"{row['min_ess_per_second']:.2f} | {row['divergences']} |"
             )
+        if setting["numpyro_skipped"]:
+            lines.append(f"| {label} | numpyro | skipped: {setting['numpyro_skipped']} |")
+    lines += ["", "Ratios, pyromoe over NumPyro (time: lower is better; ESS/s: higher is better):"]
+    lines += ["", "| setting | ratio | value |", "|---|---|---|"]
+    for setting in payload["settings"]:
+        for key, value in setting["ratios"].items():
+            lines.append(f"| n={setting['n']}, d={setting['d']} | {key} | {value:.2f} |")
+    lines += ["", "ms per potential-and-gradient evaluation alone (median of 7 blocks of 200):"]
+    lines += ["", "| setting | engine | ms |", "|---|---|---|"]
+    for setting in payload["settings"]:
+        for engine, ms in setting["gradient_ms_alone"].items():
+            lines.append(f"| n={setting['n']}, d={setting['d']} | {engine} | {ms:.3f} |")
     lines += [
         "",
-        "Pyro seconds are `MCMC.run` (the fused potential needs no compilation; the traced one "
-        "is `jit_compile=True`, compiled inside the run). NumPyro seconds include JAX "
-        "compilation; its gradients are leapfrog steps (warmup included, step-size search not).",
+        "pyromoe `seconds` is the whole `run_nuts` call (chain starts, sampling, InferenceData; "
+        "no posterior predictive), `sampler s` its `MCMC.run`; ms / gradient is sampler seconds "
+        "over gradient evaluations, so it includes each engine's tree building. NumPyro seconds "
+        "are warmup and sampling; its first run includes JAX compilation, its second reuses the "
+        "compiled sampler. Its gradients are leapfrog steps (warmup included, step-size search "
+        "not).",
         *machine_section(payload["machine"]),
     ]
     return "\n".join(lines)
@@ -203,7 +333,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 chains x (60 + 60)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-traced", action="store_true", help="only fused and NumPyro")
+    parser.add_argument("--traced", action="store_true", help="also run the traced model once")
     parser.add_argument(
         "--only",
         choices=["demo", "large"],
@@ -219,10 +349,11 @@ def main(argv=None):
     shapes = {"demo": (DEMO_DATA["n"], DEMO_DATA["in_features"]), "large": (20000, 10)}
     names = [args.only] if args.only else list(shapes)
     settings = [
-        run_setting(name, *shapes[name], chains, warmup, samples, args.seed, args.skip_traced)
+        run_setting(name, *shapes[name], chains, warmup, samples, args.seed, args.traced)
         for name in names
     ]
     flags = (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
+    flags += " --traced" if args.traced else ""
     payload = {
         "quick": args.quick,
         "flags": flags,
@@ -231,6 +362,8 @@ def main(argv=None):
         "settings": settings,
     }
     stem = f"nuts_speed_{args.only}" if args.only else "nuts_speed"
+    if args.quick:
+        stem += "_quick"
     for path in write_results(stem, payload, _markdown(payload)):
         print("wrote", path)
     return 0

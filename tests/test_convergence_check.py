@@ -98,3 +98,23 @@ def test_run_nuts_records_the_check_in_attrs():
         report["divergences_per_chain"]
         == np.asarray(idata.sample_stats["diverging"].values).sum(1).tolist()
     )
+
+
+def test_the_reports_show_the_check():
+    from pyromoe.app.runs import nuts_report
+    from pyromoe.bayes.convergence import convergence_summary
+
+    shifted = _idata(shift_chain=1, shift=0.5)
+    text = convergence_summary(shifted)
+    assert text.startswith("Convergence check FAILED") and "chains [1]" in text
+    assert convergence_summary(_idata()).startswith("Convergence check passed: max r_hat 1.00")
+    data = simulate(100, 2, seed=0)
+    model = MixtureOfExperts(2, 2, bias=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NUTSConvergenceWarning)
+        idata = run_nuts(
+            model, data.x, data.y, init=data.truth, num_chains=2, num_warmup=10, num_samples=10,
+            progress=False, posterior_predictive=False, seed=0,
+        )  # fmt: skip
+    report = nuts_report(idata, data.truth)
+    assert report["convergence"]["max_rhat"] == pytest.approx(report["max_rhat_aligned"])

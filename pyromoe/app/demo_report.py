@@ -90,6 +90,7 @@ def _nuts_rows(reports: dict[str, dict]) -> list[dict[str, Any]]:
             "min ESS bulk": rep["min_ess_bulk_aligned"],
             "divergences": rep["divergences"],
             "chains in a wrong mode": rep["chains_in_wrong_mode"],
+            "convergence check": "passed" if rep["convergence"]["converged"] else "FAILED",
             "chain mean log-lik": ", ".join(f"{v:.1f}" for v in rep["chain_mean_log_likelihood"]),
             "seconds": rep["seconds"],
         }

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..bayes.convergence import convergence_summary
 from ..core.estimate import MoEEstimate
 from ..core.links import check_link
 from .atomic import save_figure_atomic, write_netcdf_atomic, write_text_atomic
@@ -131,6 +132,7 @@ def fit_summary(numbers, estimate, idata, rows, scaling, method) -> str:
             f"{divergences} divergences; per-chain mean log-likelihood: {chain_ll} (a chain far "
             "below the others sits in a wrong mode).\n"
         )
+        extra += convergence_summary(idata) + "\n"
     else:
         extra = (
             f"SVI: final ELBO {float(idata.attrs.get('final_elbo', float('nan'))):.2f}; PSIS "

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from .._validation import check_device, check_num_experts, check_seed
+from ..bayes.convergence import check_convergence
 from ..core import sites
 from ..core.estimate import MoEEstimate
 from ..core.links import check_link
@@ -52,7 +53,8 @@ def _max_rhat(idata, names) -> float:
 def nuts_report(idata, reference: MoEEstimate, best_log_likelihood: float | None = None) -> dict:
     """Max r_hat of the draws as sampled and after relabelling to ``reference``, divergences, chains
     in a wrong mode (mean log-likelihood over :data:`WRONG_BASIN_NATS` below the best chain, or below
-    ``best_log_likelihood`` when given, e.g. the best chain of another run on the same data)."""
+    ``best_log_likelihood`` when given, e.g. the best chain of another run on the same data), and
+    ``convergence``: :func:`~pyromoe.bayes.convergence.check_convergence` of the relabelled draws."""
     import arviz as az
 
     names = parameter_sites(idata)
@@ -70,6 +72,7 @@ def nuts_report(idata, reference: MoEEstimate, best_log_likelihood: float | None
         "chain_mean_log_likelihood": chain_ll.tolist(),
         "chains_in_wrong_mode": int((chain_ll < best - WRONG_BASIN_NATS).sum()),
         "seconds": float(idata.attrs.get("seconds", float("nan"))),
+        "convergence": check_convergence(aligned),
     }
 
 

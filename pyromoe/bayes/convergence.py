@@ -36,6 +36,7 @@ __all__ = [
     "WRONG_MODE_NATS",
     "NUTSConvergenceWarning",
     "check_convergence",
+    "convergence_summary",
     "record_convergence",
 ]
 
@@ -197,6 +198,20 @@ def describe(report: dict) -> str:
             f"chains {finding['chains']}: {finding['advice']}"
         )
     return "\n".join(lines)
+
+
+def convergence_summary(idata) -> str:
+    """One paragraph for a report: the check recorded in ``idata.attrs["convergence"]`` (or run
+    now when absent), "passed" with its numbers, or "FAILED" with each finding and its advice."""
+    recorded = idata.attrs.get("convergence")
+    report = json.loads(recorded) if recorded else check_convergence(idata)
+    numbers = (
+        f"max r_hat {report['max_rhat']:.3f} on the mixture's sites, "
+        f"{100 * report['divergent_fraction']:.1f}% divergent draws"
+    )
+    if report["converged"]:
+        return f"Convergence check passed: {numbers}."
+    return f"Convergence check FAILED ({numbers}):\n" + describe(report)
 
 
 def record_convergence(idata, **thresholds) -> dict:

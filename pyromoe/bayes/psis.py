@@ -173,14 +173,27 @@ def guide_log_density(guide, draws: dict[str, torch.Tensor], *args, **kwargs) ->
 
 
 def importance_log_weights(
-    model, guide, draws: dict[str, torch.Tensor], x, y=None, *guide_args
+    model, guide, draws: dict[str, torch.Tensor], x, y=None, *, guide_args: tuple | None = None
 ) -> torch.Tensor:
     """``model_log_joint - guide_log_density`` per draw, shape ``(S,)`` (unnormalised).
 
     ``x`` (and ``y``) as in :func:`model_log_joint`; ``guide_args`` are the model's arguments to
     set up a guide that has not run (default ``(x, y)`` for tensors).
+
+    Examples
+    --------
+    >>> from pyro.infer import Predictive
+    >>> from pyromoe import MixtureOfExperts, fit_svi, simulate, trained_guide
+    >>> data = simulate(100, 2, seed=0)
+    >>> model = MixtureOfExperts(2, 2)
+    >>> idata = fit_svi(model, data.x, data.y, num_steps=20, num_samples=50, progress=False)
+    >>> guide = trained_guide(idata)
+    >>> draws = Predictive(guide, num_samples=5, return_sites=list(model.site_shapes))(data.x)
+    >>> importance_log_weights(model, guide, draws, data.x, data.y).shape
+    torch.Size([5])
     """
-    guide_args = guide_args or ((x, y) if not isinstance(x, Source) else ())
+    if guide_args is None:
+        guide_args = () if isinstance(x, Source) else (x, y)
     joint = model_log_joint(model, draws, x, y)
     return joint - guide_log_density(guide, draws, *guide_args)
 
@@ -255,7 +268,7 @@ def psis_of_guide(
     """
     start = time.perf_counter()
     attrs = {"psis_khat": math.nan, "psis_ess": math.nan, "psis_draws": "guide"}
-    attrs["psis_khat_threshold"] = PSIS_KHAT_THRESHOLD
+    attrs.update(psis_khat_threshold=PSIS_KHAT_THRESHOLD, psis_seconds=0.0)
     if not callable(getattr(model, "prior", None)):  # a user's model: no log joint here
         return draws, attrs
     if not isinstance(guide, (AutoNormal, AutoContinuous)):
@@ -269,7 +282,7 @@ def psis_of_guide(
             )
         return draws, attrs
     with torch.no_grad():
-        log_weights = importance_log_weights(model, guide, draws, source, None, *guide_args)
+        log_weights = importance_log_weights(model, guide, draws, source, guide_args=guide_args)
         smoothed, khat = pareto_smoothed_log_weights(log_weights)
     weights = torch.softmax(smoothed.to(torch.float64), 0)
     attrs.update(psis_khat=khat, psis_ess=float(1.0 / (weights**2).sum()))

@@ -122,13 +122,15 @@ def plot_chain_log_likelihoods(runs: Mapping[str, object], wrong_basin_nats: flo
         totals = np.asarray(run.sample_stats["log_likelihood_total"].values, dtype=float)
         wrong = wrong_mode_chains(run.attrs["chain_mean_log_likelihood"], best, wrong_basin_nats)
         for chain, values in enumerate(totals):
-            style = dict(color="C3", ls="--", lw=1.2) if chain in wrong else dict(lw=0.8)
+            # red and dashed only for a chain in a wrong mode: the others skip C3 (red)
+            colour = f"C{chain + (chain >= 3)}"
+            style = dict(color="C3", ls="--", lw=1.2) if chain in wrong else dict(c=colour, lw=0.8)
             note = ": wrong mode" if chain in wrong else ""
             ax.plot(values, label=f"chain {chain}{note}", **style)
         ax.axhline(best - wrong_basin_nats, color="k", ls=":", lw=1)
         ax.set_title(f"{label}\n{len(wrong)} of {len(totals)} chains in a wrong mode", fontsize=10)
         ax.set_xlabel("draw (after warm-up)")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     axes[0][0].set_ylabel("total log-likelihood")
     _plain_numbers(axes[0][0].yaxis)
     figure.suptitle(

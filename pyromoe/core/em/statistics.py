@@ -28,27 +28,27 @@ from ..sources import Source
 __all__ = ["Statistics", "mean_log_likelihood", "pass_statistics"]
 
 
-def _with_intercept(x: torch.Tensor, intercept: bool) -> torch.Tensor:
-    """The design matrix: ``x`` with a column of ones appended when ``intercept``."""
-    return torch.cat([x, torch.ones_like(x[:, :1])], dim=-1) if intercept else x
-
-
-def _negative_hessian(design: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """Negative Hessian of the multinomial log-likelihood, blocks ``X^T diag(p_a (d_ab - p_b)) X``.
+def _negative_hessian(
+    x: torch.Tensor, probs: torch.Tensor, intercept: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Negative Hessian of the multinomial log-likelihood, blocks ``U^T diag(p_a (d_ab - p_b)) U``
+    with ``u_n = (x_n, 1)`` when ``intercept``.
 
     ``probs`` (n, k - 1) are the free experts' gate probabilities; the result is
-    ((k - 1) width, (k - 1) width). Two matrix products whatever k (fewer passes than block by block).
+    ((k - 1) width, (k - 1) width). One weighted Gram per block on or above the diagonal, the
+    blocks below by symmetry: k (k - 1) / 2 GEMMs, no copy of the design.
     """
-    free, width = probs.shape[1], design.shape[1]
-    if free == 1:
-        weight = probs[:, 0] * (1 - probs[:, 0])
-        return (design * weight[:, None]).T @ design
-    scaled = (probs[:, :, None] * design[:, None, :]).reshape(-1, free * width)
-    hessian = -(scaled.T @ scaled)  # - sum_n p_a p_b x x^T
-    diagonal = (scaled.T @ design).reshape(free, width, width)  # sum_n p_a x x^T
+    free = probs.shape[1]
+    width = x.shape[1] + (1 if intercept else 0)
+    hessian = x.new_empty(free * width, free * width)
     blocks = hessian.view(free, width, free, width)
     for a in range(free):
-        blocks[a, :, a, :] += diagonal[a]
+        for b in range(a, free):
+            weight = probs[:, a] * ((1.0 if a == b else 0.0) - probs[:, b])
+            block = _weighted_gram(x, weight, intercept, out)
+            blocks[a, :, b, :] = block
+            if b != a:
+                blocks[b, :, a, :] = block.T
     return hessian
 
 
@@ -91,11 +91,14 @@ class Statistics(NamedTuple):
     gate_hessian: torch.Tensor
 
 
-def _weighted_gram(x: torch.Tensor, weight: torch.Tensor, intercept: bool) -> torch.Tensor:
+def _weighted_gram(
+    x: torch.Tensor, weight: torch.Tensor, intercept: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``sum_n w_n u_n u_n^T`` with ``u_n = (x_n, 1)`` when ``intercept`` (else ``x_n``), without
     building the design matrix: one GEMM, and a matrix-vector product and a sum for the
-    intercept's row and column."""
-    gram = (x * weight[:, None]).T @ x
+    intercept's row and column. ``out``: a buffer shaped like ``x`` for the weighted rows (one
+    buffer for all the Grams of a chunk: a fresh chunk-sized tensor costs page faults)."""
+    gram = torch.mul(x, weight[:, None], out=out).T @ x
     if not intercept:
         return gram
     edge = weight @ x
@@ -103,12 +106,14 @@ def _weighted_gram(x: torch.Tensor, weight: torch.Tensor, intercept: bool) -> to
     return torch.cat([top, torch.cat([edge, weight.sum()[None]])[None]], dim=0)
 
 
-def _weighted_grams(x: torch.Tensor, weights: torch.Tensor, intercept: bool) -> torch.Tensor:
-    """:func:`_weighted_gram` for each column of ``weights`` (n, m): shape (m, w, w). One GEMM
-    per column: a single GEMM of the stacked weighted copies (n, m d) with ``x`` measured slower
-    on a CPU (benchmarks/results/pass_cost.md)."""
+def _weighted_grams(
+    x: torch.Tensor, weights: torch.Tensor, intercept: bool, out: torch.Tensor
+) -> torch.Tensor:
+    """:func:`_weighted_gram` for each column of ``weights`` (n, m): shape (m, w, w), one GEMM
+    per column through the one buffer ``out`` (a single GEMM of the stacked weighted copies
+    (n, m d) with ``x`` measured slower on a CPU)."""
     return torch.stack(
-        [_weighted_gram(x, weights[:, i], intercept) for i in range(weights.shape[1])]
+        [_weighted_gram(x, weights[:, i], intercept, out) for i in range(weights.shape[1])]
     )
 
 
@@ -118,15 +123,25 @@ def _weighted_sums(x: torch.Tensor, weights: torch.Tensor, intercept: bool) -> t
     return torch.cat([sums, weights.sum(0)[:, None]], dim=1) if intercept else sums
 
 
+def _logsumexp_rows(t: torch.Tensor) -> torch.Tensor:
+    """``log sum_i exp(t_ni)`` over the k columns of ``t`` (n, k): shape (n,). The sum over the
+    columns is a matrix-vector product: torch's reductions over a short last dimension
+    (``logsumexp``, ``softmax``, ``sum(-1)``) took about 100 times an ``exp`` of the same tensor
+    on a CPU (torch 2.13, measured), a third of a Gram pass each."""
+    top = t.amax(-1, keepdim=True).clamp_min(torch.finfo(t.dtype).min)  # -inf rows stay -inf
+    return ((t - top).exp() @ t.new_ones(t.shape[-1])).log() + top[:, 0]
+
+
 def _gate_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """The free experts' gate probabilities (n, k - 1); k = 2: a sigmoid (a softmax over two
-    columns is many times slower on a CPU)."""
+    """The free experts' gate probabilities (n, k - 1); k = 2: a sigmoid."""
     if logits.shape[1] == 2:
         return torch.sigmoid(logits[:, 1:] - logits[:, :1])
-    return torch.softmax(logits, dim=-1)[:, 1:]
+    return (logits[:, 1:] - _logsumexp_rows(logits)[:, None]).exp()
 
 
-def _expert_system(x, y, resp, predictors, residual, link: Link, intercept: bool, gate_probs):
+def _expert_system(
+    x, y, resp, predictors, residual, link: Link, intercept: bool, gate_probs, out: torch.Tensor
+):
     """The experts' weighted Gram matrices (or Gauss-Newton systems), their right-hand sides and
     ``sum r y^2``, in one GEMM for all experts; with ``gate_probs`` (k = 2, the gate on the same
     design) the gate's IRLS Gram joins that GEMM and is returned too (else None)."""
@@ -143,12 +158,12 @@ def _expert_system(x, y, resp, predictors, residual, link: Link, intercept: bool
     k = resp.shape[1]
     if gate_probs is not None:
         gram_weights = torch.cat([gram_weights, gate_probs * (1 - gate_probs)], dim=1)
-    matrix = _weighted_grams(x, gram_weights, intercept)
+    matrix = _weighted_grams(x, gram_weights, intercept, out)
     gate_hessian = matrix[k] if gate_probs is not None else None
     return matrix[:k].to(f64), vector.to(f64), y_square, gate_hessian
 
 
-def _gate_system(x, resp, probs, gate_bias: bool, hessian):
+def _gate_system(x, resp, probs, gate_bias: bool, hessian, out: torch.Tensor | None):
     """The gate's IRLS gradient and negative Hessian (``hessian`` when already computed)."""
     width = x.shape[1] + (1 if gate_bias else 0)
     if probs is None:  # one expert: no gate
@@ -156,9 +171,9 @@ def _gate_system(x, resp, probs, gate_bias: bool, hessian):
     gradient = _weighted_sums(x, resp[:, 1:] - probs, gate_bias)
     if hessian is None:
         if probs.shape[1] == 1:
-            hessian = _weighted_gram(x, probs[:, 0] * (1 - probs[:, 0]), gate_bias)
+            hessian = _weighted_gram(x, probs[:, 0] * (1 - probs[:, 0]), gate_bias, out)
         else:
-            hessian = _negative_hessian(_with_intercept(x, gate_bias), probs)
+            hessian = _negative_hessian(x, probs, gate_bias, out)
     return gradient, hessian
 
 
@@ -186,7 +201,7 @@ def pass_statistics(
     x_gate = gate_columns(x, params.in_features, params.gate_weight.shape[-1])
     predictors, logits = linear_predictors(x, params)
     log_probs = log_probs_from_predictors(y, predictors, logits, params, link)
-    log_lik = torch.logsumexp(log_probs, dim=-1)
+    log_lik = _logsumexp_rows(log_probs)
     resp = (log_probs - log_lik[:, None]).exp()
     at = params
     if linearise_at is not None:
@@ -199,11 +214,14 @@ def pass_statistics(
     # k = 2 with one design and one intercept rule: the gate's IRLS Gram joins the experts' GEMM
     fuse_gate = k == 2 and update_experts and x_gate is x_experts and gate_bias == intercept
     matrix = vector = y_square = hessian = None
+    buffer = torch.empty_like(x_experts)  # the weighted rows of every Gram of this chunk
     if update_experts:
+        gate_probs = probs if fuse_gate else None
         matrix, vector, y_square, hessian = _expert_system(
-            x_experts, y, resp, predictors, residual, link, intercept, probs if fuse_gate else None
+            x_experts, y, resp, predictors, residual, link, intercept, gate_probs, buffer
         )
-    gradient, hessian = _gate_system(x_gate, resp, probs, gate_bias, hessian)
+    gate_buffer = buffer if x_gate.shape == buffer.shape else None
+    gradient, hessian = _gate_system(x_gate, resp, probs, gate_bias, hessian, gate_buffer)
     return Statistics(
         rows=torch.tensor(float(x.shape[0]), dtype=f64, device=x.device),
         log_likelihood=log_lik.sum().to(f64),

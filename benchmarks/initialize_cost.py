@@ -1,7 +1,9 @@
 """What ``initialize`` costs against EM from random starts (issue 26 item 1).
 
 On ``simulate(n, d, 2, expert_cosine=0.8, gate_norm=2, noise=0.5, bias=True)`` (similar experts,
-the setting of benchmarks/random_starts.py), one torch thread, in memory, float64:
+the setting of benchmarks/random_starts.py; at n = 2000, d = 10 the moment step refuses these data
+and ``initialize`` falls back to multi-start EM, so an extra n = 2000 row uses cosine 0.6, where
+it applies), one torch thread, in memory, float64:
 
 - ``initialize_s``: ``pyromoe.initialize(x, y, 2)`` (default ``method="auto"``);
 - ``em_start_s``: one default (screened) ``fit_em`` start, ``fit_em(x, y, 2, n_init=1)``;
@@ -63,7 +65,7 @@ def _score(data, estimate) -> float:
     return mean_log_likelihood(source, estimate.params, estimate.link, 65_536)
 
 
-def measure(n: int, d: int, repeats: int, multi_start: bool) -> dict:
+def measure(n: int, d: int, repeats: int, multi_start: bool, cosine: float = COSINE) -> dict:
     data = simulate(
         n,
         d,
@@ -71,7 +73,7 @@ def measure(n: int, d: int, repeats: int, multi_start: bool) -> dict:
         noise=NOISE,
         gate="random",
         seed=DATA_SEED,
-        expert_cosine=COSINE,
+        expert_cosine=cosine,
         gate_norm=GATE_NORM,
         bias=True,
     )
@@ -100,6 +102,7 @@ def measure(n: int, d: int, repeats: int, multi_start: bool) -> dict:
             "n": n,
             "d": d,
             "k": K,
+            "expert_cosine": cosine,
             "same_optimum": bool(scores["initialize_s"] >= best_em - TOLERANCE),
             "log_likelihood_per_row": scores,
             "initialize_minus_best_em": scores["initialize_s"] - best_em,
@@ -144,15 +147,15 @@ def markdown(result: dict) -> str:
         "(d = 10), at most 1.5x it at n = 2000, at most 0.25x one random-start EM fit at n = 1e6 "
         "(d = 50), with the same optimum (mean log-likelihood within 1e-6 per row).",
         "",
-        "| n | d | initializer | initialize (s) | one EM start (s) | multi-start EM (s) | "
+        "| n | d | cosine | initializer | initialize (s) | one EM start (s) | multi-start EM (s) | "
         "ratio to one start | ratio to multi-start | same optimum | init - best EM LL/row |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"] + result["large_rows"]:
         multi = row.get("multi_start_em_s")
         ratio_multi = row.get("ratio_to_multi_start_em")
         lines.append(
-            f"| {row['n']:,} | {row['d']} | {row['initializer']} | {row['initialize_s']:.3f} | "
+            f"| {row['n']:,} | {row['d']} | {row['expert_cosine']} | {row['initializer']} | {row['initialize_s']:.3f} | "
             f"{row['em_start_s']:.3f} | {'-' if multi is None else f'{multi:.3f}'} | "
             f"{row['ratio_to_em_start']:.2f} | "
             f"{'-' if ratio_multi is None else f'{ratio_multi:.2f}'} | {row['same_optimum']} | "
@@ -161,7 +164,7 @@ def markdown(result: dict) -> str:
     lines += ["", "## Where initialize spends its time (seconds, last run)", ""]
     for row in result["rows"] + result["large_rows"]:
         lines.append(
-            f"- n = {row['n']:,}, d = {row['d']}: {_split_text(row['time_split'])}; final EM "
+            f"- n = {row['n']:,}, d = {row['d']}, cosine {row['expert_cosine']}: {_split_text(row['time_split'])}; final EM "
             f"{row['final_em_n_iter']} iterations (one EM start: {row['em_start_n_iter']}); "
             f"random guard runs stopped after {row['guard_random_n_iter']} iterations"
         )
@@ -173,6 +176,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", type=float, default=[2000, 2e4, 2e5])
     parser.add_argument("--large", nargs="*", type=float, default=[], help="n at d = 50")
+    parser.add_argument(
+        "--small-cosine",
+        nargs="*",
+        type=float,
+        default=[0.6],
+        help="extra n = 2000 rows at these expert cosines (at 0.8 the moment step refuses n = 2000)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     add_threads_argument(parser)
     args = parser.parse_args()
@@ -182,6 +192,8 @@ def main() -> None:
         repeats = args.repeats if n <= 2e5 else 1
         rows.append(measure(int(n), 10, repeats, multi_start=True))
         print(rows[-1]["n"], {k: rows[-1][k] for k in ("initialize_s", "em_start_s")}, flush=True)
+    for cosine in args.small_cosine:
+        rows.insert(0, measure(2000, 10, args.repeats, multi_start=True, cosine=cosine))
     large = [measure(int(n), 50, 1, multi_start=False) for n in args.large]
     info = machine_info()
     result = {

@@ -151,8 +151,44 @@ def markdown(result: dict) -> str:
         "them; the summary pass is separate, run once per source and cached). `em_*` is one EM "
         "iteration (pass and M-step), `gate_irls` one pass of gate EM with the experts frozen.",
     ]
+    lines += _reconciliation(result)
     lines += machine_section(result["machine_info"])
     return "\n".join(lines)
+
+
+def _reconciliation(result: dict) -> list[str]:
+    """scale.md's view (the summary pass counted in the moment step, everything divided by a
+    4,096-row memory-map Gram pass) beside this page's (each pass over the Gram pass of the same
+    source and chunk size), from this run's rows."""
+    seconds = {(r["source"], r["chunk_size"]): r["seconds"] for r in result["rows"]}
+    default = result["default_chunk_size"]
+    small = seconds.get(("memmap", 4096))
+    if small is None or small["gram"] is None:
+        return []
+    lines = [
+        "",
+        "## Against benchmarks/results/scale.md",
+        "",
+        "scale.md divided the moment step (with the summary pass inside it) and one EM iteration "
+        "by a Gram pass over a memory map in 4,096-row chunks. The same quotients from this run, "
+        "beside this page's view (each divided by the Gram pass of its own source and chunk size):",
+        "",
+        "| source | chunk | (summary + moment step) / 4,096-row memmap Gram | moment step / "
+        "own Gram | EM k=2 linear / 4,096-row memmap Gram | EM k=2 linear / own Gram |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (kind, chunk), row in seconds.items():
+        if chunk != default or row["gram"] is None:
+            continue
+        parts = [row.get("summary"), row.get("moment_step"), row.get("em_k2_linear")]
+        if any(part is None for part in parts):
+            continue
+        summary, moment, em = parts
+        lines.append(
+            f"| {kind} | {chunk:,} | {(summary + moment) / small['gram']:.2f} | "
+            f"{moment / row['gram']:.2f} | {em / small['gram']:.2f} | {em / row['gram']:.2f} |"
+        )
+    return lines
 
 
 def _sources(x, y, device, kinds, folder: Path) -> dict:

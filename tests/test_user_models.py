@@ -1,6 +1,8 @@
 """run_nuts / fit_svi on a user's own Pyro model around one MixtureOfExperts (issue 24 item 3):
 a hierarchical prior on the experts' weights, the mixture under a scope prefix, the checks."""
 
+import warnings
+
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -11,6 +13,7 @@ from pyro.infer import Predictive
 
 from pyromoe import (
     MixtureOfExperts,
+    NUTSConvergenceWarning,
     fit_svi,
     relabel,
     run_nuts,
@@ -78,34 +81,37 @@ def test_the_estimate_seeds_the_mixtures_sites_and_the_fallback_the_users(data):
     assert torch.all(tau == tau[0]) and 0.0627 < float(tau[0]) < 1.96
 
 
-def test_run_nuts_on_a_scoped_model_starts_at_the_estimates_labels_and_relabels(data, quick_nuts):
+def test_run_nuts_on_a_scoped_model_starts_at_the_estimates_labels_and_relabels(quick_nuts):
     """Started at the truth with its experts swapped, the chains keep that labelling (align=False);
     relabel() to the truth and the ArviZ dims work on the mixture's sites as for a bare mixture."""
+    small = simulate(150, 2, num_experts=2, noise=0.3, seed=0)
     mixture = MixtureOfExperts(2, 2, bias=False)
-    swapped = data.truth.permute([1, 0])
-    idata = quick_nuts(
-        hierarchical(mixture, "moe"), data.x, data.y, swapped,
-        num_chains=2, num_warmup=60, num_samples=60, align=False,
-    )  # fmt: skip
+    swapped = small.truth.permute([1, 0])
+    with warnings.catch_warnings():  # 2 short chains: the convergence check may well warn
+        warnings.simplefilter("ignore", NUTSConvergenceWarning)
+        idata = quick_nuts(
+            hierarchical(mixture, "moe"), small.x, small.y, swapped,
+            num_chains=2, num_warmup=40, num_samples=40, align=False,
+        )  # fmt: skip
     post = idata.posterior
     assert post["experts.weight"].dims == ("chain", "draw", "expert", "feature")
     assert post["gate.weight"].dims == ("chain", "draw", "gate", "feature")
     assert post["tau"].dims == ("chain", "draw")  # the user's site, untouched
     assert idata.attrs["potential"] == "traced" and idata.attrs["user_sites"] == ["tau"]
-    # n = 300, sigma = 0.3: each expert's ~150 rows pin its weights to ~0.03 (posterior sd)
+    # n = 150, sigma = 0.3: each expert's ~75 rows pin its weights to ~0.04 (posterior sd)
     mean = post["experts.weight"].mean(("chain", "draw")).values
     assert _max_abs(mean, swapped.experts_weight) < 0.15
-    aligned = relabel(idata, data.truth)
-    assert aligned.posterior.attrs["num_draws_relabelled"] == 120
+    aligned = relabel(idata, small.truth)
+    assert aligned.posterior.attrs["num_draws_relabelled"] == 80
     mean = aligned.posterior["experts.weight"].mean(("chain", "draw")).values
-    assert _max_abs(mean, data.truth.experts_weight) < 0.15
+    assert _max_abs(mean, small.truth.experts_weight) < 0.15
 
 
 def test_fit_svi_on_a_user_model_returns_the_mixtures_sites_and_a_guide_for_the_model(data):
     mixture = MixtureOfExperts(2, 2, bias=False)
     model = hierarchical(mixture, "moe")
     idata = fit_svi(
-        model, data.x, data.y, init=data.truth, num_steps=300, num_samples=100, progress=False
+        model, data.x, data.y, init=data.truth, num_steps=100, num_samples=100, progress=False
     )
     post = idata.posterior
     assert set(post.data_vars) == {"experts.weight", "gate.weight", "noise", "tau"}
@@ -198,7 +204,10 @@ def test_seeded_nuts_on_a_hierarchical_model_converges_where_default_init_strand
     model = hierarchical(MixtureOfExperts(4, 2, bias=False))
     names = ["experts.weight", "gate.weight", "noise"]
     common = dict(num_chains=4, seed=0, progress=False, posterior_predictive=False)
-    default = run_nuts(model, data.x, data.y, init=None, num_warmup=50, num_samples=50, **common)
+    with pytest.warns(NUTSConvergenceWarning, match="stuck in a lower mode"):
+        default = run_nuts(
+            model, data.x, data.y, init=None, num_warmup=50, num_samples=50, **common
+        )
     gaps = np.asarray(default.attrs["chain_log_likelihood_gap"])
     assert (gaps > WRONG_BASIN_NATS).sum() >= 1  # measured: 2 chains, 24.8 nats below
     assert _max_rhat(default, names) > 1.1  # measured: 2.8

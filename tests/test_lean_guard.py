@@ -13,8 +13,7 @@ from pyromoe.core.em.statistics import pass_statistics
 from pyromoe.core.likelihood import component_log_probs, gate_logits
 from pyromoe.core.links import get_link
 from pyromoe.estimators import initialize as init_module
-from pyromoe.estimators.initialize import STOP_MIN_ITER, _cannot_win
-from pyromoe.estimators.tensor_init import RANDOM_MARGIN
+from pyromoe.estimators.initialize import GUARD_MARGIN, STOP_MIN_ITER, _cannot_win
 
 
 def _quiet(fn, *args, **kwargs):
@@ -33,18 +32,18 @@ def test_stop_rule_ends_a_run_converging_below_the_target_at_the_derived_iterati
     target, gap, rate = -1.0, 0.1, 0.7
     stop = _cannot_win(target)
     # limit = target: value + 2 last r / (1 - r) = limit + gap r^t, so the rule fires at the first
-    # t > STOP_MIN_ITER with gap r^t < RANDOM_MARGIN (t = 20 for these numbers)
+    # t > STOP_MIN_ITER with gap r^t < GUARD_MARGIN (t = 13 for these numbers)
     fired = next(t for t in range(1, 60) if stop(_geometric(target, gap, rate, t + 1)))
     expected = next(
-        t for t in range(STOP_MIN_ITER + 1, 60) if gap * rate**t < RANDOM_MARGIN * (1 - 1e-12)
+        t for t in range(STOP_MIN_ITER + 1, 60) if gap * rate**t < GUARD_MARGIN * (1 - 1e-12)
     )
-    assert fired == expected == 20
+    assert fired == expected == 13
 
 
 def test_stop_rule_never_ends_a_run_heading_above_the_target():
     target = -1.0
     stop = _cannot_win(target)
-    trace = _geometric(target + 10 * RANDOM_MARGIN, 0.1, 0.7, 60)
+    trace = _geometric(target + 10 * GUARD_MARGIN, 0.1, 0.7, 60)
     assert not any(stop(trace[: t + 1]) for t in range(60))
 
 
@@ -105,7 +104,7 @@ def test_random_starts_win_the_guard_when_the_moment_start_is_in_the_wrong_place
     est = _quiet(pyromoe.initialize, similar.x, similar.y, 2, seed=0)
     scores = est.diagnostics["refine_log_likelihoods"]
     assert est.diagnostics["refine_winner"] == "random" and est.method == "em"
-    assert scores["random"] > scores["tensor"] + RANDOM_MARGIN
+    assert scores["random"] > scores["tensor"] + GUARD_MARGIN
     reference = _quiet(pyromoe.fit_em, similar.x, similar.y, 2, init=similar.truth)
     own = float(est.log_likelihood(similar.x, similar.y).mean())
     assert abs(own - float(reference.log_likelihood(similar.x, similar.y).mean())) < 6e-6

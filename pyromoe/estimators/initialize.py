@@ -44,7 +44,7 @@ from .moment_setup import (
     moment_source,
     noise_rule,
 )
-from .tensor_init import RANDOM_MARGIN, _tensor_init, tensor_init
+from .tensor_init import _tensor_init, tensor_init
 
 __all__ = ["MomentsNotApplicableError", "guard_size", "initialize", "minimum_rows", "tensor_init"]
 
@@ -176,7 +176,7 @@ def initialize(
         subsample of :data:`~pyromoe.core.em.starts.SCREEN_ROWS` rows: the gate is fitted there
         and EM from the tensor start is compared with :data:`AUTO_RANDOM_STARTS` random-start EM
         runs by mean log-likelihood (a seed in the wrong place is worse than none; random starts
-        must win by ``RANDOM_MARGIN`` nats per row, and each stops once it cannot); EM then runs
+        must win by :data:`GUARD_MARGIN` nats per row, and each stops once it cannot); EM then runs
         from the winner only, on the guard subsample (:func:`guard_size`) and on all rows; a
         sanity check follows (finite parameters, gate weights below :data:`MAX_SANE_GATE_NORM`
         per sd of x). Otherwise multi-start EM with ``n_init`` starts.
@@ -404,6 +404,11 @@ def _map_refit(source, link, options, choice, moment: MoEEstimate, problem: str)
     )
 
 
+#: Mean log-likelihood per row by which a random start must beat the tensor start in the guard
+#: (5 nats on its 5,000 rows): a better basin, not two runs to one optimum differing in the last
+#: digits. The larger it is, the sooner a random run heading for the same optimum is stopped.
+GUARD_MARGIN = 1e-3
+
 #: The guard's stop rule (:func:`_cannot_win`) waits this many iterations of a random start, and
 #: extrapolates only a run converging faster than this rate per iteration.
 STOP_MIN_ITER = 5
@@ -412,7 +417,7 @@ STOP_MAX_RATE = 0.95
 
 def _cannot_win(target: float):
     """The guard's ``stop`` rule for a random start's EM run (:meth:`EM.fit`): True once the run,
-    extrapolated to its limit, cannot beat ``target`` by ``RANDOM_MARGIN``.
+    extrapolated to its limit, cannot beat ``target`` by :data:`GUARD_MARGIN`.
 
     EM converges linearly near an optimum: increments shrink by a rate ``r`` per iteration, so
     the run has at most ``delta r / (1 - r)`` left to gain; twice that bound is used. Runs still
@@ -426,7 +431,7 @@ def _cannot_win(target: float):
         if last < 0 or before <= 0 or last / before >= STOP_MAX_RATE:
             return False
         rate = last / before
-        return trace[-1] + 2.0 * last * rate / (1.0 - rate) < target + RANDOM_MARGIN
+        return trace[-1] + 2.0 * last * rate / (1.0 - rate) < target + GUARD_MARGIN
 
     return stop
 
@@ -490,9 +495,9 @@ def _guarded(source, link, noise, options: MomentOptions, guard_rows: int):
     runs, best = _random_runs(source, screen, link, options, scores["tensor"])
     random_seconds = time.perf_counter() - clock
     scores["random"] = runs[best].objective
-    # random starts must beat the tensor start by a real margin (RANDOM_MARGIN nats per row): two
+    # random starts must beat the tensor start by a real margin (GUARD_MARGIN nats per row): two
     # runs converging to the same optimum differ in the last digits and that is not a "win"
-    winner = "random" if scores["random"] > scores["tensor"] + RANDOM_MARGIN else "tensor"
+    winner = "random" if scores["random"] > scores["tensor"] + GUARD_MARGIN else "tensor"
     guard_seconds = time.perf_counter() - began
     # the winner's fit and the rows it was fitted on (a random run is refitted: fit_em's report)
     final, fitted = tensor, screen.num_rows

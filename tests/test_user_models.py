@@ -10,6 +10,7 @@ import pytest
 import torch
 from pyro.contrib.autoname import scope
 from pyro.infer import Predictive
+from pyro.nn import PyroModule, PyroSample
 
 from pyromoe import (
     MixtureOfExperts,
@@ -216,3 +217,29 @@ def test_seeded_nuts_on_a_hierarchical_model_converges_where_default_init_strand
     assert np.all(np.asarray(seeded.attrs["chain_log_likelihood_gap"]) < WRONG_BASIN_NATS)
     assert _max_rhat(seeded, names) <= 1.01  # measured: 1.006
     assert seeded.attrs["user_sites"] == ["tau"] and "tau" in seeded.posterior
+
+
+class HierarchicalModule(PyroModule):
+    """The hierarchical model as a PyroModule: tau a PyroSample attribute, the mixture a
+    submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.mixture = MixtureOfExperts(2, 2, bias=False)
+        self.tau = PyroSample(dist.HalfNormal(torch.tensor(1.0, dtype=torch.float64)))
+
+    def forward(self, x, y=None):
+        with mixture_priors(self.mixture, {"experts.weight": dist.Normal(0.0, self.tau)}):
+            return self.mixture(x, y)
+
+
+def test_a_pyro_module_around_the_mixture_is_fitted_by_fit_svi(data):
+    module = HierarchicalModule()
+    found = find_mixture(module, data.x, data.y)
+    assert found.mixture is module.mixture and found.user_sites == {"tau": ()}
+    assert not found.renamed
+    idata = fit_svi(
+        module, data.x, data.y, init=data.truth, num_steps=20, num_samples=20, progress=False
+    )
+    assert set(idata.posterior.data_vars) == {"experts.weight", "gate.weight", "noise", "tau"}
+    assert idata.attrs["user_model"] == "HierarchicalModule"

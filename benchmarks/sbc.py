@@ -248,14 +248,16 @@ def summarise(records: list[dict], seed: int = 0) -> dict:
 
 
 #: the svi_psis views the report shows, each a method of its own (see :func:`psis_views`)
-BELOW = f"k<{PSIS_KHAT_THRESHOLD}"
+BELOW, ABOVE = f"k<{PSIS_KHAT_THRESHOLD}", f"k>={PSIS_KHAT_THRESHOLD}"
 
 
 def psis_views(records: list[dict]) -> dict[str, list[dict]]:
-    """``svi_psis``'s lines as four methods: the draws ``fit_svi`` returned (resampled where
+    """``svi_psis``'s lines as five methods: the draws ``fit_svi`` returned (resampled where
     k-hat <= 0.7, the guide's above) and the same fits' uncorrected guide draws, each over every
-    replication and over those with k-hat < 0.7 (empty views left out)."""
+    replication and over those with k-hat < 0.7, and the draws returned where k-hat >= 0.7 (the
+    guide's: the replications the diagnostic flags). Empty views are left out."""
     below = [r for r in records if r["psis_khat"] < PSIS_KHAT_THRESHOLD]
+    above = [r for r in records if r["psis_khat"] >= PSIS_KHAT_THRESHOLD]
 
     def uncorrected(chosen: list[dict]) -> list[dict]:
         return [
@@ -268,6 +270,7 @@ def psis_views(records: list[dict]) -> dict[str, list[dict]]:
         f"svi_psis ({BELOW})": below,
         "svi_psis uncorrected": uncorrected(records),
         f"svi_psis uncorrected ({BELOW})": uncorrected(below),
+        f"svi_psis ({ABOVE})": above,
     }
     return {name: chosen for name, chosen in views.items() if chosen}
 
@@ -281,7 +284,20 @@ def psis_summary(records: list[dict]) -> dict:
         "khat_quartiles": np.quantile(khat, [0.25, 0.5, 0.75]).tolist(),
         "median_ess": float(np.median([r["psis_ess"] for r in records])),
         "num_draws": records[0]["settings"]["samples"],
+        "reps": sorted(r["rep"] for r in records),
     }
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``0-15, 60-75`` for consecutive runs of sorted integers."""
+    runs, start = [], None
+    for i, value in enumerate(numbers):
+        if start is None:
+            start = value
+        if i + 1 == len(numbers) or numbers[i + 1] != value + 1:
+            runs.append(f"{start}-{value}" if value != start else f"{value}")
+            start = None
+    return ", ".join(runs)
 
 
 def report(methods, in_dir: Path | None = None, write: bool = True) -> dict:
@@ -436,10 +452,15 @@ def _psis_markdown(result: dict) -> list[str]:
         f"effective number of draws {psis['median_ess']:.0f} of {psis['num_draws']}.",
         f"- mean 90% coverage over the {len(quantity_names())} quantities where k-hat < "
         f"{PSIS_KHAT_THRESHOLD}: corrected {_mean_coverage(result, f'svi_psis ({BELOW})')}, "
-        f"uncorrected {_mean_coverage(result, f'svi_psis uncorrected ({BELOW})')}.",
+        f"uncorrected {_mean_coverage(result, f'svi_psis uncorrected ({BELOW})')}; where "
+        f"k-hat >= {PSIS_KHAT_THRESHOLD} (the guide's draws, with the warning) "
+        f"{_mean_coverage(result, f'svi_psis ({ABOVE})')}.",
         f"- over every replication: as returned {_mean_coverage(result, 'svi_psis')}, "
         f"uncorrected {_mean_coverage(result, 'svi_psis uncorrected')}; `svi_mvn` (its own "
         f"run, uncorrected) {_mean_coverage(result, 'svi_mvn')}.",
+        f"- replications run: {_ranges(psis['reps'])}. The run resumes where it stopped "
+        "(`python benchmarks/sbc.py --methods svi_psis --reps 200`, or disjoint `--first` "
+        "ranges in parallel processes).",
         "- `svi_psis` seconds / rep were measured while other jobs shared the two cores (see "
         "the load average below), so they are not comparable with the other rows' (run "
         "2026-12-02 on an idle machine).",

@@ -276,3 +276,21 @@ def test_cli_help_states_the_budget():
 
     fit = build_parser()._subparsers._group_actions[0].choices["fit"]
     assert f"2**{int(math.log2(POINTWISE_CELLS))} draws x rows" in fit.format_help()
+
+
+def test_a_gate_of_its_own_keeps_its_covariates_on_the_same_rows(data):
+    z = data.x[:, :1] * 2 + 1  # one gate covariate of its own
+    model = MixtureOfExperts(D, K, bias=True, gate_features=1)
+    draws = {
+        sites.EXPERTS_WEIGHT: data.truth.experts_weight.expand(1, 4, K, D),
+        sites.EXPERTS_BIAS: data.truth.experts_bias.expand(1, 4, K),
+        sites.GATE_WEIGHT: torch.ones(1, 4, K - 1, 1, dtype=torch.float64),
+        sites.GATE_BIAS: torch.zeros(1, 4, K - 1, dtype=torch.float64),
+        sites.NOISE: data.truth.noise.expand(1, 4),
+    }
+    design = torch.cat([data.x, z], 1)
+    idata = to_inference_data(model, design, data.y, draws, pointwise=50, seed=3)
+    rows = np.asarray(idata.attrs["pointwise_rows"])
+    np.testing.assert_array_equal(idata.constant_data["z"].values, z.numpy()[rows])
+    np.testing.assert_array_equal(idata.constant_data["x"].values, data.x.numpy()[rows])
+    assert idata.log_likelihood["y"].shape == (1, 4, 50)

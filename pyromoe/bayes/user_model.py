@@ -146,13 +146,14 @@ class UserModel:
 
     def attrs(self) -> dict:
         """What a fit records of the user's model in ``idata.attrs``: its name, the mixture's
-        sites as the model names them (JSON) and the model's own latent sites."""
+        sites as the model names them and the model's own latent sites (both JSON strings, which
+        netCDF keeps as they are)."""
         return {
             "user_model": getattr(self.model, "__qualname__", type(self.model).__name__),
             "mixture_site_names": json.dumps(
                 {own: full for full, own in self.names.items()}, sort_keys=True
             ),
-            "user_sites": sorted(self.user_sites),
+            "user_sites": json.dumps(sorted(self.user_sites)),
         }
 
     def user_guide(self, guide):

@@ -178,6 +178,46 @@ def likelihood_modes(seed: int, num_random: int) -> dict:
     }
 
 
+def laplace_conditioning(seed: int, cosine: float | None) -> dict:
+    """The Laplace approximation's geometry at the seed estimate (unconstrained space): the
+    condition number of the covariance (what a unit mass matrix faces), of the correlation matrix
+    (what NUTS's adapted diagonal mass faces: a dense mass removes it) and the most correlated
+    pairs of coordinates."""
+    from pyromoe.bayes.laplace import laplace_approximation
+
+    data = simulate(
+        N, D, K, "linear", noise=NOISE, gate="orthogonal", seed=seed, expert_cosine=cosine
+    )
+    estimate = initialize(data.x, data.y, K, "linear", seed=seed)
+    approx = laplace_approximation(
+        MixtureOfExperts(D, K), data.x, data.y, estimate, min_curvature=1e-8
+    )
+    cov = approx["covariance"]
+    sd = cov.diagonal().sqrt()
+    corr = cov / torch.outer(sd, sd)
+    names = [
+        f"{name}[{i}]"
+        for name in approx["names"]
+        for i in range(int(np.prod(tuple(approx["shapes"][name]))))
+    ]
+    upper = torch.triu(corr.abs(), diagonal=1)
+    top = torch.topk(upper.flatten(), 4).indices
+    p = corr.shape[0]
+    eig_corr = torch.linalg.eigvalsh(corr)
+    eig_cov = torch.linalg.eigvalsh(cov)
+    return {
+        "seed": seed,
+        "variant": "laplace",
+        "expert_cosine": cosine,
+        "condition_covariance": float(eig_cov[-1] / eig_cov[0]),
+        "condition_correlation": float(eig_corr[-1] / eig_corr[0]),
+        "largest_correlations": {
+            f"{names[i // p]} ~ {names[i % p]}": round(float(corr.flatten()[i]), 3) for i in top
+        },
+        "largest_sd": {names[i]: round(float(sd[i]), 4) for i in torch.topk(sd, 3).indices},
+    }
+
+
 def _done() -> set:
     if not LOG.exists():
         return set()
@@ -187,7 +227,7 @@ def _done() -> set:
     }
 
 
-def markdown(rows: list[dict], modes: list[dict], info: dict) -> str:
+def markdown(rows: list[dict], modes: list[dict], geometry: list[dict], info: dict) -> str:
     lines = [
         "# k = 3 posteriors with similar experts (expert cosine 0.8)",
         "",
@@ -221,13 +261,33 @@ def markdown(rows: list[dict], modes: list[dict], info: dict) -> str:
             )
     lines += ["", "## The convergence check's findings", ""]
     for r in rows:
-        lines.append(f"- seed {r['seed']}, {r['variant']}: {r['check']['findings'] or 'none'}")
+        found = "; ".join(
+            f"{f['diagnostic']} {f['value']} (chains named: {f['chains']})"
+            for f in r["check"]["findings"]
+        )
+        lines.append(f"- seed {r['seed']}, {r['variant']}: {found or 'passed'}")
     lines += ["", "## EM optima from random starts (the likelihood's modes)", ""]
     for r in modes:
         fits = ", ".join(
             f"{f['label']}: -{f['gap_nats']} nats, error {f['expert_error']:.3f}" for f in r["fits"]
         )
         lines.append(f"- seed {r['seed']}: {fits}")
+    lines += [
+        "",
+        "## The Laplace approximation's geometry at the seed estimate",
+        "",
+        "Unconstrained space; condition numbers of the covariance (a unit mass matrix) and of the "
+        "correlation matrix (what an adapted diagonal mass leaves; a dense mass removes it).",
+        "",
+        "| seed | expert cosine | cond(covariance) | cond(correlation) | largest correlations |",
+        "|---|---|---|---|---|",
+    ]
+    for r in geometry:
+        lines.append(
+            f"| {r['seed']} | {r['expert_cosine'] or 'independent'} | "
+            f"{r['condition_covariance']:.0f} | {r['condition_correlation']:.1f} | "
+            f"{r['largest_correlations']} |"
+        )
     lines += ["", *machine_section(info)]
     return "\n".join(lines) + "\n"
 
@@ -240,9 +300,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=250)
     parser.add_argument("--samples", type=int, default=250)
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--laplace", action="store_true", help="Laplace geometry per seed")
     parser.add_argument("--em-modes", type=int, default=0, help="random EM starts per seed")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.laplace:
+        for seed in args.seeds:
+            for cosine in (COSINE, None):
+                row = laplace_conditioning(seed, cosine)
+                with LOG.open("a") as f:
+                    f.write(json.dumps(row, default=float) + "\n")
+                print(json.dumps(row, default=float), flush=True)
+        return
     if args.em_modes:
         for seed in args.seeds:
             row = likelihood_modes(seed, args.em_modes)
@@ -265,10 +334,11 @@ def main() -> None:
         return
     rows = [json.loads(line) for line in LOG.read_text().splitlines() if line.strip()]
     modes = [r for r in rows if r["variant"] == "em_modes"]
-    rows = [r for r in rows if r["variant"] != "em_modes"]
+    geometry = [r for r in rows if r["variant"] == "laplace"]
+    rows = [r for r in rows if r["variant"] not in ("em_modes", "laplace")]
     info = machine_info()
-    payload = {"rows": rows, "em_modes": modes, "machine": info}
-    write_results("k3_posterior", payload, markdown(rows, modes, info))
+    payload = {"rows": rows, "em_modes": modes, "laplace": geometry, "machine": info}
+    write_results("k3_posterior", payload, markdown(rows, modes, geometry, info))
 
 
 if __name__ == "__main__":

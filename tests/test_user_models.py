@@ -162,6 +162,8 @@ def test_a_user_model_is_refused_what_only_a_bare_mixture_takes(data):
         run_nuts(model, data.x, data.y, z=data.x, num_chains=1, progress=False)
     with pytest.raises(ValueError, match="subsample_size= is for a bare MixtureOfExperts"):
         fit_svi(model, data.x, data.y, subsample_size=50, progress=False)
+    with pytest.raises(ValueError, match="importance_resample=True weighs the draws by a bare"):
+        fit_svi(model, data.x, data.y, importance_resample=True, progress=False)
     with pytest.raises(TypeError, match="or a Pyro model .* got int"):
         run_nuts(3, data.x, data.y)
 

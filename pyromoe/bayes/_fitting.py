@@ -194,14 +194,22 @@ def fit_data(model, x, y, z, device, subsample_size=None, feature_names=None):
 _TRACE_ROWS = 256
 
 
-def fit_model_data(model, x, y, z, device, subsample_size=None, feature_names=None):
+def fit_model_data(
+    model, x, y, z, device, subsample_size=None, feature_names=None, importance_resample=False
+):
     """``(model, source, feature_names)``: :func:`fit_data` for a mixture; for a user's model
     around one, the model as a :class:`~pyromoe.bayes.user_model.UserModel` (its mixture found
     by tracing it on the data, :func:`~pyromoe.bayes.user_model.find_mixture`), its data
     checked against the mixture. A user's model is called as ``model(x, y)``: ``z`` and
-    ``subsample_size`` (keyword arguments it may not take) are refused."""
+    ``subsample_size`` (keyword arguments it may not take) are refused, and so is
+    ``importance_resample`` (its log joint is not computed here, for PSIS)."""
     if is_mixture(model):
         return model, *fit_data(model, x, y, z, device, subsample_size, feature_names)
+    if importance_resample:
+        raise ValueError(
+            "importance_resample=True weighs the draws by a bare MixtureOfExperts' log joint; "
+            "your own model's is not computed here (its psis_khat is nan): leave it False"
+        )
     for given, what in ((z, "z"), (subsample_size, "subsample_size")):
         if given is not None:
             raise ValueError(

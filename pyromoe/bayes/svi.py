@@ -510,11 +510,9 @@ def fit_svi(
     Parameters
     ----------
     model : MixtureOfExperts or a Pyro model around one
-        As in :func:`~pyromoe.run_nuts`: a model of your own that calls one ``MixtureOfExperts``
-        is called as ``model(x, y)`` (all rows: no ``subsample_size`` or out-of-core data, no
-        ``z``); the guide covers all its sites, the posterior has the mixture's sites under their
-        own names and the model's own sites, :func:`~pyromoe.trained_guide` gives the guide
-        under the model's site names, and PSIS is skipped (``psis_khat`` nan).
+        As in :func:`~pyromoe.run_nuts` (a model of your own: all rows in memory, no ``z``; the
+        guide covers all its sites; :func:`~pyromoe.trained_guide` under the model's site names;
+        no PSIS: ``psis_khat`` nan, ``importance_resample`` refused).
     x : Tensor, ndarray, numpy memmap or dask.array.Array (n, d)
     y : the same kinds (n,)
     init : MoEEstimate, callable or None
@@ -586,13 +584,8 @@ def fit_svi(
     (1, 10, 2, 2)
     """
     model, source, feature_names = fit_model_data(
-        model, x, y, z, device, subsample_size, feature_names
+        model, x, y, z, device, subsample_size, feature_names, importance_resample
     )
-    if isinstance(model, UserModel) and importance_resample:
-        raise ValueError(
-            "importance_resample=True weighs the draws by a bare MixtureOfExperts' log joint; "
-            "your own model's is not computed here (its psis_khat is nan): leave it False"
-        )
     checked = dict(seed=seed, subsample_size=subsample_size, num_threads=num_threads)
     checked.update(progress=progress, align=align, posterior_predictive=posterior_predictive)
     checked.update(pointwise=pointwise)

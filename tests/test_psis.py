@@ -23,8 +23,10 @@ from pyro.nn import PyroParam
 
 import pyromoe
 from pyromoe import MixtureOfExperts, PSISWarning, fit_svi, trained_guide
+from pyromoe.bayes import psis
 from pyromoe.bayes.psis import PSIS_KHAT_THRESHOLD, importance_log_weights
 from pyromoe.bayes.trained import unique_name
+from pyromoe.core.sources import as_source
 
 N, RHO, NUM_DRAWS = 100, 0.7, 1000
 SITES = ("experts.weight", "experts.bias", "noise")
@@ -282,3 +284,26 @@ def test_importance_resample_must_be_a_flag(regression):
 
 def test_psis_warning_is_exported():
     assert pyromoe.PSISWarning is PSISWarning and issubclass(PSISWarning, UserWarning)
+
+
+def test_the_log_joint_of_an_out_of_core_source_is_summed_over_every_row_in_chunks(
+    regression, exact, tmp_path, monkeypatch
+):
+    model, x, y = regression
+    guide = mean_field_guide(model, x, y, exact)
+    torch.manual_seed(0)
+    draws = Predictive(guide, num_samples=4, parallel=True, return_sites=SITES)(x, y)
+    draws = {name: draws[name] for name in SITES}
+    whole = psis.model_log_joint(model, draws, x, y)
+    path = tmp_path / "xy.npy"
+    np.save(path, torch.cat([x, y[:, None]], 1).numpy())
+    table = np.load(path, mmap_mode="r")
+    source = as_source(table[:, :2], table[:, 2])
+    assert source.tensors() is None  # read from the file, chunk by chunk
+    monkeypatch.setattr(psis, "_PASS_BYTES", 8 * 4 * 4 * 7)  # 7 rows per chunk: 15 chunks
+    chunked = psis.model_log_joint(model, draws, source)
+    assert torch.allclose(chunked, whole, rtol=1e-12, atol=1e-9)
+    prior_only = sum(
+        model.prior(name, x).log_prob(draws[name]).reshape(4, -1).sum(-1) for name in SITES
+    )
+    assert bool((whole < prior_only).all())  # the rows' log-likelihood (n = 100) is in it

@@ -356,21 +356,19 @@ class MemmapSource(Source):
 
 class DaskSource(Source):
     """A ``dask.array.Array`` (x, and y as a Dask or in-memory array): each pass one Dask graph
-    (:func:`pyromoe.core.blocks.pass_graph`) of per-block partial sums, reduced by a tree of Dask tasks on the active
-    scheduler (``dask.config``'s ``split_every`` partial results per task).
+    (:func:`pyromoe.core.blocks.pass_graph`) of per-block partial sums, reduced by a tree of Dask
+    tasks on the active scheduler (``dask.config``'s ``split_every`` partial results per task).
 
     Blocks are computed on the workers (CPU) and read there in pieces of at most ``chunk_size``
-    rows (:func:`pyromoe.core.blocks.worker_chunk`), each piece a tensor view of the block; only the sums travel,
-    and are moved to :attr:`device`. The arrays' graphs are optimised once, here, not per pass.
+    rows (:func:`pyromoe.core.blocks.worker_chunk`), each piece a tensor view of the block; only
+    the sums travel, and are moved to :attr:`device`.
     """
 
     kind = "dask"
 
     def __init__(self, x, y, device: torch.device):
-        import dask
-
         super().__init__(x.shape[0], x.shape[1], _numpy_dtype_to_torch(x.dtype), device)
-        self.x, self.y = dask.optimize(x, y)
+        self.x, self.y = x, y
 
     def _blocks(self):
         return list(zip(self.x.to_delayed().ravel(), self.y.to_delayed().ravel()))
@@ -381,7 +379,10 @@ class DaskSource(Source):
         args = _to(args, torch.device("cpu"))  # the blocks are computed on CPU workers
         rows = worker_chunk(chunk_size, self.in_features)
         spec = BlockPass(fn, args, combine, rows, self.dtype)
-        (total,) = dask.compute(pass_graph(self.x, self.y, spec))
+        # optimised per pass, as x.compute() does: optimised once at construction, they were
+        # optimised again by take() and the scheduler got two definitions of the same keys
+        x, y = dask.optimize(self.x, self.y)
+        (total,) = dask.compute(pass_graph(x, y, spec))
         return _to(total, self.device)
 
     def chunks(self, chunk_size):

@@ -46,7 +46,9 @@ def test_demo_labels_the_em_fallback_when_the_moment_step_refuses(tiny_demo, mon
     import pyromoe.estimators.tensor_init as tensor_init
 
     monkeypatch.setattr(tensor_init, "moment_experts", _refuse_moments)
-    monkeypatch.setattr(demo_report, "INITIALIZE_COST", tmp_path / "absent.json")
+    cost = tmp_path / "initialize_cost.json"
+    cost.write_text(json.dumps(COST))
+    monkeypatch.setattr(demo_report, "INITIALIZE_COST", cost)
     out = tmp_path / "demo"
     numbers = demo.run_demo(out, seed=3, quick=True, progress=False)
     assert numbers["initializer"] == "em"
@@ -61,9 +63,10 @@ def test_demo_labels_the_em_fallback_when_the_moment_step_refuses(tiny_demo, mon
     assert "| tensor -> EM: moment step failed (refused by the test) |" in summary
     assert "The tensor start could not run on these data" in summary
     assert numbers["num_plain_draws"] == numbers["num_random_starts"] == TINY["num_random"]
-    assert "benchmark run" not in summary  # no results file: no line
+    quoted = demo_report.initialize_cost_line(cost)
+    assert quoted in summary  # the benchmark's line, labelled as such, in the summary ...
     assert numbers["console"][0].startswith("EM fits in a wrong basin: ")
-    assert len(numbers["console"]) == 1
+    assert numbers["console"][1] == quoted.replace("`", "")  # ... and printed
     for name in ("chain_log_likelihood", "random_starts", "trace", "posterior_predictive"):
         width, height = _png_size(out / f"{name}.png")
         assert width > 300 and height > 200

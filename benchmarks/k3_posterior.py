@@ -16,7 +16,8 @@ estimate, pyromoe's relabelling). Per run it records:
 
 Variants (the fixes a user can choose): ``base`` (diagonal mass, target 0.8, the given warm-up),
 ``dense`` (``full_mass=True``), ``warmup`` (three times the warm-up), ``gate_prior`` (gate
-weights and biases Normal(0, 1) instead of the default 2.5), ``target`` (target_accept_prob 0.95).
+weights and biases Normal(0, 1) instead of the default 2.5), ``target`` (target_accept_prob 0.95),
+``long`` (three times the draws).
 
 Run: ``python benchmarks/k3_posterior.py --seeds 0 1 2 --variants base dense`` appends one JSON
 line per run to benchmarks/results/k3_posterior.jsonl (runs already there are skipped: resumable);
@@ -51,6 +52,7 @@ VARIANTS = {
     "warmup": {"warmup_factor": 3},
     "gate_prior": {"priors": {sites.GATE_WEIGHT: 1.0, sites.GATE_BIAS: 1.0}},
     "target": {"target_accept_prob": 0.95},
+    "long": {"samples_factor": 3},
 }
 
 
@@ -90,8 +92,10 @@ def analyse(idata) -> dict:
     gate_norm = np.linalg.norm(gate.reshape(*gate.shape[:2], -1), axis=-1)
     noise = np.asarray(idata.posterior[sites.NOISE].values, dtype=float)
     noise = noise.reshape(*noise.shape[:2], -1).mean(-1)
+    ess = az.ess(idata, var_names=list(idata.posterior.data_vars))
     row = {
         "max_rhat": {v: float(np.nanmax(rhat[v].values)) for v in rhat.data_vars},
+        "min_ess_bulk": float(min(np.nanmin(ess[v].values) for v in ess.data_vars)),
         "divergences_per_chain": diverging.sum(1).tolist(),
         "chain_log_likelihood_gap": (chain_ll.max() - chain_ll).round(2).tolist(),
         "chain_max_parameter_shift_sd": chain_shift.max(1).round(2).tolist(),
@@ -117,6 +121,7 @@ def run_one(seed: int, variant: str, chains: int, warmup: int, samples: int) -> 
     options = dict(VARIANTS[variant])
     priors = options.pop("priors", None)
     warmup *= options.pop("warmup_factor", 1)
+    samples *= options.pop("samples_factor", 1)
     data = data_for(seed)
     start = time.perf_counter()
     estimate = initialize(data.x, data.y, K, "linear", seed=seed)
@@ -234,18 +239,20 @@ def markdown(rows: list[dict], modes: list[dict], geometry: list[dict], info: di
         f"`simulate(n={N}, d={D}, k={K}, linear, gate='orthogonal', expert_cosine={COSINE}, "
         f"noise={NOISE})`; `run_nuts` seeded by `initialize`, draws relabelled to the estimate. "
         "Variants: base (diagonal mass, target 0.8), dense (`full_mass=True`), warmup (3x warm-up), "
-        "gate_prior (gate Normal(0, 1) instead of 2.5), target (target_accept_prob 0.95). "
+        "gate_prior (gate Normal(0, 1) instead of 2.5), target (target_accept_prob 0.95), long "
+        "(3x the draws). "
         "Timings were taken on a shared 2-core machine under heavy load (load average in the "
         "machine section): compare gradient evaluations, not seconds.",
         "",
-        "| seed | variant | chains x (warmup+draws) | r_hat (relabelled) | divergent % | "
+        "| seed | variant | chains x (warmup+draws) | r_hat (relabelled) | min ESS bulk | divergent % | "
         "LL gap per chain (nats) | chain shift (sd) | step sizes | tree depth | gradients | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['seed']} | {r['variant']} | {r['chains']}x({r['warmup']}+{r['samples']}) | "
-            f"{r['max_rhat_aligned']:.3f} | {100 * r['divergent_fraction']:.1f} | "
+            f"{r['max_rhat_aligned']:.3f} | {r.get('min_ess_bulk', float('nan')):.0f} | "
+            f"{100 * r['divergent_fraction']:.1f} | "
             f"{r['chain_log_likelihood_gap']} | {r['chain_max_parameter_shift_sd']} | "
             f"{[round(s, 3) for s in r['step_size_per_chain']]} | {r['mean_tree_depth']:.1f} | "
             f"{r['gradient_evaluations']} | {r['seconds']:.0f} |"
@@ -324,7 +331,8 @@ def main() -> None:
         for variant in args.variants:
             for seed in args.seeds:
                 warm = args.warmup * VARIANTS[variant].get("warmup_factor", 1)
-                if (seed, variant, args.chains, warm, args.samples) in done:
+                kept = args.samples * VARIANTS[variant].get("samples_factor", 1)
+                if (seed, variant, args.chains, warm, kept) in done:
                     continue
                 row = run_one(seed, variant, args.chains, args.warmup, args.samples)
                 row["load_average_1min"] = machine_info()["load_average_1min_at_start"]

@@ -8,20 +8,22 @@ space), float64 and one thread for both (``torch.set_num_threads(1)``; XLA's CPU
 intra-op thread). Chains run one after the other in both.
 
 Both engines run twice in the same process, alternately (NumPyro, pyromoe, NumPyro, pyromoe), so
-that a busy machine slows both alike: NumPyro's first run includes JAX's compilation ("compile
-included"), its second run reuses the compiled sampler ("compile excluded"); pyromoe compiles
-nothing, so its first run is the "included" one and its second the "excluded" one. Reports, per
-run, the seconds (pyromoe: the whole ``run_nuts`` call, and ``MCMC.run`` alone; NumPyro: warmup
-and sampling), the gradient evaluations (leapfrog steps, warmup included; pyromoe also counts its
-step-size search), ms per gradient inside the sampler, the minimum bulk ESS over all parameters and
-ESS per second. It also times one potential-and-gradient evaluation alone (pyromoe's
+that a busy machine slows both alike. Compile included: the first runs' wall time (NumPyro's
+includes JAX's compilation; pyromoe compiles nothing). Compile excluded: the second runs' wall
+time less the time JAX spent tracing, lowering and compiling during it (``jax.monitoring``
+events; NumPyro 0.22 compiles its sampling loop again on a second run of the same ``MCMC``).
+Reports, per run, the seconds (pyromoe: the whole ``run_nuts`` call, and ``MCMC.run`` alone),
+the gradient evaluations (leapfrog steps, warmup included; pyromoe also counts its step-size
+search), ms per gradient inside the sampler, the minimum bulk ESS over all parameters and ESS per
+second. It also times one potential-and-gradient evaluation alone (pyromoe's
 ``FusedPotential.value_and_grad`` against ``jax.jit(jax.value_and_grad(potential_fn))`` of the
-NumPyro model), alternately, median of repeated blocks.
+NumPyro model), alternately, median of repeated blocks, and Pyro's NUTS alone per leapfrog step
+(on a standard normal potential of the same dimension).
 
 NumPyro (``pip install numpyro jax``, the ``bench`` extra) is skipped with a message when it is not
 installed. ``--traced`` adds ``run_nuts(potential="traced")`` (Pyro's traced model) once.
 
-    .venv/bin/python benchmarks/nuts_speed.py                # both settings, 4 chains x 250 + 250
+    .venv/bin/python benchmarks/nuts_speed.py                # demo 4x(250+250), large 2x(150+150)
     .venv/bin/python benchmarks/nuts_speed.py --only demo    # one setting
     .venv/bin/python benchmarks/nuts_speed.py --quick        # 2 chains x 60 + 60
 """
@@ -29,6 +31,7 @@ installed. ``--traced`` adds ``run_nuts(potential="traced")`` (Pyro's traced mod
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -79,7 +82,8 @@ def _pyromoe(model, data, potential, chains, warmup, samples, seed):
     posterior = {name: idata.posterior[name].values for name in model.site_shapes}
     return {
         "engine": f"pyromoe ({idata.attrs['potential']})",
-        "seconds": seconds,
+        "wall_seconds": seconds,
+        "compile_seconds": 0.0,  # nothing compiled
         "sampler_seconds": float(idata.attrs["seconds"]),
         "gradients": int(sum(idata.attrs["num_gradient_evaluations"])),
         "divergences": int(idata.attrs["num_divergences"]),
@@ -121,8 +125,18 @@ def _numpyro_model(k, d):
     return model
 
 
+#: JAX's compilation events (tracing, lowering, XLA compilation), whose durations are the compile
+#: time of a NumPyro run (NumPyro 0.22 compiles its sampling loop again on a second run)
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+
+
 class _NumPyro:
-    """One NumPyro ``MCMC`` object, run again and again (its compiled sampler is cached)."""
+    """One NumPyro ``MCMC`` object, run again and again; each run's compile time is the sum of
+    JAX's compilation events during it (``jax.monitoring``)."""
 
     def __init__(self, model, data, starts, chains, warmup, samples, seed):
         import jax
@@ -133,6 +147,8 @@ class _NumPyro:
         numpyro.enable_x64()
         jax.config.update("jax_platform_name", "cpu")
         self.jax = jax
+        self.compile_seconds = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
         self.np_model = _numpyro_model(model.num_experts, model.in_features)
         self.x = jnp.asarray(np.asarray(data.x))
         self.y = jnp.asarray(np.asarray(data.y))
@@ -147,8 +163,13 @@ class _NumPyro:
             progress_bar=False,
         )
 
+    def _on_event(self, event, duration, **kwargs):
+        if event in _COMPILE_EVENTS:
+            self.compile_seconds += duration
+
     def run(self):
         jax, mcmc = self.jax, self.mcmc
+        self.compile_seconds = 0.0
         start = time.perf_counter()
         mcmc.warmup(
             jax.random.PRNGKey(self.seed),
@@ -171,8 +192,9 @@ class _NumPyro:
         extra = mcmc.get_extra_fields()
         return {
             "engine": "numpyro",
-            "seconds": seconds,
-            "sampler_seconds": seconds,
+            "wall_seconds": seconds,
+            "compile_seconds": self.compile_seconds,
+            "sampler_seconds": seconds - self.compile_seconds,
             "gradients": warm_steps + int(np.asarray(extra["num_steps"]).sum()),
             "divergences": int(np.asarray(extra["diverging"]).sum()),
             "min_ess": _min_ess({name: np.asarray(v) for name, v in draws.items()}),
@@ -211,6 +233,37 @@ def _gradient_timings(model, data, starts, numpyro, repeats=7, calls=200):
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _pyro_tree_ms(num_params: int, seed: int, steps: int = 100) -> float:
+    """ms per leapfrog step of Pyro's NUTS alone: one chain of ``steps`` warmup and ``steps``
+    draws on a standard normal potential in ``num_params`` dimensions (one flat site, a
+    closed-form gradient as pyromoe's kernel gives it), so almost all of it is tree building."""
+    import pyro
+    from pyro.infer import MCMC, NUTS
+
+    from pyromoe.bayes.potential import with_gradient
+
+    count = [0]
+
+    def potential(params):
+        count[0] += 1
+        theta = params["_flat"]
+        value = 0.5 * torch.dot(theta.detach(), theta.detach())
+        return with_gradient(theta, value, theta.detach())
+
+    pyro.set_rng_seed(seed)
+    start = {"_flat": torch.zeros(num_params, dtype=torch.float64)}
+    mcmc = MCMC(
+        NUTS(potential_fn=potential),
+        num_samples=steps,
+        warmup_steps=steps,
+        initial_params=start,
+        disable_progbar=True,
+    )
+    begin = time.perf_counter()
+    mcmc.run()
+    return 1e3 * (time.perf_counter() - begin) / count[0]
+
+
 def _numpyro_or_reason(model, data, starts, chains, warmup, samples, seed):
     try:
         return _NumPyro(model, data, starts, chains, warmup, samples, seed), None
@@ -226,7 +279,7 @@ def run_setting(name, n, d, chains, warmup, samples, seed, traced=False):
     starts = _chain_starts(model, x, torch.as_tensor(data.y), data.truth, chains, True, seed)
     numpyro, reason = _numpyro_or_reason(model, data, starts, chains, warmup, samples, seed)
     runs = []
-    for label in ("compile included", "compile excluded"):  # alternately, same process
+    for label in ("first", "second"):  # alternately, in one process
         if numpyro is not None:
             runs.append({"run": label, "load": os.getloadavg()[0], **numpyro.run()})
             print(name, runs[-1], flush=True)
@@ -240,11 +293,16 @@ def run_setting(name, n, d, chains, warmup, samples, seed, traced=False):
         print(name, runs[-1], flush=True)
     if traced:
         row = _pyromoe(model, data, "traced", chains, warmup, samples, seed)
-        runs.append({"run": "compile included", "load": os.getloadavg()[0], **row})
+        runs.append({"run": "first", "load": os.getloadavg()[0], **row})
     for row in runs:
+        # compile excluded: the wall time less JAX's compilation (pyromoe compiles nothing)
+        row["seconds"] = row["wall_seconds"] - row["compile_seconds"]
         row["ms_per_gradient"] = 1e3 * row["sampler_seconds"] / max(row["gradients"], 1)
         row["min_ess_per_second"] = row["min_ess"] / row["seconds"]
+        row["min_ess_per_wall_second"] = row["min_ess"] / row["wall_seconds"]
     gradient_ms = _gradient_timings(model, data, starts, numpyro)
+    num_params = sum(math.prod(shape) for shape in model.site_shapes.values())
+    gradient_ms["pyro tree building alone (per step)"] = _pyro_tree_ms(num_params, seed)
     print(name, "ms per gradient alone", gradient_ms, flush=True)
     return {
         "setting": name,
@@ -262,19 +320,28 @@ def run_setting(name, n, d, chains, warmup, samples, seed, traced=False):
 
 
 def _ratios(runs, gradient_ms) -> dict:
-    """pyromoe (fused) over NumPyro: seconds and ms per gradient, per run."""
+    """pyromoe (fused) over NumPyro. Compile included: the first runs' wall seconds (ESS per wall
+    second the other way round). Compile excluded: the second runs' seconds less compilation, and
+    ms per gradient in the sampler."""
     rows = {(row["engine"], row["run"]): row for row in runs}
     out = {}
-    for label in ("compile included", "compile excluded"):
-        ours, theirs = rows.get(("pyromoe (fused)", label)), rows.get(("numpyro", label))
-        if ours is None or theirs is None:
-            continue
-        key = label.replace(" ", "_")
-        out[f"seconds_{key}"] = ours["seconds"] / theirs["seconds"]
-        out[f"ms_per_gradient_{key}"] = ours["ms_per_gradient"] / theirs["ms_per_gradient"]
-        out[f"ess_per_second_{key}"] = ours["min_ess_per_second"] / theirs["min_ess_per_second"]
+    first = rows.get(("pyromoe (fused)", "first")), rows.get(("numpyro", "first"))
+    second = rows.get(("pyromoe (fused)", "second")), rows.get(("numpyro", "second"))
+    if None not in first:
+        ours, theirs = first
+        out["seconds_compile_included"] = ours["wall_seconds"] / theirs["wall_seconds"]
+        out["ess_per_second_compile_included"] = (
+            ours["min_ess_per_wall_second"] / theirs["min_ess_per_wall_second"]
+        )
+    if None not in second:
+        ours, theirs = second
+        out["seconds_compile_excluded"] = ours["seconds"] / theirs["seconds"]
+        out["ess_per_second_compile_excluded"] = (
+            ours["min_ess_per_second"] / theirs["min_ess_per_second"]
+        )
+        out["ms_per_gradient_in_sampler"] = ours["ms_per_gradient"] / theirs["ms_per_gradient"]
     if "numpyro" in gradient_ms:
-        out["gradient_alone"] = gradient_ms["pyromoe"] / gradient_ms["numpyro"]
+        out["ms_per_gradient_alone"] = gradient_ms["pyromoe"] / gradient_ms["numpyro"]
     return out
 
 
@@ -288,9 +355,9 @@ def _markdown(payload) -> str:
         "machine under load from other jobs** (`load` is the 1-minute load average when each "
         "run started): compare the engines within one setting, not across runs of the script.",
         "",
-        "| setting | engine | run | load | seconds | sampler s | gradients | ms / gradient "
-        "| min ESS | min ESS / s | divergences |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | engine | run | load | wall s | compile s | wall - compile s | sampler s "
+        "| gradients | ms / gradient | min ESS | ESS / s (no compile) | ESS / wall s | div. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting in payload["settings"]:
         label = (
@@ -300,9 +367,11 @@ def _markdown(payload) -> str:
         for row in setting["runs"]:
             lines.append(
                 f"| {label} | {row['engine']} | {row['run']} | {row['load']:.1f} | "
+                f"{row['wall_seconds']:.1f} | {row['compile_seconds']:.1f} | "
                 f"{row['seconds']:.1f} | {row['sampler_seconds']:.1f} | {row['gradients']} | "
                 f"{row['ms_per_gradient']:.3f} | {row['min_ess']:.0f} | "
-                f"{row['min_ess_per_second']:.2f} | {row['divergences']} |"
+                f"{row['min_ess_per_second']:.2f} | {row['min_ess_per_wall_second']:.2f} | "
+                f"{row['divergences']} |"
             )
         if setting["numpyro_skipped"]:
             lines.append(f"| {label} | numpyro | skipped: {setting['numpyro_skipped']} |")
@@ -311,19 +380,27 @@ def _markdown(payload) -> str:
     for setting in payload["settings"]:
         for key, value in setting["ratios"].items():
             lines.append(f"| n={setting['n']}, d={setting['d']} | {key} | {value:.2f} |")
-    lines += ["", "ms per potential-and-gradient evaluation alone (median of 7 blocks of 200):"]
+    lines += [
+        "",
+        "ms per potential-and-gradient evaluation alone (median of 7 blocks of 200), and ms per "
+        "leapfrog step of Pyro's NUTS alone (one chain of 100 + 100 on a standard normal "
+        "potential of the same dimension, one flat site: its tree building and integrator):",
+    ]
     lines += ["", "| setting | engine | ms |", "|---|---|---|"]
     for setting in payload["settings"]:
         for engine, ms in setting["gradient_ms_alone"].items():
             lines.append(f"| n={setting['n']}, d={setting['d']} | {engine} | {ms:.3f} |")
     lines += [
         "",
-        "pyromoe `seconds` is the whole `run_nuts` call (chain starts, sampling, InferenceData; "
-        "no posterior predictive), `sampler s` its `MCMC.run`; ms / gradient is sampler seconds "
-        "over gradient evaluations, so it includes each engine's tree building. NumPyro seconds "
-        "are warmup and sampling; its first run includes JAX compilation, its second reuses the "
-        "compiled sampler. Its gradients are leapfrog steps (warmup included, step-size search "
-        "not).",
+        "pyromoe's wall seconds are the whole `run_nuts` call (chain starts, sampling, "
+        "InferenceData; no posterior predictive), `sampler s` its `MCMC.run`; it compiles "
+        "nothing. NumPyro's wall seconds are warmup and sampling; `compile s` is the time JAX "
+        "spent tracing, lowering and compiling during the run (`jax.monitoring` events): the "
+        "first run compiles everything, and NumPyro 0.22 compiles its sampling loop again on the "
+        "second run of the same `MCMC` object, so compile excluded is the wall time less it. "
+        "ms / gradient is sampler seconds (NumPyro: wall less compile) over gradient "
+        "evaluations, so it includes each engine's tree building. NumPyro's gradients are "
+        "leapfrog steps (warmup included, step-size search not).",
         *machine_section(payload["machine"]),
     ]
     return "\n".join(lines)
@@ -342,16 +419,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     info = machine_info()
+    # (n, d, chains, warmup, draws); the large setting is there for ms per gradient, which needs
+    # no long run: 2 chains x (150 + 150) keep the script within minutes on a busy machine
+    shapes = {
+        "demo": (DEMO_DATA["n"], DEMO_DATA["in_features"], 4, 250, 250),
+        "large": (20000, 10, 2, 150, 150),
+    }
     if args.quick:
-        chains, warmup, samples = 2, 60, 60
-    else:
-        chains, warmup, samples = 4, 250, 250
-    shapes = {"demo": (DEMO_DATA["n"], DEMO_DATA["in_features"]), "large": (20000, 10)}
+        shapes = {name: (n, d, 2, 60, 60) for name, (n, d, *_) in shapes.items()}
     names = [args.only] if args.only else list(shapes)
-    settings = [
-        run_setting(name, *shapes[name], chains, warmup, samples, args.seed, args.traced)
-        for name in names
-    ]
+    settings = [run_setting(name, *shapes[name], args.seed, args.traced) for name in names]
     flags = (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
     flags += " --traced" if args.traced else ""
     payload = {

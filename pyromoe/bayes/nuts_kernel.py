@@ -6,6 +6,9 @@ its evaluations), :meth:`~pyro.infer.mcmc.HMC.setup`, :meth:`~pyro.infer.mcmc.HM
 :meth:`~pyro.infer.mcmc.HMC.diagnostics` are the methods MCMC calls (Pyro sends ``diagnostics()``
 back from worker processes), the step size and the inverse mass matrix are the kernel's public
 ``step_size`` and ``inverse_mass_matrix``, and :func:`record_draw` is MCMC's ``hook_fn``.
+MCMC gives and reads positions by site; inside, :class:`RecordingNUTS` runs Pyro's NUTS on one
+flat site (:class:`FlatSites`, the sites in Pyro's mass-matrix order), so Pyro's per-step loops
+over sites run once, with the same momentum draws and so the same trajectories.
 
 Pyro has no public per-draw energy or acceptance probability (only the chain's share of moved
 draws, ``diagnostics()["acceptance rate"]``). So :func:`trajectory_statistics` computes them from

@@ -5,8 +5,10 @@ of the model: the priors, the marginal likelihood and the log-Jacobian of the no
 transform, written as one torch expression of a flat unconstrained vector. It equals the potential
 of :func:`pyro.infer.mcmc.util.initialize_model` on the model (tests/test_potential.py checks value
 and gradient to 1e-10 in float64) but skips Pyro's trace, its validation and the
-``MixtureSameFamily`` machinery: one matrix product for the experts and the gate together, two
-row-wise ``logsumexp`` (mixture and gate normaliser).
+``MixtureSameFamily`` machinery, and its gradient is in closed form: one matrix product for the
+experts and the gate together forward, one back, on the design held transposed (experts by rows),
+so the mixture's and the gate's normalisers over the experts are elementwise operations between
+rows (a ``logsumexp`` over a short inner dimension cost three quarters of the time before).
 
 It knows the priors the model uses by default (``Normal`` on weights and biases, the experts'
 weights with scale ``1 / sqrt(d)``, read from :meth:`MixtureOfExperts.prior` like every scale here;

@@ -10,9 +10,11 @@ it applies), one torch thread, in memory, float64:
 - ``multi_start_em_s``: pyromoe's default multi-start ``fit_em(x, y, 2)`` (5 screened starts);
 
 each the median of ``--repeats`` runs taken in turn (initialize, one start, multi-start) after one
-warm-up call, all in one process; ratios are of medians within the run. ``same_optimum``: the
-mean log-likelihood per row of ``initialize``'s estimate is within ``TOLERANCE`` of the better
-of the two EM fits (or above it). The time split of ``initialize`` is its
+warm-up call, all in one process; ratios are of medians within the run. ``same_optimum``: after
+EM from each to a tolerance of 1e-11 (EM's default 1e-6 per iteration leaves each fit up to a few
+1e-6 per row short of its optimum), ``initialize``'s mean log-likelihood per row is within
+``TOLERANCE`` of the better EM fit's (d = 50 rows: the raw fits, initialize's not below the EM
+fit's by more than ``TOLERANCE``); the raw difference is reported too. The time split of ``initialize`` is its
 ``diagnostics["time_split"]`` (last run). The large rows (``--large``, d = 50) compare
 ``initialize`` with one random-start EM fit only (a multi-start fit there takes minutes).
 
@@ -60,6 +62,11 @@ def _timed(call):
     return result, time.perf_counter() - began
 
 
+def _polish(x, y, estimate):
+    """EM from ``estimate`` to a tight tolerance: the optimum of its basin."""
+    return fit_em(x, y, K, init=estimate, tol=1e-11, max_iter=1000, seed=0)
+
+
 def _score(data, estimate) -> float:
     source = TensorSource(data.x, data.y)
     return mean_log_likelihood(source, estimate.params, estimate.link, 65_536)
@@ -95,6 +102,16 @@ def measure(n: int, d: int, repeats: int, multi_start: bool, cosine: float = COS
             times[name].append(seconds)
     scores = {name: _score(data, fit) for name, fit in fits.items()}
     best_em = max(value for name, value in scores.items() if name != "initialize_s")
+    best_name = max((v, k) for k, v in scores.items() if k != "initialize_s")[1]
+    # EM stops when an iteration gains less than tol = 1e-6 per row, up to about tol r / (1 - r)
+    # short of its optimum: both fits polished with a tight tolerance show whether they reached
+    # the same optimum (d = 10 rows; at d = 50 the raw scores are compared)
+    polished = None
+    if d <= 10:
+        polished = {
+            name: _score(data, _timed(lambda f=fits[name]: _polish(x, y, f))[0])
+            for name in ("initialize_s", best_name)
+        }
     row = {name: statistics.median(values) for name, values in times.items()}
     diagnostics = fits["initialize_s"].diagnostics
     row.update(
@@ -103,7 +120,12 @@ def measure(n: int, d: int, repeats: int, multi_start: bool, cosine: float = COS
             "d": d,
             "k": K,
             "expert_cosine": cosine,
-            "same_optimum": bool(scores["initialize_s"] >= best_em - TOLERANCE),
+            "same_optimum": bool(
+                scores["initialize_s"] >= best_em - TOLERANCE
+                if polished is None
+                else abs(polished["initialize_s"] - polished[best_name]) <= TOLERANCE
+            ),
+            "polished_log_likelihood_per_row": polished,
             "log_likelihood_per_row": scores,
             "initialize_minus_best_em": scores["initialize_s"] - best_em,
             "initializer": diagnostics.get("initializer"),

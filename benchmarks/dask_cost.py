@@ -2,16 +2,18 @@
 
 Data: the two-expert linear mixture of ``scale.py`` (x ~ N(0, I), experts of unit norm and cosine
 0.5, sigmoid gate of norm 2, noise 0.5), simulated in chunks straight into ``.npy`` files (never
-whole in memory) and reopened with ``np.load(path, mmap_mode="r")``. Every measurement runs in a
-fresh child process (one torch thread), so memory peaks and caches do not mix.
+whole in memory) and reopened with ``np.load(path, mmap_mode="r")``. Each section runs in fresh
+child processes (one torch thread), so memory peaks and caches do not mix.
 
-Time (d = 50, n = 1e6; with ``--large`` also 1e7):
+Time (d = 50, n = 1e6; with ``--large`` also 1e7), in one child that alternates the two kinds
+(memory, cluster, memory, cluster: ``--repeats`` rounds), so that each round's ratio compares runs
+made close together on a machine whose load changes:
 
 - ``memory``: the data loaded into tensors; ``initialize(x, y, 2, method="auto")`` and one EM pass
   (``Source.reduce`` of the EM statistics at the true parameters, the default chunk size);
-- ``cluster``: the same two calls on ``dask.array`` blocks of ``--block-rows`` rows, each block a
-  memory-map slice opened on the worker that reads it (``da.from_delayed``: the file is not
-  shipped, and the block is not copied), on ``LocalCluster(n_workers=2, threads_per_worker=1,
+- ``cluster``: the same two calls on ``dask.array`` blocks of n / 8 rows (4 per worker), each
+  block a memory-map slice opened on the worker that reads it (``da.from_delayed``: the file is
+  not shipped, and the block is not copied), on ``LocalCluster(n_workers=2, threads_per_worker=1,
   processes=True)`` with a ``Client`` (cluster start-up not timed). It also times a pass that does
   no work per block (the fixed cost of one pass: graph, scheduling, the tree) and counts the
   passes ``initialize`` made, so the overhead can be told apart from the work.
@@ -28,6 +30,8 @@ counted) of ``initialize`` on
 
 Ratios are within one run of this script; the machine is shared with other processes, so absolute
 seconds depend on its load (the 1-minute load average is recorded before and after each child).
+The timed section runs with whatever scheduler load the machine has: on 2 cores, the cluster's
+four processes (client, scheduler, two workers) compete with everything else running.
 Results identical to in-memory are checked: the largest relative difference between the Dask
 and the in-memory estimates is recorded.
 
@@ -42,7 +46,9 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -159,56 +165,67 @@ def _estimate(est) -> dict:
     return {name: getattr(est, name).double().tolist() for name in names}
 
 
+def _process_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_seconds(client) -> float:
+    """CPU seconds used so far by this process (client, scheduler and nannies of a
+    ``LocalCluster`` live here) and by the cluster's worker processes."""
+    return _process_cpu() + sum(client.run(_process_cpu).values())
+
+
 def time_child(args) -> dict:
+    """In-memory and cluster runs alternated in one process (memory, cluster, memory, ...), so
+    each ratio compares runs made minutes apart at most on a machine whose load changes."""
     import torch
+    from dask.distributed import Client, LocalCluster
 
     from pyromoe import initialize
     from pyromoe.core.links import get_link
     from pyromoe.core.params import Params
+    from pyromoe.core.sources import as_source
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     n, d = args.n, args.d
     px, py = Path(args.data_dir) / f"x_{n}_{d}.npy", Path(args.data_dir) / f"y_{n}_{d}.npy"
     truth = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in truth_arrays(d).items()}
-    params = Params(**truth)
-    link = get_link("linear")
-    out: dict = {"n": n, "d": d, "measurement": args.child}
+    params, link = Params(**truth), get_link("linear")
     prime_page_cache(px, py)
-    client = cluster = None
-    if args.child == "memory":
-        x, y = torch.from_numpy(np.load(px)), torch.from_numpy(np.load(py))
-    else:
-        from dask.distributed import Client, LocalCluster
-
-        cluster = LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        )
-        client = Client(cluster)
-        x, y = _dask_from_files(px, py, n, d, args.block_rows)
-        out["block_rows"] = args.block_rows
-    # warm-up on a few rows (imports, the workers' first calls), then the timed calls
-    initialize(x[:5000], y[:5000], K, "linear", seed=0)
+    cluster = LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    )
+    client = Client(cluster)
+    data = {
+        "memory": (torch.from_numpy(np.load(px)), torch.from_numpy(np.load(py))),
+        "cluster": _dask_from_files(px, py, n, d, args.block_rows),
+    }
+    out: dict = {"n": n, "d": d, "measurement": "time", "block_rows": args.block_rows}
+    for x, y in data.values():  # warm-up on a few rows: imports, the workers' first calls
+        initialize(x[:5000], y[:5000], K, "linear", seed=0)
     counts = _counting_passes(n)
-    start = time.perf_counter()
-    est = initialize(x, y, K, "linear", method="auto", seed=0)
-    out["initialize_seconds"] = time.perf_counter() - start
-    out["passes"] = counts["passes"]
-    out["initializer"] = est.diagnostics.get("initializer")
-    out["estimate"] = _estimate(est)
-    out["em_pass_seconds"] = min(_em_pass(x, y, params, link) for _ in range(2))
-    if args.child == "cluster":
-        from pyromoe.core.sources import as_source
-
-        source = as_source(x, y)
-        times = []
-        for _ in range(5):
+    for _ in range(args.repeats):
+        for kind, (x, y) in data.items():
+            counts["passes"] = 0
+            cpu = _cpu_seconds(client)
             start = time.perf_counter()
-            source.reduce(_no_work, 1 << 16)
-            times.append(time.perf_counter() - start)
-        out["empty_pass_seconds"] = sorted(times)[2]
-        client.close()
-        cluster.close()
+            est = initialize(x, y, K, "linear", method="auto", seed=0)
+            out.setdefault(f"{kind}_initialize_seconds", []).append(time.perf_counter() - start)
+            out.setdefault(f"{kind}_initialize_cpu_seconds", []).append(_cpu_seconds(client) - cpu)
+            out[f"{kind}_passes"] = counts["passes"]
+            out[f"{kind}_estimate"] = _estimate(est)
+            out.setdefault(f"{kind}_em_pass_seconds", []).append(_em_pass(x, y, params, link))
+    source = as_source(*data["cluster"])
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        source.reduce(_no_work, 1 << 16)
+        times.append(time.perf_counter() - start)
+    out["cluster_empty_pass_seconds"] = sorted(times)[2]
+    client.close()
+    cluster.close()
     return out
 
 
@@ -266,6 +283,8 @@ def run_child(args, child: str, n: int, d: int, block_rows: int, data_dir: Path)
         str(block_rows),
         "--data-dir",
         str(data_dir),
+        "--repeats",
+        str(args.repeats),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     load_before = os.getloadavg()[0]
@@ -278,10 +297,7 @@ def run_child(args, child: str, n: int, d: int, block_rows: int, data_dir: Path)
         row = json.loads(lines[-1][len(TAG) :])
     row["wall_seconds"] = time.perf_counter() - start
     row["load_1min"] = [load_before, os.getloadavg()[0]]
-    print(
-        {k: v for k, v in row.items() if k != "estimate"},
-        flush=True,
-    )
+    print({k: v for k, v in row.items() if "estimate" not in k}, flush=True)
     return row
 
 
@@ -299,15 +315,30 @@ def summarise(rows: list[dict]) -> dict:
     out: dict = {}
     by = {(r["n"], r["measurement"]): r for r in rows if "error" not in r}
     for (n, what), row in by.items():
-        if what != "cluster" or (n, "memory") not in by:
+        if what != "time":
             continue
-        mem = by[(n, "memory")]
+        init = [
+            c / m
+            for c, m in zip(row["cluster_initialize_seconds"], row["memory_initialize_seconds"])
+        ]
+        em = [c / m for c, m in zip(row["cluster_em_pass_seconds"], row["memory_em_pass_seconds"])]
+        cpu = [
+            c / m
+            for c, m in zip(
+                row["cluster_initialize_cpu_seconds"], row["memory_initialize_cpu_seconds"]
+            )
+        ]
         out[f"n={n}"] = {
-            "initialize_cluster_over_memory": row["initialize_seconds"] / mem["initialize_seconds"],
-            "em_pass_cluster_over_memory": row["em_pass_seconds"] / mem["em_pass_seconds"],
-            "empty_pass_seconds_times_passes": row["empty_pass_seconds"] * row["passes"],
+            "initialize_cpu_cluster_over_memory_per_round": cpu,
+            "initialize_cpu_cluster_over_memory_median": statistics.median(cpu),
+            "initialize_cluster_over_memory_per_round": init,
+            "initialize_cluster_over_memory_median": statistics.median(init),
+            "em_pass_cluster_over_memory_per_round": em,
+            "em_pass_cluster_over_memory_median": statistics.median(em),
+            "empty_pass_seconds_times_passes": row["cluster_empty_pass_seconds"]
+            * row["cluster_passes"],
             "estimate_max_relative_difference": relative_difference(
-                row["estimate"], mem["estimate"]
+                row["cluster_estimate"], row["memory_estimate"]
             ),
         }
     memmap = [r for (n, what), r in by.items() if what == "memmap"]
@@ -341,35 +372,56 @@ def markdown(rows: list[dict], summary: dict, info: dict, command: str) -> str:
         "blocks read as memory-map slices on the workers; `empty pass`: the median of five "
         "passes that do no work per block (graph, scheduling, the combining tree).",
         "",
-        "| n | data | block rows | initialize s | passes | EM pass s | empty pass s | load |",
+        "In-memory and cluster runs alternate in one process (memory, cluster, memory, "
+        "cluster), so each round's ratio compares runs made close together in time.",
+        "",
+        "| n | data | block rows | passes | initialize s (per round) | EM pass s (per round) "
+        "| empty pass s | load |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r["measurement"] not in ("memory", "cluster"):
+        if r["measurement"] != "time":
             continue
         if "error" in r:
-            lines.append(f"| {r['n']:.0e} | {r['measurement']} | error: {r['error'][-200:]} |")
+            lines.append(f"| {r['n']:.0e} | error: {r['error'][-200:]} |")
             continue
-        lines.append(
-            f"| {r['n']:.0e} | {r['measurement']} | {r.get('block_rows') or '-'} | "
-            f"{r['initialize_seconds']:.2f} | {r['passes']} | {r['em_pass_seconds']:.3f} | "
-            f"{r.get('empty_pass_seconds', float('nan')):.3f} | "
-            f"{r['load_1min'][0]:.1f} / {r['load_1min'][1]:.1f} |"
-        )
+        for kind in ("memory", "cluster"):
+            init = ", ".join(f"{v:.2f}" for v in r[f"{kind}_initialize_seconds"])
+            em = ", ".join(f"{v:.3f}" for v in r[f"{kind}_em_pass_seconds"])
+            empty = f"{r['cluster_empty_pass_seconds']:.3f}" if kind == "cluster" else "-"
+            block = r["block_rows"] if kind == "cluster" else "-"
+            lines.append(
+                f"| {r['n']:.0e} | {kind} | {block} | {r[f'{kind}_passes']} | {init} | {em} | "
+                f"{empty} | {r['load_1min'][0]:.1f} / {r['load_1min'][1]:.1f} |"
+            )
     lines += [
         "",
-        "| n | initialize cluster / memory | EM pass cluster / memory | "
-        "empty pass x passes (s) | estimates' largest relative difference |",
-        "|---|---|---|---|---|",
+        "| n | initialize wall, cluster / memory (per round; median) | initialize CPU seconds, "
+        "cluster / memory (per round; median) | EM pass wall, cluster / memory (per round; "
+        "median) | empty pass x passes (s) | estimates' largest relative difference |",
+        "|---|---|---|---|---|---|",
     ]
     for key, s in summary.items():
         if key.startswith("n="):
+            init = ", ".join(f"{v:.2f}" for v in s["initialize_cluster_over_memory_per_round"])
+            cpu = ", ".join(f"{v:.2f}" for v in s["initialize_cpu_cluster_over_memory_per_round"])
+            em = ", ".join(f"{v:.2f}" for v in s["em_pass_cluster_over_memory_per_round"])
             lines.append(
-                f"| {key[2:]} | {s['initialize_cluster_over_memory']:.2f} | "
-                f"{s['em_pass_cluster_over_memory']:.2f} | "
+                f"| {key[2:]} | {init}; **{s['initialize_cluster_over_memory_median']:.2f}** | "
+                f"{cpu}; **{s['initialize_cpu_cluster_over_memory_median']:.2f}** | "
+                f"{em}; {s['em_pass_cluster_over_memory_median']:.2f} | "
                 f"{s['empty_pass_seconds_times_passes']:.2f} | "
                 f"{s['estimate_max_relative_difference']:.1e} |"
             )
+    lines += [
+        "",
+        "CPU seconds: this process (client, scheduler and nannies) plus the two workers "
+        "(`getrusage`), against the in-memory run's process. The machine schedules CPU fairly "
+        "between sessions (Linux autogroup, enabled here), not between processes: while other "
+        "sessions keep both cores busy the cluster's two workers share one session's share, so "
+        "under load the wall-clock ratio shows the overhead without the second worker's gain, "
+        "and the CPU ratio shows the work Dask adds whatever the load.",
+    ]
     lines += [
         "",
         "## Memory: `initialize` on a 320 MB memory map (n = 2e6, d = 20)",
@@ -415,10 +467,11 @@ def main(argv=None) -> None:
     parser.add_argument("--large", action="store_true", help="also n = 1e7 (time)")
     parser.add_argument("--quick", action="store_true", help="n = 2e5 (time), 4e5 (memory)")
     parser.add_argument("--timeout", type=float, default=1200.0)
+    parser.add_argument("--repeats", type=int, default=2, help="alternated rounds per kind")
     parser.add_argument("--name", default="dask_cost")
     args = parser.parse_args(argv)
     if args.child is not None:
-        child = time_child if args.child in ("memory", "cluster") else memory_child
+        child = time_child if args.child == "time" else memory_child
         print(TAG + json.dumps(child(args)), flush=True)
         return
     folder = Path(args.data_dir or tempfile.mkdtemp(prefix="dask_cost_"))
@@ -432,8 +485,7 @@ def main(argv=None) -> None:
         for n in time_sizes:
             write_data(folder, n, 50)
             block = max(math.ceil(n / 8), 1)  # 8 blocks: 4 per worker
-            for child in ("memory", "cluster"):
-                rows.append(run_child(args, child, n, 50, block, folder))
+            rows.append(run_child(args, "time", n, 50, block, folder))
         write_data(folder, memory_n, 20)
         for child in ("memmap", "threaded", "threaded8"):
             rows.append(run_child(args, child, memory_n, 20, 200_000, folder))

@@ -159,3 +159,42 @@ def test_a_read_only_memory_map_is_read_in_place_without_warnings(data, tmp_path
         [sys.executable, "-W", "error", "-c", script], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-500:]
+
+
+def _rows(array, start, stop):
+    return array[start:stop]
+
+
+def test_a_block_read_by_its_own_task_is_read_inside_the_task_that_sums_it(data):
+    """Blocks made by tasks nothing else needs (here da.from_delayed readers) are inlined: the
+    pass graph holds one task per block plus the combining tree, no reader tasks of their own
+    (so a worker never ships a block to another), and the sums are unchanged."""
+    x_np, y_np = data.x.numpy(), data.y.numpy()
+    bounds = [(s, min(s + BLOCK_ROWS, ROWS)) for s in range(0, ROWS, BLOCK_ROWS)]
+
+    def column(array, shape):
+        return da.concatenate(
+            [
+                da.from_delayed(dask.delayed(_rows)(array, s, e), shape=(e - s, *shape), dtype="f8")
+                for s, e in bounds
+            ]
+        )
+
+    x, y = dask.optimize(column(x_np, (4,)), column(y_np, ()))
+    spec = blocks.BlockPass(
+        _moments,
+        (),
+        lambda t, p: p if t is None else tuple(a + b for a, b in zip(t, p)),
+        1_000,
+        torch.float64,
+    )
+    (graph,) = dask.optimize(blocks.pass_graph(x, y, spec))
+    names = {key[0] for key in dict(graph.dask) if isinstance(key, tuple)}
+    assert all(name.startswith("pyromoe-pass-") for name in names), names
+    tasks = [key for key in dict(graph.dask) if isinstance(key, tuple)]
+    assert len(tasks) == len(bounds) + 1  # 3 blocks, one combining task
+    with dask.config.set(scheduler="threads"):
+        total = graph.compute()
+    expected = as_source(data.x, data.y).reduce(_moments, 1_000)
+    for got, want in zip(total, expected):
+        assert _relative(got, want) < 1e-10

@@ -118,6 +118,10 @@ def pass_graph(x, y, spec: BlockPass):
     no copy of them) and a tree of combining tasks, ``split_every`` partial results each, as
     dask.array's reductions build. Returns a ``Delayed`` of the total.
 
+    A block's own task (a read from a file, a slice of an array) is inlined into the task that
+    sums it when nothing else needs it (:func:`_block_input`): the block is then read on the worker
+    that sums it, within that task, with no task, transfer or stored result of its own.
+
     The keys are named by a fresh id, not by a hash of the arguments (dask's ``pure=True``, which
     pickles the parameters once per block): each pass's parameters differ, so a hash would share
     nothing and cost time every pass.
@@ -127,11 +131,17 @@ def pass_graph(x, y, spec: BlockPass):
     from dask.task_spec import Task, TaskRef
 
     name = f"pyromoe-pass-{uuid.uuid4().hex}"
+    nodes = dict(HighLevelGraph.merge(x.__dask_graph__(), y.__dask_graph__()))
+    dependents: dict = {}
+    for node in nodes.values():
+        for key in node.dependencies:
+            dependents[key] = dependents.get(key, 0) + 1
     layer = {}
     keys = []
     for i, (xk, yk) in enumerate(zip(block_keys(x), block_keys(y))):
         key = (name, 0, i)
-        layer[key] = Task(key, block_sum, spec, TaskRef(xk), TaskRef(yk))
+        xb, yb = _block_input(xk, nodes, dependents), _block_input(yk, nodes, dependents)
+        layer[key] = Task(key, block_sum, spec, xb, yb)
         keys.append(key)
     fan_in, level = split_every(), 0
     while len(keys) > 1:
@@ -143,8 +153,30 @@ def pass_graph(x, y, spec: BlockPass):
             layer[key] = Task(key, combine_parts, spec, *refs)
             merged.append(key)
         keys = merged
-    graph = HighLevelGraph.from_collections(name, layer, dependencies=[x, y])
-    return Delayed(keys[0], graph, layer=name)
+    needed: set = set()  # the arrays' tasks that remain: what the inlined blocks depend on
+    stack = [key for task in layer.values() for key in task.dependencies if key not in layer]
+    while stack:
+        key = stack.pop()
+        if key not in needed:
+            needed.add(key)
+            stack.extend(nodes[key].dependencies)
+    layer.update((key, nodes[key]) for key in needed)
+    return Delayed(keys[0], HighLevelGraph.from_collections(name, layer), layer=name)
+
+
+def _block_input(key, nodes: dict, dependents: dict):
+    """The argument that stands for block ``key`` in the task summing it: the block's own task
+    (through any aliases), inlined, when no other task depends on it; else a reference to it."""
+    from dask.task_spec import Alias, Task, TaskRef
+
+    path = [key]
+    while isinstance(nodes.get(path[-1]), Alias):
+        path.append(nodes[path[-1]].target)
+    node = nodes.get(path[-1])
+    alone = dependents.get(key, 0) == 0 and all(dependents.get(k, 0) == 1 for k in path[1:])
+    if isinstance(node, Task) and alone:
+        return node
+    return TaskRef(key)
 
 
 def block_keys(array) -> list:

@@ -9,6 +9,7 @@ import warnings
 import arviz as az
 import numpy as np
 import pytest
+import xarray as xr
 
 from pyromoe import MixtureOfExperts, NUTSConvergenceWarning, check_convergence, run_nuts, simulate
 from pyromoe.bayes.convergence import record_convergence
@@ -51,6 +52,16 @@ def test_a_shifted_chain_is_flagged_by_arviz_rhat_and_named():
     # without chain 2 the others agree again; without any other chain the shift stays
     without = report["rhat_without_chain"]
     assert without[2] <= 1.01 and min(without[:2] + without[3:]) > 1.01
+
+
+def test_chains_spread_evenly_name_no_chain_and_advise_more_draws():
+    idata = _idata()
+    idata.posterior["experts.weight"] = idata.posterior["experts.weight"] + xr.DataArray(
+        0.2 * np.arange(CHAINS), dims="chain"
+    )  # chain means 0, 0.2, 0.4, 0.6 sd: no one chain apart
+    (finding,) = check_convergence(idata)["findings"]
+    assert finding["diagnostic"] == "r_hat" and finding["chains"] == []
+    assert "mix slowly" in finding["advice"] and "num_samples" in finding["advice"]
 
 
 def test_divergences_above_one_percent_are_flagged_with_their_chains():

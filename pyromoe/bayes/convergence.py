@@ -62,6 +62,11 @@ _ADVICE = {
         "another mode, start from a better estimate (pyromoe.initialize with more n_init) or "
         "fewer experts; try full_mass=True for correlated parameters"
     ),
+    "r_hat_mixing": (
+        "no chain sits apart (without any one of them r_hat stays above the threshold): the "
+        "chains mix slowly rather than disagree; run more draws (num_samples), docs/algorithm.md "
+        "section 5"
+    ),
     "divergences": (
         "the sampler cannot follow the posterior's curvature there: raise target_accept_prob "
         "(e.g. 0.95), try full_mass=True, or a tighter gate prior (priors={'gate.weight': 1.0})"
@@ -152,7 +157,8 @@ def check_convergence(
     if rhat and worst > max_rhat:
         named, without = _chains_apart(posterior, names, worst, chain_ll, max_rhat)
         findings.append({"diagnostic": "r_hat", "chains": named, "value": round(worst, 4)})
-        findings[-1].update(site=worst_site, threshold=max_rhat, advice=_ADVICE["r_hat"])
+        advice = _ADVICE["r_hat_mixing" if without and not named else "r_hat"]
+        findings[-1].update(site=worst_site, threshold=max_rhat, advice=advice)
     diverging = getattr(idata, "sample_stats", {}).get("diverging")
     per_chain = [0] * num_chains
     if diverging is not None:

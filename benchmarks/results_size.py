@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, machine_section, write_results  # noqa: E402
+from _common import RESULTS, machine_info, machine_section, write_results  # noqa: E402
 
 from pyromoe import simulate  # noqa: E402
 from pyromoe.bayes.pointwise import POINTWISE_CELLS, pointwise_rows  # noqa: E402
@@ -154,15 +154,26 @@ def markdown(runs: list[dict], loo: dict | None, info: dict) -> str:
             "|---|---|---|---|",
         ]
         for name, value in rows:
-            lines.append(
-                f"| {name} | {value['elpd_loo']:.3f} | {value['se']:.3f} | "
-                f"{value['elpd_loo'] - ref['elpd_loo']:+.3f} |"
+            # the unscaled subsample sums over m rows: no difference to the reference to show
+            difference = value["elpd_loo"] - ref["elpd_loo"]
+            shown = (
+                "(sum over m rows)" if value is loo["float32_subsample"] else f"{difference:+.3g}"
             )
+            lines.append(f"| {name} | {value['elpd_loo']:.3f} | {value['se']:.6g} | {shown} |")
         per_row = loo["elpd_per_row"]
+        single, scaled = loo["float32_all_rows"], loo["subsample_scaled_to_n"]
+        lost = single["elpd_loo"] - ref["elpd_loo"]
+        off = scaled["elpd_loo"] - ref["elpd_loo"]
         lines += [
             "",
             f"elpd per row: {per_row['all_rows']:.5f} on every row, {per_row['subsample']:.5f} "
             f"+- {per_row['subsample_se']:.5f} (se) on the subsample.",
+            "",
+            f"float32 changes elpd_loo by {lost:+.3g} nats (relative {lost / ref['elpd_loo']:.1e}) "
+            f"and its se by {single['se'] - ref['se']:+.3g}. The subsample, scaled by n / m, is "
+            f"{off:+.4g} nats from every row's elpd_loo, {abs(off) / scaled['se']:.2f} of its "
+            f"scaled se ({scaled['se']:.4g}, which counts the subsampling error; every row's se "
+            f"is {ref['se']:.4g}).",
         ]
     lines += machine_section(info)
     return "\n".join(lines)
@@ -171,7 +182,15 @@ def markdown(runs: list[dict], loo: dict | None, info: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="n = 5,000 only, to check the script")
+    parser.add_argument(
+        "--markdown-only", action="store_true", help="rewrite the .md from the saved .json"
+    )
     args = parser.parse_args()
+    if args.markdown_only:
+        payload = json.loads((RESULTS / "results_size.json").read_text())
+        text = markdown(payload["runs"], payload["loo"], payload["machine"])
+        (RESULTS / "results_size.md").write_text(text)
+        return
     info = machine_info()
     settings = (
         [(5_000, 50, "auto"), (5_000, 50, "all")]

@@ -10,9 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .likelihood import linear_predictors, log_probs_from_predictors
 from .links import Link, gaussian_expectation
+from .params import Params
 
 __all__ = [
+    "scale_statistics",
     "expert_scales",
     "Whitening",
     "whiten",
@@ -324,3 +327,17 @@ def expert_scales(
         math.copysign(_first_crossing(kappa1, abs(float(c))), float(c)) for c in coef.flatten()
     ]
     return units * torch.tensor(signed, dtype=units.dtype, device=units.device).unsqueeze(-1)
+
+
+def scale_statistics(x, y, params: Params, link: Link) -> torch.Tensor:
+    """A pass of :meth:`pyromoe.core.sources.Source.reduce` (docs/algorithm.md section 3): one chunk's Gauss-Newton sums for each expert's scale ``s_i`` of its linear predictor
+    ``eta_ni = a_i . x_n + b_i`` at ``s = 1``: ``(sum_n r_ni J_ni (y_n - g(eta_ni)),
+    sum_n r_ni J_ni^2)`` with ``J = g'(eta) eta`` and ``r`` the responsibilities; (2, k) float64."""
+    predictors, logits = linear_predictors(x, params)
+    log_probs = log_probs_from_predictors(y, predictors, logits, params, link)
+    r = torch.softmax(log_probs, dim=-1)
+    jacobian = link.derivative(predictors) * predictors
+    residual = y.unsqueeze(-1) - link(predictors)
+    gradient = (r * jacobian * residual).sum(0)
+    curvature = (r * jacobian * jacobian).sum(0)
+    return torch.stack([gradient, curvature]).to(torch.float64)

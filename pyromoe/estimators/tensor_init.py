@@ -38,7 +38,9 @@ from ..core.em.loop import CollapseWarning, ConvergenceWarning, warn_collapse
 from ..core.em.statistics import mean_log_likelihood
 from ..core.estimate import MoEEstimate
 from ..core.links import Link, link_rule
+from ..core.params import Params
 from ..core.sources import Source
+from ..core.tensor import scale_statistics
 from ..core.threads import check_num_threads, torch_threads
 from ..core.units import on_exact_scale
 from .em import fit_em
@@ -326,6 +328,17 @@ def _moment_start(source, link, noise, options: MomentOptions, center_y, gate_so
             noise is None,
             options,
         )
+        if link.is_odd and not link.is_identity:  # tanh / sigmoid: the scales from the likelihood
+            weight, bias, fit, scales = _refit_scales(
+                source if gate_source is None else gate_source,
+                weight,
+                bias,
+                link,
+                fit,
+                noise is None,
+                options,
+            )
+            diagnostics["expert_scale_refit"] = scales
     diagnostics.update(
         {
             "gate_log_likelihood_trace": list(fit.log_likelihood_trace),
@@ -380,6 +393,14 @@ def _warn_if_biased(estimate: MoEEstimate, covariance: torch.Tensor, k: int) -> 
             )
 
 
+#: tensor_init's gate EM stops once the gain it has left, extrapolated (EM converges linearly),
+#: summed over the rows is below this many nats (:func:`pyromoe.core.em.loop.remaining_gain`):
+#: a per-row tolerance stops short by many standard errors at large n (docs/algorithm.md
+#: section 4). 0.01 nats leaves the gate within about ``sqrt(2 * 0.01) = 0.14`` standard errors.
+GATE_GAIN_TOL = 0.01
+#: Iteration cap of that gate EM (a pass is cheap: one product with the weights per chunk).
+GATE_MAX_ITER = 1000
+
 #: Gate EM first runs on this many random rows when n is over 4 times larger, then finishes on all
 #: rows from there: the same fixed point, with most iterations on a small subsample.
 GATE_WARM_START_ROWS = 50_000
@@ -414,6 +435,8 @@ def _fit_gate_staged(
                 fit_noise=fit_noise,
                 seed=seed,
                 chunk_size=chunk_size,
+                gain_tol=GATE_GAIN_TOL,
+                max_iter=GATE_MAX_ITER,
             )
         init_weight, init_bias, warm_iter = warm.gate_weight, warm.gate_bias, int(warm.n_iter)
         if fit_noise:
@@ -431,8 +454,70 @@ def _fit_gate_staged(
         init_gate_bias=init_bias,
         seed=seed,
         chunk_size=chunk_size,
+        gain_tol=GATE_GAIN_TOL,
+        max_iter=GATE_MAX_ITER,
     )
     return fit, warm_iter
+
+
+#: The expert-scale refit (:func:`_refit_scales`) stops when no scale moves by more than this
+#: fraction in a round, or after this many rounds of (scale steps, gate EM).
+SCALE_TOL = 1e-4
+SCALE_ROUNDS = 5
+#: Gauss-Newton steps of the scales per round (each one pass, responsibilities recomputed).
+SCALE_STEPS = 10
+
+
+def _refit_scales(source: Source, weight, bias, link, fit, fit_noise: bool, options):
+    """Each expert's scale along its moment direction by weighted least squares, then the gate.
+
+    The moment scales of tanh / sigmoid come from inverting ``kappa1`` (docs/algorithm.md section
+    3), which saturates for large norms: small errors in ``E[y z]`` become large errors of the
+    norm. Here the directions stay and each expert's linear predictor ``a_i . x + b_i`` is scaled
+    by the ``s_i`` maximising the expected complete log-likelihood, a weighted least-squares fit
+    ``sum_n r_ni (y_n - g(s_i eta_ni))^2`` (Gauss-Newton on one scalar per expert, one pass per
+    step with the responsibilities recomputed: an ECM step); gate EM then refits the gate and the
+    noise from the last gate. Rounds repeat until no scale moves by :data:`SCALE_TOL`.
+    Returns the weights, biases, gate fit and the cumulative scales.
+    """
+    total = torch.ones(weight.shape[0], dtype=torch.float64)
+    for _ in range(SCALE_ROUNDS):
+        params = Params(weight, bias, fit.gate_weight, fit.gate_bias, fit.noise)
+        moved = 0.0
+        for _ in range(SCALE_STEPS):
+            sums = source.reduce(scale_statistics, options.chunk_size, params, link)
+            step = sums[0] / sums[1].clamp_min(1e-300)
+            scale = (1.0 + step).clamp(0.5, 2.0)  # a damped first step far from the optimum
+            total = total * scale
+            change = float((scale - 1.0).abs().max())
+            moved = max(moved, change)
+            like = scale.to(weight)
+            params = params._replace(
+                experts_weight=params.experts_weight * like[:, None],
+                experts_bias=params.experts_bias * like,
+            )
+            if change < SCALE_TOL:
+                break
+        weight, bias = params.experts_weight, params.experts_bias
+        fit = fit_gate.unchecked(
+            source,
+            None,
+            weight,
+            bias,
+            link,
+            **options.layout,
+            noise=float(fit.noise),
+            fit_noise=fit_noise,
+            init_gate_weight=fit.gate_weight,
+            init_gate_bias=fit.gate_bias,
+            seed=options.seed,
+            chunk_size=options.chunk_size,
+            gain_tol=GATE_GAIN_TOL,
+            max_iter=GATE_MAX_ITER,
+        )
+        if moved < SCALE_TOL:
+            break
+    return weight, bias, fit, total.tolist()
 
 
 def _refine(

@@ -35,6 +35,7 @@ __all__ = [
     "CollapseWarning",
     "ConvergenceWarning",
     "EMRun",
+    "remaining_gain",
     "warn_collapse",
 ]
 
@@ -132,6 +133,35 @@ class EMRun:
         return self.trace[-1]
 
 
+#: :func:`remaining_gain` trusts a rate estimate only below this (slower: a plateau, not a tail).
+MAX_RATE = 0.99
+
+
+def remaining_gain(trace: list[float]) -> float:
+    """The gain per row an EM run has left, extrapolated from its last two increments.
+
+    EM converges linearly near an optimum: increments shrink by a rate ``r`` per iteration, so
+    after an increment ``delta`` the run has about ``delta r / (1 - r)`` left (docs/algorithm.md
+    section 4). Returns ``max(delta, delta r / (1 - r))``, 0 for a run that stood still, and
+    infinity while the rate is unknown (fewer than two increments), not below 1 (speeding up) or
+    above :data:`MAX_RATE` (a plateau).
+
+    Examples
+    --------
+    >>> remaining_gain([0.0, 1.0, 1.5, 1.75])  # increments halve: 0.25 left
+    0.25
+    """
+    if len(trace) >= 2 and trace[-1] - trace[-2] <= 0:
+        return 0.0
+    if len(trace) < 3:
+        return float("inf")
+    last, before = trace[-1] - trace[-2], trace[-2] - trace[-3]
+    if before <= 0 or last / before >= MAX_RATE:
+        return float("inf")
+    rate = last / before
+    return max(last, last * rate / (1.0 - rate))
+
+
 #: Step halvings an EM iteration may try before it keeps the parameters it started from.
 MAX_HALVINGS = 30
 
@@ -180,6 +210,11 @@ class EM:
         Gauss-Newton steps per expert per M-step (links other than the identity).
     chunk_size : int, optional
         Rows per chunk of a pass (default :func:`pyromoe.core.chunks.default_chunk_size`).
+    gain_tol : float, optional
+        A convergence rule in total nats instead of ``tol``: a start has converged once the gain
+        it has left, extrapolated from its last two increments (:func:`remaining_gain`), times
+        the rows is below ``gain_tol`` (the M-step's own threshold becomes ``gain_tol / rows``).
+        ``None``: the per-row ``tol``.
     """
 
     source: Source
@@ -193,12 +228,26 @@ class EM:
     newton_steps: int = 1
     gauss_newton_steps: int = 1
     chunk_size: int | None = None
+    gain_tol: float | None = None
     floor: float = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "floor", noise_floor(self.source))
         if self.chunk_size is None:
             object.__setattr__(self, "chunk_size", default_chunk_size(self.source.in_features))
+
+    @property
+    def step_tol(self) -> float:
+        """The per-row gain below which an M-step is not worth taking."""
+        if self.gain_tol is None:
+            return self.tol
+        return self.gain_tol / max(self.source.num_rows, 1)
+
+    def converged(self, trace: list[float]) -> bool:
+        """Whether a run with this trace has converged (``tol`` per row, or ``gain_tol``)."""
+        if self.gain_tol is None:
+            return abs(trace[-1] - trace[-2]) < self.tol
+        return remaining_gain(trace) * self.source.num_rows < self.gain_tol
 
     @property
     def name(self) -> str:
@@ -236,7 +285,7 @@ class EM:
                 params,
                 fit_bias=self.update_gate_bias,
                 prior_scale=self.prior_scale,
-                tol=self.tol,
+                tol=self.step_tol,
             )
         if self.update_noise:
             params = noise_step(statistics, params, squared_error, self.floor)
@@ -295,7 +344,7 @@ class EM:
                     size *= 0.5
                     candidate = _between(params, proposal, size)
                 trace.append(value)  # unchanged when no step raised the objective
-                if abs(trace[-1] - trace[-2]) < self.tol:
+                if self.converged(trace):
                     converged = True
                     break
                 if stop is not None and stop(trace):
@@ -321,9 +370,10 @@ class EM:
         if not runs[best].converged:
             trace = runs[best].trace
             which = f" for the best start (start {best} of {len(runs)}; " if len(runs) > 1 else " ("
+            rule = f"tol={self.tol:g}" if self.gain_tol is None else f"gain_tol={self.gain_tol:g}"
             warnings.warn(
                 f"{self.name} did not converge in max_iter={self.max_iter} iterations{which}last "
-                f"change of the objective {trace[-1] - trace[-2]:.3g} >= tol={self.tol:g}); "
+                f"change of the objective {trace[-1] - trace[-2]:.3g}, {rule}); "
                 "increase max_iter or tol",
                 ConvergenceWarning,
                 stacklevel=stacklevel + 1,

@@ -14,7 +14,9 @@ benchmarks/results/scale.md, and 65,536 rows), in one run, the median seconds of
 - ``gate_irls``: one pass of gate EM (experts frozen: the gate's IRLS system only);
 
 each also divided by the Gram pass of the same source and chunk size. Default n = 1e6, d = 50,
-float64 (``--quick``: n = 2e5); ``--device cuda --dtype float32`` runs it on a GPU.
+float64 (``--quick``: n = 2e5); ``--device cuda --dtype float32`` runs it on a GPU. On a CPU the
+seconds are this process's CPU time (``time.process_time``, with one torch thread), which other
+jobs on a shared machine inflate far less than wall time; the wall seconds are reported too.
 
 Run: ``python benchmarks/pass_cost.py [--quick]``; writes benchmarks/results/pass_cost.{json,md}
 (``--name`` / ``--out`` for another place). On a shared machine timings are noisy: medians of
@@ -93,30 +95,46 @@ def passes(source, chunk: int) -> dict:
     return calls
 
 
-def measure(source, chunk: int, repeats: int, budget_end: float) -> dict:
-    device = source.device
-    seconds = {}
-    for name, call in passes(source, chunk).items():
-        if time.perf_counter() > budget_end:
-            seconds[name] = None  # not run: the time budget was spent
-            continue
-        call()  # warm-up
-        _synchronise(device)
-        runs = []
-        for _ in range(repeats):
-            if runs and time.perf_counter() > budget_end:
-                break  # fewer repeats rather than none
-            began = time.perf_counter()
-            call()
-            _synchronise(device)
-            runs.append(time.perf_counter() - began)
-        seconds[name] = statistics.median(runs)
+def _ratios(seconds: dict) -> dict:
     gram = seconds["gram"]
-    ratios = {
+    return {
         name: (None if value is None or gram is None else value / gram)
         for name, value in seconds.items()
     }
-    return {"chunk_size": chunk, "seconds": seconds, "gram_passes": ratios}
+
+
+def measure(source, chunk: int, repeats: int, budget_end: float) -> dict:
+    """Median CPU seconds (this process's, ``time.process_time``: other jobs on a shared machine
+    do not count) and median wall seconds of each call, and both as multiples of the Gram pass.
+    On a GPU the wall time is the measure (the CPU only launches kernels)."""
+    device = source.device
+    cpu, wall = {}, {}
+    for name, call in passes(source, chunk).items():
+        if time.perf_counter() > budget_end:
+            cpu[name] = wall[name] = None  # not run: the time budget was spent
+            continue
+        call()  # warm-up
+        _synchronise(device)
+        cpu_runs, wall_runs = [], []
+        for _ in range(repeats):
+            if wall_runs and time.perf_counter() > budget_end:
+                break  # fewer repeats rather than none
+            began, began_cpu = time.perf_counter(), time.process_time()
+            call()
+            _synchronise(device)
+            cpu_runs.append(time.process_time() - began_cpu)
+            wall_runs.append(time.perf_counter() - began)
+        cpu[name] = statistics.median(cpu_runs)
+        wall[name] = statistics.median(wall_runs)
+    seconds = wall if device.type == "cuda" else cpu
+    return {
+        "chunk_size": chunk,
+        "measure": "wall" if device.type == "cuda" else "cpu",
+        "seconds": seconds,
+        "gram_passes": _ratios(seconds),
+        "wall_seconds": wall,
+        "wall_gram_passes": _ratios(wall),
+    }
 
 
 def markdown(result: dict) -> str:
@@ -125,8 +143,9 @@ def markdown(result: dict) -> str:
         f"# Pass cost: n = {result['n']:,}, d = {result['d']}, {result['dtype']}, "
         f"{result['device']}",
         "",
-        "Seconds of one pass (median of the repeats) as multiples of one chunked Gram pass "
-        "`x.T @ x` of the same source and chunk size, all measured in one run. "
+        "CPU seconds of one pass (this process's `time.process_time`, median of the repeats; "
+        "wall seconds on a GPU) as multiples of one chunked Gram pass `x.T @ x` of the same "
+        "source and chunk size, all measured in one run; the wall-clock ratios follow. "
         f"Default chunk size: {result['default_chunk_size']:,} rows. " + result["timing_note"],
         "",
         "Targets (issue 26): moment step <= 3 Gram passes, one EM iteration (k = 2, linear, "
@@ -141,6 +160,16 @@ def markdown(result: dict) -> str:
             for name in names[1:]
         ]
         gram = row["seconds"]["gram"]
+        lines.append(
+            f"| {row['source']} | {row['chunk_size']:,} | "
+            f"{'-' if gram is None else f'{gram:.4f}'} | " + " | ".join(cells) + " |"
+        )
+    lines += ["", "Wall-clock ratios of the same runs (other jobs' load included):", ""]
+    lines += ["| source | chunk | Gram s | " + " | ".join(names[1:]) + " |"]
+    lines += ["|---|---|---|" + "---|" * (len(names) - 1)]
+    for row in result["rows"]:
+        ratios, gram = row["wall_gram_passes"], row["wall_seconds"]["gram"]
+        cells = ["-" if ratios[name] is None else f"{ratios[name]:.2f}" for name in names[1:]]
         lines.append(
             f"| {row['source']} | {row['chunk_size']:,} | "
             f"{'-' if gram is None else f'{gram:.4f}'} | " + " | ".join(cells) + " |"
@@ -221,7 +250,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="n = 2e5")
     parser.add_argument("--chunks", nargs="+", type=int, default=None)
     parser.add_argument("--sources", nargs="+", default=["memory", "memmap"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--budget", type=float, default=1e9, help="seconds; later passes skipped")
@@ -253,8 +282,9 @@ def main() -> None:
             "repeats": args.repeats,
             "rows": rows,
             "timing_note": (
-                "Timings on a shared 2-core machine under load from other jobs: medians, ratios "
-                "within one run."
+                "Timings on a shared 2-core machine under load from other jobs, one torch "
+                "thread: CPU time of this process (load inflates it less than wall time), "
+                "medians, ratios within one run."
                 if device.type == "cpu"
                 else "Timings on one GPU (torch.cuda.synchronize after each call)."
             ),

@@ -330,7 +330,8 @@ def expert_scales(
 
 
 def scale_statistics(x, y, params: Params, link: Link) -> torch.Tensor:
-    """A pass of :meth:`pyromoe.core.sources.Source.reduce` (docs/algorithm.md section 3): one chunk's Gauss-Newton sums for each expert's scale ``s_i`` of its linear predictor
+    """One chunk's Gauss-Newton sums (a pass of :meth:`pyromoe.core.sources.Source.reduce`,
+    docs/algorithm.md section 3) for each expert's scale ``s_i`` of its linear predictor
     ``eta_ni = a_i . x_n + b_i`` at ``s = 1``: ``(sum_n r_ni J_ni (y_n - g(eta_ni)),
     sum_n r_ni J_ni^2)`` with ``J = g'(eta) eta`` and ``r`` the responsibilities; (2, k) float64."""
     predictors, logits = linear_predictors(x, params)

@@ -38,7 +38,14 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=12)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--reference", action="store_true", help="also gate EM from the truth")
+    parser.add_argument(
+        "--no-scale-refit", action="store_true", help="keep the kappa1 scales (gate fix only)"
+    )
     args = parser.parse_args()
+    if args.no_scale_refit:
+        from pyromoe.estimators import tensor_init as module
+
+        module.SCALE_ROUNDS = 0
     torch.set_num_threads(1)
     for seed in args.seeds:
         x, y, truth = generic_gate_data(args.n, args.d, seed)

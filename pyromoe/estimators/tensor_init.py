@@ -480,14 +480,14 @@ def _refit_scales(source: Source, weight, bias, link, fit, fit_noise: bool, opti
     noise from the last gate. Rounds repeat until no scale moves by :data:`SCALE_TOL`.
     Returns the weights, biases, gate fit and the cumulative scales.
     """
-    total = torch.ones(weight.shape[0], dtype=torch.float64)
+    total = torch.ones(weight.shape[0], dtype=torch.float64, device=weight.device)
     for _ in range(SCALE_ROUNDS):
         params = Params(weight, bias, fit.gate_weight, fit.gate_bias, fit.noise)
         moved = 0.0
         for _ in range(SCALE_STEPS):
             sums = source.reduce(scale_statistics, options.chunk_size, params, link)
             step = sums[0] / sums[1].clamp_min(1e-300)
-            scale = (1.0 + step).clamp(0.5, 2.0)  # a damped first step far from the optimum
+            scale = (1.0 + step).clamp(0.5, 2.0)  # bounded: a far-off start takes several steps
             total = total * scale
             change = float((scale - 1.0).abs().max())
             moved = max(moved, change)

@@ -388,11 +388,20 @@ def whitened_third_moment(
     gram = gram.to(device=device, dtype=_F64)
     gram_sq = gram @ gram
     gram_norm2 = float((gram * gram).sum())
-    # q = |u|^2, u'Gu, u'G^2u from one product; |phi(u)|^2 = q^3 - 6 q u'Gu + 3 q |G|_F^2 + 6 u'G^2u
-    # (phi = u(x)u(x)u - sym(u(x)G); checked against the explicit tensors in the tests)
-    quadratic_forms = torch.cat([torch.eye(k, dtype=_F64, device=device), gram, gram_sq], 1)
+    # q = |u|^2, u'Gu, u'G^2u from one product with u (x) u; |phi(u)|^2 = q^3 - 6 q u'Gu
+    # + 3 q |G|_F^2 + 6 u'G^2u (phi = u(x)u(x)u - sym(u(x)G); checked against the explicit
+    # tensors in the tests). Both matrices contiguous: a product with a transposed view of a
+    # tiny matrix took several times as long (torch 2.13, CPU).
+    eye = torch.eye(k, dtype=_F64, device=device)
+    quadratic_forms = torch.stack([eye.flatten(), gram.flatten(), gram_sq.flatten()])
     sum_uuu, sum_u, sum_sq, num_chunks = source.reduce(
-        _third_moment_sums, chunk_size, proj_c, offset, centre, quadratic_forms, gram_norm2
+        _third_moment_sums,
+        chunk_size,
+        proj_c.T.contiguous(),
+        offset,
+        centre,
+        quadratic_forms,
+        gram_norm2,
     )
     num_chunks = int(num_chunks)
     sum_uuu = sum_uuu / n
@@ -408,23 +417,27 @@ def whitened_third_moment(
     )
 
 
-def _third_moment_sums(x, y, projection, offset, centre, quadratic_forms, gram_norm2):
-    """One chunk's sums for :func:`whitened_third_moment` (float64)."""
-    k = projection.shape[1]
-    # u is only n x k: float64 from here on costs nothing next to the x @ projection product
-    u = (x @ projection).to(_F64) - offset.to(x.device)
+def _third_moment_sums(x, y, projection_rows, offset, centre, quadratic_forms, gram_norm2):
+    """One chunk's sums for :func:`whitened_third_moment` (float64).
+
+    Everything after the product ``x @ projection`` works on rows of length n (``u`` is (k, n)):
+    torch's elementwise kernels and sums over a short last dimension (k) cost many times those
+    along a long one, and ``pow`` with tensor exponents many times a product."""
+    k = projection_rows.shape[0]
+    # u is only k x n: float64 from here on costs nothing next to the product with x
+    u = (projection_rows @ x.T).to(_F64) - offset.to(x.device)[:, None]
     yc = y.to(_F64) - centre
-    exponents = torch.tensor([3.0, 1.0, 6.0, 4.0, 2.0], dtype=_F64, device=x.device)
-    powers = yc[:, None] ** exponents  # y^3, y, y^6, y^4, y^2
-    uu = (u[:, :, None] * u[:, None, :]).reshape(-1, k * k)
-    weighted_u = (powers[:, :2, None] * u[:, None, :]).reshape(-1, 2 * k)
-    forms = ((u @ quadratic_forms.to(x.device)).reshape(-1, 3, k) * u[:, None, :]).sum(-1)
-    q, ugu, ug2u = forms.unbind(1)
+    y2 = yc * yc
+    y3 = y2 * yc
+    powers = torch.stack([y3, yc, y3 * y3, y2 * y2, y2])  # y^3, y, y^6, y^4, y^2
+    uu = (u[:, None, :] * u[None, :, :]).reshape(k * k, -1)
+    weighted_u = (powers[:2, None, :] * u[None, :, :]).reshape(2 * k, -1)
+    q, ugu, ug2u = (quadratic_forms.to(x.device) @ uu).unbind(0)
     phi2 = q * (q * q - 6 * ugu + 3 * gram_norm2) + 6 * ug2u
     return (
-        weighted_u.T @ uu,
-        powers[:, :2].T @ u,
-        powers[:, 2:].T @ phi2,
+        weighted_u @ uu.T,
+        powers[:2] @ u.T,
+        powers[2:] @ phi2,
         torch.ones((), dtype=_F64, device=x.device),
     )
 

@@ -180,12 +180,13 @@ def _second_moment_sums(x, y, shift, centre, beta):
     xs = x - shift if shift is not None else x
     yc = y.to(_F64) - centre
     p = yc * (yc + beta)
-    weights = torch.stack([p, yc, torch.ones_like(p)], 1).to(dtype)
+    # rows of length n (contiguous): products with a transposed (n, 3) view cost more
+    weights = torch.stack([p, yc, torch.ones_like(p)]).to(dtype)
     # two GEMMs (a concatenated one costs an extra 2d-wide copy) and one (3 x d) product
     return (
         (xs.T @ xs).to(_F64),
-        ((xs * weights[:, :1]).T @ xs).to(_F64),
-        (weights.T @ xs).to(_F64),
+        ((xs * weights[0, :, None]).T @ xs).to(_F64),
+        (weights @ xs).to(_F64),
         torch.stack([p.sum(), torch.dot(p, p)]),
         y.to(_F64).sum(),
         torch.ones((), dtype=_F64, device=x.device),

@@ -1,6 +1,6 @@
 """tanh with a generic (non-orthogonal) gate of norm 2 and expert norms 1 and 2 (issue 25 item 1):
 tensor_init's gate is as good as gate EM given the true experts, and the expert scales come from
-the likelihood (not the saturating kappa1 inversion), so the expert error is that of joint EM."""
+the likelihood (not the saturating kappa1 inversion), leaving the moment directions' error."""
 
 from __future__ import annotations
 

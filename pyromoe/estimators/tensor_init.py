@@ -130,8 +130,11 @@ def tensor_init(
     ``T2 = E[P2(y) S2(z)]`` and the whitened ``T3``; the tensor power method gives the expert
     directions, scales and signs; :func:`pyromoe.fit_gate` then fits the gate (and noise)
     by EM with the experts fixed (for n > 200,000 it first runs on 50,000 random rows and finishes
-    on all rows from there: the same fixed point in fewer full passes). The result is mapped back
-    to the user's coordinates.
+    on all rows from there: the same fixed point in fewer full passes), run until the gain it has
+    left, extrapolated, is below :data:`GATE_GAIN_TOL` nats in all. For tanh and sigmoid each
+    expert's scale along its moment direction is then refit by weighted least squares with the
+    responsibilities, and the gate refit from there (docs/algorithm.md section 3). The result is
+    mapped back to the user's coordinates.
 
     Biases, honestly: the moment step targets the bias-free model on standardised inputs (an
     offset in ``x`` is removed exactly by standardising). A common intercept in ``y`` cannot be

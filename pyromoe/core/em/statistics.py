@@ -111,10 +111,21 @@ def _weighted_grams(
 ) -> torch.Tensor:
     """:func:`_weighted_gram` for each column of ``weights`` (n, m): shape (m, w, w), one GEMM
     per column through the one buffer ``out`` (a single GEMM of the stacked weighted copies
-    (n, m d) with ``x`` measured slower on a CPU)."""
-    return torch.stack(
-        [_weighted_gram(x, weights[:, i], intercept, out) for i in range(weights.shape[1])]
-    )
+    (n, m d) with ``x`` measured slower on a CPU). The weights are read as contiguous rows, and
+    the intercept's rows and columns of all m come from one (m, n) x (n, d) product, written
+    into one result (no concatenations)."""
+    rows = weights.T.contiguous()  # (m, n)
+    m, d = rows.shape[0], x.shape[1]
+    width = d + (1 if intercept else 0)
+    grams = x.new_empty(m, width, width)
+    for i in range(m):
+        torch.mm(torch.mul(x, rows[i, :, None], out=out).T, x, out=grams[i, :d, :d])
+    if intercept:
+        edges = rows @ x
+        grams[:, :d, d] = edges
+        grams[:, d, :d] = edges
+        grams[:, d, d] = rows.sum(1)
+    return grams
 
 
 def _weighted_sums(x: torch.Tensor, weights: torch.Tensor, intercept: bool) -> torch.Tensor:

@@ -404,8 +404,9 @@ def run_child(args) -> dict:
 
 
 def _npy_block(path: str, start: int, stop: int) -> np.ndarray:
-    """Rows ``start:stop`` of a ``.npy`` file, read on a Dask worker (the file is not shipped)."""
-    return np.array(np.load(path, mmap_mode="r")[start:stop])
+    """Rows ``start:stop`` of a ``.npy`` file, read on a Dask worker (the file is not shipped): a
+    view of the mapped pages, not a copy (pyromoe reads it in pieces; ``core/blocks.py``)."""
+    return np.load(path, mmap_mode="r")[start:stop]
 
 
 # ------------------------------------------------------------------------------------ parent side

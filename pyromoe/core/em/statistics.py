@@ -109,23 +109,30 @@ def _weighted_gram(
 def _weighted_grams(
     x: torch.Tensor, weights: torch.Tensor, intercept: bool, out: torch.Tensor
 ) -> torch.Tensor:
-    """:func:`_weighted_gram` for each column of ``weights`` (n, m): shape (m, w, w), one GEMM
-    per column through the one buffer ``out`` (a single GEMM of the stacked weighted copies
-    (n, m d) with ``x`` measured slower on a CPU). The weights are read as contiguous rows, and
-    the intercept's rows and columns of all m come from one (m, n) x (n, d) product, written
-    into one result (no concatenations)."""
+    """:func:`_weighted_gram` for each column of ``weights`` (n, m), all NONNEGATIVE
+    (responsibilities, ``g'^2 r``, ``p (1 - p)``): shape (m, w, w).
+
+    Each Gram is that of ``sqrt(w) x`` with itself, one GEMM per column through the one buffer
+    ``out``: the product of a matrix with itself ran faster than that of the weighted copy with
+    ``x`` (and a single GEMM of the stacked weighted copies (n, m d) with ``x`` slower still, on a
+    CPU). The weights are read as contiguous rows, and the intercept's rows and columns of all m
+    come from one (m, n) x (n, d) product."""
     rows = weights.T.contiguous()  # (m, n)
+    roots = rows.sqrt()
     m, d = rows.shape[0], x.shape[1]
-    width = d + (1 if intercept else 0)
-    grams = x.new_empty(m, width, width)
+    grams = x.new_empty(m, d, d)
     for i in range(m):
-        torch.mm(torch.mul(x, rows[i, :, None], out=out).T, x, out=grams[i, :d, :d])
-    if intercept:
-        edges = rows @ x
-        grams[:, :d, d] = edges
-        grams[:, d, :d] = edges
-        grams[:, d, d] = rows.sum(1)
-    return grams
+        scaled = torch.mul(x, roots[i, :, None], out=out)
+        torch.mm(scaled.T, scaled, out=grams[i])
+    if not intercept:
+        return grams
+    full = x.new_empty(m, d + 1, d + 1)
+    full[:, :d, :d] = grams
+    edges = rows @ x
+    full[:, :d, d] = edges
+    full[:, d, :d] = edges
+    full[:, d, d] = rows.sum(1)
+    return full
 
 
 def _weighted_sums(x: torch.Tensor, weights: torch.Tensor, intercept: bool) -> torch.Tensor:

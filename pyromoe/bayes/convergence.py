@@ -217,7 +217,8 @@ def convergence_summary(idata) -> str:
     )
     if report["converged"]:
         return f"Convergence check passed: {numbers}."
-    return f"Convergence check FAILED ({numbers}):\n" + describe(report)
+    findings = "\n".join(f"- {line}" for line in describe(report).splitlines())
+    return f"Convergence check FAILED ({numbers}):\n\n{findings}\n"
 
 
 def record_convergence(idata, **thresholds) -> dict:

@@ -107,32 +107,43 @@ def _weighted_gram(
 
 
 def _weighted_grams(
-    x: torch.Tensor, weights: torch.Tensor, intercept: bool, out: torch.Tensor
-) -> torch.Tensor:
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    intercept: bool,
+    out: torch.Tensor,
+    extra: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`_weighted_gram` for each column of ``weights`` (n, m), all NONNEGATIVE
-    (responsibilities, ``g'^2 r``, ``p (1 - p)``): shape (m, w, w).
+    (responsibilities, ``g'^2 r``, ``p (1 - p)``): shape (m, w, w); and
+    :func:`_weighted_sums` of ``extra`` (n, e) when given (else None).
 
     Each Gram is that of ``sqrt(w) x`` with itself, one GEMM per column through the one buffer
     ``out``: the product of a matrix with itself ran faster than that of the weighted copy with
     ``x`` (and a single GEMM of the stacked weighted copies (n, m d) with ``x`` slower still, on a
-    CPU). The weights are read as contiguous rows, and the intercept's rows and columns of all m
-    come from one (m, n) x (n, d) product."""
-    rows = weights.T.contiguous()  # (m, n)
-    roots = rows.sqrt()
-    m, d = rows.shape[0], x.shape[1]
+    CPU). The intercept's rows and columns of all m Grams and the sums of ``extra`` come from ONE
+    (m + e, n) x (n, d) product of contiguous rows: a product with few rows costs a read of the
+    chunk, whatever their number."""
+    m, d = weights.shape[1], x.shape[1]
+    blocks = [weights] if extra is None else [weights, extra]
+    rows = torch.cat([block.T for block in blocks])  # (m + e, n), contiguous
+    roots = rows[:m].sqrt()
     grams = x.new_empty(m, d, d)
     for i in range(m):
         scaled = torch.mul(x, roots[i, :, None], out=out)
         torch.mm(scaled.T, scaled, out=grams[i])
+    sums = None
+    if intercept or extra is not None:
+        sums = rows @ x if intercept or m == 0 else rows[m:] @ x
+        if intercept:
+            sums = torch.cat([sums, rows.sum(1)[:, None]], dim=1)
+    extra_sums = None if extra is None else sums[-extra.shape[1] :]
     if not intercept:
-        return grams
+        return grams, extra_sums
     full = x.new_empty(m, d + 1, d + 1)
     full[:, :d, :d] = grams
-    edges = rows @ x
-    full[:, :d, d] = edges
-    full[:, d, :d] = edges
-    full[:, d, d] = rows.sum(1)
-    return full
+    full[:, :d, d] = sums[:m, :d]
+    full[:, d, :] = sums[:m]
+    return full, extra_sums
 
 
 def _weighted_sums(x: torch.Tensor, weights: torch.Tensor, intercept: bool) -> torch.Tensor:
@@ -158,35 +169,51 @@ def _gate_probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _expert_system(
-    x, y, resp, predictors, residual, link: Link, intercept: bool, gate_probs, out: torch.Tensor
+    x,
+    y,
+    resp,
+    predictors,
+    residual,
+    link: Link,
+    intercept: bool,
+    gate_probs,
+    out: torch.Tensor,
 ):
     """The experts' weighted Gram matrices (or Gauss-Newton systems), their right-hand sides and
-    ``sum r y^2``, in one GEMM for all experts; with ``gate_probs`` (k = 2, the gate on the same
-    design) the gate's IRLS Gram joins that GEMM and is returned too (else None)."""
+    ``sum r y^2``; with ``gate_probs`` (the gate on the same design, with the same intercept rule)
+    the gate's IRLS gradient joins the right-hand sides' product and, for k = 2, its Gram the
+    experts' Grams: ``(matrix, vector, y_square, gate_gradient, gate_hessian)``, the last two
+    None without ``gate_probs`` (gate_hessian also for k > 2)."""
     f64 = torch.float64
     y_square = None
     if link.is_identity:
         gram_weights = resp
-        vector = _weighted_sums(x, resp * y[:, None], intercept)
+        vector_weights = resp * y[:, None]
         y_square = (resp * (y * y)[:, None]).sum(0).to(f64)
     else:
         derivative = link.derivative(predictors)  # J_i = g'(z_i) u: weights g'^2 r, g' r res
         gram_weights = resp * derivative.pow(2)
-        vector = _weighted_sums(x, derivative * resp * residual, intercept)
+        vector_weights = derivative * resp * residual
     k = resp.shape[1]
+    extra = vector_weights
     if gate_probs is not None:
-        gram_weights = torch.cat([gram_weights, gate_probs * (1 - gate_probs)], dim=1)
-    matrix = _weighted_grams(x, gram_weights, intercept, out)
-    gate_hessian = matrix[k] if gate_probs is not None else None
-    return matrix[:k].to(f64), vector.to(f64), y_square, gate_hessian
+        extra = torch.cat([vector_weights, resp[:, 1:] - gate_probs], dim=1)
+        if k == 2:
+            gram_weights = torch.cat([gram_weights, gate_probs * (1 - gate_probs)], dim=1)
+    matrix, sums = _weighted_grams(x, gram_weights, intercept, out, extra)
+    gate_hessian = matrix[k] if gate_probs is not None and k == 2 else None
+    gate_gradient = sums[k:] if gate_probs is not None else None
+    return matrix[:k].to(f64), sums[:k].to(f64), y_square, gate_gradient, gate_hessian
 
 
-def _gate_system(x, resp, probs, gate_bias: bool, hessian, out: torch.Tensor | None):
-    """The gate's IRLS gradient and negative Hessian (``hessian`` when already computed)."""
+def _gate_system(x, resp, probs, gate_bias: bool, gradient, hessian, out: torch.Tensor | None):
+    """The gate's IRLS gradient and negative Hessian (``gradient``, ``hessian`` when already
+    computed)."""
     width = x.shape[1] + (1 if gate_bias else 0)
     if probs is None:  # one expert: no gate
         return x.new_zeros(0, width), x.new_zeros(0, 0)
-    gradient = _weighted_sums(x, resp[:, 1:] - probs, gate_bias)
+    if gradient is None:
+        gradient = _weighted_sums(x, resp[:, 1:] - probs, gate_bias)
     if hessian is None:
         if probs.shape[1] == 1:
             hessian = _weighted_gram(x, probs[:, 0] * (1 - probs[:, 0]), gate_bias, out)
@@ -229,17 +256,18 @@ def pass_statistics(
     residual = y[:, None] - link(predictors)
     k = resp.shape[1]
     probs = _gate_probabilities(logits) if k > 1 else None
-    # k = 2 with one design and one intercept rule: the gate's IRLS Gram joins the experts' GEMM
-    fuse_gate = k == 2 and update_experts and x_gate is x_experts and gate_bias == intercept
-    matrix = vector = y_square = hessian = None
+    # one design and one intercept rule: the gate's IRLS gradient (and for k = 2 its Gram) join
+    # the experts' products
+    fuse_gate = k > 1 and update_experts and x_gate is x_experts and gate_bias == intercept
+    matrix = vector = y_square = gradient = hessian = None
     buffer = torch.empty_like(x_experts)  # the weighted rows of every Gram of this chunk
     if update_experts:
         gate_probs = probs if fuse_gate else None
-        matrix, vector, y_square, hessian = _expert_system(
+        matrix, vector, y_square, gradient, hessian = _expert_system(
             x_experts, y, resp, predictors, residual, link, intercept, gate_probs, buffer
         )
     gate_buffer = buffer if x_gate.shape == buffer.shape else None
-    gradient, hessian = _gate_system(x_gate, resp, probs, gate_bias, hessian, gate_buffer)
+    gradient, hessian = _gate_system(x_gate, resp, probs, gate_bias, gradient, hessian, gate_buffer)
     return Statistics(
         rows=torch.tensor(float(x.shape[0]), dtype=f64, device=x.device),
         log_likelihood=log_lik.sum().to(f64),

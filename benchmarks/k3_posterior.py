@@ -266,6 +266,8 @@ def markdown(rows: list[dict], modes: list[dict], geometry: list[dict], info: di
                 f"{r['divergent_gate_norm_quantiles']}; noise quantile "
                 f"{r['divergent_noise_quantiles']}"
             )
+    if not any("divergent_shift_sd" in r for r in rows):
+        lines.append("None: no run had a divergent draw.")
     lines += ["", "## The convergence check's findings", ""]
     for r in rows:
         found = "; ".join(

@@ -9,7 +9,8 @@ it applies), one torch thread, in memory, float64:
 - ``em_start_s``: one default (screened) ``fit_em`` start, ``fit_em(x, y, 2, n_init=1)``;
 - ``multi_start_em_s``: pyromoe's default multi-start ``fit_em(x, y, 2)`` (5 screened starts);
 
-each the median of ``--repeats`` runs taken in turn (initialize, one start, multi-start) after one
+each the median of ``--repeats`` runs (CPU seconds of the process) taken in turn (initialize,
+one start, multi-start) after one
 warm-up call, all in one process; ratios are of medians within the run. ``same_optimum``: after
 EM from each to a tolerance of 1e-11 (EM's default 1e-6 per iteration leaves each fit up to a few
 1e-6 per row short of its optimum), ``initialize``'s mean log-likelihood per row is within
@@ -55,11 +56,13 @@ K, COSINE, NOISE, GATE_NORM, DATA_SEED = 2, 0.8, 0.5, 2.0, 11
 
 
 def _timed(call):
-    began = time.perf_counter()
+    """``call()`` and its CPU seconds (``time.process_time``: one torch thread, so on an idle
+    machine this is the wall time, and on a loaded one it does not count the other jobs' share)."""
+    began = time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = call()
-    return result, time.perf_counter() - began
+    return result, time.process_time() - began
 
 
 def _polish(x, y, estimate):
@@ -162,8 +165,9 @@ def markdown(result: dict) -> str:
         "",
         f"`simulate(n, d, 2, expert_cosine={COSINE}, gate_norm={GATE_NORM}, noise={NOISE}, "
         f"bias=True, seed={DATA_SEED})`, float64 in memory, {result['threads']} torch thread(s); "
-        "medians of the repeats, all in one run. **Timings were taken on a shared 2-core machine "
-        "under load from other jobs**: absolute seconds are noisy, compare the ratios.",
+        "medians of the repeats, all in one run, in CPU seconds of the process (`time.process_time`). "
+        "**Timings on a shared 2-core machine under load from other jobs** (load in the machine "
+        "section): CPU time leaves out the other jobs' share, but caches are shared: compare ratios.",
         "",
         "Targets: `initialize` at most 1.0x one default (screened) `fit_em` start from n = 2e5 "
         "(d = 10), at most 1.5x it at n = 2000, at most 0.25x one random-start EM fit at n = 1e6 "

@@ -20,12 +20,14 @@ import torch
 from .links import Link
 from .params import Params
 
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 __all__ = [
+    "HALF_LOG_2PI",
     "expert_columns",
     "gate_columns",
     "linear_predictors",
+    "linear_predictor_rows",
     "log_probs_from_predictors",
     "expert_means",
     "gate_logits",
@@ -92,28 +94,55 @@ def gate_logits(
     return torch.cat([free.new_zeros(*free.shape[:-1], 1), free], dim=-1)
 
 
+def _stacked_weights(params: Params, total: int) -> torch.Tensor:
+    """The experts' and the gate's weights stacked, (..., 2k - 1, total), each padded with zeros
+    over the other's columns when the design is split (x = [x | z])."""
+    experts, gate = params.experts_weight, params.gate_weight
+    if _layout(total, experts.shape[-1], gate.shape[-1]):  # x = [x | z]: pad with zeros
+        experts = torch.cat([experts, experts.new_zeros(*experts.shape[:-1], gate.shape[-1])], -1)
+        gate = torch.cat([gate.new_zeros(*gate.shape[:-1], params.in_features), gate], -1)
+    return torch.cat([experts, gate], dim=-2)
+
+
 def linear_predictors(x: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
     """The experts' linear predictors ``a_i . x + b_i`` and the gate logits (reference expert's
     zero first), shapes ``(..., n, k)`` each, from ONE product of ``x`` with the stacked expert
     and gate weights."""
     k = params.num_experts
-    experts, gate = params.experts_weight, params.gate_weight
     if k == 1:  # no gate: the experts' columns only (a design [x | z] keeps z unread)
+        experts = params.experts_weight
         z = _products(x[..., : experts.shape[-1]], experts)
         if params.experts_bias is not None:
             z = z + params.experts_bias.unsqueeze(-2)
         return z, z.new_zeros(z.shape)
-    if _layout(x.shape[-1], experts.shape[-1], gate.shape[-1]):  # x = [x | z]: pad with zeros
-        experts = torch.cat([experts, experts.new_zeros(*experts.shape[:-1], gate.shape[-1])], -1)
-        gate = torch.cat([gate.new_zeros(*gate.shape[:-1], params.in_features), gate], -1)
-    weights = torch.cat([experts, gate], dim=-2)  # (..., 2k - 1, D)
-    z = _products(x, weights)
+    z = _products(x, _stacked_weights(params, x.shape[-1]))
     experts, free = z[..., :k], z[..., k:]
     if params.experts_bias is not None:
         experts = experts + params.experts_bias.unsqueeze(-2)
     if params.gate_bias is not None:
         free = free + params.gate_bias.unsqueeze(-2)
     return experts, torch.cat([free.new_zeros(*free.shape[:-1], 1), free], dim=-1)
+
+
+def linear_predictor_rows(x: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`linear_predictors` transposed, for parameters without batch dimensions: shapes
+    ``(k, n)`` each, rows of length n, from ONE product ``weights @ x.T``. Elementwise work and
+    sums over the k experts run along the long dimension in this layout (torch's kernels over a
+    short last dimension cost many times as much on a CPU)."""
+    k = params.num_experts
+    if k == 1:
+        experts = params.experts_weight.contiguous()
+        z = experts @ x[:, : experts.shape[-1]].T
+        if params.experts_bias is not None:
+            z = z + params.experts_bias[:, None]
+        return z, torch.zeros_like(z)
+    z = _stacked_weights(params, x.shape[-1]) @ x.T  # (2k - 1, n)
+    experts, free = z[:k], z[k:]
+    if params.experts_bias is not None:
+        experts = experts + params.experts_bias[:, None]
+    if params.gate_bias is not None:
+        free = free + params.gate_bias[:, None]
+    return experts, torch.cat([free.new_zeros(1, free.shape[1]), free])
 
 
 def log_probs_from_predictors(
@@ -125,7 +154,7 @@ def log_probs_from_predictors(
     noise = params.expert_noise().to(dtype=predictors.dtype, device=predictors.device)
     noise = noise.unsqueeze(-2)
     standardised = (y.unsqueeze(-1) - link(predictors)) / noise
-    return log_gate - 0.5 * standardised * standardised - torch.log(noise) - _HALF_LOG_2PI
+    return log_gate - 0.5 * standardised * standardised - torch.log(noise) - HALF_LOG_2PI
 
 
 def component_log_probs(

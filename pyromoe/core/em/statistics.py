@@ -15,11 +15,11 @@ from typing import NamedTuple
 import torch
 
 from ..likelihood import (
+    HALF_LOG_2PI,
     expert_columns,
     gate_columns,
-    linear_predictors,
+    linear_predictor_rows,
     log_likelihood,
-    log_probs_from_predictors,
 )
 from ..links import Link
 from ..params import Params
@@ -113,19 +113,18 @@ def _weighted_grams(
     out: torch.Tensor,
     extra: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`_weighted_gram` for each column of ``weights`` (n, m), all NONNEGATIVE
-    (responsibilities, ``g'^2 r``, ``p (1 - p)``): shape (m, w, w); and
-    :func:`_weighted_sums` of ``extra`` (n, e) when given (else None).
+    """:func:`_weighted_gram` for each row of ``weights`` (m, n), all NONNEGATIVE
+    (responsibilities, ``g'^2 r``, ``p (1 - p)``): shape (m, w, w); and the weighted sums
+    ``sum_n e_jn u_n`` (e, w) of the rows of ``extra`` (e, n) when given (else None).
 
-    Each Gram is that of ``sqrt(w) x`` with itself, one GEMM per column through the one buffer
+    Each Gram is that of ``sqrt(w) x`` with itself, one GEMM per row through the one buffer
     ``out``: the product of a matrix with itself ran faster than that of the weighted copy with
     ``x`` (and a single GEMM of the stacked weighted copies (n, m d) with ``x`` slower still, on a
     CPU). The intercept's rows and columns of all m Grams and the sums of ``extra`` come from ONE
     (m + e, n) x (n, d) product of contiguous rows: a product with few rows costs a read of the
     chunk, whatever their number."""
-    m, d = weights.shape[1], x.shape[1]
-    blocks = [weights] if extra is None else [weights, extra]
-    rows = torch.cat([block.T for block in blocks])  # (m + e, n), contiguous
+    m, d = weights.shape[0], x.shape[1]
+    rows = weights.contiguous() if extra is None else torch.cat([weights, extra])
     roots = rows[:m].sqrt()
     grams = x.new_empty(m, d, d)
     for i in range(m):
@@ -136,7 +135,7 @@ def _weighted_grams(
         sums = rows @ x if intercept or m == 0 else rows[m:] @ x
         if intercept:
             sums = torch.cat([sums, rows.sum(1)[:, None]], dim=1)
-    extra_sums = None if extra is None else sums[-extra.shape[1] :]
+    extra_sums = None if extra is None else sums[-extra.shape[0] :]
     if not intercept:
         return grams, extra_sums
     full = x.new_empty(m, d + 1, d + 1)
@@ -152,20 +151,29 @@ def _weighted_sums(x: torch.Tensor, weights: torch.Tensor, intercept: bool) -> t
     return torch.cat([sums, weights.sum(0)[:, None]], dim=1) if intercept else sums
 
 
-def _logsumexp_rows(t: torch.Tensor) -> torch.Tensor:
-    """``log sum_i exp(t_ni)`` over the k columns of ``t`` (n, k): shape (n,). The sum over the
-    columns is a matrix-vector product: torch's reductions over a short last dimension
-    (``logsumexp``, ``softmax``, ``sum(-1)``) took about 100 times an ``exp`` of the same tensor
-    on a CPU (torch 2.13, measured), a third of a Gram pass each."""
-    top = t.amax(-1, keepdim=True).clamp_min(torch.finfo(t.dtype).min)  # -inf rows stay -inf
-    return ((t - top).exp() @ t.new_ones(t.shape[-1])).log() + top[:, 0]
+def _logsumexp_columns(t: torch.Tensor) -> torch.Tensor:
+    """``log sum_i exp(t_in)`` over the k rows of ``t`` (k, n): shape (n,). In this layout the
+    reduction runs along rows of length n (torch's reductions over a short last dimension took
+    about 100 times an ``exp`` of the same tensor on a CPU, torch 2.13)."""
+    top = t.amax(0).clamp_min(torch.finfo(t.dtype).min)  # -inf columns stay -inf
+    return (t - top).exp().sum(0).log() + top
+
+
+def _log_prob_rows(y, predictors, logits, params: Params, link: Link) -> torch.Tensor:
+    """``log gate_i(x_n) + log Normal(y_n | g(z_in), noise_i^2)`` from the rows (k, n) of
+    :func:`~pyromoe.core.likelihood.linear_predictor_rows`: shape (k, n)."""
+    log_gate = logits - _logsumexp_columns(logits)
+    noise = params.expert_noise().to(dtype=predictors.dtype, device=predictors.device)[:, None]
+    standardised = (y - link(predictors)) / noise
+    return log_gate - 0.5 * standardised * standardised - torch.log(noise) - HALF_LOG_2PI
 
 
 def _gate_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """The free experts' gate probabilities (n, k - 1); k = 2: a sigmoid."""
-    if logits.shape[1] == 2:
-        return torch.sigmoid(logits[:, 1:] - logits[:, :1])
-    return (logits[:, 1:] - _logsumexp_rows(logits)[:, None]).exp()
+    """The free experts' gate probabilities (k - 1, n) from the logit rows (k, n); k = 2: a
+    sigmoid."""
+    if logits.shape[0] == 2:
+        return torch.sigmoid(logits[1:] - logits[:1])
+    return (logits[1:] - _logsumexp_columns(logits)).exp()
 
 
 def _expert_system(
@@ -180,26 +188,27 @@ def _expert_system(
     out: torch.Tensor,
 ):
     """The experts' weighted Gram matrices (or Gauss-Newton systems), their right-hand sides and
-    ``sum r y^2``; with ``gate_probs`` (the gate on the same design, with the same intercept rule)
-    the gate's IRLS gradient joins the right-hand sides' product and, for k = 2, its Gram the
+    ``sum r y^2``, from rows (k, n) of responsibilities, predictors and residuals; with
+    ``gate_probs`` (k - 1, n) (the gate on the same design, with the same intercept rule) the
+    gate's IRLS gradient joins the right-hand sides' product and, for k = 2, its Gram the
     experts' Grams: ``(matrix, vector, y_square, gate_gradient, gate_hessian)``, the last two
     None without ``gate_probs`` (gate_hessian also for k > 2)."""
     f64 = torch.float64
     y_square = None
     if link.is_identity:
         gram_weights = resp
-        vector_weights = resp * y[:, None]
-        y_square = (resp * (y * y)[:, None]).sum(0).to(f64)
+        vector_weights = resp * y
+        y_square = (resp * (y * y)).sum(1).to(f64)
     else:
         derivative = link.derivative(predictors)  # J_i = g'(z_i) u: weights g'^2 r, g' r res
         gram_weights = resp * derivative.pow(2)
         vector_weights = derivative * resp * residual
-    k = resp.shape[1]
+    k = resp.shape[0]
     extra = vector_weights
     if gate_probs is not None:
-        extra = torch.cat([vector_weights, resp[:, 1:] - gate_probs], dim=1)
+        extra = torch.cat([vector_weights, resp[1:] - gate_probs])
         if k == 2:
-            gram_weights = torch.cat([gram_weights, gate_probs * (1 - gate_probs)], dim=1)
+            gram_weights = torch.cat([gram_weights, gate_probs * (1 - gate_probs)])
     matrix, sums = _weighted_grams(x, gram_weights, intercept, out, extra)
     gate_hessian = matrix[k] if gate_probs is not None and k == 2 else None
     gate_gradient = sums[k:] if gate_probs is not None else None
@@ -207,18 +216,18 @@ def _expert_system(
 
 
 def _gate_system(x, resp, probs, gate_bias: bool, gradient, hessian, out: torch.Tensor | None):
-    """The gate's IRLS gradient and negative Hessian (``gradient``, ``hessian`` when already
-    computed)."""
+    """The gate's IRLS gradient and negative Hessian from rows (k, n) of responsibilities and
+    (k - 1, n) of gate probabilities (``gradient``, ``hessian`` when already computed)."""
     width = x.shape[1] + (1 if gate_bias else 0)
     if probs is None:  # one expert: no gate
         return x.new_zeros(0, width), x.new_zeros(0, 0)
     if gradient is None:
-        gradient = _weighted_sums(x, resp[:, 1:] - probs, gate_bias)
+        gradient = _weighted_sums(x, (resp[1:] - probs).T, gate_bias)
     if hessian is None:
-        if probs.shape[1] == 1:
-            hessian = _weighted_gram(x, probs[:, 0] * (1 - probs[:, 0]), gate_bias, out)
+        if probs.shape[0] == 1:
+            hessian = _weighted_gram(x, probs[0] * (1 - probs[0]), gate_bias, out)
         else:
-            hessian = _negative_hessian(x, probs, gate_bias, out)
+            hessian = _negative_hessian(x, probs.T, gate_bias, out)
     return gradient, hessian
 
 
@@ -244,17 +253,18 @@ def pass_statistics(
     # the experts' and the gate's columns of the design (the same tensor when they share it)
     x_experts = expert_columns(x, params.in_features, params.gate_weight.shape[-1])
     x_gate = gate_columns(x, params.in_features, params.gate_weight.shape[-1])
-    predictors, logits = linear_predictors(x, params)
-    log_probs = log_probs_from_predictors(y, predictors, logits, params, link)
-    log_lik = _logsumexp_rows(log_probs)
-    resp = (log_probs - log_lik[:, None]).exp()
+    # rows (k, n): every elementwise step and sum over the experts runs along n
+    predictors, logits = linear_predictor_rows(x, params)
+    log_probs = _log_prob_rows(y, predictors, logits, params, link)
+    log_lik = _logsumexp_columns(log_probs)
+    resp = (log_probs - log_lik).exp()
     at = params
     if linearise_at is not None:
         at = linearise_at
-        predictors, logits = linear_predictors(x, at)
+        predictors, logits = linear_predictor_rows(x, at)
     intercept = at.experts_bias is not None
-    residual = y[:, None] - link(predictors)
-    k = resp.shape[1]
+    residual = y - link(predictors)
+    k = resp.shape[0]
     probs = _gate_probabilities(logits) if k > 1 else None
     # one design and one intercept rule: the gate's IRLS gradient (and for k = 2 its Gram) join
     # the experts' products
@@ -271,8 +281,8 @@ def pass_statistics(
     return Statistics(
         rows=torch.tensor(float(x.shape[0]), dtype=f64, device=x.device),
         log_likelihood=log_lik.sum().to(f64),
-        responsibility=resp.sum(0).to(f64),
-        squared_error=(resp * residual.pow(2)).sum(0).to(f64),
+        responsibility=resp.sum(1).to(f64),
+        squared_error=(resp * residual * residual).sum(1).to(f64),
         expert_matrix=matrix,
         expert_vector=vector,
         y_square=y_square,

@@ -28,27 +28,32 @@ from ..sources import Source
 __all__ = ["Statistics", "mean_log_likelihood", "pass_statistics"]
 
 
-def _negative_hessian(
-    x: torch.Tensor, probs: torch.Tensor, intercept: bool, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Negative Hessian of the multinomial log-likelihood, blocks ``U^T diag(p_a (d_ab - p_b)) U``
-    with ``u_n = (x_n, 1)`` when ``intercept``.
+def _hessian_weights(probs: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The NONNEGATIVE row weights (m, n) of the blocks on and above the diagonal of the
+    multinomial log-likelihood's negative Hessian, and their block indices ``(a, b)``: block
+    ``(a, b)`` is ``U^T diag(p_a (d_ab - p_b)) U``, i.e. the Gram of ``p_a (1 - p_a)`` on the
+    diagonal and minus that of ``p_a p_b`` off it. ``probs`` (k - 1, n) are the free experts'
+    gate probabilities."""
+    free = probs.shape[0]
+    pairs = [(a, b) for a in range(free) for b in range(a, free)]
+    weights = torch.stack(
+        [probs[a] * (1 - probs[a]) if a == b else probs[a] * probs[b] for a, b in pairs]
+    )
+    return weights, pairs
 
-    ``probs`` (n, k - 1) are the free experts' gate probabilities; the result is
-    ((k - 1) width, (k - 1) width). One weighted Gram per block on or above the diagonal, the
-    blocks below by symmetry: k (k - 1) / 2 GEMMs, no copy of the design.
-    """
-    free = probs.shape[1]
-    width = x.shape[1] + (1 if intercept else 0)
-    hessian = x.new_empty(free * width, free * width)
+
+def _assemble_hessian(grams: torch.Tensor, pairs: list[tuple[int, int]], free: int) -> torch.Tensor:
+    """The negative Hessian ((k - 1) w, (k - 1) w) from the Grams (m, w, w) of
+    :func:`_hessian_weights`' weights: off-diagonal blocks negated, those below by symmetry."""
+    width = grams.shape[-1]
+    hessian = grams.new_empty(free * width, free * width)
     blocks = hessian.view(free, width, free, width)
-    for a in range(free):
-        for b in range(a, free):
-            weight = probs[:, a] * ((1.0 if a == b else 0.0) - probs[:, b])
-            block = _weighted_gram(x, weight, intercept, out)
-            blocks[a, :, b, :] = block
-            if b != a:
-                blocks[b, :, a, :] = block.T
+    for gram, (a, b) in zip(grams, pairs):
+        if a == b:
+            blocks[a, :, a, :] = gram
+        else:
+            blocks[a, :, b, :] = -gram
+            blocks[b, :, a, :] = -gram.T
     return hessian
 
 
@@ -91,21 +96,6 @@ class Statistics(NamedTuple):
     gate_hessian: torch.Tensor
 
 
-def _weighted_gram(
-    x: torch.Tensor, weight: torch.Tensor, intercept: bool, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``sum_n w_n u_n u_n^T`` with ``u_n = (x_n, 1)`` when ``intercept`` (else ``x_n``), without
-    building the design matrix: one GEMM, and a matrix-vector product and a sum for the
-    intercept's row and column. ``out``: a buffer shaped like ``x`` for the weighted rows (one
-    buffer for all the Grams of a chunk: a fresh chunk-sized tensor costs page faults)."""
-    gram = torch.mul(x, weight[:, None], out=out).T @ x
-    if not intercept:
-        return gram
-    edge = weight @ x
-    top = torch.cat([gram, edge[:, None]], dim=1)
-    return torch.cat([top, torch.cat([edge, weight.sum()[None]])[None]], dim=0)
-
-
 def _weighted_grams(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -113,7 +103,8 @@ def _weighted_grams(
     out: torch.Tensor,
     extra: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`_weighted_gram` for each row of ``weights`` (m, n), all NONNEGATIVE
+    """``sum_n w_n u_n u_n^T`` (``u_n = (x_n, 1)`` when ``intercept``, else ``x_n``; no design
+    matrix is built) for each row of ``weights`` (m, n), all NONNEGATIVE
     (responsibilities, ``g'^2 r``, ``p (1 - p)``): shape (m, w, w); and the weighted sums
     ``sum_n e_jn u_n`` (e, w) of the rows of ``extra`` (e, n) when given (else None).
 
@@ -205,13 +196,15 @@ def _expert_system(
         vector_weights = derivative * resp * residual
     k = resp.shape[0]
     extra = vector_weights
+    gate_hessian = gate_gradient = None
     if gate_probs is not None:
         extra = torch.cat([vector_weights, resp[1:] - gate_probs])
-        if k == 2:
-            gram_weights = torch.cat([gram_weights, gate_probs * (1 - gate_probs)])
+        hessian_weights, pairs = _hessian_weights(gate_probs)
+        gram_weights = torch.cat([gram_weights, hessian_weights])
     matrix, sums = _weighted_grams(x, gram_weights, intercept, out, extra)
-    gate_hessian = matrix[k] if gate_probs is not None and k == 2 else None
-    gate_gradient = sums[k:] if gate_probs is not None else None
+    if gate_probs is not None:
+        gate_hessian = _assemble_hessian(matrix[k:], pairs, k - 1)
+        gate_gradient = sums[k:]
     return matrix[:k].to(f64), sums[:k].to(f64), y_square, gate_gradient, gate_hessian
 
 
@@ -221,13 +214,16 @@ def _gate_system(x, resp, probs, gate_bias: bool, gradient, hessian, out: torch.
     width = x.shape[1] + (1 if gate_bias else 0)
     if probs is None:  # one expert: no gate
         return x.new_zeros(0, width), x.new_zeros(0, 0)
-    if gradient is None:
-        gradient = _weighted_sums(x, (resp[1:] - probs).T, gate_bias)
     if hessian is None:
-        if probs.shape[0] == 1:
-            hessian = _weighted_gram(x, probs[0] * (1 - probs[0]), gate_bias, out)
-        else:
-            hessian = _negative_hessian(x, probs.T, gate_bias, out)
+        # the gradient's weighted sums join the Grams' product when it is still to compute
+        extra = (resp[1:] - probs) if gradient is None else None
+        weights, pairs = _hessian_weights(probs)
+        out = torch.empty_like(x) if out is None else out
+        grams, sums = _weighted_grams(x, weights, gate_bias, out, extra)
+        hessian = _assemble_hessian(grams, pairs, probs.shape[0])
+        gradient = sums if gradient is None else gradient
+    elif gradient is None:
+        gradient = _weighted_sums(x, (resp[1:] - probs).T, gate_bias)
     return gradient, hessian
 
 

@@ -179,6 +179,15 @@ def markdown(result: dict) -> str:
         "`moment_step` is the whole moment step (both moment passes and the small maths after "
         "them; the summary pass is separate, run once per source and cached). `em_*` is one EM "
         "iteration (pass and M-step), `gate_irls` one pass of gate EM with the experts frozen.",
+        "",
+        "What the maths needs: the second-moment pass forms two d x d Grams (x and P2(y)-weighted "
+        "x), the third-moment pass one product of x with a (d, k) projection; one EM pass at "
+        "k = 2 with the gate on the experts' design forms three weighted d x d Grams (both "
+        "experts and the gate's IRLS Hessian), k = 3 six (three experts, three Hessian blocks). "
+        "Each weighted Gram is the GEMM of sqrt(w) x with itself after scaling the chunk, so "
+        "it costs a Gram pass plus that scaling; everything else in a pass (the products with "
+        "the stacked weights, the responsibilities, the right-hand sides and gradients in one "
+        "product) is small beside them.",
     ]
     lines += _reconciliation(result)
     lines += machine_section(result["machine_info"])

@@ -417,7 +417,7 @@ def _fit_gate_staged(
     Returns the fit on all rows and the number of warm-start iterations (0 when none ran).
     """
     n = source.num_rows
-    seed, chunk_size = options.seed, options.chunk_size
+    seed = options.seed
     init_weight = init_bias = None
     warm_iter = 0
     if n > 4 * GATE_WARM_START_ROWS:
@@ -427,26 +427,33 @@ def _fit_gate_staged(
             # a warm start that stops early (or looks collapsed) is finished on all rows below
             warnings.simplefilter("ignore", ConvergenceWarning)
             warnings.simplefilter("ignore", CollapseWarning)
-            warm = fit_gate.unchecked(
-                x_rows,
-                y_rows,
-                weight,
-                bias,
-                link,
-                **options.layout,
-                noise=sigma,
-                fit_noise=fit_noise,
-                seed=seed,
-                chunk_size=chunk_size,
-                gain_tol=GATE_GAIN_TOL,
-                max_iter=GATE_MAX_ITER,
-            )
+            warm = _gate_em(x_rows, y_rows, weight, bias, link, options, sigma, fit_noise)
         init_weight, init_bias, warm_iter = warm.gate_weight, warm.gate_bias, int(warm.n_iter)
         if fit_noise:
             sigma = float(warm.noise)
-    fit = fit_gate.unchecked(
-        source,
-        None,
+    fit = _gate_em(
+        source, None, weight, bias, link, options, sigma, fit_noise, init_weight, init_bias
+    )
+    return fit, warm_iter
+
+
+def _gate_em(
+    x,
+    y,
+    weight,
+    bias,
+    link,
+    options: MomentOptions,
+    sigma,
+    fit_noise,
+    init_weight=None,
+    init_bias=None,
+):
+    """tensor_init's gate EM with the experts fixed: to :data:`GATE_GAIN_TOL` nats of its optimum
+    (at most :data:`GATE_MAX_ITER` iterations), from ``init_*`` (default: a random gate)."""
+    return fit_gate.unchecked(
+        x,
+        y,
         weight,
         bias,
         link,
@@ -455,12 +462,11 @@ def _fit_gate_staged(
         fit_noise=fit_noise,
         init_gate_weight=init_weight,
         init_gate_bias=init_bias,
-        seed=seed,
-        chunk_size=chunk_size,
+        seed=options.seed,
+        chunk_size=options.chunk_size,
         gain_tol=GATE_GAIN_TOL,
         max_iter=GATE_MAX_ITER,
     )
-    return fit, warm_iter
 
 
 #: The expert-scale refit (:func:`_refit_scales`) stops when no scale moves by more than this
@@ -502,21 +508,17 @@ def _refit_scales(source: Source, weight, bias, link, fit, fit_noise: bool, opti
             if change < SCALE_TOL:
                 break
         weight, bias = params.experts_weight, params.experts_bias
-        fit = fit_gate.unchecked(
+        fit = _gate_em(
             source,
             None,
             weight,
             bias,
             link,
-            **options.layout,
-            noise=float(fit.noise),
-            fit_noise=fit_noise,
-            init_gate_weight=fit.gate_weight,
-            init_gate_bias=fit.gate_bias,
-            seed=options.seed,
-            chunk_size=options.chunk_size,
-            gain_tol=GATE_GAIN_TOL,
-            max_iter=GATE_MAX_ITER,
+            options,
+            float(fit.noise),
+            fit_noise,
+            fit.gate_weight,
+            fit.gate_bias,
         )
         if moved < SCALE_TOL:
             break

@@ -361,10 +361,9 @@ def markdown(rows: list[dict], summary: dict, info: dict, command: str) -> str:
     lines = [
         "# Dask cost: a cluster's time and a threaded scheduler's memory against in-memory data",
         "",
-        f"Run: `{command}`. Every row is a fresh child process with one torch thread; the "
-        "machine (2 cores) was shared with other helpers' processes while this ran, so seconds "
-        "are under load (the 1-minute load average before and after each row is listed) and "
-        "only the ratios within this run mean much.",
+        f"Run: `{command}`. Every row is a fresh child process with one torch thread on a 2-core "
+        "machine; the 1-minute load average before and after each row is listed (other jobs' "
+        "load makes seconds noisy: then only the ratios within this run mean much).",
         "",
         "## Time: `initialize(x, y, 2, method='auto')` and one EM pass, d = 50",
         "",
@@ -499,7 +498,7 @@ def main(argv=None) -> None:
         "total_seconds": time.perf_counter() - started,
         "rows": rows,
         "summary": summary,
-        "note": "timings under load: the machine was shared with other processes",
+        "note": "timings on a 2-core machine; see each row's load_1min for other jobs' load",
     }
     for path in write_results(args.name, payload, markdown(rows, summary, info, command)):
         print(path)

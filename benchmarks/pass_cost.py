@@ -291,9 +291,8 @@ def main() -> None:
             "repeats": args.repeats,
             "rows": rows,
             "timing_note": (
-                "Timings on a shared 2-core machine under load from other jobs, one torch "
-                "thread: CPU time of this process (load inflates it less than wall time), "
-                "medians, ratios within one run."
+                "One torch thread; CPU time of this process (other jobs' load, in the machine "
+                "section, inflates it less than wall time), medians, ratios within one run."
                 if device.type == "cpu"
                 else "Timings on one GPU (torch.cuda.synchronize after each call)."
             ),

@@ -129,3 +129,17 @@ def test_the_reports_show_the_check():
         )  # fmt: skip
     report = nuts_report(idata, data.truth)
     assert report["convergence"]["max_rhat"] == pytest.approx(report["max_rhat_aligned"])
+
+
+def test_bad_input_names_the_argument():
+    with pytest.raises(TypeError, match="idata must be an arviz.InferenceData with a posterior"):
+        check_convergence("not an idata")
+    with pytest.raises(TypeError, match="with a posterior group"):
+        check_convergence(az.InferenceData())
+    with pytest.raises(ValueError, match="chain and draw dims"):
+        check_convergence(az.InferenceData(posterior=xr.Dataset({"noise": ("row", np.zeros(3))})))
+    good = az.from_dict(posterior={"noise": np.zeros((2, 5))})
+    with pytest.raises(ValueError, match="max_rhat must be > 0"):
+        check_convergence(good, max_rhat=0)
+    with pytest.raises(TypeError, match="wrong_mode_nats must be a number"):
+        check_convergence(good, wrong_mode_nats="5")

@@ -27,7 +27,7 @@ import warnings
 
 import numpy as np
 
-from .._validation import user_stacklevel
+from .._validation import check_positive, user_stacklevel
 from ..core import sites
 
 __all__ = [
@@ -108,6 +108,22 @@ def _chains_apart(posterior, names, worst: float, chain_ll, max_rhat: float) -> 
     return named, [round(v, 4) for v in without]
 
 
+def _sampled_posterior(idata):
+    """``idata.posterior``, checked: an InferenceData whose posterior has chain and draw dims."""
+    posterior = getattr(idata, "posterior", None) if hasattr(idata, "groups") else None
+    if posterior is None:
+        raise TypeError(
+            "idata must be an arviz.InferenceData with a posterior group (e.g. run_nuts' result); "
+            f"got {type(idata).__name__}"
+        )
+    if not {"chain", "draw"} <= set(posterior.sizes) or not posterior.data_vars:
+        raise ValueError(
+            "idata.posterior must hold draws with chain and draw dims (a sampler's result); got "
+            f"dims {sorted(posterior.sizes)} and variables {sorted(posterior.data_vars)}"
+        )
+    return posterior
+
+
 def check_convergence(
     idata,
     *,
@@ -143,7 +159,10 @@ def check_convergence(
     >>> check_convergence(az.from_dict(posterior={"noise": draws}))["converged"]
     True
     """
-    posterior = idata.posterior
+    posterior = _sampled_posterior(idata)
+    max_rhat = check_positive(max_rhat, "max_rhat")
+    max_divergent_fraction = check_positive(max_divergent_fraction, "max_divergent_fraction")
+    wrong_mode_nats = check_positive(wrong_mode_nats, "wrong_mode_nats")
     names = [name for name in _MIXTURE_SITES if name in posterior.data_vars]
     names = names or list(posterior.data_vars)
     num_chains, num_draws = posterior.sizes["chain"], posterior.sizes["draw"]

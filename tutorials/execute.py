@@ -106,6 +106,13 @@ def main(argv: list[str]) -> int:
     if missing:
         print(f"no such notebook: {', '.join(missing)}", file=sys.stderr)
         return 2
+    links = [str(p) for p in paths if p.is_symlink()]
+    if links:  # os.replace would put a file where the link was: never act on a link
+        print(
+            f"refusing symbolic links (name the notebook itself): {', '.join(links)}",
+            file=sys.stderr,
+        )
+        return 2
     failed = []
     for path in paths:
         print(f"executing {path.name} ...", flush=True)

@@ -65,9 +65,23 @@ POINTS = ((0.0, 0.0), (1.0, -1.0), (-1.5, 0.5))
 THIN = 4
 BINS = 20
 
+#: Named settings (``--setting``): the model and data of each; ``base`` is the first, smallest
+#: case (its files sit in ``results/sbc/`` itself, the others in ``results/sbc/<setting>/``).
+#: ``gate_features``: the gate reads covariates of its own (z, standard normal) instead of x.
+SETTINGS = {
+    "base": dict(n=150, d=2, k=2, link="linear", noise="shared", gate_features=None),
+    "tanh_k2": dict(n=1000, d=5, k=2, link="tanh", noise="shared", gate_features=None),
+    "linear_k3": dict(n=1000, d=5, k=3, link="linear", noise="shared", gate_features=None),
+    "per_expert_noise": dict(
+        n=1000, d=5, k=2, link="linear", noise="per_expert", gate_features=None
+    ),
+    "gate_covariates": dict(n=1000, d=3, k=2, link="linear", noise="shared", gate_features=2),
+}
 
-def quantity_names() -> list[str]:
-    names = ["noise"]
+
+def quantity_names(noise: str = "shared") -> list[str]:
+    """The label-invariant test quantities: per-expert noise sds enter sorted (smallest, largest)."""
+    names = ["noise"] if noise == "shared" else ["noise_min", "noise_max"]
     names += [f"mean_at_x{j}" for j in range(len(POINTS))]
     names += [f"var_at_x{j}" for j in range(len(POINTS))]
     return names + ["log_likelihood"]
@@ -82,23 +96,40 @@ def points(d: int) -> torch.Tensor:
 
 
 def quantities(params, link, x, y) -> torch.Tensor:
-    """The test quantities of parameters with any leading batch dims: shape (..., 8)."""
-    at = points(x.shape[1]).to(x)
+    """The test quantities of parameters with any leading batch dims: shape (..., Q). ``x`` is
+    the model's whole design (``[x | z]`` with gate covariates: the points ``x*`` then fill both
+    the experts' and the gate's first columns)."""
+    d_gate = params.gate_weight.shape[-1]
+    d = params.experts_weight.shape[-1]
+    experts_at = points(d).to(x)
+    gate_at = points(d_gate).to(x)
+    at = experts_at if x.shape[1] == d else torch.cat([experts_at, gate_at], dim=1)
     gate = torch.softmax(likelihood.gate_logits(at, params.gate_weight, params.gate_bias), -1)
     means = likelihood.expert_means(at, params.experts_weight, params.experts_bias, link)
-    noise = params.noise
+    sds = params.expert_noise().unsqueeze(-2)  # (..., 1, k)
     mean = (gate * means).sum(-1)
-    var = noise.unsqueeze(-1) ** 2 + (gate * means**2).sum(-1) - mean**2
+    var = (gate * (sds**2 + means**2)).sum(-1) - mean**2  # the mixture's variance at x*
+    noise = params.noise.unsqueeze(-1) if not params.per_expert_noise else params.noise
+    noise = noise if noise.shape[-1] == 1 else torch.stack([noise.amin(-1), noise.amax(-1)], -1)
     loglik = likelihood.log_likelihood(x, y, params, link).sum(-1)
-    return torch.cat([noise.unsqueeze(-1), mean, var, loglik.unsqueeze(-1)], dim=-1)
+    return torch.cat([noise, mean, var, loglik.unsqueeze(-1)], dim=-1)
 
 
-def replication(rep: int, n: int, d: int, k: int) -> tuple:
-    """``(model, x, y, true params)`` of replication ``rep`` (seeded by it)."""
-    model = pyromoe.MixtureOfExperts(d, k)
+def replication(
+    rep: int,
+    n: int,
+    d: int,
+    k: int,
+    link: str = "linear",
+    noise: str = "shared",
+    gate_features: int | None = None,
+) -> tuple:
+    """``(model, x, y, true params)`` of replication ``rep`` (seeded by it); with gate
+    covariates ``x`` is the model's design ``[x | z]``."""
+    model = pyromoe.MixtureOfExperts(d, k, link=link, noise=noise, gate_features=gate_features)
     seed = 10_000 + rep
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    x = torch.randn(n, model.design_features, generator=generator, dtype=torch.float64)
     pyro.set_rng_seed(seed)
     trace = poutine.trace(model).get_trace(x)
     values = {name: trace.nodes[name]["value"].detach() for name in model.site_shapes}
@@ -142,16 +173,29 @@ def psis_record(idata, model, x, y, seed: int, samples: int) -> tuple[dict, torc
 
 
 def run_one(
-    method: str, rep: int, *, n: int, d: int, k: int, warmup: int, samples: int, steps: int | None
+    method: str,
+    rep: int,
+    *,
+    n: int,
+    d: int,
+    k: int,
+    warmup: int,
+    samples: int,
+    steps: int | None,
+    link: str = "linear",
+    noise: str = "shared",
+    gate_features: int | None = None,
 ) -> dict:
-    model, x, y, truth = replication(rep, n, d, k)
+    model, design, y, truth = replication(rep, n, d, k, link, noise, gate_features)
+    x, z = (design, None) if gate_features is None else (design[:, :d], design[:, d:])
+    extra = {} if z is None else {"z": z}
     seed = 10_000 + rep
     began = time.perf_counter()
-    init = pyromoe.initialize(x, y, k, seed=seed, num_threads=1)
+    init = pyromoe.initialize(x, y, k, link, seed=seed, num_threads=1, noise=noise, **extra)
     record = {"method": method, "rep": rep, "seed": seed, "init": init.method}
     if method == "nuts":
         draws = dict(num_chains=1, num_warmup=warmup, num_samples=samples)
-        idata = quiet_fit(pyromoe.run_nuts, model, x, y, init, seed=seed, **draws)
+        idata = quiet_fit(pyromoe.run_nuts, model, x, y, init, seed=seed, **draws, **extra)
         stats = idata.sample_stats
         record["divergences"] = int(np.asarray(stats["diverging"]).sum())
         if "tree_depth" in stats:
@@ -161,21 +205,39 @@ def run_one(
         kwargs.update(guide=GUIDES[method], num_samples=samples, seed=seed, num_threads=1)
         if method == "svi_psis":
             kwargs["importance_resample"] = True
-        idata = quiet_fit(pyromoe.fit_svi, model, x, y, init, **kwargs)
+        idata = quiet_fit(pyromoe.fit_svi, model, x, y, init, **kwargs, **extra)
     record["seconds"] = time.perf_counter() - began
-    draws = quantities(posterior_draws(idata, model, x), model.link, x, y)  # (S, Q)
-    true = quantities(truth, model.link, x, y)  # (Q,)
+    draws = quantities(posterior_draws(idata, model, design), model.link, design, y)  # (S, Q)
+    true = quantities(truth, model.link, design, y)  # (Q,)
     record.update(rank_record(draws, true))
     if method == "svi_psis":
-        psis, guide_draws = psis_record(idata, model, x, y, seed, samples)
+        psis, guide_draws = psis_record(idata, model, design, y, seed, samples)
         record.update(psis)
         record.update(rank_record(guide_draws, true, prefix="guide_"))
     record["truth"] = true.tolist()
     return record
 
 
-def runs_file(method: str) -> Path:
-    return RESULTS / "sbc" / f"{method}.jsonl"
+def runs_dir(setting: str = "base") -> Path:
+    """Where a setting's lines live: ``results/sbc/`` for ``base``, ``results/sbc/<setting>/``."""
+    return RESULTS / "sbc" if setting == "base" else RESULTS / "sbc" / setting
+
+
+def runs_file(method: str, setting: str = "base") -> Path:
+    return runs_dir(setting) / f"{method}.jsonl"
+
+
+def results_name(setting: str = "base") -> str:
+    return "sbc" if setting == "base" else f"sbc_{setting}"
+
+
+def setting_args(setting: str) -> dict:
+    """The model arguments of a named setting as recorded in each line (``base`` keeps the
+    keys its first lines were written with, so they resume)."""
+    spec = dict(SETTINGS[setting])
+    if setting == "base":
+        return {key: spec[key] for key in ("n", "d", "k")}
+    return spec
 
 
 def read_runs(path: Path) -> list[dict]:
@@ -223,11 +285,15 @@ def run(methods, reps: int, settings: dict, out_dir: Path | None = None, first: 
 
 
 # ------------------------------------------------------------------------------------ report
+def record_noise(records: list[dict]) -> str:
+    return records[0]["settings"].get("noise", "shared")
+
+
 def summarise(records: list[dict], seed: int = 0) -> dict:
     """Per quantity: rank histogram, chi-square and KS p-values, 50%/90% coverage (+ SE)."""
     from scipy import stats
 
-    names = quantity_names()
+    names = quantity_names(record_noise(records))
     ranks = np.array([r["ranks"] for r in records])  # (R, Q)
     L = records[0]["num_thinned"]
     reps = ranks.shape[0]
@@ -300,11 +366,11 @@ def _ranges(numbers: list[int]) -> str:
     return ", ".join(runs)
 
 
-def report(methods, in_dir: Path | None = None, write: bool = True) -> dict:
+def report(methods, in_dir: Path | None = None, write: bool = True, setting: str = "base") -> dict:
     summary, settings, psis = {}, None, None
     views = {}
     for method in methods:
-        path = runs_file(method) if in_dir is None else in_dir / f"{method}.jsonl"
+        path = runs_file(method, setting) if in_dir is None else in_dir / f"{method}.jsonl"
         records = read_runs(path)
         if records and method == "svi_psis":
             psis = psis_summary(records)
@@ -320,8 +386,11 @@ def report(methods, in_dir: Path | None = None, write: bool = True) -> dict:
                 sum(r.get("divergences", 0) > 0 for r in records)
             )
         settings = records[0]["settings"]
-    tests = 2 * len(quantity_names())
+    names = quantity_names((settings or {}).get("noise", "shared"))
+    tests = 2 * len(names)
     result = {
+        "setting": setting,
+        "quantity_names": names,
         "settings": settings,
         "methods": summary,
         "tests_per_method": tests,
@@ -331,7 +400,8 @@ def report(methods, in_dir: Path | None = None, write: bool = True) -> dict:
     if write:
         info = machine_info()
         figure = _figure(summary)
-        write_results("sbc", {**result, "machine": info}, _markdown(result, info), figure)
+        name = results_name(setting)
+        write_results(name, {**result, "machine": info}, _markdown(result, info, name), figure)
     return result
 
 
@@ -350,7 +420,8 @@ def _figure(summary: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = quantity_names()
+    first = next(iter(summary.values()), None)
+    names = list(first["quantities"]) if first else quantity_names()
     methods = list(summary)
     fig, axes = plt.subplots(
         len(methods), len(names), figsize=(2.0 * len(names), 1.8 * len(methods)), squeeze=False
@@ -375,12 +446,22 @@ def _figure(summary: dict):
     return fig
 
 
-def _markdown(result: dict, info: dict) -> str:
+def _markdown(result: dict, info: dict, name: str = "sbc") -> str:
     s = result["settings"] or {}
+    gate = s.get("gate_features")
+    model = (
+        f"`MixtureOfExperts(d={s.get('d')}, k={s.get('k')}, link={s.get('link', 'linear')!r}, "
+        f"noise={s.get('noise', 'shared')!r}"
+        + (
+            f", gate_features={gate})`: the gate reads its own standard-normal covariates z"
+            if gate
+            else ")`"
+        )
+    )
     lines = [
-        "# Simulation-based calibration (SBC)",
+        f"# Simulation-based calibration (SBC): setting `{result.get('setting', 'base')}`",
         "",
-        f"Model: `MixtureOfExperts(d={s.get('d')}, k={s.get('k')})`, linear, biases, shared noise, "
+        f"Model: {model}, biases, "
         f"default priors; n = {s.get('n')} rows of standard-normal x per replication. Posterior "
         f"from the `initialize` estimate: NUTS one chain of {s.get('warmup')} + {s.get('samples')}; "
         f"SVI at `fit_svi`'s defaults ({s.get('steps') or 2000} steps), {s.get('samples')} guide "
@@ -417,7 +498,7 @@ def _markdown(result: dict, info: dict) -> str:
             f"{entry['seconds_per_replication']:.1f} | {note} |"
         )
     lines += ["", "`**`: below the Bonferroni threshold.", *_psis_markdown(result)]
-    lines += ["", "![ranks](sbc.png)", *machine_section(info)]
+    lines += ["", f"![ranks]({name}.png)", *machine_section(info)]
     return "\n".join(lines)
 
 
@@ -450,7 +531,7 @@ def _psis_markdown(result: dict) -> list[str]:
         f"- k-hat < {PSIS_KHAT_THRESHOLD} in {psis['below_threshold']} of "
         f"{psis['replications']} replications (quartiles {q1:.2f}, {q2:.2f}, {q3:.2f}); median "
         f"effective number of draws {psis['median_ess']:.0f} of {psis['num_draws']}.",
-        f"- mean 90% coverage over the {len(quantity_names())} quantities where k-hat < "
+        f"- mean 90% coverage over the {len(result['quantity_names'])} quantities where k-hat < "
         f"{PSIS_KHAT_THRESHOLD}: corrected {_mean_coverage(result, f'svi_psis ({BELOW})')}, "
         f"uncorrected {_mean_coverage(result, f'svi_psis uncorrected ({BELOW})')}; where "
         f"k-hat >= {PSIS_KHAT_THRESHOLD} (the guide's draws, with the warning) "
@@ -472,9 +553,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--first", type=int, default=0, help="first replication to run")
-    parser.add_argument("--n", type=int, default=150)
-    parser.add_argument("--d", type=int, default=2)
-    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--setting", default="base", choices=sorted(SETTINGS))
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--samples", type=int, default=400)
     parser.add_argument("--steps", type=int, default=None, help="SVI steps (default fit_svi's)")
@@ -488,13 +567,14 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     settings = dict(
-        n=args.n, d=args.d, k=args.k, warmup=args.warmup, samples=args.samples, steps=args.steps
+        **setting_args(args.setting), warmup=args.warmup, samples=args.samples, steps=args.steps
     )
     if not args.report_only:
-        run(methods, args.reps, settings, first=args.first)
+        out_dir = None if args.setting == "base" else runs_dir(args.setting)
+        run(methods, args.reps, settings, out_dir=out_dir, first=args.first)
     if args.report or args.report_only:
-        report(METHODS)
-        print("wrote", RESULTS / "sbc.md")
+        report(METHODS, setting=args.setting)
+        print("wrote", RESULTS / f"{results_name(args.setting)}.md")
 
 
 if __name__ == "__main__":

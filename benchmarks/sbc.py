@@ -286,7 +286,7 @@ def run(methods, reps: int, settings: dict, out_dir: Path | None = None, first: 
 
 # ------------------------------------------------------------------------------------ report
 def record_noise(records: list[dict]) -> str:
-    return records[0]["settings"].get("noise", "shared")
+    return records[0].get("settings", {}).get("noise", "shared")
 
 
 def summarise(records: list[dict], seed: int = 0) -> dict:

@@ -50,6 +50,54 @@ def test_test_quantities_are_label_invariant_and_match_their_definitions():
     assert values[names.index("var_at_x0")] == pytest.approx(var, abs=1e-10)
 
 
+@pytest.mark.parametrize("setting", ["tanh_k2", "per_expert_noise", "gate_covariates"])
+def test_quantities_of_the_wider_settings_are_label_invariant_and_match_the_mixture(setting):
+    spec = {**sbc.SETTINGS[setting], "n": 60}
+    model, x, y, truth = sbc.replication(3, **spec)
+    assert x.shape == (60, model.design_features)
+    values = sbc.quantities(truth, model.link, x, y)
+    names = sbc.quantity_names(spec["noise"])
+    assert values.shape == (len(names),)
+    swapped = truth._replace(
+        experts_weight=truth.experts_weight.flip(0),
+        experts_bias=truth.experts_bias.flip(0),
+        gate_weight=-truth.gate_weight,
+        gate_bias=-truth.gate_bias,
+        noise=truth.noise.flip(0) if truth.per_expert_noise else truth.noise,
+    )
+    assert torch.allclose(values, sbc.quantities(swapped, model.link, x, y), rtol=0, atol=1e-9)
+    # the mixture's mean and variance at x* = 0 from the definition: gate (1 - p, p), experts'
+    # means g(b_i), per-expert sds where the model has them
+    p = torch.sigmoid(truth.gate_bias[0])
+    gate = torch.stack([1 - p, p])
+    means = model.link(truth.experts_bias)
+    sds = truth.expert_noise()
+    mean = float((gate * means).sum())
+    var = float((gate * (sds**2 + means**2)).sum() - mean**2)
+    assert values[names.index("mean_at_x0")] == pytest.approx(mean, abs=1e-10)
+    assert values[names.index("var_at_x0")] == pytest.approx(var, abs=1e-10)
+    if truth.per_expert_noise:
+        assert values[names.index("noise_min")] == pytest.approx(float(truth.noise.min()))
+        assert values[names.index("noise_max")] == pytest.approx(float(truth.noise.max()))
+    # the log-likelihood quantity is the model's own, summed over rows
+    total = float(model.log_likelihood(x, y, model_sites(model, truth)).sum())
+    assert values[names.index("log_likelihood")] == pytest.approx(total, rel=1e-12)
+
+
+def model_sites(model, params):
+    """``params`` as the model's site values (the inverse of ``model.params``)."""
+    from pyromoe.core import sites
+
+    values = {
+        sites.EXPERTS_WEIGHT: params.experts_weight,
+        sites.GATE_WEIGHT: params.gate_weight,
+        sites.NOISE: params.noise,
+        sites.EXPERTS_BIAS: params.experts_bias,
+        sites.GATE_BIAS: params.gate_bias,
+    }
+    return {name: values[name] for name in model.site_shapes}
+
+
 def _records(ranks, num_thinned=99):
     names = sbc.quantity_names()
     return [

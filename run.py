@@ -56,16 +56,13 @@ def main(argv: list[str]) -> int:
     # this environment). The data are small and the machines shared: one thread is fastest.
     env["OMP_NUM_THREADS"] = "1"
     # a notebook cell may run NUTS for a few minutes on a slow 2-core machine: 600 s per cell
-    tests = [
-        str(PYTHON),
-        "-m",
-        "pytest",
-        "--nbmake",
-        "--nbmake-timeout=600",
-        "tests",
-        "tutorials",
-        *rest,
-    ]
+    tests = [str(PYTHON), "-m", "pytest", "--nbmake", "--nbmake-timeout=600"]
+    # one pytest-xdist worker per core (each single-threaded, see above), work stealing so the
+    # long statistical checks and notebooks spread over the workers; "-n 0" in the extra
+    # arguments runs everything in this one process instead
+    if not any(arg.startswith(("-n", "--numprocesses")) and arg != "-no" for arg in rest):
+        tests += ["-n", str(max(1, min(os.cpu_count() or 1, 8))), "--dist", "worksteal"]
+    tests += ["tests", "tutorials", *rest]
     return subprocess.run(tests, cwd=ROOT, env=env).returncode
 
 

@@ -27,7 +27,7 @@ from ..links import Link
 from ..params import Params
 from ..sources import Source
 from .m_step import accept_slack, expert_step, gate_step, log_prior, noise_floor, noise_step
-from .statistics import Statistics, pass_statistics
+from .statistics import Statistics, complete_skipped_gram, expert_gram_block, pass_statistics
 
 __all__ = [
     "EM",
@@ -165,6 +165,11 @@ def remaining_gain(trace: list[float]) -> float:
 #: Step halvings an EM iteration may try before it keeps the parameters it started from.
 MAX_HALVINGS = 30
 
+#: Whether :meth:`EM.statistics` obtains one expert's Gram per pass as the design's Gram minus
+#: the others' (identity link; see there). False: every expert's Gram is computed in every pass
+#: (the explicit path, kept for comparison).
+GRAM_IDENTITY = True
+
 
 @dataclass(frozen=True)
 class EM:
@@ -230,6 +235,8 @@ class EM:
     chunk_size: int | None = None
     gain_tol: float | None = None
     floor: float = field(init=False)
+    #: the Gram of the experts' columns by their width, and the last pass's responsibility totals
+    _grams: dict = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "floor", noise_floor(self.source))
@@ -254,8 +261,24 @@ class EM:
         return "EM" if self.update_experts else "gate EM"
 
     def statistics(self, params: Params, linearise_at: Params | None = None) -> Statistics:
-        """One pass: the :class:`Statistics` at ``params`` (systems at ``linearise_at``)."""
-        return self.source.reduce(
+        """One pass: the :class:`Statistics` at ``params`` (systems at ``linearise_at``).
+
+        Identity link with the experts updated: the responsibilities sum to one over the
+        experts, so their weighted Grams sum to the Gram ``G`` of the experts' columns. The first
+        pass computes every expert's Gram and keeps their sum as ``G`` (float64, on this object);
+        later passes compute all but one, that of the expert with the largest responsibility
+        total in the previous pass, and take it as ``G`` minus the others' (float64): one
+        weighted Gram fewer per pass, equal up to rounding (:data:`GRAM_IDENTITY`).
+        """
+        width = params.in_features
+        identity = GRAM_IDENTITY and self.update_experts and self.link.is_identity
+        gram = self._grams.get(width) if identity else None
+        skip = None
+        if gram is not None:
+            last = self._grams.get("responsibility")
+            k = params.num_experts
+            skip = int(last.argmax()) if last is not None and last.shape[0] == k else k - 1
+        statistics = self.source.reduce(
             pass_statistics,
             self.chunk_size,
             params,
@@ -263,7 +286,17 @@ class EM:
             self.update_experts,
             self.update_gate_bias,
             linearise_at,
+            skip,
         )
+        if identity:
+            if skip is None:
+                gram = expert_gram_block(statistics, width)
+                if bool(torch.isfinite(gram).all()):  # not from a pass that failed
+                    self._grams[width] = gram
+            else:
+                statistics = complete_skipped_gram(statistics, skip, gram)
+            self._grams["responsibility"] = statistics.responsibility
+        return statistics
 
     def objective(self, statistics: Statistics, params: Params) -> float:
         """Mean log-likelihood per row (plus log prior / n for MAP)."""

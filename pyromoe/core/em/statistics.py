@@ -25,7 +25,13 @@ from ..links import Link
 from ..params import Params
 from ..sources import Source
 
-__all__ = ["Statistics", "mean_log_likelihood", "pass_statistics"]
+__all__ = [
+    "Statistics",
+    "complete_skipped_gram",
+    "expert_gram_block",
+    "mean_log_likelihood",
+    "pass_statistics",
+]
 
 
 def _hessian_weights(probs: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -102,11 +108,14 @@ def _weighted_grams(
     intercept: bool,
     out: torch.Tensor,
     extra: torch.Tensor | None = None,
+    skip: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``sum_n w_n u_n u_n^T`` (``u_n = (x_n, 1)`` when ``intercept``, else ``x_n``; no design
     matrix is built) for each row of ``weights`` (m, n), all NONNEGATIVE
     (responsibilities, ``g'^2 r``, ``p (1 - p)``): shape (m, w, w); and the weighted sums
     ``sum_n e_jn u_n`` (e, w) of the rows of ``extra`` (e, n) when given (else None).
+    ``skip``: a row of ``weights`` whose (d, d) block ``sum w x x^T`` is left ZERO (no GEMM; its
+    intercept row and column are summed as for the others), for :func:`complete_skipped_gram`.
 
     Each Gram is that of ``sqrt(w) x`` with itself, one GEMM per row through the one buffer
     ``out``: the product of a matrix with itself ran faster than that of the weighted copy with
@@ -119,6 +128,9 @@ def _weighted_grams(
     roots = rows[:m].sqrt()
     grams = x.new_empty(m, d, d)
     for i in range(m):
+        if i == skip:
+            grams[i].zero_()
+            continue
         scaled = torch.mul(x, roots[i, :, None], out=out)
         torch.mm(scaled.T, scaled, out=grams[i])
     sums = None
@@ -177,13 +189,15 @@ def _expert_system(
     intercept: bool,
     gate_probs,
     out: torch.Tensor,
+    skip: int | None = None,
 ):
     """The experts' weighted Gram matrices (or Gauss-Newton systems), their right-hand sides and
     ``sum r y^2``, from rows (k, n) of responsibilities, predictors and residuals; with
     ``gate_probs`` (k - 1, n) (the gate on the same design, with the same intercept rule) the
     gate's IRLS gradient joins the right-hand sides' product and, for k = 2, its Gram the
     experts' Grams: ``(matrix, vector, y_square, gate_gradient, gate_hessian)``, the last two
-    None without ``gate_probs`` (gate_hessian also for k > 2)."""
+    None without ``gate_probs`` (gate_hessian also for k > 2). ``skip`` (identity link only):
+    the expert whose (d, d) Gram block is left zero (:func:`complete_skipped_gram`)."""
     f64 = torch.float64
     y_square = None
     if link.is_identity:
@@ -194,6 +208,7 @@ def _expert_system(
         derivative = link.derivative(predictors)  # J_i = g'(z_i) u: weights g'^2 r, g' r res
         gram_weights = resp * derivative.pow(2)
         vector_weights = derivative * resp * residual
+        skip = None  # the weights g'^2 r do not sum to one over the experts
     k = resp.shape[0]
     extra = vector_weights
     gate_hessian = gate_gradient = None
@@ -201,7 +216,7 @@ def _expert_system(
         extra = torch.cat([vector_weights, resp[1:] - gate_probs])
         hessian_weights, pairs = _hessian_weights(gate_probs)
         gram_weights = torch.cat([gram_weights, hessian_weights])
-    matrix, sums = _weighted_grams(x, gram_weights, intercept, out, extra)
+    matrix, sums = _weighted_grams(x, gram_weights, intercept, out, extra, skip)
     if gate_probs is not None:
         gate_hessian = _assemble_hessian(matrix[k:], pairs, k - 1)
         gate_gradient = sums[k:]
@@ -235,6 +250,7 @@ def pass_statistics(
     update_experts: bool,
     gate_bias: bool,
     linearise_at: Params | None = None,
+    skip_expert: int | None = None,
 ) -> Statistics:
     """The :class:`Statistics` of one chunk of rows (the function every EM pass sums).
 
@@ -244,6 +260,12 @@ def pass_statistics(
     Products run in ``x``'s dtype; the sums are returned in float64. The linear predictors of
     every expert and gate row come from one product, and the Gram matrices are weighted products
     of ``x`` itself (intercepts as sums), so no design matrix is copied.
+
+    ``skip_expert`` (identity link with the experts updated; ignored otherwise): that expert's
+    (d, d) block of ``expert_matrix`` (its experts' columns, intercept row and column excluded)
+    is left ZERO, one weighted Gram fewer per chunk; the responsibilities sum to one over the
+    experts, so the summed block is the design's Gram minus the other experts' blocks
+    (:func:`complete_skipped_gram`, after the pass).
     """
     f64 = torch.float64
     # the experts' and the gate's columns of the design (the same tensor when they share it)
@@ -270,7 +292,16 @@ def pass_statistics(
     if update_experts:
         gate_probs = probs if fuse_gate else None
         matrix, vector, y_square, gradient, hessian = _expert_system(
-            x_experts, y, resp, predictors, residual, link, intercept, gate_probs, buffer
+            x_experts,
+            y,
+            resp,
+            predictors,
+            residual,
+            link,
+            intercept,
+            gate_probs,
+            buffer,
+            skip_expert,
         )
     gate_buffer = buffer if x_gate.shape == buffer.shape else None
     gradient, hessian = _gate_system(x_gate, resp, probs, gate_bias, gradient, hessian, gate_buffer)
@@ -285,6 +316,27 @@ def pass_statistics(
         gate_gradient=gradient.to(f64),
         gate_hessian=hessian.to(f64),
     )
+
+
+def expert_gram_block(statistics: Statistics, width: int) -> torch.Tensor:
+    """The Gram ``sum_n x_n x_n^T`` (width, width) of the experts' columns, from a pass that
+    computed every expert's Gram (identity link, no ``skip_expert``): the sum of their (d, d)
+    blocks, since the responsibilities sum to one over the experts (float64)."""
+    return statistics.expert_matrix[:, :width, :width].sum(0)
+
+
+def complete_skipped_gram(statistics: Statistics, skip: int, gram: torch.Tensor) -> Statistics:
+    """The :class:`Statistics` of a pass run with ``skip_expert=skip``, with that expert's (d, d)
+    Gram block filled in as ``gram`` (:func:`expert_gram_block`: the design's Gram of the
+    experts' columns) minus the other experts' blocks (all in float64). Exact up to rounding;
+    skipping the expert with the largest responsibility total keeps the subtraction's loss to
+    about ``k`` ulps of the block it gives."""
+    width = gram.shape[-1]
+    matrix = statistics.expert_matrix.clone()
+    blocks = matrix[:, :width, :width]
+    others = torch.cat([blocks[:skip], blocks[skip + 1 :]]).sum(0)
+    blocks[skip] = gram - others
+    return statistics._replace(expert_matrix=matrix)
 
 
 def mean_log_likelihood(source: Source, params: Params, link: Link, chunk_size: int) -> float:

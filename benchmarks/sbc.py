@@ -446,7 +446,7 @@ def _figure(summary: dict):
     return fig
 
 
-def _markdown(result: dict, info: dict, name: str = "sbc") -> str:
+def _markdown(result: dict, info: dict, figure: str = "sbc") -> str:
     s = result["settings"] or {}
     gate = s.get("gate_features")
     model = (
@@ -498,7 +498,7 @@ def _markdown(result: dict, info: dict, name: str = "sbc") -> str:
             f"{entry['seconds_per_replication']:.1f} | {note} |"
         )
     lines += ["", "`**`: below the Bonferroni threshold.", *_psis_markdown(result)]
-    lines += ["", f"![ranks]({name}.png)", *machine_section(info)]
+    lines += ["", f"![ranks]({figure}.png)", *machine_section(info)]
     return "\n".join(lines)
 
 

@@ -143,3 +143,34 @@ def test_bad_input_names_the_argument():
         check_convergence(good, max_rhat=0)
     with pytest.raises(TypeError, match="wrong_mode_nats must be a number"):
         check_convergence(good, wrong_mode_nats="5")
+
+
+def test_draws_at_the_max_tree_depth_are_noted_without_failing_the_check():
+    idata = _idata()
+    depth = np.full((CHAINS, DRAWS), 3)
+    depth[2, :30] = 10  # 30 of 4000 draws at the maximum: 0.75%, not noted
+    idata.sample_stats["tree_depth"] = (("chain", "draw"), depth)
+    report = check_convergence(idata, max_tree_depth=10)
+    assert report["tree_depth_saturated"] == pytest.approx(30 / 4000)
+    assert report["notes"] == [] and report["converged"]
+    depth[0, :40] = 10  # 70 of 4000: 1.75%, noted for chains 0 and 2
+    idata.sample_stats["tree_depth"] = (("chain", "draw"), depth)
+    idata.attrs["max_tree_depth"] = 10  # what run_nuts records; read when not passed
+    report = check_convergence(idata)
+    (note,) = report["notes"]
+    assert note["diagnostic"] == "tree_depth" and note["chains"] == [0, 2]
+    assert note["value"] == pytest.approx(70 / 4000) and note["max_tree_depth"] == 10
+    assert report["converged"] and report["findings"] == []  # efficiency, not validity
+    from pyromoe.bayes.convergence import convergence_summary
+
+    text = convergence_summary(idata)
+    assert text.startswith("Convergence check passed") and "Efficiency:" in text
+    assert "tree_depth 10 reached in a share 0.0175" in text and "full_mass=True" in text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        record_convergence(idata)  # a note is no convergence failure: no warning
+    # unknown depth (no attrs, none passed): nothing noted
+    del idata.attrs["max_tree_depth"]
+    assert check_convergence(idata)["tree_depth_saturated"] is None
+    with pytest.raises(ValueError, match="max_tree_depth must be"):
+        check_convergence(idata, max_tree_depth=0)

@@ -14,6 +14,13 @@ Three diagnostics, each with a threshold and the chains it names:
 - ``log_likelihood``: a chain whose mean log-likelihood is more than :data:`WRONG_MODE_NATS`
   below the best chain's is stuck in a lower mode.
 
+And one note on efficiency, which does not fail the check: ``tree_depth``, the share of kept
+draws whose trajectory stopped at the sampler's ``max_tree_depth`` (``2^max_tree_depth - 1``
+gradients each), above :data:`MAX_SATURATED_FRACTION`. The draws stay valid, but the run is slow
+and its effective sample size may be low: the posterior has long, narrow directions (in the SBC of
+tanh experts, prior draws whose noise swamps the experts' bounded outputs; benchmarks/results/
+sbc_tanh_k2.md).
+
 :func:`record_convergence` writes the report into ``idata.attrs["convergence"]`` (a JSON string,
 so the InferenceData still saves as NetCDF) and warns :class:`NUTSConvergenceWarning` with the
 findings and advice. What the diagnostics showed at k = 3 with similar experts, and which fixes
@@ -33,6 +40,7 @@ from ..core import sites
 __all__ = [
     "MAX_RHAT",
     "MAX_DIVERGENT_FRACTION",
+    "MAX_SATURATED_FRACTION",
     "WRONG_MODE_NATS",
     "NUTSConvergenceWarning",
     "check_convergence",
@@ -44,6 +52,8 @@ __all__ = [
 MAX_RHAT = 1.01
 #: a share of divergent kept draws above this fails the check
 MAX_DIVERGENT_FRACTION = 0.01
+#: a share of kept draws whose trajectory hit ``max_tree_depth`` above this is noted (efficiency)
+MAX_SATURATED_FRACTION = 0.01
 #: a chain whose mean log-likelihood is more than this many nats below the best chain's is stuck in
 #: a lower mode (the rule of ``pyromoe.app.runs.WRONG_BASIN_NATS``)
 WRONG_MODE_NATS = 5.0
@@ -74,6 +84,12 @@ _ADVICE = {
     "log_likelihood": (
         "these chains are stuck in a lower mode: do not pool them; rerun from the estimate with "
         "smaller jitter or more starts, or compare fewer experts (compare_experts)"
+    ),
+    "tree_depth": (
+        "valid draws, but each took 2^max_tree_depth - 1 gradients (the slow part of this run): "
+        "the posterior has long, narrow directions, often weakly identified parameters (experts "
+        "the noise swamps); check the effective sample size, try full_mass=True or tighter "
+        "priors, or raise max_tree_depth if the ESS is low"
     ),
 }
 
@@ -124,12 +140,33 @@ def _sampled_posterior(idata):
     return posterior
 
 
+def _tree_depth_note(idata, max_tree_depth) -> tuple[float | None, list]:
+    """(share of kept draws at ``max_tree_depth``, the efficiency notes): None and no note when
+    the depth or the per-draw tree depths are unknown."""
+    depth = getattr(idata, "sample_stats", {}).get("tree_depth")
+    if max_tree_depth is None or depth is None:
+        return None, []
+    saturated = np.asarray(depth.values) >= int(max_tree_depth)  # (chain, draw)
+    fraction = float(saturated.mean())
+    notes = []
+    if fraction > MAX_SATURATED_FRACTION:
+        chains = [c for c, row in enumerate(saturated) if row.any()]
+        notes.append({"diagnostic": "tree_depth", "chains": chains, "value": round(fraction, 4)})
+        notes[-1].update(
+            max_tree_depth=int(max_tree_depth),
+            threshold=MAX_SATURATED_FRACTION,
+            advice=_ADVICE["tree_depth"],
+        )
+    return fraction, notes
+
+
 def check_convergence(
     idata,
     *,
     max_rhat: float = MAX_RHAT,
     max_divergent_fraction: float = MAX_DIVERGENT_FRACTION,
     wrong_mode_nats: float = WRONG_MODE_NATS,
+    max_tree_depth: int | None = None,
 ) -> dict:
     """The convergence report of a sampled ``idata`` (posterior with chain and draw dims).
 
@@ -141,6 +178,10 @@ def check_convergence(
     max_rhat, max_divergent_fraction, wrong_mode_nats : float
         The thresholds (defaults :data:`MAX_RHAT`, :data:`MAX_DIVERGENT_FRACTION`,
         :data:`WRONG_MODE_NATS`).
+    max_tree_depth : int, optional
+        The sampler's ``max_tree_depth`` (default ``idata.attrs["max_tree_depth"]``, which
+        ``run_nuts`` records): with ``sample_stats["tree_depth"]``, the share of draws that hit
+        it, noted (not failed) above :data:`MAX_SATURATED_FRACTION`.
 
     Returns
     -------
@@ -150,7 +191,9 @@ def check_convergence(
         ``divergences_per_chain``, ``chain_log_likelihood_gap`` (nats below the best chain),
         ``thresholds`` and ``findings``: one dict per failed diagnostic with ``diagnostic``
         (``"r_hat"``, ``"divergences"``, ``"log_likelihood"``), ``chains`` (0-based), ``value``,
-        ``threshold`` and ``advice``.
+        ``threshold`` and ``advice``; ``tree_depth_saturated`` (the share of draws at
+        ``max_tree_depth``, None when unknown) and ``notes``: the efficiency note of the same
+        form (``"tree_depth"``), which leaves ``converged`` as it is.
 
     Examples
     --------
@@ -163,6 +206,10 @@ def check_convergence(
     max_rhat = check_positive(max_rhat, "max_rhat")
     max_divergent_fraction = check_positive(max_divergent_fraction, "max_divergent_fraction")
     wrong_mode_nats = check_positive(wrong_mode_nats, "wrong_mode_nats")
+    if max_tree_depth is None:
+        max_tree_depth = idata.attrs.get("max_tree_depth")
+    else:
+        max_tree_depth = check_positive(max_tree_depth, "max_tree_depth", integer=True)
     names = [name for name in _MIXTURE_SITES if name in posterior.data_vars]
     names = names or list(posterior.data_vars)
     num_chains, num_draws = posterior.sizes["chain"], posterior.sizes["draw"]
@@ -193,6 +240,7 @@ def check_convergence(
         value = [round(gap[c], 2) for c in stuck]
         findings.append({"diagnostic": "log_likelihood", "chains": stuck, "value": value})
         findings[-1].update(threshold=wrong_mode_nats, advice=_ADVICE["log_likelihood"])
+    saturated, notes = _tree_depth_note(idata, max_tree_depth)
     return {
         "converged": not findings,
         "max_rhat": worst,
@@ -202,22 +250,28 @@ def check_convergence(
         "divergent_fraction": fraction,
         "divergences_per_chain": per_chain,
         "chain_log_likelihood_gap": [round(v, 3) for v in gap],
+        "tree_depth_saturated": saturated,
         "thresholds": {
             "max_rhat": max_rhat,
             "max_divergent_fraction": max_divergent_fraction,
             "wrong_mode_nats": wrong_mode_nats,
+            "max_saturated_fraction": MAX_SATURATED_FRACTION,
         },
         "findings": findings,
+        "notes": notes,
     }
 
 
-def describe(report: dict) -> str:
-    """One line per finding of a :func:`check_convergence` report ("" when it converged)."""
+def describe(report: dict, key: str = "findings") -> str:
+    """One line per finding of a :func:`check_convergence` report ("" when it converged), or per
+    efficiency note (``key="notes"``)."""
     lines = []
-    for finding in report["findings"]:
+    for finding in report.get(key, []):
         value = finding["value"]
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
         where = f" on {finding['site']}" if "site" in finding else ""
+        if "max_tree_depth" in finding:
+            where = f" {finding['max_tree_depth']} reached in a share"
         lines.append(
             f"{finding['diagnostic']}{where} {shown} (threshold {finding['threshold']}), "
             f"chains {finding['chains']}: {finding['advice']}"
@@ -234,10 +288,12 @@ def convergence_summary(idata) -> str:
         f"max r_hat {report['max_rhat']:.3f} on the mixture's sites, "
         f"{100 * report['divergent_fraction']:.1f}% divergent draws"
     )
+    notes = "\n".join(f"- {line}" for line in describe(report, "notes").splitlines())
+    notes = f"\n\nEfficiency:\n\n{notes}\n" if notes else ""
     if report["converged"]:
-        return f"Convergence check passed: {numbers}."
+        return f"Convergence check passed: {numbers}.{notes}"
     findings = "\n".join(f"- {line}" for line in describe(report).splitlines())
-    return f"Convergence check FAILED ({numbers}):\n\n{findings}\n"
+    return f"Convergence check FAILED ({numbers}):\n\n{findings}\n{notes}"
 
 
 def record_convergence(idata, **thresholds) -> dict:

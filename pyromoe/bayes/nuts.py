@@ -367,6 +367,8 @@ def run_nuts(
         "num_chains": num_chains,
         "num_warmup": checked["num_warmup"],
         "num_samples": num_samples,
+        "max_tree_depth": checked["max_tree_depth"],
+        "target_accept_prob": checked["target_accept_prob"],
         "parallel_chains": int(1 < num_chains <= max(multiprocessing.cpu_count() - 1, 1)),
         **init_attrs,
     }

@@ -313,9 +313,11 @@ def run_nuts(
         ``log_likelihood_total``; ``attrs``: ``potential`` (``"fused"`` or ``"traced"``),
         ``num_divergences``, ``num_gradient_evaluations`` (per chain, warmup included: a cost
         measure that does not depend on machine load), ``acceptance_rate`` (per chain: Pyro's
-        share of draws that moved), ``chain_mean_log_likelihood``, ``seconds``, the relabelling
+        share of draws that moved), ``chain_mean_log_likelihood``, ``seconds``,
+        ``max_tree_depth`` and ``target_accept_prob`` (the sampler's settings), the relabelling
         record, ``convergence`` (JSON: :func:`pyromoe.bayes.convergence.check_convergence` on the
-        mixture's sites: r_hat, divergent share, chains in a lower mode, which chains, advice).
+        mixture's sites: r_hat, divergent share, chains in a lower mode, which chains, advice;
+        and, as a note that does not fail it, the share of draws that hit ``max_tree_depth``).
 
     Warns
     -----

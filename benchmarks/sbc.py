@@ -341,6 +341,28 @@ def psis_views(records: list[dict]) -> dict[str, list[dict]]:
     return {name: chosen for name, chosen in views.items() if chosen}
 
 
+#: a NUTS replication whose draws averaged at least this tree depth ran most trajectories to the
+#: default ``max_tree_depth`` (10): the report shows those apart (the tree-depth note of
+#: :func:`pyromoe.check_convergence` flags such runs)
+SATURATED_MEAN_DEPTH = 9.0
+
+
+def nuts_views(records: list[dict]) -> dict[str, list[dict]]:
+    """``nuts``'s lines, and, when some replications ran most trajectories to the maximum tree
+    depth, those and the others apart (conditioning on the run, like the k-hat views: a
+    diagnostic, not SBC in the strict sense)."""
+    deep = [r for r in records if r.get("mean_tree_depth", 0.0) >= SATURATED_MEAN_DEPTH]
+    if not deep:
+        return {"nuts": records}
+    rest = [r for r in records if r.get("mean_tree_depth", 0.0) < SATURATED_MEAN_DEPTH]
+    depth = f"mean tree depth {'{}'} {SATURATED_MEAN_DEPTH:g}"
+    return {
+        "nuts": records,
+        f"nuts ({depth.format('<')})": rest,
+        f"nuts ({depth.format('>=')})": deep,
+    }
+
+
 def psis_summary(records: list[dict]) -> dict:
     """k-hat over the replications: how many below the threshold, quartiles, median ESS."""
     khat = np.array([r["psis_khat"] for r in records])
@@ -375,13 +397,15 @@ def report(methods, in_dir: Path | None = None, write: bool = True, setting: str
         if records and method == "svi_psis":
             psis = psis_summary(records)
             views.update(psis_views(records))
+        elif records and method == "nuts":
+            views.update(nuts_views(records))
         elif records:
             views[method] = records
     for method, records in views.items():
         summary[method] = summarise(records)
         summary[method]["seconds_per_replication"] = float(np.mean([r["seconds"] for r in records]))
         summary[method]["init_methods"] = sorted({r["init"] for r in records})
-        if method == "nuts":
+        if method.startswith("nuts"):
             summary[method]["replications_with_divergences"] = int(
                 sum(r.get("divergences", 0) > 0 for r in records)
             )

@@ -151,3 +151,12 @@ def test_ten_replications_resume_and_give_sane_coverage(tmp_path):
         # 80 indicators, correlated within a replication: a calibrated fit sits near 0.9;
         # 0.65 is about four standard errors below it at an effective 20 replications
         assert 0.65 <= coverage <= 1.0, (method, coverage)
+
+
+def test_nuts_runs_at_the_maximum_tree_depth_are_shown_apart():
+    records = [{"rep": i, "mean_tree_depth": depth} for i, depth in enumerate([3.5, 9.9, 4.0])]
+    assert list(sbc.nuts_views(records[::2])) == ["nuts"]  # none saturated: one view
+    views = sbc.nuts_views(records)
+    assert [r["rep"] for r in views["nuts"]] == [0, 1, 2]
+    assert [r["rep"] for r in views["nuts (mean tree depth < 9)"]] == [0, 2]
+    assert [r["rep"] for r in views["nuts (mean tree depth >= 9)"]] == [1]

@@ -62,7 +62,8 @@ def main(argv: list[str]) -> int:
     # arguments runs everything in this one process instead
     if not any(arg.startswith(("-n", "--numprocesses")) and arg != "-no" for arg in rest):
         tests += ["-n", str(max(1, min(os.cpu_count() or 1, 8))), "--dist", "worksteal"]
-    tests += ["tests", "tutorials", *rest]
+    # the notebooks (minutes each) first, so the workers share them while the short tests fill in
+    tests += ["tutorials", "tests", *rest]
     return subprocess.run(tests, cwd=ROOT, env=env).returncode
 
 

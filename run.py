@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     # one pytest-xdist worker per core (each single-threaded, see above), work stealing so the
     # long statistical checks and notebooks spread over the workers; "-n 0" in the extra
     # arguments runs everything in this one process instead
-    if not any(arg.startswith(("-n", "--numprocesses")) and arg != "-no" for arg in rest):
+    if not any(arg.startswith(("-n", "--numprocesses")) for arg in rest):
         tests += ["-n", str(max(1, min(os.cpu_count() or 1, 8))), "--dist", "worksteal"]
     # the notebooks (minutes each) first, so the workers share them while the short tests fill in
     tests += ["tutorials", "tests", *rest]

@@ -109,8 +109,11 @@ def quantities(params, link, x, y) -> torch.Tensor:
     sds = params.expert_noise().unsqueeze(-2)  # (..., 1, k)
     mean = (gate * means).sum(-1)
     var = (gate * (sds**2 + means**2)).sum(-1) - mean**2  # the mixture's variance at x*
-    noise = params.noise.unsqueeze(-1) if not params.per_expert_noise else params.noise
-    noise = noise if noise.shape[-1] == 1 else torch.stack([noise.amin(-1), noise.amax(-1)], -1)
+    noise = params.noise
+    if params.per_expert_noise:  # sorted: the smallest and the largest sd
+        noise = torch.stack([noise.amin(-1), noise.amax(-1)], dim=-1)
+    else:
+        noise = noise.unsqueeze(-1)
     loglik = likelihood.log_likelihood(x, y, params, link).sum(-1)
     return torch.cat([noise, mean, var, loglik.unsqueeze(-1)], dim=-1)
 
@@ -355,11 +358,11 @@ def nuts_views(records: list[dict]) -> dict[str, list[dict]]:
     if not deep:
         return {"nuts": records}
     rest = [r for r in records if r.get("mean_tree_depth", 0.0) < SATURATED_MEAN_DEPTH]
-    depth = f"mean tree depth {'{}'} {SATURATED_MEAN_DEPTH:g}"
+    depth = f"{SATURATED_MEAN_DEPTH:g}"
     return {
         "nuts": records,
-        f"nuts ({depth.format('<')})": rest,
-        f"nuts ({depth.format('>=')})": deep,
+        f"nuts (mean tree depth < {depth})": rest,
+        f"nuts (mean tree depth >= {depth})": deep,
     }
 
 

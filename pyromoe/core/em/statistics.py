@@ -190,14 +190,16 @@ def _expert_system(
     gate_probs,
     out: torch.Tensor,
     skip: int | None = None,
+    gate_hessian: bool = True,
 ):
     """The experts' weighted Gram matrices (or Gauss-Newton systems), their right-hand sides and
     ``sum r y^2``, from rows (k, n) of responsibilities, predictors and residuals; with
     ``gate_probs`` (k - 1, n) (the gate on the same design, with the same intercept rule) the
     gate's IRLS gradient joins the right-hand sides' product and, for k = 2, its Gram the
     experts' Grams: ``(matrix, vector, y_square, gate_gradient, gate_hessian)``, the last two
-    None without ``gate_probs`` (gate_hessian also for k > 2). ``skip`` (identity link only):
-    the expert whose (d, d) Gram block is left zero (:func:`complete_skipped_gram`)."""
+    None without ``gate_probs`` (gate_hessian also for k > 2, or when ``gate_hessian`` is
+    False). ``skip`` (identity link only): the expert whose (d, d) Gram block is left zero
+    (:func:`complete_skipped_gram`)."""
     f64 = torch.float64
     y_square = None
     if link.is_identity:
@@ -211,25 +213,35 @@ def _expert_system(
         skip = None  # the weights g'^2 r do not sum to one over the experts
     k = resp.shape[0]
     extra = vector_weights
-    gate_hessian = gate_gradient = None
+    with_hessian = gate_probs is not None and gate_hessian
     if gate_probs is not None:
         extra = torch.cat([vector_weights, resp[1:] - gate_probs])
+    if with_hessian:
         hessian_weights, pairs = _hessian_weights(gate_probs)
         gram_weights = torch.cat([gram_weights, hessian_weights])
     matrix, sums = _weighted_grams(x, gram_weights, intercept, out, extra, skip)
-    if gate_probs is not None:
-        gate_hessian = _assemble_hessian(matrix[k:], pairs, k - 1)
-        gate_gradient = sums[k:]
-    return matrix[:k].to(f64), sums[:k].to(f64), y_square, gate_gradient, gate_hessian
+    hessian = _assemble_hessian(matrix[k:], pairs, k - 1) if with_hessian else None
+    gradient = sums[k:] if gate_probs is not None else None
+    return matrix[:k].to(f64), sums[:k].to(f64), y_square, gradient, hessian
 
 
-def _gate_system(x, resp, probs, gate_bias: bool, gradient, hessian, out: torch.Tensor | None):
+def _gate_system(
+    x,
+    resp,
+    probs,
+    gate_bias: bool,
+    gradient,
+    hessian,
+    out: torch.Tensor | None,
+    want_hessian: bool = True,
+):
     """The gate's IRLS gradient and negative Hessian from rows (k, n) of responsibilities and
-    (k - 1, n) of gate probabilities (``gradient``, ``hessian`` when already computed)."""
+    (k - 1, n) of gate probabilities (``gradient``, ``hessian`` when already computed; the
+    Hessian None when not ``want_hessian``)."""
     width = x.shape[1] + (1 if gate_bias else 0)
     if probs is None:  # one expert: no gate
         return x.new_zeros(0, width), x.new_zeros(0, 0)
-    if hessian is None:
+    if hessian is None and want_hessian:
         # the gradient's weighted sums join the Grams' product when it is still to compute
         extra = (resp[1:] - probs) if gradient is None else None
         weights, pairs = _hessian_weights(probs)
@@ -251,6 +263,7 @@ def pass_statistics(
     gate_bias: bool,
     linearise_at: Params | None = None,
     skip_expert: int | None = None,
+    gate_hessian: bool = True,
 ) -> Statistics:
     """The :class:`Statistics` of one chunk of rows (the function every EM pass sums).
 
@@ -266,6 +279,10 @@ def pass_statistics(
     is left ZERO, one weighted Gram fewer per chunk; the responsibilities sum to one over the
     experts, so the summed block is the design's Gram minus the other experts' blocks
     (:func:`complete_skipped_gram`, after the pass).
+
+    ``gate_hessian=False``: the gate's negative Hessian is not formed (``gate_hessian`` None in
+    the result, for the caller to supply one from an earlier pass: a lazy Newton step), one
+    weighted Gram fewer per chunk at k = 2 and ``k (k - 1) / 2`` fewer at k > 2.
     """
     f64 = torch.float64
     # the experts' and the gate's columns of the design (the same tensor when they share it)
@@ -302,9 +319,12 @@ def pass_statistics(
             gate_probs,
             buffer,
             skip_expert,
+            gate_hessian,
         )
     gate_buffer = buffer if x_gate.shape == buffer.shape else None
-    gradient, hessian = _gate_system(x_gate, resp, probs, gate_bias, gradient, hessian, gate_buffer)
+    gradient, hessian = _gate_system(
+        x_gate, resp, probs, gate_bias, gradient, hessian, gate_buffer, gate_hessian
+    )
     return Statistics(
         rows=torch.tensor(float(x.shape[0]), dtype=f64, device=x.device),
         log_likelihood=log_lik.sum().to(f64),
@@ -314,7 +334,7 @@ def pass_statistics(
         expert_vector=vector,
         y_square=y_square,
         gate_gradient=gradient.to(f64),
-        gate_hessian=hessian.to(f64),
+        gate_hessian=None if hessian is None else hessian.to(f64),
     )
 
 

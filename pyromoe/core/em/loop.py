@@ -15,6 +15,7 @@ result does not depend on the chunk size beyond rounding.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..chunks import default_chunk_size
+from ..likelihood import expert_columns, gate_columns
 from ..links import Link
 from ..params import Params
 from ..sources import Source
@@ -36,6 +38,7 @@ __all__ = [
     "ConvergenceWarning",
     "EMRun",
     "remaining_gain",
+    "squarem_step",
     "warn_collapse",
 ]
 
@@ -176,6 +179,70 @@ GRAM_IDENTITY = True
 LAZY_GATE_HESSIAN = True
 
 
+def _log_noise(params: Params) -> Params:
+    return params._replace(noise=params.noise.log())
+
+
+def _combine(coefficients: Sequence[float], chain: Sequence[Params]) -> Params:
+    """``sum_j c_j chain_j`` for every parameter (absent ones stay absent)."""
+    return Params(
+        *(
+            None if fields[0] is None else sum(c * t for c, t in zip(coefficients, fields))
+            for fields in zip(*chain)
+        )
+    )
+
+
+def _standard_parts(change: Params, units) -> list[torch.Tensor]:
+    """A change of the parameters (noise on the log scale) in the units of standardised data,
+    ``(x_mean, x_sd, y_sd)`` of the design (D,), (D,) and y (None: as it is). The parameters of
+    data ``x -> s x + m`` and ``y -> t y + c`` are an affine map of those of the original data,
+    and these coordinates are the same for both, so a length measured in them (the step of
+    :func:`squarem_step`) does not depend on the data's units."""
+    weight, gate = change.experts_weight, change.gate_weight
+    if units is None:
+        return [t for t in change if t is not None]
+    x_mean, x_sd, y_sd = (u.to(weight) if torch.is_tensor(u) else u for u in units)
+    width, gate_width = weight.shape[-1], gate.shape[-1]
+    mean_e, sd_e = (expert_columns(u, width, gate_width) for u in (x_mean, x_sd))
+    mean_g, sd_g = (gate_columns(u, width, gate_width) for u in (x_mean, x_sd))
+    parts = [weight * sd_e / y_sd, gate * sd_g, change.noise]
+    if change.experts_bias is not None:
+        parts.append((change.experts_bias + weight @ mean_e) / y_sd)
+    if change.gate_bias is not None:
+        parts.append(change.gate_bias + gate @ mean_g)
+    return parts
+
+
+def squarem_step(chain: Sequence[Params], floor: float, units=None) -> Params | None:
+    """The SQUAREM extrapolation (Varadhan & Roland 2008, scheme S3) from three consecutive EM
+    iterates ``theta_0, theta_1 = F(theta_0), theta_2 = F(theta_1)``:
+    ``theta' = theta_0 - 2 a r + a^2 v`` with ``r = theta_1 - theta_0``,
+    ``v = theta_2 - 2 theta_1 + theta_0`` and ``a = -max(1, |r| / |v|)`` (``a = -1`` gives
+    ``theta_2``), every parameter at once, the noise on the log scale and kept at or above
+    ``floor``. The lengths are measured in the units of standardised data (``units``:
+    ``(x_mean, x_sd, y_sd)``; see :func:`_standard_parts`), so the step, an affine combination
+    of the iterates, does not depend on the data's units. None when ``v`` is zero.
+
+    Examples
+    --------
+    >>> line = [Params(torch.tensor([[c]]), None, torch.zeros(1, 1), None, torch.tensor(1.0))
+    ...         for c in (0.0, 0.5, 0.75)]
+    >>> float(squarem_step(line, 1e-3).experts_weight)  # a geometric sequence: its limit
+    1.0
+    """
+    logs = [_log_noise(p) for p in chain]
+    r = _standard_parts(_combine((-1.0, 1.0), logs[:2]), units)
+    v = _standard_parts(_combine((1.0, -2.0, 1.0), logs), units)
+    r2 = sum(float(t.pow(2).sum()) for t in r)
+    v2 = sum(float(t.pow(2).sum()) for t in v)
+    if not (v2 > 0 and math.isfinite(r2) and math.isfinite(v2)):
+        return None
+    a = -max(1.0, math.sqrt(r2 / v2))
+    leap = _combine(((1 + a) ** 2, -2 * a * (1 + a), a * a), logs)
+    return leap._replace(noise=leap.noise.exp().clamp_min(floor))
+
+
 @dataclass(frozen=True)
 class EM:
     """EM over a data source: which parameters move, and how far each M-step goes.
@@ -226,6 +293,13 @@ class EM:
         it has left, extrapolated from its last two increments (:func:`remaining_gain`), times
         the rows is below ``gain_tol`` (the M-step's own threshold becomes ``gain_tol / rows``).
         ``None``: the per-row ``tol``.
+    accelerate : bool
+        SQUAREM (:func:`squarem_step`): after every two consecutive full EM steps, the next pass
+        is at the extrapolation of the last three iterates; it is kept when its objective is not
+        below the current one (then the M-step continues from it), else the run goes on from
+        the current parameters with one pass lost. The trace stays monotone, the fixed points
+        are EM's, and a run stops only after a plain EM step changed the objective by less
+        than ``tol``.
     """
 
     source: Source
@@ -240,6 +314,7 @@ class EM:
     gauss_newton_steps: int = 1
     chunk_size: int | None = None
     gain_tol: float | None = None
+    accelerate: bool = False
     floor: float = field(init=False)
     #: the Gram of the experts' columns by their width, and the last pass's responsibility totals
     _grams: dict = field(init=False, default_factory=dict, repr=False, compare=False)
@@ -261,6 +336,15 @@ class EM:
         if self.gain_tol is None:
             return abs(trace[-1] - trace[-2]) < self.tol
         return remaining_gain(trace) * self.source.num_rows < self.gain_tol
+
+    def _standard_units(self) -> tuple:
+        """``(x_mean, x_sd, y_sd)`` of the source (its cached summary; sds of constant columns
+        1) for :func:`squarem_step`."""
+        summary = self.source.summary()
+        x_sd = summary.x_sd if summary.num_rows > 1 else torch.ones_like(summary.x_mean)
+        x_sd = torch.where(x_sd > 0, x_sd, torch.ones_like(x_sd))
+        y_sd = summary.y_sd if summary.y_sd > 0 else 1.0
+        return summary.x_mean, x_sd, y_sd
 
     @property
     def name(self) -> str:
@@ -372,6 +456,7 @@ class EM:
         :class:`CollapseWarning` when it ends collapsing.
         """
         dtype = self.source.dtype
+        units = self._standard_units() if self.accelerate else None
         runs: list[EMRun] = []
         for start in starts:
             began = time.perf_counter()
@@ -380,7 +465,23 @@ class EM:
             value = self.objective(statistics, params)
             trace, passes = [value], 1
             converged, stopped, n_iter = False, False, 0
+            chain = [params]  # consecutive full EM steps since the last extrapolation
             for n_iter in range(1, self.max_iter + 1):  # noqa: B007 (n_iter is kept)
+                leap = squarem_step(chain, self.floor, units) if len(chain) == 3 else None
+                if len(chain) == 3:
+                    chain = [params]
+                if leap is not None:
+                    leap_statistics = self.statistics(leap)
+                    leap_value = self.objective(leap_statistics, leap)
+                    passes += 1
+                    if leap_value >= value:  # NaN or lower: go on from the current parameters
+                        params, statistics, value = leap, leap_statistics, leap_value
+                        chain = [params]
+                        trace.append(value)
+                        if stop is not None and stop(trace):
+                            stopped = True
+                            break
+                        continue
                 proposal, extra = self._propose(statistics, params)
                 passes += extra
                 candidate, size = proposal, 1.0
@@ -401,6 +502,9 @@ class EM:
                         break
                     size *= 0.5
                     candidate = _between(params, proposal, size)
+                if self.accelerate:
+                    full_step = size == 1.0 and params is candidate
+                    chain = [*chain, params] if full_step else [params]
                 trace.append(value)  # unchanged when no step raised the objective
                 if self.converged(trace):
                     converged = True

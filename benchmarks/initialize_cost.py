@@ -138,6 +138,8 @@ def measure(n: int, d: int, repeats: int, multi_start: bool, cosine: float = COS
             "time_split": diagnostics.get("time_split"),
             "guard_random_n_iter": diagnostics.get("guard_random_n_iter"),
             "final_em_n_iter": diagnostics.get("refine_n_iter", diagnostics.get("n_iter")),
+            "newton_passes": diagnostics.get("newton_passes"),
+            "newton_stopped": diagnostics.get("newton_stopped"),
             "em_start_n_iter": fits["em_start_s"].diagnostics["n_iter"],
             "repeats": repeats,
             "seconds_per_repeat": times,
@@ -214,10 +216,23 @@ def markdown(result: dict) -> str:
             )
     lines += ["", "## Where initialize spends its time (seconds, last run)", ""]
     for row in result["rows"] + result["large_rows"]:
+        if row.get("newton_passes") is not None and row["time_split"].get("final_em") == 0.0:
+            final = (
+                f"Newton on all rows {row['newton_passes']} passes ({row['newton_stopped']}), "
+                "no EM after it"
+            )
+        elif row.get("newton_passes") is not None:
+            final = (
+                f"Newton on all rows {row['newton_passes']} passes ({row['newton_stopped']}), "
+                f"then EM {row['final_em_n_iter']} iterations"
+            )
+        else:
+            final = f"final EM {row['final_em_n_iter']} iterations"
         lines.append(
-            f"- n = {row['n']:,}, d = {row['d']}, cosine {row['expert_cosine']}: {_split_text(row['time_split'])}; final EM "
-            f"{row['final_em_n_iter']} iterations (one EM start: {row['em_start_n_iter']}); "
-            f"random guard runs stopped after {row['guard_random_n_iter']} iterations"
+            f"- n = {row['n']:,}, d = {row['d']}, cosine {row['expert_cosine']}: "
+            f"{_split_text(row['time_split'])}; {final} (one EM start: "
+            f"{row['em_start_n_iter']} iterations); random guard runs stopped after "
+            f"{row['guard_random_n_iter']} iterations"
         )
     lines += machine_section(result["machine_info"])
     return "\n".join(lines)

@@ -75,7 +75,9 @@ def test_initialize_reaches_the_optimum_of_em_from_the_truth_and_records_its_tim
     assert abs(own - best) < 6e-6
     split = diagnostics["time_split"]
     steps = ["summary", "moments", "gate_em", "guard_tensor_em", "guard_random_em", "guard_em"]
-    assert list(split) == [*steps, "final_em", "total"]
+    # beyond the guard's rows: Newton steps on all rows (here converged, so no EM after them)
+    assert list(split) == [*steps, "newton", "final_em", "total"]
+    assert diagnostics["newton_stopped"] == "converged" and split["final_em"] == 0.0
     parts = sum(sum(v) if isinstance(v, list) else v for k, v in split.items() if k != "total")
     assert 0 < parts <= split["total"]
     # the random starts reach the tensor start's optimum here, so each stops once it cannot beat it

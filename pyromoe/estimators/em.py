@@ -30,7 +30,7 @@ from .._validation import (
 )
 from ..core.chunks import default_chunk_size
 from ..core.design import as_design_source
-from ..core.em.loop import EM
+from ..core.em.loop import DEFAULT_TOL, EM
 from ..core.em.starts import SCREEN_CANDIDATES, screened_start, start_params
 from ..core.estimate import MoEEstimate
 from ..core.links import Link, link_rule
@@ -149,7 +149,7 @@ def fit_em(
     screen: int = SCREEN_CANDIDATES,
     bias: bool = True,
     noise: str = "shared",
-    tol: float = 1e-6,
+    tol: float = DEFAULT_TOL,
     max_iter: int = 200,
     prior_scale: float | None = None,
     seed: int = 0,

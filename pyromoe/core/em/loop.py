@@ -33,10 +33,12 @@ from .statistics import Statistics, complete_skipped_gram, expert_gram_block, pa
 
 __all__ = [
     "EM",
+    "DEFAULT_TOL",
     "MAX_HALVINGS",
     "CollapseWarning",
     "ConvergenceWarning",
     "EMRun",
+    "collapse_report",
     "remaining_gain",
     "squarem_step",
     "warn_collapse",
@@ -52,7 +54,7 @@ class CollapseWarning(UserWarning):
     noise at its floor: the expert is collapsing onto a few points (too many experts)."""
 
 
-def _collapse(
+def collapse_report(
     responsibility: torch.Tensor, noise, floor: float, d: int
 ) -> tuple[list[float], list[int]]:
     """Effective rows per expert (``sum_n r_ni``, shape (k,)) and the experts collapsing onto a
@@ -164,6 +166,9 @@ def remaining_gain(trace: list[float]) -> float:
     rate = last / before
     return max(last, last * rate / (1.0 - rate))
 
+
+#: EM's default tolerance: a run has converged when its objective (per row) changes by less.
+DEFAULT_TOL = 1e-6
 
 #: Step halvings an EM iteration may try before it keeps the parameters it started from.
 MAX_HALVINGS = 30
@@ -308,7 +313,7 @@ class EM:
     update_gate_bias: bool = True
     update_noise: bool = True
     prior_scale: float | None = None
-    tol: float = 1e-6
+    tol: float = DEFAULT_TOL
     max_iter: int = 200
     newton_steps: int = 1
     gauss_newton_steps: int = 1
@@ -512,7 +517,7 @@ class EM:
                 if stop is not None and stop(trace):
                     stopped = True
                     break
-            effective_rows, collapsed = _collapse(
+            effective_rows, collapsed = collapse_report(
                 statistics.responsibility, params.noise, self.floor, params.in_features
             )
             runs.append(

@@ -29,6 +29,7 @@ __all__ = [
     "Statistics",
     "complete_skipped_gram",
     "expert_gram_block",
+    "gradient_sums",
     "mean_log_likelihood",
     "pass_statistics",
 ]
@@ -357,6 +358,41 @@ def complete_skipped_gram(statistics: Statistics, skip: int, gram: torch.Tensor)
     others = torch.cat([blocks[:skip], blocks[skip + 1 :]]).sum(0)
     blocks[skip] = gram - others
     return statistics._replace(expert_matrix=matrix)
+
+
+def gradient_sums(x: torch.Tensor, y: torch.Tensor, params: Params, link: Link):
+    """One chunk's ``sum_n log p(y_n | x_n)``, its gradient and the responsibilities' totals
+    (float64): the gradient as ONE flat vector in the order of
+    :class:`pyromoe.core.em.newton.Flat` (expert weights, expert biases, gate weights, gate
+    offsets, log noise sd(s)), in closed form from one product of weighted rows with ``x``:
+    ``d/da_i = sum_n r_ni (y_n - g(z_ni)) g'(z_ni) u_n / s_i^2``, ``d/dw_j = sum_n (r_nj - p_nj)
+    u_n`` (the gate), ``d/dlog s_i = sum_n r_ni ((y_n - g(z_ni))^2 / s_i^2 - 1)`` (summed over
+    the experts for a shared sd). A pass costs a read of the chunk beyond the log-likelihood's
+    own product, and no Gram matrix."""
+    f64 = torch.float64
+    k = params.num_experts
+    predictors, logits = linear_predictor_rows(x, params)
+    log_probs = _log_prob_rows(y, predictors, logits, params, link)
+    rows = _logsumexp_columns(log_probs)
+    resp = (log_probs - rows).exp()
+    noise = params.expert_noise().to(dtype=x.dtype, device=x.device)[:, None]
+    residual = y - link(predictors)
+    scaled = residual / (noise * noise)
+    derivative = 1.0 if link.is_identity else link.derivative(predictors)
+    expert_rows = resp * scaled * derivative  # (k, n)
+    gate_rows = resp[1:] - _gate_probabilities(logits) if k > 1 else resp[:0]
+    sums = torch.cat([expert_rows, gate_rows]) @ x  # (2k - 1, D)
+    d, width = params.in_features, params.gate_weight.shape[-1]
+    parts = [expert_columns(sums[:k], d, width).reshape(-1)]
+    if params.experts_bias is not None:
+        parts.append(expert_rows.sum(1))
+    parts.append(gate_columns(sums[k:], d, width).reshape(-1))
+    if params.gate_bias is not None:
+        parts.append(gate_rows.sum(1))
+    noise_rows = (resp * (residual * scaled - 1.0)).sum(1)
+    parts.append(noise_rows if params.per_expert_noise else noise_rows.sum().reshape(1))
+    gradient = torch.cat([t.to(f64) for t in parts])
+    return rows.sum().to(f64), gradient, resp.sum(1).to(f64)
 
 
 def mean_log_likelihood(source: Source, params: Params, link: Link, chunk_size: int) -> float:

@@ -41,13 +41,13 @@ from ..core.units import on_exact_scale
 __all__ = ["em_options", "fit_em"]
 
 
-#: how the options of EM that :func:`fit_em` and :func:`pyromoe.fit_gate` share are checked
 #: Whether :func:`fit_em`'s EM runs are accelerated by SQUAREM (``EM(accelerate=True)``: an
 #: extrapolation from every three consecutive EM iterates, kept only when it raises the
 #: objective; docs/algorithm.md section 4). The screening of random starts, the guard's races
 #: and gate EM run plain EM.
 ACCELERATE = True
 
+#: how the options of EM that :func:`fit_em` and :func:`pyromoe.fit_gate` share are checked
 EM_RULES = {
     "tol": check_positive,
     "max_iter": count_rule(minimum=1),

@@ -519,29 +519,28 @@ def _guarded(source, link, noise, options: MomentOptions, guard_rows: int):
     final, fitted = tensor, screen.num_rows
     if winner == "random":
         final, fitted = _run_estimate(runs[best], link, options), 0
-    stages = {}
-    polish = None
-    for name, rows in (("guard_em", guard), ("final_em", source)):
+    stages, polish, polished = {}, None, False
+    clock = time.perf_counter()
+    if guard.num_rows > fitted:
+        final = fit_em.unchecked(guard, None, k, link, init=final, seed=seed, **em_options)
+        fitted = guard.num_rows
+    stages["guard_em"] = time.perf_counter() - clock
+    if source.num_rows > fitted:
+        # Newton steps on all rows with the guard subsample's curvature: three or four passes
+        # where EM from the subsample's optimum takes about ten; EM on all rows only when they
+        # did not converge (or left the noise below EM's floor)
         clock = time.perf_counter()
-        if rows.num_rows > fitted:
-            if name == "final_em" and fitted == guard.num_rows:
-                # Newton steps on all rows with the guard subsample's curvature: three or four
-                # passes where EM from the subsample's optimum takes about ten; EM on all rows
-                # only when they did not converge (or left the noise below EM's floor)
-                polish, polished = _newton_polish(source, guard, final, link, options)
-                stages["newton"] = time.perf_counter() - clock
-                clock = time.perf_counter()
-                if _polished_enough(polish, source):
-                    final, fitted = polished, rows.num_rows
-                    stages[name] = 0.0
-                    continue
-                final = polished
-            final = fit_em.unchecked(rows, None, k, link, init=final, seed=seed, **em_options)
-            fitted = rows.num_rows
-        stages[name] = time.perf_counter() - clock
+        polish, final = _newton_polish(source, guard, final, link, options)
+        polished = _polished_enough(polish, source)
+        stages["newton"] = time.perf_counter() - clock
+    stages["final_em"] = 0.0  # no EM on all rows: they are the guard's, or the polish converged
+    if source.num_rows > fitted and not polished:
+        clock = time.perf_counter()
+        final = fit_em.unchecked(source, None, k, link, init=final, seed=seed, **em_options)
+        stages["final_em"] = time.perf_counter() - clock
     diagnostics = dict(moment.diagnostics)
     em = final.diagnostics
-    if final.method == "newton":  # the polish converged on all rows: its own report
+    if polished:  # the polish converged on all rows: its own report
         effective, collapsed = collapse_report(
             polish.responsibility,
             polish.params.noise,

@@ -28,7 +28,15 @@ from ..likelihood import expert_columns, gate_columns
 from ..links import Link
 from ..params import Params
 from ..sources import Source
-from .m_step import accept_slack, expert_step, gate_step, log_prior, noise_floor, noise_step
+from .m_step import (
+    accept_slack,
+    expert_step,
+    feature_scale,
+    gate_step,
+    log_prior,
+    noise_floor,
+    noise_step,
+)
 from .statistics import Statistics, complete_skipped_gram, expert_gram_block, pass_statistics
 
 __all__ = [
@@ -346,10 +354,8 @@ class EM:
         """``(x_mean, x_sd, y_sd)`` of the source (its cached summary; sds of constant columns
         1) for :func:`squarem_step`."""
         summary = self.source.summary()
-        x_sd = summary.x_sd if summary.num_rows > 1 else torch.ones_like(summary.x_mean)
-        x_sd = torch.where(x_sd > 0, x_sd, torch.ones_like(x_sd))
         y_sd = summary.y_sd if summary.y_sd > 0 else 1.0
-        return summary.x_mean, x_sd, y_sd
+        return summary.x_mean, feature_scale(self.source), y_sd
 
     @property
     def name(self) -> str:

@@ -43,15 +43,8 @@ class Flat:
     like: Params
 
     def flat(self, params: Params) -> torch.Tensor:
-        parts = [
-            t.reshape(-1).to(F64)
-            for t in (params.experts_weight, params.experts_bias, params.gate_weight)
-            if t is not None
-        ]
-        if params.gate_bias is not None:
-            parts.append(params.gate_bias.reshape(-1).to(F64))
-        parts.append(params.noise.reshape(-1).to(F64).log())
-        return torch.cat(parts)
+        params = params._replace(noise=params.noise.log())
+        return torch.cat([t.reshape(-1).to(F64) for t in params if t is not None])
 
     def params(self, theta: torch.Tensor, dtype: torch.dtype | None = None) -> Params:
         like = self.like
@@ -93,7 +86,8 @@ def subsample_hessian(x: torch.Tensor, y: torch.Tensor, params: Params, link: Li
 class NewtonPolish:
     """What :func:`newton_polish` did: the parameters it ends at, the mean log-likelihood per
     row after each accepted step (the first entry at the start), the passes over the data, the
-    responsibilities' totals (k,) at the end (each expert's effective rows), and why it stopped (``"converged"``: the predicted gain per row fell below ``tol``;
+    responsibilities' totals (k,) at the end (each expert's effective rows), and why it stopped
+    (``"converged"``: the gain the next step promises fell below ``tol`` per row;
     ``"not_ascending"``: a step halved :data:`MAX_HALVINGS` times still lowered the
     log-likelihood; ``"max_steps"``; ``"indefinite"``: the subsample's Hessian is not negative
     definite, no step was taken)."""
@@ -121,8 +115,8 @@ def newton_polish(
 
     Each pass gives the summed log-likelihood and its gradient at the current point; a step is
     kept only when the next pass shows a higher log-likelihood (else it is halved, up to
-    :data:`MAX_HALVINGS` times, one pass each). Stops once the Newton decrement (about twice
-    the gain the next step promises) per row is below ``tol``.
+    :data:`MAX_HALVINGS` times, one pass each). Stops once the gain the next step promises
+    (half the Newton decrement ``g . step``) is below ``tol`` per row.
     """
     n = source.num_rows
     flat = Flat(params)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import statistics
 import sys
 import time
@@ -137,6 +138,8 @@ def measure(n: int, d: int, repeats: int, multi_start: bool, cosine: float = COS
             "refine_winner": diagnostics.get("refine_winner"),
             "time_split": diagnostics.get("time_split"),
             "guard_random_n_iter": diagnostics.get("guard_random_n_iter"),
+            "fallback_race_n_iter": diagnostics.get("fallback_race_n_iter"),
+            "fallback_race_winner": diagnostics.get("fallback_race_winner"),
             "final_em_n_iter": diagnostics.get("refine_n_iter", diagnostics.get("n_iter")),
             "newton_passes": diagnostics.get("newton_passes"),
             "newton_stopped": diagnostics.get("newton_stopped"),
@@ -204,15 +207,16 @@ def markdown(result: dict) -> str:
             "that subsample EM):",
             "",
             "| n | d | initialize (s) | default start (s), iterations | one draw (s), iterations | "
-            "ratio to default start | ratio to one draw |",
-            "|---|---|---|---|---|---|---|",
+            "ratio to default start | ratio to one draw | measured |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for row in large:
             lines.append(
                 f"| {row['n']:,} | {row['d']} | {row['initialize_s']:.2f} | "
                 f"{row['em_start_s']:.2f}, {row['em_start_n_iter']} | "
                 f"{row['one_draw_em_s']:.2f}, {row['one_draw_em_n_iter']} | "
-                f"{row['ratio_to_em_start']:.2f} | {row['ratio_to_one_draw_em']:.2f} |"
+                f"{row['ratio_to_em_start']:.2f} | {row['ratio_to_one_draw_em']:.2f} | "
+                f"{row.get('measured', result['date'])} |"
             )
     lines += ["", "## Where initialize spends its time (seconds, last run)", ""]
     for row in result["rows"] + result["large_rows"]:
@@ -228,6 +232,16 @@ def markdown(result: dict) -> str:
             )
         else:
             final = f"final EM {row['final_em_n_iter']} iterations"
+        if row.get("fallback_race_n_iter") is not None:
+            screened, *raced = row["fallback_race_n_iter"]
+            lines.append(
+                f"- n = {row['n']:,}, d = {row['d']}, cosine {row['expert_cosine']}: the moment "
+                f"step refused, raced multi-start EM fallback: the screened start {screened} "
+                f"iterations, random starts stopped after {raced} iterations, the "
+                f"{row['fallback_race_winner']} start won; {final} (one EM start: "
+                f"{row['em_start_n_iter']} iterations)"
+            )
+            continue
         lines.append(
             f"- n = {row['n']:,}, d = {row['d']}, cosine {row['expert_cosine']}: "
             f"{_split_text(row['time_split'])}; {final} (one EM start: "
@@ -236,6 +250,18 @@ def markdown(result: dict) -> str:
         )
     lines += machine_section(result["machine_info"])
     return "\n".join(lines)
+
+
+def _earlier_large_rows(skip: set[int]) -> list[dict]:
+    """The large rows of the last results file whose n is not in ``skip``, with their date."""
+    path = Path(__file__).resolve().parent / "results" / "initialize_cost.json"
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    rows = [row for row in earlier.get("large_rows", []) if row["n"] not in skip]
+    for row in rows:
+        row.setdefault("measured", earlier.get("date"))
+    return rows
 
 
 def main() -> None:
@@ -250,6 +276,12 @@ def main() -> None:
         help="extra n = 2000 rows at these expert cosines (at 0.8 the moment step refuses n = 2000)",
     )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--keep-large",
+        action="store_true",
+        help="keep the large rows of the last results file for n not in --large (each keeps the "
+        "date it was measured on)",
+    )
     add_threads_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -261,6 +293,12 @@ def main() -> None:
     for cosine in args.small_cosine:
         rows.insert(0, measure(2000, 10, args.repeats, multi_start=True, cosine=cosine))
     large = [measure(int(n), 50, 1, multi_start=False) for n in args.large]
+    today = datetime.date.today().isoformat()
+    for row in large:
+        row["measured"] = today
+    if args.keep_large:
+        large += _earlier_large_rows({int(n) for n in args.large})
+        large.sort(key=lambda row: row["n"])
     info = machine_info()
     result = {
         "machine": f"{info['cpu']}, {info['cpu_count']} cores, {args.threads} torch thread(s)",

@@ -40,6 +40,7 @@ from .blocks import BlockPass, pass_graph, worker_chunk
 from .blocks import chunk_tensor as _chunk_tensor
 from .chunks import default_chunk_size
 from .summary import (
+    GRAM_MAX_FEATURES,
     PILOT_ROWS,
     Summary,
     combine_summaries,
@@ -200,6 +201,11 @@ class Source:
         :func:`pyromoe.core.chunks.default_chunk_size`, or that of the source this one rescales)
         sets the pass's chunks: an entry point calls it first with its own ``chunk_size``.
 
+        With at most :data:`pyromoe.core.summary.GRAM_MAX_FEATURES` columns the pass also forms
+        the Gram of the shifted ``x`` (``Summary.x_gram_shifted``), which the moment step's
+        second-moment pass then takes instead of forming it (:func:`pyromoe.core.moments.
+        second_moments`).
+
         Raises
         ------
         ValueError
@@ -212,11 +218,16 @@ class Source:
             self.summary_chunk_size = chunk
         return self._summary
 
+    def cached_summary(self) -> Summary | None:
+        """The summary if a pass computed it already (no pass here), else None."""
+        return self._summary
+
     def _compute_summary(self, chunk: int) -> Summary:
         pilot_x, pilot_y = self.head(PILOT_ROWS)
-        shift, y_shift = pilot_shifts(pilot_x, pilot_y)
+        shift, y_shift = pilot_shifts(pilot_x, pilot_y, self.dtype)
+        gram = self.in_features <= GRAM_MAX_FEATURES
         sums = self.reduce(
-            summary_sums, chunk, shift.to(self.device), y_shift, combine=combine_summaries
+            summary_sums, chunk, shift.to(self.device), y_shift, gram, combine=combine_summaries
         )
         if math.isfinite(float(sums[5])):
             raise ValueError(self.non_finite_message(int(sums[5])))

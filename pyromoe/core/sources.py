@@ -21,7 +21,8 @@ for a function returning a tensor or a tuple of tensors (the sufficient statisti
 an EM step). Extra memory is that of one chunk plus the sums, whatever n.
 
 ``summary()`` is one pass (cached, :mod:`pyromoe.core.summary`) giving the column means, standard
-deviations and largest magnitudes of ``x`` and ``y``, and checking that every value is finite;
+deviations and largest magnitudes of ``x`` and ``y`` (and, for few columns, the Gram of the
+shifted ``x`` that the moment step reuses), and checking that every value is finite;
 out-of-core sources are checked there, in the first pass any estimator makes, rather than by an
 extra read. It is a :meth:`Source.reduce` like every other pass, so every source (Dask included)
 runs the same summary code. Chunks have ``chunk_size`` rows (:mod:`pyromoe.core.chunks`).

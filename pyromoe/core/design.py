@@ -152,16 +152,26 @@ class _ColumnSource(Source):
         return x.index_select(1, self.index.to(x.device)), y
 
     def summary(self, chunk_size: int | None = None) -> Summary:
+        """The base's summary restricted to the columns (the shifted Gram on both axes)."""
         if self._summary is None:
             base = self.base.summary(chunk_size)
             index = self.index.to(base.x_mean.device)
+            gram = base.x_gram_shifted
             self._summary = dataclasses.replace(
                 base,
                 x_mean=base.x_mean[index],
                 x_sd=base.x_sd[index],
                 x_absmax=base.x_absmax[index],
+                x_shift=None if base.x_shift is None else base.x_shift[index],
+                x_gram_shifted=None if gram is None else gram[index][:, index],
             )
             self.summary_chunk_size = self.base.summary_chunk_size
+        return self._summary
+
+    def cached_summary(self) -> Summary | None:
+        """The restricted summary when the base's is cached (no pass), else None."""
+        if self._summary is None and self.base.cached_summary() is not None:
+            self.summary()
         return self._summary
 
 

@@ -18,9 +18,10 @@ Dask array is read chunk by chunk, each pass one :meth:`~pyromoe.core.sources.So
    :func:`choose_alpha` can pick ``alpha`` from the data.
 
 Precision: each chunk's products run in ``x``'s dtype (float32 stays float32 on a GPU), after
-subtracting a fixed pilot mean of the first rows so that the centring done in float64 afterwards
-does not cancel digits; every accumulator across chunks, the powers of ``y`` (``y^6`` enters the
-variance) and everything after the passes (centring, whitening, eigen-decompositions) are float64.
+subtracting a fixed pilot mean of the first rows (:func:`pyromoe.core.summary.pilot_shifts`, the
+summary pass's rule) so that the centring done in float64 afterwards does not cancel digits;
+every accumulator across chunks, the powers of ``y`` (``y^6`` enters the variance) and
+everything after the passes (centring, whitening, eigen-decompositions) are float64.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 
 from .chunks import default_chunk_size
 from .sources import Source, TensorSource
+from .summary import PILOT_ROWS, pilot_shifts
 from .units import AffineMap
 
 __all__ = [
@@ -46,7 +48,6 @@ __all__ = [
     "t2_noise_floor",
 ]
 
-_PILOT_ROWS = 1024
 _F64 = torch.float64
 
 
@@ -105,6 +106,12 @@ def second_moments(
     ``yc = y - centre`` and ``P2 = yc^2 + beta yc`` are formed chunk by chunk (float64), so the
     extra memory stays O(chunk_size * d) whatever n.
 
+    When ``x`` is a source whose summary is cached and carries the Gram of the shifted inputs
+    (``Summary.x_gram_shifted``, formed in the summary pass for
+    ``d <= pyromoe.core.summary.GRAM_MAX_FEATURES``), the pass takes that Gram and its shift and
+    forms only the weighted Gram and the products with ``(P2, yc, 1)``; otherwise it forms the
+    Gram itself, after the same pilot shift rule. Both give the same moments up to rounding.
+
     Parameters
     ----------
     x : Tensor (n, d)
@@ -132,18 +139,26 @@ def second_moments(
     n, d = source.shape
     chunk_size = _check_chunk_size(chunk_size, d)
     dtype = source.dtype
-    # Fixed pilot shift (independent of chunk_size, so that chunked == one-chunk up to rounding).
-    # It only matters when the mean is large against the spread (the float64 centring afterwards
-    # would cancel digits); otherwise skip it and save a copy of every chunk.
-    pilot = source.head(_PILOT_ROWS)[0].to(_F64)
-    shift = pilot.mean(0)
-    if not bool((shift.abs() > pilot.std(0, correction=0)).any()):
-        shift = torch.zeros_like(shift)
+    summary = source.cached_summary()
+    gram = None if summary is None else summary.x_gram_shifted
+    if gram is not None:
+        shift = summary.x_shift  # the shift the summary's Gram was formed with
+    else:
+        # Fixed pilot shift (independent of chunk_size, so that chunked == one-chunk up to
+        # rounding); zero unless a column's mean is large against its spread.
+        shift, _ = pilot_shifts(*source.head(PILOT_ROWS), dtype)
     use_shift = bool(shift.abs().max() > 0)
     sums = source.reduce(
-        _second_moment_sums, chunk_size, shift.to(dtype) if use_shift else None, centre, beta
+        _second_moment_sums,
+        chunk_size,
+        shift.to(dtype) if use_shift else None,
+        centre,
+        beta,
+        gram is None,
     )
     sum_xx, sum_pxx, sums, sum_p, sum_y, num_chunks = sums
+    if gram is not None:
+        sum_xx = gram.to(sum_pxx.device)
     num_chunks = int(num_chunks)
     sum_px, sum_yx, sum_x = sums
     mean_s = sum_x / n  # mean of x - shift
@@ -174,8 +189,9 @@ def _as_source(x, y) -> Source:
     return x if isinstance(x, Source) else TensorSource(x, y)
 
 
-def _second_moment_sums(x, y, shift, centre, beta):
-    """One chunk's sums for :func:`second_moments` (float64)."""
+def _second_moment_sums(x, y, shift, centre, beta, with_gram=True):
+    """One chunk's sums for :func:`second_moments` (float64); without ``with_gram`` the Gram
+    ``xs^T xs`` is not formed (a zero in its place: the summary's is used)."""
     dtype = x.dtype
     xs = x - shift if shift is not None else x
     yc = y.to(_F64) - centre
@@ -189,7 +205,7 @@ def _second_moment_sums(x, y, shift, centre, beta):
     else:
         weighted = (xs * weights[0, :, None]).T @ xs
     return (
-        (xs.T @ xs).to(_F64),
+        (xs.T @ xs).to(_F64) if with_gram else torch.zeros((), dtype=_F64, device=x.device),
         weighted.to(_F64),
         (weights @ xs).to(_F64),
         torch.stack([p.sum(), torch.dot(p, p)]),

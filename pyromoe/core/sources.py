@@ -21,7 +21,8 @@ for a function returning a tensor or a tuple of tensors (the sufficient statisti
 an EM step). Extra memory is that of one chunk plus the sums, whatever n.
 
 ``summary()`` is one pass (cached, :mod:`pyromoe.core.summary`) giving the column means, standard
-deviations and largest magnitudes of ``x`` and ``y``, and checking that every value is finite;
+deviations and largest magnitudes of ``x`` and ``y`` (and, for few columns, the Gram of the
+shifted ``x`` that the moment step reuses), and checking that every value is finite;
 out-of-core sources are checked there, in the first pass any estimator makes, rather than by an
 extra read. It is a :meth:`Source.reduce` like every other pass, so every source (Dask included)
 runs the same summary code. Chunks have ``chunk_size`` rows (:mod:`pyromoe.core.chunks`).
@@ -40,6 +41,7 @@ from .blocks import BlockPass, pass_graph, worker_chunk
 from .blocks import chunk_tensor as _chunk_tensor
 from .chunks import default_chunk_size
 from .summary import (
+    GRAM_MAX_FEATURES,
     PILOT_ROWS,
     Summary,
     combine_summaries,
@@ -200,6 +202,11 @@ class Source:
         :func:`pyromoe.core.chunks.default_chunk_size`, or that of the source this one rescales)
         sets the pass's chunks: an entry point calls it first with its own ``chunk_size``.
 
+        With at most :data:`pyromoe.core.summary.GRAM_MAX_FEATURES` columns the pass also forms
+        the Gram of the shifted ``x`` (``Summary.x_gram_shifted``), which the moment step's
+        second-moment pass then takes instead of forming it (:func:`pyromoe.core.moments.
+        second_moments`).
+
         Raises
         ------
         ValueError
@@ -212,11 +219,16 @@ class Source:
             self.summary_chunk_size = chunk
         return self._summary
 
+    def cached_summary(self) -> Summary | None:
+        """The summary if a pass computed it already (no pass here), else None."""
+        return self._summary
+
     def _compute_summary(self, chunk: int) -> Summary:
         pilot_x, pilot_y = self.head(PILOT_ROWS)
-        shift, y_shift = pilot_shifts(pilot_x, pilot_y)
+        shift, y_shift = pilot_shifts(pilot_x, pilot_y, self.dtype)
+        gram = self.in_features <= GRAM_MAX_FEATURES
         sums = self.reduce(
-            summary_sums, chunk, shift.to(self.device), y_shift, combine=combine_summaries
+            summary_sums, chunk, shift.to(self.device), y_shift, gram, combine=combine_summaries
         )
         if math.isfinite(float(sums[5])):
             raise ValueError(self.non_finite_message(int(sums[5])))

@@ -69,8 +69,8 @@ _MIXTURE_SITES = (
 _ADVICE = {
     "r_hat": (
         "the chains disagree: run longer (more num_warmup and num_samples); if a chain sits in "
-        "another mode, start from a better estimate (pyromoe.initialize with more n_init) or "
-        "fewer experts; try full_mass=True for correlated parameters"
+        "another mode, start from a better estimate (pyromoe.fit_em with more n_init: every "
+        "start run to convergence) or fewer experts; try full_mass=True for correlated parameters"
     ),
     "r_hat_mixing": (
         "no chain sits apart (without any one of them r_hat stays above the threshold): the "

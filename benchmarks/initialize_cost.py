@@ -204,7 +204,8 @@ def markdown(result: dict) -> str:
             "Large rows against one random draw with no choice among candidates "
             "(`fit_em(n_init=1, screen=1)`: the draw's short EM on a 5,000-row subsample, then EM "
             "on all rows) as well as the default start (`screen=4`: the best of 4 draws after "
-            "that subsample EM):",
+            "that subsample EM). A row measured before this run (`--keep-large`) was kept from an "
+            "earlier results file, timed on the code of that day: its `measured` time says when.",
             "",
             "| n | d | initialize (s) | default start (s), iterations | one draw (s), iterations | "
             "ratio to default start | ratio to one draw | measured |",
@@ -260,7 +261,7 @@ def _earlier_large_rows(skip: set[int]) -> list[dict]:
     earlier = json.loads(path.read_text())
     rows = [row for row in earlier.get("large_rows", []) if row["n"] not in skip]
     for row in rows:
-        row.setdefault("measured", earlier.get("date"))
+        row.setdefault("measured", earlier["machine_info"].get("date_utc", earlier.get("date")))
     return rows
 
 
@@ -293,9 +294,9 @@ def main() -> None:
     for cosine in args.small_cosine:
         rows.insert(0, measure(2000, 10, args.repeats, multi_start=True, cosine=cosine))
     large = [measure(int(n), 50, 1, multi_start=False) for n in args.large]
-    today = datetime.date.today().isoformat()
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     for row in large:
-        row["measured"] = today
+        row["measured"] = now
     if args.keep_large:
         large += _earlier_large_rows({int(n) for n in args.large})
         large.sort(key=lambda row: row["n"])

@@ -39,6 +39,47 @@ def test_the_flat_parameters_round_trip(bias, per_expert, gate_width):
         assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-14)
 
 
+def _autograd_hessian(x, y, params, link):
+    """The reference: autograd over every flat parameter (p + 1 backward passes)."""
+    flat = Flat(params)
+
+    def total(theta):
+        return log_likelihood(x, y, flat.params(theta), link).sum()
+
+    return torch.autograd.functional.hessian(total, flat.flat(params))
+
+
+@pytest.mark.parametrize(
+    "k, link, bias, per_expert, split",
+    [
+        (2, "linear", True, False, False),
+        (2, "linear", False, True, False),
+        (3, "tanh", True, True, False),
+        (3, "relu", True, False, False),
+        (3, "tanh", True, True, True),  # the gate on covariates of its own: x = [x | z]
+        (2, "sigmoid", False, False, True),
+    ],
+)
+def test_the_predictor_hessian_equals_autograd_over_every_parameter(
+    k, link, bias, per_expert, split
+):
+    g = torch.Generator().manual_seed(k + 7 * split)
+    n, d_experts, d_gate = 700, 3, 2 if split else 3
+    x = torch.randn(n, d_experts + (d_gate if split else 0), generator=g, dtype=F64)
+    y = torch.randn(n, generator=g, dtype=F64)
+    params = Params(
+        torch.randn(k, d_experts, generator=g, dtype=F64),
+        torch.randn(k, generator=g, dtype=F64) if bias else None,
+        torch.randn(k - 1, d_gate, generator=g, dtype=F64),
+        torch.randn(k - 1, generator=g, dtype=F64) if bias else None,
+        torch.rand(k if per_expert else (), generator=g, dtype=F64) + 0.5,
+    )
+    expected = _autograd_hessian(x, y, params, get_link(link))
+    hessian = subsample_hessian(x, y, params, get_link(link))
+    assert hessian.shape == expected.shape
+    torch.testing.assert_close(hessian, expected, rtol=1e-11, atol=1e-11 * expected.abs().max())
+
+
 def test_the_hessian_of_one_expert_is_the_regression_closed_form():
     g = torch.Generator().manual_seed(1)
     n, d = 400, 3

@@ -39,6 +39,18 @@ def test_the_flat_parameters_round_trip(bias, per_expert, gate_width):
         assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-14)
 
 
+def _random_params(g, k, d_experts, d_gate, bias, per_expert) -> Params:
+    """Parameters drawn from ``g`` (float64): weights and biases normal, noise sd(s) in
+    [0.5, 1.5)."""
+    return Params(
+        torch.randn(k, d_experts, generator=g, dtype=F64),
+        torch.randn(k, generator=g, dtype=F64) if bias else None,
+        torch.randn(k - 1, d_gate, generator=g, dtype=F64),
+        torch.randn(k - 1, generator=g, dtype=F64) if bias else None,
+        torch.rand(k if per_expert else (), generator=g, dtype=F64) + 0.5,
+    )
+
+
 def _autograd_hessian(x, y, params, link):
     """The reference: autograd over every flat parameter (p + 1 backward passes)."""
     flat = Flat(params)
@@ -67,13 +79,7 @@ def test_the_predictor_hessian_equals_autograd_over_every_parameter(
     n, d_experts, d_gate = 700, 3, 2 if split else 3
     x = torch.randn(n, d_experts + (d_gate if split else 0), generator=g, dtype=F64)
     y = torch.randn(n, generator=g, dtype=F64)
-    params = Params(
-        torch.randn(k, d_experts, generator=g, dtype=F64),
-        torch.randn(k, generator=g, dtype=F64) if bias else None,
-        torch.randn(k - 1, d_gate, generator=g, dtype=F64),
-        torch.randn(k - 1, generator=g, dtype=F64) if bias else None,
-        torch.rand(k if per_expert else (), generator=g, dtype=F64) + 0.5,
-    )
+    params = _random_params(g, k, d_experts, d_gate, bias, per_expert)
     expected = _autograd_hessian(x, y, params, get_link(link))
     hessian = subsample_hessian(x, y, params, get_link(link))
     assert hessian.shape == expected.shape
@@ -194,14 +200,7 @@ def test_the_closed_form_gradient_equals_autograd(k, link, bias, per_expert, gat
     width = d + (gate_width or 0)
     x = torch.randn(n, width, generator=g, dtype=F64)
     y = torch.randn(n, generator=g, dtype=F64)
-    gw = gate_width or d
-    params = Params(
-        torch.randn(k, d, generator=g, dtype=F64),
-        torch.randn(k, generator=g, dtype=F64) if bias else None,
-        torch.randn(k - 1, gw, generator=g, dtype=F64),
-        torch.randn(k - 1, generator=g, dtype=F64) if bias else None,
-        torch.rand(k if per_expert else (), generator=g, dtype=F64) + 0.5,
-    )
+    params = _random_params(g, k, d, gate_width or d, bias, per_expert)
     link = get_link(link)
     flat = Flat(params)
     theta = flat.flat(params).requires_grad_(True)

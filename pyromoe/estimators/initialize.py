@@ -2,8 +2,9 @@
 
 The tensor start of :mod:`pyromoe.estimators.tensor_init` where it applies, guarded by random-start
 EM on a random subsample and a sanity check, with multi-start EM (:func:`pyromoe.fit_em`) as
-the fallback (raced: hopeless starts stop early). On all rows the guarded path costs the summary and moment passes plus a few Newton
-steps from the winning start's fit on the guard subsample, with that subsample's curvature
+the fallback (at k = 2 raced: hopeless starts stop early). On all rows the guarded path costs
+the summary and moment passes plus a few Newton steps from the winning start's fit on the guard
+subsample, with that subsample's curvature
 (:mod:`pyromoe.core.em.newton`; EM on all rows only where they do not converge): the comparison
 with random starts never takes a full-data pass, and a random start's run stops as soon as it
 cannot beat the tensor start."""
@@ -501,7 +502,8 @@ def _random_runs(
 
 
 def _raced_multistart(source, link, options: MomentOptions, n_init: int, reason: str):
-    """The fallback of ``method="auto"``: ``n_init`` starts, hopeless ones stopped early.
+    """The fallback of ``method="auto"`` at k = 2: one screened start and up to
+    :data:`AUTO_RANDOM_STARTS` random ones, hopeless ones stopped early.
 
     On a random subsample of :data:`SCREEN_ROWS` rows (all rows when n is smaller): EM to
     convergence from one screened start (the best of
@@ -527,7 +529,8 @@ def _raced_multistart(source, link, options: MomentOptions, n_init: int, reason:
         runs, best = _random_runs(source, screen, link, options, target, count=count)
     won = best is not None and runs[best].objective > target + GUARD_MARGIN
     fit = _run_estimate(runs[best], link, options) if won else first
-    if won or screen.num_rows < source.num_rows:  # the winner's EM on all rows
+    refit = won or screen.num_rows < source.num_rows  # the winner is not converged on all rows
+    if refit:
         fit = fit_em.unchecked(source, None, k, link, init=fit, seed=seed, **em_options)
     winner = "a raced random start" if won else "the screened start"
     where = "all rows" if screen.num_rows == source.num_rows else f"{screen.num_rows} random rows"
@@ -536,7 +539,7 @@ def _raced_multistart(source, link, options: MomentOptions, n_init: int, reason:
         f"{len(runs)} random start(s) each stopped once it could not beat it by "
         f"{GUARD_MARGIN:g} per row; {winner} won"
     )
-    if screen.num_rows < source.num_rows or won:
+    if refit:
         race += ", and EM on all rows ran from it"
     diagnostics = dict(fit.diagnostics)
     diagnostics.update(

@@ -89,17 +89,15 @@ def subsample_hessian(x: torch.Tensor, y: torch.Tensor, params: Params, link: Li
     designs; autograd over all ``p`` parameters takes ``p + 1`` passes (155 at k = 2, d = 50).
     One expert (no gate) takes that plain autograd route.
     """
-    flat = Flat(params)
     x64, y64 = x.to(F64), y.to(F64)
-    params64 = flat.params(flat.flat(params).to(x.device))
-    k = params.num_experts
-    if k == 1:
+    if params.num_experts > 1:
+        return _predictor_hessian(x64, y64, params.to(x.device, F64), link)
+    flat = Flat(params)
 
-        def total(theta):
-            return log_likelihood(x64, y64, flat.params(theta), link).sum()
+    def total(theta):
+        return log_likelihood(x64, y64, flat.params(theta), link).sum()
 
-        return torch.autograd.functional.hessian(total, flat.flat(params).to(x.device))
-    return _predictor_hessian(x64, y64, params64, link)
+    return torch.autograd.functional.hessian(total, flat.flat(params).to(x.device))
 
 
 def _predictor_hessian(x, y, params: Params, link: Link) -> torch.Tensor:

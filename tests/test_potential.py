@@ -211,3 +211,58 @@ def test_flat_kernel_follows_pyros_nuts_on_the_sites():
         runs.append(mcmc.get_samples())
     for name in model.site_shapes:
         torch.testing.assert_close(runs[0][name], runs[1][name], rtol=0, atol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize("noise", ["shared", "per_expert"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_value_and_grad_hold_at_extreme_points(k, noise):
+    """Far from the data (gate logits in the hundreds, residuals of hundreds of noise sds) the
+    closed form (two experts: softplus terms of the log-odds) stays finite and equals Pyro's
+    logsumexp-based potential and its autograd gradient to 1e-10 relative."""
+    x, y = _data(n=40, d=3, seed=3)
+    model = MixtureOfExperts(3, k, noise=noise)
+    fused = fused_potential(model, x, y)
+    generator = torch.Generator().manual_seed(2)
+    for scale, log_noise in ((300.0, 0.0), (1.0, -6.0), (300.0, -6.0)):
+        point = {
+            name: scale * torch.randn(shape, generator=generator, dtype=torch.float64)
+            for name, shape in model.site_shapes.items()
+            if name != "noise"
+        }
+        point["noise"] = torch.full(model.site_shapes["noise"], log_noise, dtype=torch.float64)
+        expected, expected_grads = _pyro_potential_and_grad(model, x, y, point)
+        value, grad = fused.value_and_grad(fused.to_flat(point))
+        assert torch.isfinite(value) and bool(torch.isfinite(grad).all())
+        assert abs(float(value) - expected) <= 1e-10 * max(1.0, abs(expected))
+        for name, part in fused.from_flat(grad).items():
+            scale_of = max(1.0, float(expected_grads[name].abs().max()))
+            torch.testing.assert_close(
+                part, expected_grads[name], rtol=0, atol=1e-10 * scale_of, msg=name
+            )
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_kept_buffers_leave_no_trace_between_calls(k):
+    """The per-row buffers are reused: a second call at another point leaves the first call's
+    value and gradient as they were, gives what a fresh potential gives there, and a pickled
+    copy (a worker process's) makes its own buffers and gives the same numbers."""
+    import pickle
+
+    x, y = _data(n=30, d=3, seed=k)
+    model = MixtureOfExperts(3, k, gate_features=None)
+    fused = fused_potential(model, x, y)
+    generator = torch.Generator().manual_seed(9)
+    first, second = (
+        torch.randn(fused.num_params, generator=generator, dtype=torch.float64) for _ in range(2)
+    )
+    value_1, grad_1 = fused.value_and_grad(first)
+    kept_value, kept_grad = value_1.clone(), grad_1.clone()
+    value_2, grad_2 = fused.value_and_grad(second)
+    assert torch.equal(value_1, kept_value) and torch.equal(grad_1, kept_grad)
+    fresh_value, fresh_grad = fused_potential(model, x, y).value_and_grad(second)
+    assert torch.equal(value_2, fresh_value) and torch.equal(grad_2, fresh_grad)
+    assert "_work" in vars(fused)
+    copy = pickle.loads(pickle.dumps(fused))
+    assert "_work" not in vars(copy)
+    copy_value, copy_grad = copy.value_and_grad(second)
+    assert torch.equal(copy_value, value_2) and torch.equal(copy_grad, grad_2)

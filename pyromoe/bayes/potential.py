@@ -103,6 +103,9 @@ class FusedPotential:
     is ``(experts, n)``, so the sums over the experts (the mixture's and the gate's normalisers)
     are elementwise operations between contiguous rows, and the weights and biases of the experts
     and the gate are one matrix ``(2k - 1, d + 1)`` (one product forward, one for the gradient).
+    The per-row arrays live in buffers kept between calls (:meth:`_workspace`), so an evaluation
+    asks the allocator for no per-row memory; two experts take a shorter closed form
+    (:meth:`_pair_log_likelihood`).
     """
 
     def __init__(self, model, x: torch.Tensor, y: torch.Tensor, priors: dict):
@@ -206,59 +209,144 @@ class FusedPotential:
         """
         k, n = self.k, self.n
         weights = main if self.order is None else main[self.order]
-        predictors, logits = self._predictors(weights)
+        if k == 2:
+            return self._pair_log_likelihood(weights, u)
+        work = self._workspace(weights)
+        z = self._predictors(weights, work["z"])
+        predictors, logits = z[:k], z[k:]
         inv_noise = torch.exp(-u)
         if u.dim() == 1:
             inv_noise = inv_noise[:, None]
-        residual = (self.y - self.link(predictors)) * inv_noise  # (k, n)
-        square = residual * residual
-        scores = square * -0.5
+        means = predictors if self.link.is_identity else self.link(predictors)
+        residual = torch.sub(self.y, means, out=work["residual"]).mul_(inv_noise)  # (k, n)
+        square = torch.mul(residual, residual, out=work["square"])
+        scores = torch.mul(square, -0.5, out=work["scores"])
         if k > 1:
             scores[1:] += logits
         if u.dim() == 1:
             scores -= u[:, None]
-        top = scores.amax(0)
-        exp_scores = torch.exp(scores - top)
-        total = exp_scores.sum(0)
-        resp = exp_scores / total  # responsibilities
-        log_lik = top.sum() + torch.log(total).sum() - 0.5 * n * _LOG_2PI
+        top = torch.amax(scores, 0, out=work["top"])
+        exp_scores = scores.sub_(top).exp_()
+        total = torch.sum(exp_scores, 0, out=work["total"])
+        resp = exp_scores.div_(total)  # responsibilities
+        log_lik = top.sum() + total.log_().sum() - 0.5 * n * _LOG_2PI
         if u.dim() == 0:
             log_lik = log_lik - n * u
-        d_predictors = resp * residual * inv_noise
+        d_z = work["d_z"]
+        torch.mul(resp, residual.mul_(inv_noise), out=d_z[:k])  # R r / sigma
         if not self.link.is_identity:
-            d_predictors = d_predictors * self.link.derivative(predictors)
+            d_z[:k] *= self.link.derivative(predictors)
         if k > 1:
-            normaliser, gate = self._gate(logits)
-            log_lik = log_lik - normaliser
-            d_z = torch.cat([d_predictors, resp[1:] - gate])
-        else:
-            d_z = d_predictors
+            log_lik = log_lik - self._gate(logits, d_z[k:], work)
+            torch.sub(resp[1:], d_z[k:], out=d_z[k:])
         grad = self._weight_gradients(d_z)
-        weighted = resp * square
+        weighted = square.mul_(resp)
         d_u = weighted.sum() - n if u.dim() == 0 else weighted.sum(1) - resp.sum(1)
         return log_lik, grad if self.inverse is None else grad[self.inverse], d_u
 
-    def _gate(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sum_n log sum_i exp(logit_in), the free experts' gate probabilities)``; expert 0's
-        logit is 0."""
-        if self.k == 2:
-            zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
-            return torch.logaddexp(logits, zero).sum(), torch.sigmoid(logits)
-        top = logits.amax(0).clamp(min=0)
-        exp_logits = torch.exp(logits - top)
-        total = torch.exp(-top) + exp_logits.sum(0)
-        return top.sum() + torch.log(total).sum(), exp_logits / total
+    def _pair_log_likelihood(self, weights: torch.Tensor, u: torch.Tensor):
+        """:meth:`_log_likelihood` for two experts, in about half the elementwise work and no
+        fresh memory per call.
 
-    def _predictors(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The experts' predictors ``(k, n)`` and the free gate logits ``(k - 1, n)`` (``None``
-        for one expert), in one product when the gate reads the experts' design."""
-        k = self.k
+        With two experts each row's mixture and gate normalisers are softplus terms of one
+        log-odds each: ``log(p_0 N_0 + p_1 N_1) = log N_0 - softplus(l) + softplus(t)`` with the
+        gate logit ``l`` and ``t = l - (r_1^2 - r_0^2) / 2 - (log sigma_1 - log sigma_0)``, the
+        log-odds of expert 1's responsibility, so the responsibilities and the gate are
+        ``sigmoid(t)`` and ``sigmoid(l)``. Both softplus terms come from one pass over the stacked
+        ``(t, l)``: ``softplus(v) = max(v, 0) + log(1 + exp(-|v|))``, exact for any ``v`` (no
+        overflow; the log's absolute error is that of ``1 + exp(-|v|)``, below 2e-16 per row).
+
+        Every per-row array is written into :meth:`_workspace`'s buffers (``out=`` and in-place
+        operations): a NUTS run evaluates this thousands of times, and at tens of thousands of
+        rows each fresh array would be memory the allocator maps from the system and faults in
+        page by page, which cost as much as the arithmetic (measured in ``benchmarks/nuts_speed.py``).
+        """
+        n = self.n
+        work = self._workspace(weights)
+        z = self._predictors(weights, work["z"])
+        predictors, logit = z[:2], z[2]
+        inv_noise = torch.exp(-u)
+        if u.dim() == 1:
+            inv_noise = inv_noise[:, None]
+        means = predictors if self.link.is_identity else self.link(predictors)
+        residual = torch.sub(self.y, means, out=work["residual"]).mul_(inv_noise)  # (2, n)
+        square = torch.mul(residual, residual, out=work["square"])
+        gap = torch.sub(square[1], square[0], out=work["gap"])
+        pair = work["pair"]  # (t, l)
+        torch.add(logit, gap, alpha=-0.5, out=pair[0])
+        if u.dim() == 1:
+            pair[0].sub_(u[1] - u[0])
+        pair[1].copy_(logit)
+        spare = work["spare"]
+        positive = torch.clamp(pair, min=0, out=spare).sum(1)
+        log_terms = torch.abs(pair, out=work["e"]).neg_().exp_().add_(1).log_().sum(1)
+        softplus = positive + log_terms
+        square_0 = square[0].sum()
+        log_lik = -0.5 * square_0 + softplus[0] - softplus[1] - 0.5 * n * _LOG_2PI
+        sigmoid = torch.sigmoid(pair, out=spare)
+        resp, gate = sigmoid[0], sigmoid[1]
+        scaled = residual.mul_(inv_noise)  # r / sigma
+        d_z = work["d_z"]
+        torch.mul(scaled[1], resp, out=d_z[1])
+        torch.mul(scaled[0], resp, out=d_z[0])
+        torch.sub(scaled[0], d_z[0], out=d_z[0])  # (1 - resp) r_0 / sigma_0
+        if not self.link.is_identity:
+            d_z[:2] *= self.link.derivative(predictors)
+        torch.sub(resp, gate, out=d_z[2])
+        grad = self._weight_gradients(d_z)
+        # d / d log sigma_i: sum_n resp_in (r_in^2 - 1)
+        weighted_gap = torch.dot(resp, gap)  # sum resp_1 (r_1^2 - r_0^2)
+        if u.dim() == 0:
+            log_lik = log_lik - n * u
+            d_u = square_0 + weighted_gap - n
+        else:
+            log_lik = log_lik - n * u[0]
+            d_u_1 = torch.dot(resp, square[1]) - resp.sum()
+            d_u = torch.stack([square_0 + weighted_gap - d_u_1 - n, d_u_1])
+        return log_lik, grad if self.inverse is None else grad[self.inverse], d_u
+
+    def _workspace(self, like: torch.Tensor) -> dict:
+        """Per-row buffers for :meth:`_log_likelihood`, made on first use (for ``like``'s dtype
+        and device) and kept: about ``8 k`` values a row. A NUTS run evaluates the potential
+        thousands of times, and at tens of thousands of rows each fresh per-row array would be
+        memory the allocator maps from the system and faults in page by page, which cost as much
+        as the arithmetic (``benchmarks/nuts_speed.py``). Not shared between threads, and not
+        pickled (a worker process makes its own)."""
+        work = self.__dict__.get("_work")
+        if work is None or work["z"].dtype != like.dtype or work["z"].device != like.device:
+            k, n, options = self.k, self.n, {"dtype": like.dtype, "device": like.device}
+            rows = {"z": 2 * k - 1, "d_z": 2 * k - 1, "residual": k, "square": k}
+            vectors = ["gap"] if k == 2 else ["top", "total", "gate_top", "gate_total", "spare"]
+            rows.update({"pair": 2, "e": 2, "spare": 2} if k == 2 else {"scores": k})
+            work = {name: torch.empty(size, n, **options) for name, size in rows.items()}
+            work.update({name: torch.empty(n, **options) for name in vectors})
+            self._work = work
+        return work
+
+    def __getstate__(self):
+        return {key: value for key, value in self.__dict__.items() if key != "_work"}
+
+    def _gate(self, logits: torch.Tensor, out: torch.Tensor, work: dict) -> torch.Tensor:
+        """``sum_n log sum_i exp(logit_in)`` (expert 0's logit is 0), for ``k > 2``; the free
+        experts' gate probabilities are written into ``out`` ``(k - 1, n)``."""
+        top = torch.amax(logits, 0, out=work["gate_top"]).clamp_(min=0)
+        exp_logits = torch.sub(logits, top, out=out).exp_()
+        total = torch.sum(exp_logits, 0, out=work["gate_total"])
+        total.add_(torch.neg(top, out=work["spare"]).exp_())
+        exp_logits.div_(total)
+        return top.sum() + total.log_().sum()
+
+    def _predictors(self, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The experts' predictors and the free gate logits, rows ``[z_1..z_k | l_2..l_k]`` of
+        ``out`` ``(2k - 1, n)``, in one product when the gate reads the experts' design."""
         if self.design_gate is None:
-            z = weights.view(-1, self.design_experts.shape[0]) @ self.design_experts
-            return z[:k], (z[k:] if k > 1 else None)
-        size = self.experts_size
-        predictors = weights[:size].view(k, -1) @ self.design_experts
-        return predictors, weights[size:].view(k - 1, -1) @ self.design_gate
+            return torch.mm(
+                weights.view(-1, self.design_experts.shape[0]), self.design_experts, out=out
+            )
+        k, size = self.k, self.experts_size
+        torch.mm(weights[:size].view(k, -1), self.design_experts, out=out[:k])
+        torch.mm(weights[size:].view(k - 1, -1), self.design_gate, out=out[k:])
+        return out
 
     def _weight_gradients(self, d_z: torch.Tensor) -> torch.Tensor:
         """The gradient in the matrix ``[weights | bias]`` (flat) from that in the predictors."""

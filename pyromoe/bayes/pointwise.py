@@ -18,7 +18,7 @@ with the same seed, rows and draws keeps the same rows: the fits of
 :func:`~pyromoe.compare_experts` are compared on the same rows) and kept in float32. Only the kept
 rows are evaluated for these groups: nothing of size draws x n is ever held. The per-draw totals
 (``sample_stats.log_likelihood_total``, ``attrs["chain_mean_log_likelihood"]``) still sum over
-every row, in blocks of at most :data:`BLOCK_CELLS` draws x rows.
+every row, in blocks of at most :data:`BLOCK_CELLS` draws x rows (:func:`blocks`).
 
 The kept rows are recorded twice: as the ``obs`` coordinate of every group that has it (their row
 numbers in the data) and, for a subsample, as ``attrs["pointwise_rows"]``; ``attrs`` also hold
@@ -49,6 +49,9 @@ POINTWISE_CELLS = 2**21
 #: draws x rows evaluated at once (each intermediate of the likelihood is this times k numbers);
 #: blocks that stay in cache: 2**16 cells took 0.6x the time per cell of 2**20 (d = 6, k = 2)
 BLOCK_CELLS = 2**16
+
+#: rows of a block of :func:`blocks` when there are more (the draws per block fill the rest)
+BLOCK_ROWS = 1024
 
 #: the spawn key of the subsample's seed, ``child_seed(seed, POINTWISE_SEED_KEY)``
 POINTWISE_SEED_KEY = 4
@@ -94,10 +97,12 @@ def pointwise_rows(
 
 
 def blocks(num_draws: int, num_rows: int, chunk_size: int) -> Iterator[tuple[slice, slice]]:
-    """``(draws, rows)`` slices covering draws x rows in blocks of at most
-    ``max(BLOCK_CELLS, num_rows)`` cells (at most ``chunk_size`` draws each); one block of rows
-    (every row) whenever ``num_rows <= BLOCK_CELLS // chunk_size``."""
-    per_block = max(1, min(chunk_size, BLOCK_CELLS // max(num_rows, 1)))
+    """``(draws, rows)`` slices covering draws x rows in blocks of at most :data:`BLOCK_CELLS`
+    cells: at most ``chunk_size`` draws and, where there are so many, at least
+    :data:`BLOCK_ROWS` rows each (every row in one block whenever ``num_rows <= BLOCK_ROWS``).
+    Blocks of every row and one draw had cost more at large n: each call of a model's
+    ``log_likelihood`` checks the rows it is given, so they checked the data once per draw."""
+    per_block = max(1, min(chunk_size, BLOCK_CELLS // max(min(num_rows, BLOCK_ROWS), 1)))
     rows_per_block = max(1, BLOCK_CELLS // per_block)
     for draws in _slices(num_draws, per_block):
         for rows in _slices(num_rows, rows_per_block):

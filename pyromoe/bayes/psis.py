@@ -36,7 +36,9 @@ from torch.distributions import biject_to
 
 from .._validation import child_seed, user_stacklevel
 from ..core import likelihood
+from ..core.params import Params
 from ..core.sources import Source, as_source
+from .pointwise import blocks
 
 __all__ = [
     "PSISWarning",
@@ -107,8 +109,15 @@ def model_log_joint(model, draws: dict[str, torch.Tensor], x, y=None) -> torch.T
     rows = max(1, _PASS_BYTES // (8 * num_draws * (2 * model.num_experts + 2)))
 
     def chunk_log_likelihood(x_chunk, y_chunk):
+        # evaluated in blocks of at most BLOCK_CELLS draws x rows, whose temporaries stay in
+        # cache (and reuse the allocator's memory: a 32 MiB chunk's were mapped afresh each time)
         x_chunk, y_chunk = x_chunk.to(like), y_chunk.to(like)
-        return likelihood.log_likelihood(x_chunk, y_chunk, params, model.link).sum(-1)
+        totals = like.new_zeros(num_draws)
+        for drawn, rows in blocks(num_draws, x_chunk.shape[0], num_draws):
+            block = Params(*(None if value is None else value[drawn] for value in params))
+            values = likelihood.log_likelihood(x_chunk[rows], y_chunk[rows], block, model.link)
+            totals[drawn] += values.sum(-1)
+        return totals
 
     return log_prior + source.reduce(chunk_log_likelihood, rows)
 

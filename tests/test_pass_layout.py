@@ -122,13 +122,27 @@ def _independent_log_likelihood(x, y, params, link):
     return torch.logsumexp(component + logits - torch.logsumexp(logits, -1, keepdim=True), -1)
 
 
+def _independent_responsibilities(x, y, params, link):
+    """``p(expert i | x_n, y_n)`` by Bayes' rule on torch.distributions' densities."""
+    from pyromoe.core.likelihood import expert_means, gate_logits
+
+    means = expert_means(x, params.experts_weight, params.experts_bias, link)
+    logits = gate_logits(x, params.gate_weight, params.gate_bias)
+    sd = params.expert_noise().unsqueeze(-2)
+    joint = torch.distributions.Normal(means, sd).log_prob(y.unsqueeze(-1)).exp() * torch.softmax(
+        logits, -1
+    )
+    return joint / joint.sum(-1, keepdim=True)
+
+
 @pytest.mark.parametrize("batch", [(), (5,), (2, 3)])
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("per_expert", [False, True])
 @pytest.mark.parametrize("link", ["linear", "tanh", "relu"])
 def test_log_likelihood_by_expert_rows_equals_torch_distributions(batch, k, per_expert, link):
-    """``log_likelihood`` (expert by expert on rows of length n, normalisers as elementwise
-    operations between rows) equals the mixture written with torch.distributions to 1e-12, for
+    """``log_likelihood`` and ``responsibilities`` (expert by expert on rows of length n,
+    normalisers as elementwise operations between rows) equal the mixture written with
+    torch.distributions to 1e-12, for
     batched draws, one to three experts, a split design (gate covariates), with and without
     biases; its autograd gradient equals that of the independent form."""
     from pyromoe.core.likelihood import log_likelihood
@@ -153,6 +167,10 @@ def test_log_likelihood_by_expert_rows_equals_torch_distributions(batch, k, per_
         expected = _independent_log_likelihood(x, y, params, get_link(link))
         assert got.shape == (*batch, n)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        weights = responsibilities(x, y, params, get_link(link))
+        expected_weights = _independent_responsibilities(x, y, params, get_link(link))
+        assert weights.shape == (*batch, n, k)
+        torch.testing.assert_close(weights, expected_weights, rtol=0, atol=1e-12)
         weight = params.experts_weight.clone().requires_grad_()
         gate = params.gate_weight.clone().requires_grad_()
         grads = []

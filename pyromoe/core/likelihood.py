@@ -183,6 +183,19 @@ def log_likelihood(x: torch.Tensor, y: torch.Tensor, params: Params, link: Link)
     """
     k = params.num_experts
     rows = _predictor_rows(x, params)
+    total = _logsumexp(_joint_terms(y, rows, params, link)) - HALF_LOG_2PI
+    if k == 1:
+        return total
+    return total - _logsumexp(
+        [torch.zeros_like(total)] + [rows[..., k + i, :] for i in range(k - 1)]
+    )
+
+
+def _joint_terms(y: torch.Tensor, rows: torch.Tensor, params: Params, link: Link) -> list:
+    """Each expert's ``logit_i - r_i^2 / 2 - log sigma_i`` (``r_i = (y - g(z_i)) / sigma_i``,
+    expert 0's logit 0), rows of shape ``(..., n)``: the log of gate times density up to the
+    terms common to the experts (the gate's normaliser and ``log sqrt(2 pi)``)."""
+    k = params.num_experts
     noise = params.expert_noise().to(dtype=rows.dtype, device=rows.device)
     log_noise = torch.log(noise)
     terms = []
@@ -190,12 +203,7 @@ def log_likelihood(x: torch.Tensor, y: torch.Tensor, params: Params, link: Link)
         standardised = (y - link(rows[..., i, :])) / noise[..., i, None]
         term = -0.5 * standardised * standardised - log_noise[..., i, None]
         terms.append(term if i == 0 else term + rows[..., k + i - 1, :])
-    total = _logsumexp(terms) - HALF_LOG_2PI
-    if k == 1:
-        return total
-    return total - _logsumexp(
-        [torch.zeros_like(total)] + [rows[..., k + i, :] for i in range(k - 1)]
-    )
+    return terms
 
 
 def _predictor_rows(x: torch.Tensor, params: Params) -> torch.Tensor:
@@ -237,8 +245,12 @@ def _logsumexp(terms: list[torch.Tensor]) -> torch.Tensor:
 
 
 def responsibilities(x: torch.Tensor, y: torch.Tensor, params: Params, link: Link) -> torch.Tensor:
-    """Posterior responsibilities ``p(expert i | x_n, y_n)``: shape ``(..., n, k)``, rows sum to 1."""
-    return torch.softmax(component_log_probs(x, y, params, link), dim=-1)
+    """Posterior responsibilities ``p(expert i | x_n, y_n)``: shape ``(..., n, k)``, rows sum to 1.
+
+    Computed expert by expert on rows of length n, as :func:`log_likelihood`."""
+    terms = _joint_terms(y, _predictor_rows(x, params), params, link)
+    normaliser = _logsumexp(terms)
+    return torch.stack([torch.exp(term - normaliser) for term in terms], dim=-1)
 
 
 def draw_from_mixture(

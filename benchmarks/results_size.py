@@ -124,8 +124,9 @@ def markdown(runs: list[dict], loo: dict | None, info: dict) -> str:
         "the fit's process and the processes it waited for. SVI takes few steps here: the "
         "results' size and memory do not depend on the fit's quality, and the seconds are "
         "those of these short runs (the pointwise budget's totals and the guide's PSIS check "
-        "each evaluate the log-likelihood of every draw on every row). Timings were taken "
-        f"under load (a 2-core machine shared with other jobs). Budget: {POINTWISE_CELLS} "
+        "each evaluate the log-likelihood of every draw on every row). Timings are from a "
+        "2-core machine shared with other jobs (the load when the run started is in the machine "
+        f"section below). Budget: {POINTWISE_CELLS} "
         'draws x rows (`pointwise="auto"`).',
         "",
         "| n | CSV MB | --pointwise | steps | folder MB | inference_data.nc MB | "

@@ -444,7 +444,9 @@ class _FitRun:
             .to_dict("records")
         )
         # the rows the fit kept (every row, or the pointwise budget's subsample): the obs coords
-        kept = torch.as_tensor(np.asarray(idata.constant_data["obs"].values), device=data.x.device)
+        # (copied: xarray's coordinate arrays are read-only, which torch warns about)
+        obs = np.array(idata.constant_data["obs"].values, dtype=np.int64)
+        kept = torch.from_numpy(obs).to(data.x.device)
         with self.timer("responsibilities"):
             responsibilities = posterior_responsibilities(
                 self.model, idata, data.x[kept], data.y[kept], z=_rows(data.z, kept)

@@ -118,3 +118,32 @@ def test_a_cuda_tensor_passed_directly_keeps_the_fit_on_cuda(data, model):
     state = torch.cuda.get_rng_state()
     fit_map(model, x, y, init=estimate, num_steps=5)
     assert torch.equal(torch.cuda.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_fused_potential_and_likelihood_on_cuda_equal_the_cpu(k):
+    """The fused potential (its kept buffers made on the data's device) and the row-wise
+    log-likelihood and responsibilities give on CUDA what they give on the CPU (float64)."""
+    from pyromoe.bayes.potential import fused_potential
+    from pyromoe.core import likelihood
+    from pyromoe.core.params import Params
+
+    sim = simulate(n=500, in_features=D, num_experts=k, seed=k)
+    model = MixtureOfExperts(D, k, bias=True, noise="per_expert")
+    x, y = torch.as_tensor(sim.x), torch.as_tensor(sim.y)
+    cpu, gpu = fused_potential(model, x, y), fused_potential(model, x.cuda(), y.cuda())
+    theta = 0.3 * torch.randn(
+        cpu.num_params, generator=torch.Generator().manual_seed(0), dtype=x.dtype
+    )
+    for _ in range(2):  # the second call runs on the kept buffers
+        value, grad = gpu.value_and_grad(theta.cuda())
+        assert value.is_cuda and grad.is_cuda
+        expected_value, expected_grad = cpu.value_and_grad(theta)
+        torch.testing.assert_close(value.cpu(), expected_value, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(grad.cpu(), expected_grad, rtol=1e-10, atol=1e-10)
+    params = Params.from_sites(gpu.from_flat(theta), bias=True)
+    params = params._replace(noise=params.noise.exp())  # the flat vector holds log noise
+    draws = Params(*(value[None].expand(4, *value.shape) for value in params))
+    for function in (likelihood.log_likelihood, likelihood.responsibilities):
+        on_gpu = function(x.cuda(), y.cuda(), draws.to(device="cuda"), model.link)
+        torch.testing.assert_close(on_gpu.cpu(), function(x, y, draws, model.link))

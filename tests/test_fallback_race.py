@@ -38,8 +38,8 @@ def test_the_fallback_races_and_reaches_the_multi_start_optimum(refused):
     assert "multi-start EM raced on all rows" in diagnostics["initializer_reason"]
     assert diagnostics["fallback_race_rows"] == 2000
     scores = diagnostics["fallback_race_log_likelihoods"]
-    # the screened start and AUTO_RANDOM_STARTS raced ones (n_init - 1 = 4 is more)
-    assert len(scores) == 1 + init_module.AUTO_RANDOM_STARTS
+    # the screened start and RACED_FALLBACK_RANDOM_STARTS raced one(s) (n_init - 1 = 4 is more)
+    assert len(scores) == 1 + init_module.RACED_FALLBACK_RANDOM_STARTS
     assert diagnostics["fallback_race_winner"] == "screened"
     # every random start lost, and was stopped before converging
     assert all(diagnostics["fallback_race_stopped"][1:])

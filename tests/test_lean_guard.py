@@ -112,6 +112,55 @@ def test_random_starts_win_the_guard_when_the_moment_start_is_in_the_wrong_place
     assert abs(own - float(reference.log_likelihood(similar.x, similar.y).mean())) < 6e-6
 
 
+def test_random_runs_race_the_best_so_far_not_only_the_rival():
+    """With a rival that any run beats (target -inf), the first random run converges and the
+    later ones race it: each is stopped once it cannot beat that run (the old rule, a fixed
+    target, ran all three to convergence: checked with EM.fit on the same starts)."""
+    from pyromoe.core.em.loop import EM
+    from pyromoe.core.links import get_link
+    from pyromoe.core.sources import TensorSource
+    from pyromoe.estimators.moment_setup import MomentOptions
+
+    data = simulate(3000, 4, 2, noise=0.4, gate_norm=2.0, bias=True, seed=2)
+    source = TensorSource(data.x, data.y)
+    options = MomentOptions(num_experts=2, chunk_size=4096, seed=0)
+    link = get_link("linear")
+    runs, best = _quiet(init_module._random_runs, source, source, link, options, -float("inf"))
+    assert [run.stopped for run in runs] == [False, True, True]
+    assert best == 0 and all(run.objective < runs[0].objective + GUARD_MARGIN for run in runs)
+    # the same draws under a fixed -inf target all run on to convergence, and none ends higher
+    generator = torch.Generator().manual_seed(init_module.child_seed(0, 1))
+    like = torch.empty(0, dtype=source.dtype)
+    starts = [
+        init_module.start_params(
+            init_module.random_start(source, None, 2, link, generator), like, True, False
+        )
+        for _ in range(3)
+    ]
+    unraced, _ = _quiet(EM(source, link, chunk_size=4096).fit, starts, stop=_cannot_win(-1e300))
+    assert not any(run.stopped for run in unraced)
+    assert max(run.objective for run in unraced) < runs[0].objective + GUARD_MARGIN
+    assert sum(run.n_iter for run in runs[1:]) < sum(run.n_iter for run in unraced[1:])
+
+
+def test_the_guard_stops_its_gate_em_sooner_than_tensor_init():
+    """initialize's guard fits the gate with the moment experts fixed only to
+    GUARD_GATE_GAIN_PER_ROW nats per row (joint EM follows on the same rows); tensor_init keeps
+    its 0.01 nats. Here the moment experts are poor and the gate EM crawls: 131 iterations
+    against 55, and the guard's random start still wins and reaches multi-start EM's optimum."""
+    data = simulate(
+        2000, 10, 2, noise=0.5, gate="random", seed=5, expert_cosine=0.8, gate_norm=2.0, bias=True
+    )
+    moment = _quiet(pyromoe.tensor_init, data.x, data.y, 2, seed=0)
+    estimate = _quiet(pyromoe.initialize, data.x, data.y, 2, seed=0)
+    own, guard = moment.diagnostics["gate_n_iter"], estimate.diagnostics["gate_n_iter"]
+    assert own > 100 and guard < own / 2  # 131 and 55 on the reference machine
+    assert estimate.diagnostics["refine_winner"] == "random"
+    multi = _quiet(pyromoe.fit_em, data.x, data.y, 2, seed=0)
+    reached = float(estimate.log_likelihood(data.x, data.y).mean())
+    assert reached > float(multi.log_likelihood(data.x, data.y).mean()) - 5e-6
+
+
 # ------------------------------------------------------------------ one pass's sums, checked
 def _explicit_statistics(x, y, params, link):
     """The sums of one pass from the explicit design ``u = (x, 1)``, expert by expert."""

@@ -82,6 +82,14 @@ RACED_FALLBACK_MAX_EXPERTS = 2
 #: Random-start EM fits that method="auto" runs beside the tensor start, on the guard subsample.
 AUTO_RANDOM_STARTS = 3
 
+#: Random-start EM runs raced against the screened start in the k = 2 fallback (at most
+#: ``n_init - 1``). The screened start is already the best of
+#: :data:`~pyromoe.core.em.starts.SCREEN_CANDIDATES` draws, and it won every race of the 84 data
+#: sets above; each raced run (stopped after 13-23 iterations at n = 2000) cost about a fifth of
+#: the screened start, so three took the fallback to 1.4-1.9x one start on data of the benchmark's
+#: kind, one to about 1.2x.
+RACED_FALLBACK_RANDOM_STARTS = 1
+
 #: Rows of the random subsample on which method="auto" compares the tensor start with random
 #: starts: at most this many (all rows when n is smaller; see :func:`guard_size`).
 GUARD_ROWS = 20_000
@@ -197,7 +205,8 @@ def initialize(
         subsample of :data:`~pyromoe.core.em.starts.SCREEN_ROWS` rows: the gate is fitted there
         and EM from the tensor start is compared with :data:`AUTO_RANDOM_STARTS` random-start EM
         runs by mean log-likelihood (a seed in the wrong place is worse than none; random starts
-        must win by :data:`GUARD_MARGIN` nats per row, and each stops once it cannot); EM then runs
+        must win by :data:`GUARD_MARGIN` nats per row, and each stops once it cannot beat the
+        best so far; the gate there is fitted only to :data:`GUARD_GATE_GAIN_PER_ROW`); EM then runs
         from the winner only, on the guard subsample (:func:`guard_size`), and on all rows Newton
         steps with the guard subsample's Hessian follow (EM after them only if they did not
         converge: ``diagnostics["newton_passes"]``, ``["newton_stopped"]``); a
@@ -205,8 +214,8 @@ def initialize(
         per sd of x). Otherwise multi-start EM, for k = 2 raced: on a random subsample of
         :data:`~pyromoe.core.em.starts.SCREEN_ROWS` rows (all rows when n is smaller) one screened
         start (:func:`pyromoe.fit_em`'s default start) runs to convergence and
-        ``min(n_init - 1, AUTO_RANDOM_STARTS)`` random-start EM runs are each stopped once they
-        cannot beat it by :data:`GUARD_MARGIN`
+        ``min(n_init - 1, RACED_FALLBACK_RANDOM_STARTS)`` random-start EM run(s) are each stopped
+        once they cannot beat it by :data:`GUARD_MARGIN`
         nats per row; EM on all rows follows from the winner (``diagnostics["fallback_race_*"]``;
         for k > :data:`RACED_FALLBACK_MAX_EXPERTS` every start is screened and run to
         convergence, as for ``method="em"``).
@@ -449,6 +458,12 @@ def _map_refit(source, link, options, choice, moment: MoEEstimate, problem: str)
 #: digits. The larger it is, the sooner a random run heading for the same optimum is stopped.
 GUARD_MARGIN = 1e-3
 
+#: Nats per row the guard's gate EM (the experts fixed at the moment estimate) may stop short of
+#: its optimum, extrapolated: joint EM from there on the same rows finishes the gate with the
+#: experts. Run to tensor_init's 0.01 nats in all, a start whose moment experts were poor spent
+#: as long on the gate (over 100 iterations at n = 2000) as a screened EM start on everything.
+GUARD_GATE_GAIN_PER_ROW = 1e-4
+
 #: The guard's stop rule (:func:`_cannot_win`) waits this many iterations of a random start, and
 #: extrapolates only a run converging faster than this rate per iteration.
 STOP_MIN_ITER = 5
@@ -479,8 +494,11 @@ def _cannot_win(target: float):
 def _random_runs(
     source, rows: Source, link, options: MomentOptions, target: float, count=AUTO_RANDOM_STARTS
 ):
-    """EM on ``rows`` from ``count`` random draws, each stopped once it cannot beat ``target``
-    (:func:`_cannot_win`): the runs and the index of the best."""
+    """EM on ``rows`` from ``count`` random draws in turn, each stopped once it cannot beat the
+    best so far (:func:`_cannot_win`): ``target`` or a better run before it that was not stopped
+    (a run that beats the rival makes the next ones race it, so when the rival is in a worse
+    basin only the first run to a better one runs to convergence). The runs and the index of
+    the best."""
     k = options.num_experts
     generator = torch.Generator().manual_seed(child_seed(options.seed, 1))
     like = torch.empty(0, dtype=source.dtype, device=source.device)
@@ -495,22 +513,29 @@ def _random_runs(
         for _ in range(count)
     ]
     em = EM(rows, link, chunk_size=options.chunk_size)
+    runs = []
     with warnings.catch_warnings():
         # the guard's fits are not the answer: only the final fit may warn
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return em.fit(starts, stop=_cannot_win(target))
+        warnings.simplefilter("ignore", CollapseWarning)
+        for start in starts:
+            (run,), _ = em.fit([start], stop=_cannot_win(target))
+            runs.append(run)
+            if not run.stopped:
+                target = max(target, run.objective)
+    return runs, max(range(len(runs)), key=lambda i: runs[i].objective)
 
 
 def _raced_multistart(source, link, options: MomentOptions, n_init: int, reason: str):
     """The fallback of ``method="auto"`` at k = 2: one screened start and up to
-    :data:`AUTO_RANDOM_STARTS` random ones, hopeless ones stopped early.
+    :data:`RACED_FALLBACK_RANDOM_STARTS` random ones, hopeless ones stopped early.
 
     On a random subsample of :data:`SCREEN_ROWS` rows (all rows when n is smaller): EM to
     convergence from one screened start (the best of
     :data:`~pyromoe.core.em.starts.SCREEN_CANDIDATES` draws, :func:`pyromoe.fit_em`'s default
-    start), then ``min(n_init - 1, AUTO_RANDOM_STARTS)`` random-start EM runs (as many as the
-    guard races against the tensor start) raced against it, each stopped as soon as it
-    cannot beat it by :data:`GUARD_MARGIN` nats per row (:func:`_cannot_win`); EM on all rows
+    start), then ``min(n_init - 1, RACED_FALLBACK_RANDOM_STARTS)`` random-start EM run(s)
+    raced against it, each stopped as soon as it cannot beat the best so far by
+    :data:`GUARD_MARGIN` nats per row (:func:`_cannot_win`); EM on all rows
     from the winner (none when the subsample is all rows and the screened start won). Every
     start of ``method="em"`` is screened and run to convergence on all rows instead: at n = 2000
     that is five times one start, where the race costs little more than one (its runs that
@@ -525,7 +550,7 @@ def _raced_multistart(source, link, options: MomentOptions, n_init: int, reason:
     target = first.diagnostics["log_likelihood_per_start"][0]
     runs, best = [], None
     if n_init > 1:
-        count = min(n_init - 1, AUTO_RANDOM_STARTS)
+        count = min(n_init - 1, RACED_FALLBACK_RANDOM_STARTS)
         runs, best = _random_runs(source, screen, link, options, target, count=count)
     won = best is not None and runs[best].objective > target + GUARD_MARGIN
     fit = _run_estimate(runs[best], link, options) if won else first
@@ -566,9 +591,10 @@ def _guarded(source, link, noise, options: MomentOptions, guard_rows: int):
     """The guarded tensor start of ``method="auto"``: (the estimate, the moment estimate).
 
     The moment step reads all rows (two passes). On a random subsample of :data:`SCREEN_ROWS`
-    rows the gate is fitted with the moment experts fixed, then joint EM runs from that start,
-    and :data:`AUTO_RANDOM_STARTS` random-start EM runs there are each stopped as soon as they
-    cannot beat it (:func:`_cannot_win`). EM then runs from the winner only, on the guard's
+    rows the gate is fitted with the moment experts fixed (to :data:`GUARD_GATE_GAIN_PER_ROW`
+    nats per row), then joint EM runs from that start, and :data:`AUTO_RANDOM_STARTS`
+    random-start EM runs there are each stopped as soon as they cannot beat it or a better run
+    before them (:func:`_random_runs`). EM then runs from the winner only, on the guard's
     subsample of ``guard_size(n, guard_rows)`` rows; on all rows Newton steps with that
     subsample's Hessian scaled to n (:func:`pyromoe.core.em.newton.newton_polish`) take it to the
     optimum in three or four passes where EM takes about ten, and EM on all rows runs from
@@ -581,7 +607,10 @@ def _guarded(source, link, noise, options: MomentOptions, guard_rows: int):
     guard = _subsample(source, guard_size(source.num_rows, guard_rows), seed)
     screen = _subsample(guard, SCREEN_ROWS, child_seed(seed, 2))
     # the moment estimate keeps the moment step's one shared sd (EM expands it per expert)
-    shared = replace(options, noise_model="shared")
+    # joint EM follows on the same rows, so its gate EM stops GUARD_GATE_GAIN_PER_ROW short
+    shared = replace(
+        options, noise_model="shared", gate_gain_tol=GUARD_GATE_GAIN_PER_ROW * screen.num_rows
+    )
     moment = _tensor_init(source, link, noise=noise, options=shared, gate_source=screen)
     clock = time.perf_counter()
     with warnings.catch_warnings():

@@ -67,6 +67,10 @@ class MomentOptions:
         gate reads the experts' inputs).
     moment_columns : tuple of int or None
         The experts' columns the moment step reads (None: all of them); the others start at 0.
+    gate_gain_tol : float or None
+        The gate EM's stop (nats left, extrapolated, summed over its rows); None:
+        :data:`pyromoe.estimators.tensor_init.GATE_GAIN_TOL`. ``initialize``'s guard, where
+        joint EM follows on the same rows, stops it sooner.
     """
 
     num_experts: int
@@ -75,6 +79,7 @@ class MomentOptions:
     noise_model: str = "shared"
     gate_features: int | None = None
     moment_columns: tuple[int, ...] | None = None
+    gate_gain_tol: float | None = None
 
     @property
     def layout(self) -> dict:

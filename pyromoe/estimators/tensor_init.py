@@ -450,7 +450,8 @@ def _gate_em(
     init_bias=None,
 ):
     """tensor_init's gate EM with the experts fixed: to :data:`GATE_GAIN_TOL` nats of its optimum
-    (at most :data:`GATE_MAX_ITER` iterations), from ``init_*`` (default: a random gate)."""
+    (``options.gate_gain_tol`` when set; at most :data:`GATE_MAX_ITER` iterations), from
+    ``init_*`` (default: a random gate)."""
     return fit_gate.unchecked(
         x,
         y,
@@ -464,7 +465,7 @@ def _gate_em(
         init_gate_bias=init_bias,
         seed=options.seed,
         chunk_size=options.chunk_size,
-        gain_tol=GATE_GAIN_TOL,
+        gain_tol=GATE_GAIN_TOL if options.gate_gain_tol is None else options.gate_gain_tol,
         max_iter=GATE_MAX_ITER,
     )
 

@@ -20,7 +20,8 @@ fit's by more than ``TOLERANCE``); the raw difference is reported too. The time 
 ``initialize`` with one random-start EM fit only (a multi-start fit there takes minutes).
 
 Run: ``python benchmarks/initialize_cost.py`` (n = 2000, 2e4, 2e5; a few minutes), add
-``--sizes 2000 2e4 2e5 2e6`` and ``--large 1e6`` for the bigger settings. Writes
+``--sizes 2000 2e4 2e5 2e6`` and ``--large 1e6`` for the bigger settings, and ``--seeds 1 2 3``
+for n = 2000 rows on other data seeds (the ratio's spread over data sets). Writes
 benchmarks/results/initialize_cost.{json,md}. Timings on a shared, loaded machine are noisy: read
 the ratios, which were measured in one run.
 """
@@ -76,14 +77,16 @@ def _score(data, estimate) -> float:
     return mean_log_likelihood(source, estimate.params, estimate.link, 65_536)
 
 
-def measure(n: int, d: int, repeats: int, multi_start: bool, cosine: float = COSINE) -> dict:
+def measure(
+    n: int, d: int, repeats: int, multi_start: bool, cosine: float = COSINE, seed: int = DATA_SEED
+) -> dict:
     data = simulate(
         n,
         d,
         K,
         noise=NOISE,
         gate="random",
-        seed=DATA_SEED,
+        seed=seed,
         expert_cosine=cosine,
         gate_norm=GATE_NORM,
         bias=True,
@@ -126,6 +129,7 @@ def measure(n: int, d: int, repeats: int, multi_start: bool, cosine: float = COS
             "d": d,
             "k": K,
             "expert_cosine": cosine,
+            "data_seed": seed,
             "same_optimum": bool(
                 scores["initialize_s"] >= best_em - TOLERANCE
                 if polished is None
@@ -219,6 +223,29 @@ def markdown(result: dict) -> str:
                 f"{row['ratio_to_em_start']:.2f} | {row['ratio_to_one_draw_em']:.2f} | "
                 f"{row.get('measured', result['date'])} |"
             )
+    others = result.get("seed_rows", [])
+    if others:
+        ratios = [row["ratio_to_em_start"] for row in others]
+        lines += [
+            "",
+            f"## Other data: the same settings, other data seeds ({len(others)} data sets)",
+            "",
+            "`initialize` against one default `fit_em` start on each (medians of the repeats); "
+            f"ratio median {statistics.median(ratios):.2f}, range {min(ratios):.2f}-"
+            f"{max(ratios):.2f}; same optimum on {sum(row['same_optimum'] for row in others)} "
+            f"of {len(others)}.",
+            "",
+            "| n | cosine | data seed | initializer | guard winner | ratio to one start | "
+            "same optimum |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in others:
+            winner = row.get("refine_winner") or row.get("fallback_race_winner") or "-"
+            lines.append(
+                f"| {row['n']:,} | {row['expert_cosine']} | {row['data_seed']} | "
+                f"{row['initializer']} | {winner} | {row['ratio_to_em_start']:.2f} | "
+                f"{row['same_optimum']} |"
+            )
     lines += ["", "## Where initialize spends its time (seconds, last run)", ""]
     for row in result["rows"] + result["large_rows"]:
         if row.get("newton_passes") is not None and row["time_split"].get("final_em") == 0.0:
@@ -278,6 +305,14 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
+        "--seeds",
+        nargs="*",
+        type=int,
+        default=[],
+        help="other data seeds: one n = 2000 row (cosine 0.8, 3 repeats) each, in a table of "
+        "their own (the spread of the ratio over data sets)",
+    )
+    parser.add_argument(
         "--keep-large",
         action="store_true",
         help="keep the large rows of the last results file for n not in --large (each keeps the "
@@ -293,6 +328,7 @@ def main() -> None:
         print(rows[-1]["n"], {k: rows[-1][k] for k in ("initialize_s", "em_start_s")}, flush=True)
     for cosine in args.small_cosine:
         rows.insert(0, measure(2000, 10, args.repeats, multi_start=True, cosine=cosine))
+    seed_rows = [measure(2000, 10, 3, multi_start=False, seed=seed) for seed in args.seeds]
     large = [measure(int(n), 50, 1, multi_start=False) for n in args.large]
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     for row in large:
@@ -306,6 +342,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "rows": rows,
         "large_rows": large,
+        "seed_rows": seed_rows,
         "threads": args.threads,
         "tolerance_per_row": TOLERANCE,
         "timing_note": "shared 2-core machine under load from other jobs; medians, one run",

@@ -143,6 +143,23 @@ def test_random_runs_race_the_best_so_far_not_only_the_rival():
     assert sum(run.n_iter for run in runs[1:]) < sum(run.n_iter for run in unraced[1:])
 
 
+def test_beyond_two_experts_random_runs_race_the_rival_only():
+    """At k = 3 (where the stop rule misjudged random runs raced against one another) a rival
+    that any run beats stops none of them: each runs to convergence, as EM.fit's fixed target."""
+    from pyromoe.core.links import get_link
+    from pyromoe.core.sources import TensorSource
+    from pyromoe.estimators.moment_setup import MomentOptions
+
+    data = simulate(1500, 3, 3, noise=0.3, gate_norm=2.0, bias=True, seed=4)
+    source = TensorSource(data.x, data.y)
+    options = MomentOptions(num_experts=3, chunk_size=4096, seed=0)
+    runs, best = _quiet(
+        init_module._random_runs, source, source, get_link("linear"), options, -float("inf")
+    )
+    assert not any(run.stopped for run in runs)
+    assert runs[best].objective == max(run.objective for run in runs)
+
+
 def test_the_guard_stops_its_gate_em_sooner_than_tensor_init():
     """initialize's guard fits the gate with the moment experts fixed only to
     GUARD_GATE_GAIN_PER_ROW nats per row (joint EM follows on the same rows); tensor_init keeps

@@ -113,9 +113,9 @@ def model_log_joint(model, draws: dict[str, torch.Tensor], x, y=None) -> torch.T
         # cache (and reuse the allocator's memory: a 32 MiB chunk's were mapped afresh each time)
         x_chunk, y_chunk = x_chunk.to(like), y_chunk.to(like)
         totals = like.new_zeros(num_draws)
-        for drawn, rows in blocks(num_draws, x_chunk.shape[0], num_draws):
+        for drawn, part in blocks(num_draws, x_chunk.shape[0], num_draws):
             block = Params(*(None if value is None else value[drawn] for value in params))
-            values = likelihood.log_likelihood(x_chunk[rows], y_chunk[rows], block, model.link)
+            values = likelihood.log_likelihood(x_chunk[part], y_chunk[part], block, model.link)
             totals[drawn] += values.sum(-1)
         return totals
 

@@ -495,10 +495,11 @@ def _random_runs(
     source, rows: Source, link, options: MomentOptions, target: float, count=AUTO_RANDOM_STARTS
 ):
     """EM on ``rows`` from ``count`` random draws in turn, each stopped once it cannot beat the
-    best so far (:func:`_cannot_win`): ``target`` or a better run before it that was not stopped
-    (a run that beats the rival makes the next ones race it, so when the rival is in a worse
-    basin only the first run to a better one runs to convergence). The runs and the index of
-    the best."""
+    best so far (:func:`_cannot_win`): ``target`` or, for k <= :data:`RACED_FALLBACK_MAX_EXPERTS`,
+    a better run before it that was not stopped (a run that beats the rival makes the next ones
+    race it, so when the rival is in a worse basin only the first run to a better one runs to
+    convergence; at k = 3 the stop rule misjudged random runs raced against one another, so
+    there they race ``target`` only). The runs and the index of the best."""
     k = options.num_experts
     generator = torch.Generator().manual_seed(child_seed(options.seed, 1))
     like = torch.empty(0, dtype=source.dtype, device=source.device)
@@ -521,7 +522,7 @@ def _random_runs(
         for start in starts:
             (run,), _ = em.fit([start], stop=_cannot_win(target))
             runs.append(run)
-            if not run.stopped:
+            if k <= RACED_FALLBACK_MAX_EXPERTS and not run.stopped:
                 target = max(target, run.objective)
     return runs, max(range(len(runs)), key=lambda i: runs[i].objective)
 

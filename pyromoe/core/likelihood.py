@@ -33,6 +33,7 @@ __all__ = [
     "gate_logits",
     "component_log_probs",
     "log_likelihood",
+    "log_likelihood_of_rows",
     "responsibilities",
     "draw_from_mixture",
     "sample_mixture",
@@ -149,12 +150,18 @@ def log_probs_from_predictors(
     y: torch.Tensor, predictors: torch.Tensor, logits: torch.Tensor, params: Params, link: Link
 ) -> torch.Tensor:
     """:func:`component_log_probs` from :func:`linear_predictors`' output: shape ``(..., n, k)``."""
-    log_gate = torch.log_softmax(logits, dim=-1)
     # (..., 1, k): a shared sd broadcast over the experts, or one per expert
     noise = params.expert_noise().to(dtype=predictors.dtype, device=predictors.device)
-    noise = noise.unsqueeze(-2)
-    standardised = (y.unsqueeze(-1) - link(predictors)) / noise
-    return log_gate - 0.5 * standardised * standardised - torch.log(noise) - HALF_LOG_2PI
+    gaussian = _gaussian_terms(y.unsqueeze(-1), predictors, noise.unsqueeze(-2), link)
+    return torch.log_softmax(logits, dim=-1) + gaussian - HALF_LOG_2PI
+
+
+def _gaussian_terms(y, predictors, noise, link: Link) -> torch.Tensor:
+    """``-r^2 / 2 - log sigma`` with ``r = (y - g(z)) / sigma``, elementwise (broadcasting):
+    the log of an expert's Normal density less ``log sqrt(2 pi)``, in either layout (the
+    experts last, or one expert's row)."""
+    standardised = (y - link(predictors)) / noise
+    return -0.5 * standardised * standardised - torch.log(noise)
 
 
 def component_log_probs(
@@ -181,8 +188,16 @@ def log_likelihood(x: torch.Tensor, y: torch.Tensor, params: Params, link: Link)
     >>> log_likelihood(x, y, params, LINKS["linear"]).shape
     torch.Size([3])
     """
+    return log_likelihood_of_rows(y, _predictor_rows(x, params), params, link)
+
+
+def log_likelihood_of_rows(
+    y: torch.Tensor, rows: torch.Tensor, params: Params, link: Link
+) -> torch.Tensor:
+    """:func:`log_likelihood` from the linear predictors as rows ``(..., 2k - 1, n)``: the
+    experts' ``a_i . x_n + b_i`` then the free gate logits (``(..., 1, n)`` for one expert);
+    ``params`` give the noise sd(s). Shape ``(..., n)``."""
     k = params.num_experts
-    rows = _predictor_rows(x, params)
     total = _logsumexp(_joint_terms(y, rows, params, link)) - HALF_LOG_2PI
     if k == 1:
         return total
@@ -197,11 +212,9 @@ def _joint_terms(y: torch.Tensor, rows: torch.Tensor, params: Params, link: Link
     terms common to the experts (the gate's normaliser and ``log sqrt(2 pi)``)."""
     k = params.num_experts
     noise = params.expert_noise().to(dtype=rows.dtype, device=rows.device)
-    log_noise = torch.log(noise)
     terms = []
     for i in range(k):
-        standardised = (y - link(rows[..., i, :])) / noise[..., i, None]
-        term = -0.5 * standardised * standardised - log_noise[..., i, None]
+        term = _gaussian_terms(y, rows[..., i, :], noise[..., i, None], link)
         terms.append(term if i == 0 else term + rows[..., k + i - 1, :])
     return terms
 

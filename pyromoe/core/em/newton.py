@@ -27,7 +27,7 @@ from ..likelihood import (
     gate_columns,
     linear_predictor_rows,
     log_likelihood,
-    log_probs_from_predictors,
+    log_likelihood_of_rows,
 )
 from ..links import Link
 from ..params import Params
@@ -130,12 +130,7 @@ def _predictor_hessian(x, y, params: Params, link: Link) -> torch.Tensor:
     u = torch.cat([predictors, logits[1:]]).T.detach().requires_grad_(True)
     s = params.noise.log().detach().requires_grad_(True)
     with torch.enable_grad():
-        rows = params._replace(noise=s.exp())
-        zero = u.new_zeros(u.shape[0], 1)
-        log_probs = log_probs_from_predictors(
-            y, u[:, :k], torch.cat([zero, u[:, k:]], 1), rows, link
-        )
-        total = torch.logsumexp(log_probs, dim=-1).sum()
+        total = log_likelihood_of_rows(y, u.T, params._replace(noise=s.exp()), link).sum()
         grad_u, grad_s = torch.autograd.grad(total, (u, s), create_graph=True)
         h_uu = [
             torch.autograd.grad(grad_u[:, j].sum(), u, retain_graph=True)[0]
